@@ -1,0 +1,1 @@
+"""Machinery shared by every method: finding targets, swapping layers, naming keys, files."""

@@ -1,0 +1,149 @@
+"""What every weight adapter layer shares: the frozen base layer, which adapters are active, merging.
+
+A method's layer subclasses :class:`AdapterLayer` and supplies the math: ``update_layer`` (create one
+named adapter), ``get_delta_weight`` (the adapter as a dense update of the base weight) and ``forward``.
+Per-adapter tensors live in ``nn.ModuleDict``/``nn.ParameterDict`` attributes keyed by adapter name, listed
+in ``adapter_layer_names``; the key scheme (``<module>.lora_A.<adapter>.weight``) is PEFT's, which is what
+makes the state-dict names of both libraries line up.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltatune.errors import MergeError
+
+
+class AdapterLayer(nn.Module):
+    """Wraps ``base_layer`` (frozen) and holds any number of named adapters for it.
+
+    Attributes:
+        adapter_layer_names: Attribute names of the per-adapter trainable containers.
+        other_param_names: Attribute names of per-adapter plain dicts (rank, scaling...).
+        active_adapters: Adapters applied in ``forward``, in order.
+        merged_adapters: Adapters currently folded into ``base_layer.weight``.
+        disable_adapters: When ``True``, ``forward`` is the base layer's alone.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers and user code read `.weight` of the module they think is a Linear.
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_layer_names:
+            for name in getattr(self, attr):
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def set_adapter(self, adapter_names: str | list[str], trainable: bool = True) -> None:
+        """Make ``adapter_names`` the active adapters; only those can get gradients."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            for key, item in container.items():
+                params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                for p in params:
+                    p.requires_grad_(trainable and key in names)
+        self.active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not enabled and self.merged:
+            self.unmerge()
+        self.disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop every tensor of ``adapter_name`` from this layer (the memory goes with it)."""
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        if adapter_name in self.active_adapters:
+            self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    # ---- merging -----------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter as ``ΔW``, shaped like ``base_layer.weight``."""
+        raise NotImplementedError
+
+    def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``weight`` with the adapter folded in; methods that are not additive override this."""
+        return weight + self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    def unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return weight - self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    def check_merge(self, adapter_names: list[str] | None = None, where: str = "") -> None:
+        """Raise :class:`MergeError` if merging would put NaN/Inf into the weight; changes nothing."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for name in names:
+            if name in self.merged_adapters or name not in self.adapter_names():
+                continue
+            with torch.no_grad():
+                new_weight = self.merged_weight(self.base_layer.weight.data.clone(), name)
+            self._forget_merge_state(name)
+            if not torch.isfinite(new_weight).all():
+                raise MergeError(
+                    f"merging adapter {name!r} into {where or type(self.base_layer).__name__} would put NaN/Inf "
+                    "in the weight; the adapter's tensors are broken (check its training), nothing was merged"
+                )
+
+    def _forget_merge_state(self, adapter_name: str) -> None:
+        """Drop what :meth:`merged_weight` cached for an unmerge that will not happen."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the (active) adapters into the base weight; ``forward`` then costs the base layer alone.
+
+        Args:
+            safe_merge: Compute the merged weight on a copy first and refuse NaN/Inf, leaving the layer
+                unchanged.
+            adapter_names: Which adapters; default the active ones.
+        """
+        if safe_merge:
+            self.check_merge(adapter_names)
+        names = self.active_adapters if adapter_names is None else adapter_names
+        base = self.base_layer
+        for name in names:
+            if name in self.merged_adapters or name not in self.adapter_names():
+                continue
+            with torch.no_grad():
+                new_weight = self.merged_weight(base.weight.data, name)
+                base.weight.data = new_weight.contiguous()
+                self._merge_bias(name, +1)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`, last merged first."""
+        base = self.base_layer
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                base.weight.data = self.unmerged_weight(base.weight.data, name).contiguous()
+                self._merge_bias(name, -1)
+
+    def _merge_bias(self, adapter_name: str, sign: int) -> None:
+        """Hook for adapters that also carry a bias (LoRA's ``lora_bias``)."""

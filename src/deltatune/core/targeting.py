@@ -1,0 +1,193 @@
+"""Which modules of a model an adapter goes into.
+
+``target_modules`` follows Hugging Face PEFT's rules:
+
+- a list of names: a module matches when its full name equals an entry or ends with ``"." + entry``;
+- a string: a regular expression that must match the whole module name (``re.fullmatch``);
+- ``"all-linear"``: every ``nn.Linear`` / ``transformers`` ``Conv1D`` except the output head.
+
+``exclude_modules`` uses the same rules; ``layers_to_transform`` keeps only the listed block indices,
+found in the name as ``<layers_pattern>.<index>.`` (any ``<name>.<index>.`` when no pattern is given).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from collections.abc import Iterable
+
+from torch import nn
+
+from deltatune.errors import TargetModuleError
+
+ALL_LINEAR = "all-linear"
+
+# Default targets when a config gives none, by ``model.config.model_type`` (PEFT's choices for LoRA).
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "mbart": ["q_proj", "v_proj"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+}
+
+
+def _linear_types() -> tuple[type, ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return (nn.Linear, Conv1D)
+    except ImportError:  # transformers is a dependency, but the targeting works on any nn.Module
+        return (nn.Linear,)
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    """The module name of the model's output projection (``lm_head``), excluded from ``all-linear``."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None:
+        return None
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    return None
+
+
+def expand_all_linear(model: nn.Module) -> set[str]:
+    """Suffix names of every linear layer except the output head (what ``"all-linear"`` means)."""
+    head = output_head_name(model)
+    linear = _linear_types()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, linear) and name != head and not _is_adapter_internal(name):
+            names.add(name.rsplit(".", 1)[-1])
+    if head is not None:
+        names.discard(head.rsplit(".", 1)[-1])
+    return names
+
+
+def _is_adapter_internal(name: str) -> bool:
+    parts = name.split(".")
+    return any(p.startswith(("lora_", "base_layer", "modules_to_save", "original_module")) for p in parts)
+
+
+def _matches(key: str, pattern: str | Iterable[str]) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, key) is not None
+    return any(key == t or key.endswith("." + t) for t in pattern)
+
+
+def _layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
+    if layers_pattern is None:
+        m = re.match(r".*\.[^.]*\.(\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        m = None
+        for p in patterns:
+            m = re.match(rf".*\.{re.escape(p)}\.(\d+)\.", key) or re.match(rf"^{re.escape(p)}\.(\d+)\.", key)
+            if m:
+                break
+    return int(m.group(1)) if m else None
+
+
+def is_target(key: str, config) -> bool:
+    """Whether the module named ``key`` gets the adapter that ``config`` describes."""
+    target = config.target_modules
+    if target is None or not _matches(key, target):
+        return False
+    if config.exclude_modules and _matches(key, config.exclude_modules):
+        return False
+    layers = config.layers_to_transform
+    if layers is not None and layers != []:
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        index = _layer_index(key, config.layers_pattern)
+        if index is None or index not in layers:
+            return False
+    return True
+
+
+def resolve_target_modules(model: nn.Module, config, defaults: dict[str, list[str]] | None = None) -> None:
+    """Fill ``config.target_modules`` in place: the architecture default, or ``all-linear`` expanded."""
+    target = config.target_modules
+    if target is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if defaults is None or model_type not in defaults:
+            known = ", ".join(sorted(defaults or {}))
+            raise TargetModuleError(
+                f"no default target_modules for model_type={model_type!r}; pass target_modules=[...] "
+                f"(module names or suffixes), a regex string, or 'all-linear'. Defaults exist for: {known}"
+            )
+        config.target_modules = set(defaults[model_type])
+    elif isinstance(target, str) and target == ALL_LINEAR:
+        config.target_modules = expand_all_linear(model)
+    elif not isinstance(target, str):
+        config.target_modules = set(target)
+
+
+def find_targets(model: nn.Module, config, supported: tuple[type, ...] | None = None) -> list[str]:
+    """Module names that ``config`` targets, checked against what the method supports.
+
+    Raises:
+        TargetModuleError: nothing matched (the message lists the closest real module names), or a
+            matched module is of a type the method cannot adapt.
+    """
+    names = [n for n, _ in model.named_modules() if n and not _is_adapter_internal(n)]
+    modules = dict(model.named_modules())
+    found = [n for n in names if is_target(n, config)]
+    target = config.target_modules
+    if not found:
+        raise TargetModuleError(_no_match_message(names, config))
+    if not isinstance(target, str):
+        unmatched = [t for t in sorted(target) if not any(n == t or n.endswith("." + t) for n in found)]
+        if unmatched:
+            warnings.warn(f"target_modules {unmatched} matched no module; check the names", stacklevel=3)
+    if supported is not None:
+        bad = [(n, type(modules[n]).__name__) for n in found if not isinstance(modules[n], supported)]
+        if bad:
+            # A regex or suffix may catch a container (e.g. "mlp"); say which and what is supported.
+            kinds = ", ".join(sorted({t.__name__ for t in supported}))
+            shown = ", ".join(f"{n} ({t})" for n, t in bad[:5])
+            raise TargetModuleError(
+                f"target_modules matched modules of an unsupported type: {shown}"
+                f"{' ...' if len(bad) > 5 else ''}. This method adapts: {kinds}. "
+                "Narrow target_modules to those layers (e.g. their full names)."
+            )
+    return found
+
+
+def _no_match_message(names: list[str], config) -> str:
+    target = config.target_modules
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    wanted = [target] if isinstance(target, str) else sorted(target)
+    close: list[str] = []
+    for t in wanted:
+        close += difflib.get_close_matches(t.rsplit(".", 1)[-1], suffixes, n=3, cutoff=0.5)
+    close = sorted(set(close))
+    extra = ""
+    if config.layers_to_transform is not None:
+        extra = f" with layers_to_transform={config.layers_to_transform} (layers_pattern={config.layers_pattern})"
+    hint = f"closest module names: {close}" if close else f"module names in this model: {suffixes[:30]}"
+    return f"target_modules={wanted}{extra} matched no module in the model; {hint}"

@@ -1,0 +1,210 @@
+"""The model-level loops every weight adapter shares: inject, switch, merge, unload.
+
+:class:`AdapterModel` wraps the user's model as ``.model`` (so state-dict keys read
+``base_model.model.<path>`` inside a ``PeftModel``, as in PEFT) and keeps one config per adapter name.
+Everything method-specific comes from the :class:`~deltatune.registry.Method` entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from deltatune.config import PeftConfig
+from deltatune.core import targeting
+from deltatune.core.layer import AdapterLayer
+from deltatune.core.modules_to_save import ModulesToSaveWrapper
+from deltatune.errors import AdapterNameError, TargetModuleError
+from deltatune.registry import Method, method_for
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, new)
+
+
+def _matches_name(key: str, names) -> bool:
+    return any(key == n or key.endswith("." + n) for n in names)
+
+
+class AdapterModel(nn.Module):
+    """Holds ``model`` with adapter layers injected, and the adapters' configs by name."""
+
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.inject_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ---- where adapters live -----------------------------------------------------------------
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                yield name, module
+
+    def method(self, adapter_name: str | None = None) -> Method:
+        name = adapter_name or self.active_adapters[0]
+        return method_for(self.peft_config[name].peft_type)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        a = self.active_adapter
+        return [a] if isinstance(a, str) else list(a)
+
+    # ---- injection ---------------------------------------------------------------------------
+    def inject_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Wrap every targeted module and add ``adapter_name`` to it; on any error, undo and re-raise."""
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(
+                f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
+            )
+        method = method_for(config.peft_type)
+        targeting.resolve_target_modules(self.model, config, method.default_targets)
+        saved = getattr(config, "modules_to_save", None) or []
+        found = targeting.find_targets(self.model, config, method.supported_types())
+        found = [n for n in found if not _matches_name(n, saved)]
+        if not found:
+            raise TargetModuleError(
+                f"every module matched by target_modules is also in modules_to_save {saved}; nothing to adapt"
+            )
+        self.peft_config[adapter_name] = config
+        try:
+            for name in found:
+                target = self.model.get_submodule(name)
+                wrapped = method.create_or_update(target, adapter_name, config, name)
+                if wrapped is None:
+                    raise TargetModuleError(f"{name} ({type(target).__name__}) cannot be adapted by {config.peft_type}")
+                if wrapped is not target:
+                    replace_module(self.model, name, wrapped)
+            self._wrap_modules_to_save(adapter_name, saved)
+        except BaseException:
+            self._remove_adapter(adapter_name)
+            raise
+        self._mark_trainable(adapter_name, config)
+
+    def _wrap_modules_to_save(self, adapter_name: str, names) -> None:
+        if not names:
+            return
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                if _matches_name(key, names):
+                    module.update(adapter_name)
+                continue
+            if key and _matches_name(key, names) and not targeting._is_adapter_internal(key):
+                replace_module(self.model, key, ModulesToSaveWrapper(module, adapter_name))
+
+    def _mark_trainable(self, adapter_name: str, config: PeftConfig) -> None:
+        """Freeze everything but the active adapters' tensors (and biases, per ``config.bias``)."""
+        prefix = method_for(config.peft_type).prefix
+        for name, p in self.model.named_parameters():
+            if prefix not in name and ".modules_to_save." not in name:
+                p.requires_grad_(False)
+        bias = getattr(config, "bias", "none")
+        if bias == "all":
+            for name, p in self.model.named_parameters():
+                if name.endswith("bias") and ".original_module." not in name:
+                    p.requires_grad_(True)
+        elif bias == "lora_only":
+            for _, layer in self.adapter_layers():
+                b = getattr(layer.base_layer, "bias", None)
+                if b is not None:
+                    b.requires_grad_(True)
+
+    # ---- switching ---------------------------------------------------------------------------
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            if n not in self.peft_config:
+                raise AdapterNameError(f"no adapter named {n!r}; this model has {sorted(self.peft_config)}")
+        trainable = not any(self.peft_config[n].inference_mode for n in names)
+        for _, module in self._wrappers():
+            module.set_adapter(names, trainable=trainable)
+        self.active_adapter = adapter_name
+
+    def enable_adapter_layers(self, enabled: bool = True) -> None:
+        for _, module in self._wrappers():
+            module.enable_adapters(enabled)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` everywhere; layers left with no adapter return to the plain base layer."""
+        if adapter_name not in self.peft_config:
+            raise AdapterNameError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
+        self._remove_adapter(adapter_name)
+        remaining = list(self.peft_config)
+        if adapter_name in self.active_adapters:
+            self.active_adapter = [a for a in self.active_adapters if a != adapter_name] or (remaining[:1] or [])
+            if isinstance(self.active_adapter, list) and len(self.active_adapter) == 1:
+                self.active_adapter = self.active_adapter[0]
+            if self.active_adapter:
+                self.set_adapter(self.active_adapter)
+
+    def _remove_adapter(self, adapter_name: str) -> None:
+        self.peft_config.pop(adapter_name, None)
+        for name, module in list(self._wrappers()):
+            module.delete_adapter(adapter_name)
+            if not module.adapter_names():
+                original = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
+                replace_module(self.model, name, original)
+
+    # ---- merging -----------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weights (keeps them separable: see :meth:`unmerge_adapter`).
+
+        With ``safe_merge`` every layer's merged weight is checked for NaN/Inf before any layer changes.
+        """
+        layers = list(self.adapter_layers())
+        if safe_merge:  # dry run over every layer first, so a bad adapter leaves the whole model unchanged
+            for name, layer in layers:
+                layer.check_merge(adapter_names, where=name)
+        for _, layer in layers:
+            layer.merge(safe_merge=False, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        for name, module in list(self._wrappers()):
+            if isinstance(module, AdapterLayer):
+                replace_module(self.model, name, module.base_layer)
+            else:
+                active = module.active_adapter
+                replace_module(self.model, name, module.modules_to_save[active] if active else module.original_module)
+        self.peft_config.clear()
+        return self.model
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """The base model with every adapter layer removed and nothing merged."""
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+        return self._unload(merge=False)
+

@@ -1,0 +1,39 @@
+"""Exception types. Every message says what is wrong and what to change.
+
+They subclass the built-in exception a caller would naturally catch (``ValueError``,
+``FileNotFoundError``, ``KeyError``) so code written for Hugging Face PEFT keeps working.
+The CLI turns any :class:`DeltatuneError` into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class DeltatuneError(Exception):
+    """Base class of all errors deltatune raises on purpose."""
+
+
+class ConfigError(DeltatuneError, ValueError):
+    """An adapter config holds a value that cannot work (``r <= 0``, an unknown ``peft_type``...)."""
+
+
+class TargetModuleError(DeltatuneError, ValueError):
+    """``target_modules`` matched nothing, or matched a layer type the method cannot adapt."""
+
+
+class AdapterNameError(DeltatuneError, KeyError, ValueError):
+    """An adapter name that is already taken, or that does not exist."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterLoadError(DeltatuneError, ValueError):
+    """An adapter file that is missing, corrupt, or does not fit the base model."""
+
+
+class AdapterFileNotFoundError(AdapterLoadError, FileNotFoundError):
+    """The adapter directory or one of its files does not exist."""
+
+
+class MergeError(DeltatuneError, ValueError):
+    """A merge that would break the model (NaN/Inf weights) or that the method's math does not allow."""

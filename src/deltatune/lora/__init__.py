@@ -1,0 +1,51 @@
+"""LoRA, rsLoRA and DoRA: the config, the layers, and the registry entry."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from deltatune.config import PeftType
+from deltatune.core.targeting import DEFAULT_LORA_TARGETS
+from deltatune.lora.config import LoraConfig
+from deltatune.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, make_lora_layer, supported_types
+from deltatune.registry import Method, register
+
+
+def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> LoraLayer | None:
+    """Add adapter ``adapter_name`` to ``target`` (wrapping it first unless it is a LoRA layer already)."""
+    layer = target if isinstance(target, LoraLayer) else make_lora_layer(target, config.fan_in_fan_out)
+    if layer is None:
+        return None
+    if isinstance(layer, LoraLinear) and layer.fan_in_fan_out and not config.fan_in_fan_out:
+        # GPT-2's Conv1D stores W as (in, out). PEFT flips the flag in the config too; so do we, so the
+        # saved adapter_config.json says what the file holds.
+        warnings.warn(f"{module_name} is a Conv1D: setting fan_in_fan_out=True", stacklevel=4)
+        config.fan_in_fan_out = True
+    layer.update_layer(
+        adapter_name,
+        r=config.rank_for(module_name),
+        lora_alpha=config.alpha_for(module_name),
+        lora_dropout=config.lora_dropout,
+        init_lora_weights=config.init_lora_weights,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
+    )
+    return layer
+
+
+LORA = register(Method(
+    peft_type=PeftType.LORA,
+    config_cls=LoraConfig,
+    prefix="lora_",
+    layer_cls=LoraLayer,
+    create_or_update=create_or_update,
+    supported_types=supported_types,
+    default_targets=DEFAULT_LORA_TARGETS,
+    file_suffixes={"lora_magnitude_vector.weight": "lora_magnitude_vector"},
+    cli_names={"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}},
+))
+
+__all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LORA"]

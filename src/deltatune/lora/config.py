@@ -1,0 +1,132 @@
+"""``LoraConfig``: Hugging Face PEFT's field names, defaults and meaning."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from deltatune.config import PeftConfig, PeftType
+from deltatune.errors import ConfigError
+
+_INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+
+
+def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """Value of the first key of ``patterns`` that matches the end of ``module_name`` (PEFT's rule)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return patterns[key]
+    return default
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Low-rank adaptation (Hu et al., 2021): ``W x + (lora_alpha / r) · B A x`` with ``B: (out, r)``,
+    ``A: (r, in)`` trained and ``W`` frozen.
+
+    Args:
+        r: Rank of the update; must be positive.
+        lora_alpha: Numerator of the scaling ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+        lora_dropout: Dropout on the adapter's input (the base path never sees it).
+        target_modules: Names/suffixes, a regex string (full match) or ``"all-linear"``; ``None`` picks
+            the architecture's default.
+        exclude_modules: Same forms as ``target_modules``; matching modules are skipped.
+        layers_to_transform, layers_pattern: Keep only these block indices (``<pattern>.<i>.`` in the name).
+        rank_pattern, alpha_pattern: ``{regex: value}`` overriding ``r``/``lora_alpha`` per module.
+        bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (biases of adapted layers).
+        modules_to_save: Modules trained in full and saved with the adapter (e.g. a classifier head).
+        fan_in_fan_out: The base stores ``W`` as ``(in, out)`` (GPT-2's ``Conv1D``); set automatically.
+        init_lora_weights: ``True`` (A Kaiming-uniform, B zero: the output is unchanged), ``False`` (both
+            random, for tests), ``"gaussian"``, ``"pissa"``/``"pissa_niter_N"`` or ``"olora"``.
+        use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski, 2023).
+        use_dora: Weight-decomposed LoRA (Liu et al., 2024) on Linear and Conv layers.
+        lora_bias: Give ``lora_B`` a trainable bias.
+    """
+
+    r: int = 8
+    target_modules: list[str] | set[str] | str | None = None
+    exclude_modules: list[str] | set[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+    # Written by PEFT 0.21 into every LoRA adapter_config.json; deltatune does not implement the
+    # features behind them and refuses non-default values rather than silently ignoring them.
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: Any = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Any = None
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    velora_config: Any = None
+    alora_invocation_tokens: Any = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Any = None
+    layer_replication: Any = None
+    target_parameters: Any = None
+    use_bdlora: Any = None
+    arrow_config: Any = None
+    kasa_config: Any = None
+    ensure_weight_tying: bool = False
+
+    def __post_init__(self) -> None:
+        self.peft_type = PeftType.LORA
+        super().__post_init__()
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}; try r=8 or r=16")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"rank_pattern[{key!r}]={value!r}: every rank must be a positive integer")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}; 0.05 is usual")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias={self.bias!r} is not one of 'none', 'all', 'lora_only'")
+        init = self.init_lora_weights
+        if init not in _INIT_CHOICES and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
+            raise ConfigError(
+                f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
+                "'pissa_niter_N' or 'olora'"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern only makes sense with layers_to_transform; set both or neither")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ConfigError(
+                "layers_to_transform cannot be combined with a regex target_modules; put the layer indices "
+                "into the regex, or pass target_modules as a list of names"
+            )
+        unsupported = {
+            "megatron_config": None, "trainable_token_indices": None, "eva_config": None, "corda_config": None,
+            "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
+            "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
+            "arrow_config": None, "kasa_config": None,
+        }
+        for name, default in unsupported.items():
+            if getattr(self, name) not in (default, False, None):
+                raise ConfigError(f"LoraConfig.{name} is not supported by deltatune yet; remove it from the config")
+        if self.loftq_config:
+            raise ConfigError("LoftQ initialisation (loftq_config) is not supported by deltatune yet")
+
+    def rank_for(self, module_name: str) -> int:
+        return pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return pattern_value(self.alpha_pattern, module_name, self.lora_alpha)

@@ -1,0 +1,411 @@
+"""LoRA layers: the low-rank update ``ΔW = s · B A`` beside a frozen layer, plus DoRA.
+
+Shapes: ``A: (r, in)``, ``B: (out, r)``, ``x: (..., in)``; the scaling ``s`` is ``alpha / r``
+(``alpha / sqrt(r)`` with rsLoRA). Computing ``B (A x)`` keeps every intermediate ``(..., r)``:
+the dense ``ΔW`` is only formed to merge or for DoRA's weight norm.
+
+DoRA (Liu et al., 2024) rescales each output row of the adapted weight to a trained magnitude ``m``::
+
+    y = m / ||W + s B A||_row · (W + s B A) x + b
+
+with the norm detached (the paper's section 4.3), which PEFT computes as
+``(m/n - 1) · W x + (m/n) · s · B A x`` on top of the base output ``W x + b``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.core.layer import AdapterLayer
+from deltatune.errors import ConfigError, MergeError
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except ImportError:
+        return None
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's trainable magnitude ``m``: one value per output row (channel) of the base weight.
+
+    Its parameter is called ``weight`` so the state-dict key is ``lora_magnitude_vector.<adapter>.weight``,
+    saved to files as ``lora_magnitude_vector`` like PEFT does.
+    """
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+def _row_norm(weight: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each output row of ``weight: (out, ...)`` -> ``(out,)``."""
+    return weight.flatten(1).norm(p=2, dim=1)
+
+
+class LoraLayer(AdapterLayer):
+    """Shared LoRA bookkeeping; :class:`LoraLinear`, :class:`LoraEmbedding`, :class:`LoraConv` add the math."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms at merge time, to unmerge exactly
+
+    # ---- creating an adapter -----------------------------------------------------------------
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
+                     lora_bias: bool = False) -> None:
+        """Create adapter ``adapter_name`` with rank ``r`` and initialise it."""
+        if r <= 0:
+            raise ConfigError(f"rank must be positive, got r={r}")
+        if use_dora and lora_bias:
+            raise ConfigError("DoRA with lora_bias=True is not supported; drop one of them")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.use_dora[adapter_name] = use_dora
+        self.lora_bias[adapter_name] = lora_bias
+        self._create_adapter(adapter_name, r, lora_bias)
+        self._place_adapter(adapter_name)
+        self._init_weights(adapter_name, init_lora_weights)
+        if use_dora:
+            self._init_dora(adapter_name)
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        raise NotImplementedError
+
+    def _place_adapter(self, adapter_name: str) -> None:
+        """Put the new tensors on the base weight's device; keep them fp32 over a half-precision base."""
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    container[adapter_name] = nn.Parameter(item.data.to(weight.device, dtype))
+                else:
+                    item.to(weight.device, dtype)
+
+    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
+        if init is False:
+            return  # both factors keep their random init: the adapter is not an identity (for tests)
+        if isinstance(init, str) and init.startswith("pissa"):
+            return self._init_pissa(adapter_name, init)
+        if init == "olora":
+            return self._init_olora(adapter_name)
+        if adapter_name in self.lora_A:
+            a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+            if init == "gaussian":
+                nn.init.normal_(a.weight, std=1 / self.r[adapter_name])
+            else:
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+            if b.bias is not None:
+                nn.init.zeros_(b.bias)
+        else:
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def _init_pissa(self, adapter_name: str, init: str) -> None:
+        raise ConfigError(f"init_lora_weights={init!r} is supported on Linear layers only, not {type(self).__name__}")
+
+    def _init_olora(self, adapter_name: str) -> None:
+        raise ConfigError(f"init_lora_weights='olora' is supported on Linear layers only, not {type(self).__name__}")
+
+    def _init_dora(self, adapter_name: str) -> None:
+        raise ConfigError(f"DoRA is supported on Linear and Conv layers, not on {type(self.base_layer).__name__}")
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _active_lora(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.r]
+
+    def _forget_merge_state(self, adapter_name: str) -> None:
+        self._dora_norms.pop(adapter_name, None)
+
+    def _merge_bias(self, adapter_name: str, sign: int) -> None:
+        if not self.lora_bias.get(adapter_name):
+            return
+        base_bias = getattr(self.base_layer, "bias", None)
+        if base_bias is None:
+            raise MergeError("lora_bias=True needs a base layer with a bias to merge into; use unmerged inference")
+        base_bias.data += sign * self.lora_B[adapter_name].bias.data * self.scaling[adapter_name]
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` (``W: (out, in)``) or ``transformers``' ``Conv1D`` (``W: (in, out)``).
+
+    ``y = base(x) + s · B(A(dropout(x)))`` with ``x: (..., in)`` and ``y: (..., out)``.
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        if fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.out_features, self.in_features = base_layer.weight.shape
+
+    def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+
+    def _base_weight(self) -> torch.Tensor:
+        """The base weight as ``(out, in)`` whatever its storage layout."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _lora_weight(self, adapter_name: str) -> torch.Tensor:
+        """``B A: (out, in)``, unscaled."""
+        return self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self._lora_weight(adapter_name) * self.scaling[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    # ---- initialisations that move the principal part of W into the adapter ------------------
+    def _set_residual(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Install ``A, B`` and leave ``W - s B A`` in the base, so the layer's output is unchanged."""
+        s = self.scaling[adapter_name]
+        weight = self.base_layer.weight
+        self.lora_A[adapter_name].weight.data = a.contiguous().to(self.lora_A[adapter_name].weight.dtype)
+        self.lora_B[adapter_name].weight.data = b.contiguous().to(self.lora_B[adapter_name].weight.dtype)
+        residual = self._base_weight().data.float() - s * (b @ a)
+        weight.data = (residual.T if self.fan_in_fan_out else residual).contiguous().to(weight.dtype)
+
+    def _init_pissa(self, adapter_name: str, init: str) -> None:
+        """PiSSA (Meng et al., 2024): ``A, B`` from the top-``r`` singular triplets of ``W``."""
+        r, s = self.r[adapter_name], self.scaling[adapter_name]
+        w = self._base_weight().data.float()
+        if init == "pissa":
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        else:  # "pissa_niter_N": randomised SVD with N subspace iterations (fast on big matrices)
+            u, sv, v = torch.svd_lowrank(w, q=r, niter=int(init.rsplit("_", 1)[-1]))
+            vh = v.T
+        root = torch.sqrt(sv[:r] / s)
+        self._set_residual(adapter_name, a=root[:, None] * vh[:r], b=u[:, :r] * root[None, :])
+
+    def _init_olora(self, adapter_name: str) -> None:
+        """OLoRA (Büyükakyüz, 2024): ``B = Q[:, :r]``, ``A = R[:r]`` from the QR decomposition of ``W``."""
+        r = self.r[adapter_name]
+        q, rr = torch.linalg.qr(self._base_weight().data.float())
+        self._set_residual(adapter_name, a=rr[:r], b=q[:, :r])
+
+    def _init_dora(self, adapter_name: str) -> None:
+        with torch.no_grad():
+            w = self._base_weight().float() + self.scaling[adapter_name] * self._lora_weight(adapter_name).float()
+            magnitude = _row_norm(w).to(self.lora_A[adapter_name].weight.dtype)
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
+
+    # ---- DoRA --------------------------------------------------------------------------------
+    def _dora_scale(self, adapter_name: str) -> torch.Tensor:
+        """``m / ||W + s B A||_row`` with the norm detached: ``(out,)``."""
+        with torch.no_grad():
+            w = self._base_weight()
+            lora_w = self._lora_weight(adapter_name).to(w.dtype)
+            norm = _row_norm(w + self.scaling[adapter_name] * lora_w)
+        magnitude = self.lora_magnitude_vector[adapter_name].weight
+        return magnitude / norm.to(magnitude.dtype)
+
+    def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter_name).to(weight.dtype)
+        if not self.use_dora[adapter_name]:
+            return weight + delta
+        new = weight + delta
+        norm = _row_norm(new.T if self.fan_in_fan_out else new)
+        self._dora_norms[adapter_name] = norm
+        scale = self.lora_magnitude_vector[adapter_name].weight.to(weight.dtype) / norm
+        return new * (scale[None, :] if self.fan_in_fan_out else scale[:, None])
+
+    def unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter_name).to(weight.dtype)
+        if not self.use_dora[adapter_name]:
+            return weight - delta
+        scale = self.lora_magnitude_vector[adapter_name].weight.to(weight.dtype) / self._dora_norms.pop(adapter_name)
+        return weight / (scale[None, :] if self.fan_in_fan_out else scale[:, None]) - delta
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        out_dtype = result.dtype
+        for name in self._active_lora():
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            dropout, s = self.lora_dropout[name], self.scaling[name]
+            h = x.to(lora_a.weight.dtype)
+            if not self.use_dora[name]:
+                result = result + lora_b(lora_a(dropout(h))) * s
+                continue
+            # DoRA: rescale (W x + s B A x) row-wise; the base part is reused unless dropout changed x.
+            if isinstance(dropout, nn.Identity) or not self.training:
+                base_out = result if self.bias is None else result - self.bias
+            else:
+                h = dropout(h)
+                base_out = F.linear(h, self._base_weight().to(h.dtype))
+            scale = self._dora_scale(name)
+            result = result + (scale - 1) * base_out + scale * lora_b(lora_a(h)) * s
+        return result.to(out_dtype)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding`` (``W: (num_embeddings, dim)``).
+
+    ``y = W[ids] + s · A^T[ids] B^T`` with ``lora_embedding_A: (r, num_embeddings)`` and
+    ``lora_embedding_B: (dim, r)``: a row lookup in ``A^T`` then a rank-``r`` projection.
+    """
+
+    def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        if lora_bias:
+            raise ConfigError("lora_bias=True is not supported on Embedding layers")
+        num, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, num))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(dim, r))
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        b, a = self.lora_embedding_B[adapter_name], self.lora_embedding_A[adapter_name]
+        return (b @ a).T * self.scaling[adapter_name]
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        e = self.base_layer
+        return F.embedding(ids, table, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self._active_lora():
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            result = result + (self._embed(x, a.T) @ b.T) * self.scaling[name]
+        return result
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: ``A`` is a conv with the base's kernel, stride, padding and dilation
+    (``in -> r`` channels), ``B`` a 1x1 conv (``r -> out``), so ``ΔW[o, i, k] = s · Σ_r B[o, r] A[r, i, k]``.
+    """
+
+    def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        base = self.base_layer
+        conv = type(base)
+        ones = (1,) * (base.weight.dim() - 2)
+        self.lora_A[adapter_name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                                         dilation=base.dilation, bias=False)
+        self.lora_B[adapter_name] = conv(r, base.out_channels, ones, ones, groups=base.groups, bias=lora_bias)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if self.base_layer.groups > 1:
+            raise MergeError("merging LoRA into a grouped convolution (groups > 1) is not supported")
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
+        return delta * self.scaling[adapter_name]
+
+    def _init_dora(self, adapter_name: str) -> None:
+        with torch.no_grad():
+            w = self.base_layer.weight.float()
+            norm = _row_norm(w + self.get_delta_weight(adapter_name).float())
+        # PEFT keeps the conv magnitude shaped (1, out, 1, ...); the same shape keeps files compatible.
+        shape = (1, -1) + (1,) * (w.dim() - 2)
+        magnitude = norm.view(shape).to(self.lora_A[adapter_name].weight.dtype)
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
+
+    def _dora_scale(self, adapter_name: str) -> torch.Tensor:
+        with torch.no_grad():
+            w = self.base_layer.weight
+            norm = _row_norm(w + self.get_delta_weight(adapter_name).to(w.dtype))
+        magnitude = self.lora_magnitude_vector[adapter_name].weight
+        return magnitude / norm.view(magnitude.shape).to(magnitude.dtype)  # (1, out, 1, ...)
+
+    def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        new = weight + self.get_delta_weight(adapter_name).to(weight.dtype)
+        if not self.use_dora[adapter_name]:
+            return new
+        norm = _row_norm(new)
+        self._dora_norms[adapter_name] = norm
+        scale = self.lora_magnitude_vector[adapter_name].weight.flatten().to(weight.dtype) / norm
+        return new * scale.view(-1, *([1] * (weight.dim() - 1)))
+
+    def unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter_name).to(weight.dtype)
+        if not self.use_dora[adapter_name]:
+            return weight - delta
+        norm = self._dora_norms.pop(adapter_name)
+        scale = self.lora_magnitude_vector[adapter_name].weight.flatten().to(weight.dtype) / norm
+        return weight / scale.view(-1, *([1] * (weight.dim() - 1))) - delta
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        out_dtype = result.dtype
+        for name in self._active_lora():
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            dropout, s = self.lora_dropout[name], self.scaling[name]
+            h = x.to(lora_a.weight.dtype)
+            if not self.use_dora[name]:
+                result = result + lora_b(lora_a(dropout(h))) * s
+                continue
+            bias_shape = (1, -1) + (1,) * (result.dim() - 2)
+            if isinstance(dropout, nn.Identity) or not self.training:
+                base_out = result if self.bias is None else result - self.bias.view(bias_shape)
+            else:
+                h = dropout(h)
+                base = self.base_layer
+                base_out = base._conv_forward(h, base.weight, None)
+            scale = self._dora_scale(name)
+            result = result + (scale - 1) * base_out + scale * lora_b(lora_a(h)) * s
+        return result.to(out_dtype)
+
+
+def make_lora_layer(target: nn.Module, fan_in_fan_out: bool) -> LoraLayer | None:
+    """The LoRA wrapper class for ``target``'s type, or ``None`` if LoRA cannot adapt it."""
+    conv1d = _conv1d_type()
+    if isinstance(target, nn.Linear):
+        return LoraLinear(target, fan_in_fan_out=False)
+    if conv1d is not None and isinstance(target, conv1d):
+        return LoraLinear(target, fan_in_fan_out=True)
+    if isinstance(target, nn.Embedding):
+        return LoraEmbedding(target)
+    if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return LoraConv(target)
+    return None
+
+
+def supported_types() -> tuple[type, ...]:
+    conv1d = _conv1d_type()
+    base = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return base + ((conv1d,) if conv1d is not None else ())
