@@ -41,9 +41,15 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, containers: tuple[st
     if bias != "none":
         adapted = _wrapper_paths(model, AdapterLayer)
         for key, value in state.items():
-            if not key.endswith(".bias") or any(c in key.split(".") for c in containers):
+            parts = key.split(".")
+            if not key.endswith(".bias") or any(c in parts for c in containers):
                 continue
-            if ".modules_to_save." in key or ".original_module." in key:
+            if "modules_to_save" in parts:
+                # PEFT's bias="all" also files the copies' biases (adapter name dropped); so do we.
+                i = parts.index("modules_to_save")
+                if bias != "all" or parts[i + 1] != adapter_name:
+                    continue
+                out[".".join(parts[: i + 1] + parts[i + 2 :])] = value
                 continue
             owner = key[: -len(".bias")]
             if bias == "all" or (owner.endswith(".base_layer") and owner[: -len(".base_layer")] in adapted):
