@@ -45,6 +45,47 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
 
 
+class _LoraDropoutBranch(torch.autograd.Function):
+    """``s · B A (m ⊙ x) / (1 - p)`` with a Bernoulli mask ``m``, saving ``x`` and a 1-byte mask only.
+
+    ``nn.Dropout`` followed by ``A`` saves the dropped copy of ``x`` (4 bytes per element, one per adapted
+    layer, even where q/k/v share the same ``x``) and builds the mask through a float tensor. Here the mask is
+    drawn directly as ``bool`` and the dropped input is rebuilt in backward, so the saved activations are the
+    shared ``x`` plus ``(..., in)`` bytes, and ``1/(1-p)`` is applied to the ``(..., r)`` intermediate.
+
+    Shapes: ``x: (..., in)``, ``A: (r, in)``, ``B: (out, r)``, ``b: (out,) | None``; returns ``(..., out)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, b_bias: torch.Tensor | None,
+                p: float, scaling: float) -> torch.Tensor:
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+        h = torch.matmul(x * keep, a.T).mul_(1.0 / (1.0 - p))  # (..., r)
+        out = F.linear(h, b, b_bias).mul_(scaling)
+        ctx.save_for_backward(x, keep, a, b, h)
+        ctx.p, ctx.scaling, ctx.has_bias = p, scaling, b_bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, keep, a, b, h = ctx.saved_tensors
+        s, inv_keep = ctx.scaling, 1.0 / (1.0 - ctx.p)
+        g = grad_out * s                                   # (..., out)
+        g_h = torch.matmul(g, b)                           # (..., r)
+        grad_b = grad_bias = grad_a = grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.matmul(g.reshape(-1, g.shape[-1]).T, h.reshape(-1, h.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = g.reshape(-1, g.shape[-1]).sum(0)
+        g_h = g_h.mul_(inv_keep)
+        if ctx.needs_input_grad[1]:
+            xd = (x * keep).reshape(-1, x.shape[-1])
+            grad_a = torch.matmul(g_h.reshape(-1, g_h.shape[-1]).T, xd)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(g_h, a).mul_(keep)
+        return grad_x, grad_a, grad_b, grad_bias, None, None
+
+
 def _row_norm(weight: torch.Tensor) -> torch.Tensor:
     """L2 norm of each output row of ``weight: (out, ...)`` -> ``(out,)``."""
     return weight.flatten(1).norm(p=2, dim=1)
@@ -261,7 +302,11 @@ class LoraLinear(LoraLayer):
             dropout, s = self.lora_dropout[name], self.scaling[name]
             h = x.to(lora_a.weight.dtype)
             if not self.use_dora[name]:
-                result = result + lora_b(lora_a(dropout(h))) * s
+                if self.training and isinstance(dropout, nn.Dropout) and torch.is_grad_enabled():
+                    branch = _LoraDropoutBranch.apply(h, lora_a.weight, lora_b.weight, lora_b.bias, dropout.p, s)
+                    result = result + branch
+                else:
+                    result = result + lora_b(lora_a(dropout(h))) * s
                 continue
             # DoRA: rescale (W x + s B A x) row-wise; the base part is reused unless dropout changed x.
             if isinstance(dropout, nn.Identity) or not self.training:
