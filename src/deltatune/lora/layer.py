@@ -86,6 +86,52 @@ class _LoraDropoutBranch(torch.autograd.Function):
         return grad_x, grad_a, grad_b, grad_bias, None, None
 
 
+class _DoraLinear(torch.autograd.Function):
+    """The whole DoRA linear layer in one autograd node (no dropout on its input).
+
+    ``z = W x + s · B (A x)``, ``y = (m / n) ⊙ z + b`` with ``n = ||W + s B A||_row`` detached. PEFT's
+    composition of ``(m/n - 1) ⊙ W x + (m/n) ⊙ s B A x`` on top of the base output keeps two ``(..., out)``
+    tensors per layer for backward; this node keeps ``z`` alone (plus the shared ``x`` and ``A x``).
+
+    Shapes: ``x: (..., in)``, ``W: (out, in)``, ``A: (r, in)``, ``B: (out, r)``, ``m, n, b: (out,)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float) -> torch.Tensor:
+        h = torch.matmul(x, a.T)                                   # (..., r)
+        z = F.linear(x, weight)                                    # (..., out)
+        z.view(-1, z.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.T, alpha=scaling)
+        scale = magnitude / norm                                   # (out,)
+        y = z * scale if bias is None else torch.addcmul(bias, z, scale)
+        ctx.save_for_backward(x, weight, a, b, h, z, scale, norm)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, a, b, h, z, scale, norm = ctx.saved_tensors
+        s = ctx.scaling
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
+        if ctx.needs_input_grad[5]:
+            grad_m = (flat(grad_out) * flat(z)).sum(0) / norm
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = flat(grad_out).sum(0)
+        g_z = grad_out * scale                                     # (..., out)
+        g_h = torch.matmul(g_z, b).mul_(s)                         # (..., r)
+        if ctx.needs_input_grad[4]:
+            grad_b = torch.matmul(flat(g_z).T, flat(h)).mul_(s)
+        if ctx.needs_input_grad[3]:
+            grad_a = torch.matmul(flat(g_h).T, flat(x))
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.matmul(flat(g_z).T, flat(x))
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(g_z, weight)
+            grad_x.view(-1, grad_x.shape[-1]).addmm_(flat(g_h), a)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None
+
+
 def _row_norm(weight: torch.Tensor) -> torch.Tensor:
     """L2 norm of each output row of ``weight: (out, ...)`` -> ``(out,)``."""
     return weight.flatten(1).norm(p=2, dim=1)
@@ -288,11 +334,29 @@ class LoraLinear(LoraLayer):
         return weight / (scale[None, :] if self.fan_in_fan_out else scale[:, None]) - delta
 
     # ---- forward -----------------------------------------------------------------------------
+    def _dora_fast_path(self, x: torch.Tensor) -> bool:
+        """One DoRA adapter, no active dropout, plain dense base: the single-node DoRA applies."""
+        active = self._active_lora()
+        if len(active) != 1 or not self.use_dora[active[0]]:
+            return False
+        dropout = self.lora_dropout[active[0]]
+        w = self.base_layer.weight
+        return ((isinstance(dropout, nn.Identity) or not self.training) and type(w) is nn.Parameter
+                and w.dtype == x.dtype == self.lora_A[active[0]].weight.dtype)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if not self.merged and self._dora_fast_path(x):
+            name = self.active_adapters[0] if self.active_adapters[0] in self.r else self._active_lora()[0]
+            with torch.no_grad():
+                w = self._base_weight()
+                norm = _row_norm(w + self.scaling[name] * self._lora_weight(name))
+            return _DoraLinear.apply(x, self._base_weight(), self.base_layer.bias, self.lora_A[name].weight,
+                                     self.lora_B[name].weight, self.lora_magnitude_vector[name].weight, norm,
+                                     self.scaling[name])
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
