@@ -17,6 +17,7 @@ from torch import nn
 
 from deltatune.config import PeftConfig, TaskType
 from deltatune.core.io import BIN_NAME, SAFETENSORS_NAME, atomic_save_tensors, load_adapter_weights, resolve_adapter_dir
+from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.core.state_dict import adapter_state_dict, check_and_load, to_model_keys
 from deltatune.core.tuner import AdapterModel
 from deltatune.errors import AdapterNameError, ConfigError
@@ -75,11 +76,38 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for none) runs each
+        row through its own adapter in one batched pass (inference only)."""
+        with self._mixed_batch(adapter_names):
+            return self.base_model.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.model.generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self._mixed_batch(adapter_names):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ConfigError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first")
+        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
+        if unknown:
+            raise AdapterNameError(f"adapter_names mentions {unknown}; this model has {sorted(self.peft_config)} "
+                                   "(use '__base__' for rows without an adapter)")
+        layers = [m for m in self.modules() if hasattr(m, "row_adapters")]
+        if any(isinstance(m, ModulesToSaveWrapper) for m in self.modules()):
+            raise ConfigError("adapter_names does not support models with modules_to_save yet; run one adapter "
+                              "per batch")
+        for layer in layers:
+            layer.row_adapters = list(adapter_names)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.row_adapters = None
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts; tied parameters are counted once."""

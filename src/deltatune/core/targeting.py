@@ -168,7 +168,7 @@ def find_targets(model: nn.Module, config, supported: tuple[type, ...] | None = 
         bad = [(n, type(modules[n]).__name__) for n in found if not isinstance(modules[n], supported)]
         if bad:
             # A regex or suffix may catch a container (e.g. "mlp"); say which and what is supported.
-            kinds = ", ".join(sorted({t.__name__ for t in supported}))
+            kinds = ", ".join(sorted({t.__name__ for t in supported if not t.__name__.endswith("Layer")}))
             shown = ", ".join(f"{n} ({t})" for n, t in bad[:5])
             raise TargetModuleError(
                 f"target_modules matched modules of an unsupported type: {shown}"

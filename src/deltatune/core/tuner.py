@@ -85,7 +85,7 @@ class AdapterModel(nn.Module):
         method = method_for(config.peft_type)
         targeting.resolve_target_modules(self.model, config, method.default_targets)
         saved = getattr(config, "modules_to_save", None) or []
-        found = targeting.find_targets(self.model, config, method.supported_types())
+        found = targeting.find_targets(self.model, config, (*method.supported_types(), method.layer_cls))
         found = [n for n in found if not _matches_name(n, saved)]
         if not found:
             raise TargetModuleError(

@@ -137,6 +137,9 @@ def _row_norm(weight: torch.Tensor) -> torch.Tensor:
     return weight.flatten(1).norm(p=2, dim=1)
 
 
+BASE_ROW = "__base__"
+
+
 class LoraLayer(AdapterLayer):
     """Shared LoRA bookkeeping; :class:`LoraLinear`, :class:`LoraEmbedding`, :class:`LoraConv` add the math."""
 
@@ -157,6 +160,8 @@ class LoraLayer(AdapterLayer):
         self.use_dora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
         self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms at merge time, to unmerge exactly
+        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
+        self._stack_cache: tuple | None = None
 
     # ---- creating an adapter -----------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -224,6 +229,47 @@ class LoraLayer(AdapterLayer):
 
     def _init_dora(self, adapter_name: str) -> None:
         raise ConfigError(f"DoRA is supported on Linear and Conv layers, not on {type(self.base_layer).__name__}")
+
+    # ---- mixed-adapter batches -----------------------------------------------------------------
+    def _row_index(self, batch: int, device: torch.device) -> tuple[list[str], torch.Tensor]:
+        """Adapters present in this batch (index 0 is the base) and each row's index into them."""
+        names = self.row_adapters
+        if batch % len(names):
+            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
+        repeat = batch // len(names)  # generate() repeats rows for beams / num_return_sequences
+        present = sorted({n for n in names if n in self.r})
+        slot = {n: i + 1 for i, n in enumerate(present)}
+        index = torch.tensor([slot.get(n, 0) for n in names for _ in range(repeat)], device=device)
+        return present, index
+
+    def _stacks(self, present: list[str], a_of, b_of, in_dim: int, out_dim: int, device, dtype):
+        """``A: (k+1, r_max, in)``, ``B: (k+1, out, r_max)`` (scaling folded in), ``bias: (k+1, out)`` and the
+        DoRA row scale ``(k+1, out)`` (ones where not DoRA); slot 0 is the base model (all zero).
+
+        Ranks are zero-padded to ``r_max``, which leaves each product exact. Cached until a weight changes.
+        """
+        tensors = [t for n in present for t in (a_of(n), b_of(n))]
+        key = (tuple(present), tuple((id(t), t._version) for t in tensors))
+        if self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        r_max = max(self.r[n] for n in present)
+        k = len(present) + 1
+        a_all = torch.zeros(k, r_max, in_dim, device=device, dtype=dtype)
+        b_all = torch.zeros(k, out_dim, r_max, device=device, dtype=dtype)
+        bias_all = torch.zeros(k, out_dim, device=device, dtype=dtype)
+        scale_all = torch.ones(k, out_dim, device=device, dtype=dtype)
+        with torch.no_grad():
+            for i, n in enumerate(present, start=1):
+                r = self.r[n]
+                a_all[i, :r] = a_of(n)
+                b_all[i, :, :r] = b_of(n) * self.scaling[n]
+                if self.lora_bias.get(n):
+                    bias_all[i] = self.lora_B[n].bias * self.scaling[n]
+                if self.use_dora.get(n):
+                    scale_all[i] = self._dora_scale(n).flatten()
+        stacks = (a_all, b_all, bias_all, scale_all)
+        self._stack_cache = (key, stacks)
+        return stacks
 
     # ---- helpers -----------------------------------------------------------------------------
     def _active_lora(self) -> list[str]:
@@ -349,6 +395,8 @@ class LoraLinear(LoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, *args, **kwargs)
         if not self.merged and self._dora_fast_path(x):
             name = self.active_adapters[0] if self.active_adapters[0] in self.r else self._active_lora()[0]
             with torch.no_grad():
@@ -383,6 +431,35 @@ class LoraLinear(LoraLayer):
         return result.to(out_dtype)
 
 
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row ``i`` of the batch through its own adapter, in two batched matmuls.
+
+        ``y_i = m_i ⊙ (W x_i + s_i B_i A_i x_i) + b + s_i b_i`` with ``x: (batch, ..., in)``; ``A_i, B_i`` are
+        gathered per row from the zero-padded stacks, so there is no Python loop over adapters.
+        """
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            raise ConfigError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+        present, index = self._row_index(x.shape[0], x.device)
+        if not present:
+            return result
+        a_all, b_all, bias_all, scale_all = self._stacks(
+            present, lambda n: self.lora_A[n].weight, lambda n: self.lora_B[n].weight,
+            self.in_features, self.out_features, x.device, self.lora_A[present[0]].weight.dtype)
+        rows = x.to(a_all.dtype).reshape(x.shape[0], -1, x.shape[-1])               # (batch, T, in)
+        delta = torch.bmm(torch.bmm(rows, a_all[index].transpose(1, 2)), b_all[index].transpose(1, 2))
+        delta = delta + bias_all[index][:, None, :]                                 # (batch, T, out)
+        out = result.reshape(delta.shape)
+        if any(self.use_dora.get(n) for n in present):
+            bias = self.bias
+            scale = scale_all[index][:, None, :]
+            base = out if bias is None else out - bias
+            out = scale * (base + delta) + (0 if bias is None else bias)
+        else:
+            out = out + delta.to(out.dtype)
+        return out.reshape(result.shape).to(result.dtype)
+
+
 class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding`` (``W: (num_embeddings, dim)``).
 
@@ -405,11 +482,28 @@ class LoraEmbedding(LoraLayer):
         e = self.base_layer
         return F.embedding(ids, table, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
 
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Per-row adapters: row ``i`` adds ``s_i · A_i^T[ids_i] B_i^T`` (``x: (batch, T)`` token ids)."""
+        result = self.base_layer(x, *args, **kwargs)
+        present, index = self._row_index(x.shape[0], x.device)
+        if not present:
+            return result
+        num, dim = self.base_layer.weight.shape
+        a_all, b_all, _, _ = self._stacks(present, lambda n: self.lora_embedding_A[n],
+                                          lambda n: self.lora_embedding_B[n], num, dim, x.device,
+                                          self.lora_embedding_A[present[0]].dtype)
+        ids = x.reshape(x.shape[0], -1)
+        h = a_all.transpose(1, 2)[index[:, None], ids]                              # (batch, T, r_max)
+        delta = torch.bmm(h, b_all[index].transpose(1, 2))                          # (batch, T, dim)
+        return result + delta.reshape(result.shape).to(result.dtype)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
@@ -477,6 +571,9 @@ class LoraConv(LoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            raise ConfigError("mixed-adapter batches (adapter_names) support Linear and Embedding LoRA layers, "
+                              "not convolutions; run one adapter per batch")
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
