@@ -169,7 +169,7 @@ class PeftModel(nn.Module):
         name = adapter_name or self.active_adapters[0]
         config = self.peft_config[name]
         method = method_for(config.peft_type)
-        return adapter_state_dict(self, name, method.layer_cls.adapter_layer_names, getattr(config, "bias", "none"),
+        return adapter_state_dict(self, name, method.containers, getattr(config, "bias", "none"),
                                   method.file_suffixes)
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
@@ -253,7 +253,7 @@ class PeftModel(nn.Module):
     def _load_weights(self, weights: dict[str, torch.Tensor], adapter_name: str) -> None:
         config = self.peft_config[adapter_name]
         method = method_for(config.peft_type)
-        containers = method.layer_cls.adapter_layer_names
+        containers = method.containers
         model_state = to_model_keys(self, weights, adapter_name, containers, method.file_suffixes)
         check_and_load(self, model_state, adapter_name, containers, config.base_model_name_or_path)
 

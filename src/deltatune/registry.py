@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -30,6 +31,14 @@ class Method:
         default_targets: ``model_type -> target_modules`` used when the config gives none.
         file_suffixes: ``{internal suffix: file suffix}`` for keys PEFT renames in files.
         cli_names: Names the CLI accepts for ``--method``, with fixed config overrides.
+        prepare_config: ``(model, config) -> None``: fill config defaults that depend on the model (run
+            before targeting), e.g. IA3's ``feedforward_modules`` per architecture.
+        shared_containers: Attribute names of per-adapter containers held once per model (on the
+            ``AdapterModel``, so their keys read ``base_model.<name>.<adapter>``), e.g. VeRA's frozen shared
+            projections. Saved and loaded like layer tensors; deleted with the adapter.
+        init_shared: ``(adapter_model, adapter_name, config, target_names) -> kwargs``: create the adapter's
+            entries in ``shared_containers`` before any layer is wrapped; the returned keyword arguments are
+            passed on to every ``create_or_update`` call of that injection.
     """
 
     peft_type: PeftType
@@ -41,6 +50,14 @@ class Method:
     default_targets: dict[str, list[str]] = field(default_factory=dict)
     file_suffixes: dict[str, str] = field(default_factory=dict)
     cli_names: dict[str, dict] = field(default_factory=dict)
+    prepare_config: Callable[[nn.Module, PeftConfig], None] | None = None
+    shared_containers: tuple[str, ...] = ()
+    init_shared: Callable[..., dict[str, Any]] | None = None
+
+    @property
+    def containers(self) -> tuple[str, ...]:
+        """Every attribute name whose per-adapter entries are saved (layer tensors, then model-wide ones)."""
+        return tuple(self.layer_cls.adapter_layer_names) + self.shared_containers
 
 
 METHODS: dict[PeftType, Method] = {}

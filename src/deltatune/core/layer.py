@@ -85,6 +85,21 @@ class AdapterLayer(nn.Module):
         if adapter_name in self.active_adapters:
             self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
+    def _place_adapter(self, adapter_name: str) -> None:
+        """Put ``adapter_name``'s new tensors on the base weight's device; keep them fp32 over a half-precision
+        base (small adapters train badly in fp16/bf16, and PEFT upcasts them the same way)."""
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    container[adapter_name] = nn.Parameter(item.data.to(weight.device, dtype),
+                                                           requires_grad=item.requires_grad)
+                else:
+                    item.to(weight.device, dtype)
+
     # ---- merging -----------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter as ``ΔW``, shaped like ``base_layer.weight``."""
@@ -97,6 +112,21 @@ class AdapterLayer(nn.Module):
     def unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return weight - self.get_delta_weight(adapter_name).to(weight.dtype)
 
+    def read_base_weight(self) -> torch.Tensor:
+        """The base weight as a dense float tensor in its storage layout (quantised bases override)."""
+        return self.base_layer.weight.data
+
+    def write_base_weight(self, weight: torch.Tensor) -> None:
+        self.base_layer.weight.data = weight.contiguous()
+
+    def unloaded(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
+        """The plain module that replaces this wrapper on unload (merged first if ``merge``)."""
+        if merge:
+            self.merge(adapter_names=adapter_names)
+        else:
+            self.unmerge()
+        return self.base_layer
+
     def check_merge(self, adapter_names: list[str] | None = None, where: str = "") -> None:
         """Raise :class:`MergeError` if merging would put NaN/Inf into the weight; changes nothing."""
         names = self.active_adapters if adapter_names is None else adapter_names
@@ -104,7 +134,7 @@ class AdapterLayer(nn.Module):
             if name in self.merged_adapters or name not in self.adapter_names():
                 continue
             with torch.no_grad():
-                new_weight = self.merged_weight(self.base_layer.weight.data.clone(), name)
+                new_weight = self.merged_weight(self.read_base_weight().clone(), name)
             self._forget_merge_state(name)
             if not torch.isfinite(new_weight).all():
                 raise MergeError(
@@ -126,23 +156,20 @@ class AdapterLayer(nn.Module):
         if safe_merge:
             self.check_merge(adapter_names)
         names = self.active_adapters if adapter_names is None else adapter_names
-        base = self.base_layer
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names():
                 continue
             with torch.no_grad():
-                new_weight = self.merged_weight(base.weight.data, name)
-                base.weight.data = new_weight.contiguous()
+                self.write_base_weight(self.merged_weight(self.read_base_weight(), name))
                 self._merge_bias(name, +1)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`, last merged first."""
-        base = self.base_layer
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                base.weight.data = self.unmerged_weight(base.weight.data, name).contiguous()
+                self.write_base_weight(self.unmerged_weight(self.read_base_weight(), name))
                 self._merge_bias(name, -1)
 
     def _merge_bias(self, adapter_name: str, sign: int) -> None:

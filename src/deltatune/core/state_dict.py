@@ -85,6 +85,14 @@ def to_model_keys(model: nn.Module, file_state: dict[str, torch.Tensor], adapter
     return out
 
 
+def _belongs_to(key: str, adapter_name: str, containers: tuple[str, ...]) -> bool:
+    """Whether model key ``key`` is a tensor of ``adapter_name`` (whole key parts, so ``default`` does not
+    also claim ``default2``'s tensors)."""
+    parts = key.split(".")
+    return any((p in containers or p == "modules_to_save") and parts[i + 1] == adapter_name
+               for i, p in enumerate(parts[:-1]))
+
+
 def check_and_load(model: nn.Module, model_state: dict[str, torch.Tensor], adapter_name: str,
                    containers: tuple[str, ...], base_hint: str | None) -> None:
     """Copy ``model_state`` into ``model`` after checking every key and shape; on error nothing changes.
@@ -111,8 +119,7 @@ def check_and_load(model: nn.Module, model_state: dict[str, torch.Tensor], adapt
                 f"{tuple(value.shape)}, this model needs {tuple(own[key].shape)} ({key}).{trained_on} "
                 "Load it into the base model it was trained on."
             )
-    needed = [k for k in own if any(f".{c}.{adapter_name}" in k for c in containers)
-              or f".modules_to_save.{adapter_name}." in k]
+    needed = [k for k in own if _belongs_to(k, adapter_name, containers)]
     missing = [k for k in needed if k not in model_state]
     if missing:
         raise AdapterLoadError(

@@ -83,6 +83,8 @@ class AdapterModel(nn.Module):
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
             )
         method = method_for(config.peft_type)
+        if method.prepare_config is not None:
+            method.prepare_config(self.model, config)
         targeting.resolve_target_modules(self.model, config, method.default_targets)
         saved = getattr(config, "modules_to_save", None) or []
         found = targeting.find_targets(self.model, config, (*method.supported_types(), method.layer_cls))
@@ -93,9 +95,11 @@ class AdapterModel(nn.Module):
             )
         self.peft_config[adapter_name] = config
         try:
+            # Model-wide tensors (e.g. VeRA's shared projections) exist before the layers that use them.
+            shared = method.init_shared(self, adapter_name, config, found) if method.init_shared else {}
             for name in found:
                 target = self.model.get_submodule(name)
-                wrapped = method.create_or_update(target, adapter_name, config, name)
+                wrapped = method.create_or_update(target, adapter_name, config, name, **shared)
                 if wrapped is None:
                     raise TargetModuleError(f"{name} ({type(target).__name__}) cannot be adapted by {config.peft_type}")
                 if wrapped is not target:
@@ -128,7 +132,7 @@ class AdapterModel(nn.Module):
             for name, p in self.model.named_parameters():
                 if name.endswith("bias") and ".original_module." not in name:
                     p.requires_grad_(True)
-        elif bias == "lora_only":
+        elif bias.endswith("_only"):  # "lora_only", "vera_only": the biases of the adapted layers
             for _, layer in self.adapter_layers():
                 b = getattr(layer.base_layer, "bias", None)
                 if b is not None:
@@ -163,7 +167,11 @@ class AdapterModel(nn.Module):
                 self.set_adapter(self.active_adapter)
 
     def _remove_adapter(self, adapter_name: str) -> None:
-        self.peft_config.pop(adapter_name, None)
+        config = self.peft_config.pop(adapter_name, None)
+        for attr in method_for(config.peft_type).shared_containers if config is not None else ():
+            container = getattr(self, attr, None)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
         for name, module in list(self._wrappers()):
             module.delete_adapter(adapter_name)
             if not module.adapter_names():
@@ -188,11 +196,12 @@ class AdapterModel(nn.Module):
             layer.unmerge()
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        if merge:
-            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        if merge and safe_merge:
+            for name, layer in self.adapter_layers():
+                layer.check_merge(adapter_names, where=name)
         for name, module in list(self._wrappers()):
             if isinstance(module, AdapterLayer):
-                replace_module(self.model, name, module.base_layer)
+                replace_module(self.model, name, module.unloaded(merge, adapter_names))
             else:
                 active = module.active_adapter
                 replace_module(self.model, name, module.modules_to_save[active] if active else module.original_module)
@@ -204,7 +213,5 @@ class AdapterModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """The base model with every adapter layer removed and nothing merged."""
-        for _, layer in self.adapter_layers():
-            layer.unmerge()
         return self._unload(merge=False)
 

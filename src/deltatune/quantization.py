@@ -1,0 +1,186 @@
+"""Quantised frozen bases for QLoRA (Dettmers et al., 2023), through bitsandbytes.
+
+``quantize`` turns an already-loaded model's linear layers into bitsandbytes ``Linear4bit`` (NF4/FP4, with
+optional double quantisation of the scales) or ``Linear8bitLt`` (LLM.int8), one layer at a time so the peak
+never holds a second full-precision copy of the model. Adapters then train on top in higher precision.
+bitsandbytes is an optional extra: ``pip install 'deltatune[qlora]'``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.core.targeting import output_head_name
+from deltatune.errors import ConfigError, DeltatuneError
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+
+
+def require_bnb():
+    """Import bitsandbytes or say how to install it."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise DeltatuneError(
+            "quantisation needs bitsandbytes, which is not installed; run: pip install 'deltatune[qlora]'"
+        ) from None
+    return bnb
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return w is not None and type(w).__name__ in ("Params4bit", "Int8Params")
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """The dense ``(out, in)`` float weight of a plain or bitsandbytes linear layer."""
+    w = module.weight
+    kind = type(w).__name__
+    if kind == "Params4bit":
+        bnb = require_bnb()
+        data, state = w.data, w.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel on the first no-grad eval
+            # forward; undo that on a copy (the inverse mutates the state it is given).
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnb.functional.dequantize_4bit(data, state).to(torch.float32)
+    if kind == "Int8Params":
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = getattr(module.state, "SCB", None)
+        return w.data.to(torch.float32) * (scb.to(torch.float32)[:, None] / 127.0)
+    return w.data
+
+
+def requantize_like(param: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """A new bitsandbytes parameter holding ``dense: (out, in)``, quantised like ``param`` (lossy)."""
+    bnb = require_bnb()
+    kind = type(param).__name__
+    if kind == "Params4bit":
+        new = bnb.nn.Params4bit(dense.to(torch.float32).contiguous(), requires_grad=False,
+                                quant_type=param.quant_type, compress_statistics=param.compress_statistics,
+                                blocksize=param.blocksize)
+        return new.to(param.device)
+    raise ConfigError(
+        "merging into an 8-bit (LLM.int8) base in place is not supported: use merge_and_unload(), which "
+        "returns a dequantised model with the exact merge"
+    )
+
+
+def _quantized_linear(layer: nn.Linear, quant_type: str, double_quant: bool,
+                      compute_dtype: torch.dtype | None) -> nn.Module:
+    bnb = require_bnb()
+    weight = layer.weight.data
+    device = weight.device
+    bias = layer.bias is not None
+    if quant_type == "int8":
+        q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=bias, has_fp16_weights=False,
+                                threshold=6.0, device="meta")
+        q.weight = bnb.nn.Int8Params(weight.to(torch.float16 if device.type == "cuda" else weight.dtype),
+                                     requires_grad=False, has_fp16_weights=False)
+    else:
+        q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=bias,
+                              compute_dtype=compute_dtype or weight.dtype, compress_statistics=double_quant,
+                              quant_type=quant_type, device="meta")
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=double_quant,
+                                     quant_type=quant_type)
+    if bias:
+        q.bias = nn.Parameter(layer.bias.data.to(compute_dtype or layer.bias.dtype), requires_grad=False)
+    return q.to(device)  # moving a bitsandbytes parameter is what quantises it
+
+
+def quantize(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
+             compute_dtype: torch.dtype | None = None, skip_modules: list[str] | None = None) -> nn.Module:
+    """Quantise ``model``'s ``nn.Linear`` layers in place (all but the output head and ``skip_modules``).
+
+    Args:
+        quant_type: ``"nf4"`` (4-bit NormalFloat), ``"fp4"`` or ``"int8"`` (LLM.int8).
+        double_quant: Quantise the 4-bit blocks' scales too (QLoRA's double quantisation).
+        compute_dtype: Dtype of the matmuls of 4-bit layers (default: the layer's own dtype).
+        skip_modules: Names or suffixes of linear layers to keep in full precision.
+
+    Returns:
+        ``model``, with ``model.is_loaded_in_4bit``/``is_loaded_in_8bit`` set as ``transformers`` does.
+    """
+    if quant_type not in QUANT_TYPES:
+        raise ConfigError(f"quant_type={quant_type!r} is not supported; use one of {', '.join(QUANT_TYPES)}")
+    require_bnb()
+    skip = list(skip_modules or [])
+    head = output_head_name(model)
+    if head:
+        skip.append(head)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear
+             and not any(n == s or n.endswith("." + s) for s in skip)]
+    if not names:
+        raise ConfigError("the model has no nn.Linear layer to quantise (outside skip_modules)")
+    for name in names:  # one layer at a time: the float weight is freed as soon as it is replaced
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _quantized_linear(getattr(parent, child), quant_type, double_quant, compute_dtype))
+    if quant_type == "int8":
+        model.is_loaded_in_8bit = True
+    else:
+        model.is_loaded_in_4bit = True
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, quantisation statistics included."""
+    seen: set[int] = set()
+    total = 0
+    tensors: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        state = getattr(w, "quant_state", None)
+        if state is not None:
+            tensors += [t for t in (state.absmax, state.code) if isinstance(t, torch.Tensor)]
+            nested = getattr(state, "state2", None)
+            if nested is not None:
+                tensors += [t for t in (nested.absmax, nested.code) if isinstance(t, torch.Tensor)]
+        scb = getattr(w, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            tensors.append(scb)
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Get a quantised model ready for adapter training (PEFT's meaning).
+
+    Freezes every parameter, upcasts fp16/bf16 parameters that are not quantised (norms, embeddings,
+    head) to fp32 for stable training, and with gradient checkpointing makes the input embeddings' output
+    require grad so checkpointed blocks over a frozen base still backpropagate into the adapters.
+    """
+    kwargs = dict(gradient_checkpointing_kwargs or {})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ not in ("Params4bit", "Int8Params"):
+            p.data = p.data.to(torch.float32)
+    if use_gradient_checkpointing:
+        if kwargs.get("use_reentrant", True):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            else:
+                model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ConfigError("this model has no gradient_checkpointing_enable(); pass use_gradient_checkpointing=False")
+        if "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters:
+            enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            enable()
+    return model
