@@ -1,6 +1,7 @@
 """deltatune: parameter-efficient fine-tuning with Hugging Face PEFT's API and file format."""
 
 from deltatune import lora  # noqa: F401  (registers the method)
+from deltatune.adalora import AdaLoraConfig
 from deltatune.config import PeftConfig, PeftType, TaskType
 from deltatune.errors import (
     AdapterLoadError,
@@ -10,6 +11,9 @@ from deltatune.errors import (
     MergeError,
     TargetModuleError,
 )
+from deltatune.ia3 import IA3Config
+from deltatune.loha import LoHaConfig
+from deltatune.lokr import LoKrConfig
 from deltatune.lora import LoraConfig
 from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, get_peft_model
 from deltatune.optimizers import create_loraplus_optimizer
@@ -22,13 +26,37 @@ from deltatune.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from deltatune.quantization import prepare_model_for_kbit_training, quantize
+from deltatune.vera import VeraConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLoadError", "AdapterNameError", "ConfigError", "DeltatuneError", "LoraConfig", "MergeError",
-    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PeftConfig", "PeftModel", "PeftModelForCausalLM",
-    "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
-    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TargetModuleError",
-    "TaskType", "create_loraplus_optimizer", "get_peft_model",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "AdaLoraConfig",
+    "AdapterLoadError",
+    "AdapterNameError",
+    "ConfigError",
+    "DeltatuneError",
+    "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
+    "LoraConfig",
+    "MergeError",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TargetModuleError",
+    "TaskType",
+    "VeraConfig",
+    "create_loraplus_optimizer",
+    "get_peft_model",
+    "prepare_model_for_kbit_training",
+    "quantize",
 ]

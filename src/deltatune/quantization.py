@@ -164,23 +164,26 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     head) to fp32 for stable training, and with gradient checkpointing makes the input embeddings' output
     require grad so checkpointed blocks over a frozen base still backpropagate into the adapters.
     """
-    kwargs = dict(gradient_checkpointing_kwargs or {})
+    kwargs = {"use_reentrant": True, **(gradient_checkpointing_kwargs or {})}  # PEFT's default, said explicitly
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.parameters():
         if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ not in ("Params4bit", "Int8Params"):
             p.data = p.data.to(torch.float32)
     if use_gradient_checkpointing:
-        if kwargs.get("use_reentrant", True):
+        if kwargs["use_reentrant"]:
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
             else:
                 model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-        enable = getattr(model, "gradient_checkpointing_enable", None)
+        # transformers 5 renamed it; older releases only have the first name
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+            model, "gradient_checkpointing_enable", None)
         if enable is None:
-            raise ConfigError("this model has no gradient_checkpointing_enable(); pass use_gradient_checkpointing=False")
-        if "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters:
-            enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            enable()
+            raise ConfigError("this model has no gradient_checkpointing_enable(); "
+                              "pass use_gradient_checkpointing=False")
+        params = inspect.signature(enable).parameters
+        names = ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+        name = next((n for n in names if n in params), None)
+        enable(**({name: kwargs} if name else {}))
     return model
