@@ -26,6 +26,13 @@ from deltatune.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from deltatune.prompt import (
+    MultitaskPromptTuningConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptLearningConfig,
+    PromptTuningConfig,
+)
 from deltatune.quantization import prepare_model_for_kbit_training, quantize
 from deltatune.vera import VeraConfig
 
@@ -43,6 +50,7 @@ __all__ = [
     "LoKrConfig",
     "LoraConfig",
     "MergeError",
+    "MultitaskPromptTuningConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
@@ -52,6 +60,10 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
     "TargetModuleError",
     "TaskType",
     "VeraConfig",

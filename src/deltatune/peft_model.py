@@ -1,7 +1,9 @@
 """``PeftModel``: a model with named adapters, saved and loaded in Hugging Face PEFT's file format.
 
 The attribute layout is PEFT's (``peft_model.base_model.model`` is the user's model), so the
-state-dict keys, and with them the files, are the same in both libraries.
+state-dict keys, and with them the files, are the same in both libraries. Prompt-learning adapters
+(virtual tokens) keep PEFT's other layout: ``base_model`` is the user's model itself and
+``prompt_encoder[name]`` the adapters; ``deltatune.prompt.model`` does their work.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from torch import nn
 
 from deltatune.config import PeftConfig, TaskType
 from deltatune.core.io import BIN_NAME, SAFETENSORS_NAME, atomic_save_tensors, load_adapter_weights, resolve_adapter_dir
+from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.core.state_dict import adapter_state_dict, check_and_load, to_model_keys
 from deltatune.core.tuner import AdapterModel
 from deltatune.errors import AdapterNameError, ConfigError
+from deltatune.prompt import model as _prompt
 from deltatune.registry import method_for
 
 
@@ -40,11 +44,16 @@ class PeftModel(nn.Module):
 
     # Heads that classification task types train in full (added to ``modules_to_save``).
     default_modules_to_save: tuple[str, ...] = ()
+    # True when the adapters are virtual tokens (prompt/prefix tuning); set by ``_prompt.init_model``.
+    _is_prompt_learning: bool = False
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, **kwargs: Any) -> None:
         super().__init__()
         self._add_task_heads(peft_config)
+        if peft_config.is_prompt_learning:
+            _prompt.init_model(self, model, peft_config, adapter_name)
+            return
         self.base_model = AdapterModel(model, peft_config, adapter_name)
 
     def _add_task_heads(self, config: PeftConfig) -> None:
@@ -63,28 +72,47 @@ class PeftModel(nn.Module):
     # ---- what it holds -----------------------------------------------------------------------
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
+        if self._is_prompt_learning:
+            return self._peft_config
         return self.base_model.peft_config
 
     @property
     def active_adapter(self) -> str | list[str]:
+        if self._is_prompt_learning:
+            return self._active_prompt
         return self.base_model.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
+        if self._is_prompt_learning:
+            return [self._active_prompt] if self._active_prompt else []
         return self.base_model.active_adapters
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        return self.base_model if self._is_prompt_learning else self.base_model.model
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for none) runs each
         row through its own adapter in one batched pass (inference only)."""
+        if self._is_prompt_learning:
+            self._no_mixed_prompt_batch(adapter_names)
+            return _prompt.forward(self, args, kwargs)
         with self._mixed_batch(adapter_names):
-            return self.base_model.model(*args, **kwargs)
+            outputs = self.base_model.model(*args, **kwargs)
+        return self.base_model.add_regularization(outputs)  # e.g. AdaLoRA's penalty, when a loss is returned
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if self._is_prompt_learning:
+            self._no_mixed_prompt_batch(adapter_names)
+            return _prompt.generate(self, args, kwargs)
         with self._mixed_batch(adapter_names):
             return self.base_model.model.generate(*args, **kwargs)
+
+    @staticmethod
+    def _no_mixed_prompt_batch(adapter_names: list[str] | None) -> None:
+        if adapter_names is not None:
+            raise ConfigError("adapter_names (mixed-adapter batches) is not supported for prompt-learning "
+                              "adapters; run one adapter per batch (set_adapter)")
 
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
@@ -109,6 +137,24 @@ class PeftModel(nn.Module):
             for layer in layers:
                 layer.row_adapters = None
 
+    # ---- training hooks -------------------------------------------------------------------------
+    def update_and_allocate(self, global_step: int) -> None:
+        """Per-step work of the trained method, e.g. AdaLoRA's rank allocation (a no-op for LoRA).
+
+        Call it after ``optimizer.step()`` and before ``optimizer.zero_grad()`` (AdaLoRA reads the
+        gradients), with ``global_step`` = optimizer steps taken so far, this one included.
+        """
+        if not self._is_prompt_learning:
+            self.base_model.update_and_allocate(global_step)
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """The trained method's regulariser (AdaLoRA's orthogonality penalty), or ``None``.
+
+        ``forward`` already adds it to ``outputs.loss`` in training mode; a training loop that computes
+        its own loss from the logits adds this instead.
+        """
+        return None if self._is_prompt_learning else self.base_model.regularization_loss()
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts; tied parameters are counted once."""
         trainable = total = 0
@@ -131,18 +177,41 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _model_name_or_path(self.get_base_model())
         self._add_task_heads(peft_config)
+        if self._is_prompt_learning or peft_config.is_prompt_learning:
+            _prompt.add_adapter(self, adapter_name, peft_config)  # refuses to mix the two families
+            return
         self.base_model.inject_adapter(adapter_name, peft_config)
         self.base_model.set_adapter(self.active_adapter)
 
     def set_adapter(self, adapter_name: str) -> None:
+        if self._is_prompt_learning:
+            _prompt.set_adapter(self, adapter_name)
+            return
         self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        if self._is_prompt_learning:
+            _prompt.delete_adapter(self, adapter_name)
+            return
         self.base_model.delete_adapter(adapter_name)
+
+    def _remove_adapter(self, adapter_name: str) -> None:
+        """Undo a half-done add/load of ``adapter_name``."""
+        if self._is_prompt_learning:
+            _prompt.remove_adapter(self, adapter_name)
+        else:
+            self.base_model._remove_adapter(adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within this block the model computes exactly the base model's output."""
+        if self._is_prompt_learning:
+            _prompt.set_enabled(self, False)
+            try:
+                yield
+            finally:
+                _prompt.set_enabled(self, True)
+            return
         self.base_model.enable_adapter_layers(False)
         try:
             yield
@@ -150,27 +219,67 @@ class PeftModel(nn.Module):
             self.base_model.enable_adapter_layers(True)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if self._is_prompt_learning:
+            _prompt.refuse_merge()
         self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        self.base_model.unmerge_adapter()
+        if not self._is_prompt_learning:  # virtual tokens are never merged
+            self.base_model.unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
         """Fold the adapters into the weights and return the plain base model (no adapter layers left)."""
+        if self._is_prompt_learning:
+            _prompt.refuse_merge()
         return self.base_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
+        if self._is_prompt_learning:
+            return _prompt.unload(self)
         return self.base_model.unload()
 
     # ---- files -------------------------------------------------------------------------------
-    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under the keys PEFT's files use."""
+    def get_adapter_state_dict(self, adapter_name: str | None = None,
+                               save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
+        """The adapter's tensors under the keys PEFT's files use.
+
+        ``save_embedding_layers``: also file the full input/output embeddings (needed after resizing the
+        vocabulary). ``"auto"`` does so when ``target_modules`` names ``embed_tokens`` or ``lm_head``, as PEFT.
+        """
         name = adapter_name or self.active_adapters[0]
+        if self._is_prompt_learning:
+            return _prompt.adapter_state_dict(self, name)
         config = self.peft_config[name]
         method = method_for(config.peft_type)
-        return adapter_state_dict(self, name, method.containers, getattr(config, "bias", "none"),
-                                  method.file_suffixes)
+        state = adapter_state_dict(self, name, method.containers, getattr(config, "bias", "none"),
+                                   method.file_suffixes)
+        state.update(self._embedding_state(config, save_embedding_layers))
+        return method.save_hook(self, name, state) if method.save_hook is not None else state
+
+    def _embedding_state(self, config: PeftConfig, save_embedding_layers: bool | str) -> dict[str, torch.Tensor]:
+        targets = getattr(config, "target_modules", None) or ()
+        targeted = any(k in targets for k in ("embed_tokens", "lm_head"))
+        if save_embedding_layers == "auto":
+            save_embedding_layers = targeted
+        base = self.get_base_model()
+        if not save_embedding_layers or not hasattr(base, "get_input_embeddings"):
+            return {}
+        out: dict[str, torch.Tensor] = {}
+        state = self.state_dict()
+        layers = [base.get_input_embeddings(), getattr(base, "get_output_embeddings", lambda: None)()]
+        for layer in [m for m in layers if m is not None]:
+            module_name = next((n for n, m in self.named_modules() if m is layer), None)
+            if module_name is None:
+                continue
+            # Within an adapted layer, the frozen weight is ``<name>.base_layer.weight``.
+            adapted = isinstance(layer, AdapterLayer) or module_name.endswith(".base_layer")
+            if targeted and not adapted:
+                continue  # with embeddings among the targets, PEFT files only the adapted ones
+            prefix = module_name.removesuffix(".base_layer")
+            out.update({k: v for k, v in state.items() if k.startswith(prefix + ".base_layer.")
+                        or k == prefix + ".weight"})
+        return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: list[str] | None = None, is_main_process: bool = True,
@@ -189,12 +298,16 @@ class PeftModel(nn.Module):
         for name in names:
             out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out_dir, exist_ok=True)
-            state = self.get_adapter_state_dict(name)
+            state = self.get_adapter_state_dict(name, kwargs.get("save_embedding_layers", "auto"))
             file = SAFETENSORS_NAME if safe_serialization else BIN_NAME
             atomic_save_tensors(state, os.path.join(out_dir, file), safe_serialization=safe_serialization)
             config = self.peft_config[name]
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = _model_name_or_path(self.get_base_model())
+            if config.task_type is None and config.auto_mapping is None:
+                # Without a task type, PEFT records which class to rebuild the base model with.
+                cls = type(self.get_base_model())
+                config.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
             inference_mode = config.inference_mode
             config.inference_mode = True  # PEFT's files say so; loading decides trainability
             try:
@@ -225,7 +338,7 @@ class PeftModel(nn.Module):
         try:
             peft_model._load_weights(weights, adapter_name)
         except BaseException:
-            peft_model.base_model._remove_adapter(adapter_name)
+            peft_model._remove_adapter(adapter_name)
             raise
         peft_model.set_adapter(adapter_name)
         if not is_trainable:
@@ -246,11 +359,14 @@ class PeftModel(nn.Module):
         try:
             self._load_weights(weights, adapter_name)
         except BaseException:
-            self.base_model._remove_adapter(adapter_name)
+            self._remove_adapter(adapter_name)
             raise
-        self.base_model.set_adapter(self.active_adapter)
+        self.set_adapter(self.active_adapter)
 
     def _load_weights(self, weights: dict[str, torch.Tensor], adapter_name: str) -> None:
+        if self._is_prompt_learning:
+            _prompt.load_weights(self, weights, adapter_name)
+            return
         config = self.peft_config[adapter_name]
         method = method_for(config.peft_type)
         containers = method.containers
@@ -262,6 +378,10 @@ class PeftModel(nn.Module):
 def _no_reinit(config: PeftConfig) -> Iterator[None]:
     """Loading overwrites the adapter's tensors, so skip initialisations that would rewrite the base
     weights (PiSSA/OLoRA keep a residual base that the saved adapter assumes; PEFT behaves the same)."""
+    if config.is_prompt_learning:  # skip TEXT/SAMPLE_VOCAB/source-task prompt inits too
+        with _prompt.no_init(config):
+            yield
+        return
     init = getattr(config, "init_lora_weights", True)
     if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
         warnings.warn(

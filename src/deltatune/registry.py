@@ -39,25 +39,42 @@ class Method:
         init_shared: ``(adapter_model, adapter_name, config, target_names) -> kwargs``: create the adapter's
             entries in ``shared_containers`` before any layer is wrapped; the returned keyword arguments are
             passed on to every ``create_or_update`` call of that injection.
+        loss_hook: ``(adapter_model) -> Tensor | None``: a regulariser added to the training loss while an
+            adapter of this method is trainable (AdaLoRA's orthogonality penalty); see
+            ``PeftModel.regularization_loss``.
+        step_hook: ``(adapter_model, global_step) -> None``: per-optimizer-step work for a trainable adapter
+            of this method (AdaLoRA's rank allocation); see ``PeftModel.update_and_allocate``.
+        save_hook: ``(peft_model, adapter_name, file_state) -> file_state``: last change to the tensors
+            before they are written (AdaLoRA slices them to the kept ranks).
+        family: ``"weight"`` (wraps layers; ``core/tuner.py``) or ``"prompt"`` (virtual tokens fed to the
+            inputs or the key/value cache; ``deltatune/prompt``, which ``PeftModel`` hands such adapters to).
+        make_prompt_encoder: ``(config, word_embeddings) -> nn.Module``: a prompt method's trainable encoder.
     """
 
     peft_type: PeftType
     config_cls: type[PeftConfig]
-    prefix: str
-    layer_cls: type[nn.Module]
-    create_or_update: Callable[..., nn.Module | None]
-    supported_types: Callable[[], tuple[type, ...]]
+    # Weight adapters need these four; virtual-token methods (family "prompt") leave them unset.
+    prefix: str = ""
+    layer_cls: type[nn.Module] | None = None
+    create_or_update: Callable[..., nn.Module | None] | None = None
+    supported_types: Callable[[], tuple[type, ...]] = tuple
     default_targets: dict[str, list[str]] = field(default_factory=dict)
     file_suffixes: dict[str, str] = field(default_factory=dict)
     cli_names: dict[str, dict] = field(default_factory=dict)
     prepare_config: Callable[[nn.Module, PeftConfig], None] | None = None
     shared_containers: tuple[str, ...] = ()
     init_shared: Callable[..., dict[str, Any]] | None = None
+    loss_hook: Callable[[nn.Module], Any] | None = None
+    step_hook: Callable[[nn.Module, int], None] | None = None
+    save_hook: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
+    family: str = "weight"
+    make_prompt_encoder: Callable[[PeftConfig, nn.Module], nn.Module] | None = None
 
     @property
     def containers(self) -> tuple[str, ...]:
         """Every attribute name whose per-adapter entries are saved (layer tensors, then model-wide ones)."""
-        return tuple(self.layer_cls.adapter_layer_names) + self.shared_containers
+        layer_names = tuple(self.layer_cls.adapter_layer_names) if self.layer_cls is not None else ()
+        return layer_names + self.shared_containers
 
 
 METHODS: dict[PeftType, Method] = {}

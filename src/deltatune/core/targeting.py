@@ -76,16 +76,22 @@ def output_head_name(model: nn.Module) -> str | None:
     return None
 
 
-def expand_all_linear(model: nn.Module) -> set[str]:
-    """Suffix names of every linear layer except the output head (what ``"all-linear"`` means)."""
-    head = output_head_name(model)
+def expand_all_linear(model: nn.Module, task_type=None) -> set[str]:
+    """Full names of every linear layer but the output head (what ``"all-linear"`` means, as in PEFT).
+
+    The head is the model's output embedding; a sequence classifier without one keeps its ``score`` /
+    ``classifier`` head out too (``modules_to_save`` trains it in full instead).
+    """
     linear = _linear_types()
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, linear) and name != head and not _is_adapter_internal(name):
-            names.add(name.rsplit(".", 1)[-1])
-    if head is not None:
-        names.discard(head.rsplit(".", 1)[-1])
+    names = {n for n, m in model.named_modules() if isinstance(m, linear) and not _is_adapter_internal(n)}
+    head = output_head_name(model)
+    if head is None and str(task_type) == "SEQ_CLS":
+        for attr in ("score", "classifier"):
+            module = getattr(model, attr, None)
+            if isinstance(module, nn.Module):
+                head = next((n for n, m in model.named_modules() if m is module), None)
+                break
+    names.discard(head)
     return names
 
 
@@ -142,7 +148,7 @@ def resolve_target_modules(model: nn.Module, config, defaults: dict[str, list[st
             )
         config.target_modules = set(defaults[model_type])
     elif isinstance(target, str) and target == ALL_LINEAR:
-        config.target_modules = expand_all_linear(model)
+        config.target_modules = expand_all_linear(model, config.task_type)
     elif not isinstance(target, str):
         config.target_modules = set(target)
 

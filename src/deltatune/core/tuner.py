@@ -8,7 +8,9 @@ Everything method-specific comes from the :class:`~deltatune.registry.Method` en
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import torch
 from torch import nn
 
 from deltatune.config import PeftConfig
@@ -45,7 +47,7 @@ class AdapterModel(nn.Module):
         self.set_adapter(adapter_name)
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        return self.add_regularization(self.model(*args, **kwargs))
 
     def __getattr__(self, name: str):
         try:
@@ -74,6 +76,39 @@ class AdapterModel(nn.Module):
     def active_adapters(self) -> list[str]:
         a = self.active_adapter
         return [a] if isinstance(a, str) else list(a)
+
+    # ---- training hooks (methods that regularise or schedule, e.g. AdaLoRA) --------------------
+    def _trainable_methods(self) -> list[Method]:
+        """The methods of the adapters being trained (``inference_mode=False``), each once."""
+        methods: dict = {}
+        for config in self.peft_config.values():
+            if not config.inference_mode:
+                methods.setdefault(config.peft_type, method_for(config.peft_type))
+        return list(methods.values())
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """The sum of the trained methods' ``loss_hook`` terms; ``None`` when no method has one."""
+        total = None
+        for method in self._trainable_methods():
+            term = method.loss_hook(self) if method.loss_hook is not None else None
+            if term is not None:
+                total = term if total is None else total + term
+        return total
+
+    def add_regularization(self, outputs: Any) -> Any:
+        """In training mode, add :meth:`regularization_loss` to ``outputs.loss`` when the model returned one."""
+        loss = getattr(outputs, "loss", None)
+        if self.training and isinstance(loss, torch.Tensor):
+            extra = self.regularization_loss()
+            if extra is not None:
+                outputs.loss = loss + extra
+        return outputs
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Run the trained methods' ``step_hook`` (AdaLoRA's rank allocation); a no-op for the others."""
+        for method in self._trainable_methods():
+            if method.step_hook is not None:
+                method.step_hook(self, global_step)
 
     # ---- injection ---------------------------------------------------------------------------
     def inject_adapter(self, adapter_name: str, config: PeftConfig) -> None:

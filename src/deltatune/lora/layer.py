@@ -553,7 +553,7 @@ class LoraEmbedding(LoraLayer):
             return result
         for name in self._active_lora():
             a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            result = result + (self._embed(x, a.T) @ b.T) * self.scaling[name]
+            result = result + ((self._embed(x, a.T) @ b.T) * self.scaling[name]).to(result.dtype)
         return result
 
 

@@ -1,0 +1,148 @@
+"""``deltatune compare``: train several methods on the same task, model and budget; tabulate and plot.
+
+Each method trains in its own process (``deltatune train``), so its peak memory is its own. The
+results land in ``<output-dir>/compare.md``, ``compare.csv`` and ``compare.png``; each method's run is
+in ``<output-dir>/<method>/``. ``--resume`` skips finished methods and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from deltatune.cli import common
+from deltatune.cli.common import UsageError, human_bytes, human_time
+from deltatune.cli.train import add_train_arguments, settings_from_args
+from deltatune.core.io import atomic_write_text
+from deltatune.training import plots
+
+# Fewer steps per method than the single default job, so every method fits the ~20 minute budget.
+COMPARE_RECIPES: dict[str, dict[str, Any]] = {
+    "bbc-news": {"max_steps": 30, "eval_samples": 60},
+    "chatterbot": {"max_steps": 30},
+}
+COLUMNS = ("method", "trainable_params", "total_params", "adapter_bytes", "peak_memory_bytes", "time_per_step_s",
+           "metric_before", "metric_after", "forgetting", "train_time_s", "steps")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("compare", help="train several methods on the same budget; table + plot",
+                              description="Train each method with the same model, data and schedule, then write "
+                                          "compare.md, compare.csv and compare.png: trainable parameters, adapter "
+                                          "size, peak memory, time per step, the task metric, and forgetting.")
+    p.add_argument("--methods", default=argparse.SUPPRESS,
+                   help="comma list (default: every method the library has)")
+    add_train_arguments(p)
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    explicit = vars(args)
+    methods_arg = explicit.pop("methods", None)
+    table = common.method_table()
+    methods = [m.strip() for m in methods_arg.split(",") if m.strip()] if methods_arg else sorted(table)
+    unknown = [m for m in methods if m not in table]
+    if unknown:
+        raise UsageError(f"--methods: unknown method(s) {unknown}; choose from: {', '.join(sorted(table))}")
+    if "method" in explicit:
+        raise UsageError("compare takes --methods (a comma list), not --method")
+    names = set(common.method_fields())
+    settings = settings_from_args(args, names)
+    data, model = settings["data"], settings["model"]
+    if "output_dir" not in settings["explicit"]:
+        stem = lambda s: os.path.splitext(os.path.basename(os.path.normpath(s)))[0]  # noqa: E731
+        settings["output_dir"] = os.path.join("runs", f"compare-{stem(data)}-{stem(model)}")
+    out = settings["output_dir"]
+    # The settings every child gets: the user's own, plus the shorter compare schedule where they set none.
+    shared = dict(COMPARE_RECIPES.get(data, {}))
+    shared.update({k: v for k, v in settings["explicit"].items() if k not in ("output_dir", "resume", "overwrite",
+                                                                            "config", "method_options")})
+    if "config" in settings["explicit"]:
+        shared = {**shared, **common.load_config_file(settings["explicit"]["config"])}
+    shared.update(settings["explicit"].get("method_options", {}))
+    shared.pop("method", None)
+    resume = bool(settings.get("resume"))
+    overwrite = bool(settings.get("overwrite"))
+    rows = []
+    t0 = 0.0
+    baseline = None  # the base model's metric, from the first run that measured it
+    with tempfile.TemporaryDirectory(prefix="deltatune-compare-") as tmp:
+        config_path = os.path.join(tmp, "shared.json")
+        with open(config_path, "w", encoding="utf-8") as fh:
+            json.dump(shared, fh, default=str)
+        for i, method in enumerate(methods, start=1):
+            run_dir = os.path.join(out, method)
+            summary_path = os.path.join(run_dir, common.SUMMARY_NAME)
+            if resume and os.path.exists(summary_path):
+                print(f"[{i}/{len(methods)}] {method}: finished earlier, kept", flush=True)
+            else:
+                cmd = [sys.executable, "-m", "deltatune", "train", "--config", config_path, "--method", method,
+                       "--output-dir", run_dir, "--ignore-other-options"]
+                if baseline is not None:  # the base model is the same for every method: evaluate it once
+                    cmd.append("--no-eval-before")
+                if resume and os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+                    cmd.append("--resume")
+                elif overwrite or resume:
+                    cmd.append("--overwrite")
+                print(f"[{i}/{len(methods)}] {method}: deltatune train --method {method} --output-dir {run_dir}",
+                      flush=True)
+                code = subprocess.call(cmd)
+                if code != 0:
+                    if code == 130 or code < 0:
+                        print(f"deltatune: compare interrupted during {method}; continue with the same command "
+                              "plus --resume", file=sys.stderr)
+                        return 130
+                    print(f"deltatune: error: compare stopped: training {method} failed (exit {code})",
+                          file=sys.stderr)
+                    return code
+            summary = common.read_json(summary_path)
+            if baseline is None and summary.get("metric_before") is not None:
+                baseline = summary["metric_before"]
+            row = {k: summary.get(k) for k in COLUMNS} | {"method": method, "metric": summary.get("metric")}
+            if row["metric_before"] is None:
+                row["metric_before"] = baseline
+            rows.append(row)
+            t0 += summary.get("train_time_s") or 0.0
+    metric = rows[0]["metric"] if rows else "metric"
+    write_tables(rows, out, metric, title=f"{data} on {model}")
+    print("\n" + markdown_table(rows, metric))
+    print(f"\nwrote {out}/compare.md, compare.csv, compare.png (training time {human_time(t0)} in all)")
+    return 0
+
+
+def markdown_table(rows: list[dict[str, Any]], metric: str) -> str:
+    arrow = "higher is better" if metric == "accuracy" else "lower is better"
+    head = ["method", "trainable params", "adapter file", "peak memory", "time/step",
+            f"{metric} before", f"{metric} after ({arrow})", "forgetting (nats/token)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    for r in rows:
+        share = (100 * r["trainable_params"] / r["total_params"]) if r.get("total_params") else None
+        lines.append("| " + " | ".join([
+            r["method"], f"{r['trainable_params']:,d} ({num(share, '.2f')}%)", human_bytes(r["adapter_bytes"]),
+            human_bytes(r["peak_memory_bytes"]), f"{num(r['time_per_step_s'], '.2f')} s",
+            num(r["metric_before"], ".4f"), num(r["metric_after"], ".4f"), num(r["forgetting"], "+.4f"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(rows: list[dict[str, Any]], out: str, metric: str, title: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    atomic_write_text(os.path.join(out, "compare.md"), f"# {title}\n\n" + markdown_table(rows, metric) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, "metric"])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k) for k in [*COLUMNS, "metric"]})
+    atomic_write_text(os.path.join(out, "compare.csv"), buf.getvalue())
+    plots.plot_comparison(rows, os.path.join(out, "compare.png"), metric_name=f"{metric} (after)", title=title)

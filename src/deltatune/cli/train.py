@@ -1,0 +1,367 @@
+"""``deltatune train``: fine-tune, evaluate before and after, save the adapter.
+
+Everything that can be wrong with the input (options, data, model) is checked before anything is
+written, so a bad command leaves no half-made output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from typing import Any
+
+import torch
+
+from deltatune.cli import common
+from deltatune.cli.common import UsageError, human_bytes, human_time
+from deltatune.core.io import atomic_write_text
+from deltatune.training import plots
+from deltatune.training.trainer import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    TrainConfig,
+    Trainer,
+    plan_steps,
+    resolve_precision,
+)
+
+OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", METRICS_NAME, CHECKPOINT_NAME, "loss.png",
+                common.SUMMARY_NAME, common.RUN_CONFIG_NAME)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``train`` (and ``compare``). Absent flags stay absent so settings can be layered."""
+    s = argparse.SUPPRESS
+    g = parser.add_argument_group("what to train")
+    g.add_argument("--model", default=s, help="built-in name (smollm2-135m, minilm-l6), model directory, or hub id "
+                                              "(default: smollm2-135m)")
+    g.add_argument("--data", default=s, help="built-in name (bbc-news, chatterbot) or a .jsonl/.csv/.txt file "
+                                             "(default: bbc-news)")
+    g.add_argument("--eval-data", default=s, help="separate evaluation file (default: 10%% of --data held out)")
+    g.add_argument("--method", default=s, help="adapter method (default: lora); see `deltatune train --help`")
+    g.add_argument("--config", default=s, help="YAML/JSON file of these options (flags still win)")
+    g.add_argument("--output-dir", default=s, help="where the adapter, metrics.jsonl and loss.png go "
+                                                   "(default: runs/<data>-<model>-<method>)")
+    g = parser.add_argument_group("schedule")
+    g.add_argument("--max-steps", type=int, default=s, help="optimizer steps (default: --epochs over the data)")
+    g.add_argument("--epochs", type=float, default=s, help="passes over the data when --max-steps is not given")
+    g.add_argument("--batch-size", type=int, default=s, help="examples per micro-batch, per process (default 8)")
+    g.add_argument("--grad-accum", type=int, default=s, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, default=s, help="peak learning rate of AdamW")
+    g.add_argument("--weight-decay", type=float, default=s)
+    g.add_argument("--warmup-ratio", type=float, default=s, help="share of steps of linear warm-up (then cosine)")
+    g.add_argument("--max-grad-norm", type=float, default=s, help="gradient clipping (0: off)")
+    g.add_argument("--loraplus-lr-ratio", type=float, default=s, help="LoRA+: lora_B learns this many times faster")
+    g.add_argument("--seed", type=int, default=s)
+    g.add_argument("--resume", action="store_true", default=s, help="continue the run in --output-dir from its "
+                                                                     "checkpoint")
+    g.add_argument("--overwrite", action="store_true", default=s, help="replace a finished run in --output-dir")
+    g = parser.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-steps", type=int, default=s, help="evaluate on validation data every N steps (0: off)")
+    g.add_argument("--save-steps", type=int, default=s, help="resumable checkpoint every N steps (default 10)")
+    g.add_argument("--eval-samples", type=int, default=s, help="evaluate on a fixed sample of this many records")
+    g.add_argument("--eval-batch-size", type=int, default=s)
+    g.add_argument("--no-eval-before", dest="eval_before", action="store_false", default=s,
+                   help="skip the evaluation of the base model before training")
+    g.add_argument("--forgetting-tokens", type=int, default=s,
+                   help="tokens of general text for the forgetting measure (0: off; default 4096)")
+    g = parser.add_argument_group("data format")
+    g.add_argument("--format", choices=["text", "prompt", "chat", "classification"], default=s,
+                   help="data format (default: recognised from the fields)")
+    g.add_argument("--max-length", type=int, default=s, help="longest example in tokens")
+    g.add_argument("--template", default=s, help="classification prompt for a causal LM, with {text} and {labels}")
+    for role in ("text", "label", "prompt", "completion", "messages"):
+        g.add_argument(f"--{role}-column", default=s, help=f"the column holding {role} (default: {role})")
+    g = parser.add_argument_group("hardware")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=s,
+                   help="auto: bf16 autocast where the hardware is fast at it")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=s)
+    g.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=s)
+    parser.add_argument("--ignore-other-options", action="store_true", default=s, help=argparse.SUPPRESS)
+    common.add_method_options(parser, taken={a.dest for a in parser._actions})
+
+
+def settings_from_args(args: argparse.Namespace, method_option_names: set[str]) -> dict[str, Any]:
+    """Layer defaults, recipe, config file, resumed run and flags into one settings dict."""
+    explicit = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
+    options = {k: explicit.pop(k) for k in list(explicit) if k in method_option_names}
+    if options:
+        explicit["method_options"] = options
+    from_file = common.load_config_file(explicit["config"]) if "config" in explicit else {}
+    file_options = {k: from_file.pop(k) for k in list(from_file) if k in method_option_names}
+    from_file.setdefault("method_options", {}).update(file_options)
+    known = set(common.DEFAULTS) | {"progress", "resume", "overwrite", "ignore_other_options", "config"}
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        raise UsageError(f"--config {explicit['config']}: unknown option(s) {unknown}")
+    top = common.layer_settings([from_file, explicit])
+    data = top.get("data", common.DEFAULTS["data"])
+    model = top.get("model", common.DEFAULTS["model"])
+    recipe = common.recipe_for(data, model)
+    settings = common.layer_settings([common.DEFAULTS, recipe, top])
+    settings["recipe_method_options"] = recipe.get("method_options", {})
+    settings["explicit"] = explicit
+    if settings.get("output_dir") is None:
+        stem = lambda s: os.path.splitext(os.path.basename(os.path.normpath(s)))[0]  # noqa: E731
+        settings["output_dir"] = os.path.join("runs", f"{stem(data)}-{stem(model)}-{settings['method']}")
+    return settings
+
+
+def _apply_resume(settings: dict[str, Any]) -> dict[str, Any]:
+    """On ``--resume``, the saved settings are the base; a flag that would change the computation is refused."""
+    saved = common.read_json(os.path.join(settings["output_dir"], common.RUN_CONFIG_NAME))
+    if not saved:
+        raise UsageError(f"--resume: {settings['output_dir']} holds no run to resume (no {common.RUN_CONFIG_NAME}); "
+                         "start without --resume")
+    explicit = settings["explicit"]
+    for key, value in explicit.items():
+        if key in common.HARMLESS:
+            continue
+        old = saved.get(key)
+        if key == "method_options":
+            changed = {k: v for k, v in value.items() if saved.get("method_options", {}).get(k) != v}
+            if changed:
+                raise UsageError(f"--resume: method options {changed} differ from the run's "
+                                 f"{saved.get('method_options')}; resume without them")
+        elif old != value:
+            raise UsageError(f"--resume: --{key.replace('_', '-')} {value!r} differs from the run's {old!r}; "
+                             "resume with the same options or train into a new --output-dir")
+    merged = dict(saved)
+    merged.update({k: v for k, v in explicit.items() if k in common.HARMLESS})
+    merged["resume"] = True
+    merged["explicit"] = explicit
+    return merged
+
+
+def _check_output_dir(settings: dict[str, Any]) -> None:
+    out = settings["output_dir"]
+    if os.path.isfile(out):
+        raise UsageError(f"--output-dir {out} is a file; pass a directory")
+    present = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(out, f))]
+    if settings.get("resume"):
+        if os.path.exists(os.path.join(out, common.SUMMARY_NAME)):
+            raise UsageError(f"--resume: {out} already holds a finished run; start a new run with --overwrite or "
+                             "another --output-dir")
+        if not os.path.exists(os.path.join(out, CHECKPOINT_NAME)):
+            # Stopped before its first checkpoint: nothing to restore, so start it again with its settings.
+            settings["resume"] = False
+            settings["overwrite"] = True
+        return
+    if present and not settings.get("overwrite"):
+        what = "an unfinished run (resume it with --resume)" if CHECKPOINT_NAME in present else "a finished run"
+        raise UsageError(f"--output-dir {out} already holds {what}; pass --overwrite to replace it or choose "
+                         "another --output-dir")
+
+
+def prepare(settings: dict[str, Any]):
+    """Check everything and load model, tokenizer, data and adapter config. Writes nothing."""
+    table = common.method_table()
+    method = settings["method"]
+    if method not in table:
+        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(sorted(table))}")
+    config_cls = table[method][0]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    options = dict(settings.get("method_options") or {})
+    if not settings.get("resume"):  # a built-in recipe's options, for the methods that have them
+        recipe = settings.pop("recipe_method_options", {})
+        options = {**{k: v for k, v in recipe.items() if k in fields}, **options}
+    settings.pop("recipe_method_options", None)
+    device = common.pick_device(settings["device"])
+    resolve_precision(settings["precision"], device)
+    for key in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
+        if int(settings[key]) < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {settings[key]}")
+    if settings["max_steps"] is not None and int(settings["max_steps"]) < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {settings['max_steps']}")
+    if settings["lr"] <= 0:
+        raise UsageError(f"--lr must be positive, got {settings['lr']}")
+    dataset = common.load_data(settings)
+    spec = common.resolve_model(settings["model"])
+    tokenizer = common.load_tokenizer(spec)
+    task = common.make_task(dataset, spec, tokenizer, int(settings["max_length"]))
+    train_examples = task.encoder(dataset.train)
+    steps = plan_steps(len(train_examples), settings["max_steps"], float(settings["epochs"]),
+                       int(settings["batch_size"]), int(settings["grad_accum"]))
+    options = common.fill_method_defaults(config_cls, options, total_steps=steps, model_path=spec.path)
+    settings["method_options"] = options
+    task_type = "CAUSAL_LM" if spec.kind == "causal" else "SEQ_CLS"
+    peft_config = common.build_peft_config(method, options, task_type,
+                                           ignore_other_options=bool(settings.get("ignore_other_options")))
+    _check_output_dir(settings)
+    torch.manual_seed(settings["seed"])  # a fresh classification head is initialised on load
+    model, tokenizer = common.load_model(spec, labels=dataset.labels, device=device, tokenizer=tokenizer)
+    return spec, dataset, task, model, tokenizer, peft_config, train_examples, device
+
+
+def run_train(settings: dict[str, Any]) -> int:
+    if settings.get("resume"):
+        settings = _apply_resume(settings)
+    spec, dataset, task, model, tokenizer, peft_config, train_examples, device = prepare(settings)
+    out = settings["output_dir"]
+    amp = resolve_precision(settings["precision"], device)
+    limit = settings["eval_samples"]
+    test_examples = task.examples(dataset.test, limit)
+    val_examples = task.examples(dataset.validation, limit)
+    general = common.general_text_examples(tokenizer, int(settings["forgetting_tokens"])) \
+        if spec.kind == "causal" else []
+    eval_kw = {"batch_size": int(settings["eval_batch_size"]), "device": device, "amp": amp}
+    general_kw = {"batch_size": int(settings["eval_batch_size"]), "pad_id": task.pad_id, "device": device, "amp": amp}
+
+    # From here on the output directory is written.
+    os.makedirs(out, exist_ok=True)
+    if not settings.get("resume"):
+        for name in OUTPUT_FILES:  # --overwrite: only the files a run writes, never anything else
+            path = os.path.join(out, name)
+            if os.path.exists(path):
+                os.unlink(path)
+        record = {k: v for k, v in settings.items() if k not in ("explicit", "resume", "overwrite", "config")}
+        record.update(labels=dataset.labels, data_format=dataset.format, template=dataset.template,
+                      model_kind=spec.kind, model_path=spec.path)
+        atomic_write_text(os.path.join(out, common.RUN_CONFIG_NAME), _json(record))
+
+    n_train = len(dataset.train)
+    print(f"deltatune train: {settings['method']} on {settings['model']} ({spec.kind}), data {dataset.name} "
+          f"({dataset.format}: {n_train} train, {len(test_examples)} eval records) -> {out}", flush=True)
+    trainer_cfg = TrainConfig(
+        output_dir=out, max_steps=settings["max_steps"], epochs=float(settings["epochs"]),
+        batch_size=int(settings["batch_size"]), grad_accum=int(settings["grad_accum"]), lr=float(settings["lr"]),
+        weight_decay=float(settings["weight_decay"]), warmup_ratio=float(settings["warmup_ratio"]),
+        max_grad_norm=float(settings["max_grad_norm"]), loraplus_lr_ratio=settings["loraplus_lr_ratio"],
+        eval_steps=int(settings["eval_steps"]), save_steps=int(settings["save_steps"]), seed=int(settings["seed"]),
+        precision=settings["precision"], gradient_checkpointing=bool(settings["gradient_checkpointing"]),
+        progress=False if settings.get("progress") is False else None)
+
+    from deltatune import get_peft_model
+
+    extra: dict[str, Any] = {}
+    if not settings.get("resume"):
+        if settings.get("eval_before", True):
+            print(f"evaluating the base model on {len(test_examples)} test records ...", flush=True)
+            t0 = time.perf_counter()
+            extra["before"] = task.evaluate(model, test_examples, **eval_kw)
+            extra["before_seconds"] = time.perf_counter() - t0
+            _log(out, {"step": 0, "split": "test", "event": "before", **extra["before"]})
+            print(f"  before: {_fmt(extra['before'])} ({human_time(extra['before_seconds'])})", flush=True)
+        if general:
+            from deltatune.training.metrics import evaluate_loss
+
+            extra["general_loss_base"] = evaluate_loss(model, general, **general_kw)
+    torch.manual_seed(settings["seed"])  # the adapter's initialisation
+    peft_config.base_model_name_or_path = spec.name
+    model = get_peft_model(model, peft_config)
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}",
+          flush=True)
+
+    def evaluate(m):
+        return task.evaluate(m, val_examples, **eval_kw)
+
+    trainer = Trainer(model, train_examples, trainer_cfg, pad_id=task.pad_id,
+                      sequence_classifier=task.sequence_classifier, evaluate=evaluate, device=device)
+    print(f"training {trainer.total_steps} steps of {trainer_cfg.batch_size * trainer_cfg.grad_accum} examples "
+          f"(precision: {'bf16' if amp else 'fp32'}, device: {device})", flush=True)
+    result = trainer.train(resume=bool(settings.get("resume")), extra=extra)
+    extra = result.extra
+
+    print(f"evaluating the adapted model on {len(test_examples)} test records ...", flush=True)
+    t0 = time.perf_counter()
+    after = task.evaluate(model, test_examples, **eval_kw)
+    after_seconds = time.perf_counter() - t0
+    _log(out, {"step": result.steps, "split": "test", "event": "after", **after})
+    forgetting = general_adapted = None
+    if general and "general_loss_base" in extra:
+        from deltatune.training.metrics import evaluate_loss
+
+        general_adapted = evaluate_loss(model, general, **general_kw)
+        forgetting = general_adapted - extra["general_loss_base"]
+
+    model.save_pretrained(out)
+    adapter_bytes = os.path.getsize(os.path.join(out, "adapter_model.safetensors"))
+    before = extra.get("before", {})
+    summary = {
+        "method": settings["method"], "model": settings["model"], "data": dataset.name, "format": dataset.format,
+        "metric": task.metric_name, "metric_before": before.get(task.metric_name),
+        "metric_after": after.get(task.metric_name), "eval_before": before, "eval_after": after,
+        "eval_records": len(test_examples), "forgetting": forgetting,
+        "general_loss_base": extra.get("general_loss_base"), "general_loss_adapted": general_adapted,
+        "trainable_params": trainable, "total_params": total, "adapter_bytes": adapter_bytes,
+        "peak_memory_bytes": result.peak_memory_bytes, "train_time_s": result.wall_time_s,
+        "time_per_step_s": result.time_per_step_s, "tokens_per_s": result.tokens_per_s, "steps": result.steps,
+        "final_train_loss": result.final_loss, "precision": "bf16" if amp else "fp32", "device": str(device),
+        "eval_seconds": extra.get("before_seconds", 0.0) + after_seconds,
+    }
+    _log(out, {"step": result.steps, "event": "end", **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
+    plots.plot_loss_curve(plots.read_metrics(os.path.join(out, METRICS_NAME)), os.path.join(out, "loss.png"),
+                          title=f"{settings['method']} on {settings['model']} / {dataset.name}")
+    atomic_write_text(os.path.join(out, common.SUMMARY_NAME), _json(summary))
+    ckpt = os.path.join(out, CHECKPOINT_NAME)
+    if os.path.exists(ckpt):
+        os.unlink(ckpt)  # the adapter is the result; a finished run has nothing to resume
+    print_summary(summary, out)
+    return 0
+
+
+def print_summary(s: dict[str, Any], out: str) -> None:
+    metric = s["metric"]
+    lines = [
+        "",
+        f"done: {s['steps']} steps in {human_time(s['train_time_s'])} ({s['time_per_step_s']:.2f} s/step, "
+        f"{s['tokens_per_s']:.0f} tokens/s, {s['precision']} on {s['device']})",
+        f"  trainable params  {s['trainable_params']:,d} / {s['total_params']:,d} "
+        f"({100 * s['trainable_params'] / s['total_params']:.2f}%)",
+        f"  adapter file      {human_bytes(s['adapter_bytes'])}",
+        f"  peak memory       {human_bytes(s['peak_memory_bytes'])}"
+        + (" (process RSS)" if s["device"] == "cpu" else " (allocated)"),
+    ]
+    before, after = s["metric_before"], s["metric_after"]
+    where = f"on {s['eval_records']} held-out test records"
+    if before is not None:
+        lines.append(f"  test {metric:<12} {before:.4f} -> {after:.4f} ({after - before:+.4f}) {where}")
+    else:
+        lines.append(f"  test {metric:<12} {after:.4f} {where}")
+    if s["forgetting"] is not None:
+        lines.append(f"  forgetting        {s['forgetting']:+.4f} nats/token on general text "
+                     f"({s['general_loss_base']:.4f} -> {s['general_loss_adapted']:.4f})")
+    else:
+        lines.append("  forgetting        n/a (needs a causal LM and the built-in general text)")
+    lines.append(f"  saved             {out}/ (adapter_model.safetensors, adapter_config.json, metrics.jsonl, "
+                 "loss.png, summary.json)")
+    print("\n".join(lines), flush=True)
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+
+
+def _log(out: str, record: dict[str, Any]) -> None:
+    import json
+
+    with open(os.path.join(out, METRICS_NAME), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str) + "\n"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a model with an adapter method, evaluate, save",
+                              description="Fine-tune with any method the library has; evaluate before and after; "
+                                          "save the adapter in PEFT's format. With no options: LoRA on "
+                                          "smollm2-135m learning BBC News topics (about 6 minutes on 2 cores).")
+    add_train_arguments(p)
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    names = set(common.method_fields())
+    settings = settings_from_args(args, names)
+    return run_train(settings)
+
+
+__all__ = ["register", "main", "add_train_arguments", "settings_from_args", "run_train"]

@@ -1,0 +1,58 @@
+"""Virtual-token methods: prompt tuning, P-tuning, prefix tuning, multitask prompt tuning.
+
+They train a few vectors instead of any weight: soft prompts in front of the input embeddings, or
+key/value prefixes in front of every attention layer's cache. ``config.py`` holds the configs,
+``encoders.py`` the trainable modules, ``model.py`` the forward/generate/file logic ``PeftModel`` uses.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from deltatune.config import PeftType
+from deltatune.prompt.config import (
+    MultitaskPromptTuningConfig,
+    MultitaskPromptTuningInit,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
+from deltatune.prompt.encoders import (
+    ENCODERS,
+    MultitaskPromptEmbedding,
+    PrefixEncoder,
+    PromptEmbedding,
+    PromptEncoder,
+)
+from deltatune.registry import Method, register
+
+
+def _make_encoder(config: PromptLearningConfig, word_embeddings: nn.Module) -> nn.Module:
+    return ENCODERS[type(config)](config, word_embeddings)
+
+
+PROMPT_TUNING = register(Method(
+    peft_type=PeftType.PROMPT_TUNING, config_cls=PromptTuningConfig, family="prompt",
+    make_prompt_encoder=_make_encoder, cli_names={"prompt_tuning": {}},
+))
+P_TUNING = register(Method(
+    peft_type=PeftType.P_TUNING, config_cls=PromptEncoderConfig, family="prompt",
+    make_prompt_encoder=_make_encoder, cli_names={"p_tuning": {}},
+))
+PREFIX_TUNING = register(Method(
+    peft_type=PeftType.PREFIX_TUNING, config_cls=PrefixTuningConfig, family="prompt",
+    make_prompt_encoder=_make_encoder, cli_names={"prefix_tuning": {}},
+))
+MULTITASK_PROMPT_TUNING = register(Method(
+    peft_type=PeftType.MULTITASK_PROMPT_TUNING, config_cls=MultitaskPromptTuningConfig, family="prompt",
+    make_prompt_encoder=_make_encoder, cli_names={"multitask_prompt_tuning": {}},
+))
+
+__all__ = [
+    "MultitaskPromptEmbedding", "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit", "PrefixEncoder",
+    "PrefixTuningConfig", "PromptEmbedding", "PromptEncoder", "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType", "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit",
+]

@@ -1,0 +1,481 @@
+"""A plain PyTorch training loop for adapters, with exact resume.
+
+One optimizer step consumes ``grad_accum`` micro-batches of ``batch_size`` examples. Micro-batch ``m``
+is fixed by the seed alone: it is slice ``m mod M`` of epoch ``m // M``'s permutation (``M``
+micro-batches per epoch, permutation seeded by ``(seed, epoch)``). So the step number says where in
+the data a run is, and a checkpoint only needs the trainable tensors, the optimizer and scheduler
+state, the RNG states (dropout) and the step. A resumed run therefore computes exactly what the
+uninterrupted run would have.
+
+The loss of a step is ``sum of token losses / number of labelled tokens in all its micro-batches``:
+the gradient of one large batch, however it is split.
+
+Learning rate: linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to zero:
+
+    lr(s) = lr * (s + 1) / (W + 1)                       for s < W
+    lr(s) = lr * 0.5 * (1 + cos(pi * (s - W) / (S - W)))   otherwise
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from deltatune.errors import DeltatuneError
+from deltatune.training.data import collate, count_targets
+from deltatune.training.metrics import autocast, loss_sum
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+# Settings that change what a run computes; a resume must use the same ones.
+_SCHEDULE_KEYS = ("max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
+                  "max_grad_norm", "seed", "loraplus_lr_ratio")
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (SIGINT/SIGTERM) stopped training; a checkpoint was written at ``step``."""
+
+    def __init__(self, step: int, checkpoint: str) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class CheckpointError(DeltatuneError, ValueError):
+    """A checkpoint that is missing, unreadable, or from a different run."""
+
+
+@dataclass
+class TrainConfig:
+    """What a run does. Every field has a CLI flag of the same name (``--max-steps``...).
+
+    Attributes:
+        max_steps: Optimizer steps; ``None`` means ``epochs`` passes over the data.
+        batch_size: Examples per micro-batch (per process).
+        grad_accum: Micro-batches per optimizer step.
+        lr: Peak learning rate (AdamW).
+        loraplus_lr_ratio: With a value, LoRA+: ``lora_B`` learns this many times faster than ``lora_A``.
+        eval_steps: Evaluate every this many steps (0: only at the end, which the caller does).
+        save_steps: Write a resumable checkpoint every this many steps (and on Ctrl-C).
+        precision: ``"auto"`` (bf16 autocast where the hardware does bf16 fast), ``"bf16"`` or ``"fp32"``.
+        progress: A progress bar (``True``), none (``False``), or a bar on a terminal and a plain line
+            every tenth of the run elsewhere (``None``).
+    """
+
+    output_dir: str
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    loraplus_lr_ratio: float | None = None
+    eval_steps: int = 0
+    save_steps: int = 10
+    seed: int = 0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    progress: bool | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a finished run measured."""
+
+    steps: int
+    wall_time_s: float
+    time_per_step_s: float
+    tokens_per_s: float
+    peak_memory_bytes: int
+    final_loss: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fast_bf16_available(device: torch.device) -> bool:
+    """bf16 autocast is worth it on CUDA with bf16, and on CPUs with AMX or AVX512-BF16 (elsewhere it is emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+        except AttributeError:  # older torch without these probes
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (``None``: plain fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        return torch.bfloat16 if fast_bf16_available(device) else None
+    raise DeltatuneError(f"--precision {precision!r} is not one of auto, bf16, fp32")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory allocated by torch, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a kill leaves the old file or the new."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Trainer:
+    """Trains the parameters of ``model`` that have ``requires_grad`` on tokenised examples.
+
+    Args:
+        model: Usually a ``PeftModel``; anything whose forward takes ``input_ids`` and ``attention_mask``.
+        train_examples: From :class:`~deltatune.training.data.Encoder`.
+        config: The run's settings.
+        pad_id: Token id used for padding.
+        sequence_classifier: Examples carry class ids and the model returns ``(B, C)`` logits.
+        evaluate: ``model -> {name: value}`` run every ``eval_steps``; written to ``metrics.jsonl``.
+        device: Where the model is.
+    """
+
+    def __init__(self, model: nn.Module, train_examples: list[dict], config: TrainConfig, *, pad_id: int,
+                 sequence_classifier: bool = False, evaluate: Callable[[nn.Module], dict] | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        if not train_examples:
+            raise DeltatuneError("no training examples after tokenisation; check --data and --max-length")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(config, name) < 1:
+                raise DeltatuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+        if config.max_steps is not None and config.max_steps < 1:
+            raise DeltatuneError(f"--max-steps must be at least 1, got {config.max_steps}")
+        self.model = model
+        self.examples = train_examples
+        self.config = config
+        self.pad_id = pad_id
+        self.sequence_classifier = sequence_classifier
+        self.evaluate = evaluate
+        self.device = torch.device(device)
+        self.amp = resolve_precision(config.precision, self.device)
+        self.micro_per_epoch = math.ceil(len(train_examples) / config.batch_size)
+        self.total_steps = plan_steps(len(train_examples), config.max_steps, config.epochs, config.batch_size,
+                                      config.grad_accum)
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise DeltatuneError("the model has no trainable parameters; did the adapter attach to any module?")
+        self.optimizer = self._make_optimizer()
+        warmup = int(config.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup,
+                                                                                          self.total_steps))
+        self.step = 0
+        self._stop_requested = False
+        self._perm_cache: tuple[int, torch.Tensor] | None = None
+        self.checkpoint_path = os.path.join(config.output_dir, CHECKPOINT_NAME)
+        self.metrics_path = os.path.join(config.output_dir, METRICS_NAME)
+        self.on_step_end: Callable[[int], None] | None = None  # test hook: called after each finished step
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.loraplus_lr_ratio:
+            from deltatune import create_loraplus_optimizer
+
+            return create_loraplus_optimizer(self.model, torch.optim.AdamW, lr=cfg.lr,
+                                             loraplus_lr_ratio=cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def micro_batch(self, m: int) -> list[dict]:
+        """Examples of global micro-batch ``m`` (a pure function of the seed and ``m``)."""
+        epoch, index = divmod(m, self.micro_per_epoch)
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._perm_cache = (epoch, torch.randperm(len(self.examples), generator=gen))
+        rows = self._perm_cache[1][index * self.config.batch_size:(index + 1) * self.config.batch_size]
+        return [self.examples[i] for i in rows.tolist()]
+
+    def request_stop(self) -> None:
+        """Stop at the next micro-batch boundary and write a checkpoint (what Ctrl-C does)."""
+        self._stop_requested = True
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, rng: dict[str, Any], extra: dict[str, Any]) -> None:
+        state = {
+            "format": 1,
+            "step": step,
+            "trainable": {n: p.detach().cpu().clone() for n, p in self.params},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "schedule": {k: getattr(self.config, k) for k in _SCHEDULE_KEYS},
+            "method_state": method_state(self.model),
+            "extra": extra,
+        }
+        atomic_torch_save(state, self.checkpoint_path)
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """Restore a checkpoint written by this run's settings; returns its ``extra`` dict."""
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise CheckpointError(f"--resume: no {CHECKPOINT_NAME} in {self.config.output_dir}; "
+                                  "start without --resume") from None
+        except Exception as exc:
+            raise CheckpointError(f"{self.checkpoint_path} cannot be read ({type(exc).__name__}); "
+                                  "delete it and start again") from None
+        mine = {k: getattr(self.config, k) for k in _SCHEDULE_KEYS}
+        changed = {k: (state["schedule"].get(k), v) for k, v in mine.items() if state["schedule"].get(k) != v}
+        if changed:
+            desc = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise CheckpointError(f"--resume with different settings ({desc}); resume with the same options or "
+                                  "train into a new --output-dir")
+        names = {n for n, _ in self.params}
+        if set(state["trainable"]) != names:
+            raise CheckpointError(f"{self.checkpoint_path} holds other trainable parameters than this model has "
+                                  "(different method, targets or model); resume with the same options")
+        with torch.no_grad():
+            for n, p in self.params:
+                p.copy_(state["trainable"][n])
+        load_method_state(self.model, state.get("method_state", {}))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        self.step = state["step"]
+        self._rewind_metrics(self.step)
+        return state.get("extra", {})
+
+    def _rewind_metrics(self, step: int) -> None:
+        """Drop metric lines a crashed run wrote after its last checkpoint, so the file reads as one run."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path, encoding="utf-8") as fh:
+            lines = [ln for ln in fh if ln.strip()]
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if record.get("step", 0) <= step and record.get("event") != "end":
+                kept.append(line if line.endswith("\n") else line + "\n")
+        from deltatune.core.io import atomic_write_text
+
+        atomic_write_text(self.metrics_path, "".join(kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train(self, resume: bool = False, extra: dict[str, Any] | None = None) -> TrainResult:
+        """Run to ``total_steps``. ``extra`` (JSON-able) is stored in checkpoints and returned on resume.
+
+        Raises:
+            TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is on disk.
+        """
+        cfg = self.config
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        extra = dict(extra or {})
+        if resume:
+            extra.update(self.load_checkpoint())
+        else:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+        elapsed_before = float(extra.get("train_seconds", 0.0))
+        if cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(self.model)
+        self.model.train()
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum, frame):  # first Ctrl-C: stop cleanly; a second one: stop now
+            self._stop_requested = True
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        try:
+            for sig in previous:
+                signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread: no signal handling, checkpoints still happen
+            previous = {}
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   disable=None if cfg.progress is None else not cfg.progress)
+        plain_every = max(1, self.total_steps // 10) if bar.disable and cfg.progress is None else 0
+        start = time.perf_counter()
+        step_times: list[float] = []
+        tokens_seen = 0
+        loss_value = float("nan")
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                rng = capture_rng()  # the state at the step's start: what a checkpoint taken mid-step holds
+                micro = [self.micro_batch(m) for m in range(self.step * cfg.grad_accum,
+                                                            (self.step + 1) * cfg.grad_accum)]
+                n_targets = max(1, sum(count_targets(mb) for mb in micro))
+                step_loss, step_tokens = 0.0, 0
+                for examples in micro:
+                    batch = {k: v.to(self.device) for k, v in
+                             collate(examples, self.pad_id, left_pad=not self.sequence_classifier).items()}
+                    with autocast(self.device, self.amp):
+                        loss, _ = loss_sum(self.model, batch, self.sequence_classifier)
+                    (loss / n_targets).backward()
+                    step_loss += float(loss.detach())
+                    step_tokens += int(batch["attention_mask"].sum())
+                    if self._stop_requested:
+                        break
+                if not self._stop_requested:
+                    regulariser = _regularization_loss(self.model)  # e.g. AdaLoRA's orthogonality penalty
+                    if regulariser is not None:
+                        regulariser.backward()
+                if self._stop_requested:  # mid-step: drop the partial gradients, save the step's start
+                    self.optimizer.zero_grad(set_to_none=True)
+                    extra["train_seconds"] = elapsed_before + time.perf_counter() - start
+                    self.save_checkpoint(self.step, rng, extra)
+                    raise TrainingInterrupted(self.step, self.checkpoint_path)
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm
+                                                           if cfg.max_grad_norm > 0 else float("inf"))
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                if hasattr(self.model, "update_and_allocate"):  # per-step method work (AdaLoRA's ranks), reads grads
+                    self.model.update_and_allocate(self.step + 1)
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                tokens_seen += step_tokens
+                loss_value = step_loss / n_targets
+                self.log({"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                          "tokens": step_tokens, "tokens_per_s": step_tokens / dt, "step_time_s": dt,
+                          "epoch": self.step * cfg.grad_accum / self.micro_per_epoch})
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{step_tokens / dt:.0f}")
+                bar.update(1)
+                if plain_every and (self.step % plain_every == 0 or self.step == self.total_steps):
+                    left = (self.total_steps - self.step) * sum(step_times) / len(step_times)
+                    print(f"step {self.step}/{self.total_steps}  loss {loss_value:.4f}  "
+                          f"{step_tokens / dt:.0f} tokens/s  {left:.0f}s left", file=sys.stderr, flush=True)
+                if cfg.eval_steps and self.evaluate and self.step % cfg.eval_steps == 0 \
+                        and self.step < self.total_steps:
+                    result = self.evaluate(self.model)
+                    self.log({"step": self.step, "split": "validation", **result})
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+                if self.on_step_end is not None:
+                    self.on_step_end(self.step)
+                last = self.step == self.total_steps
+                if self._stop_requested or (cfg.save_steps and self.step % cfg.save_steps == 0 and not last):
+                    extra["train_seconds"] = elapsed_before + time.perf_counter() - start
+                    self.save_checkpoint(self.step, capture_rng(), extra)
+                    if self._stop_requested and not last:
+                        raise TrainingInterrupted(self.step, self.checkpoint_path)
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        wall = elapsed_before + time.perf_counter() - start
+        mean_step = sum(step_times) / len(step_times) if step_times else float("nan")
+        return TrainResult(steps=self.step, wall_time_s=wall, time_per_step_s=mean_step,
+                           tokens_per_s=tokens_seen / max(sum(step_times), 1e-9),
+                           peak_memory_bytes=peak_memory_bytes(self.device), final_loss=loss_value, extra=extra)
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+
+def _regularization_loss(model: nn.Module) -> torch.Tensor | None:
+    fn = getattr(model, "regularization_loss", None)
+    return fn() if callable(fn) else None
+
+
+def method_state(model: nn.Module) -> dict[str, Any]:
+    """Training state a method keeps outside its parameters, for exact resume.
+
+    AdaLoRA's rank allocator holds importance averages (``allocator`` on its layers) and writes the
+    rank pattern into the adapter's config; both change every step. Other methods keep none.
+    """
+    state: dict[str, Any] = {"configs": {}, "allocators": {}}
+    for name, config in (getattr(model, "peft_config", None) or {}).items():
+        if getattr(config, "rank_pattern", None) is not None:
+            state["configs"][name] = {"rank_pattern": config.rank_pattern}
+    for module in model.modules():
+        for adapter, allocator in (getattr(module, "allocator", None) or {}).items():
+            if allocator is not None and adapter not in state["allocators"]:
+                # Public attributes only: private ones hold object ids of this process's layers.
+                state["allocators"][adapter] = {k: v for k, v in vars(allocator).items()
+                                                if k != "config" and not k.startswith("_")}
+    return state
+
+
+def load_method_state(model: nn.Module, state: dict[str, Any]) -> None:
+    configs = getattr(model, "peft_config", None) or {}
+    for name, values in state.get("configs", {}).items():
+        if name in configs:
+            for key, value in values.items():
+                setattr(configs[name], key, value)
+    done = set()
+    for module in model.modules():
+        for adapter, allocator in (getattr(module, "allocator", None) or {}).items():
+            if allocator is not None and adapter in state.get("allocators", {}) and id(allocator) not in done:
+                vars(allocator).update(state["allocators"][adapter])
+                done.add(id(allocator))
+
+
+def plan_steps(n_examples: int, max_steps: int | None, epochs: float, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps of a run: ``max_steps``, else ``epochs`` passes of ``ceil(n / batch_size)`` micro-batches."""
+    if max_steps:
+        return max_steps
+    return max(1, math.ceil(epochs * math.ceil(n_examples / batch_size) / grad_accum))
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(inner, "gradient_checkpointing_enable"):
+        raise DeltatuneError(f"{type(inner).__name__} does not support gradient checkpointing")
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(inner, "config"):
+        inner.config.use_cache = False

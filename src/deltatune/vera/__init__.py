@@ -1,0 +1,78 @@
+"""VeRA: the config, the layer, the shared projections, and the registry entry."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from deltatune.config import PeftType
+from deltatune.core.targeting import DEFAULT_LORA_TARGETS
+from deltatune.errors import TargetModuleError
+from deltatune.registry import Method, register
+from deltatune.vera.config import VeraConfig
+from deltatune.vera.layer import (
+    ProjectionDict,
+    VeraLayer,
+    base_features,
+    make_projections,
+    supported_types,
+)
+
+
+def init_shared(adapter_model: nn.Module, adapter_name: str, config: VeraConfig,
+                target_names: list[str]) -> dict[str, ProjectionDict]:
+    """Draw ``adapter_name``'s projections ``A: (r, in_max)``, ``B: (out_max, r)`` over all its targets and
+    store them in the model's ``vera_A``/``vera_B`` (created on first use); returns them for the layers."""
+    shapes = [base_features(adapter_model.model.get_submodule(n)) for n in target_names]
+    if not shapes:
+        raise TargetModuleError("VeRA found no linear layer to adapt; check target_modules")
+    out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    vera_a, vera_b = make_projections(config.r, in_max, out_max, config.projection_prng_key)
+    param = next(adapter_model.model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    shared = {}
+    for attr, tensor in (("vera_A", vera_a), ("vera_B", vera_b)):
+        container = adapter_model._modules.get(attr)
+        if container is None:
+            container = ProjectionDict()
+            setattr(adapter_model, attr, container)
+        container.add(adapter_name, tensor.to(device), persistent=config.save_projection)
+        shared[attr] = container
+    return shared
+
+
+def create_or_update(target: nn.Module, adapter_name: str, config: VeraConfig, module_name: str,
+                     vera_A: ProjectionDict, vera_B: ProjectionDict) -> VeraLayer | None:
+    """Add adapter ``adapter_name`` to ``target`` (wrapping it first unless it is a VeRA layer already)."""
+    if isinstance(target, VeraLayer):
+        layer = target
+    elif isinstance(target, supported_types()):
+        layer = VeraLayer(target, vera_A, vera_B)
+    else:
+        return None
+    if layer.fan_in_fan_out != config.fan_in_fan_out:
+        # As PEFT: the flag follows the layer type, so the saved adapter_config.json says what the file holds.
+        warnings.warn(f"{module_name} is a {type(layer.base_layer).__name__}: setting "
+                      f"fan_in_fan_out={layer.fan_in_fan_out}", stacklevel=4)
+        config.fan_in_fan_out = layer.fan_in_fan_out
+    layer.update_layer(adapter_name, r=config.r, vera_dropout=config.vera_dropout, init_weights=config.init_weights,
+                       d_initial=config.d_initial)
+    return layer
+
+
+VERA = register(Method(
+    peft_type=PeftType.VERA,
+    config_cls=VeraConfig,
+    prefix="vera_lambda_",
+    layer_cls=VeraLayer,
+    create_or_update=create_or_update,
+    supported_types=supported_types,
+    default_targets=DEFAULT_LORA_TARGETS,  # PEFT's VeRA table is LoRA's (phi: q_proj, v_proj, as ours)
+    cli_names={"vera": {}},
+    shared_containers=("vera_A", "vera_B"),
+    init_shared=init_shared,
+))
+
+__all__ = ["VERA", "ProjectionDict", "VeraConfig", "VeraLayer"]

@@ -1,0 +1,110 @@
+"""Bad input: one clear line on stderr, exit code 2, and nothing written."""
+
+import json
+import os
+
+import pytest
+
+from deltatune.cli import main
+
+
+def check_error(capsys, tmp_path, argv, expected):
+    out = tmp_path / "out"
+    code = main([str(a) for a in [*argv, "--output-dir", out]] if argv[0] == "train" else [str(a) for a in argv])
+    stdout, stderr = capsys.readouterr()
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("deltatune: error: "), stderr
+    assert expected in lines[0], lines[0]
+    assert not out.exists()  # nothing half-written
+    return lines[0]
+
+
+def train(llama_dir, data, *extra):
+    return ["train", "--model", llama_dir, "--data", data, "--max-steps", 1, "--precision", "fp32", "--no-progress",
+            *extra]
+
+
+def test_missing_data_file(capsys, tmp_path, llama_dir):
+    check_error(capsys, tmp_path, train(llama_dir, tmp_path / "nope.jsonl"), "nope.jsonl' does not exist")
+
+
+def test_bad_json_line_gives_its_number(capsys, tmp_path, llama_dir):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n{"prompt": oops}\n')
+    check_error(capsys, tmp_path, train(llama_dir, path), "bad.jsonl:3: not valid JSON")
+
+
+def test_column_that_is_not_there(capsys, tmp_path, llama_dir, data_dir):
+    line = check_error(capsys, tmp_path, train(llama_dir, data_dir / "cls.csv", "--label-column", "topic"),
+                       "has no column 'topic'")
+    assert "text, label" in line
+
+
+def test_label_never_seen_in_training(capsys, tmp_path, llama_dir, data_dir):
+    held = tmp_path / "eval.jsonl"
+    held.write_text(json.dumps({"text": "the weather is fine", "label": "weather"}) + "\n")
+    check_error(capsys, tmp_path, train(llama_dir, data_dir / "cls.jsonl", "--eval-data", held),
+                "label(s) ['weather'] that the training data never shows")
+
+
+def test_unknown_method(capsys, tmp_path, llama_dir, data_dir):
+    line = check_error(capsys, tmp_path, train(llama_dir, data_dir / "pc.jsonl", "--method", "lorax"),
+                       "unknown method 'lorax'")
+    assert "lora" in line and "dora" in line
+
+
+def test_unknown_option(capsys, tmp_path, llama_dir, data_dir):
+    check_error(capsys, tmp_path, train(llama_dir, data_dir / "pc.jsonl", "--rank", 4),
+                "unrecognized arguments: --rank")
+
+
+def test_option_of_another_method(capsys, tmp_path, llama_dir, data_dir):
+    check_error(capsys, tmp_path, train(llama_dir, data_dir / "pc.jsonl", "--method", "ia3", "--lora-alpha", 16),
+                "--lora-alpha: not an option of method 'ia3'")
+
+
+def test_bad_option_value(capsys, tmp_path, llama_dir, data_dir):
+    check_error(capsys, tmp_path, train(llama_dir, data_dir / "pc.jsonl", "--r", "abc"), "--r: cannot read 'abc'")
+    check_error(capsys, tmp_path, train(llama_dir, data_dir / "pc.jsonl", "--r", 0), "r must be a positive integer")
+
+
+def test_model_directory_that_is_not_a_model(capsys, tmp_path, data_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_error(capsys, tmp_path, train(empty, data_dir / "pc.jsonl"), "has no config.json")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    check_error(capsys, tmp_path, train(broken, data_dir / "pc.jsonl"), "cannot read its config")
+
+
+def test_model_name_that_is_nothing(capsys, tmp_path, data_dir):
+    check_error(capsys, tmp_path, train("no such model", data_dir / "pc.jsonl"), "is not a built-in model")
+
+
+def test_encoder_with_generative_data(capsys, tmp_path, bert_dir, data_dir):
+    check_error(capsys, tmp_path, train(bert_dir, data_dir / "pc.jsonl"), "is an encoder")
+
+
+def test_bad_config_file_key(capsys, tmp_path, llama_dir, data_dir):
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: 0.1\n")
+    check_error(capsys, tmp_path, train(llama_dir, data_dir / "pc.jsonl", "--config", config),
+                "unknown option(s) ['learning_rate']")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["inspect", "/no/such/dir"], "is not a directory"),
+    (["eval", "--adapter", "/no/such/dir"], "is not a directory"),
+    (["merge", "--adapter", "/no/such/dir", "--output-dir", "/tmp/never-written-by-test"], "is not a directory"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_other_commands(capsys, tmp_path, argv, expected):
+    check_error(capsys, tmp_path, argv, expected)
+    assert not os.path.exists("/tmp/never-written-by-test")
+
+
+def test_inspect_a_directory_without_an_adapter(capsys, tmp_path):
+    (tmp_path / "x").mkdir()
+    check_error(capsys, tmp_path, ["inspect", tmp_path / "x"], "has no adapter_config.json")

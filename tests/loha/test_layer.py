@@ -1,0 +1,201 @@
+"""LoHa layers against reference math (Linear, Conv1D, Conv1d/2d, effective conv), identity at init,
+rank/module dropout, merge/unmerge, several adapters, and the model-level contract (tiny Llama, GPT-2, BERT).
+
+References are computed here from the layer's tensors with plain matrix products (the effective-conv core
+contracted with ``@`` over permuted axes, not the einsum the layer uses).
+"""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from family_checks import check_model_contract, check_two_adapters
+from helpers import output, tiny_bert, tiny_gpt2, tiny_llama
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from deltatune import LoHaConfig, get_peft_model
+from deltatune.errors import ConfigError
+
+ATOL = 1e-5
+
+
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _layer_and_input(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = nn.Linear(16, 12), torch.randn(3, 5, 16)
+    elif kind == "conv1D":
+        layer, x = Conv1D(12, 16), torch.randn(3, 5, 16)
+        nn.init.normal_(layer.bias, std=0.2)
+    elif kind == "conv1d":
+        layer, x = nn.Conv1d(4, 6, kernel_size=3, padding=1), torch.randn(2, 4, 9)
+    elif kind == "conv2d":
+        layer, x = nn.Conv2d(4, 6, kernel_size=3, padding=1, stride=2), torch.randn(2, 4, 8, 8)
+    elif kind == "conv2d_groups":
+        layer, x = nn.Conv2d(4, 6, kernel_size=3, padding=1, groups=2), torch.randn(2, 4, 6, 6)
+    elif kind == "conv2d_1x1":
+        layer, x = nn.Conv2d(4, 6, kernel_size=1), torch.randn(2, 4, 5, 5)
+    else:
+        raise ValueError(kind)
+    return Holder(layer).eval(), x
+
+
+def _adapt(kind: str, **config):
+    model, x = _layer_and_input(kind)
+    config.setdefault("r", 3)
+    config.setdefault("alpha", 6)
+    config.setdefault("init_weights", False)
+    pm = get_peft_model(model, LoHaConfig(target_modules=["layer"], **config))
+    pm.eval()
+    return pm, pm.base_model.model.layer, x
+
+
+def _delta_reference(layer: nn.Module, name: str = "default") -> torch.Tensor:
+    """``s · (W1a W1b) ⊙ (W2a W2b)`` in the base weight's ``(out, in, *k)`` layout."""
+    base = layer.base_layer
+    shape = base.weight.shape[::-1] if isinstance(base, Conv1D) else base.weight.shape
+    factors = []
+    for i in ("1", "2"):
+        a, b = getattr(layer, f"hada_w{i}_a")[name], getattr(layer, f"hada_w{i}_b")[name]
+        if name in getattr(layer, f"hada_t{i}"):
+            t = getattr(layer, f"hada_t{i}")[name]             # (r, r, k1, k2)
+            full = a.T @ t.permute(2, 3, 0, 1) @ b              # (k1, k2, out, in)
+            factors.append(full.permute(2, 3, 0, 1).reshape(shape))
+        else:
+            factors.append((a @ b).reshape(shape))
+    return layer.scaling[name] * factors[0] * factors[1]
+
+
+def _base_out(layer: nn.Module, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    base = layer.base_layer
+    if isinstance(base, Conv1D):
+        w = base.weight.T if extra is None else base.weight.T + extra
+        return F.linear(x, w, base.bias)
+    w = base.weight if extra is None else base.weight + extra
+    if isinstance(base, nn.Linear):
+        return F.linear(x, w, base.bias)
+    return base._conv_forward(x, w, base.bias)
+
+
+KINDS = ["linear", "conv1D", "conv1d", "conv2d", "conv2d_groups", "conv2d_1x1"]
+
+
+@pytest.mark.parametrize("effective", [False, True], ids=["flat", "effective"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_reference(kind, effective):
+    pm, layer, x = _adapt(kind, use_effective_conv2d=effective)
+    uses_core = effective and kind in ("conv1d", "conv2d", "conv2d_groups")  # 1x1 kernels stay flat (PEFT)
+    assert ("default" in layer.hada_t1) == uses_core
+    if kind == "linear":
+        assert layer.hada_w1_a["default"].shape == (12, 3) and layer.hada_w1_b["default"].shape == (3, 16)
+    expected = _base_out(layer, x, _delta_reference(layer))
+    torch.testing.assert_close(output(pm, {"x": x}), expected, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("effective", [False, True], ids=["flat", "effective"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_identity_at_init_and_merge(kind, effective):
+    pm, layer, x = _adapt(kind, use_effective_conv2d=effective, init_weights=True)
+    assert torch.count_nonzero(layer.hada_w2_b["default"]) == 0
+    assert torch.count_nonzero(layer.hada_w1_a["default"]) > 0
+    torch.testing.assert_close(output(pm, {"x": x}), _base_out(layer, x), atol=0, rtol=0)
+    # then a non-zero adapter: merged == unmerged, and unmerge restores W
+    with torch.no_grad():
+        layer.hada_w2_b["default"].normal_(std=0.5)
+    expected = output(pm, {"x": x})
+    w0 = layer.base_layer.weight.detach().clone()
+    pm.merge_adapter()
+    torch.testing.assert_close(output(pm, {"x": x}), expected, atol=ATOL, rtol=1e-5)
+    pm.unmerge_adapter()
+    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=1e-6)
+
+
+def test_two_active_adapters_add():
+    pm, layer, x = _adapt("linear")
+    pm.add_adapter("other", LoHaConfig(target_modules=["layer"], r=2, alpha=1, init_weights=False))
+    pm.base_model.set_adapter(["default", "other"])
+    delta = _delta_reference(layer, "default") + _delta_reference(layer, "other")
+    torch.testing.assert_close(output(pm, {"x": x}), _base_out(layer, x, delta), atol=ATOL, rtol=1e-5)
+
+
+def test_rank_dropout_drops_output_rows_and_rescales():
+    """Training with ``rank_dropout``: each output row of ``ΔW`` is either dropped or scaled by 1/mean(keep)."""
+    pm, layer, x = _adapt("linear", rank_dropout=0.5)
+    pm.train()
+    full = F.linear(x, _delta_reference(layer))               # (..., out) contribution without dropout
+    torch.manual_seed(3)
+    got = output(pm, {"x": x}) - _base_out(layer, x)
+    kept = [(got[..., o] - 0).abs().max() > 1e-6 for o in range(12)]
+    assert 0 < sum(kept) < 12, "with p=0.5 over 12 rows some rows must be kept and some dropped"
+    scale = 12 / sum(kept)
+    for o in range(12):
+        want = full[..., o] * scale if kept[o] else torch.zeros_like(full[..., o])
+        torch.testing.assert_close(got[..., o], want, atol=ATOL, rtol=1e-5)
+    pm.eval()  # no dropout at inference
+    torch.testing.assert_close(output(pm, {"x": x}) - _base_out(layer, x), full, atol=ATOL, rtol=1e-5)
+
+
+def test_module_dropout_skips_the_adapter_at_its_rate():
+    pm, layer, x = _adapt("linear", module_dropout=0.3)
+    base = _base_out(layer, x)
+    pm.train()
+    torch.manual_seed(0)
+    skipped = sum(bool(torch.equal(output(pm, {"x": x}), base)) for _ in range(400))
+    assert 0.2 < skipped / 400 < 0.4
+    pm.eval()
+    assert not torch.equal(output(pm, {"x": x}), base)
+
+
+def test_rank_and_alpha_patterns():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    pm = get_peft_model(model, LoHaConfig(target_modules=["0", "1"], r=4, alpha=4, rank_pattern={"1": 2},
+                                          alpha_pattern={"0": 12}))
+    first, second = pm.base_model.model[0], pm.base_model.model[1]
+    assert first.r["default"] == 4 and first.scaling["default"] == 3.0
+    assert second.r["default"] == 2 and second.scaling["default"] == 2.0
+    assert second.hada_w1_a["default"].shape == (8, 2)
+
+
+def test_config_fields_and_defaults_match_peft():
+    ours, theirs = LoHaConfig().to_dict(), peft.LoHaConfig().to_dict()
+    assert set(ours) | {"peft_version"} == set(theirs)
+    for key, value in ours.items():
+        assert value == theirs[key], key
+
+
+@pytest.mark.parametrize("bad,match", [({"r": 0}, "positive"), ({"rank_dropout": 1.0}, "rank_dropout"),
+                                       ({"module_dropout": -0.1}, "module_dropout"),
+                                       ({"layers_pattern": "layers"}, "layers_to_transform")])
+def test_bad_config_is_a_clear_error(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        LoHaConfig(**bad)
+
+
+# ---- whole models --------------------------------------------------------------------------------
+
+MODELS = [
+    ("llama", tiny_llama, "llama", lambda: LoHaConfig(r=4, alpha=8, task_type="CAUSAL_LM")),
+    ("gpt2", tiny_gpt2, "gpt2", lambda: LoHaConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"])),
+    ("bert", tiny_bert, "bert", lambda: LoHaConfig(r=4, alpha=8, task_type="SEQ_CLS")),
+]
+
+
+@pytest.mark.parametrize("name,factory,kind,config", MODELS, ids=[m[0] for m in MODELS])
+def test_model_contract(name, factory, kind, config, tmp_path):
+    check_model_contract(factory, kind, config, "hada_", tmp_path)
+
+
+def test_two_named_adapters(tmp_path):
+    check_two_adapters(tiny_llama, "llama", LoHaConfig(r=2),
+                       LoHaConfig(r=4, alpha=2, target_modules=["q_proj", "down_proj"]), tmp_path)
