@@ -83,7 +83,9 @@ def expand_all_linear(model: nn.Module, task_type=None) -> set[str]:
     ``classifier`` head out too (``modules_to_save`` trains it in full instead).
     """
     linear = _linear_types()
-    names = {n for n, m in model.named_modules() if isinstance(m, linear) and not _is_adapter_internal(n)}
+    # A layer that already carries an adapter counts by its base layer, so a second adapter finds it.
+    names = {n for n, m in model.named_modules()
+             if isinstance(getattr(m, "base_layer", m), linear) and not _is_adapter_internal(n)}
     head = output_head_name(model)
     if head is None and str(task_type) == "SEQ_CLS":
         for attr in ("score", "classifier"):
