@@ -30,7 +30,9 @@ medians; the last column gives the per-round ``deltatune/peft`` ratios (each fro
 as median (min-max) -- a direct read of how much noise there was.
 
 ``torch.set_num_threads(2)`` (``--threads``): the reference machine has 2 cores; fixing the intra-op
-thread count makes runs comparable between machines and between the parent and its children.
+thread count makes runs comparable between machines and between the parent and its children. The script
+also sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is already set (see the comment at the top): with other
+processes on the same cores, spinning OpenMP threads made every step several times slower.
 
 Peak memory: one child process per variant
 ------------------------------------------
@@ -57,22 +59,28 @@ It prints two markdown tables (time, memory) and the command line that reproduce
 
 from __future__ import annotations
 
-import argparse
-import copy
-import gc
-import json
 import os
-import platform
-import shlex
-import statistics
-import subprocess
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import torch
-from torch import nn
+# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. On a CPU shared with other
+# processes, spinning threads of a 2-thread pool starve each other and steps run 5-10x slower (measured);
+# on an idle machine the difference is small. Export OMP_WAIT_POLICY=ACTIVE to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 VARIANTS = ("floor", "peft", "deltatune")
 # case name -> (LoraConfig kwargs, label for the table)
@@ -90,14 +98,9 @@ MODEL_NAME = "smollm2-135m"
 # ------------------------------------------------------------------------------------------------
 def load_base_model() -> nn.Module:
     """SmolLM2-135M in fp32 through deltatune's built-in loader (a cached conversion of the GGUF)."""
-    try:  # DEV-FALLBACK
-        from deltatune.builtin.models import load_builtin_model
+    from deltatune.builtin.models import load_builtin_model
 
-        model, _tokenizer = load_builtin_model(MODEL_NAME)
-    except ImportError:  # DEV-FALLBACK
-        from transformers import AutoModelForCausalLM  # DEV-FALLBACK
-        model = AutoModelForCausalLM.from_pretrained("/tmp/bench_cache/smollm2", dtype=torch.float32)  # DEV
-    model = model.float()
+    model, _tokenizer = load_builtin_model(MODEL_NAME, dtype=torch.float32)
     model.config.use_cache = False
     model.train()  # dropout layers (the adapters' lora_dropout) must be active, as in training
     for p in model.parameters():
@@ -339,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {args.threads} threads", flush=True)
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {args.threads} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
     t_start = time.perf_counter()
     base = load_base_model()
     ids = make_batch(base, args.batch_size, args.seq_len)

@@ -107,8 +107,9 @@ def check_model_contract(factory: Callable[[], nn.Module], kind: str, config: Ca
 
 def check_two_adapters(factory: Callable[[], nn.Module], kind: str, first: deltatune.PeftConfig,
                        second: deltatune.PeftConfig, tmp_path) -> None:
-    """Two named adapters: switching picks one, each equals a model holding only it, files round-trip,
-    and deleting one leaves the other working (and the model plain when both are gone)."""
+    """Two named adapters: switching picks one, a mixed batch (``adapter_names``) runs each row through its
+    own, each equals a model holding only it, files round-trip, and deleting one leaves the other working (and
+    the model plain when both are gone)."""
     inputs = make_inputs(kind)
     ref = output(factory(), inputs)
     model = deltatune.get_peft_model(factory(), first)
@@ -124,6 +125,15 @@ def check_two_adapters(factory: Callable[[], nn.Module], kind: str, first: delta
     out_second = output(model, inputs)
     assert (out_default - out_second).abs().max() > 1e-3
     assert (out_second - ref).abs().max() > 1e-3
+
+    # A mixed batch: each row through its own adapter (or none), in one call.
+    mixed = output(model, {**inputs, "adapter_names": ["second", "__base__"]})
+    torch.testing.assert_close(mixed[0], out_second[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(mixed[1], ref[1], atol=ATOL, rtol=0)
+    mixed = output(model, {**inputs, "adapter_names": ["default", "second"]})
+    torch.testing.assert_close(mixed[0], out_default[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(mixed[1], out_second[1], atol=ATOL, rtol=0)
+    assert model.active_adapter == "second"
 
     model.save_pretrained(tmp_path)
     assert os.path.isfile(tmp_path / "second" / "adapter_model.safetensors")

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block", type=int, default=128, help="tokens per training sequence")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-blocks", type=int, default=16)
+    parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--out", default=os.path.join("runs", "demo"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -1,8 +1,9 @@
 """AdaLoRA on SmolLM2-135M, BBC News topic as text (``"Article: ...\\nTopic: sports"``), on CPU.
 
-30 optimizer steps of 8 examples with the whole schedule (warm-up, cubic budget, fixed pattern); the held-out
+16 optimizer steps of 4 examples with the whole schedule (warm-up, cubic budget, fixed pattern); the held-out
 loss on the topic word must fall and the final pattern must hold exactly ``target_r`` per layer on average,
-spread unevenly over the 60 adapted projections. Prints the pattern (``pytest -s``). About a minute.
+spread unevenly over the 60 adapted projections. Prints the pattern (``pytest -s``). About a minute on an idle
+2-core CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 import deltatune as dt
 
-STEPS, BATCH, EVAL = 30, 8, 40
+STEPS, BATCH, EVAL, CHARS = 16, 4, 16, 150
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def _load():
 def _encode(tokenizer, records: list[dict]) -> list[tuple[list[int], list[int]]]:
     out = []
     for r in records:
-        prompt = tokenizer(f"Article: {r['text'][:240]}\nTopic:")["input_ids"]
+        prompt = tokenizer(f"Article: {r['text'][:CHARS]}\nTopic:")["input_ids"]
         answer = tokenizer(f" {r['label']}")["input_ids"]
         out.append((prompt, answer))
     return out
@@ -59,7 +60,7 @@ def _batch(pairs, pad_id: int) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def _held_out_loss(model, pairs, pad_id: int) -> float:
     model.eval()
-    losses = [float(model(**_batch(pairs[i:i + 10], pad_id)).loss) for i in range(0, len(pairs), 10)]
+    losses = [float(model(**_batch(pairs[i:i + 8], pad_id)).loss) for i in range(0, len(pairs), 8)]
     return sum(losses) / len(losses)
 
 
@@ -71,12 +72,12 @@ def test_adalora_smollm2_bbc_news():
     eval_pairs = _encode(tokenizer, [held_out[i] for i in torch.randperm(len(held_out), generator=g)[:EVAL]])
 
     torch.manual_seed(0)
-    config = dt.AdaLoraConfig(init_r=8, target_r=4, tinit=4, tfinal=6, deltaT=2, total_step=STEPS, lora_alpha=16,
+    config = dt.AdaLoraConfig(init_r=8, target_r=4, tinit=2, tfinal=3, deltaT=2, total_step=STEPS, lora_alpha=16,
                               target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = dt.get_peft_model(base, config)
     before = _held_out_loss(model, eval_pairs, pad_id)
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(1, STEPS + 1):
         model.train()
         model(**_batch(train_pairs[(step - 1) * BATCH:step * BATCH], pad_id)).loss.backward()

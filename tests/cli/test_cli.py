@@ -235,12 +235,26 @@ def test_generate_from_argument_and_stdin(capsys, llama_dir, data_dir, tmp_path,
 
     out = tmp_path / "run"
     assert run(capsys, "train", "--model", llama_dir, "--data", data_dir / "pc.jsonl", "--output-dir", out,
-               "--max-steps", 3, *FAST)[0] == 0
+               "--max-steps", 3, "--lr", 5e-2, "--template", "Q: {prompt} A:", *FAST)[0] == 0
     code, from_arg, err = run(capsys, "generate", "--adapter", out, "--max-new-tokens", 6, "what is your name?")
     assert code == 0, err
     monkeypatch.setattr(sys, "stdin", io.StringIO("what is your name?"))
     code, from_stdin, _ = run(capsys, "generate", "--adapter", out, "--max-new-tokens", 6)
     assert code == 0 and from_stdin == from_arg  # greedy: the same text
+    # The prompt is put in the template the adapter was trained with, as --raw shows.
+    code, raw, _ = run(capsys, "generate", "--adapter", out, "--max-new-tokens", 6, "--raw", "Q: what is your name? A:")
+    assert code == 0 and raw == from_arg
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltatune import PeftModel
+
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(out)).eval()
+    ids = tok("Q: what is your name? A:", return_tensors="pt")["input_ids"]
+    expected = tok.decode(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                         do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:],
+                          skip_special_tokens=True)
+    assert from_arg == expected + "\n"
     code, chat, _ = run(capsys, "generate", "--adapter", out, "--max-new-tokens", 4, "--chat", "hello")
     assert code == 0
 
@@ -278,3 +292,18 @@ def test_python_dash_m_and_help():
                  "--target-modules"):
         assert flag in proc.stdout, flag
     assert main(["--version"]) == 0
+
+
+def test_gradient_checkpointing_gives_the_same_training_and_eval_steps_log(capsys, llama_dir, data_dir, tmp_path):
+    """Recomputing activations in the backward pass changes memory, not the numbers (fp32, no dropout)."""
+    common = ["train", "--model", llama_dir, "--data", data_dir / "cls.jsonl", "--max-steps", 5, "--eval-steps", 2,
+              "--lr", 1e-2, "--no-eval-before", *FAST]
+    assert run(capsys, *common, "--output-dir", tmp_path / "plain")[0] == 0
+    code, _, err = run(capsys, *common, "--output-dir", tmp_path / "ckpt", "--gradient-checkpointing")
+    assert code == 0, err
+    plain, ckpt = metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")
+    train_losses = [[r["loss"] for r in m if "loss" in r and "split" not in r] for m in (plain, ckpt)]
+    assert len(train_losses[0]) == 5
+    assert train_losses[0] == pytest.approx(train_losses[1], rel=1e-5)
+    assert [r["step"] for r in plain if r.get("split") == "validation"] == [2, 4]
+    assert {"accuracy", "loss"} <= set(next(r for r in plain if r.get("split") == "validation"))

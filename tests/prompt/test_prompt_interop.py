@@ -133,7 +133,8 @@ def _greedy_by_forward(model, inputs) -> torch.Tensor:
     for _ in range(inputs["max_new_tokens"]):
         with torch.no_grad():
             if seq2seq:
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=seq, **extra).logits
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=seq,
+                               **extra).logits
             else:
                 logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), **extra).logits
         token = logits[:, -1].argmax(-1).masked_fill(done, cfg.pad_token_id)
@@ -159,7 +160,8 @@ def _bert_prefix_reference(factory, directory: str, inputs) -> torch.Tensor:
 
     model = factory()
     state = load_file(os.path.join(directory, "adapter_model.safetensors"))
-    cfg = json.load(open(os.path.join(directory, "adapter_config.json")))
+    with open(os.path.join(directory, "adapter_config.json")) as fh:
+        cfg = json.load(fh)
     n, layers, heads = cfg["num_virtual_tokens"], cfg["num_layers"], cfg["num_attention_heads"]
     table = state.pop("prompt_embeddings")                     # (n, layers * 2 * token_dim)
     kv = table.view(n, 2 * layers, heads, -1).permute(1, 2, 0, 3).unsqueeze(1).expand(-1, 2, -1, -1, -1)
@@ -172,7 +174,8 @@ def _bert_prefix_reference(factory, directory: str, inputs) -> torch.Tensor:
 
 def _files(directory: str) -> tuple[dict, dict]:
     state = load_file(os.path.join(directory, "adapter_model.safetensors"))
-    config = json.load(open(os.path.join(directory, "adapter_config.json")))
+    with open(os.path.join(directory, "adapter_config.json")) as fh:
+        config = json.load(fh)
     config.pop("peft_version", None)
     if config.get("modules_to_save"):  # PEFT lists the default heads twice for prompt learning; same meaning
         config["modules_to_save"] = sorted(set(config["modules_to_save"]))

@@ -111,6 +111,21 @@ def test_token_classification_labels_and_feature_extraction_shapes():
     assert features(input_ids=ids).last_hidden_state.shape == (2, 5, 32)  # the prefix lives in the cache
 
 
+def test_question_answering_positions_are_shifted_past_the_prompt():
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    model = dt.get_peft_model(BertForQuestionAnswering(cfg).eval(),
+                              dt.PromptTuningConfig(task_type="QUESTION_ANS", num_virtual_tokens=3))
+    assert model.peft_config["default"].modules_to_save == ["qa_outputs"]
+    start, end = torch.tensor([1, 4]), torch.tensor([2, 4])
+    out = model(input_ids=ids_(2, 6), start_positions=start, end_positions=end)
+    # Span logits cover the 3 virtual tokens too, so a position i of the text is logit i + 3.
+    ce = nn.functional.cross_entropy
+    torch.testing.assert_close(out.loss, (ce(out.start_logits, start + 3) + ce(out.end_logits, end + 3)) / 2)
+
+
 def test_seq2seq_losses_and_mpt_decoder_prompt():
     ids, labels = ids_(2, 6), ids_(2, 4, seed=1)
     for method in ("prompt", "prefix", "mpt"):
@@ -357,7 +372,8 @@ def test_families_do_not_mix_and_merge_is_refused():
 
 def test_loading_into_the_wrong_model_names_the_problem(tmp_path):
     make(tiny_llama, "prefix").save_pretrained(tmp_path / "prefix")
-    with pytest.raises(AdapterLoadError, match="token_dim=16 but this model needs token_dim=32: the adapter belongs to another model"):
+    wrong = "token_dim=16 but this model needs token_dim=32: the adapter belongs to another model"
+    with pytest.raises(AdapterLoadError, match=wrong):
         dt.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "prefix")
     make(tiny_llama, "prompt").save_pretrained(tmp_path / "prompt")
     with open(tmp_path / "prompt" / "adapter_config.json") as fh:

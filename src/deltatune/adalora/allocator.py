@@ -114,9 +114,12 @@ class RankAllocator:
             ipt = (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p)  # unused layer: no signal
             key = (module, attr)
             avg = self.exp_avg_ipt.get(key)
-            if avg is None or avg.shape != p.shape or avg.device != p.device:
+            if avg is None or avg.shape != p.shape:  # first step, or the layer was rebuilt
                 avg = self.exp_avg_ipt[key] = torch.zeros_like(p)
                 self.exp_avg_unc[key] = torch.zeros_like(p)
+            elif avg.device != p.device:  # restored from a checkpoint onto another device
+                avg = self.exp_avg_ipt[key] = avg.to(p.device)
+                self.exp_avg_unc[key] = self.exp_avg_unc[key].to(p.device)
             avg.mul_(b1).add_(ipt, alpha=1 - b1)
             self.exp_avg_unc[key].mul_(b2).add_((ipt - avg).abs_(), alpha=1 - b2)
 
@@ -129,8 +132,8 @@ class RankAllocator:
             for attr in TRIPLET:
                 p = getattr(layer, attr)[name]
                 avg = self.exp_avg_ipt.get((module, attr))
-                s[attr] = avg * self.exp_avg_unc[(module, attr)] if avg is not None and avg.shape == p.shape \
-                    else torch.zeros_like(p)
+                s[attr] = (avg.to(p.device) * self.exp_avg_unc[(module, attr)].to(p.device)
+                           if avg is not None and avg.shape == p.shape else torch.zeros_like(p))
             scores.append(s["lora_E"].view(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0))
         return scores
 

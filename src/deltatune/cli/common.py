@@ -57,7 +57,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 # An encoder with a fresh classification head learns faster and needs more steps of a tiny model.
 ENCODER_RECIPES: dict[str, dict[str, Any]] = {
-    "bbc-news": {"max_steps": 120, "batch_size": 16, "lr": 2e-3, "max_length": 256, "eval_samples": 200,
+    "bbc-news": {"max_steps": 60, "batch_size": 16, "lr": 2e-3, "max_length": 128, "eval_samples": 200,
                  "method_options": {"r": 8, "lora_alpha": 16}},
 }
 # Settings that do not change what a run computes; a resume may change them.
@@ -118,6 +118,23 @@ def method_table() -> dict[str, tuple[type, dict[str, Any]]]:
         for name, fixed in names.items():
             table[name] = (method.config_cls, dict(fixed))
     return table
+
+
+def default_lr(method: str, lr: float) -> float:
+    """The learning rate for ``method`` when the user set none: a method's registry entry may suggest one
+    (``train_defaults={"lr": ...}``); virtual-token methods, which move only a few input vectors, otherwise
+    get 30x the weight-adapter rate (PEFT's examples: 3e-2 for prompt tuning, 1e-3 for LoRA)."""
+    import deltatune  # noqa: F401  (registers the methods)
+    from deltatune.registry import METHODS
+
+    config_cls = method_table()[method][0]
+    for entry in METHODS.values():
+        if entry.config_cls is config_cls:
+            suggested = (getattr(entry, "train_defaults", None) or {}).get("lr")
+            if suggested:
+                return float(suggested)
+            return lr * 30 if getattr(entry, "family", "weight") == "prompt" else lr
+    return lr
 
 
 def _base_fields() -> set[str]:

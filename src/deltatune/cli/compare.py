@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     explicit = vars(args)
     methods_arg = explicit.pop("methods", None)
     table = common.method_table()
-    methods = [m.strip() for m in methods_arg.split(",") if m.strip()] if methods_arg else sorted(table)
+    methods = [m.strip() for m in methods_arg.split(",") if m.strip()] if methods_arg else list(table)
     unknown = [m for m in methods if m not in table]
     if unknown:
         raise UsageError(f"--methods: unknown method(s) {unknown}; choose from: {', '.join(sorted(table))}")

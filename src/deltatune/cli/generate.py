@@ -21,6 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--raw", action="store_true",
+                   help="use the prompt as it is, not in the prompt template the adapter was trained with")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=main)
@@ -39,7 +41,10 @@ def main(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     device = common.pick_device(args.device)
-    model, tokenizer, spec, _, _ = common.load_with_adapter(args.adapter, args.model, device)
+    model, tokenizer, spec, _, run = common.load_with_adapter(args.adapter, args.model, device)
+    template = run.get("template") or ""
+    if run.get("data_format") == "prompt" and "{prompt}" in template and not (args.raw or args.chat):
+        prompt = template.replace("{prompt}", prompt)  # e.g. "User: {prompt}\nBot:" for chatterbot
     if spec.kind != "causal":
         raise UsageError(f"{spec.name} is an encoder with a classification head; it cannot generate text "
                          "(use `deltatune eval` for it)")

@@ -65,9 +65,11 @@ def describe(directory: str) -> dict[str, Any]:
     save_names = config.get("modules_to_save") or []
     saved = {k for k in tensors if "modules_to_save" in k or any(re.search(rf"(^|\.){re.escape(m)}\.", k)
                                                                  for m in save_names)}
-    adapter_keys = [k for k in tensors if k not in saved]
-    modules = sorted({_module_of(k) for k in adapter_keys})
-    ranks = Counter(v["shape"][0] for k, v in tensors.items() if re.search(r"lora_A(\.[\w]+)?\.weight$", k)
+    # Per-layer tensors live under base_model.model.<layer>; model-wide ones (VeRA's shared projections,
+    # a soft prompt) do not.
+    layer_keys = [k for k in tensors if k not in saved and k.startswith("base_model.model.")]
+    modules = sorted({_module_of(k) for k in layer_keys})
+    ranks = Counter(v["shape"][0] for k, v in tensors.items() if re.search(r"\.lora_A(\.weight)?$", k)
                     and v["shape"])
     n_params = sum(math.prod(v["shape"]) for v in tensors.values())
     n_saved = sum(math.prod(tensors[k]["shape"]) for k in saved)
@@ -80,6 +82,7 @@ def describe(directory: str) -> dict[str, Any]:
         "adapted_modules": len(modules),
         "module_suffixes": sorted({m.rsplit(".", 1)[-1] for m in modules}),
         "r": config.get("r"),
+        "num_virtual_tokens": config.get("num_virtual_tokens"),
         "lora_alpha": config.get("lora_alpha"),
         "ranks_in_file": dict(sorted(ranks.items())),
         "modules_to_save": save_names,
@@ -126,25 +129,33 @@ def main(args: argparse.Namespace) -> int:
     targets = info["target_modules"]
     if isinstance(targets, list):
         targets = ", ".join(sorted(targets))
-    rank = f"r={info['r']}" if info["r"] is not None else "r=n/a"
+    if info["adapted_modules"]:
+        targets = f"{targets} ({info['adapted_modules']} layers: {', '.join(info['module_suffixes'])})"
+    elif info["num_virtual_tokens"]:
+        targets = "no layer: the adapter is virtual tokens fed to the model"
+    rank = f"r={info['r']}" if info["r"] is not None else ""
     if info["lora_alpha"] is not None:
         rank += f", lora_alpha={info['lora_alpha']}"
     if info["ranks_in_file"]:
         rank += "; in the file: " + ", ".join(f"r={r} x{n}" for r, n in info["ranks_in_file"].items())
+    saved_note = ""
+    if info["parameters_in_modules_to_save"]:
+        saved_note = (f" (of which modules_to_save {', '.join(info['modules_to_save'])}: "
+                      f"{info['parameters_in_modules_to_save']:,d})")
     rows = [
         ("adapter", info["directory"]),
         ("method", info["method"]),
         ("task type", info["task_type"] or "none"),
         ("base model", info["base_model"] or "unknown"),
-        ("targets", f"{targets} ({info['adapted_modules']} layers: {', '.join(info['module_suffixes'])})"),
-        ("rank", rank),
-        ("parameters", f"{info['parameters']:,d}" + (f" (of which modules_to_save {', '.join(info['modules_to_save'])}:"
-                                                     f" {info['parameters_in_modules_to_save']:,d})"
-                                                     if info["parameters_in_modules_to_save"] else "")),
+        ("targets", str(targets)),
+        ("rank", rank.lstrip(", ") or "n/a"),
+        ("parameters in file", f"{info['parameters']:,d}" + saved_note),
         ("file", f"{info['file']}, {human_bytes(info['file_bytes'])}, {info['tensors']} tensors, "
                  f"{'/'.join(info['dtypes'])}"),
         ("written by", info["written_by"]),
     ]
+    if info["num_virtual_tokens"]:
+        rows[5] = ("virtual tokens", str(info["num_virtual_tokens"]))
     if info.get("other_adapters"):
         rows.append(("other adapters", ", ".join(info["other_adapters"])))
     width = max(len(k) for k, _ in rows)

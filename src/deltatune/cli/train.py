@@ -103,6 +103,7 @@ def settings_from_args(args: argparse.Namespace, method_option_names: set[str]) 
     recipe = common.recipe_for(data, model)
     settings = common.layer_settings([common.DEFAULTS, recipe, top])
     settings["recipe_method_options"] = recipe.get("method_options", {})
+    settings["lr_given"] = "lr" in top
     settings["explicit"] = explicit
     if settings.get("output_dir") is None:
         stem = lambda s: os.path.splitext(os.path.basename(os.path.normpath(s)))[0]  # noqa: E731
@@ -169,6 +170,9 @@ def prepare(settings: dict[str, Any]):
         recipe = settings.pop("recipe_method_options", {})
         options = {**{k: v for k, v in recipe.items() if k in fields}, **options}
     settings.pop("recipe_method_options", None)
+    if not settings.get("resume") and not settings.pop("lr_given", True):
+        settings["lr"] = common.default_lr(method, float(settings["lr"]))
+    settings.pop("lr_given", None)
     device = common.pick_device(settings["device"])
     resolve_precision(settings["precision"], device)
     for key in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
@@ -197,6 +201,7 @@ def prepare(settings: dict[str, Any]):
 
 
 def run_train(settings: dict[str, Any]) -> int:
+    started = time.perf_counter()
     if settings.get("resume"):
         settings = _apply_resume(settings)
     spec, dataset, task, model, tokenizer, peft_config, train_examples, device = prepare(settings)
@@ -292,6 +297,8 @@ def run_train(settings: dict[str, Any]) -> int:
         "time_per_step_s": result.time_per_step_s, "tokens_per_s": result.tokens_per_s, "steps": result.steps,
         "final_train_loss": result.final_loss, "precision": "bf16" if amp else "fp32", "device": str(device),
         "eval_seconds": extra.get("before_seconds", 0.0) + after_seconds,
+        "wall_time_s": time.perf_counter() - started,  # this command, model loading and evaluations included
+        "resumed": bool(settings.get("resume")),
     }
     _log(out, {"step": result.steps, "event": "end", **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
     plots.plot_loss_curve(plots.read_metrics(os.path.join(out, METRICS_NAME)), os.path.join(out, "loss.png"),
@@ -308,8 +315,10 @@ def print_summary(s: dict[str, Any], out: str) -> None:
     metric = s["metric"]
     lines = [
         "",
-        f"done: {s['steps']} steps in {human_time(s['train_time_s'])} ({s['time_per_step_s']:.2f} s/step, "
-        f"{s['tokens_per_s']:.0f} tokens/s, {s['precision']} on {s['device']})",
+        f"done in {human_time(s['wall_time_s'])}" + (" (since the resume)" if s.get("resumed") else "")
+        + f": {s['steps']} steps of training in {human_time(s['train_time_s'])} ({s['time_per_step_s']:.2f} s/step, "
+        f"{s['tokens_per_s']:.0f} tokens/s, {s['precision']} on {s['device']}), "
+        f"evaluation {human_time(s['eval_seconds'])}",
         f"  trainable params  {s['trainable_params']:,d} / {s['total_params']:,d} "
         f"({100 * s['trainable_params'] / s['total_params']:.2f}%)",
         f"  adapter file      {human_bytes(s['adapter_bytes'])}",

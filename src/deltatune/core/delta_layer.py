@@ -47,6 +47,7 @@ class DeltaWeightLayer(AdapterLayer):
         self.rank_dropout: dict[str, float] = {}
         self.rank_dropout_scale: dict[str, bool] = {}
         self.module_dropout: dict[str, float] = {}
+        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.is_conv = isinstance(base_layer, self.conv_types)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
         shape = tuple(base_layer.weight.shape)
@@ -101,6 +102,8 @@ class DeltaWeightLayer(AdapterLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._forward_rows(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result

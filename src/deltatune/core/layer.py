@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltatune.errors import MergeError
+from deltatune.errors import ConfigError, MergeError
 
 
 class AdapterLayer(nn.Module):
@@ -99,6 +99,32 @@ class AdapterLayer(nn.Module):
                                                            requires_grad=item.requires_grad)
                 else:
                     item.to(weight.device, dtype)
+
+    def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Mixed-adapter batch (``self.row_adapters``, one name per row of ``x``'s first axis, ``"__base__"``
+        for none): each group of rows runs ``forward`` with only its adapter active, then rows are put back.
+
+        A generic path for layers without a batched kernel of their own; one forward per distinct name.
+        """
+        names = self.row_adapters
+        if len(names) != x.shape[0]:
+            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows")
+        if self.merged:
+            raise MergeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
+        active = self.active_adapters
+        self.row_adapters = None
+        out = None
+        try:
+            for name in dict.fromkeys(names):
+                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+                self.active_adapters = [] if name == "__base__" else [name]
+                y = self.forward(x.index_select(0, rows), *args, **kwargs)
+                if out is None:
+                    out = y.new_empty((x.shape[0], *y.shape[1:]))
+                out[rows] = y
+        finally:
+            self.active_adapters, self.row_adapters = active, names
+        return out
 
     # ---- merging -----------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

@@ -43,6 +43,7 @@ class IA3Layer(AdapterLayer):
         super().__init__(base_layer)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
+        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.is_conv = isinstance(base_layer, _CONV_TYPES)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
         if self.is_conv:
@@ -130,6 +131,8 @@ class IA3Layer(AdapterLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._forward_rows(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         in_scale = out_scale = None

@@ -215,12 +215,12 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
         self.peft_type = PeftType.MULTITASK_PROMPT_TUNING
         _positive_int(self.num_tasks, "num_tasks", "one per task you train on")
         _positive_int(self.num_ranks, "num_ranks", "the default is 1")
-        if self.prompt_tuning_init in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"):
-            if not self.prompt_tuning_init_state_dict_path:
-                raise ConfigError(
-                    f"prompt_tuning_init={self.prompt_tuning_init.value!r} reads a source-task checkpoint: set "
-                    "prompt_tuning_init_state_dict_path to its adapter_model.safetensors"
-                )
+        from_source = self.prompt_tuning_init in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
+        if from_source and not self.prompt_tuning_init_state_dict_path:
+            raise ConfigError(
+                f"prompt_tuning_init={self.prompt_tuning_init.value!r} reads a source-task checkpoint: set "
+                "prompt_tuning_init_state_dict_path to its adapter_model.safetensors"
+            )
 
 
 # ---- filling the model-shaped fields ------------------------------------------------------------

@@ -525,6 +525,7 @@ def _forward_seq2seq(model: nn.Module, config: PromptLearningConfig, encoder: Pr
 
 
 # ---- generate ----------------------------------------------------------------------------------------
+@torch.no_grad()
 def generate(peft_model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
     """``PeftModel.generate`` for a prompt-learning adapter: greedy, sampling, beams, padded batches."""
     model = peft_model.base_model

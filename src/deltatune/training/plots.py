@@ -69,35 +69,51 @@ def plot_loss_curve(records: Sequence[dict[str, Any]], path: str, title: str = "
 
 
 def plot_comparison(rows: Sequence[dict[str, Any]], path: str, metric_name: str, title: str = "") -> None:
-    """One bar panel per measure, one bar per method.
+    """One horizontal-bar panel per measure, one bar per method (readable with a dozen methods).
 
     Args:
         rows: Each with ``method``, ``trainable_params``, ``adapter_bytes``, ``peak_memory_bytes``,
-            ``time_per_step_s``, ``metric_after`` and ``forgetting`` (missing/None values are left blank).
+            ``time_per_step_s``, ``metric_after``, ``metric_before`` and ``forgetting`` (missing/None values
+            are drawn as "n/a"). The base model's metric (``metric_before``) is a dashed line.
     """
     plt = _pyplot()
     panels = [
-        ("trainable_params", "trainable parameters", 1.0),
-        ("adapter_bytes", "adapter file (MB)", 1e-6),
-        ("peak_memory_bytes", "peak memory (GB)", 1e-9),
-        ("time_per_step_s", "time per step (s)", 1.0),
-        ("metric_after", metric_name, 1.0),
-        ("forgetting", "forgetting (nats/token)", 1.0),
+        ("trainable_params", "trainable parameters", 1.0, "{:,.0f}"),
+        ("adapter_bytes", "adapter file (MB)", 1e-6, "{:.3g}"),
+        ("peak_memory_bytes", "peak memory (GB)", 1e-9, "{:.3g}"),
+        ("time_per_step_s", "time per step (s)", 1.0, "{:.3g}"),
+        ("metric_after", metric_name, 1.0, "{:.3f}"),
+        ("forgetting", "forgetting (nats/token, lower is better)", 1.0, "{:+.3f}"),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     names = [r["method"] for r in rows]
-    colors = plt.get_cmap("tab10").colors
-    for ax, (key, label, scale) in zip(axes.flat, panels):
+    height = 1.0 + 0.32 * len(names)
+    fig, axes = plt.subplots(2, 3, figsize=(14, 2 * height), sharey=True)
+    colors = plt.get_cmap("tab20").colors
+    y = list(range(len(names)))
+    for ax, (key, label, scale, fmt) in zip(axes.flat, panels):
         values = [r.get(key) for r in rows]
-        heights = [v * scale if isinstance(v, (int, float)) else 0.0 for v in values]
-        bars = ax.bar(names, heights, color=[colors[i % len(colors)] for i in range(len(names))])
-        for bar, v in zip(bars, values):
-            text = "n/a" if not isinstance(v, (int, float)) else f"{v * scale:.3g}"
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=8)
+        widths = [v * scale if isinstance(v, (int, float)) else 0.0 for v in values]
+        ax.barh(y, widths, color=[colors[i % len(colors)] for i in y])
+        base = None
+        if key == "metric_after":
+            base = next((r.get("metric_before") for r in rows if isinstance(r.get("metric_before"), (int, float))),
+                        None)
+            if base is not None:
+                ax.axvline(base, color="black", linestyle="--", linewidth=1, label=f"base model {base:.3f}")
+                ax.legend(loc="lower right", fontsize=7)
+        # Explicit limits with room for the labels (all-zero or tiny values would collapse the axis).
+        lo = min([0.0, *widths] + ([base] if base is not None else []))
+        hi = max([0.0, *widths] + ([base] if base is not None else []))
+        span = (hi - lo) or 1.0
+        ax.set_xlim(lo - (0.3 * span if lo < 0 else 0.0), hi + 0.3 * span)
+        for i, (w, v) in enumerate(zip(widths, values)):
+            text = "n/a" if not isinstance(v, (int, float)) else fmt.format(v * scale)
+            ax.text(w + 0.01 * span if w >= 0 else w - 0.01 * span, i, text, va="center",
+                    ha="left" if w >= 0 else "right", fontsize=7)
         ax.set_title(label, fontsize=10)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-        ax.grid(axis="y", alpha=0.3)
+        ax.set_yticks(y, names, fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes.flat[0].invert_yaxis()  # first method on top (the y axis is shared: invert once)
     fig.suptitle(title or "method comparison")
     fig.tight_layout()
     _save(fig, path)

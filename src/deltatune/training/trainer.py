@@ -220,7 +220,8 @@ class Trainer:
             from deltatune import create_loraplus_optimizer
 
             return create_loraplus_optimizer(self.model, torch.optim.AdamW, lr=cfg.lr,
-                                             loraplus_lr_ratio=cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay)
+                                             loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                             loraplus_weight_decay=cfg.weight_decay)
         return torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def micro_batch(self, m: int) -> list[dict]:
@@ -322,6 +323,8 @@ class Trainer:
         elapsed_before = float(extra.get("train_seconds", 0.0))
         if cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(self.model)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 

@@ -97,6 +97,7 @@ class VeraLayer(AdapterLayer):
         self.vera_lambda_d = nn.ParameterDict()
         self.vera_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
+        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
         self.out_features, self.in_features = base_features(base_layer)
         # Plain attributes (bypassing nn.Module registration): the model owns the projections.
@@ -148,6 +149,8 @@ class VeraLayer(AdapterLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._forward_rows(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
