@@ -307,3 +307,15 @@ def test_gradient_checkpointing_gives_the_same_training_and_eval_steps_log(capsy
     assert train_losses[0] == pytest.approx(train_losses[1], rel=1e-5)
     assert [r["step"] for r in plain if r.get("split") == "validation"] == [2, 4]
     assert {"accuracy", "loss"} <= set(next(r for r in plain if r.get("split") == "validation"))
+
+
+def test_compare_table_marks_a_failed_method():
+    from deltatune.cli.compare import COLUMNS, markdown_table
+
+    ok = {"method": "lora", "trainable_params": 1000, "total_params": 100000, "adapter_bytes": 4096,
+          "peak_memory_bytes": 2e9, "time_per_step_s": 1.5, "metric_before": 0.25, "metric_after": 0.9,
+          "forgetting": 0.1, "train_time_s": 10.0, "steps": 5}
+    failed = {k: None for k in COLUMNS} | {"method": "dora (failed)"}
+    table = markdown_table([ok, failed], "accuracy").splitlines()
+    assert table[2] == ("| lora | 1,000 (1.00%) | 4.1 KB | 2.0 GB | 1.50 s | 0.2500 | 0.9000 | +0.1000 |")
+    assert table[3] == "| dora (failed) | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"

@@ -375,13 +375,15 @@ def test_loading_into_the_wrong_model_names_the_problem(tmp_path):
     wrong = "token_dim=16 but this model needs token_dim=32: the adapter belongs to another model"
     with pytest.raises(AdapterLoadError, match=wrong):
         dt.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "prefix")
-    make(tiny_llama, "prompt").save_pretrained(tmp_path / "prompt")
+    make(tiny_bert, "prompt").save_pretrained(tmp_path / "prompt")
     with open(tmp_path / "prompt" / "adapter_config.json") as fh:
         text = fh.read().replace('"num_virtual_tokens": 3', '"num_virtual_tokens": 4')
     with open(tmp_path / "prompt" / "adapter_config.json", "w") as fh:
         fh.write(text)
+    base = tiny_bert()
     with pytest.raises(AdapterLoadError, match=r"prompt_embeddings in the file has shape \(3, 32\).*\(4, 32\)"):
-        dt.PeftModel.from_pretrained(tiny_llama(), tmp_path / "prompt")
+        dt.PeftModel.from_pretrained(base, tmp_path / "prompt")
+    assert isinstance(base.classifier, nn.Linear)  # the failed load left no modules_to_save wrapper behind
     with pytest.raises(ConfigError, match="token_dim=16 but this model needs token_dim=32"):
         dt.get_peft_model(tiny_gpt2(), dt.PromptTuningConfig(num_virtual_tokens=2, token_dim=16))
 

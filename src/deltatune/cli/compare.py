@@ -25,8 +25,8 @@ from deltatune.training import plots
 
 # Fewer steps per method than the single default job, so every method fits the ~20 minute budget.
 COMPARE_RECIPES: dict[str, dict[str, Any]] = {
-    "bbc-news": {"max_steps": 30, "eval_samples": 60},
-    "chatterbot": {"max_steps": 30},
+    "bbc-news": {"max_steps": 15, "max_length": 160, "eval_samples": 60, "forgetting_tokens": 2048},
+    "chatterbot": {"max_steps": 15, "eval_samples": 60, "forgetting_tokens": 2048},
 }
 COLUMNS = ("method", "trainable_params", "total_params", "adapter_bytes", "peak_memory_bytes", "time_per_step_s",
            "metric_before", "metric_after", "forgetting", "train_time_s", "steps")
@@ -34,6 +34,7 @@ COLUMNS = ("method", "trainable_params", "total_params", "adapter_bytes", "peak_
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("compare", help="train several methods on the same budget; table + plot",
+                              usage="deltatune compare [--methods A,B,...] [train options] [method options]",
                               description="Train each method with the same model, data and schedule, then write "
                                           "compare.md, compare.csv and compare.png: trainable parameters, adapter "
                                           "size, peak memory, time per step, the task metric, and forgetting.")
@@ -73,6 +74,7 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     t0 = 0.0
     baseline = None  # the base model's metric, from the first run that measured it
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="deltatune-compare-") as tmp:
         config_path = os.path.join(tmp, "shared.json")
         with open(config_path, "w", encoding="utf-8") as fh:
@@ -94,26 +96,35 @@ def main(args: argparse.Namespace) -> int:
                 print(f"[{i}/{len(methods)}] {method}: deltatune train --method {method} --output-dir {run_dir}",
                       flush=True)
                 code = subprocess.call(cmd)
-                if code != 0:
-                    if code == 130 or code < 0:
-                        print(f"deltatune: compare interrupted during {method}; continue with the same command "
-                              "plus --resume", file=sys.stderr)
-                        return 130
-                    print(f"deltatune: error: compare stopped: training {method} failed (exit {code})",
+                if code == 130 or code < 0:
+                    print(f"deltatune: compare interrupted during {method}; continue with the same command "
+                          "plus --resume", file=sys.stderr)
+                    return 130
+                if code == 2:  # bad input: every method would refuse it the same way
+                    print(f"deltatune: error: compare stopped: {method} refused the options (see above)",
                           file=sys.stderr)
-                    return code
+                    return 2
+                if code != 0:  # one method crashing should not cost the others' results
+                    print(f"[{i}/{len(methods)}] {method}: FAILED (exit {code}); going on with the others",
+                          file=sys.stderr, flush=True)
+                    failed.append(method)
+                    rows.append({k: None for k in COLUMNS} | {"method": f"{method} (failed)", "metric": None})
+                    continue
             summary = common.read_json(summary_path)
             if baseline is None and summary.get("metric_before") is not None:
                 baseline = summary["metric_before"]
-            row = {k: summary.get(k) for k in COLUMNS} | {"method": method, "metric": summary.get("metric")}
-            if row["metric_before"] is None:
-                row["metric_before"] = baseline
-            rows.append(row)
+            rows.append({k: summary.get(k) for k in COLUMNS} | {"method": method, "metric": summary.get("metric")})
             t0 += summary.get("train_time_s") or 0.0
-    metric = rows[0]["metric"] if rows else "metric"
+    for row in rows:
+        if row["metric_before"] is None and row["trainable_params"] is not None:
+            row["metric_before"] = baseline
+    metric = next((r["metric"] for r in rows if r["metric"]), "metric")
     write_tables(rows, out, metric, title=f"{data} on {model}")
     print("\n" + markdown_table(rows, metric))
     print(f"\nwrote {out}/compare.md, compare.csv, compare.png (training time {human_time(t0)} in all)")
+    if failed:
+        print(f"deltatune: error: {len(failed)} method(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -127,6 +138,9 @@ def markdown_table(rows: list[dict[str, Any]], metric: str) -> str:
         return "n/a" if v is None else format(v, fmt)
 
     for r in rows:
+        if r["trainable_params"] is None:
+            lines.append("| " + " | ".join([r["method"]] + ["n/a"] * (len(head) - 1)) + " |")
+            continue
         share = (100 * r["trainable_params"] / r["total_params"]) if r.get("total_params") else None
         lines.append("| " + " | ".join([
             r["method"], f"{r['trainable_params']:,d} ({num(share, '.2f')}%)", human_bytes(r["adapter_bytes"]),

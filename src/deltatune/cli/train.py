@@ -40,7 +40,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default=s, help="built-in name (bbc-news, chatterbot) or a .jsonl/.csv/.txt file "
                                              "(default: bbc-news)")
     g.add_argument("--eval-data", default=s, help="separate evaluation file (default: 10%% of --data held out)")
-    g.add_argument("--method", default=s, help="adapter method (default: lora); see `deltatune train --help`")
+    g.add_argument("--method", default=s, help="adapter method (default: lora): "
+                                               + ", ".join(common.method_table()))
     g.add_argument("--config", default=s, help="YAML/JSON file of these options (flags still win)")
     g.add_argument("--output-dir", default=s, help="where the adapter, metrics.jsonl and loss.png go "
                                                    "(default: runs/<data>-<model>-<method>)")
@@ -360,9 +361,10 @@ def _json(obj: Any) -> str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="fine-tune a model with an adapter method, evaluate, save",
+                              usage="deltatune train [options] [method options]",
                               description="Fine-tune with any method the library has; evaluate before and after; "
                                           "save the adapter in PEFT's format. With no options: LoRA on "
-                                          "smollm2-135m learning BBC News topics (about 6 minutes on 2 cores).")
+                                          "smollm2-135m learning BBC News topics (~5 minutes on 2 idle CPU cores).")
     add_train_arguments(p)
     p.set_defaults(handler=main)
 
