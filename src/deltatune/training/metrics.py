@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.training.data import IGNORE_INDEX, collate
+from deltatune.training.data import IGNORE_INDEX, SHAPE_BUCKET, collate
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -105,7 +105,8 @@ def evaluate_loss(model: nn.Module, examples: Sequence[dict], *, batch_size: int
     total, count = 0.0, 0
     try:
         for start in range(0, len(examples), batch_size):
-            batch = _to(collate(list(examples[start:start + batch_size]), pad_id, not sequence_classifier), device)
+            batch = _to(collate(list(examples[start:start + batch_size]), pad_id, not sequence_classifier,
+                                SHAPE_BUCKET), device)
             with autocast(device, amp):
                 loss, n = loss_sum(model, batch, sequence_classifier)
             total += float(loss)
@@ -138,7 +139,7 @@ def score_labels(model: nn.Module, examples: Sequence[dict], label_ids: list[lis
             chunk = examples[start:start + batch_size]
             heads = [e["input_ids"][: e["prompt_len"]] for e in chunk]
             prompts = [{"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)} for ids in heads]
-            batch = _to(collate(prompts, pad_id), device)
+            batch = _to(collate(prompts, pad_id, multiple_of=SHAPE_BUCKET), device)
             with autocast(device, amp):
                 scores[start:start + len(chunk)] = _score_batch(model, batch, label_ids)
     finally:
@@ -185,7 +186,8 @@ def classifier_logits(model: nn.Module, examples: Sequence[dict], *, batch_size:
     out = []
     try:
         for start in range(0, len(examples), batch_size):
-            batch = _to(collate(list(examples[start:start + batch_size]), pad_id, left_pad=False), device)
+            batch = _to(collate(list(examples[start:start + batch_size]), pad_id, left_pad=False,
+                                multiple_of=SHAPE_BUCKET), device)
             with autocast(device, amp):
                 out.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
                            .cpu())

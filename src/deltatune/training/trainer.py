@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deltatune.errors import DeltatuneError
-from deltatune.training.data import collate, count_targets
+from deltatune.training.data import SHAPE_BUCKET, collate, count_targets
 from deltatune.training.metrics import autocast, loss_sum
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -355,7 +355,8 @@ class Trainer:
                 step_loss, step_tokens = 0.0, 0
                 for examples in micro:
                     batch = {k: v.to(self.device) for k, v in
-                             collate(examples, self.pad_id, left_pad=not self.sequence_classifier).items()}
+                             collate(examples, self.pad_id, left_pad=not self.sequence_classifier,
+                                     multiple_of=SHAPE_BUCKET).items()}
                     with autocast(self.device, self.amp):
                         loss, _ = loss_sum(self.model, batch, self.sequence_classifier)
                     (loss / n_targets).backward()
