@@ -431,7 +431,9 @@ class LoraLinear(LoraLayer):
             return False
         dropout = self.lora_dropout[active[0]]
         w = self.base_layer.weight
-        return ((isinstance(dropout, nn.Identity) or not self.training) and type(w) is nn.Parameter
+        # Under autocast the matmuls change dtype mid-node; the composed path lets autocast handle that.
+        return (not torch.is_autocast_enabled(x.device.type)
+                and (isinstance(dropout, nn.Identity) or not self.training) and type(w) is nn.Parameter
                 and w.dtype == x.dtype == self.lora_A[active[0]].weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
