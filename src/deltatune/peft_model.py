@@ -9,6 +9,7 @@ state-dict keys, and with them the files, are the same in both libraries. Prompt
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -91,11 +92,19 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model if self._is_prompt_learning else self.base_model.model
 
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for none) runs each
-        row through its own adapter in one batched pass (inference only)."""
+    def forward(self, *args: Any, task_ids: torch.Tensor | None = None, adapter_names: list[str] | None = None,
+                **kwargs: Any) -> Any:
+        """The wrapped model's forward, with the same arguments (``input_ids``, ``attention_mask``, ``labels``,
+        ...; positional ones pass through in the model's own order).
+
+        ``task_ids`` (one per row) picks multitask prompt-tuning prompts; weight adapters ignore them (as PEFT),
+        so one training loop can feed every method the same batch. ``adapter_names`` (one per batch row,
+        ``"__base__"`` for none) runs each row through its own adapter in one batched pass (inference only).
+        """
         if self._is_prompt_learning:
             self._no_mixed_prompt_batch(adapter_names)
+            if task_ids is not None:
+                kwargs["task_ids"] = task_ids
             return _prompt.forward(self, args, kwargs)
         with self._mixed_batch(adapter_names):
             outputs = self.base_model.model(*args, **kwargs)
@@ -194,6 +203,26 @@ class PeftModel(nn.Module):
             _prompt.delete_adapter(self, adapter_name)
             return
         self.base_model.delete_adapter(adapter_name)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add LoRA adapter ``adapter_name``, a weighted combination of ``adapters`` (not made active).
+
+        ``combination_type``: ``linear``, ``cat``, ``svd``, ``ties``, ``ties_svd``, ``dare_linear``,
+        ``dare_ties``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``;
+        the math is in :mod:`deltatune.lora.arithmetic`.
+        """
+        if self._is_prompt_learning:
+            raise ConfigError("add_weighted_adapter combines LoRA adapters; prompt-learning adapters have no "
+                              "weight deltas to combine")
+        from deltatune.lora.arithmetic import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
+                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                             density=density, majority_sign_method=majority_sign_method)
 
     def _remove_adapter(self, adapter_name: str) -> None:
         """Undo a half-done add/load of ``adapter_name``."""
@@ -400,6 +429,19 @@ def _no_reinit(config: PeftConfig) -> Iterator[None]:
 def _device_of(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+# ``transformers.Trainer`` keeps only the dataset columns named in ``model.forward``'s signature (it looks
+# through ``peft.PeftModel`` alone), so the signature names the usual batch keys, in PEFT's positional order.
+PeftModel.forward.__signature__ = inspect.Signature([
+    inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    *(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+      for name in ("input_ids", "attention_mask", "inputs_embeds", "labels")),
+    *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+      for name in ("token_type_ids", "position_ids", "decoder_input_ids", "decoder_attention_mask",
+                   "decoder_inputs_embeds", "pixel_values", "task_ids", "adapter_names")),
+    inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+])
 
 
 class PeftModelForCausalLM(PeftModel):

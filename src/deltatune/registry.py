@@ -49,6 +49,16 @@ class Method:
         family: ``"weight"`` (wraps layers; ``core/tuner.py``) or ``"prompt"`` (virtual tokens fed to the
             inputs or the key/value cache; ``deltatune/prompt``, which ``PeftModel`` hands such adapters to).
         make_prompt_encoder: ``(config, word_embeddings) -> nn.Module``: a prompt method's trainable encoder.
+        after_inject: ``(adapter_model, adapter_name, config) -> None``: work once every target is wrapped, e.g.
+            trainable tokens also wrap the output layer tied to the wrapped input embedding, and LoRA's
+            ``trainable_token_indices`` adds a trainable-tokens layer beside its own.
+        extra_containers: Containers of companion layers a config may add beside the method's own layers (LoRA's
+            ``trainable_tokens_delta``); saved, loaded and deleted with the adapter.
+        mergeable: ``False`` for methods whose update cannot be folded into the weights (bottleneck adapters add a
+            non-linear path); ``merge_adapter``/``merge_and_unload`` then refuse before changing anything.
+        lr_scale: The CLI multiplies its default learning rate by this when the user sets none: methods that
+            move a few input vectors want a larger step than weight adapters (PEFT's examples: 3e-2 for
+            prompt tuning, 1e-3 for LoRA).
     """
 
     peft_type: PeftType
@@ -69,12 +79,16 @@ class Method:
     save_hook: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
     family: str = "weight"
     make_prompt_encoder: Callable[[PeftConfig, nn.Module], nn.Module] | None = None
+    lr_scale: float = 1.0
+    after_inject: Callable[[nn.Module, str, PeftConfig], None] | None = None
+    extra_containers: tuple[str, ...] = ()
+    mergeable: bool = True
 
     @property
     def containers(self) -> tuple[str, ...]:
         """Every attribute name whose per-adapter entries are saved (layer tensors, then model-wide ones)."""
         layer_names = tuple(self.layer_cls.adapter_layer_names) if self.layer_cls is not None else ()
-        return layer_names + self.shared_containers
+        return layer_names + self.shared_containers + self.extra_containers
 
 
 METHODS: dict[PeftType, Method] = {}

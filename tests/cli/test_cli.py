@@ -116,6 +116,24 @@ def test_method_variants_and_options(capsys, llama_dir, data_dir, tmp_path, meth
     assert cfg[flag] is True and cfg["r"] == 4 and cfg["lora_alpha"] == 12 and cfg["lora_dropout"] == 0.1
 
 
+def test_multitask_prompt_tuning_trains_evaluates_and_generates_with_task_ids(capsys, llama_dir, data_dir, tmp_path):
+    """MPT needs ``task_ids`` in every forward: train, eval and generate pass them (task 0, or ``--task-id``)."""
+    out = tmp_path / "mpt"
+    code, _, err = run(capsys, "train", "--model", llama_dir, "--data", data_dir / "pc.jsonl", "--output-dir", out,
+                       "--method", "multitask_prompt_tuning", "--num-tasks", 2, "--num-virtual-tokens", 4,
+                       "--max-steps", 2, *FAST)
+    assert code == 0, err
+    assert read_json(out / "adapter_config.json")["num_tasks"] == 2
+    code, _, err = run(capsys, "eval", "--adapter", out, "--json")
+    assert code == 0, err
+    for task in (0, 1):
+        code, _, err = run(capsys, "generate", "--adapter", out, "--max-new-tokens", 5, "--raw",
+                                       "--task-id", task, "hello")
+        assert code == 0, err
+    code, _, err = run(capsys, "generate", "--adapter", out, "--max-new-tokens", 2, "--task-id", 2, "hello")
+    assert code == 2 and "task_ids [2] out of range" in err
+
+
 def test_config_file_and_flags_layer(capsys, llama_dir, data_dir, tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text(f"model: {llama_dir}\ndata: {data_dir / 'pc.jsonl'}\nmax-steps: 3\nr: 2\n"

@@ -179,13 +179,7 @@ def test_loraplus_gives_lora_b_a_larger_learning_rate(llama_dir, tok, tmp_path):
     assert min(lrs) == pytest.approx(base) and max(lrs) == pytest.approx(16 * base)
 
 
-@pytest.mark.parametrize("remove_unused_columns", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "transformers.Trainer keeps only the batch keys named in model.forward's signature, and "
-        "PeftModel.forward is (*args, **kwargs); needs explicit input_ids/attention_mask/labels parameters "
-        "as in PEFT (core)"))),
-])
+@pytest.mark.parametrize("remove_unused_columns", [False, True])
 def test_peft_model_trains_under_transformers_trainer(llama_dir, tok, tmp_path, remove_unused_columns):
     """A deltatune PeftModel is an ordinary nn.Module to ``transformers.Trainer``: it trains and saves."""
     from transformers import Trainer as HFTrainer
@@ -209,7 +203,11 @@ def test_peft_model_trains_under_transformers_trainer(llama_dir, tok, tmp_path, 
         if not p.requires_grad:
             assert torch.equal(p, frozen[n]), n
     model.save_pretrained(str(tmp_path / "adapter"))
-    assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    umask = os.umask(0)
+    os.umask(umask)
+    # Atomic saves go through a temporary file; the result still gets an ordinary file's mode (not 0600).
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_resume_is_exact_for_adalora_rank_allocation(llama_dir, tok, tmp_path):

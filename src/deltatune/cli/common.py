@@ -122,20 +122,14 @@ def method_table() -> dict[str, tuple[type, dict[str, Any]]]:
 
 
 def default_lr(method: str, lr: float) -> float:
-    """The learning rate for ``method`` when the user set none: a method's registry entry may suggest one
-    (``train_defaults={"lr": ...}``); virtual-token methods, which move only a few input vectors, otherwise
-    get 30x the weight-adapter rate (PEFT's examples: 3e-2 for prompt tuning, 1e-3 for LoRA)."""
+    """The learning rate for ``method`` when the user set none: the default scaled by the method's
+    registry ``lr_scale`` (virtual-token methods take larger steps)."""
     import deltatune  # noqa: F401  (registers the methods)
     from deltatune.registry import METHODS
 
     config_cls = method_table()[method][0]
-    for entry in METHODS.values():
-        if entry.config_cls is config_cls:
-            suggested = (getattr(entry, "train_defaults", None) or {}).get("lr")
-            if suggested:
-                return float(suggested)
-            return lr * 30 if getattr(entry, "family", "weight") == "prompt" else lr
-    return lr
+    scale = next((m.lr_scale for m in METHODS.values() if m.config_cls is config_cls), 1.0)
+    return lr * scale
 
 
 def _base_fields() -> set[str]:

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--raw", action="store_true",
                    help="use the prompt as it is, not in the prompt template the adapter was trained with")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task-id", type=int, default=None,
+                   help="multitask prompt tuning: which task's prompt to use (default 0, the one `train` trains)")
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=main)
 
@@ -64,6 +66,11 @@ def main(args: argparse.Namespace) -> int:
         kwargs.update(temperature=args.temperature, top_p=args.top_p)
     else:  # greedy: silence the sampling defaults some generation configs carry
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    configs = getattr(model, "peft_config", {}) or {}
+    if any(getattr(c, "num_tasks", None) for c in configs.values()):
+        kwargs["task_ids"] = torch.tensor([args.task_id or 0], device=device)
+    elif args.task_id is not None:
+        raise UsageError("--task-id is for multitask prompt-tuning adapters; this adapter has no tasks")
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))

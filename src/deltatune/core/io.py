@@ -23,7 +23,7 @@ BIN_NAME = "adapter_model.bin"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     The rename is atomic on POSIX, so a crash leaves either the old file or the new one, never half.
@@ -33,6 +33,10 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600 (and writers may recreate the file); give it the mode open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -47,7 +51,7 @@ def atomic_write_text(path: str, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str, safe_serialization: bool = True) -> None:
@@ -56,9 +60,9 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str, safe_serial
     tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, tensors) else v.detach().contiguous()
                for k, v in tensors.items()}
     if safe_serialization:
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     else:
-        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
 def _shares_storage(t: torch.Tensor, all_tensors: dict[str, torch.Tensor]) -> bool:

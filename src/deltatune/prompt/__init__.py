@@ -35,19 +35,19 @@ def _make_encoder(config: PromptLearningConfig, word_embeddings: nn.Module) -> n
 
 
 PROMPT_TUNING = register(Method(
-    peft_type=PeftType.PROMPT_TUNING, config_cls=PromptTuningConfig, family="prompt",
+    peft_type=PeftType.PROMPT_TUNING, config_cls=PromptTuningConfig, family="prompt", lr_scale=30.0,
     make_prompt_encoder=_make_encoder, cli_names={"prompt_tuning": {}},
 ))
 P_TUNING = register(Method(
-    peft_type=PeftType.P_TUNING, config_cls=PromptEncoderConfig, family="prompt",
+    peft_type=PeftType.P_TUNING, config_cls=PromptEncoderConfig, family="prompt", lr_scale=30.0,
     make_prompt_encoder=_make_encoder, cli_names={"p_tuning": {}},
 ))
 PREFIX_TUNING = register(Method(
-    peft_type=PeftType.PREFIX_TUNING, config_cls=PrefixTuningConfig, family="prompt",
+    peft_type=PeftType.PREFIX_TUNING, config_cls=PrefixTuningConfig, family="prompt", lr_scale=30.0,
     make_prompt_encoder=_make_encoder, cli_names={"prefix_tuning": {}},
 ))
 MULTITASK_PROMPT_TUNING = register(Method(
-    peft_type=PeftType.MULTITASK_PROMPT_TUNING, config_cls=MultitaskPromptTuningConfig, family="prompt",
+    peft_type=PeftType.MULTITASK_PROMPT_TUNING, config_cls=MultitaskPromptTuningConfig, family="prompt", lr_scale=30.0,
     make_prompt_encoder=_make_encoder, cli_names={"multitask_prompt_tuning": {}},
 ))
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
+
+from deltatune.core.io import atomic_write
 
 
 def _pyplot():
@@ -30,9 +31,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def _save(fig, path: str) -> None:
-    tmp = os.path.join(os.path.dirname(path) or ".", ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
 
 
 def plot_loss_curve(records: Sequence[dict[str, Any]], path: str, title: str = "") -> None:

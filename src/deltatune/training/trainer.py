@@ -25,7 +25,6 @@ import random
 import resource
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from deltatune.core.io import atomic_write
 from deltatune.errors import DeltatuneError
 from deltatune.training.data import SHAPE_BUCKET, collate, count_targets
 from deltatune.training.metrics import autocast, loss_sum
@@ -154,15 +154,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: a kill leaves the old file or the new."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class Trainer:
