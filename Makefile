@@ -33,8 +33,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m deltatune train --overwrite
 
+# Two workers (CI has 2 cores), one torch thread each (tests/conftest.py): most tests are small and
+# Python-bound, so two processes finish the suite faster than one process with two threads.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -88,14 +88,37 @@ def test_conversion_runs_once_then_is_reused(fake_convert, tmp_path):
     assert marker["source"]["gguf_bytes"] > 50_000_000
     assert bm.resolve_model_path("smollm2-135m") == target
     assert fake_convert["calls"] == 1
-    assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2-135m"]  # no temp dirs left
+    names = sorted(p.name for p in target.parent.iterdir())
+    assert names == [".smollm2-135m.lock", "smollm2-135m"]  # no temp dirs left
+
+
+def test_concurrent_first_use_converts_once(fake_convert, monkeypatch):
+    """Two processes (test workers, CLI runs) asking at once: one converts, the other waits and reuses it."""
+    import threading
+    import time
+
+    slow = bm._convert_gguf
+
+    def convert(gguf, out_dir):
+        time.sleep(0.3)  # long enough for the second caller to arrive mid-conversion
+        slow(gguf, out_dir)
+
+    monkeypatch.setattr(bm, "_convert_gguf", convert)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(bm.resolve_model_path("smollm2-135m")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fake_convert["calls"] == 1 and len(set(results)) == 1
 
 
 def test_failed_conversion_leaves_nothing_behind(fake_convert, tmp_path):
     fake_convert["fail"] = True
     with pytest.raises(RuntimeError, match="killed"):
         bm.resolve_model_path("smollm2-135m")
-    assert list((tmp_path / "models").iterdir()) == []
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".smollm2-135m.lock"]  # the lock only
     fake_convert["fail"] = False
     target = bm.resolve_model_path("smollm2-135m")
     assert json.loads((target / "config.json").read_text()) == {"call": 2}
@@ -112,7 +135,7 @@ def test_stale_or_unmarked_copy_is_replaced(fake_convert, tmp_path):
     (target / bm.CONVERSION_MARKER).write_text(json.dumps(marker))
     bm.resolve_model_path("smollm2-135m")
     assert fake_convert["calls"] == 2 and json.loads((target / "config.json").read_text()) == {"call": 2}
-    assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2-135m"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [".smollm2-135m.lock", "smollm2-135m"]
 
 
 # ---- slow: the real models ----------------------------------------------------------------------------

@@ -28,6 +28,11 @@ from typing import Any
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a concurrent conversion there is rare and only wasted work
+    fcntl = None
+
 from deltatune.builtin import BuiltinNotInstalledError, package_dir
 from deltatune.errors import DeltatuneError
 
@@ -145,19 +150,26 @@ def _converted_gguf_dir(spec: BuiltinModel) -> Path:
     if _is_converted(target, source):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
-    try:
-        _convert_gguf(gguf, tmp)
-        with open(tmp / CONVERSION_MARKER, "w", encoding="utf-8") as fh:
-            json.dump({"source": source, "model": spec.name}, fh, indent=2)
-        if target.exists():  # stale copy (or another process won the race): swap it out
-            stale = Path(tempfile.mkdtemp(prefix=f".{spec.name}-stale-", dir=target.parent))
-            os.replace(target, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, target)  # a directory rename within one parent: atomic
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # One converter at a time (parallel test workers, several CLI runs): the others wait, then find the
+    # copy made and never swap a directory out from under a process that is reading it.
+    with open(target.parent / f".{spec.name}.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_converted(target, source):
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+        try:
+            _convert_gguf(gguf, tmp)
+            with open(tmp / CONVERSION_MARKER, "w", encoding="utf-8") as fh:
+                json.dump({"source": source, "model": spec.name}, fh, indent=2)
+            if target.exists():  # stale copy: swap it out
+                stale = Path(tempfile.mkdtemp(prefix=f".{spec.name}-stale-", dir=target.parent))
+                os.replace(target, stale / "old")
+                shutil.rmtree(stale, ignore_errors=True)
+            os.replace(tmp, target)  # a directory rename within one parent: atomic
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
