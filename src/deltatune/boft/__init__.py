@@ -1,0 +1,43 @@
+"""BOFT: the config, the layer, and the registry entry."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from deltatune.boft.config import BOFTConfig
+from deltatune.boft.layer import BOFTLayer, make_boft_layer, supported_types
+from deltatune.config import PeftType
+from deltatune.core.targeting import DEFAULT_LORA_TARGETS
+from deltatune.oft import sync_fan_in_fan_out
+from deltatune.registry import Method, register
+
+
+def create_or_update(target: nn.Module, adapter_name: str, config: BOFTConfig, module_name: str) -> BOFTLayer | None:
+    """Add adapter ``adapter_name`` to ``target`` (wrapping it first unless it is a BOFT layer already)."""
+    layer = target if isinstance(target, BOFTLayer) else make_boft_layer(target)
+    if layer is None:
+        return None
+    sync_fan_in_fan_out(layer, config, module_name)
+    layer.update_layer(
+        adapter_name,
+        boft_block_size=config.boft_block_size,
+        boft_block_num=config.boft_block_num,
+        boft_n_butterfly_factor=config.boft_n_butterfly_factor,
+        boft_dropout=config.boft_dropout,
+        init_weights=config.init_weights,
+    )
+    return layer
+
+
+BOFT = register(Method(
+    peft_type=PeftType.BOFT,
+    config_cls=BOFTConfig,
+    prefix="boft_",
+    layer_cls=BOFTLayer,
+    create_or_update=create_or_update,
+    supported_types=supported_types,
+    default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for BOFT
+    cli_names={"boft": {}},
+))
+
+__all__ = ["BOFT", "BOFTConfig", "BOFTLayer"]
