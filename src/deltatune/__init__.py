@@ -16,8 +16,8 @@ from deltatune.ia3 import IA3Config
 from deltatune.loha import LoHaConfig
 from deltatune.lokr import LoKrConfig
 from deltatune.lora import LoraConfig
-from deltatune.oft import OFTConfig
 from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, get_peft_model
+from deltatune.oft import OFTConfig
 from deltatune.optimizers import create_loraplus_optimizer
 from deltatune.peft_model import (
     PeftModel,
