@@ -73,9 +73,10 @@ def _reference_rotation(layer: nn.Module, name: str = "default") -> torch.Tensor
     total = torch.eye(d, dtype=torch.float64)
     for i in range(m):
         blocks = []
+        eye = torch.eye(b, dtype=torch.float64)
         for a in gen[i]:
             s = (a - a.T) / 2
-            blocks.append((torch.eye(b, dtype=torch.float64) - s) @ torch.linalg.inv(torch.eye(b, dtype=torch.float64) + s))
+            blocks.append((eye - s) @ torch.linalg.inv(eye + s))
         perm = torch.arange(d) if m == 1 else butterfly_permutation(d, b * 2 ** i, b // 2)
         p = _perm_matrix(perm)
         total = p @ torch.block_diag(*blocks) @ p.T @ total
