@@ -58,6 +58,8 @@ class Method:
             ``deltatune compare``'s options) do not pass to this method, because the name means something else
             here (OFT's ``r`` counts blocks, while the recipes mean LoRA's rank). Set on the command line for
             this method alone (``deltatune train --method oft --r 8 --oft-block-size 0``) they still apply.
+        inspect_size: ``(adapter_config, {file key: shape}) -> text``: the "size" line of ``deltatune inspect`` for
+            methods whose size is not a LoRA-style ``r`` (OFT's block size, BOFT's butterfly factors).
         mergeable: ``False`` for methods whose update cannot be folded into the weights (bottleneck adapters add a
             non-linear path); ``merge_adapter``/``merge_and_unload`` then refuse before changing anything.
         lr_scale: The CLI multiplies its default learning rate by this when the user sets none: methods that
@@ -88,6 +90,7 @@ class Method:
     extra_containers: tuple[str, ...] = ()
     mergeable: bool = True
     cli_shared_skip: tuple[str, ...] = ()
+    inspect_size: Callable[[dict[str, Any], dict[str, list[int]]], str] | None = None
 
     @property
     def containers(self) -> tuple[str, ...]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from torch import nn
 
 from deltatune.boft.config import BOFTConfig
@@ -29,6 +31,23 @@ def create_or_update(target: nn.Module, adapter_name: str, config: BOFTConfig, m
     return layer
 
 
+def inspect_size(config: dict, shapes: dict[str, list[int]]) -> str:
+    """``deltatune inspect``'s size line: block size (or count), butterfly factors, and the shapes in the file."""
+    if config.get("boft_block_size"):
+        text = f"boft_block_size={config['boft_block_size']}"
+    else:
+        text = f"boft_block_num={config.get('boft_block_num')}"
+    text += f", boft_n_butterfly_factor={config.get('boft_n_butterfly_factor', 1)}"
+    found: Counter = Counter()
+    for key, shape in shapes.items():
+        if key.endswith(".boft_R") and len(shape) == 4:
+            found[(shape[0], shape[1], shape[2])] += 1
+    if found:
+        text += "; in the file: " + ", ".join(f"{m} factor(s) of {d} blocks of {b} x{n}"
+                                             for (m, d, b), n in sorted(found.items()))
+    return text
+
+
 BOFT = register(Method(
     peft_type=PeftType.BOFT,
     config_cls=BOFTConfig,
@@ -38,6 +57,7 @@ BOFT = register(Method(
     supported_types=supported_types,
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for BOFT
     cli_names={"boft": {}},
+    inspect_size=inspect_size,
 ))
 
 __all__ = ["BOFT", "BOFTConfig", "BOFTLayer"]

@@ -65,10 +65,18 @@ def main(args: argparse.Namespace) -> int:
     shared = dict(COMPARE_RECIPES.get(data, {}))
     shared.update({k: v for k, v in settings["explicit"].items() if k not in ("output_dir", "resume", "overwrite",
                                                                             "config", "method_options")})
+    options: dict[str, Any] = {}  # method options: each method gets only those it takes (shared_options_for)
     if "config" in settings["explicit"]:
-        shared = {**shared, **common.load_config_file(settings["explicit"]["config"])}
-    shared.update(settings["explicit"].get("method_options", {}))
+        from_file = common.load_config_file(settings["explicit"]["config"])
+        options.update({k: v for k, v in from_file.items() if k in names})
+        shared.update({k: v for k, v in from_file.items() if k not in names})
+    options.update(settings["explicit"].get("method_options", {}))
     shared.pop("method", None)
+    per_method = {m: common.shared_options_for(m, options) for m in methods}
+    unused = sorted(k for k in options if not any(k in taken for taken in per_method.values()))
+    if unused:
+        flags = ", ".join("--" + u.replace("_", "-") for u in unused)
+        raise UsageError(f"{flags}: no method in --methods {','.join(methods)} takes this option")
     resume = bool(settings.get("resume"))
     overwrite = bool(settings.get("overwrite"))
     rows = []
@@ -76,17 +84,17 @@ def main(args: argparse.Namespace) -> int:
     baseline = None  # the base model's metric, from the first run that measured it
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="deltatune-compare-") as tmp:
-        config_path = os.path.join(tmp, "shared.json")
-        with open(config_path, "w", encoding="utf-8") as fh:
-            json.dump(shared, fh, default=str)
         for i, method in enumerate(methods, start=1):
+            config_path = os.path.join(tmp, f"{method}.json")
+            with open(config_path, "w", encoding="utf-8") as fh:
+                json.dump({**shared, **per_method[method]}, fh, default=str)
             run_dir = os.path.join(out, method)
             summary_path = os.path.join(run_dir, common.SUMMARY_NAME)
             if resume and os.path.exists(summary_path):
                 print(f"[{i}/{len(methods)}] {method}: finished earlier, kept", flush=True)
             else:
                 cmd = [sys.executable, "-m", "deltatune", "train", "--config", config_path, "--method", method,
-                       "--output-dir", run_dir, "--ignore-other-options"]
+                       "--output-dir", run_dir]
                 if baseline is not None:  # the base model is the same for every method: evaluate it once
                     cmd.append("--no-eval-before")
                 if resume and os.path.exists(os.path.join(run_dir, "checkpoint.pt")):

@@ -7,7 +7,6 @@ written, so a bad command leaves no half-made output directory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 from typing import Any
@@ -165,11 +164,10 @@ def prepare(settings: dict[str, Any]):
     if method not in table:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(sorted(table))}")
     config_cls = table[method][0]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
     options = dict(settings.get("method_options") or {})
-    if not settings.get("resume"):  # a built-in recipe's options, for the methods that have them
+    if not settings.get("resume"):  # a built-in recipe's options, for the methods that take them
         recipe = settings.pop("recipe_method_options", {})
-        options = {**{k: v for k, v in recipe.items() if k in fields}, **options}
+        options = {**common.shared_options_for(method, recipe), **options}
     settings.pop("recipe_method_options", None)
     if not settings.get("resume") and not settings.pop("lr_given", True):
         settings["lr"] = common.default_lr(method, float(settings["lr"]))

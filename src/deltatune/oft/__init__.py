@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
+from collections import Counter
 
 from torch import nn
 
@@ -43,6 +46,23 @@ def create_or_update(target: nn.Module, adapter_name: str, config: OFTConfig, mo
     return layer
 
 
+def inspect_size(config: dict, shapes: dict[str, list[int]]) -> str:
+    """``deltatune inspect``'s size line: the configured block size (or count) and the sizes in the file."""
+    if config.get("r"):
+        text = f"r={config['r']} blocks per layer"
+    else:
+        text = f"oft_block_size={config.get('oft_block_size')}"
+    if config.get("block_share"):
+        text += ", one block shared per layer"
+    found: Counter = Counter()
+    for key, shape in shapes.items():
+        if re.search(r"\.oft_(embedding_)?R\.weight$", key) and len(shape) == 2:
+            found[round((1 + math.sqrt(1 + 8 * shape[1])) / 2)] += 1  # shape[1] = b(b-1)/2
+    if found:
+        text += "; in the file: " + ", ".join(f"b={b} x{n}" for b, n in sorted(found.items()))
+    return text
+
+
 OFT = register(Method(
     peft_type=PeftType.OFT,
     config_cls=OFTConfig,
@@ -54,6 +74,7 @@ OFT = register(Method(
     cli_names={"oft": {}},
     # OFT's r counts blocks, not a rank: a LoRA-style r from a recipe or `compare` must not reach it.
     cli_shared_skip=("r",),
+    inspect_size=inspect_size,
 ))
 
 __all__ = ["OFT", "OFTConfig", "OFTLayer"]
