@@ -148,8 +148,11 @@ def test_dropout_sets_blocks_of_one_factor_to_identity_when_training():
     eye = torch.eye(2)
     dropped = [[bool(torch.equal(b, eye)) for b in f] for f in factors]
     assert sorted(sum(f) for f in dropped) == [0, 4], "int(0.5 * 8) blocks of exactly one factor"
-    pm.eval()
+    expected = output(pm.eval(), {"x": x})
     assert not any(any(torch.equal(b, eye) for b in f) for f in layer._factors("default").detach())
+    pm.train()
+    pm.merge_adapter()  # in training mode: the merge folds in every block, none dropped
+    torch.testing.assert_close(output(pm.eval(), {"x": x}), expected, atol=ATOL, rtol=1e-5)
 
 
 # ---- PEFT's multi-factor path: its CUDA block-diagonal kernel, emulated ------------------------------------

@@ -137,12 +137,12 @@ class BOFTLayer(AdapterLayer):
         self.set_adapter(self.active_adapters or [adapter_name])
 
     # ---- the rotation ------------------------------------------------------------------------
-    def _factors(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``C: (m, D, b, b)``, with ``boft_dropout`` applied to one random factor when training."""
+    def _factors(self, adapter_name: str, dtype: torch.dtype | None = None, dropout: bool = True) -> torch.Tensor:
+        """``C: (m, D, b, b)``, with ``boft_dropout`` applied to one random factor when training (and ``dropout``)."""
         gen = self.boft_R[adapter_name]
         blocks = cayley(gen if dtype is None else gen.to(dtype))
         p = self.boft_dropout[adapter_name]
-        if self.training and p > 0:
+        if dropout and self.training and p > 0:
             i = int(torch.randint(0, blocks.shape[0], (1,)).item())
             blocks = torch.cat([blocks[:i], block_dropout(blocks[i], p)[None], blocks[i + 1:]])
         return blocks
@@ -154,32 +154,33 @@ class BOFTLayer(AdapterLayer):
             self._perms[adapter_name][i] = pair
         return pair
 
-    def rotate(self, x: torch.Tensor, adapter_name: str, factors: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, adapter_name: str, factors: torch.Tensor, transpose: bool = False
+               ) -> torch.Tensor:
         """``x R`` for ``x: (..., d)``: ``x B_(m-1) ··· B_0``, each ``x P_i diag(C_i) P_iᵀ`` as a gather, block
-        products and a gather back."""
-        for i in range(factors.shape[0] - 1, -1, -1):
+        products and a gather back. ``transpose``: ``x Rᵀ = x B_0ᵀ ··· B_(m-1)ᵀ`` (the inverse rotation)."""
+        order = range(factors.shape[0]) if transpose else range(factors.shape[0] - 1, -1, -1)
+        for i in order:
+            blocks = factors[i].transpose(-1, -2) if transpose else factors[i]
             pair = self._perm(adapter_name, i, x.device)
             if pair is None:
-                x = rotate_blocks(x, factors[i])
+                x = rotate_blocks(x, blocks)
             else:
                 perm, inverse = pair
-                x = rotate_blocks(x[..., inverse], factors[i])[..., perm]
+                x = rotate_blocks(x[..., inverse], blocks)[..., perm]
         return x
 
-    def _dense(self, names: list[str], dtype: torch.dtype, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(R, s)`` of ``names`` applied as in forward: ``R = R_last ··· R_first`` as a ``(d, d)`` matrix (rows of
-        ``I`` rotated) and ``s`` the product of the scales, flattened to ``(out,)``."""
-        weight = self.base_layer.weight
-        rot = torch.eye(self.rotated_features, device=weight.device, dtype=dtype)
-        scale = torch.ones(self.out_features, device=weight.device, dtype=dtype)
-        for name in reversed(names):
-            factors = self._factors(name, dtype)
-            s = self.boft_s[name].to(dtype).reshape(-1)
+    def _rotated_weight(self, rows: torch.Tensor, names: list[str], dtype: torch.dtype,
+                        detach: bool = False) -> torch.Tensor:
+        """``diag(s) W Rᵀ`` for ``W = rows: (out, d)`` and the rotation of ``names`` as forward applies them
+        (``R = R_last ··· R_first``, so ``W Rᵀ = W R_firstᵀ ··· R_lastᵀ``), block by block, never dense."""
+        rows = rows.to(dtype)
+        for name in names:
+            factors = self._factors(name, dtype, dropout=not detach)  # a merge never drops blocks
+            s = self.boft_s[name].to(dtype).reshape(-1, 1)
             if detach:
                 factors, s = factors.detach(), s.detach()
-            rot = self.rotate(rot, name, factors)
-            scale = scale * s
-        return rot, scale
+            rows = self.rotate(rows, name, factors, transpose=True) * s
+        return rows
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -196,9 +197,8 @@ class BOFTLayer(AdapterLayer):
         base = self.base_layer
         dtype = self.boft_R[names[0]].dtype
         if self.is_conv:
-            rot, scale = self._dense(names, dtype)
-            flat = base.weight.reshape(self.out_features, -1).to(dtype)
-            weight = ((flat @ rot.T) * scale[:, None]).reshape(base.weight.shape)
+            flat = base.weight.reshape(self.out_features, -1)
+            weight = self._rotated_weight(flat, names, dtype).reshape(base.weight.shape)
             return base._conv_forward(x.to(dtype), weight, None if base.bias is None else base.bias.to(dtype)
                                       ).to(x.dtype)
         in_dtype = x.dtype
@@ -224,13 +224,14 @@ class BOFTLayer(AdapterLayer):
 
     def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``diag(s) W Rᵀ`` in ``weight``'s storage layout (computed in float64)."""
-        rot, scale = self._dense([adapter_name], torch.float64, detach=True)
-        return self._store(self._rows(weight).double() @ rot.T * scale[:, None], weight)
+        return self._store(self._rotated_weight(self._rows(weight), [adapter_name], torch.float64, detach=True),
+                           weight)
 
     def unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``diag(1/s) W' R`` (``R`` is orthogonal)."""
-        rot, scale = self._dense([adapter_name], torch.float64, detach=True)
-        return self._store((self._rows(weight).double() / scale[:, None]) @ rot, weight)
+        """``diag(1/s) W' R`` (``R`` is orthogonal), computed in float64."""
+        factors = self._factors(adapter_name, torch.float64, dropout=False).detach()
+        scale = self.boft_s[adapter_name].detach().double().reshape(-1, 1)
+        return self._store(self.rotate(self._rows(weight).double() / scale, adapter_name, factors), weight)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``diag(s) W Rᵀ - W``, shaped like ``base_layer.weight``."""
