@@ -34,8 +34,8 @@ def test_shared_options_reach_only_the_methods_that_take_them():
 
 
 @pytest.mark.parametrize("method,flags,expect", [
-    ("oft", ["--oft-block-size", 8, "--use-cayley-neumann", "false"],
-     {"oft_block_size": 8, "r": 0, "use_cayley_neumann": False}),
+    ("oft", ["--oft-block-size", 8, "--use-cayley-neumann", "false", "--bias", "oft_only"],
+     {"oft_block_size": 8, "r": 0, "use_cayley_neumann": False, "bias": "oft_only"}),
     ("boft", ["--boft-block-size", 4, "--boft-n-butterfly-factor", 2], {"boft_block_size": 4,
                                                                          "boft_n_butterfly_factor": 2}),
 ])

@@ -165,7 +165,11 @@ def method_fields() -> dict[str, tuple[Any, list[type]]]:
         for f in dataclasses.fields(config_cls):
             if f.name in base or f.name.startswith("_") or not f.init:
                 continue
-            hint, owners = out.setdefault(f.name, (hints.get(f.name, Any), []))
+            hint = hints.get(f.name, Any)
+            old_hint, owners = out.setdefault(f.name, (hint, []))
+            if hint != old_hint and Any not in (hint, old_hint):
+                # One flag, several meanings: accept every method's values (bias: lora_only, oft_only, ...).
+                out[f.name] = (typing.Union[old_hint, hint], owners)  # noqa: UP007 (hints are runtime objects)
             if config_cls not in owners:
                 owners.append(config_cls)
     return out
