@@ -192,6 +192,22 @@ def test_multi_factor_files_cross_with_peft_both_ways(peft_with_butterflies, tmp
         assert os.path.getsize(tmp_path / "dt" / "adapter_model.safetensors") > 0
 
 
+def test_peft_cpu_files_hold_one_factor_and_load_as_such(tmp_path):
+    """Without its CUDA kernel PEFT silently trains one butterfly factor but writes the configured count."""
+    inputs = make_inputs("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny_llama(), peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2,
+                                                                     target_modules=["q_proj"]))
+    assert theirs.base_model.model.model.layers[0].self_attn.q_proj.boft_R["default"].shape[0] == 1
+    perturb_trainable(theirs, std=0.2)
+    theirs.eval().save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="holds one factor"):
+        ours = deltatune.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert ours.peft_config["default"].boft_n_butterfly_factor == 1
+    torch.testing.assert_close(output(ours, inputs), output(theirs, inputs), atol=ATOL, rtol=1e-5)
+
+
 # ---- configs -------------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 from torch import nn
@@ -48,6 +49,18 @@ def inspect_size(config: dict, shapes: dict[str, list[int]]) -> str:
     return text
 
 
+def fit_config_to_file(config: BOFTConfig, weights: dict) -> None:
+    """PEFT without its compiled CUDA kernel (any CPU run) silently trains one butterfly factor and still writes
+    the configured ``boft_n_butterfly_factor``; its files hold ``boft_R: (1, D, b, b)``. Load those as what they
+    are, one factor, with a warning."""
+    factors = {tuple(v.shape)[0] for k, v in weights.items() if k.endswith(".boft_R") and v.dim() == 4}
+    if config.boft_n_butterfly_factor > 1 and factors == {1}:
+        warnings.warn(f"adapter_config.json says boft_n_butterfly_factor={config.boft_n_butterfly_factor} but the "
+                      "file holds one factor per layer (PEFT trained it without its CUDA kernel, which uses one); "
+                      "loading it with boft_n_butterfly_factor=1", stacklevel=4)
+        config.boft_n_butterfly_factor = 1
+
+
 BOFT = register(Method(
     peft_type=PeftType.BOFT,
     config_cls=BOFTConfig,
@@ -58,6 +71,7 @@ BOFT = register(Method(
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for BOFT
     cli_names={"boft": {}},
     inspect_size=inspect_size,
+    fit_config_to_file=fit_config_to_file,
 ))
 
 __all__ = ["BOFT", "BOFTConfig", "BOFTLayer"]
