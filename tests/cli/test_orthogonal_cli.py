@@ -75,17 +75,32 @@ def test_train_inspect_and_peft_loads_the_result(capsys, llama_dir, data_dir, tm
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_compare_gives_each_method_only_its_options(capsys, llama_dir, data_dir, tmp_path):
-    out = tmp_path / "cmp"
-    code, stdout, err = run(capsys, "compare", "--methods", "lora,oft", "--model", llama_dir, "--data",
-                            data_dir / "pc.jsonl", "--output-dir", out, "--max-steps", 1, "--r", 4,
-                            "--oft-block-size", 16, "--no-eval-before", "--forgetting-tokens", 0, *FAST)
-    assert code == 0, err
-    lora, oft = (read_json(out / m / "adapter_config.json") for m in ("lora", "oft"))
-    assert lora["r"] == 4
-    assert oft["r"] == 0 and oft["oft_block_size"] == 16
-    assert "| oft |" in (out / "compare.md").read_text()
-    assert os.path.exists(out / "oft" / "adapter_model.safetensors")
+def _child_settings(*argv):
+    """What ``deltatune compare <argv>`` writes into each method's settings file (no child is started)."""
+    from deltatune.cli import build_parser
+    from deltatune.cli.compare import child_settings
+    from deltatune.cli.train import settings_from_args
+
+    args = build_parser().parse_args(["compare", *map(str, argv)])
+    methods = vars(args).pop("methods").split(",")
+    names = set(common.method_fields())
+    return child_settings(methods, settings_from_args(args, names), names)
+
+
+def test_compare_gives_each_method_only_its_options(data_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("lora_alpha: 8\nuse_cayley_neumann: false\nlr: 0.01\n")
+    got = _child_settings("--methods", "lora,dora,oft,boft", "--data", data_dir / "pc.jsonl", "--max-steps", 1,
+                          "--r", 4, "--oft-block-size", 16, "--boft-block-size", 8, "--use-dora", "false",
+                          "--config", config)
+    assert all(s["max_steps"] == 1 and s["lr"] == 0.01 for s in got.values())
+    method_keys = {m: {k for k in s if k in common.method_fields()} for m, s in got.items()}
+    assert method_keys == {"lora": {"r", "lora_alpha", "use_dora"}, "dora": {"r", "lora_alpha"},
+                           "oft": {"oft_block_size", "use_cayley_neumann"}, "boft": {"boft_block_size"}}
+    assert got["lora"]["r"] == 4 and got["oft"]["oft_block_size"] == 16 and got["boft"]["boft_block_size"] == 8
+    # And a child really accepts what it gets: OFT's config builds from it (r stays 0).
+    oft = common.build_peft_config("oft", {k: got["oft"][k] for k in method_keys["oft"]}, "CAUSAL_LM")
+    assert (oft.r, oft.oft_block_size, oft.use_cayley_neumann) == (0, 16, False)
 
 
 def test_compare_refuses_an_option_no_chosen_method_takes(capsys, llama_dir, data_dir, tmp_path):
