@@ -1,4 +1,4 @@
-"""deltatune <-> Hugging Face PEFT 0.21.2 for (IA)³, LoHa, LoKr and VeRA: the same adapter files, both ways.
+"""deltatune <-> Hugging Face PEFT 0.21.2 for (IA)³, LoHa, LoKr, VeRA, OFT and BOFT: the same adapter files, both ways.
 
 One table of cases: (id, model factory, method, config kwargs, adapter name). For every case:
 
@@ -11,7 +11,10 @@ One table of cases: (id, model factory, method, config kwargs, adapter name). Fo
 Adapter tensors are perturbed with seeded noise after creation, so an adapter that loaded partially or into
 the wrong place changes the logits. Not in the table, because PEFT 0.21 cannot do them: LoHa/LoKr on GPT-2's
 ``Conv1D`` (PEFT refuses the type; deltatune supports it) and LoKr's effective-conv on ``Conv1d`` (PEFT's
-``torch.kron`` fails on the strided core product); (IA)³ on ``Conv1d`` (PEFT has Conv2d/3d only).
+``torch.kron`` fails on the strided core product); (IA)³ on ``Conv1d`` (PEFT has Conv2d/3d only); OFT/BOFT on
+``Conv1D`` (PEFT refuses the type), OFT on a Conv2d with a kernel > 1 (PEFT's unmerged forward differs from its
+merged one; tests/oft checks deltatune against PEFT's merged layer) and BOFT with more than one butterfly factor
+(PEFT needs its CUDA kernel; tests/boft emulates it).
 """
 
 from __future__ import annotations
