@@ -109,3 +109,19 @@ def test_compare_refuses_an_option_no_chosen_method_takes(capsys, llama_dir, dat
     assert code == 2
     assert "--oft-block-size" in err and "no method" in err
     assert not os.path.exists(tmp_path / "cmp")
+
+
+@pytest.mark.parametrize("method,expect", [("oft", {"target_modules": "all-linear"}),
+                                           ("boft", {"target_modules": "all-linear"}),
+                                           ("lora", {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})])
+def test_a_builtin_recipe_gives_each_method_only_its_options(method, expect):
+    """bbc-news's recipe holds LoRA options (r=8, lora_alpha=16): `train --method oft` on it must not get them."""
+    from deltatune.cli import build_parser
+    from deltatune.cli.train import settings_from_args
+
+    args = build_parser().parse_args(["train", "--method", method])
+    settings = settings_from_args(args, set(common.method_fields()))
+    assert settings["method_options"] == {}
+    options = common.shared_options_for(method, settings["recipe_method_options"])
+    assert options == expect
+    common.build_peft_config(method, options, "CAUSAL_LM")  # builds without a conflict

@@ -101,8 +101,11 @@ def settings_from_args(args: argparse.Namespace, method_option_names: set[str]) 
     data = top.get("data", common.DEFAULTS["data"])
     model = top.get("model", common.DEFAULTS["model"])
     recipe = common.recipe_for(data, model)
+    # The recipe's method options are LoRA-style (r, lora_alpha, ...): kept apart, and `prepare` gives each method
+    # only those it takes (common.shared_options_for), so `--method ia3` or `oft` on a built-in data set works.
+    recipe_options = recipe.pop("method_options", {})
     settings = common.layer_settings([common.DEFAULTS, recipe, top])
-    settings["recipe_method_options"] = recipe.get("method_options", {})
+    settings["recipe_method_options"] = recipe_options
     settings["lr_given"] = "lr" in top
     settings["explicit"] = explicit
     if settings.get("output_dir") is None:
