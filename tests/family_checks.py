@@ -1,4 +1,4 @@
-"""Model-level checks shared by the IA3 / LoHa / LoKr / VeRA tests (``tests/<method>/test_layer.py``).
+"""Model-level checks shared by the IA3 / LoHa / LoKr / VeRA / OFT / BOFT tests (``tests/<method>/test_layer.py``).
 
 Every check runs one method on one tiny ``transformers`` model and asserts real numbers:
 
@@ -30,7 +30,7 @@ def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the base model's weights, by module path with adapter wrappers looked through."""
     out = {}
     for name, p in model.named_parameters():
-        if any(t in name for t in (".ia3_", ".hada_", ".lokr_", ".vera_", "modules_to_save")):
+        if any(t in name for t in (".ia3_", ".hada_", ".lokr_", ".vera_", ".oft_", ".boft_", "modules_to_save")):
             continue
         name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
         out[name] = p.detach().clone()

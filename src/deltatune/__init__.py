@@ -2,6 +2,7 @@
 
 from deltatune import lora  # noqa: F401  (registers the method)
 from deltatune.adalora import AdaLoraConfig
+from deltatune.boft import BOFTConfig
 from deltatune.config import PeftConfig, PeftType, TaskType
 from deltatune.errors import (
     AdapterLoadError,
@@ -16,6 +17,7 @@ from deltatune.loha import LoHaConfig
 from deltatune.lokr import LoKrConfig
 from deltatune.lora import LoraConfig
 from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, get_peft_model
+from deltatune.oft import OFTConfig
 from deltatune.optimizers import create_loraplus_optimizer
 from deltatune.peft_model import (
     PeftModel,
@@ -43,6 +45,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterLoadError",
     "AdapterNameError",
+    "BOFTConfig",
     "ConfigError",
     "DeltatuneError",
     "IA3Config",
@@ -51,6 +54,7 @@ __all__ = [
     "LoraConfig",
     "MergeError",
     "MultitaskPromptTuningConfig",
+    "OFTConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",

@@ -125,6 +125,8 @@ class PeftConfig:
             from deltatune.registry import config_class_for
 
             target_cls = config_class_for(data.get("peft_type"))
+            if target_cls.from_dict.__func__ is not PeftConfig.from_dict.__func__:
+                return target_cls.from_dict(data)  # a method with its own reading rules (e.g. old OFT files)
         names = {f.name for f in dataclasses.fields(target_cls) if f.init and not f.name.startswith("_")}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}

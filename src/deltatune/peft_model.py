@@ -356,6 +356,7 @@ class PeftModel(nn.Module):
         directory = resolve_adapter_dir(model_id, kwargs.get("subfolder"))
         config = config or PeftConfig.from_pretrained(directory)
         weights = load_adapter_weights(directory, device=_device_of(model))
+        _fit_config_to_file(config, weights)
         config.inference_mode = not is_trainable
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
@@ -382,6 +383,7 @@ class PeftModel(nn.Module):
         directory = resolve_adapter_dir(model_id, kwargs.get("subfolder"))
         config = config or PeftConfig.from_pretrained(directory)
         weights = load_adapter_weights(directory, device=_device_of(self))
+        _fit_config_to_file(config, weights)
         config.inference_mode = not is_trainable
         with _no_reinit(config):
             self.add_adapter(adapter_name, config)
@@ -401,6 +403,13 @@ class PeftModel(nn.Module):
         containers = method.containers
         model_state = to_model_keys(self, weights, adapter_name, containers, method.file_suffixes)
         check_and_load(self, model_state, adapter_name, containers, config.base_model_name_or_path)
+
+
+def _fit_config_to_file(config: PeftConfig, weights: dict[str, torch.Tensor]) -> None:
+    """The method's ``fit_config_to_file`` hook, where it has one (see the registry)."""
+    fit = method_for(config.peft_type).fit_config_to_file
+    if fit is not None:
+        fit(config, weights)
 
 
 @contextlib.contextmanager

@@ -54,6 +54,15 @@ class Method:
             ``trainable_token_indices`` adds a trainable-tokens layer beside its own.
         extra_containers: Containers of companion layers a config may add beside the method's own layers (LoRA's
             ``trainable_tokens_delta``); saved, loaded and deleted with the adapter.
+        cli_shared_skip: Config fields that settings meant for every method (a built-in data set's recipe,
+            ``deltatune compare``'s options) do not pass to this method, because the name means something else
+            here (OFT's ``r`` counts blocks, while the recipes mean LoRA's rank). Set on the command line for
+            this method alone (``deltatune train --method oft --r 8 --oft-block-size 0``) they still apply.
+        inspect_size: ``(adapter_config, {file key: shape}) -> text``: the "size" line of ``deltatune inspect`` for
+            methods whose size is not a LoRA-style ``r`` (OFT's block size, BOFT's butterfly factors).
+        fit_config_to_file: ``(config, file tensors) -> None``: before an adapter is loaded, correct config
+            fields the file contradicts (BOFT files from PEFT without its CUDA kernel hold one butterfly factor
+            whatever their config says).
         mergeable: ``False`` for methods whose update cannot be folded into the weights (bottleneck adapters add a
             non-linear path); ``merge_adapter``/``merge_and_unload`` then refuse before changing anything.
         lr_scale: The CLI multiplies its default learning rate by this when the user sets none: methods that
@@ -83,6 +92,9 @@ class Method:
     after_inject: Callable[[nn.Module, str, PeftConfig], None] | None = None
     extra_containers: tuple[str, ...] = ()
     mergeable: bool = True
+    cli_shared_skip: tuple[str, ...] = ()
+    inspect_size: Callable[[dict[str, Any], dict[str, list[int]]], str] | None = None
+    fit_config_to_file: Callable[[PeftConfig, dict[str, Any]], None] | None = None
 
     @property
     def containers(self) -> tuple[str, ...]:

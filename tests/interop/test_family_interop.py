@@ -1,4 +1,4 @@
-"""deltatune <-> Hugging Face PEFT 0.21.2 for (IA)³, LoHa, LoKr and VeRA: the same adapter files, both ways.
+"""deltatune <-> Hugging Face PEFT 0.21.2 for (IA)³, LoHa, LoKr, VeRA, OFT and BOFT: the same adapter files, both ways.
 
 One table of cases: (id, model factory, method, config kwargs, adapter name). For every case:
 
@@ -11,7 +11,10 @@ One table of cases: (id, model factory, method, config kwargs, adapter name). Fo
 Adapter tensors are perturbed with seeded noise after creation, so an adapter that loaded partially or into
 the wrong place changes the logits. Not in the table, because PEFT 0.21 cannot do them: LoHa/LoKr on GPT-2's
 ``Conv1D`` (PEFT refuses the type; deltatune supports it) and LoKr's effective-conv on ``Conv1d`` (PEFT's
-``torch.kron`` fails on the strided core product); (IA)³ on ``Conv1d`` (PEFT has Conv2d/3d only).
+``torch.kron`` fails on the strided core product); (IA)³ on ``Conv1d`` (PEFT has Conv2d/3d only); OFT/BOFT on
+``Conv1D`` (PEFT refuses the type), OFT on a Conv2d with a kernel > 1 (PEFT's unmerged forward differs from its
+merged one; tests/oft checks deltatune against PEFT's merged layer) and BOFT with more than one butterfly factor
+(PEFT needs its CUDA kernel; tests/boft emulates it).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import deltatune
 ATOL = 1e-6
 RTOL = 1e-5
 
-CONFIG_NAMES = {"ia3": "IA3Config", "loha": "LoHaConfig", "lokr": "LoKrConfig", "vera": "VeraConfig"}
+CONFIG_NAMES = {"ia3": "IA3Config", "loha": "LoHaConfig", "lokr": "LoKrConfig", "vera": "VeraConfig",
+                "oft": "OFTConfig", "boft": "BOFTConfig"}
 
 
 def case(case_id, factory, method, name="default", **kwargs):
@@ -79,6 +83,24 @@ CASES = [
     case("vera-gpt2", tiny_gpt2, "vera", r=4, target_modules=["c_attn", "c_fc"]),
     case("vera-gpt2-bias-vera-only", tiny_gpt2, "vera", r=4, bias="vera_only"),
     case("vera-bert-seqcls-bias-all", tiny_bert, "vera", r=8, task_type="SEQ_CLS", bias="all"),
+    # OFT (Cayley-Neumann by default; small blocks keep the seeded noise in the series' range)
+    case("oft-llama-default", tiny_llama, "oft", oft_block_size=4, task_type="CAUSAL_LM"),
+    case("oft-llama-r-exact-named", tiny_llama, "oft", "other", r=8, oft_block_size=0, use_cayley_neumann=False,
+         target_modules=["q_proj", "o_proj", "down_proj"]),
+    case("oft-llama-shared-all-linear", tiny_llama, "oft", oft_block_size=8, block_share=True,
+         target_modules="all-linear"),
+    case("oft-llama-fitted-block-size", tiny_llama, "oft", oft_block_size=5, target_modules=["q_proj", "down_proj"]),
+    case("oft-llama-coft-3-terms", tiny_llama, "oft", oft_block_size=4, coft=True, eps=1.0,
+         num_cayley_neumann_terms=3, layers_to_transform=[1], layers_pattern="layers"),
+    case("oft-bert-seqcls-bias", tiny_bert, "oft", oft_block_size=4, task_type="SEQ_CLS", bias="oft_only"),
+    case("oft-net-embedding-linear", tiny_net, "oft", oft_block_size=4, target_modules=["emb", "lin1", "head"]),
+    # BOFT (PEFT without its CUDA kernel runs one butterfly factor; more factors: tests/boft)
+    case("boft-llama-default", tiny_llama, "boft", task_type="CAUSAL_LM"),
+    case("boft-llama-block-num-named", tiny_llama, "boft", "other", boft_block_size=0, boft_block_num=8,
+         target_modules=["q_proj", "down_proj"]),
+    case("boft-bert-seqcls-bias", tiny_bert, "boft", boft_block_size=8, task_type="SEQ_CLS", bias="boft_only"),
+    case("boft-net-conv", tiny_net, "boft", boft_block_size=3, target_modules=["conv2d"]),
+    case("boft-net-linear-all", tiny_net, "boft", boft_block_size=4, target_modules=["lin1", "head"], bias="all"),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -185,7 +207,9 @@ def test_config_json_is_peft_s(row):
     assert set(ours) | {"peft_version"} == set(theirs)
     for key in ("peft_type", "r", "alpha", "feedforward_modules", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
                 "decompose_both", "decompose_factor", "init_weights", "save_projection", "projection_prng_key",
-                "d_initial", "bias", "task_type", "use_effective_conv2d"):
+                "d_initial", "bias", "task_type", "use_effective_conv2d", "oft_block_size", "block_share", "coft",
+                "eps", "use_cayley_neumann", "num_cayley_neumann_terms", "module_dropout", "boft_block_size",
+                "boft_block_num", "boft_n_butterfly_factor", "boft_dropout"):
         if key in theirs:
             a, b = ours[key], theirs[key]
             if isinstance(a, list) and isinstance(b, list):

@@ -121,6 +121,24 @@ def method_table() -> dict[str, tuple[type, dict[str, Any]]]:
     return table
 
 
+def method_entry(method: str):
+    """The registry entry behind a ``--method`` name."""
+    from deltatune.registry import METHODS
+
+    config_cls = method_table()[method][0]
+    return next(m for m in METHODS.values() if m.config_cls is config_cls)
+
+
+def shared_options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``options`` meant for every method (a recipe's, ``compare``'s) that ``method`` takes: its own
+    config fields, less those its ``--method`` name fixes (``dora``: ``use_dora``) and those whose name means
+    something else for it (the registry's ``cli_shared_skip``: OFT's ``r`` counts blocks, not a rank)."""
+    config_cls, fixed = method_table()[method]
+    fields = {f.name for f in dataclasses.fields(config_cls) if f.init} - _base_fields()
+    skip = set(fixed) | set(method_entry(method).cli_shared_skip)
+    return {k: v for k, v in options.items() if k in fields and k not in skip}
+
+
 def default_lr(method: str, lr: float) -> float:
     """The learning rate for ``method`` when the user set none: the default scaled by the method's
     registry ``lr_scale`` (virtual-token methods take larger steps)."""
@@ -147,7 +165,11 @@ def method_fields() -> dict[str, tuple[Any, list[type]]]:
         for f in dataclasses.fields(config_cls):
             if f.name in base or f.name.startswith("_") or not f.init:
                 continue
-            hint, owners = out.setdefault(f.name, (hints.get(f.name, Any), []))
+            hint = hints.get(f.name, Any)
+            old_hint, owners = out.setdefault(f.name, (hint, []))
+            if hint != old_hint and Any not in (hint, old_hint):
+                # One flag, several meanings: accept every method's values (bias: lora_only, oft_only, ...).
+                out[f.name] = (typing.Union[old_hint, hint], owners)  # noqa: UP007 (hints are runtime objects)
             if config_cls not in owners:
                 owners.append(config_cls)
     return out

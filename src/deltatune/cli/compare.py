@@ -65,14 +65,7 @@ def main(args: argparse.Namespace) -> int:
         stem = lambda s: os.path.splitext(os.path.basename(os.path.normpath(s)))[0]  # noqa: E731
         settings["output_dir"] = os.path.join("runs", f"compare-{stem(data)}-{stem(model)}")
     out = settings["output_dir"]
-    # The settings every child gets: the user's own, plus the shorter compare schedule where they set none.
-    shared = dict(COMPARE_RECIPES.get(data, {}))
-    shared.update({k: v for k, v in settings["explicit"].items() if k not in ("output_dir", "resume", "overwrite",
-                                                                            "config", "method_options")})
-    if "config" in settings["explicit"]:
-        shared = {**shared, **common.load_config_file(settings["explicit"]["config"])}
-    shared.update(settings["explicit"].get("method_options", {}))
-    shared.pop("method", None)
+    child_config = child_settings(methods, settings, names)
     resume = bool(settings.get("resume"))
     overwrite = bool(settings.get("overwrite"))
     rows = []
@@ -80,17 +73,17 @@ def main(args: argparse.Namespace) -> int:
     baseline = None  # the base model's metric, from the first run that measured it
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="deltatune-compare-") as tmp:
-        config_path = os.path.join(tmp, "shared.json")
-        with open(config_path, "w", encoding="utf-8") as fh:
-            json.dump(shared, fh, default=str)
         for i, method in enumerate(methods, start=1):
+            config_path = os.path.join(tmp, f"{method}.json")
+            with open(config_path, "w", encoding="utf-8") as fh:
+                json.dump(child_config[method], fh, default=str)
             run_dir = os.path.join(out, method)
             summary_path = os.path.join(run_dir, common.SUMMARY_NAME)
             if resume and os.path.exists(summary_path):
                 print(f"[{i}/{len(methods)}] {method}: finished earlier, kept", flush=True)
             else:
                 cmd = [sys.executable, "-m", "deltatune", "train", "--config", config_path, "--method", method,
-                       "--output-dir", run_dir, "--ignore-other-options"]
+                       "--output-dir", run_dir]
                 if baseline is not None:  # the base model is the same for every method: evaluate it once
                     cmd.append("--no-eval-before")
                 if resume and os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
@@ -130,6 +123,32 @@ def main(args: argparse.Namespace) -> int:
         print(f"deltatune: error: {len(failed)} method(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def child_settings(methods: list[str], settings: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:
+    """The settings file each method's ``deltatune train`` child gets: the user's settings plus the shorter compare
+    schedule where they set none, and of the method options only those the method takes
+    (:func:`common.shared_options_for`: OFT does not get LoRA's ``--r``).
+
+    Raises:
+        UsageError: a method option that no method in ``methods`` takes.
+    """
+    explicit = settings["explicit"]
+    shared = dict(COMPARE_RECIPES.get(settings["data"], {}))
+    shared.update({k: v for k, v in explicit.items()
+                   if k not in ("output_dir", "resume", "overwrite", "config", "method_options", "method")})
+    options: dict[str, Any] = {}
+    if "config" in explicit:
+        from_file = common.load_config_file(explicit["config"])
+        options.update({k: v for k, v in from_file.items() if k in names})
+        shared.update({k: v for k, v in from_file.items() if k not in names and k != "method"})
+    options.update(explicit.get("method_options", {}))
+    per_method = {m: common.shared_options_for(m, options) for m in methods}
+    unused = sorted(k for k in options if not any(k in taken for taken in per_method.values()))
+    if unused:
+        flags = ", ".join("--" + u.replace("_", "-") for u in unused)
+        raise UsageError(f"{flags}: no method in --methods {','.join(methods)} takes this option")
+    return {m: {**shared, **per_method[m]} for m in methods}
 
 
 def markdown_table(rows: list[dict[str, Any]], metric: str) -> str:

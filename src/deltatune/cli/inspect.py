@@ -95,11 +95,24 @@ def describe(directory: str) -> dict[str, Any]:
         "written_by": "deltatune" if os.path.exists(os.path.join(directory, "run_config.json"))
         else ("peft " + str(config["peft_version"]) if config.get("peft_version") else "unknown"),
     }
+    info["size"] = _method_size(config, {k: v["shape"] for k, v in tensors.items()})
     others = sorted(d for d in os.listdir(directory)
                     if os.path.isfile(os.path.join(directory, d, "adapter_config.json")))
     if others:
         info["other_adapters"] = others
     return info
+
+
+def _method_size(config: dict[str, Any], shapes: dict[str, list[int]]) -> str | None:
+    """The method's own size line (registry ``inspect_size``), for methods whose size is not a rank."""
+    from deltatune.errors import ConfigError
+    from deltatune.registry import method_for
+
+    try:
+        method = method_for(config.get("peft_type"))
+    except ConfigError:
+        return None
+    return method.inspect_size(config, shapes) if method.inspect_size is not None else None
 
 
 def _module_of(key: str) -> str:
@@ -156,6 +169,8 @@ def main(args: argparse.Namespace) -> int:
     ]
     if info["num_virtual_tokens"]:
         rows[5] = ("virtual tokens", str(info["num_virtual_tokens"]))
+    elif info.get("size"):
+        rows[5] = ("size", info["size"])
     if info.get("other_adapters"):
         rows.append(("other adapters", ", ".join(info["other_adapters"])))
     width = max(len(k) for k, _ in rows)

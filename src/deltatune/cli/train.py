@@ -7,7 +7,6 @@ written, so a bad command leaves no half-made output directory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 from typing import Any
@@ -102,8 +101,11 @@ def settings_from_args(args: argparse.Namespace, method_option_names: set[str]) 
     data = top.get("data", common.DEFAULTS["data"])
     model = top.get("model", common.DEFAULTS["model"])
     recipe = common.recipe_for(data, model)
+    # The recipe's method options are LoRA-style (r, lora_alpha, ...): kept apart, and `prepare` gives each method
+    # only those it takes (common.shared_options_for), so `--method ia3` or `oft` on a built-in data set works.
+    recipe_options = recipe.pop("method_options", {})
     settings = common.layer_settings([common.DEFAULTS, recipe, top])
-    settings["recipe_method_options"] = recipe.get("method_options", {})
+    settings["recipe_method_options"] = recipe_options
     settings["lr_given"] = "lr" in top
     settings["explicit"] = explicit
     if settings.get("output_dir") is None:
@@ -165,11 +167,10 @@ def prepare(settings: dict[str, Any]):
     if method not in table:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(sorted(table))}")
     config_cls = table[method][0]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
     options = dict(settings.get("method_options") or {})
-    if not settings.get("resume"):  # a built-in recipe's options, for the methods that have them
+    if not settings.get("resume"):  # a built-in recipe's options, for the methods that take them
         recipe = settings.pop("recipe_method_options", {})
-        options = {**{k: v for k, v in recipe.items() if k in fields}, **options}
+        options = {**common.shared_options_for(method, recipe), **options}
     settings.pop("recipe_method_options", None)
     if not settings.get("resume") and not settings.pop("lr_given", True):
         settings["lr"] = common.default_lr(method, float(settings["lr"]))
