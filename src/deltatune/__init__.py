@@ -12,6 +12,7 @@ from deltatune.errors import (
     TargetModuleError,
 )
 from deltatune.ia3 import IA3Config
+from deltatune.ln_tuning import LNTuningConfig
 from deltatune.loha import LoHaConfig
 from deltatune.lokr import LoKrConfig
 from deltatune.lora import LoraConfig
@@ -34,6 +35,7 @@ from deltatune.prompt import (
     PromptTuningConfig,
 )
 from deltatune.quantization import prepare_model_for_kbit_training, quantize
+from deltatune.trainable_tokens import TrainableTokensConfig
 from deltatune.vera import VeraConfig
 
 __version__ = "0.1.0"
@@ -47,12 +49,14 @@ __all__ = [
     "DeltatuneError",
     "IA3Config",
     "LoHaConfig",
+    "LNTuningConfig",
     "LoKrConfig",
     "LoraConfig",
     "MergeError",
     "MultitaskPromptTuningConfig",
     "PeftConfig",
     "PeftModel",
+    "TrainableTokensConfig",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering",

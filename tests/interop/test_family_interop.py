@@ -1,4 +1,5 @@
-"""deltatune <-> Hugging Face PEFT 0.21.2 for (IA)³, LoHa, LoKr and VeRA: the same adapter files, both ways.
+"""deltatune <-> Hugging Face PEFT 0.21.2 for (IA)³, LoHa, LoKr, VeRA, LN tuning, trainable tokens and LoRA's
+``trainable_token_indices``: the same adapter files, both ways.
 
 One table of cases: (id, model factory, method, config kwargs, adapter name). For every case:
 
@@ -33,7 +34,8 @@ import deltatune
 ATOL = 1e-6
 RTOL = 1e-5
 
-CONFIG_NAMES = {"ia3": "IA3Config", "loha": "LoHaConfig", "lokr": "LoKrConfig", "vera": "VeraConfig"}
+CONFIG_NAMES = {"ia3": "IA3Config", "loha": "LoHaConfig", "lokr": "LoKrConfig", "vera": "VeraConfig",
+                "ln_tuning": "LNTuningConfig", "trainable_tokens": "TrainableTokensConfig", "lora": "LoraConfig"}
 
 
 def case(case_id, factory, method, name="default", **kwargs):
@@ -79,6 +81,23 @@ CASES = [
     case("vera-gpt2", tiny_gpt2, "vera", r=4, target_modules=["c_attn", "c_fc"]),
     case("vera-gpt2-bias-vera-only", tiny_gpt2, "vera", r=4, bias="vera_only"),
     case("vera-bert-seqcls-bias-all", tiny_bert, "vera", r=8, task_type="SEQ_CLS", bias="all"),
+    # LN tuning: trainable copies of the norms (RMSNorm on Llama, LayerNorm on GPT-2/BERT)
+    case("ln-llama-default", tiny_llama, "ln_tuning", task_type="CAUSAL_LM"),
+    case("ln-llama-named-exclude", tiny_llama, "ln_tuning", "other", target_modules=["input_layernorm", "norm"],
+         exclude_modules=r".*layers\.0\..*"),
+    case("ln-gpt2-default", tiny_gpt2, "ln_tuning"),
+    case("ln-bert-seqcls", tiny_bert, "ln_tuning", task_type="SEQ_CLS", target_modules=["LayerNorm"]),
+    # Trainable tokens: chosen embedding rows (GPT-2 ties lm_head to wte: the head follows)
+    case("tokens-llama-default", tiny_llama, "trainable_tokens", token_indices=[27, 70, 98]),
+    case("tokens-gpt2-tied", tiny_gpt2, "trainable_tokens", token_indices=[48, 53], task_type="CAUSAL_LM"),
+    case("tokens-bert-named", tiny_bert, "trainable_tokens", "other", token_indices=[98, 36, 61],
+         target_modules=["word_embeddings"]),
+    # LoRA + trainable_token_indices (a list: the input embedding; a dict: named layers)
+    case("lora-tokens-llama", tiny_llama, "lora", r=4, target_modules=["q_proj", "v_proj"],
+         trainable_token_indices=[27, 66]),
+    case("lora-tokens-gpt2-tied", tiny_gpt2, "lora", r=4, trainable_token_indices={"wte": [69, 3]}),
+    case("lora-tokens-bert-named", tiny_bert, "lora", "other", r=4, task_type="SEQ_CLS",
+         trainable_token_indices={"word_embeddings": [76, 39]}),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -185,7 +204,8 @@ def test_config_json_is_peft_s(row):
     assert set(ours) | {"peft_version"} == set(theirs)
     for key in ("peft_type", "r", "alpha", "feedforward_modules", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
                 "decompose_both", "decompose_factor", "init_weights", "save_projection", "projection_prng_key",
-                "d_initial", "bias", "task_type", "use_effective_conv2d"):
+                "d_initial", "bias", "task_type", "use_effective_conv2d", "token_indices", "target_modules",
+                "trainable_token_indices", "exclude_modules", "init_weights"):
         if key in theirs:
             a, b = ours[key], theirs[key]
             if isinstance(a, list) and isinstance(b, list):
