@@ -2,6 +2,8 @@
 
 from deltatune import lora  # noqa: F401  (registers the method)
 from deltatune.adalora import AdaLoraConfig
+from deltatune.bitfit import BitFitConfig
+from deltatune.bottleneck import BottleneckConfig
 from deltatune.config import PeftConfig, PeftType, TaskType
 from deltatune.errors import (
     AdapterLoadError,
@@ -45,6 +47,8 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterLoadError",
     "AdapterNameError",
+    "BitFitConfig",
+    "BottleneckConfig",
     "ConfigError",
     "DeltatuneError",
     "IA3Config",
