@@ -30,15 +30,17 @@ def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the base model's weights, by module path with adapter wrappers looked through."""
     out = {}
     for name, p in model.named_parameters():
-        if any(t in name for t in (".ia3_", ".hada_", ".lokr_", ".vera_", ".oft_", ".boft_", "modules_to_save")):
+        if any(t in name for t in (".ia3_", ".hada_", ".lokr_", ".vera_", ".oft_", ".boft_", "modules_to_save",
+                                   ".ln_tuning_", ".trainable_tokens_", ".bitfit_", ".bottleneck_")):
             continue
         name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
+        name = name.replace(".token_adapter", "")
         out[name] = p.detach().clone()
     return out
 
 
 def check_model_contract(factory: Callable[[], nn.Module], kind: str, config: Callable[[], deltatune.PeftConfig],
-                         prefix: str, tmp_path, identity_at_init: bool = True) -> None:
+                         prefix: str | tuple[str, ...], tmp_path, identity_at_init: bool = True) -> None:
     """Run every model-level property listed in the module docstring for one (model, method config)."""
     inputs = make_inputs(kind)
     base_model = factory()
@@ -75,7 +77,8 @@ def check_model_contract(factory: Callable[[], nn.Module], kind: str, config: Ca
     loss.backward()
     touched = []
     for name, p in model.named_parameters():
-        adapter = prefix in name or ".modules_to_save." in name
+        adapter = any(p in name for p in ((prefix,) if isinstance(prefix, str) else prefix)) \
+            or ".modules_to_save." in name
         assert p.requires_grad == adapter, f"{name}: requires_grad={p.requires_grad}"
         if adapter:
             assert p.grad is not None, f"{name} got no gradient"

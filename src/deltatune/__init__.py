@@ -2,7 +2,9 @@
 
 from deltatune import lora  # noqa: F401  (registers the method)
 from deltatune.adalora import AdaLoraConfig
+from deltatune.bitfit import BitFitConfig
 from deltatune.boft import BOFTConfig
+from deltatune.bottleneck import BottleneckConfig
 from deltatune.config import PeftConfig, PeftType, TaskType
 from deltatune.errors import (
     AdapterLoadError,
@@ -13,6 +15,7 @@ from deltatune.errors import (
     TargetModuleError,
 )
 from deltatune.ia3 import IA3Config
+from deltatune.ln_tuning import LNTuningConfig
 from deltatune.loha import LoHaConfig
 from deltatune.lokr import LoKrConfig
 from deltatune.lora import LoraConfig
@@ -36,6 +39,7 @@ from deltatune.prompt import (
     PromptTuningConfig,
 )
 from deltatune.quantization import prepare_model_for_kbit_training, quantize
+from deltatune.trainable_tokens import TrainableTokensConfig
 from deltatune.vera import VeraConfig
 
 __version__ = "0.1.0"
@@ -46,10 +50,13 @@ __all__ = [
     "AdapterLoadError",
     "AdapterNameError",
     "BOFTConfig",
+    "BitFitConfig",
+    "BottleneckConfig",
     "ConfigError",
     "DeltatuneError",
     "IA3Config",
     "LoHaConfig",
+    "LNTuningConfig",
     "LoKrConfig",
     "LoraConfig",
     "MergeError",
@@ -57,6 +64,7 @@ __all__ = [
     "OFTConfig",
     "PeftConfig",
     "PeftModel",
+    "TrainableTokensConfig",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering",

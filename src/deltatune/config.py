@@ -35,6 +35,9 @@ class PeftType(enum.StrEnum):
     BOFT = "BOFT"
     LN_TUNING = "LN_TUNING"
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
+    BITFIT = "BITFIT"
+    BOTTLENECK = "BOTTLENECK"
 
     def __str__(self) -> str:
         return self.value

@@ -290,7 +290,9 @@ class PeftModel(nn.Module):
         targets = getattr(config, "target_modules", None) or ()
         targeted = any(k in targets for k in ("embed_tokens", "lm_head"))
         if save_embedding_layers == "auto":
-            save_embedding_layers = targeted
+            # Trainable tokens exist to avoid filing the whole embedding (PEFT's rule too).
+            tokens = config.peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None)
+            save_embedding_layers = targeted and not tokens
         base = self.get_base_model()
         if not save_embedding_layers or not hasattr(base, "get_input_embeddings"):
             return {}

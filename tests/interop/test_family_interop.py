@@ -1,4 +1,5 @@
-"""deltatune <-> Hugging Face PEFT 0.21.2 for (IA)³, LoHa, LoKr, VeRA, OFT and BOFT: the same adapter files, both ways.
+"""deltatune <-> Hugging Face PEFT 0.21.2 for (IA)³, LoHa, LoKr, VeRA, OFT, BOFT, LN tuning, trainable tokens and
+LoRA's ``trainable_token_indices``: the same adapter files, both ways.
 
 One table of cases: (id, model factory, method, config kwargs, adapter name). For every case:
 
@@ -37,7 +38,8 @@ ATOL = 1e-6
 RTOL = 1e-5
 
 CONFIG_NAMES = {"ia3": "IA3Config", "loha": "LoHaConfig", "lokr": "LoKrConfig", "vera": "VeraConfig",
-                "oft": "OFTConfig", "boft": "BOFTConfig"}
+                "oft": "OFTConfig", "boft": "BOFTConfig", "ln_tuning": "LNTuningConfig",
+                "trainable_tokens": "TrainableTokensConfig", "lora": "LoraConfig"}
 
 
 def case(case_id, factory, method, name="default", **kwargs):
@@ -101,6 +103,23 @@ CASES = [
     case("boft-bert-seqcls-bias", tiny_bert, "boft", boft_block_size=8, task_type="SEQ_CLS", bias="boft_only"),
     case("boft-net-conv", tiny_net, "boft", boft_block_size=3, target_modules=["conv2d"]),
     case("boft-net-linear-all", tiny_net, "boft", boft_block_size=4, target_modules=["lin1", "head"], bias="all"),
+    # LN tuning: trainable copies of the norms (RMSNorm on Llama, LayerNorm on GPT-2/BERT)
+    case("ln-llama-default", tiny_llama, "ln_tuning", task_type="CAUSAL_LM"),
+    case("ln-llama-named-exclude", tiny_llama, "ln_tuning", "other", target_modules=["input_layernorm", "norm"],
+         exclude_modules=r".*layers\.0\..*"),
+    case("ln-gpt2-default", tiny_gpt2, "ln_tuning"),
+    case("ln-bert-seqcls", tiny_bert, "ln_tuning", task_type="SEQ_CLS", target_modules=["LayerNorm"]),
+    # Trainable tokens: chosen embedding rows (GPT-2 ties lm_head to wte: the head follows)
+    case("tokens-llama-default", tiny_llama, "trainable_tokens", token_indices=[27, 70, 98]),
+    case("tokens-gpt2-tied", tiny_gpt2, "trainable_tokens", token_indices=[48, 53], task_type="CAUSAL_LM"),
+    case("tokens-bert-named", tiny_bert, "trainable_tokens", "other", token_indices=[98, 36, 61],
+         target_modules=["word_embeddings"]),
+    # LoRA + trainable_token_indices (a list: the input embedding; a dict: named layers)
+    case("lora-tokens-llama", tiny_llama, "lora", r=4, target_modules=["q_proj", "v_proj"],
+         trainable_token_indices=[27, 66]),
+    case("lora-tokens-gpt2-tied", tiny_gpt2, "lora", r=4, trainable_token_indices={"wte": [69, 3]}),
+    case("lora-tokens-bert-named", tiny_bert, "lora", "other", r=4, task_type="SEQ_CLS",
+         trainable_token_indices={"word_embeddings": [76, 39]}),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -209,7 +228,8 @@ def test_config_json_is_peft_s(row):
                 "decompose_both", "decompose_factor", "init_weights", "save_projection", "projection_prng_key",
                 "d_initial", "bias", "task_type", "use_effective_conv2d", "oft_block_size", "block_share", "coft",
                 "eps", "use_cayley_neumann", "num_cayley_neumann_terms", "module_dropout", "boft_block_size",
-                "boft_block_num", "boft_n_butterfly_factor", "boft_dropout"):
+                "boft_block_num", "boft_n_butterfly_factor", "boft_dropout", "token_indices", "target_modules",
+                "trainable_token_indices", "exclude_modules"):
         if key in theirs:
             a, b = ours[key], theirs[key]
             if isinstance(a, list) and isinstance(b, list):

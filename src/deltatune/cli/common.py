@@ -8,6 +8,7 @@ a ``--config`` file, the settings saved by the run being resumed, and the flags 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import enum
 import json
@@ -313,12 +314,13 @@ def build_peft_config(method: str, options: dict[str, Any], task_type: str | Non
 
 
 def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_steps: int,
-                         model_path: str) -> dict[str, Any]:
+                         model_path: str, train_examples: list[dict] | None = None) -> dict[str, Any]:
     """Fields a method needs that the CLI can fill in, by field name (so a new method gets them too):
 
     * ``total_step`` (AdaLoRA's rank schedule): the run's optimizer steps;
     * ``num_virtual_tokens`` (prompt-learning methods): 20;
-    * ``tokenizer_name_or_path`` for a prompt initialised from text: the model's own tokenizer.
+    * ``tokenizer_name_or_path`` for a prompt initialised from text: the model's own tokenizer;
+    * ``token_indices`` (trainable tokens): the training data's 64 most frequent token ids.
     """
     fields = {f.name for f in dataclasses.fields(config_cls)}
     out = dict(options)
@@ -329,6 +331,9 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
     if "tokenizer_name_or_path" in fields and out.get("tokenizer_name_or_path") is None \
             and str(out.get("prompt_tuning_init", "")).upper() == "TEXT":
         out["tokenizer_name_or_path"] = model_path
+    if "token_indices" in fields and not out.get("token_indices") and train_examples:
+        counts = collections.Counter(i for ex in train_examples for i in ex["input_ids"])
+        out["token_indices"] = sorted(i for i, _ in counts.most_common(64))
     return out
 
 

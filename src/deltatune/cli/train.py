@@ -191,7 +191,8 @@ def prepare(settings: dict[str, Any]):
     train_examples = task.encoder(dataset.train)
     steps = plan_steps(len(train_examples), settings["max_steps"], float(settings["epochs"]),
                        int(settings["batch_size"]), int(settings["grad_accum"]))
-    options = common.fill_method_defaults(config_cls, options, total_steps=steps, model_path=spec.path)
+    options = common.fill_method_defaults(config_cls, options, total_steps=steps, model_path=spec.path,
+                                           train_examples=train_examples)
     settings["method_options"] = options
     task_type = "CAUSAL_LM" if spec.kind == "causal" else "SEQ_CLS"
     peft_config = common.build_peft_config(method, options, task_type,

@@ -99,7 +99,8 @@ def expand_all_linear(model: nn.Module, task_type=None) -> set[str]:
 
 def _is_adapter_internal(name: str) -> bool:
     parts = name.split(".")
-    return any(p.startswith(("lora_", "base_layer", "modules_to_save", "original_module")) for p in parts)
+    return any(p.startswith(("lora_", "base_layer", "modules_to_save", "original_module", "ln_tuning_layers",
+                             "token_adapter", "trainable_tokens_", "bitfit_", "bottleneck_")) for p in parts)
 
 
 def _matches(key: str, pattern: str | Iterable[str]) -> bool:

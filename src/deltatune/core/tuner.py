@@ -17,7 +17,7 @@ from deltatune.config import PeftConfig
 from deltatune.core import targeting
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
-from deltatune.errors import AdapterNameError, TargetModuleError
+from deltatune.errors import AdapterNameError, MergeError, TargetModuleError
 from deltatune.registry import Method, method_for
 
 
@@ -140,6 +140,8 @@ class AdapterModel(nn.Module):
                 if wrapped is not target:
                     replace_module(self.model, name, wrapped)
             self._wrap_modules_to_save(adapter_name, saved)
+            if method.after_inject is not None:  # e.g. the output layer tied to a wrapped input embedding
+                method.after_inject(self, adapter_name, config)
         except BaseException:
             self._remove_adapter(adapter_name)
             raise
@@ -158,9 +160,10 @@ class AdapterModel(nn.Module):
 
     def _mark_trainable(self, adapter_name: str, config: PeftConfig) -> None:
         """Freeze everything but the active adapters' tensors (and biases, per ``config.bias``)."""
-        prefix = method_for(config.peft_type).prefix
+        method = method_for(config.peft_type)
+        keep = (method.prefix, ".modules_to_save.", *(f".{c}." for c in method.extra_containers))
         for name, p in self.model.named_parameters():
-            if prefix not in name and ".modules_to_save." not in name:
+            if not any(k in name for k in keep):
                 p.requires_grad_(False)
         bias = getattr(config, "bias", "none")
         if bias == "all":
@@ -212,6 +215,15 @@ class AdapterModel(nn.Module):
             if not module.adapter_names():
                 original = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
                 replace_module(self.model, name, original)
+        self._collapse_wrappers()
+
+    def _collapse_wrappers(self) -> None:
+        """Replace companion wrappers (``collapse_into`` names their child, e.g. LoRA's ``token_adapter``) whose
+        child is no longer an adapter layer by that child, so the plain module is back in its place."""
+        for name, module in list(self.model.named_modules()):
+            attr = getattr(module, "collapse_into", None)
+            if attr is not None and not isinstance(getattr(module, attr), AdapterLayer):
+                replace_module(self.model, name, getattr(module, attr))
 
     # ---- merging -----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -219,6 +231,7 @@ class AdapterModel(nn.Module):
 
         With ``safe_merge`` every layer's merged weight is checked for NaN/Inf before any layer changes.
         """
+        self.check_mergeable(adapter_names)
         layers = list(self.adapter_layers())
         if safe_merge:  # dry run over every layer first, so a bad adapter leaves the whole model unchanged
             for name, layer in layers:
@@ -230,7 +243,22 @@ class AdapterModel(nn.Module):
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
+    def check_mergeable(self, adapter_names: list[str] | None = None) -> None:
+        """Raise :class:`MergeError` (changing nothing) if any adapter to merge belongs to a method whose update is
+        not a change of the weights (``Method.mergeable=False``, e.g. bottleneck adapters)."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for name in names:
+            config = self.peft_config.get(name)
+            if config is not None and not method_for(config.peft_type).mergeable:
+                reason = getattr(config, "merge_refusal", None) or "its update is not a change of the base weights"
+                raise MergeError(
+                    f"adapter {name!r} ({config.peft_type}) cannot be merged: {reason}. Keep it unmerged, or use "
+                    "unload() to get the base model back without it"
+                )
+
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self.check_mergeable(adapter_names)
         if merge and safe_merge:
             for name, layer in self.adapter_layers():
                 layer.check_merge(adapter_names, where=name)
@@ -240,6 +268,7 @@ class AdapterModel(nn.Module):
             else:
                 active = module.active_adapter
                 replace_module(self.model, name, module.modules_to_save[active] if active else module.original_module)
+        self._collapse_wrappers()
         self.peft_config.clear()
         return self.model
 

@@ -11,6 +11,7 @@ from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.lora.config import LoraConfig
 from deltatune.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, make_lora_layer, supported_types
 from deltatune.registry import Method, register
+from deltatune.trainable_tokens import add_token_adapters
 
 
 def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> LoraLayer | None:
@@ -46,6 +47,8 @@ LORA = register(Method(
     default_targets=DEFAULT_LORA_TARGETS,
     file_suffixes={"lora_magnitude_vector.weight": "lora_magnitude_vector"},
     cli_names={"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}},
+    after_inject=add_token_adapters,  # trainable_token_indices: chosen embedding rows train beside LoRA
+    extra_containers=("trainable_tokens_delta",),
 ))
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LORA"]

@@ -64,7 +64,7 @@ class LoraConfig(PeftConfig):
     # features behind them and refuses non-default values rather than silently ignoring them.
     megatron_config: dict | None = None
     megatron_core: str | None = "megatron.core"
-    trainable_token_indices: Any = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     loftq_config: dict = field(default_factory=dict)
     eva_config: Any = None
     corda_config: Any = None
@@ -114,7 +114,7 @@ class LoraConfig(PeftConfig):
                 "into the regex, or pass target_modules as a list of names"
             )
         unsupported = {
-            "megatron_config": None, "trainable_token_indices": None, "eva_config": None, "corda_config": None,
+            "megatron_config": None, "eva_config": None, "corda_config": None,
             "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
             "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
             "arrow_config": None, "kasa_config": None,
@@ -122,6 +122,12 @@ class LoraConfig(PeftConfig):
         for name, default in unsupported.items():
             if getattr(self, name) not in (default, False, None):
                 raise ConfigError(f"LoraConfig.{name} is not supported by deltatune yet; remove it from the config")
+        if self.trainable_token_indices is not None:
+            from deltatune.trainable_tokens.config import check_token_indices
+
+            indices = self.trainable_token_indices
+            for key, ids in (indices.items() if isinstance(indices, dict) else [("", indices)]):
+                check_token_indices(ids, f"LoraConfig.trainable_token_indices{f'[{key!r}]' if key else ''}")
         if self.loftq_config:
             raise ConfigError("LoftQ initialisation (loftq_config) is not supported by deltatune yet")
 

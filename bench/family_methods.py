@@ -1,0 +1,158 @@
+"""LN tuning, trainable tokens, LoRA + trainable tokens, BitFit and bottleneck adapters: one training step.
+
+On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
+token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
+order, median of ``--rounds`` timed steps after one warm-up step), each on its own copy of the weights:
+
+* ``ln_tuning``        -- deltatune vs ``peft`` (``LNTuningConfig()``: the 61 RMSNorms);
+* ``trainable_tokens`` -- deltatune vs ``peft`` (64 token rows; the tied ``lm_head`` follows);
+* ``lora_tokens``      -- deltatune vs ``peft`` (LoRA r=16 on q/v + ``trainable_token_indices`` of 64 rows);
+* ``bitfit``           -- deltatune vs deltatune LoRA r=16 all-linear (the usual floor; PEFT has no BitFit);
+* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA.
+
+Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
+(counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
+each pair is checked to start from the same loss (every method is the identity at init) and, against
+``peft``, to have the same number of trainable parameters. Prints a markdown table with the ratios.
+
+Usage: ``python bench/family_methods.py [--cases ln_tuning,bitfit --rounds 5 --batch-size 2 --seq-len 64]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+import deltatune as dt
+from deltatune.builtin.models import load_builtin_model
+
+TOKENS = list(range(1000, 1064))
+
+
+def configs(lib, case: str):
+    """The adapter config of ``case`` in ``lib`` (``peft`` or deltatune)."""
+    if case == "ln_tuning":
+        return lib.LNTuningConfig(task_type="CAUSAL_LM")
+    if case == "trainable_tokens":
+        return lib.TrainableTokensConfig(token_indices=TOKENS)
+    if case == "lora_tokens":
+        return lib.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                              trainable_token_indices=TOKENS, task_type="CAUSAL_LM")
+    if case == "lora":
+        return lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    if case == "bitfit":
+        return dt.BitFitConfig(task_type="CAUSAL_LM")
+    if case == "bottleneck":
+        return dt.BottleneckConfig(reduction_factor=16, task_type="CAUSAL_LM")
+    raise SystemExit(f"unknown case {case!r}")
+
+
+PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config case))
+    "ln_tuning": (("deltatune", "dt", "ln_tuning"), ("peft", "peft", "ln_tuning")),
+    "trainable_tokens": (("deltatune", "dt", "trainable_tokens"), ("peft", "peft", "trainable_tokens")),
+    "lora_tokens": (("deltatune", "dt", "lora_tokens"), ("peft", "peft", "lora_tokens")),
+    "bitfit": (("deltatune", "dt", "bitfit"), ("deltatune LoRA r16", "dt", "lora")),
+    "bottleneck": (("deltatune", "dt", "bottleneck"), ("deltatune LoRA r16", "dt", "lora")),
+}
+
+
+class Variant:
+    def __init__(self, label: str, model, batch, device) -> None:
+        self.label, self.model, self.batch, self.device = label, model.train(), batch, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        self.times: list[float] = []
+        self.memory = 0
+
+    def loss(self) -> float:
+        with torch.no_grad():
+            return self.model(**self.batch).loss.item()
+
+    def step(self, timed: bool) -> None:
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self.model(**self.batch).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if timed:
+            self.times.append(time.perf_counter() - start)
+        if self.device.type == "cuda":
+            self.memory = torch.cuda.max_memory_allocated()
+        else:
+            state = sum(p.numel() * p.element_size() for p in self.params) * 3  # grad + exp_avg + exp_avg_sq
+            self.memory = saved[0] + state
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default=",".join(PAIRS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import peft
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base, _ = load_builtin_model("smollm2-135m")
+    base = base.to(device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
+    ids[:, ::4] = torch.tensor(TOKENS[: args.seq_len // 4 + 1], device=device)[: ids[:, ::4].shape[1]]
+    batch = {"input_ids": ids, "labels": ids}
+    libs = {"dt": dt, "peft": peft}
+    rows = []
+    for case in args.cases.split(","):
+        variants = []
+        for label, lib, cfg_case in PAIRS[case]:
+            model = libs[lib].get_peft_model(copy.deepcopy(base), configs(libs[lib], cfg_case))
+            variants.append(Variant(label, model, batch, device))
+        a, b = variants
+        if b.label == "peft":
+            assert len(a.params) and sum(p.numel() for p in a.params) == sum(p.numel() for p in b.params), case
+        la, lb = a.loss(), b.loss()
+        assert abs(la - lb) < 1e-4, f"{case}: initial losses differ ({la} vs {lb})"
+        for v in variants:
+            v.step(timed=False)
+        for r in range(args.rounds):
+            for v in (variants if r % 2 == 0 else variants[::-1]):
+                v.step(timed=True)
+        ta, tb = statistics.median(a.times), statistics.median(b.times)
+        rows.append((case, a, b, ta, tb))
+        print(f"{case}: {a.label} {ta * 1e3:.0f} ms, {b.label} {tb * 1e3:.0f} ms", file=sys.stderr, flush=True)
+        del variants, a, b
+
+    print(f"\nSmolLM2-135M, {device.type}, batch {args.batch_size} x {args.seq_len}, median of {args.rounds} steps "
+          f"(forward + backward + AdamW)\n")
+    print("| case | variant | step ms | memory MiB | trainable params | step ratio | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for case, a, b, ta, tb in rows:
+        na, nb = sum(p.numel() for p in a.params), sum(p.numel() for p in b.params)
+        print(f"| {case} | {a.label} | {ta * 1e3:.0f} | {a.memory / 2**20:.0f} | {na:,} | "
+              f"{ta / tb:.2f} | {a.memory / max(b.memory, 1):.2f} |")
+        print(f"| {case} | {b.label} | {tb * 1e3:.0f} | {b.memory / 2**20:.0f} | {nb:,} | 1.00 | 1.00 |")
+    print(f"\nratios: deltatune / the second row of each case. Command: python bench/family_methods.py "
+          f"{shlex.join(argv if argv is not None else sys.argv[1:])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Trainable tokens: the config, the layer, the registry entry, and LoRA's ``trainable_token_indices``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltatune.config import PeftType
+from deltatune.errors import ConfigError
+from deltatune.registry import Method, register
+from deltatune.trainable_tokens.config import TrainableTokensConfig, check_token_indices
+from deltatune.trainable_tokens.layer import (
+    TrainableTokensLayer,
+    input_embedding_name,
+    supported_types,
+    tied_output_names,
+)
+
+
+def prepare_config(model: nn.Module, config: TrainableTokensConfig) -> None:
+    """``target_modules=None`` means the input embedding, written as its full name (as PEFT writes it)."""
+    if config.target_modules is None:
+        config.target_modules = input_embedding_name(model) or "embed_tokens"
+
+
+def create_or_update(target: nn.Module, adapter_name: str, config: TrainableTokensConfig,
+                     module_name: str) -> TrainableTokensLayer | None:
+    """Add adapter ``adapter_name`` to the embedding ``target`` (wrapping it unless it is wrapped already)."""
+    if isinstance(target, TrainableTokensLayer):
+        layer = target
+    elif isinstance(target, (nn.Embedding, nn.Linear)):
+        layer = TrainableTokensLayer(target)
+    else:
+        return None
+    layer.update_layer(adapter_name, config.token_indices, config.init_weights)
+    return layer
+
+
+def _tie_output_layers(model: nn.Module, leader: TrainableTokensLayer, register_tied: bool) -> None:
+    """Wrap every output layer sharing ``leader``'s weight so it follows ``leader``'s rows (tied embeddings)."""
+    from deltatune.core.tuner import replace_module
+
+    for name in tied_output_names(model, leader.base_layer):
+        follower = TrainableTokensLayer(model.get_submodule(name), tied_to=leader, register_tied=register_tied)
+        follower.set_adapter(leader.active_adapters)
+        replace_module(model, name, follower)
+
+
+def after_inject(adapter_model: nn.Module, adapter_name: str, config: TrainableTokensConfig) -> None:
+    """With tied input/output embeddings, the output layer follows the input embedding's rows (as PEFT)."""
+    for _, module in adapter_model.adapter_layers():
+        if isinstance(module, TrainableTokensLayer) and not module._tied:
+            _tie_output_layers(adapter_model.model, module, register_tied=True)
+
+
+TRAINABLE_TOKENS = register(Method(
+    peft_type=PeftType.TRAINABLE_TOKENS,
+    config_cls=TrainableTokensConfig,
+    prefix="trainable_tokens_",
+    layer_cls=TrainableTokensLayer,
+    create_or_update=create_or_update,
+    supported_types=supported_types,
+    cli_names={"trainable_tokens": {}},
+    prepare_config=prepare_config,
+    after_inject=after_inject,
+    lr_scale=10.0,  # a few embedding rows want larger steps than low-rank weight updates
+))
+
+
+# ---- LoRA's trainable_token_indices: a token adapter beside the LoRA layers ---------------------------
+class TokenAdapterWrapper(nn.Module):
+    """Holds a :class:`TrainableTokensLayer` as ``token_adapter`` (PEFT's layout, so the keys read
+    ``<embedding>.token_adapter.trainable_tokens_delta``) for a LoRA adapter's ``trainable_token_indices``."""
+
+    collapse_into = "token_adapter"  # the tuner puts the child back once it holds no adapter
+
+    def __init__(self, token_adapter: TrainableTokensLayer) -> None:
+        super().__init__()
+        self.token_adapter = token_adapter
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.token_adapter.base_layer.weight
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.token_adapter(x, *args, **kwargs)
+
+
+def token_index_targets(model: nn.Module, indices) -> dict[str, list[int]]:
+    """``trainable_token_indices`` as ``{layer name or suffix: [ids]}`` (a bare list means the input embedding)."""
+    if isinstance(indices, dict):
+        targets = {str(k): v for k, v in indices.items()}
+    else:
+        name = input_embedding_name(model)
+        if name is None:
+            raise ConfigError("trainable_token_indices as a list needs a model with get_input_embeddings(); pass "
+                              "a dict {embedding layer name: [ids]} instead")
+        targets = {name: indices}
+    for key, ids in targets.items():
+        check_token_indices(ids, f"trainable_token_indices[{key!r}]")
+    return targets
+
+
+def add_token_adapters(adapter_model: nn.Module, adapter_name: str, config) -> None:
+    """LoRA's ``after_inject``: wrap the layers named by ``config.trainable_token_indices`` (PEFT's rules)."""
+    indices = getattr(config, "trainable_token_indices", None)
+    if indices is None:
+        return
+    from deltatune.core.tuner import replace_module
+
+    model = adapter_model.model
+    saved = set(getattr(config, "modules_to_save", None) or [])
+    for key, ids in token_index_targets(model, indices).items():
+        if key in saved:
+            raise ConfigError(f"{key!r} is both in modules_to_save (trained in full) and in trainable_token_indices; "
+                              "pick one")
+        matches = [n for n, m in model.named_modules() if (n == key or n.endswith("." + key))
+                   and ".token_adapter" not in n and not n.endswith(".base_layer")]
+        if not matches:
+            raise ConfigError(f"trainable_token_indices names {key!r}, which matches no module of the model")
+        for name in matches:
+            module = model.get_submodule(name)
+            if isinstance(module, TokenAdapterWrapper):
+                if not module.token_adapter._tied:
+                    module.token_adapter.update_layer(adapter_name, list(ids))
+                continue
+            layer = TrainableTokensLayer(module)
+            layer.update_layer(adapter_name, list(ids))
+            replace_module(model, name, TokenAdapterWrapper(layer))
+            if not isinstance(module, nn.Embedding):
+                continue
+            explicit = [n for n, m in model.named_modules() if any(n == k or n.endswith("." + k) for k in indices)] \
+                if isinstance(indices, dict) else []
+            for tied in tied_output_names(model, module):
+                if tied not in explicit:
+                    follower = TrainableTokensLayer(model.get_submodule(tied), tied_to=layer, register_tied=False)
+                    follower.set_adapter(layer.active_adapters)
+                    replace_module(model, tied, TokenAdapterWrapper(follower))
+
+
+__all__ = ["TRAINABLE_TOKENS", "TokenAdapterWrapper", "TrainableTokensConfig", "TrainableTokensLayer",
+           "add_token_adapters"]

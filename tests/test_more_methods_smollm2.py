@@ -1,0 +1,85 @@
+"""LN tuning, BitFit, trainable tokens, LoRA + trainable_token_indices and bottleneck adapters on a real model
+(SmolLM2-135M, whose output layer is tied to its input embedding).
+
+Per method: a few AdamW steps on short sentences of one pattern lower the loss on *held-out* sentences of the
+same pattern; the adapter reloads with the same logits (in PEFT for the methods PEFT has, else in deltatune).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from deltatune import (
+    BitFitConfig,
+    BottleneckConfig,
+    LNTuningConfig,
+    LoraConfig,
+    PeftModel,
+    TrainableTokensConfig,
+    get_peft_model,
+)
+
+TRAIN = [f"Order {n}: {n} red apples, shipped on Monday." for n in (3, 8, 15, 21)]
+HELD_OUT = [f"Order {n}: {n} red apples, shipped on Monday." for n in (5, 12)]
+
+
+def _tokens(tok, texts):
+    batch = tok(texts, return_tensors="pt", padding=True)
+    return batch, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+
+CASES = [  # (id, config factory(train token ids), lr, steps, in peft)
+    ("ln_tuning", lambda ids: LNTuningConfig(task_type="CAUSAL_LM"), 1e-2, 4, True),
+    ("bitfit", lambda ids: BitFitConfig(target_modules=["q_proj", "v_proj", "down_proj"]), 1e-2, 4, False),
+    ("trainable_tokens", lambda ids: TrainableTokensConfig(token_indices=ids), 1e-2, 4, True),
+    ("lora_tokens", lambda ids: LoraConfig(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=ids,
+                                           task_type="CAUSAL_LM"), 3e-3, 4, True),
+    ("bottleneck", lambda ids: BottleneckConfig(reduction_factor=64), 3e-3, 4, False),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id, make_config, lr, steps, in_peft", CASES, ids=[c[0] for c in CASES])
+def test_method_lowers_held_out_loss_and_reloads(case_id, make_config, lr, steps, in_peft, tmp_path):
+    models = pytest.importorskip("deltatune.builtin.models")
+    torch.manual_seed(0)
+    base, tok = models.load_builtin_model("smollm2-135m")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    train, train_labels = _tokens(tok, TRAIN)
+    held, held_labels = _tokens(tok, HELD_OUT)
+    ids = sorted(set(train["input_ids"].flatten().tolist()))
+    model = get_peft_model(base, make_config(ids))
+
+    def held_out_loss(model) -> float:
+        model.eval()
+        with torch.no_grad():
+            return model(**held, labels=held_labels).loss.item()
+
+    start = held_out_loss(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**train, labels=train_labels).loss.backward()
+        opt.step()
+    end = held_out_loss(model)
+    assert end < start - 0.05, f"{case_id}: held-out loss went {start:.4f} -> {end:.4f}"
+
+    with torch.no_grad():
+        expected = model(**held).logits
+    model.save_pretrained(tmp_path)
+    del model, base, opt
+    gc.collect()
+    fresh = models.load_builtin_model("smollm2-135m")[0]
+    if in_peft:  # one reload per test (each load costs seconds): in PEFT where it has the method
+        import peft
+
+        loaded, atol = peft.PeftModel.from_pretrained(fresh, tmp_path).eval(), 1e-4
+    else:
+        loaded, atol = PeftModel.from_pretrained(fresh, tmp_path), 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**held).logits, expected, atol=atol, rtol=atol)
