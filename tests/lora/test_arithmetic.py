@@ -308,3 +308,22 @@ def test_shared_modules_to_save_and_uncovered_layers_are_refused():
         model.add_weighted_adapter(["a", "b"], [1, 1], "m", combination_type="cat")
     assert_same_state(before, model)
     assert "m" not in model.peft_config
+
+
+@pytest.mark.parametrize("how", ["cat", "linear", "svd"])
+def test_a_joined_target_no_source_adapted_gets_a_zero_update(how):
+    """a adapts q_proj everywhere, b adapts v_proj in layer 1 only; the joined config (a's: no layer filter) also
+    reaches layer 0's v_proj, where the combination is zero (PEFT raises or fails with an IndexError there)."""
+    model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                        init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", deltatune.LoraConfig(r=4, target_modules=["v_proj"], layers_to_transform=[1],
+                                                layers_pattern="layers", init_lora_weights=False))
+    _perturb(model)
+    model.add_weighted_adapter(["a", "b"], [0.5, 2.0], "m", combination_type=how)
+    empty = model.get_submodule("base_model.model.model.layers.0.self_attn.v_proj")
+    assert "m" in empty.r and not empty.get_delta_weight("m").any()
+    for module, name, weight in [("layers.1.self_attn.v_proj", "b", 2.0), ("layers.0.self_attn.q_proj", "a", 0.5)]:
+        module = "base_model.model.model." + module
+        # one source per layer: even `linear` is exact (sqrt(w s) B times sqrt(w s) A)
+        torch.testing.assert_close(_delta(model, module, "m"), weight * _delta(model, module, name),
+                                   rtol=1e-4, atol=1e-5)
