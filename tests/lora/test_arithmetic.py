@@ -327,3 +327,28 @@ def test_a_joined_target_no_source_adapted_gets_a_zero_update(how):
         # one source per layer: even `linear` is exact (sqrt(w s) B times sqrt(w s) A)
         torch.testing.assert_close(_delta(model, module, "m"), weight * _delta(model, module, name),
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, svd_rank", [("llama", None), ("llama", 3), ("gpt2", None), ("net", 5)])
+def test_svd_from_factors_gives_peft_dense_svd_update(kind, svd_rank):
+    """deltatune's opt-in fast SVD (QR of the stacked factors, then an R x R SVD) gives the same ``B A`` per layer
+    as PEFT's dense SVD, truncated or not (singular vectors may differ in sign, so factors are not compared)."""
+    factory, targets = MODELS[kind]
+    theirs, ours = build_pair(factory, three_specs(targets))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.add_weighted_adapter(["a", "b", "c"], WEIGHTS, "m", combination_type="svd", svd_rank=svd_rank)
+    ours.add_weighted_adapter(["a", "b", "c"], WEIGHTS, "m", combination_type="svd", svd_rank=svd_rank,
+                              svd_from_factors=True)
+    layers = [name for name, _ in ours.base_model.adapter_layers()]
+    assert layers
+    for name in layers:
+        module = "base_model.model." + name
+        want = theirs.get_submodule(module).get_delta_weight("m").detach()
+        # float32 SVDs by two routes: agree to ~1e-5 of the update's scale (a truncated one is also sensitive to
+        # the gap between the kept and the dropped singular values)
+        scale = want.abs().max().item()
+        torch.testing.assert_close(_delta(ours, module, "m"), want, rtol=0, atol=1e-4 * scale)
+    with pytest.raises(ConfigError, match="svd_from_factors applies to combination_type='svd' only"):
+        ours.add_weighted_adapter(["a", "b"], [1, 1], "x", combination_type="ties_svd", density=0.5,
+                                  svd_from_factors=True)
