@@ -50,6 +50,9 @@ def register(subparsers) -> None:
                    help="sign election of ties / dare_ties")
     g.add_argument("--svd-rank", type=int, help="rank of an *svd combination (default: the largest source rank)")
     g.add_argument("--svd-clamp", type=float, help="clamp the SVD factors to this quantile of their entries")
+    g.add_argument("--svd-from-factors", action="store_true",
+                   help="--how svd only: SVD of the stacked LoRA factors instead of the dense update (same result "
+                        "up to rounding, much faster on large layers)")
     g.add_argument("--seed", type=int, default=0, help="torch seed for the random DARE drop (default: 0)")
     g.add_argument("--merge-into-base", action="store_true",
                    help="write a standalone model with the combination folded in, not an adapter")
@@ -135,7 +138,8 @@ def combine(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the DARE types draw their drop masks from torch's global RNG
     model.add_weighted_adapter(names, weights, COMBINED, combination_type=args.how, svd_rank=args.svd_rank,
                                svd_clamp=args.svd_clamp, density=args.density,
-                               majority_sign_method=args.majority_sign_method)
+                               majority_sign_method=args.majority_sign_method,
+                               svd_from_factors=args.svd_from_factors)
     model.set_adapter(COMBINED)
     what = f"{len(dirs)} adapters ({args.how}, weights {weights})"
     if args.merge_into_base:
