@@ -169,11 +169,25 @@ def _combine_factors(layer: LoraLayer, sources: list[tuple[str, float]], how: st
     return a.to(dtype), b.to(dtype)
 
 
+def _dense_update(layer: LoraLayer, name: str) -> torch.Tensor:
+    """``ΔW = s · B A`` in the base weight's storage layout. For a convolution with a kernel larger than 1x1 it is
+    computed as PEFT does, as a convolution of ``A`` with ``B`` (``ΔW[o, i, k] = Σ_r B[o, r] A[r, i, k]``): a
+    matmul gives the same numbers up to rounding, and the SVD types must see PEFT's exact input to match it bit
+    for bit."""
+    if not isinstance(layer, LoraConv) or layer.base_layer.groups > 1:
+        return layer.get_delta_weight(name)
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if a.dim() == 4 and a.shape[2:] == (1, 1):
+        return layer.get_delta_weight(name)
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[a.dim()]
+    return conv(a.transpose(0, 1), b).transpose(0, 1) * layer.scaling[name]
+
+
 def _combine_svd(layer: LoraLayer, sources: list[tuple[str, float]], how: str, new_rank: int,
                  density: float | None, majority_sign_method: str, clamp: float | None, full_matrices: bool,
                  driver: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` from the top-``new_rank`` SVD of the merged dense update, oriented ``(out, in)``."""
-    deltas = [layer.get_delta_weight(name) for name, _ in sources]  # scaling included; the storage layout
+    deltas = [_dense_update(layer, name) for name, _ in sources]  # scaling included; the storage layout
     weights = torch.tensor([w for _, w in sources], device=deltas[0].device)
     base_how = how.removesuffix("_svd")
     delta = merge_utils.combine(deltas, weights, "linear" if base_how == "svd" else base_how, density,
