@@ -208,12 +208,13 @@ class PeftModel(nn.Module):
                              combination_type: str = "svd", svd_rank: int | None = None,
                              svd_clamp: float | None = None, svd_full_matrices: bool = True,
                              svd_driver: str | None = None, density: float | None = None,
-                             majority_sign_method: str = "total") -> None:
+                             majority_sign_method: str = "total", svd_from_factors: bool = False) -> None:
         """Add LoRA adapter ``adapter_name``, a weighted combination of ``adapters`` (not made active).
 
         ``combination_type``: ``linear``, ``cat``, ``svd``, ``ties``, ``ties_svd``, ``dare_linear``,
         ``dare_ties``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``;
-        the math is in :mod:`deltatune.lora.arithmetic`.
+        the math is in :mod:`deltatune.lora.arithmetic`. ``svd_from_factors`` (deltatune only): for ``svd``, the SVD
+        of the stacked factors instead of the dense update (same result up to rounding, much faster).
         """
         if self._is_prompt_learning:
             raise ConfigError("add_weighted_adapter combines LoRA adapters; prompt-learning adapters have no "
@@ -222,7 +223,8 @@ class PeftModel(nn.Module):
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
                              svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
-                             density=density, majority_sign_method=majority_sign_method)
+                             density=density, majority_sign_method=majority_sign_method,
+                             svd_from_factors=svd_from_factors)
 
     def _remove_adapter(self, adapter_name: str) -> None:
         """Undo a half-done add/load of ``adapter_name``."""

@@ -1,54 +1,164 @@
-"""``deltatune merge``: fold an adapter into its base model and write a standalone model for serving."""
+"""``deltatune merge``: fold an adapter into its base model, or combine several adapters into one.
+
+- ``--adapter DIR``: write a standalone model (safetensors + config + tokenizer) with the adapter folded in.
+- ``--adapters DIR1 DIR2 ... --weights ... --how ties``: write a new LoRA adapter directory, the weighted
+  combination (``PeftModel.add_weighted_adapter``); with ``--merge-into-base``, a standalone model with that
+  combination folded in instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import torch
 
 from deltatune.cli import common
 from deltatune.cli.common import UsageError, human_bytes
 
+# The combined adapter is "default", so save_pretrained writes it at the top of the output directory.
+COMBINED = "default"
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("merge", help="write a standalone merged model (safetensors + config)",
-                              description="W' = W + delta(W) for every adapted layer; the result loads with plain "
-                                          "transformers, no deltatune or peft needed.")
-    p.add_argument("--adapter", required=True, help="adapter directory")
-    p.add_argument("--output-dir", required=True, help="where the merged model goes (must not exist, or "
-                                                       "--overwrite)")
-    p.add_argument("--model", help="base model (default: the one the adapter names)")
+    from deltatune.lora.arithmetic import COMBINATION_TYPES
+
+    p = subparsers.add_parser(
+        "merge", help="write a standalone merged model, or combine adapters into one",
+        description="With --adapter: W' = W + delta(W) for every adapted layer; the result loads with plain "
+                    "transformers, no deltatune or peft needed. With --adapters: a new LoRA adapter that combines "
+                    "them (task arithmetic, TIES, DARE, SVD...), loadable by deltatune and peft.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="adapter directory to fold into its base model")
+    which.add_argument("--adapters", nargs="+", metavar="DIR", help="LoRA adapter directories to combine")
+    p.add_argument("--output-dir", required=True, help="where the result goes (must not exist, or --overwrite)")
+    p.add_argument("--model", help="base model (default: the one the (first) adapter names)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="dtype of the saved weights")
+                   help="dtype of the saved weights of a merged model")
     p.add_argument("--overwrite", action="store_true")
+    g = p.add_argument_group("combining adapters (--adapters)")
+    g.add_argument("--weights", nargs="+", type=float, metavar="W",
+                   help="one weight per adapter, negative to subtract (default: 1/n each)")
+    g.add_argument("--how", choices=COMBINATION_TYPES, default="svd",
+                   help="combination type, as PEFT's combination_type (default: svd)")
+    g.add_argument("--density", type=float, help="fraction of entries kept by ties / dare_* / magnitude_prune")
+    g.add_argument("--majority-sign-method", choices=["total", "frequency"], default="total",
+                   help="sign election of ties / dare_ties")
+    g.add_argument("--svd-rank", type=int, help="rank of an *svd combination (default: the largest source rank)")
+    g.add_argument("--svd-clamp", type=float, help="clamp the SVD factors to this quantile of their entries")
+    g.add_argument("--svd-from-factors", action="store_true",
+                   help="--how svd only: SVD of the stacked LoRA factors instead of the dense update (same result "
+                        "up to rounding, much faster on large layers)")
+    g.add_argument("--seed", type=int, default=0, help="torch seed for the random DARE drop (default: 0)")
+    g.add_argument("--merge-into-base", action="store_true",
+                   help="write a standalone model with the combination folded in, not an adapter")
     p.set_defaults(handler=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def _check_output(args: argparse.Namespace) -> str:
     out = os.path.abspath(args.output_dir)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.overwrite:
         raise UsageError(f"--output-dir {args.output_dir} exists and is not empty; pass --overwrite or another "
                          "directory")
-    model, tokenizer, spec, _, _ = common.load_with_adapter(args.adapter, args.model, torch.device("cpu"))
-    merged = model.merge_and_unload()
-    merged = merged.to(getattr(torch, args.dtype))
-    # Write beside the target, then rename: a failed merge leaves no half-written model directory.
+    return out
+
+
+def _write_dir(out: str, write: Callable[[str], None]) -> int:
+    """Run ``write(tmp)`` on a temporary directory beside ``out``, then rename it to ``out``: a failure leaves
+    no half-written directory. Returns the bytes written."""
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(out) for f in files)
+
+
+def _save_model(merged, tokenizer, dtype: str) -> Callable[[str], None]:
+    merged = merged.to(getattr(torch, dtype))
+
+    def write(tmp: str) -> None:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return write
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.adapters:
+        return combine(args)
+    extra = [f for f in ("weights", "density", "svd_rank", "svd_clamp") if getattr(args, f) is not None]
+    if extra or args.merge_into_base:
+        flags = ", ".join("--" + f.replace("_", "-") for f in extra + (["merge_into_base"] * args.merge_into_base))
+        raise UsageError(f"{flags} combine several adapters: use --adapters DIR1 DIR2 ... instead of --adapter")
+    out = _check_output(args)
+    model, tokenizer, spec, _, _ = common.load_with_adapter(args.adapter, args.model, torch.device("cpu"))
+    size = _write_dir(out, _save_model(model.merge_and_unload(), tokenizer, args.dtype))
     print(f"merged {args.adapter} into {spec.name}: wrote {out} ({human_bytes(size)}, {args.dtype}); "
           "load it with transformers' from_pretrained")
+    return 0
+
+
+def combine(args: argparse.Namespace) -> int:
+    """``--adapters``: load every adapter onto one base, ``add_weighted_adapter``, save the result."""
+    from deltatune import PeftModel
+    from deltatune.core.io import CONFIG_NAME
+
+    dirs = list(args.adapters)
+    weights = args.weights if args.weights is not None else [1.0 / len(dirs)] * len(dirs)
+    if len(weights) != len(dirs):
+        raise UsageError(f"--weights has {len(weights)} values for {len(dirs)} --adapters; give one per adapter")
+    out = _check_output(args)
+    spec, labels, run = common.adapter_base_and_labels(dirs[0], args.model)
+    if args.model is None:  # every adapter must expect the same base, or the sum means nothing
+        for d in dirs[1:]:
+            other, _, _ = common.adapter_base_and_labels(d, None)
+            if other.name != spec.name:
+                raise UsageError(f"{dirs[0]} expects base {spec.name} but {d} expects {other.name}; combine "
+                                 "adapters trained on the same base (or pass --model to force one)")
+    for d in dirs:
+        peft_type = common.read_json(os.path.join(d, CONFIG_NAME)).get("peft_type")
+        if str(peft_type).upper() != "LORA":
+            raise UsageError(f"{d} is a {peft_type} adapter; --adapters combines LoRA adapters only")
+    base, tokenizer = common.load_model(spec, labels=labels or run.get("labels"), device=torch.device("cpu"))
+    names = [f"source_{i}" for i in range(len(dirs))]
+    model = PeftModel.from_pretrained(base, dirs[0], adapter_name=names[0])
+    for name, d in zip(names[1:], dirs[1:]):
+        model.load_adapter(d, adapter_name=name)
+    torch.manual_seed(args.seed)  # the DARE types draw their drop masks from torch's global RNG
+    model.add_weighted_adapter(names, weights, COMBINED, combination_type=args.how, svd_rank=args.svd_rank,
+                               svd_clamp=args.svd_clamp, density=args.density,
+                               majority_sign_method=args.majority_sign_method,
+                               svd_from_factors=args.svd_from_factors)
+    model.set_adapter(COMBINED)
+    what = f"{len(dirs)} adapters ({args.how}, weights {weights})"
+    if args.merge_into_base:
+        for name in names:
+            model.delete_adapter(name)
+        size = _write_dir(out, _save_model(model.merge_and_unload(), tokenizer, args.dtype))
+        print(f"merged {what} into {spec.name}: wrote {out} ({human_bytes(size)}, {args.dtype}); load it with "
+              "transformers' from_pretrained")
+        return 0
+
+    def write(tmp: str) -> None:
+        model.save_pretrained(tmp, selected_adapters=[COMBINED])
+        if run:  # keep what `deltatune eval/generate` read (base, labels, template), and say where it came from
+            record = dict(run, combined_from={"adapters": [os.path.abspath(d) for d in dirs], "weights": weights,
+                                              "how": args.how, "density": args.density})
+            with open(os.path.join(tmp, common.RUN_CONFIG_NAME), "w", encoding="utf-8") as fh:
+                json.dump(record, fh, indent=2)
+
+    size = _write_dir(out, write)
+    print(f"combined {what}: wrote adapter {out} (r={model.peft_config[COMBINED].r}, {human_bytes(size)}); "
+          "load it with PeftModel.from_pretrained (deltatune or peft)")
     return 0
