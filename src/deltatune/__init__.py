@@ -33,7 +33,7 @@ from deltatune.prompt import (
     PromptLearningConfig,
     PromptTuningConfig,
 )
-from deltatune.quantization import prepare_model_for_kbit_training, quantize
+from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
 from deltatune.vera import VeraConfig
 
 __version__ = "0.1.0"
@@ -68,7 +68,9 @@ __all__ = [
     "TaskType",
     "VeraConfig",
     "create_loraplus_optimizer",
+    "dequantize",
     "get_peft_model",
+    "merge_and_report",
     "prepare_model_for_kbit_training",
     "quantize",
 ]
