@@ -198,12 +198,13 @@ def _logits(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor]) ->
 
 def merge_and_report(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor],
                      requantize: str | None = None, double_quant: bool = True,
-                     dense: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+                     dense: bool = False, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """``model.merge_and_unload()`` over a quantised base, with the merge error measured on ``inputs``.
 
     The adapters are folded into the dequantised weights (exact), so the merged model's layers are dense;
     ``requantize`` (``"nf4"``, ``"fp4"``, ``"int8"``) quantises the merged model again, which costs that
-    format's rounding of the new weights. ``dense=True`` also dequantises the layers no adapter touched.
+    format's rounding of the new weights. ``dense=True`` also dequantises the layers no adapter touched;
+    ``dtype`` casts the dense merged model (implies ``dense``) and is the compute dtype of a requantised one.
 
     The error is ``|merged(x) - unmerged(x)|`` over the logits of ``inputs`` (``(batch, seq)`` token ids or a
     dict of model inputs), both computed in eval mode under :func:`exact_4bit_kernels` so it measures the
@@ -218,16 +219,48 @@ def merge_and_report(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Te
     with torch.no_grad(), exact_4bit_kernels(model):
         before = _logits(model, inputs)
     merged = model.merge_and_unload()
-    if dense or requantize is not None:
+    if dense or dtype is not None or requantize is not None:
         merged = dequantize(merged)
+    if dtype is not None:
+        merged = merged.to(dtype)
     if requantize is not None:
-        merged = quantize(merged, requantize, double_quant=double_quant)
+        merged = quantize(merged, requantize, double_quant=double_quant, compute_dtype=dtype)
     merged.eval()
     with torch.no_grad(), exact_4bit_kernels(merged):
         after = _logits(merged, inputs)
     diff = (after - before).abs()
     return merged, {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
                     "requantized": requantize}
+
+
+def use_exact_cpu_kernels(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking ``model``'s 4-bit weights for its bf16 CPU kernel in eval forwards.
+
+    The repacking rounds the block scales (it cannot be undone exactly) and makes eval outputs differ from
+    training-mode ones; with it off, evaluation computes what training computed, so an evaluation after
+    training and a later ``deltatune eval`` of the saved adapter give the same numbers.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def bnb_config(quant_type: str, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+               skip_modules: list[str] | None = None):
+    """The ``transformers.BitsAndBytesConfig`` describing what :func:`quantize` does, for a model's
+    ``config.quantization_config``: with it, ``save_pretrained`` writes a model that ``from_pretrained`` loads
+    back quantised (bitsandbytes' packed weights and statistics, no requantising)."""
+    from transformers import BitsAndBytesConfig
+
+    if quant_type not in QUANT_TYPES:
+        raise ConfigError(f"quant_type={quant_type!r} is not supported; use one of {', '.join(QUANT_TYPES)}")
+    if quant_type == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+                              llm_int8_skip_modules=skip_modules)
 
 
 def weight_bytes(model: nn.Module) -> int:
