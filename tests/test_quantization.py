@@ -300,3 +300,15 @@ def test_other_methods_interop_with_peft_on_same_quantized_base(tmp_path, method
                                           is_trainable=True)
     loaded.train()
     torch.testing.assert_close(loaded(IDS).logits, theirs(IDS).logits, atol=1e-6, rtol=0)
+
+
+def test_quantize_lets_go_of_a_memory_mapped_checkpoint(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path)
+    mapped = [n for n, p in model.named_parameters() if not p.untyped_storage().resizable()]
+    assert mapped  # from_pretrained maps the safetensors file
+    expected = model(IDS).logits.detach()
+    quantize(model, "nf4")
+    assert [n for n, p in model.named_parameters() if not p.untyped_storage().resizable()] == []
+    model.train()
+    assert rel_err(model(IDS).logits.detach(), expected) < 0.25

@@ -134,11 +134,27 @@ def quantize(model: nn.Module, quant_type: str = "nf4", double_quant: bool = Tru
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _quantized_linear(getattr(parent, child), quant_type, double_quant, compute_dtype))
+    _release_mapped_checkpoint(model)
     if quant_type == "int8":
         model.is_loaded_in_8bit = True
     else:
         model.is_loaded_in_4bit = True
     return model
+
+
+def _release_mapped_checkpoint(model: nn.Module) -> None:
+    """Copy the tensors left in full precision (embeddings, norms, head) out of a memory-mapped checkpoint.
+
+    ``from_pretrained`` maps the safetensors file; the pages quantisation read stay resident while any tensor
+    still views the mapping, so a quantised model would keep the float weights' memory. Mapped storages are
+    the non-resizable ones; copying them (a few tensors) lets the mapping go.
+    """
+    for module in model.modules():
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if t is None or is_quantized_layer(module) and name == "weight":
+                continue
+            if not t.untyped_storage().resizable():
+                t.data = t.data.clone()
 
 
 def dequantize(model: nn.Module) -> nn.Module:
