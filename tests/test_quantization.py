@@ -312,3 +312,39 @@ def test_quantize_lets_go_of_a_memory_mapped_checkpoint(tmp_path):
     assert [n for n, p in model.named_parameters() if not p.untyped_storage().resizable()] == []
     model.train()
     assert rel_err(model(IDS).logits.detach(), expected) < 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adalora", "ia3"])
+def test_smollm2_nf4_other_methods_cross_with_peft_and_merge_exactly(tmp_path, method):
+    """SmolLM2-135M in NF4 (+ double quant): bytes under 0.35x fp32, an AdaLoRA/(IA)³ adapter over it loads in
+    peft with equal logits, and the merge into the dequantised weights matches the unmerged model."""
+    peft = pytest.importorskip("peft")
+    models = pytest.importorskip("deltatune.builtin.models")
+
+    def base():
+        model, _ = models.load_builtin_model("smollm2-135m")
+        return model
+
+    model = base()
+    fp32_bytes = weight_bytes(model)
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = dt.get_peft_model(quantize(model, "nf4"), other_config(method))
+    assert weight_bytes(model.get_base_model()) / fp32_bytes < 0.35  # embeddings and (tied) head counted
+    with torch.no_grad():  # a trained-looking adapter: N(0, 1) factors through 30 blocks blow the logits up
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(1 + 0.1 * torch.randn_like(p) if "ia3_l" in name else 0.3 * p)
+    model.train()
+    ours = model(ids).logits.detach()
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(quantize(base(), "nf4"), tmp_path)
+    theirs.train()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours, atol=1e-5, rtol=0)
+    del theirs
+    with model.disable_adapter():
+        assert (model(ids).logits - ours).abs().max() > 0.1  # the adapter matters
+    _, report = dt.merge_and_report(model, ids, dense=True)
+    assert report["max_abs_diff"] < 1e-3
