@@ -164,3 +164,187 @@ def test_unknown_quant_type_and_missing_bitsandbytes(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(DeltatuneError, match=r"pip install 'deltatune\[qlora\]'"):
         quantize(tiny_llama(), "nf4")
+
+
+# ---- AdaLoRA and (IA)³ over quantised bases -----------------------------------------------------------------
+# (id, our config, PEFT config class name, kwargs): init weights off so every adapter is far from identity and a
+# wrong load or merge shows in the logits.
+OTHER_METHODS = {
+    "adalora": ("AdaLoraConfig", {"init_r": 6, "target_r": 4, "total_step": 10, "init_lora_weights": False,
+                                  "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    "ia3": ("IA3Config", {"init_ia3_weights": False, "target_modules": ["k_proj", "v_proj", "down_proj"],
+                          "feedforward_modules": ["down_proj"]}),
+}
+
+
+def other_config(method: str, lib=dt):
+    cls, kwargs = OTHER_METHODS[method]
+    return getattr(lib, cls)(**kwargs)
+
+
+def file_layout(path) -> tuple[dict, dict]:
+    import json
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    with open(path / "adapter_config.json") as fh:
+        config = json.load(fh)
+    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, config
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["adalora", "ia3"])
+def test_other_methods_train_save_load_on_quantized_base(tmp_path, method, quant_type):
+    torch.manual_seed(0)
+    model = dt.get_peft_model(quantize(tiny_llama(), quant_type), other_config(method))
+    assert type(model.base_model.model.model.layers[0].self_attn.v_proj.base_layer).__name__ in (
+        "Linear4bit", "Linear8bitLt")
+    model.train()
+    out = model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    prefix = "lora_" if method == "adalora" else "ia3_"
+    assert with_grad and all(prefix in n for n in with_grad)
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in with_grad)
+    logits = model(IDS).logits.detach()
+    model.save_pretrained(tmp_path / "q")
+    loaded = dt.PeftModel.from_pretrained(quantize(tiny_llama(), quant_type), tmp_path / "q", is_trainable=True)
+    loaded.train()
+    torch.testing.assert_close(loaded(IDS).logits, logits, atol=1e-6, rtol=0)
+    # The file is the one a full-precision base gives: same keys, shapes, dtypes and config.
+    torch.manual_seed(0)
+    dt.get_peft_model(tiny_llama(), other_config(method)).save_pretrained(tmp_path / "fp32")
+    assert file_layout(tmp_path / "q") == file_layout(tmp_path / "fp32")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["adalora", "ia3"])
+def test_other_methods_merge_and_unload_dequantizes_exactly(method, quant_type):
+    model = dt.get_peft_model(quantize(tiny_llama(), quant_type), other_config(method))
+    model.train()
+    unmerged = model(IDS).logits.detach()
+    base_off = model.get_base_model()
+    with model.disable_adapter():
+        no_adapter = model(IDS).logits.detach()
+    assert (unmerged - no_adapter).abs().max() > 0.05  # the adapter really changes the outputs
+    merged = model.merge_and_unload()
+    assert merged is base_off
+    assert type(merged.model.layers[0].self_attn.v_proj) is torch.nn.Linear
+    assert type(merged.model.layers[0].self_attn.o_proj).__name__ != "Linear"  # untouched layers stay quantised
+    merged.train()
+    torch.testing.assert_close(merged(IDS).logits, unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3"])
+def test_merge_and_report_exact_dense_and_requantized(method):
+    def build():
+        cfg = dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False) if method == "lora" \
+            else other_config(method)
+        return dt.get_peft_model(quantize(tiny_llama(), "nf4"), cfg)
+
+    merged, report = dt.merge_and_report(build(), IDS, dense=True)
+    assert not any(type(m).__name__ in ("Linear4bit", "Params4bit") for m in merged.modules())
+    assert report["max_abs_diff"] < 1e-4 and report["requantized"] is None
+    reference = build()
+    reference.train()
+    merged.eval()
+    with torch.no_grad():  # the report's number is the real difference of the two models
+        assert (merged(IDS).logits - reference(IDS).logits).abs().max().item() < 1e-4
+    # An eval forward repacks 4-bit weights on CPU (bf16 scales, every later forward uses them); the report
+    # compares like with like, so the merge still measures as exact.
+    repacked = build()
+    repacked.eval()
+    with torch.no_grad():
+        repacked(IDS)
+    assert dt.merge_and_report(repacked, IDS)[1]["max_abs_diff"] < 1e-4
+
+    requantized, report_q = dt.merge_and_report(build(), IDS, requantize="nf4")
+    assert type(requantized.model.layers[0].self_attn.v_proj).__name__ == "Linear4bit"
+    assert report_q["requantized"] == "nf4"
+    assert 1e-4 < report_q["mean_abs_diff"] <= report_q["max_abs_diff"] < 1.0  # NF4 rounding of the new weights
+    with pytest.raises(ConfigError, match="nf4"):
+        dt.merge_and_report(build(), IDS, requantize="int3")
+
+
+def test_ia3_merge_in_place_into_4bit_is_close():
+    model = dt.get_peft_model(quantize(tiny_llama(), "nf4"), other_config("ia3"))
+    model.train()
+    out = model(IDS).logits.detach()
+    model.merge_adapter()  # dequantise, scale, requantise: lossy by NF4's rounding
+    merged = model(IDS).logits.detach()
+    assert 0 < rel_err(merged, out) < 0.1
+    model.unmerge_adapter()
+    assert rel_err(model(IDS).logits.detach(), out) < 0.1
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["adalora", "ia3"])
+def test_other_methods_interop_with_peft_on_same_quantized_base(tmp_path, method, quant_type):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    ours = dt.get_peft_model(quantize(tiny_llama(), quant_type), other_config(method))
+    ours.train()
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(quantize(tiny_llama(), quant_type), tmp_path / "ours",
+                                            is_trainable=True)
+    assert type(theirs.base_model.model.model.layers[0].self_attn.v_proj).__module__.endswith(".bnb")
+    theirs.train()
+    torch.testing.assert_close(theirs(IDS).logits, ours(IDS).logits, atol=1e-6, rtol=0)
+
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(quantize(tiny_llama(), quant_type), other_config(method, peft))
+    theirs.train()
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = dt.PeftModel.from_pretrained(quantize(tiny_llama(), quant_type), tmp_path / "theirs",
+                                          is_trainable=True)
+    loaded.train()
+    torch.testing.assert_close(loaded(IDS).logits, theirs(IDS).logits, atol=1e-6, rtol=0)
+
+
+def test_quantize_lets_go_of_a_memory_mapped_checkpoint(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path)
+    mapped = [n for n, p in model.named_parameters() if not p.untyped_storage().resizable()]
+    assert mapped  # from_pretrained maps the safetensors file
+    expected = model(IDS).logits.detach()
+    quantize(model, "nf4")
+    assert [n for n, p in model.named_parameters() if not p.untyped_storage().resizable()] == []
+    model.train()
+    assert rel_err(model(IDS).logits.detach(), expected) < 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adalora", "ia3"])
+def test_smollm2_nf4_other_methods_cross_with_peft_and_merge_exactly(tmp_path, method):
+    """SmolLM2-135M in NF4 (+ double quant): bytes under 0.35x fp32, an AdaLoRA/(IA)³ adapter over it loads in
+    peft with equal logits, and the merge into the dequantised weights matches the unmerged model."""
+    peft = pytest.importorskip("peft")
+    models = pytest.importorskip("deltatune.builtin.models")
+
+    def base():
+        model, _ = models.load_builtin_model("smollm2-135m")
+        return model
+
+    model = base()
+    fp32_bytes = weight_bytes(model)
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = dt.get_peft_model(quantize(model, "nf4"), other_config(method))
+    assert weight_bytes(model.get_base_model()) / fp32_bytes < 0.35  # embeddings and (tied) head counted
+    with torch.no_grad():  # a trained-looking adapter: N(0, 1) factors through 30 blocks blow the logits up
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(1 + 0.1 * torch.randn_like(p) if "ia3_l" in name else 0.3 * p)
+    model.train()
+    ours = model(ids).logits.detach()
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(quantize(base(), "nf4"), tmp_path)
+    theirs.train()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours, atol=1e-5, rtol=0)
+    del theirs
+    with model.disable_adapter():
+        assert (model(ids).logits - ours).abs().max() > 0.1  # the adapter matters
+    _, report = dt.merge_and_report(model, ids, dense=True)
+    assert report["max_abs_diff"] < 1e-3

@@ -38,7 +38,7 @@ from deltatune.prompt import (
     PromptLearningConfig,
     PromptTuningConfig,
 )
-from deltatune.quantization import prepare_model_for_kbit_training, quantize
+from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
 from deltatune.trainable_tokens import TrainableTokensConfig
 from deltatune.vera import VeraConfig
 
@@ -80,7 +80,9 @@ __all__ = [
     "TaskType",
     "VeraConfig",
     "create_loraplus_optimizer",
+    "dequantize",
     "get_peft_model",
+    "merge_and_report",
     "prepare_model_for_kbit_training",
     "quantize",
 ]

@@ -8,8 +8,10 @@ bitsandbytes is an optional extra: ``pip install 'deltatune[qlora]'``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,6 +37,14 @@ def require_bnb():
 def is_quantized_layer(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
     return w is not None and type(w).__name__ in ("Params4bit", "Int8Params")
+
+
+def dense_weight_shape(module: nn.Module) -> torch.Size:
+    """The shape of ``module.weight`` as a dense tensor: ``(out, in)`` for a bitsandbytes layer (whose stored
+    weight is packed), else the weight's own shape."""
+    if is_quantized_layer(module):
+        return torch.Size((module.out_features, module.in_features))
+    return module.weight.shape
 
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
@@ -124,11 +134,149 @@ def quantize(model: nn.Module, quant_type: str = "nf4", double_quant: bool = Tru
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _quantized_linear(getattr(parent, child), quant_type, double_quant, compute_dtype))
+    _release_mapped_checkpoint(model)
     if quant_type == "int8":
         model.is_loaded_in_8bit = True
     else:
         model.is_loaded_in_4bit = True
     return model
+
+
+def _release_mapped_checkpoint(model: nn.Module) -> None:
+    """Copy the tensors left in full precision (embeddings, norms, head) out of a memory-mapped checkpoint.
+
+    ``from_pretrained`` maps the safetensors file; the pages quantisation read stay resident while any tensor
+    still views the mapping, so a quantised model would keep the float weights' memory. Mapped storages are
+    the non-resizable ones; copying them (a few tensors) lets the mapping go.
+    """
+    for module in model.modules():
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if t is None or is_quantized_layer(module) and name == "weight":
+                continue
+            if not t.untyped_storage().resizable():
+                t.data = t.data.clone()
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace every bitsandbytes layer of ``model`` (in place) by a dense ``nn.Linear`` holding its dequantised
+    weight, in the layer's compute dtype (fp32 for int8). The inverse of :func:`quantize` up to its rounding."""
+    names = [n for n, m in model.named_modules() if is_quantized_layer(m) and not hasattr(m, "base_layer")]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child)
+        dtype = getattr(layer, "compute_dtype", None) or torch.float32
+        weight = dequantize_weight(layer)
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                          device=weight.device, dtype=dtype)
+        dense.weight.data = weight.to(dtype)
+        if layer.bias is not None:
+            dense.bias.data = layer.bias.data.to(dtype).clone()
+        dense.requires_grad_(False)
+        setattr(parent, child, dense)
+    if not any(is_quantized_layer(m) for m in model.modules()):
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if getattr(model, flag, False):
+                setattr(model, flag, False)
+    return model
+
+
+@contextlib.contextmanager
+def exact_4bit_kernels(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model``'s 4-bit layers through bitsandbytes' dequantise-then-fp32-matmul path.
+
+    On CPU, an eval-mode forward without grad repacks 4-bit weights for a bf16 kernel (and every later
+    forward uses it), so outputs move by bf16 rounding. Inside this context the repacking is undone (with
+    bitsandbytes' own inverse, as its ``state_dict`` does) and the layers report ``training=True``, which is
+    all bitsandbytes looks at; 4-bit layers have no dropout, so nothing else changes.
+    """
+    layers = [m for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+    modes = [m.training for m in layers]
+    for m in layers:
+        state = m.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, state)
+        m.training = True
+    try:
+        yield model
+    finally:
+        for m, mode in zip(layers, modes, strict=True):
+            m.training = mode
+
+
+def _logits(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    out = getattr(out, "logits", out)
+    return (out[0] if isinstance(out, (tuple, list)) else out).float()
+
+
+def merge_and_report(model: nn.Module, inputs: torch.Tensor | dict[str, torch.Tensor],
+                     requantize: str | None = None, double_quant: bool = True,
+                     dense: bool = False, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """``model.merge_and_unload()`` over a quantised base, with the merge error measured on ``inputs``.
+
+    The adapters are folded into the dequantised weights (exact), so the merged model's layers are dense;
+    ``requantize`` (``"nf4"``, ``"fp4"``, ``"int8"``) quantises the merged model again, which costs that
+    format's rounding of the new weights. ``dense=True`` also dequantises the layers no adapter touched;
+    ``dtype`` casts the dense merged model (implies ``dense``) and is the compute dtype of a requantised one.
+
+    The error is ``|merged(x) - unmerged(x)|`` over the logits of ``inputs`` (``(batch, seq)`` token ids or a
+    dict of model inputs), both computed in eval mode under :func:`exact_4bit_kernels` so it measures the
+    merge and nothing else.
+
+    Returns:
+        ``(merged_model, {"max_abs_diff", "mean_abs_diff", "requantized"})``.
+    """
+    if requantize is not None and requantize not in QUANT_TYPES:
+        raise ConfigError(f"requantize={requantize!r} is not supported; use one of {', '.join(QUANT_TYPES)}")
+    model.eval()
+    with torch.no_grad(), exact_4bit_kernels(model):
+        before = _logits(model, inputs)
+    merged = model.merge_and_unload()
+    if dense or dtype is not None or requantize is not None:
+        merged = dequantize(merged)
+    if dtype is not None:
+        merged = merged.to(dtype)
+    if requantize is not None:
+        merged = quantize(merged, requantize, double_quant=double_quant, compute_dtype=dtype)
+    merged.eval()
+    with torch.no_grad(), exact_4bit_kernels(merged):
+        after = _logits(merged, inputs)
+    diff = (after - before).abs()
+    return merged, {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+                    "requantized": requantize}
+
+
+def use_exact_cpu_kernels(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking ``model``'s 4-bit weights for its bf16 CPU kernel in eval forwards.
+
+    The repacking rounds the block scales (it cannot be undone exactly) and makes eval outputs differ from
+    training-mode ones; with it off, evaluation computes what training computed, so an evaluation after
+    training and a later ``deltatune eval`` of the saved adapter give the same numbers.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def bnb_config(quant_type: str, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+               skip_modules: list[str] | None = None):
+    """The ``transformers.BitsAndBytesConfig`` describing what :func:`quantize` does, for a model's
+    ``config.quantization_config``: with it, ``save_pretrained`` writes a model that ``from_pretrained`` loads
+    back quantised (bitsandbytes' packed weights and statistics, no requantising)."""
+    from transformers import BitsAndBytesConfig
+
+    if quant_type not in QUANT_TYPES:
+        raise ConfigError(f"quant_type={quant_type!r} is not supported; use one of {', '.join(QUANT_TYPES)}")
+    if quant_type == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+                              llm_int8_skip_modules=skip_modules)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ from torch import nn
 
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError
+from deltatune.quantization import dense_weight_shape
 
 if TYPE_CHECKING:
     from deltatune.adalora.allocator import RankAllocator
@@ -63,14 +64,15 @@ class AdaLoraLayer(AdapterLayer):
         self.fan_in_fan_out = conv1d is not None and isinstance(base_layer, conv1d)
         self.is_conv = isinstance(base_layer, nn.Conv2d)
         weight = base_layer.weight
+        shape = dense_weight_shape(base_layer)  # (out, in) for bitsandbytes layers, whose weight is packed
         if self.is_conv:
             if base_layer.groups != 1:
                 raise ConfigError(f"AdaLoRA supports Conv2d with groups=1 only, got groups={base_layer.groups}")
             self.out_features, self.in_features = weight.shape[0], weight[0].numel()
         elif self.fan_in_fan_out:
-            self.in_features, self.out_features = weight.shape
+            self.in_features, self.out_features = shape
         else:
-            self.out_features, self.in_features = weight.shape
+            self.out_features, self.in_features = shape
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()
@@ -150,7 +152,7 @@ class AdaLoraLayer(AdapterLayer):
         delta = b @ (a * e) * self.scaling[adapter_name] / self._denominator(adapter_name)  # (out, in)
         if self.fan_in_fan_out:
             delta = delta.T
-        return delta.reshape(self.base_layer.weight.shape)
+        return delta.reshape(dense_weight_shape(self.base_layer))
 
     def _adapter_out(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The adapter's own output for ``x`` (``(..., out)``, or ``(N, out, H', W')`` on a conv)."""

@@ -47,7 +47,9 @@ DEFAULTS: dict[str, Any] = {
     "gradient_checkpointing": False, "device": "auto", "format": None, "template": None,
     "text_column": None, "label_column": None, "prompt_column": None, "completion_column": None,
     "messages_column": None, "forgetting_tokens": 4096, "eval_before": True, "method_options": {},
+    "quantize": None,
 }
+QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 
 # Measured on the 2-core reference machine: the default job is ~9 CPU-minutes (about 5 minutes on 2 idle cores).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -462,6 +464,34 @@ def load_model(spec: ModelSpec, labels: list[str] | None = None, device: torch.d
     return model.to(device), tokenizer
 
 
+def check_quantize(quant_type: str | None) -> str | None:
+    """``None`` for no quantisation; otherwise the type, once bitsandbytes is known to import."""
+    if quant_type in (None, "", "none"):
+        return None
+    if quant_type not in QUANTIZE_CHOICES:
+        raise UsageError(f"--quantize {quant_type!r}: choose one of {', '.join(QUANTIZE_CHOICES)} (or none)")
+    from deltatune.quantization import require_bnb
+
+    try:
+        require_bnb()
+    except DeltatuneError as exc:
+        raise UsageError(f"--quantize {quant_type}: {exc}") from None
+    return quant_type
+
+
+def quantize_base(model: nn.Module, quant_type: str | None) -> nn.Module:
+    """QLoRA's frozen base: the model's linear layers (not the output head) in ``quant_type`` (NF4/FP4 with
+    double quantisation, or int8), with bitsandbytes' CPU kernels kept exact so evaluations reproduce."""
+    quant_type = check_quantize(quant_type)
+    if quant_type is None:
+        return model
+    from deltatune.quantization import prepare_model_for_kbit_training, quantize, use_exact_cpu_kernels
+
+    quantize(model, quant_type, double_quant=True)
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # the trainer enables it if asked
+    return use_exact_cpu_kernels(model)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -601,13 +631,20 @@ def _head_size(adapter_dir: str) -> int | None:
     return None
 
 
-def load_with_adapter(adapter_dir: str | None, model_arg: str | None, device: torch.device):
-    """``(model, tokenizer, spec, labels, run_config)``: a base model, with the adapter when one is given."""
+def load_with_adapter(adapter_dir: str | None, model_arg: str | None, device: torch.device,
+                      quantize: str | None = None):
+    """``(model, tokenizer, spec, labels, run_config)``: a base model, with the adapter when one is given.
+
+    The base is quantised as ``quantize`` says (``"none"``: not at all), by default as the adapter's training
+    run was (``run_config.json``), so an adapter trained with ``--quantize`` is used on the base it learned on.
+    """
     if adapter_dir:
         spec, labels, run = adapter_base_and_labels(adapter_dir, model_arg)
     else:
         spec, labels, run = resolve_model(model_arg or DEFAULTS["model"]), None, {}
+    quant_type = check_quantize(run.get("quantize") if quantize is None else quantize)
     model, tokenizer = load_model(spec, labels=labels or run.get("labels"), device=device)
+    model = quantize_base(model, quant_type)
     if adapter_dir:
         from deltatune import PeftModel
 

@@ -32,6 +32,8 @@ COMPARE_RECIPES: dict[str, dict[str, Any]] = {
     "chatterbot": {"max_steps": 12, "batch_size": 4, "max_length": 96, "eval_samples": 40,
                    "forgetting_tokens": 1024},
 }
+# Rows that are a method plus train options: QLoRA is LoRA over an NF4 (double-quantised) base.
+VARIANTS: dict[str, list[str]] = {"qlora": ["--method", "lora", "--quantize", "nf4"]}
 COLUMNS = ("method", "trainable_params", "total_params", "adapter_bytes", "peak_memory_bytes", "time_per_step_s",
            "metric_before", "metric_after", "forgetting", "train_time_s", "steps")
 
@@ -43,7 +45,8 @@ def register(subparsers) -> None:
                                           "compare.md, compare.csv and compare.png: trainable parameters, adapter "
                                           "size, peak memory, time per step, the task metric, and forgetting.")
     p.add_argument("--methods", default=argparse.SUPPRESS,
-                   help="comma list (default: every method the library has)")
+                   help="comma list (default: every method the library has, plus qlora = LoRA on an NF4 base "
+                        "when bitsandbytes is installed)")
     add_train_arguments(p)
     p.set_defaults(handler=main)
 
@@ -52,10 +55,16 @@ def main(args: argparse.Namespace) -> int:
     explicit = vars(args)
     methods_arg = explicit.pop("methods", None)
     table = common.method_table()
-    methods = [m.strip() for m in methods_arg.split(",") if m.strip()] if methods_arg else list(table)
-    unknown = [m for m in methods if m not in table]
+    if methods_arg:
+        methods = [m.strip() for m in methods_arg.split(",") if m.strip()]
+    else:
+        methods = list(table) + [v for v in VARIANTS if _bnb_available() and "quantize" not in explicit]
+    unknown = [m for m in methods if m not in table and m not in VARIANTS]
     if unknown:
-        raise UsageError(f"--methods: unknown method(s) {unknown}; choose from: {', '.join(sorted(table))}")
+        raise UsageError(f"--methods: unknown method(s) {unknown}; choose from: "
+                         f"{', '.join(sorted([*table, *VARIANTS]))}")
+    if any(m in VARIANTS for m in methods) and "quantize" in explicit:
+        raise UsageError("--quantize applies to every method of the comparison; drop it to get a separate qlora row")
     if "method" in explicit:
         raise UsageError("compare takes --methods (a comma list), not --method")
     names = set(common.method_fields())
@@ -82,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
             if resume and os.path.exists(summary_path):
                 print(f"[{i}/{len(methods)}] {method}: finished earlier, kept", flush=True)
             else:
-                cmd = [sys.executable, "-m", "deltatune", "train", "--config", config_path, "--method", method,
+                how = VARIANTS.get(method, ["--method", method])
+                cmd = [sys.executable, "-m", "deltatune", "train", "--config", config_path, *how,
                        "--output-dir", run_dir]
                 if baseline is not None:  # the base model is the same for every method: evaluate it once
                     cmd.append("--no-eval-before")
@@ -90,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
                     cmd.append("--resume")
                 elif overwrite or resume:
                     cmd.append("--overwrite")
-                print(f"[{i}/{len(methods)}] {method}: deltatune train --method {method} --output-dir {run_dir}",
+                print(f"[{i}/{len(methods)}] {method}: deltatune train {' '.join(how)} --output-dir {run_dir}",
                       flush=True)
                 code = subprocess.call(cmd)
                 if code == 130 or code < 0:
@@ -143,12 +153,26 @@ def child_settings(methods: list[str], settings: dict[str, Any], names: set[str]
         options.update({k: v for k, v in from_file.items() if k in names})
         shared.update({k: v for k, v in from_file.items() if k not in names and k != "method"})
     options.update(explicit.get("method_options", {}))
-    per_method = {m: common.shared_options_for(m, options) for m in methods}
+    per_method = {m: common.shared_options_for(_method_of(m), options) for m in methods}
     unused = sorted(k for k in options if not any(k in taken for taken in per_method.values()))
     if unused:
         flags = ", ".join("--" + u.replace("_", "-") for u in unused)
         raise UsageError(f"{flags}: no method in --methods {','.join(methods)} takes this option")
     return {m: {**shared, **per_method[m]} for m in methods}
+
+
+def _method_of(row: str) -> str:
+    """The library method a compare row trains (``qlora`` -> ``lora``)."""
+    how = VARIANTS.get(row)
+    return how[how.index("--method") + 1] if how else row
+
+
+def _bnb_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def markdown_table(rows: list[dict[str, Any]], metric: str) -> str:

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
         p.add_argument(f"--{role}-column")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", choices=[*common.QUANTIZE_CHOICES, "none"],
+                   help="hold the base in nf4/fp4/int8 via bitsandbytes (default: as the adapter was trained)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=main)
 
@@ -50,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = common.pick_device(args.device)
     amp = resolve_precision(args.precision, device)
+    quant_type = common.check_quantize(run.get("quantize") if args.quantize is None else args.quantize)
     dataset = common.load_data(settings)
     if args.adapter:
         spec, labels, _ = common.adapter_base_and_labels(args.adapter, args.model)
@@ -58,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         spec = common.resolve_model(args.model or common.DEFAULTS["model"])
     model, tokenizer = common.load_model(spec, labels=dataset.labels, device=device)
+    model = common.quantize_base(model, quant_type)
     if args.adapter:
         from deltatune import PeftModel
 
@@ -67,11 +71,12 @@ def main(args: argparse.Namespace) -> int:
     examples = task.examples(records, settings["eval_samples"] or None)
     result = task.evaluate(model, examples, batch_size=args.batch_size, device=device, amp=amp)
     report = {"model": spec.name, "adapter": args.adapter, "data": dataset.name, "split": args.split,
-              "records": len(examples), **result}
+              "records": len(examples), "quantize": quant_type, **result}
     if args.json:
         print(json.dumps(report))
     else:
-        what = f"{spec.name}" + (f" + {args.adapter}" if args.adapter else " (no adapter)")
+        what = f"{spec.name}" + (f" ({quant_type})" if quant_type else "") \
+            + (f" + {args.adapter}" if args.adapter else " (no adapter)")
         values = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
         print(f"{what} on {dataset.name} {args.split} ({len(examples)} records): {values}")
     return 0

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task-id", type=int, default=None,
                    help="multitask prompt tuning: which task's prompt to use (default 0, the one `train` trains)")
+    p.add_argument("--quantize", choices=[*common.QUANTIZE_CHOICES, "none"],
+                   help="hold the base in nf4/fp4/int8 via bitsandbytes (default: as the adapter was trained)")
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=main)
 
@@ -43,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     device = common.pick_device(args.device)
-    model, tokenizer, spec, _, run = common.load_with_adapter(args.adapter, args.model, device)
+    model, tokenizer, spec, _, run = common.load_with_adapter(args.adapter, args.model, device, args.quantize)
     template = run.get("template") or ""
     if run.get("data_format") == "prompt" and "{prompt}" in template and not (args.raw or args.chat):
         prompt = template.replace("{prompt}", prompt)  # e.g. "User: {prompt}\nBot:" for chatterbot

@@ -78,6 +78,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=s,
                    help="auto: bf16 autocast where the hardware is fast at it")
     g.add_argument("--gradient-checkpointing", action="store_true", default=s)
+    g.add_argument("--quantize", choices=[*common.QUANTIZE_CHOICES, "none"], default=s,
+                   help="QLoRA: hold the frozen base's linear layers in 4-bit NF4/FP4 (double quantisation) or "
+                        "8-bit int8 via bitsandbytes; the adapter trains in fp32 on top (default: none)")
     g.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=s)
     parser.add_argument("--ignore-other-options", action="store_true", default=s, help=argparse.SUPPRESS)
@@ -177,6 +180,7 @@ def prepare(settings: dict[str, Any]):
     settings.pop("lr_given", None)
     device = common.pick_device(settings["device"])
     resolve_precision(settings["precision"], device)
+    settings["quantize"] = common.check_quantize(settings.get("quantize"))  # before any loading: bitsandbytes?
     for key in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
         if int(settings[key]) < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {settings[key]}")
@@ -200,6 +204,7 @@ def prepare(settings: dict[str, Any]):
     _check_output_dir(settings)
     torch.manual_seed(settings["seed"])  # a fresh classification head is initialised on load
     model, tokenizer = common.load_model(spec, labels=dataset.labels, device=device, tokenizer=tokenizer)
+    model = common.quantize_base(model, settings["quantize"])
     return spec, dataset, task, model, tokenizer, peft_config, train_examples, device
 
 
@@ -231,7 +236,11 @@ def run_train(settings: dict[str, Any]) -> int:
         atomic_write_text(os.path.join(out, common.RUN_CONFIG_NAME), _json(record))
 
     n_train = len(dataset.train)
-    print(f"deltatune train: {settings['method']} on {settings['model']} ({spec.kind}), data {dataset.name} "
+    from deltatune.quantization import weight_bytes
+
+    base_bytes = weight_bytes(model)
+    quantized = f" in {settings['quantize']}" if settings.get("quantize") else ""
+    print(f"deltatune train: {settings['method']} on {settings['model']}{quantized} ({spec.kind}), data {dataset.name} "
           f"({dataset.format}: {n_train} train, {len(test_examples)} eval records) -> {out}", flush=True)
     trainer_cfg = TrainConfig(
         output_dir=out, max_steps=settings["max_steps"], epochs=float(settings["epochs"]),
@@ -301,7 +310,8 @@ def run_train(settings: dict[str, Any]) -> int:
         "final_train_loss": result.final_loss, "precision": "bf16" if amp else "fp32", "device": str(device),
         "eval_seconds": extra.get("before_seconds", 0.0) + after_seconds,
         "wall_time_s": time.perf_counter() - started,  # this command, model loading and evaluations included
-        "resumed": bool(settings.get("resume")),
+        "resumed": bool(settings.get("resume")), "quantize": settings.get("quantize"),
+        "base_weight_bytes": base_bytes,
     }
     _log(out, {"step": result.steps, "event": "end", **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
     plots.plot_loss_curve(plots.read_metrics(os.path.join(out, METRICS_NAME)), os.path.join(out, "loss.png"),
@@ -325,6 +335,8 @@ def print_summary(s: dict[str, Any], out: str) -> None:
         f"  trainable params  {s['trainable_params']:,d} / {s['total_params']:,d} "
         f"({100 * s['trainable_params'] / s['total_params']:.2f}%)",
         f"  adapter file      {human_bytes(s['adapter_bytes'])}",
+        f"  base weights      {human_bytes(s.get('base_weight_bytes'))}"
+        + (f" ({s['quantize']}, frozen)" if s.get("quantize") else " (frozen)"),
         f"  peak memory       {human_bytes(s['peak_memory_bytes'])}"
         + (" (process RSS)" if s["device"] == "cpu" else " (allocated)"),
     ]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError, MergeError
+from deltatune.quantization import dequantize_weight, is_quantized_layer, requantize_like
 
 
 class AdapterLayer(nn.Module):
@@ -24,6 +25,9 @@ class AdapterLayer(nn.Module):
         active_adapters: Adapters applied in ``forward``, in order.
         merged_adapters: Adapters currently folded into ``base_layer.weight``.
         disable_adapters: When ``True``, ``forward`` is the base layer's alone.
+        quantized: The base is a bitsandbytes ``Linear4bit``/``Linear8bitLt`` (QLoRA): its weight is read
+            through dequantisation, written back by requantising (lossy), and a merged unload returns a
+            dense ``nn.Linear`` (exact).
     """
 
     adapter_layer_names: tuple[str, ...] = ()
@@ -35,6 +39,7 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        self.quantized = is_quantized_layer(base_layer)
 
     # ---- bookkeeping -------------------------------------------------------------------------
     @property
@@ -139,14 +144,45 @@ class AdapterLayer(nn.Module):
         return weight - self.get_delta_weight(adapter_name).to(weight.dtype)
 
     def read_base_weight(self) -> torch.Tensor:
-        """The base weight as a dense float tensor in its storage layout (quantised bases override)."""
-        return self.base_layer.weight.data
+        """The base weight as a dense float tensor in its storage layout (dequantised ``(out, in)`` fp32 for a
+        quantised base)."""
+        return dequantize_weight(self.base_layer) if self.quantized else self.base_layer.weight.data
 
     def write_base_weight(self, weight: torch.Tensor) -> None:
-        self.base_layer.weight.data = weight.contiguous()
+        if self.quantized:  # requantise: lossy by the format's rounding (int8 refuses)
+            self.base_layer.weight = requantize_like(self.base_layer.weight, weight)
+        else:
+            self.base_layer.weight.data = weight.contiguous()
+
+    def _dequantize_base(self) -> torch.dtype:
+        """Replace a quantised base by a dense fp32 ``nn.Linear`` holding its dequantised weight and bias.
+
+        Returns the dtype the unloaded layer should end in (the 4-bit layer's compute dtype, else fp32).
+        """
+        base = self.base_layer
+        dtype = getattr(base, "compute_dtype", None) or torch.float32
+        weight = dequantize_weight(base)
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device)
+        linear.weight.data = weight
+        if base.bias is not None:
+            linear.bias.data = base.bias.data.to(torch.float32).clone()
+        linear.requires_grad_(False)
+        self.base_layer = linear
+        self.quantized = False
+        return dtype
 
     def unloaded(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
-        """The plain module that replaces this wrapper on unload (merged first if ``merge``)."""
+        """The plain module that replaces this wrapper on unload (merged first if ``merge``).
+
+        Over a quantised base a merged unload is exact: the base is dequantised to fp32 first, the adapters
+        are folded in there, and the result is a dense ``nn.Linear`` in the base's compute dtype
+        (:func:`deltatune.quantization.quantize` can requantise the whole model afterwards).
+        """
+        if merge and self.quantized:
+            self.unmerge()  # an in-place (lossy) 4-bit merge is undone before the exact one
+            dtype = self._dequantize_base()
+            self.merge(adapter_names=adapter_names)
+            return self.base_layer.to(dtype)
         if merge:
             self.merge(adapter_names=adapter_names)
         else:

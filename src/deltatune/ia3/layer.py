@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer
+from deltatune.quantization import dense_weight_shape
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -50,8 +51,8 @@ class IA3Layer(AdapterLayer):
             self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         elif self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.out_features, self.in_features = base_layer.weight.shape
+        else:  # also bitsandbytes Linear4bit/Linear8bitLt, whose stored weight is packed
+            self.out_features, self.in_features = dense_weight_shape(base_layer)
         # Pre-merge (weight, bias) of adapters whose l has zeros: W ⊙ 0 cannot be divided back.
         self._merge_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -91,8 +92,9 @@ class IA3Layer(AdapterLayer):
 
     # ---- merging -----------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``ΔW = W ⊙ (l - 1)`` (the additive view of the rescaling), shaped like ``base_layer.weight``."""
-        weight = self.base_layer.weight
+        """``ΔW = W ⊙ (l - 1)`` (the additive view of the rescaling), shaped like ``base_layer.weight``
+        (dense ``(out, in)`` over a quantised base)."""
+        weight = self.read_base_weight()
         return weight * (self._weight_scale(adapter_name).to(weight.dtype) - 1)
 
     def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:

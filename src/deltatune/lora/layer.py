@@ -22,7 +22,7 @@ from torch import nn
 
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError, MergeError
-from deltatune.quantization import dequantize_weight, is_quantized_layer, requantize_like
+from deltatune.quantization import dequantize_weight
 
 
 def _conv1d_type() -> type | None:
@@ -297,50 +297,12 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        self.quantized = is_quantized_layer(base_layer)  # bitsandbytes 4-/8-bit: weight is packed
         if fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         elif self.quantized:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         else:
             self.out_features, self.in_features = base_layer.weight.shape
-
-    # ---- quantised bases (QLoRA): read and write the weight through dequantisation ------------
-    def read_base_weight(self) -> torch.Tensor:
-        return dequantize_weight(self.base_layer) if self.quantized else self.base_layer.weight.data
-
-    def write_base_weight(self, weight: torch.Tensor) -> None:
-        if not self.quantized:
-            self.base_layer.weight.data = weight.contiguous()
-            return
-        self.base_layer.weight = requantize_like(self.base_layer.weight, weight)
-
-    def unloaded(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
-        """Over a quantised base, a merged unload returns a dense ``nn.Linear`` (exact merge, no requantising
-        error); :func:`deltatune.quantization.quantize` can requantise it."""
-        if not (self.quantized and merge):
-            return super().unloaded(merge, adapter_names)
-        self.unmerge()
-        dense = self.read_base_weight()
-        names = self.active_adapters if adapter_names is None else adapter_names
-        with torch.no_grad():
-            for name in names:
-                if name in self.r:
-                    dense = self.merged_weight(dense, name)
-                    self._forget_merge_state(name)
-        base = self.base_layer
-        dtype = getattr(base, "compute_dtype", None) or torch.float32
-        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
-                           device=dense.device, dtype=dtype)
-        linear.weight.data = dense.to(dtype)
-        if base.bias is not None:
-            bias = base.bias.data.clone()
-            for name in names:
-                if self.lora_bias.get(name):
-                    bias += self.lora_B[name].bias.data * self.scaling[name]
-            linear.bias.data = bias.to(dtype)
-        linear.requires_grad_(False)
-        return linear
 
     def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
