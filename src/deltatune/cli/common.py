@@ -43,7 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "max_steps": None, "epochs": 1.0, "batch_size": 8, "grad_accum": 1, "lr": 2e-4, "weight_decay": 0.0,
     "warmup_ratio": 0.1, "max_grad_norm": 1.0, "loraplus_lr_ratio": None, "seed": 0, "eval_steps": 0,
     "save_steps": 10, "eval_samples": 200, "eval_batch_size": 8, "max_length": 512, "precision": "auto",
-    "gradient_checkpointing": False, "device": "auto", "format": None, "template": None,
+    "gradient_checkpointing": False, "chunked_loss": True, "compile": None, "device": "auto", "format": None,
+    "template": None,
     "text_column": None, "label_column": None, "prompt_column": None, "completion_column": None,
     "messages_column": None, "forgetting_tokens": 4096, "eval_before": True, "method_options": {},
 }
