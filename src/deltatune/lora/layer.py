@@ -121,7 +121,7 @@ class _LoraLinearNode(torch.autograd.Function):
                 if keep is None:
                     grad_x.addmm_(g_h, a)
                 else:
-                    grad_x.add_(torch.matmul(g_h, a).mul_(keep))
+                    grad_x.addcmul_(torch.matmul(g_h, a), keep)             # one pass: += (g_h A) ⊙ k
                 grad_x = grad_x.view(*ctx.lead, grad_x.shape[-1])
         return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_b_bias, None, None
 
