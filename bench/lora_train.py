@@ -208,7 +208,6 @@ def time_case(base: nn.Module, case: str, ids: torch.Tensor, args: argparse.Name
               + ", ".join(f"{k} {1e3 * t:.0f} ms" for k, t in per_round[-1].items()), flush=True)
 
     med = {v.name: statistics.median(v.times) for v in variants}
-    fastest = {v.name: min(v.times) for v in variants}
     round_ratio = [rt["deltatune"] / rt["peft"] for rt in per_round]
     result = {
         "case": case,
@@ -223,13 +222,6 @@ def time_case(base: nn.Module, case: str, ids: torch.Tensor, args: argparse.Name
             "deltatune/peft": med["deltatune"] / med["peft"],
         },
         "deltatune/peft_per_round": round_ratio,
-        # Load from other processes only ever adds time: the fastest step is the least disturbed one.
-        "min_s": fastest,
-        "ratio_of_min": {
-            "peft/floor": fastest["peft"] / fastest["floor"],
-            "deltatune/floor": fastest["deltatune"] / fastest["floor"],
-            "deltatune/peft": fastest["deltatune"] / fastest["peft"],
-        },
     }
     del variants, by_name
     gc.collect()
@@ -296,17 +288,6 @@ def markdown(results: list[dict], memory: dict[str, dict[str, float]] | None, co
             f"| {r['label']} | {1e3 * m['floor']:.0f} ms | {1e3 * m['peft']:.0f} ms | {1e3 * m['deltatune']:.0f} ms"
             f" | {q['peft/floor']:.2f}x | {q['deltatune/floor']:.2f}x | {q['deltatune/peft']:.2f}x"
             f" | {statistics.median(pr):.2f} ({min(pr):.2f}-{max(pr):.2f}) |")
-    lines += [
-        "",
-        "Ratios of the fastest step of each variant (load only ever adds time, so these are the least disturbed):",
-        "",
-        "| case | peft/floor | deltatune/floor | deltatune/peft |",
-        "|---|---:|---:|---:|",
-    ]
-    for r in results:
-        q = r["ratio_of_min"]
-        lines.append(f"| {r['label']} | {q['peft/floor']:.2f}x | {q['deltatune/floor']:.2f}x"
-                     f" | {q['deltatune/peft']:.2f}x |")
     if memory:
         lines += [
             "",
