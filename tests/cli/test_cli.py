@@ -337,3 +337,19 @@ def test_compare_table_marks_a_failed_method():
     table = markdown_table([ok, failed], "accuracy").splitlines()
     assert table[2] == ("| lora | 1,000 (1.00%) | 4.1 KB | 2.0 GB | 1.50 s | 0.2500 | 0.9000 | +0.1000 |")
     assert table[3] == "| dora (failed) | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"
+
+
+def test_compile_and_no_chunked_loss_train_to_the_same_losses(capsys, llama_dir, data_dir, tmp_path):
+    """``--compile aot_eager`` and ``--no-chunked-loss`` change speed and memory, not the training losses."""
+    common = ["train", "--model", llama_dir, "--data", data_dir / "pc.jsonl", "--max-steps", 2, "--no-eval-before",
+              "--lr", 1e-2, *FAST]
+    losses = []
+    for name, extra in (("default", []), ("compiled", ["--compile", "aot_eager"]), ("plain", ["--no-chunked-loss"])):
+        code, _, err = run(capsys, *common, "--output-dir", tmp_path / name, *extra)
+        assert code == 0, err
+        losses.append([r["loss"] for r in metrics(tmp_path / name) if "loss" in r and "split" not in r])
+    assert len(losses[0]) == 2
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert losses[2] == pytest.approx(losses[0], rel=1e-5)
+    code, _, err = run(capsys, *common, "--output-dir", tmp_path / "bad", "--compile", "no-such-backend")
+    assert code == 2 and "not a torch.compile backend" in err

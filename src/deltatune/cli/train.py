@@ -81,6 +81,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=[*common.QUANTIZE_CHOICES, "none"], default=s,
                    help="QLoRA: hold the frozen base's linear layers in 4-bit NF4/FP4 (double quantisation) or "
                         "8-bit int8 via bitsandbytes; the adapter trains in fp32 on top (default: none)")
+    g.add_argument("--no-chunked-loss", dest="chunked_loss", action="store_false", default=s,
+                   help="materialise the full (tokens, vocab) logits for the loss (default: chunked head + "
+                        "cross-entropy, same numbers, less memory)")
+    g.add_argument("--compile", nargs="?", const="inductor", default=s, metavar="BACKEND",
+                   help="torch.compile the model for the training steps (backend default: inductor)")
     g.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=s)
     parser.add_argument("--ignore-other-options", action="store_true", default=s, help=argparse.SUPPRESS)
@@ -249,6 +254,7 @@ def run_train(settings: dict[str, Any]) -> int:
         max_grad_norm=float(settings["max_grad_norm"]), loraplus_lr_ratio=settings["loraplus_lr_ratio"],
         eval_steps=int(settings["eval_steps"]), save_steps=int(settings["save_steps"]), seed=int(settings["seed"]),
         precision=settings["precision"], gradient_checkpointing=bool(settings["gradient_checkpointing"]),
+        chunked_loss=bool(settings["chunked_loss"]), compile=settings["compile"] or None,
         progress=False if settings.get("progress") is False else None)
 
     from deltatune import get_peft_model

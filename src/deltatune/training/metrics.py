@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.training.data import IGNORE_INDEX, SHAPE_BUCKET, collate
+from deltatune.training.loss import chunkable_head, head_returns_hidden, linear_cross_entropy
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -42,8 +43,11 @@ def _accepts(forward_cls: type, name: str) -> bool:
     return name in inspect.signature(forward_cls.forward).parameters
 
 
-def causal_forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None = None, **kwargs):
+def causal_forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None = None,
+                   run: nn.Module | None = None, **kwargs):
     """Run a causal LM on a collated batch; with ``keep``, compute logits for the last ``keep`` positions only.
+
+    ``run`` is called instead of ``model`` when given (a compiled wrapper of it).
 
     The LM head is a ``(hidden, vocab)`` matmul at every position; a classification completion needs it at
     three or four, so skipping the rest saves about a fifth of the work of a small model.
@@ -56,7 +60,8 @@ def causal_forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int |
     if _needs_task_ids(model):  # multitask prompt tuning: the CLI trains one task, index 0
         kwargs["task_ids"] = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long,
                                          device=batch["input_ids"].device)
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+    return (model if run is None else run)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                           **kwargs)
 
 
 def _needs_task_ids(model: nn.Module) -> bool:
@@ -64,8 +69,8 @@ def _needs_task_ids(model: nn.Module) -> bool:
     return isinstance(configs, dict) and any(getattr(c, "num_tasks", None) for c in configs.values())
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], sequence_classifier: bool = False
-             ) -> tuple[torch.Tensor, int]:
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], sequence_classifier: bool = False,
+             chunked: bool = False, forward_model: nn.Module | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of a batch and the number of terms in it.
 
     Summing (not averaging) lets gradient accumulation divide by the token count of the whole
@@ -74,13 +79,18 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], sequence_classifi
     Args:
         batch: From :func:`~deltatune.training.data.collate`; ``labels: (B, T)`` token ids with ``-100``,
             or ``(B,)`` class ids for a sequence classifier.
+        chunked: For a causal LM whose head allows it (:func:`~deltatune.training.loss.chunkable_head`), the
+            head and the cross-entropy run chunk by chunk (:func:`~deltatune.training.loss.linear_cross_entropy`):
+            the same loss and gradients without the ``(B, T, V)`` logits and their gradient in memory.
+        forward_model: What to call instead of ``model`` (e.g. its ``torch.compile`` wrapper).
 
     Returns:
         ``(loss_sum, n)``: a scalar tensor and the number of labelled tokens (or examples).
     """
     labels = batch["labels"]
+    run = model if forward_model is None else forward_model
     if sequence_classifier:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, C)
+        logits = run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, C)
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
     targets = labels[:, 1:]                                   # (B, T-1): token t+1 is predicted at t
     # A left-padded row's first token would be "predicted" from a pad position: no loss there.
@@ -88,8 +98,14 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], sequence_classifi
     labelled = (targets != IGNORE_INDEX).any(0).nonzero()
     first = int(labelled[0]) if len(labelled) else targets.shape[1] - 1
     keep = labels.shape[1] - first                            # positions first .. T-1 (the last predicts nothing)
-    logits = causal_forward(model, batch, keep=keep).logits[:, -keep:]   # (B, keep, V)
     targets = targets[:, first:]                                         # (B, keep-1)
+    head = chunkable_head(model) if chunked else None
+    if head is not None:
+        with head_returns_hidden(head):
+            hidden = causal_forward(model, batch, keep=keep, run=run).logits[:, -keep:]   # (B, keep, H)
+        loss = linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, targets)
+        return loss, int((targets != IGNORE_INDEX).sum())
+    logits = causal_forward(model, batch, keep=keep, run=run).logits[:, -keep:]   # (B, keep, V)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())

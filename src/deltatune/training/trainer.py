@@ -74,6 +74,10 @@ class TrainConfig:
         precision: ``"auto"`` (bf16 autocast where the hardware does bf16 fast), ``"bf16"`` or ``"fp32"``.
         progress: A progress bar (``True``), none (``False``), or a bar on a terminal and a plain line
             every tenth of the run elsewhere (``None``).
+        chunked_loss: For a causal LM with a plain linear head, compute head + cross-entropy chunk by chunk
+            (:mod:`deltatune.training.loss`): same loss, without the ``(tokens, vocab)`` logits and gradient.
+        compile: A ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``...) to compile the model's forward
+            for the training steps, or ``None``.
     """
 
     output_dir: str
@@ -92,6 +96,8 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     progress: bool | None = None
+    chunked_loss: bool = True
+    compile: str | None = None
 
 
 @dataclass
@@ -195,6 +201,7 @@ class Trainer:
         if not self.params:
             raise DeltatuneError("the model has no trainable parameters; did the adapter attach to any module?")
         self.optimizer = self._make_optimizer()
+        self.forward_model = compile_model(model, config.compile) if config.compile else None
         warmup = int(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup,
                                                                                           self.total_steps))
@@ -350,7 +357,8 @@ class Trainer:
                              collate(examples, self.pad_id, left_pad=not self.sequence_classifier,
                                      multiple_of=SHAPE_BUCKET).items()}
                     with autocast(self.device, self.amp):
-                        loss, _ = loss_sum(self.model, batch, self.sequence_classifier)
+                        loss, _ = loss_sum(self.model, batch, self.sequence_classifier, chunked=cfg.chunked_loss,
+                                           forward_model=self.forward_model)
                     (loss / n_targets).backward()
                     step_loss += float(loss.detach())
                     step_tokens += int(batch["attention_mask"].sum())
@@ -412,6 +420,20 @@ class Trainer:
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
+
+
+def compile_model(model: nn.Module, backend: str) -> nn.Module:
+    """``torch.compile(model, backend=backend)``, after checking that torch knows the backend.
+
+    Raises:
+        DeltatuneError: an unknown backend, with the list of known ones.
+    """
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise DeltatuneError(f"--compile {backend!r} is not a torch.compile backend; use one of {', '.join(known)}")
+    return torch.compile(model, backend=backend)
 
 
 def _regularization_loss(model: nn.Module) -> torch.Tensor | None:

@@ -1,0 +1,127 @@
+"""The one-node LoRA linear layer (with and without dropout), its dropout mask, and DoRA's expanded norm,
+against reference math written here with plain torch ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune import LoraConfig, get_peft_model
+from deltatune.lora.layer import _LoraDropoutBranch, _LoraLinearNode, keep_mask
+
+
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _adapted(p: float, bias: bool = True, lora_bias: bool = False, **kw):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 7, bias=bias)
+    pm = get_peft_model(Holder(base), LoraConfig(target_modules=["layer"], r=3, lora_alpha=6, lora_dropout=p,
+                                                 init_lora_weights=False, lora_bias=lora_bias, **kw)).train()
+    return pm, pm.base_model.model.layer
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias, lora_bias", [(True, False), (False, False), (True, True)])
+def test_fused_lora_layer_matches_reference_math_and_gradients(p, bias, lora_bias, monkeypatch):
+    """Same seed, same mask: ``y = W x + b + s B A (k ⊙ x) / q (+ s b_B)`` and all its gradients."""
+    pm, layer = _adapted(p, bias, lora_bias)
+    calls = []
+    original = _LoraLinearNode.forward
+    monkeypatch.setattr(_LoraLinearNode, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    b_B = layer.lora_B["default"].bias
+    s = layer.scaling["default"]
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    g_out = torch.randn(2, 5, 7)
+
+    torch.manual_seed(42)
+    y = pm(x)
+    assert calls, "the one-node path did not run"
+    grads = torch.autograd.grad(y, [x, A, B] + ([b_B] if lora_bias else []), g_out)
+
+    torch.manual_seed(42)
+    if p > 0:
+        keep, q = keep_mask((10, 12), p, x.device)
+        keep = keep.view(2, 5, 12)
+        assert abs(q - (1 - p)) < 2 ** -16
+    else:
+        keep, q = torch.ones(2, 5, 12, dtype=torch.bool), 1.0
+    ref = F.linear(x, W, b) + s * F.linear((x * keep) @ A.T / q, B, b_B)
+    ref_grads = torch.autograd.grad(ref, [x, A, B] + ([b_B] if lora_bias else []), g_out)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    if p > 0:  # the mask really drops, and a new seed draws another one
+        torch.manual_seed(43)
+        assert not torch.allclose(pm(x), y)
+
+
+def test_fused_layer_gradcheck_in_double_with_a_fixed_mask():
+    pm, layer = _adapted(0.5)
+    pm.double()
+    x = torch.randn(3, 12, dtype=torch.double, requires_grad=True)
+    w = layer.base_layer.weight.detach().clone().requires_grad_()   # the base weight's gradient too
+    a = layer.lora_A["default"].weight.detach().clone().requires_grad_()
+    b = layer.lora_B["default"].weight.detach().clone().requires_grad_()
+    bias = layer.base_layer.bias.detach().clone().requires_grad_()
+
+    def f(x, w, bias, a, b):
+        torch.manual_seed(7)
+        return _LoraLinearNode.apply(x, w, bias, a, b, None, 2.0, 0.5)
+
+    assert torch.autograd.gradcheck(f, (x, w, bias, a, b))
+
+
+def test_dropout_branch_under_autocast_uses_the_same_mask_rule():
+    """The branch used where the one-node path cannot run (autocast...) is the same function of the seed."""
+    x = torch.randn(4, 12)
+    a, b = torch.randn(3, 12), torch.randn(7, 3)
+    torch.manual_seed(5)
+    branch = _LoraDropoutBranch.apply(x, a, b, None, 0.25, 2.0)
+    torch.manual_seed(5)
+    node = _LoraLinearNode.apply(x, torch.zeros(7, 12), None, a, b, None, 2.0, 0.25)
+    torch.testing.assert_close(branch, node)
+
+
+def test_keep_mask_drops_p_in_every_16_bit_lane():
+    """Each int64 draw feeds four mask entries; every lane (the sign-carrying one too) must drop with rate p."""
+    torch.manual_seed(0)
+    keep, q = keep_mask((200_000, 4), 0.05, torch.device("cpu"))
+    drop_rate = 1 - keep.float().mean(0)                  # per lane
+    assert q == pytest.approx(1 - 3277 / 65536)
+    # 200k draws per lane: standard error ~5e-4, so 3e-3 is > 6 sigma.
+    assert torch.allclose(drop_rate, torch.full((4,), 0.05), atol=3e-3), drop_rate
+    assert keep_mask((3, 3), 0.0, torch.device("cpu"))[0].all()
+    none, q = keep_mask((3, 3), 1.0, torch.device("cpu"))
+    assert not none.any() and q == 0.0
+
+
+def test_eval_mode_is_deterministic_and_equals_no_dropout():
+    pm, _ = _adapted(0.5)
+    x = torch.randn(2, 12)
+    pm.eval()
+    y = pm(x)
+    torch.testing.assert_close(pm(x), y)
+    pm0, _ = _adapted(0.0)
+    torch.testing.assert_close(pm0.eval()(x), y)
+
+
+def test_dora_expanded_norm_equals_the_direct_row_norm():
+    torch.manual_seed(0)
+    pm = get_peft_model(Holder(nn.Linear(40, 30)), LoraConfig(target_modules=["layer"], r=4, use_dora=True,
+                                                              init_lora_weights=False))
+    layer = pm.base_model.model.layer
+    W = layer.base_layer.weight
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    direct = (W + layer.scaling["default"] * B @ A).norm(dim=1)
+    torch.testing.assert_close(layer._dora_weight_norm("default"), direct, atol=1e-5, rtol=1e-5)
