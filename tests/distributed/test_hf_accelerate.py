@@ -54,7 +54,8 @@ def test_accelerate_prepare_trains_like_plain_pytorch_and_saves_the_adapter(tmp_
 
 def test_adapter_trainer_saves_adapter_files_and_resumes_from_its_checkpoints(tmp_path):
     """Plain ``transformers.Trainer.save_model`` saves the whole ``state_dict()`` (it knows only its own classes
-    and peft's), which safetensors refuses for tied embeddings; AdapterTrainer writes PEFT-format adapter files, and ``resume_from_checkpoint`` reads them back."""
+    and peft's), which safetensors refuses for tied embeddings; AdapterTrainer writes PEFT-format adapter
+    files, and ``resume_from_checkpoint`` reads them back."""
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from deltatune.training.hf import AdapterTrainer

@@ -28,7 +28,7 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 
 class AdapterTrainer(Trainer):
-    """``transformers.Trainer`` whose saves and resumes are adapter files when the model is a deltatune ``PeftModel``."""
+    """``transformers.Trainer`` that saves and resumes adapter files when the model is a deltatune ``PeftModel``."""
 
     def _adapter_model(self) -> PeftModel | None:
         model = self.accelerator.unwrap_model(self.model)
