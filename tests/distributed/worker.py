@@ -2,7 +2,8 @@
 
 Usage: worker.py LLAMA_DIR OUT_ROOT. Writes, under OUT_ROOT: ``ddp/``, ``fsdp/`` (finished runs and their
 adapters), ``fsdp_killed/`` (a run stopped at step STOP_AT), resumes ``single_killed/`` (stopped by a
-one-process run) with 2 ranks, and ``writes_rank1.txt``: every file rank 1 opened for writing under OUT_ROOT.
+one-process run) with 2 ranks, checks DDP and ``fully_shard`` applied by hand, and writes
+``writes_rank1.txt``: every file rank 1 opened for writing under OUT_ROOT.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main(llama_dir: str, root: str) -> None:
         model.save_pretrained(out, is_main_process=info.is_main)  # FSDP: every rank gathers, rank 0 writes
         if parallel == "fsdp":
             assert all(distributed.is_dtensor(p) for p in model.parameters()), "fsdp did not shard"
+    user_code_wrappers(llama_dir)
     # A run stopped at STOP_AT (what SIGTERM does), checkpoint written for a later resume elsewhere.
     out = os.path.join(root, "fsdp_killed")
     trainer = Trainer(common.peft_model(llama_dir), data, common.config(out, batch), pad_id=0, parallel="fsdp")
@@ -69,6 +71,28 @@ def main(llama_dir: str, root: str) -> None:
         with open(os.path.join(os.path.dirname(root), "writes_rank1.txt"), "w") as fh:
             fh.write("\n".join(writes))
     torch.distributed.destroy_process_group()
+
+
+def user_code_wrappers(llama_dir: str) -> None:
+    """DDP and a single root ``fully_shard`` unit (frozen base and trainable adapters mixed in one unit)
+    applied by hand: gradients equal those of the unwrapped model on the same batch (all ranks get one batch)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = torch.tensor([[1, 5, 9, 23, 42, 7, 8, 11], [1, 6, 12, 30, 44, 9, 3, 2]])
+    local = common.peft_model(llama_dir)
+    local(input_ids=ids, labels=ids).loss.backward()
+    want = {n: p.grad for n, p in local.named_parameters() if p.requires_grad}
+    for wrap in ("ddp", "fully_shard"):
+        model = common.peft_model(llama_dir)
+        wrapped = DistributedDataParallel(model) if wrap == "ddp" else fully_shard(model)
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        got = {n: distributed.full_tensor(p.grad) for n, p in model.named_parameters() if p.requires_grad}
+        assert got.keys() == want.keys() and len(got) == 28, wrap
+        frozen_grads = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+        assert not frozen_grads, (wrap, frozen_grads)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=f"{wrap} {n}")
 
 
 if __name__ == "__main__":
