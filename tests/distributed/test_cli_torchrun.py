@@ -33,7 +33,8 @@ def test_killed_torchrun_fsdp_run_resumes_in_one_process(tmp_path, capsys):
     assert main([*args, "--batch-size", "4", "--output-dir", str(ref)]) == 0
     out = tmp_path / "run"
     proc = torchrun([os.path.join(HERE, "kill_launcher.py"), *args, "--fsdp", "--batch-size", "2",
-                     "--output-dir", str(out)], cwd=str(tmp_path))
+                     "--output-dir", str(out)], cwd=str(tmp_path),
+                    launcher=("--shutdown-timeout", "300"))  # torchrun's default 30 s, then SIGKILL: too short here
     assert proc.returncode != 0  # torchrun reports the signal it got
     assert proc.stdout.count("deltatune train: lora") == 1, proc.stdout  # rank 0 alone prints
     assert "2 processes (fsdp, gloo)" in proc.stdout

@@ -22,14 +22,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "src")
 
 
-def torchrun(args: list[str], cwd: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cwd: str, timeout: float = 400, launcher: tuple[str, ...] = ()
+             ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with socket.socket() as sock:  # a free port (torchrun's --master-port 0 hangs with the static rendezvous)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(common.WORLD),
-           "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
+           "--master-addr", "127.0.0.1", "--master-port", str(port), *launcher, *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
