@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from deltatune.cli import main
 from deltatune.training import trainer as trainer_mod
@@ -17,8 +18,16 @@ _train = trainer_mod.Trainer.train
 
 
 def _train_then_kill(self, *args, **kwargs):
+    def kill_launcher(step: int) -> None:
+        if step != 2:
+            return
+        os.kill(os.getppid(), signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        while not self._stop_requested and time.monotonic() < deadline:  # until torchrun's SIGTERM reaches us,
+            time.sleep(0.01)  # or a fast run would finish first (the other rank waits in the next collective)
+
     if self.dist.is_main:
-        self.on_step_end = lambda step: os.kill(os.getppid(), signal.SIGTERM) if step == 2 else None
+        self.on_step_end = kill_launcher
     return _train(self, *args, **kwargs)
 
 

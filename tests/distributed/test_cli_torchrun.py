@@ -41,7 +41,7 @@ def test_killed_torchrun_fsdp_run_resumes_in_one_process(tmp_path, capsys):
     assert "checkpoint.pt" in os.listdir(out) and "adapter_model.safetensors" not in os.listdir(out), \
         proc.stdout[-2000:] + proc.stderr[-4000:]
     state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
-    assert 2 <= state["step"] < 12 and state["world_size"] == 2
+    assert state["step"] in (2, 3) and state["world_size"] == 2
     capsys.readouterr()
     assert main(["train", "--output-dir", str(out), "--resume", "--batch-size", "4", "--no-progress"]) == 0
     assert sorted(os.listdir(out)) == sorted(os.listdir(ref))  # checkpoint removed, summary written
