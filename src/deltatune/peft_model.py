@@ -321,17 +321,29 @@ class PeftModel(nn.Module):
 
         The ``"default"`` adapter goes into ``save_directory`` itself, any other into
         ``save_directory/<name>``, as PEFT does. Each file is written to a temporary name and renamed.
+
+        Sharded with FSDP2 (``fully_shard``): call this on every rank (``is_main_process=rank == 0``); the
+        shards are gathered into full tensors and only the main process writes.
         """
+        from deltatune.distributed import full_state, is_dtensor
+
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterNameError(f"cannot save adapters {unknown}: this model has {sorted(self.peft_config)}")
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        if any(is_dtensor(p) for p in self.parameters()):  # FSDP: a collective, so before the rank check
+            for name in names:
+                states[name] = full_state(self.get_adapter_state_dict(name, kwargs.get("save_embedding_layers",
+                                                                                        "auto")))
         if not is_main_process:
             return
         for name in names:
             out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out_dir, exist_ok=True)
-            state = self.get_adapter_state_dict(name, kwargs.get("save_embedding_layers", "auto"))
+            state = states.get(name)
+            if state is None:
+                state = self.get_adapter_state_dict(name, kwargs.get("save_embedding_layers", "auto"))
             file = SAFETENSORS_NAME if safe_serialization else BIN_NAME
             atomic_save_tensors(state, os.path.join(out_dir, file), safe_serialization=safe_serialization)
             config = self.peft_config[name]

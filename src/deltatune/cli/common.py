@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "text_column": None, "label_column": None, "prompt_column": None, "completion_column": None,
     "messages_column": None, "forgetting_tokens": 4096, "eval_before": True, "method_options": {},
     "quantize": None,
+    "fsdp": False,
 }
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 
@@ -67,7 +68,8 @@ ENCODER_RECIPES: dict[str, dict[str, Any]] = {
 }
 # Settings that do not change what a run computes; a resume may change them.
 HARMLESS = {"eval_steps", "save_steps", "eval_samples", "eval_batch_size", "device", "progress", "resume",
-            "overwrite", "config", "output_dir", "forgetting_tokens", "eval_before", "ignore_other_options"}
+            "overwrite", "config", "output_dir", "forgetting_tokens", "eval_before", "ignore_other_options",
+            "fsdp"}  # DDP or FSDP compute the same update
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -264,7 +266,10 @@ def add_method_options(parser: argparse.ArgumentParser, taken: set[str]) -> list
                                   "help": argparse.SUPPRESS if hidden else f"{owners_text}.{name}"}
         if bool in (typing.get_args(hint) or (hint,)):
             kwargs.update(nargs="?", const="true")
-        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+        flags = ["--" + name.replace("_", "-")]
+        if name == "r":  # torchrun reads `--r` as an abbreviation of its own --rdzv-*/--role: offer a safe name
+            flags.append("--adapter-rank")
+        group.add_argument(*flags, **kwargs)
         added.append(name)
     return added
 
@@ -494,15 +499,17 @@ def quantize_base(model: nn.Module, quant_type: str | None) -> nn.Module:
 
 
 def pick_device(name: str) -> torch.device:
+    from deltatune.distributed import device_for_rank
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return device_for_rank(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name!r} is not a device (use auto, cpu, cuda, cuda:1...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    return device
+    return device_for_rank(device)
 
 
 # ---- the task: data + model + how to score ------------------------------------------------------------------

@@ -7,12 +7,14 @@ written, so a bad command leaves no half-made output directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from typing import Any
 
 import torch
 
+from deltatune import distributed
 from deltatune.cli import common
 from deltatune.cli.common import UsageError, human_bytes, human_time
 from deltatune.core.io import atomic_write_text
@@ -88,6 +90,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch.compile the model for the training steps (backend default: inductor)")
     g.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=s)
+    g.add_argument("--fsdp", action="store_true", default=s,
+                   help="under torchrun: shard the model with FSDP2 (for a base too big for one device) "
+                        "instead of replicating it (DDP)")
     parser.add_argument("--ignore-other-options", action="store_true", default=s, help=argparse.SUPPRESS)
     common.add_method_options(parser, taken={a.dest for a in parser._actions})
 
@@ -133,6 +138,8 @@ def _apply_resume(settings: dict[str, Any]) -> dict[str, Any]:
         if key in common.HARMLESS:
             continue
         old = saved.get(key)
+        if key == "batch_size" and int(value) * world_size() == int(old) * int(saved.get("world_size", 1)):
+            continue  # another process count, the same global batch: the run computes the same steps
         if key == "method_options":
             changed = {k: v for k, v in value.items() if saved.get("method_options", {}).get(k) != v}
             if changed:
@@ -142,7 +149,8 @@ def _apply_resume(settings: dict[str, Any]) -> dict[str, Any]:
             raise UsageError(f"--resume: --{key.replace('_', '-')} {value!r} differs from the run's {old!r}; "
                              "resume with the same options or train into a new --output-dir")
     merged = dict(saved)
-    merged.update({k: v for k, v in explicit.items() if k in common.HARMLESS})
+    merged.update({k: v for k, v in explicit.items() if k in common.HARMLESS or k == "batch_size"})
+    merged["world_size"] = world_size()
     merged["resume"] = True
     merged["explicit"] = explicit
     return merged
@@ -213,11 +221,33 @@ def prepare(settings: dict[str, Any]):
     return spec, dataset, task, model, tokenizer, peft_config, train_examples, device
 
 
+def world_size() -> int:
+    return distributed.info().world_size
+
+
 def run_train(settings: dict[str, Any]) -> int:
+    """Train, evaluate, save. Under torchrun every rank runs this; only rank 0 prints and writes files."""
+    device = str(settings.get("device", "auto"))
+    joined_here = not distributed.info().world_size > 1
+    info = distributed.init_from_env("cuda" if device.startswith("cuda") or
+                                     (device == "auto" and torch.cuda.is_available()) else "cpu")
+    try:
+        if info.world_size > 1 and not info.is_main:
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return _run_train(settings, info)
+        return _run_train(settings, info)
+    finally:
+        if joined_here and info.world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _run_train(settings: dict[str, Any], info: Any) -> int:
     started = time.perf_counter()
+    is_main = info.is_main
     if settings.get("resume"):
         settings = _apply_resume(settings)
     spec, dataset, task, model, tokenizer, peft_config, train_examples, device = prepare(settings)
+    distributed.barrier()  # every rank checked --output-dir before rank 0 writes into it
     out = settings["output_dir"]
     amp = resolve_precision(settings["precision"], device)
     limit = settings["eval_samples"]
@@ -230,14 +260,14 @@ def run_train(settings: dict[str, Any]) -> int:
 
     # From here on the output directory is written.
     os.makedirs(out, exist_ok=True)
-    if not settings.get("resume"):
+    if not settings.get("resume") and is_main:
         for name in OUTPUT_FILES:  # --overwrite: only the files a run writes, never anything else
             path = os.path.join(out, name)
             if os.path.exists(path):
                 os.unlink(path)
         record = {k: v for k, v in settings.items() if k not in ("explicit", "resume", "overwrite", "config")}
         record.update(labels=dataset.labels, data_format=dataset.format, template=dataset.template,
-                      model_kind=spec.kind, model_path=spec.path)
+                      model_kind=spec.kind, model_path=spec.path, world_size=info.world_size)
         atomic_write_text(os.path.join(out, common.RUN_CONFIG_NAME), _json(record))
 
     n_train = len(dataset.train)
@@ -266,7 +296,8 @@ def run_train(settings: dict[str, Any]) -> int:
             t0 = time.perf_counter()
             extra["before"] = task.evaluate(model, test_examples, **eval_kw)
             extra["before_seconds"] = time.perf_counter() - t0
-            _log(out, {"step": 0, "split": "test", "event": "before", **extra["before"]})
+            if is_main:
+                _log(out, {"step": 0, "split": "test", "event": "before", **extra["before"]})
             print(f"  before: {_fmt(extra['before'])} ({human_time(extra['before_seconds'])})", flush=True)
         if general:
             from deltatune.training.metrics import evaluate_loss
@@ -282,10 +313,13 @@ def run_train(settings: dict[str, Any]) -> int:
     def evaluate(m):
         return task.evaluate(m, val_examples, **eval_kw)
 
+    parallel = ("fsdp" if settings.get("fsdp") else "ddp") if info.world_size > 1 else "none"
     trainer = Trainer(model, train_examples, trainer_cfg, pad_id=task.pad_id,
-                      sequence_classifier=task.sequence_classifier, evaluate=evaluate, device=device)
-    print(f"training {trainer.total_steps} steps of {trainer_cfg.batch_size * trainer_cfg.grad_accum} examples "
-          f"(precision: {'bf16' if amp else 'fp32'}, device: {device})", flush=True)
+                      sequence_classifier=task.sequence_classifier, evaluate=evaluate, device=device,
+                      parallel=parallel)
+    where = f"{info.world_size} processes ({parallel}, {info.backend}), " if info.world_size > 1 else ""
+    print(f"training {trainer.total_steps} steps of {trainer.global_batch_size * trainer_cfg.grad_accum} examples "
+          f"({where}precision: {'bf16' if amp else 'fp32'}, device: {device})", flush=True)
     result = trainer.train(resume=bool(settings.get("resume")), extra=extra)
     extra = result.extra
 
@@ -293,7 +327,8 @@ def run_train(settings: dict[str, Any]) -> int:
     t0 = time.perf_counter()
     after = task.evaluate(model, test_examples, **eval_kw)
     after_seconds = time.perf_counter() - t0
-    _log(out, {"step": result.steps, "split": "test", "event": "after", **after})
+    if is_main:
+        _log(out, {"step": result.steps, "split": "test", "event": "after", **after})
     forgetting = general_adapted = None
     if general and "general_loss_base" in extra:
         from deltatune.training.metrics import evaluate_loss
@@ -301,7 +336,10 @@ def run_train(settings: dict[str, Any]) -> int:
         general_adapted = evaluate_loss(model, general, **general_kw)
         forgetting = general_adapted - extra["general_loss_base"]
 
-    model.save_pretrained(out)
+    model.save_pretrained(out, is_main_process=is_main)  # FSDP: all ranks gather the shards, rank 0 writes
+    if not is_main:
+        distributed.barrier()  # rank 0 writes the rest; then all leave together
+        return 0
     adapter_bytes = os.path.getsize(os.path.join(out, "adapter_model.safetensors"))
     before = extra.get("before", {})
     summary = {
@@ -327,6 +365,7 @@ def run_train(settings: dict[str, Any]) -> int:
     if os.path.exists(ckpt):
         os.unlink(ckpt)  # the adapter is the result; a finished run has nothing to resume
     print_summary(summary, out)
+    distributed.barrier()
     return 0
 
 

@@ -10,6 +10,12 @@ uninterrupted run would have.
 The loss of a step is ``sum of token losses / number of labelled tokens in all its micro-batches``:
 the gradient of one large batch, however it is split.
 
+Distributed (``torchrun``, see :mod:`deltatune.distributed`): micro-batch ``m`` is a *global* batch of
+``batch_size * world_size`` examples and rank ``r`` computes slice ``r`` of it. The loss is normalised by the
+labelled tokens of the whole global step and multiplied by ``world_size`` (DDP and FSDP average gradients over
+ranks), so ``N`` ranks with ``batch_size`` ``b`` make the update one process makes with ``batch_size`` ``N * b``.
+Checkpoints hold full tensors keyed by name, so they resume under any world size with the same global batch.
+
 Learning rate: linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to zero:
 
     lr(s) = lr * (s + 1) / (W + 1)                       for s < W
@@ -18,6 +24,7 @@ Learning rate: linear warm-up over ``warmup_ratio`` of the steps, then cosine de
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from deltatune import distributed
 from deltatune.core.io import atomic_write
 from deltatune.errors import DeltatuneError
 from deltatune.training.data import SHAPE_BUCKET, collate, count_targets
@@ -42,7 +50,7 @@ from deltatune.training.metrics import autocast, loss_sum
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 # Settings that change what a run computes; a resume must use the same ones.
-_SCHEDULE_KEYS = ("max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
+_SCHEDULE_KEYS = ("max_steps", "epochs", "global_batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
                   "max_grad_norm", "seed", "loraplus_lr_ratio")
 
 
@@ -173,12 +181,15 @@ class Trainer:
         pad_id: Token id used for padding.
         sequence_classifier: Examples carry class ids and the model returns ``(B, C)`` logits.
         evaluate: ``model -> {name: value}`` run every ``eval_steps``; written to ``metrics.jsonl``.
-        device: Where the model is.
+        device: Where the model is (this rank's device in a distributed run).
+        parallel: In a distributed run: ``"ddp"`` (replicate, all-reduce adapter gradients) or ``"fsdp"``
+            (shard every block with FSDP2, for a base that does not fit one device); ``"auto"`` is DDP when
+            a process group of more than one rank is initialised, else nothing.
     """
 
     def __init__(self, model: nn.Module, train_examples: list[dict], config: TrainConfig, *, pad_id: int,
                  sequence_classifier: bool = False, evaluate: Callable[[nn.Module], dict] | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", parallel: str = "auto") -> None:
         if not train_examples:
             raise DeltatuneError("no training examples after tokenisation; check --data and --max-length")
         for name in ("batch_size", "grad_accum"):
@@ -186,6 +197,15 @@ class Trainer:
                 raise DeltatuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
         if config.max_steps is not None and config.max_steps < 1:
             raise DeltatuneError(f"--max-steps must be at least 1, got {config.max_steps}")
+        if parallel not in ("auto", "ddp", "fsdp", "none"):
+            raise DeltatuneError(f"parallel={parallel!r} is not one of auto, ddp, fsdp, none")
+        self.dist = distributed.info()
+        if parallel == "auto":
+            parallel = "ddp" if self.dist.world_size > 1 else "none"
+        peft_types = {str(getattr(c, "peft_type", "")) for c in (getattr(model, "peft_config", None) or {}).values()}
+        if parallel != "none" and any("ADALORA" in t for t in peft_types):
+            raise DeltatuneError("AdaLoRA's rank allocation runs in one process only; train it without torchrun")
+        self.parallel = parallel
         self.model = model
         self.examples = train_examples
         self.config = config
@@ -194,14 +214,24 @@ class Trainer:
         self.evaluate = evaluate
         self.device = torch.device(device)
         self.amp = resolve_precision(config.precision, self.device)
-        self.micro_per_epoch = math.ceil(len(train_examples) / config.batch_size)
-        self.total_steps = plan_steps(len(train_examples), config.max_steps, config.epochs, config.batch_size,
+        # One micro-batch is global: batch_size examples on each rank.
+        self.global_batch_size = config.batch_size * self.dist.world_size
+        self.micro_per_epoch = math.ceil(len(train_examples) / self.global_batch_size)
+        self.total_steps = plan_steps(len(train_examples), config.max_steps, config.epochs, self.global_batch_size,
                                       config.grad_accum)
+        if parallel == "fsdp":  # in place, before the optimizer sees the (now sharded) parameters
+            distributed.wrap_fsdp(model)
+        self.train_model = distributed.wrap_ddp(model, self.device) if parallel == "ddp" else model
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._names = {id(p): n for n, p in self.params}
         if not self.params:
             raise DeltatuneError("the model has no trainable parameters; did the adapter attach to any module?")
         self.optimizer = self._make_optimizer()
-        self.forward_model = compile_model(model, config.compile) if config.compile else None
+        # What the training forward calls: the DDP wrapper (gradient all-reduce), compiled if asked.
+        wrapped = self.train_model if self.train_model is not model else None
+        self.forward_model = compile_model(wrapped or model, config.compile) if config.compile else wrapped
+        # FSDP2 keeps the head's weight sharded outside its forward: the chunked loss reads it directly.
+        self.chunked_loss = config.chunked_loss and parallel != "fsdp"
         warmup = int(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup,
                                                                                           self.total_steps))
@@ -224,28 +254,49 @@ class Trainer:
         return torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def micro_batch(self, m: int) -> list[dict]:
-        """Examples of global micro-batch ``m`` (a pure function of the seed and ``m``)."""
+        """Examples of global micro-batch ``m`` (a pure function of the seed and ``m``; all ranks' examples)."""
         epoch, index = divmod(m, self.micro_per_epoch)
         if self._perm_cache is None or self._perm_cache[0] != epoch:
             gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
             self._perm_cache = (epoch, torch.randperm(len(self.examples), generator=gen))
-        rows = self._perm_cache[1][index * self.config.batch_size:(index + 1) * self.config.batch_size]
+        rows = self._perm_cache[1][index * self.global_batch_size:(index + 1) * self.global_batch_size]
         return [self.examples[i] for i in rows.tolist()]
+
+    def local_slice(self, examples: list[dict]) -> list[dict]:
+        """This rank's part of a global micro-batch (may be empty at the ragged end of an epoch)."""
+        b = self.config.batch_size
+        return examples[self.dist.rank * b:(self.dist.rank + 1) * b]
 
     def request_stop(self) -> None:
         """Stop at the next micro-batch boundary and write a checkpoint (what Ctrl-C does)."""
         self._stop_requested = True
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def _schedule(self) -> dict[str, Any]:
+        return {k: self.global_batch_size if k == "global_batch_size" else getattr(self.config, k)
+                for k in _SCHEDULE_KEYS}
+
     def save_checkpoint(self, step: int, rng: dict[str, Any], extra: dict[str, Any]) -> None:
+        """Write the run's state (every rank calls this: FSDP shards are gathered; rank 0 writes).
+
+        Format 2: trainable tensors and optimizer state are full tensors keyed by parameter name,
+        so the file does not depend on the world size or on FSDP.
+        """
+        trainable = {n: distributed.full_tensor(p.detach()).cpu().clone() for n, p in self.params}
+        optimizer = distributed.optimizer_state_by_name(self.optimizer, self._names)
+        rngs = distributed.gather_objects(rng)  # dropout streams differ per rank
+        if not self.dist.is_main:
+            return
         state = {
-            "format": 1,
+            "format": 2,
             "step": step,
-            "trainable": {n: p.detach().cpu().clone() for n, p in self.params},
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer_by_name": optimizer,
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng,
-            "schedule": {k: getattr(self.config, k) for k in _SCHEDULE_KEYS},
+            "rng": rngs[0],
+            "rng_per_rank": rngs,
+            "schedule": self._schedule(),
+            "world_size": self.dist.world_size,
             "method_state": method_state(self.model),
             "extra": extra,
         }
@@ -261,11 +312,19 @@ class Trainer:
         except Exception as exc:
             raise CheckpointError(f"{self.checkpoint_path} cannot be read ({type(exc).__name__}); "
                                   "delete it and start again") from None
-        mine = {k: getattr(self.config, k) for k in _SCHEDULE_KEYS}
-        changed = {k: (state["schedule"].get(k), v) for k, v in mine.items() if state["schedule"].get(k) != v}
+        saved = dict(state["schedule"])
+        if "global_batch_size" not in saved:  # format 1: single-process runs only
+            saved["global_batch_size"] = saved.pop("batch_size", None)
+        mine = self._schedule()
+        changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if changed:
             desc = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise CheckpointError(f"--resume with different settings ({desc}); resume with the same options or "
+            hint = ""
+            if "global_batch_size" in changed:
+                hint = (f" (global batch = --batch-size x processes; the checkpoint was written by "
+                        f"{state.get('world_size', 1)} process(es): pick --batch-size so the product is "
+                        f"{saved['global_batch_size']})")
+            raise CheckpointError(f"--resume with different settings ({desc}){hint}; resume with the same options or "
                                   "train into a new --output-dir")
         names = {n for n, _ in self.params}
         if set(state["trainable"]) != names:
@@ -273,18 +332,23 @@ class Trainer:
                                   "(different method, targets or model); resume with the same options")
         with torch.no_grad():
             for n, p in self.params:
-                p.copy_(state["trainable"][n])
+                p.copy_(distributed.shard_like(state["trainable"][n].to(p.device), p))
         load_method_state(self.model, state.get("method_state", {}))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer_by_name" in state:
+            distributed.load_optimizer_state_by_name(self.optimizer, state["optimizer_by_name"], self._names)
+        else:  # format 1: positional torch state
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        # Same world size: each rank continues its own dropout stream; otherwise exactness is lost anyway.
+        restore_rng(per_rank[self.dist.rank] if len(per_rank) == self.dist.world_size else per_rank[0])
         self.step = state["step"]
         self._rewind_metrics(self.step)
         return state.get("extra", {})
 
     def _rewind_metrics(self, step: int) -> None:
         """Drop metric lines a crashed run wrote after its last checkpoint, so the file reads as one run."""
-        if not os.path.exists(self.metrics_path):
+        if not self.dist.is_main or not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path, encoding="utf-8") as fh:
             lines = [ln for ln in fh if ln.strip()]
@@ -301,6 +365,8 @@ class Trainer:
         atomic_write_text(self.metrics_path, "".join(kept))
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -316,6 +382,7 @@ class Trainer:
         extra = dict(extra or {})
         if resume:
             extra.update(self.load_checkpoint())
+            distributed.barrier()  # rank 0 rewinds metrics.jsonl before anyone appends to it
         else:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
@@ -338,8 +405,9 @@ class Trainer:
         except ValueError:  # not the main thread: no signal handling, checkpoints still happen
             previous = {}
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   disable=None if cfg.progress is None else not cfg.progress)
-        plain_every = max(1, self.total_steps // 10) if bar.disable and cfg.progress is None else 0
+                   disable=(None if cfg.progress is None else not cfg.progress) if self.dist.is_main else True)
+        plain_every = max(1, self.total_steps // 10) \
+            if bar.disable and cfg.progress is None and self.dist.is_main else 0
         start = time.perf_counter()
         step_times: list[float] = []
         tokens_seen = 0
@@ -350,19 +418,25 @@ class Trainer:
                 rng = capture_rng()  # the state at the step's start: what a checkpoint taken mid-step holds
                 micro = [self.micro_batch(m) for m in range(self.step * cfg.grad_accum,
                                                             (self.step + 1) * cfg.grad_accum)]
-                n_targets = max(1, sum(count_targets(mb) for mb in micro))
+                n_targets = max(1, sum(count_targets(mb) for mb in micro))  # of the global step: all ranks agree
                 step_loss, step_tokens = 0.0, 0
-                for examples in micro:
+                for i, global_examples in enumerate(micro):
+                    examples = self.local_slice(global_examples)
+                    # A rank with no examples at an epoch's ragged end still joins the collectives: it runs
+                    # one example with weight 0 (zero gradient).
+                    weight = float(self.dist.world_size) if examples else 0.0
                     batch = {k: v.to(self.device) for k, v in
-                             collate(examples, self.pad_id, left_pad=not self.sequence_classifier,
-                                     multiple_of=SHAPE_BUCKET).items()}
-                    with autocast(self.device, self.amp):
-                        loss, _ = loss_sum(self.model, batch, self.sequence_classifier, chunked=cfg.chunked_loss,
-                                           forward_model=self.forward_model)
-                    (loss / n_targets).backward()
-                    step_loss += float(loss.detach())
-                    step_tokens += int(batch["attention_mask"].sum())
-                    if self._stop_requested:
+                             collate(examples or global_examples[:1], self.pad_id,
+                                     left_pad=not self.sequence_classifier, multiple_of=SHAPE_BUCKET).items()}
+                    with self._sync_context(last=i == len(micro) - 1):
+                        with autocast(self.device, self.amp):
+                            loss, _ = loss_sum(self.model, batch, self.sequence_classifier, chunked=self.chunked_loss,
+                                               forward_model=self.forward_model)
+                        (loss * (weight / n_targets)).backward()
+                    if examples:
+                        step_loss += float(loss.detach())
+                        step_tokens += int(batch["attention_mask"].sum())
+                    if self._any_rank_stopped():
                         break
                 if not self._stop_requested:
                     regulariser = _regularization_loss(self.model)  # e.g. AdaLoRA's orthogonality penalty
@@ -375,6 +449,9 @@ class Trainer:
                     raise TrainingInterrupted(self.step, self.checkpoint_path)
                 grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm
                                                            if cfg.max_grad_norm > 0 else float("inf"))
+                grad_norm = distributed.full_tensor(grad_norm)  # FSDP: a DTensor over the shards
+                step_loss, step_tokens = distributed.all_reduce_sum([step_loss, step_tokens], self.device)
+                step_tokens = int(step_tokens)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 if hasattr(self.model, "update_and_allocate"):  # per-step method work (AdaLoRA's ranks), reads grads
@@ -403,7 +480,7 @@ class Trainer:
                 if self.on_step_end is not None:
                     self.on_step_end(self.step)
                 last = self.step == self.total_steps
-                if self._stop_requested or (cfg.save_steps and self.step % cfg.save_steps == 0 and not last):
+                if self._any_rank_stopped() or (cfg.save_steps and self.step % cfg.save_steps == 0 and not last):
                     extra["train_seconds"] = elapsed_before + time.perf_counter() - start
                     self.save_checkpoint(self.step, capture_rng(), extra)
                     if self._stop_requested and not last:
@@ -417,6 +494,19 @@ class Trainer:
         return TrainResult(steps=self.step, wall_time_s=wall, time_per_step_s=mean_step,
                            tokens_per_s=tokens_seen / max(sum(step_times), 1e-9),
                            peak_memory_bytes=peak_memory_bytes(self.device), final_loss=loss_value, extra=extra)
+
+    def _sync_context(self, last: bool):
+        """DDP: all-reduce gradients only after the step's last micro-batch (the sum is the same, cheaper)."""
+        if self.parallel == "ddp" and not last:
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
+
+    def _any_rank_stopped(self) -> bool:
+        """Whether any rank got Ctrl-C/SIGTERM: all ranks must stop at the same micro-batch, or collectives hang."""
+        if self.dist.world_size > 1:
+            flag = distributed.all_reduce_sum([1.0 if self._stop_requested else 0.0], self.device)[0]
+            self._stop_requested = flag > 0
+        return self._stop_requested
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
