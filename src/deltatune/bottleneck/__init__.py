@@ -53,6 +53,7 @@ BOTTLENECK = register(Method(
     prepare_config=prepare_config,
     init_shared=init_shared,
     mergeable=False,
+    cli_shared_skip=("target_modules",),  # the recipes' "all-linear" would override --locations
 ))
 
 __all__ = ["BOTTLENECK", "BottleneckConfig", "BottleneckLayer"]

@@ -28,6 +28,7 @@ LN_TUNING = register(Method(
     default_targets=DEFAULT_LN_TUNING_TARGETS,
     cli_names={"ln_tuning": {}},
     lr_scale=1.0,
+    cli_shared_skip=("target_modules",),  # the recipes' "all-linear" would copy linear layers, not norms
 ))
 
 __all__ = ["LN_TUNING", "LNTuningConfig", "LNTuningLayer"]

@@ -64,6 +64,7 @@ TRAINABLE_TOKENS = register(Method(
     prepare_config=prepare_config,
     after_inject=after_inject,
     lr_scale=10.0,  # a few embedding rows want larger steps than low-rank weight updates
+    cli_shared_skip=("target_modules",),  # the recipes' "all-linear" names linear layers, not the embedding
 ))
 
 

@@ -1,0 +1,43 @@
+"""A built-in data set's recipe holds LoRA-shaped method options (``r``, ``lora_alpha``, ``target_modules=
+"all-linear"``). Every ``--method`` must still build a sensible adapter from them: a method whose
+``target_modules`` names another kind of layer (norms, the embedding, block outputs) must not get
+``"all-linear"``."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from deltatune import get_peft_model
+from deltatune.cli import common
+
+RECIPE = common.RECIPES["bbc-news"]["method_options"]
+METHODS = sorted(common.method_table())
+# The kind of module each method must adapt on a Llama, when it gets only the recipe's options.
+OWN_TARGETS = {"ln_tuning": {"input_layernorm", "post_attention_layernorm", "norm"},
+               "trainable_tokens": {"embed_tokens", "lm_head"}}  # the tied head follows the embedding
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_builds_from_the_bbc_news_recipe(method, llama_dir):
+    config_cls = common.method_table()[method][0]
+    options = common.shared_options_for(method, RECIPE)
+    examples = [{"input_ids": [5, 6, 7, 5, 9]}, {"input_ids": [5, 11]}]
+    options = common.fill_method_defaults(config_cls, options, total_steps=10, model_path=llama_dir,
+                                          train_examples=examples)
+    config = common.build_peft_config(method, options, "CAUSAL_LM")
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    peft_model = get_peft_model(model, config)
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert trainable > 0
+    ids = torch.tensor([[5, 6, 7, 8]])
+    extra = {"task_ids": torch.tensor([0])} if method == "multitask_prompt_tuning" else {}
+    assert torch.isfinite(peft_model(input_ids=ids, **extra).logits).all()
+    if method in OWN_TARGETS:
+        assert "target_modules" not in options
+        wrapped = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "base_layer")}
+        assert wrapped <= OWN_TARGETS[method] and wrapped, wrapped
+
+
+@pytest.mark.parametrize("method", ["bottleneck", "houlsby", "parallel_adapter", "ln_tuning", "trainable_tokens"])
+def test_recipe_target_modules_do_not_reach_methods_with_other_targets(method):
+    assert "target_modules" not in common.shared_options_for(method, RECIPE)
