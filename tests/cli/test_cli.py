@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deltatune.cli import main
+from deltatune.cli.common import UsageError
 
 FAST = ["--precision", "fp32", "--no-progress", "--batch-size", "4", "--eval-batch-size", "4"]
 
@@ -353,3 +354,14 @@ def test_compile_and_no_chunked_loss_train_to_the_same_losses(capsys, llama_dir,
     assert losses[2] == pytest.approx(losses[0], rel=1e-5)
     code, _, err = run(capsys, *common, "--output-dir", tmp_path / "bad", "--compile", "no-such-backend")
     assert code == 2 and "not a torch.compile backend" in err
+
+
+def test_resume_takes_quantize_none_as_the_default(tmp_path):
+    from deltatune.cli.train import _apply_resume
+
+    (tmp_path / "run_config.json").write_text(json.dumps({"lr": 0.001, "quantize": None}))
+    settings = {"output_dir": str(tmp_path), "explicit": {"quantize": "none"}}
+    assert _apply_resume(settings)["quantize"] is None
+    settings = {"output_dir": str(tmp_path), "explicit": {"quantize": "nf4"}}
+    with pytest.raises(UsageError, match="--quantize 'nf4' differs from the run's None"):
+        _apply_resume(settings)

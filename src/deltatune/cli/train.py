@@ -145,6 +145,8 @@ def _apply_resume(settings: dict[str, Any]) -> dict[str, Any]:
             if changed:
                 raise UsageError(f"--resume: method options {changed} differ from the run's "
                                  f"{saved.get('method_options')}; resume without them")
+        elif key == "quantize" and {value, old} <= {None, "none"}:
+            continue  # --quantize none is the default: no quantisation
         elif old != value:
             raise UsageError(f"--resume: --{key.replace('_', '-')} {value!r} differs from the run's {old!r}; "
                              "resume with the same options or train into a new --output-dir")
