@@ -1,7 +1,7 @@
 # deltatune developer tasks. Everything runs inside ./.venv, created by `make setup` (idempotent: it
 # reinstalls only when pyproject.toml changes).
 #
-#   make demo    set up, then `deltatune train` on its defaults: LoRA on SmolLM2-135M, BBC News topics (~6 min CPU)
+#   make demo    set up, then `deltatune train` on its defaults: LoRA on SmolLM2-135M, BBC News topics (~3 min on 2 cores)
 #   make test    set up, then the whole test suite (slow real-model tests included)
 #   make lint    ruff
 #   make bench   LoRA training-step benchmark against peft

@@ -1,4 +1,5 @@
-"""LN tuning, trainable tokens, LoRA + trainable tokens, BitFit and bottleneck adapters: one training step.
+"""LN tuning, trainable tokens, LoRA + trainable tokens, (IA)³, LoHa, LoKr, VeRA, BitFit and bottleneck adapters:
+one training step.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -7,6 +8,8 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``ln_tuning``        -- deltatune vs ``peft`` (``LNTuningConfig()``: the 61 RMSNorms);
 * ``trainable_tokens`` -- deltatune vs ``peft`` (64 token rows; the tied ``lm_head`` follows);
 * ``lora_tokens``      -- deltatune vs ``peft`` (LoRA r=16 on q/v + ``trainable_token_indices`` of 64 rows);
+* ``ia3``, ``loha``, ``lokr``, ``vera`` -- deltatune vs ``peft`` ((IA)³ on its default k/v/down_proj; LoHa and
+                        LoKr r=16 alpha 32 all-linear; VeRA r=256 on q/v);
 * ``bitfit``           -- deltatune vs deltatune LoRA r=16 all-linear (the usual floor; PEFT has no BitFit);
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA.
 
@@ -46,6 +49,14 @@ def configs(lib, case: str):
                               trainable_token_indices=TOKENS, task_type="CAUSAL_LM")
     if case == "lora":
         return lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    if case == "ia3":
+        return lib.IA3Config(task_type="CAUSAL_LM")  # k_proj, v_proj, down_proj (feed-forward)
+    if case == "loha":
+        return lib.LoHaConfig(r=16, alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    if case == "lokr":
+        return lib.LoKrConfig(r=16, alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    if case == "vera":
+        return lib.VeraConfig(r=256, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "bitfit":
         return dt.BitFitConfig(task_type="CAUSAL_LM")
     if case == "bottleneck":
@@ -57,6 +68,10 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "ln_tuning": (("deltatune", "dt", "ln_tuning"), ("peft", "peft", "ln_tuning")),
     "trainable_tokens": (("deltatune", "dt", "trainable_tokens"), ("peft", "peft", "trainable_tokens")),
     "lora_tokens": (("deltatune", "dt", "lora_tokens"), ("peft", "peft", "lora_tokens")),
+    "ia3": (("deltatune", "dt", "ia3"), ("peft", "peft", "ia3")),
+    "loha": (("deltatune", "dt", "loha"), ("peft", "peft", "loha")),
+    "lokr": (("deltatune", "dt", "lokr"), ("peft", "peft", "lokr")),
+    "vera": (("deltatune", "dt", "vera"), ("peft", "peft", "vera")),
     "bitfit": (("deltatune", "dt", "bitfit"), ("deltatune LoRA r16", "dt", "lora")),
     "bottleneck": (("deltatune", "dt", "bottleneck"), ("deltatune LoRA r16", "dt", "lora")),
 }

@@ -185,12 +185,8 @@ class BOFTLayer(AdapterLayer):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``s ⊙ ((x R) Wᵀ) + b`` (``Conv2d``: ``conv(x, diag(s) W Rᵀ) + b``)."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, *args, **kwargs)
+        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
+            return bypass
         names = [n for n in self.active_adapters if n in self.boft_R]
         if self.merged or not names:
             return self.base_layer(x, *args, **kwargs)

@@ -98,12 +98,8 @@ class DeltaWeightLayer(AdapterLayer):
         return F.linear(x, delta)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, *args, **kwargs)
+        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
+            return bypass
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result

@@ -129,12 +129,8 @@ class IA3Layer(AdapterLayer):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x ⊙ Π l_ff) ⊙ Π l_out`` over the active adapters (``x: (..., in)`` or ``(B, C, ...)``)."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, *args, **kwargs)
+        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
+            return bypass
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         in_scale = out_scale = None

@@ -52,12 +52,8 @@ class LNTuningLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``copy[active](x)``; the base layer when disabled, merged or with no active adapter."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, *args, **kwargs)
+        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
+            return bypass
         active = [a for a in self.active_adapters if a in self.ln_tuning_layers]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)

@@ -214,12 +214,8 @@ class OFTLayer(AdapterLayer):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x R_1 R_2 ...)`` (linear), ``conv(x, W (R_1 R_2 ...)ᵀ)`` (Conv2d), ``E[ids] R_1 R_2 ...``."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, *args, **kwargs)
+        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
+            return bypass
         names = [n for n in self.active_adapters if n in self._container]
         if self.merged or not names:
             return self.base_layer(x, *args, **kwargs)

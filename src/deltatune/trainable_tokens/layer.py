@@ -115,12 +115,8 @@ class TrainableTokensLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``E'[x]`` for an embedding (``x: (..., )`` ids -> ``(..., dim)``), ``x E'^T + b`` for an output layer."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, *args, **kwargs)
+        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
+            return bypass
         active = [a for a in self.active_adapters if a in self._deltas()]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)

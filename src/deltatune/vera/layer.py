@@ -145,12 +145,8 @@ class VeraLayer(AdapterLayer):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x) + λ_b ⊙ (B (λ_d ⊙ (A dropout(x))))`` for each active adapter; ``x: (..., in)``."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, *args, **kwargs)
+        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
+            return bypass
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
