@@ -365,3 +365,19 @@ def test_resume_takes_quantize_none_as_the_default(tmp_path):
     settings = {"output_dir": str(tmp_path), "explicit": {"quantize": "nf4"}}
     with pytest.raises(UsageError, match="--quantize 'nf4' differs from the run's None"):
         _apply_resume(settings)
+
+
+def test_inspect_summarises_a_long_target_list(capsys, llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from deltatune import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
+                           LoraConfig(r=2, target_modules="all-linear"))
+    model.save_pretrained(str(tmp_path / "a"))
+    n = len(model.peft_config["default"].target_modules)
+    assert n > 8  # all-linear is saved as every full module name
+    code, stdout, _ = run(capsys, "inspect", tmp_path / "a")
+    assert code == 0
+    line = next(x for x in stdout.splitlines() if x.startswith("targets"))
+    assert f"{n} module names ({n} layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)" in line

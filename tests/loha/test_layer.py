@@ -199,3 +199,33 @@ def test_model_contract(name, factory, kind, config, tmp_path):
 def test_two_named_adapters(tmp_path):
     check_two_adapters(tiny_llama, "llama", LoHaConfig(r=2),
                        LoHaConfig(r=4, alpha=2, target_modules=["q_proj", "down_proj"]), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1D", "conv2d"])
+def test_gradients_match_plain_autograd_of_the_reference(kind):
+    """The flat ΔW recomputes its two products in backward: the factor gradients equal autograd's through
+    ``s · (W1a W1b) ⊙ (W2a W2b)`` and the input gradient equals the reference layer's."""
+    pm, layer, x = _adapt(kind)
+    pm.train()
+    x = x.clone().requires_grad_()
+    out = pm(x=x)
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    factors = [getattr(layer, f"hada_w{i}_{j}")["default"] for i in "12" for j in "ab"]
+    got = [f.grad.clone() for f in factors] + [x.grad.clone()]
+    refs = [f.detach().clone().requires_grad_() for f in factors]
+    x_ref = x.detach().clone().requires_grad_()
+    shape = layer.base_layer.weight.shape[::-1] if kind == "conv1D" else layer.base_layer.weight.shape
+    delta = layer.scaling["default"] * (refs[0] @ refs[1]) * (refs[2] @ refs[3])
+    (_base_out(layer, x_ref, delta.reshape(shape)) * weight).sum().backward()
+    for g, ref in zip(got, [r.grad for r in refs] + [x_ref.grad]):
+        torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda *w: layer_delta(*w, scale=layer.scaling["default"]),
+        [f.detach().double().requires_grad_() for f in factors])
+
+
+def layer_delta(w1a, w1b, w2a, w2b, scale):
+    from deltatune.loha.layer import HadamardDelta
+
+    return HadamardDelta.apply(w1a, w1b, w2a, w2b, scale)

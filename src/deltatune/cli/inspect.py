@@ -141,7 +141,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     targets = info["target_modules"]
     if isinstance(targets, list):
-        targets = ", ".join(sorted(targets))
+        # "all-linear" is saved expanded to every full module name (PEFT's format): hundreds of names.
+        targets = ", ".join(sorted(targets)) if len(targets) <= 8 else f"{len(targets)} module names"
     if info["adapted_modules"]:
         targets = f"{targets} ({info['adapted_modules']} layers: {', '.join(info['module_suffixes'])})"
     elif info["num_virtual_tokens"]:

@@ -27,6 +27,39 @@ from deltatune.core.delta_layer import DeltaWeightLayer, dense_supported_types
 from deltatune.errors import ConfigError
 
 
+class HadamardDelta(torch.autograd.Function):
+    """``ΔW = s · (W1a W1b) ⊙ (W2a W2b)`` that keeps only the four thin factors for backward.
+
+    Plain autograd would hold both ``(out, in)`` products from forward to backward (two extra weight-sized
+    tensors per layer); here backward recomputes them::
+
+        G = s · dL/dΔW,   T1 = G ⊙ (W2a W2b):  dW1a = T1 W1bᵀ,  dW1b = W1aᵀ T1
+                          T2 = G ⊙ (W1a W1b):  dW2a = T2 W2bᵀ,  dW2b = W2aᵀ T2
+    """
+
+    @staticmethod
+    def forward(ctx, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        return (w1a @ w1b).mul_(w2a @ w2b).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        g = grad * ctx.scale
+        d1a = d1b = d2a = d2b = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            t = g * (w2a @ w2b)
+            d1a = t @ w1b.T if ctx.needs_input_grad[0] else None
+            d1b = w1a.T @ t if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            t = g.mul_(w1a @ w1b)  # g is not needed any more
+            d2a = t @ w2b.T if ctx.needs_input_grad[2] else None
+            d2b = w2a.T @ t if ctx.needs_input_grad[3] else None
+        return d1a, d1b, d2a, d2b, None
+
+
 class LoHaLayer(DeltaWeightLayer):
     """LoHa on ``nn.Linear``, ``transformers``' ``Conv1D`` and ``nn.Conv1d``/``nn.Conv2d``."""
 
@@ -85,6 +118,10 @@ class LoHaLayer(DeltaWeightLayer):
 
     def _delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s · (W1a W1b) ⊙ (W2a W2b)``."""
+        if adapter_name not in self.hada_t1:  # the flat form: recomputed in backward (HadamardDelta)
+            return HadamardDelta.apply(self.hada_w1_a[adapter_name], self.hada_w1_b[adapter_name],
+                                       self.hada_w2_a[adapter_name], self.hada_w2_b[adapter_name],
+                                       self.scaling[adapter_name])
         return self._factor(adapter_name, "1") * self._factor(adapter_name, "2") * self.scaling[adapter_name]
 
 
