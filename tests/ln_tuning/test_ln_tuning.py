@@ -73,3 +73,17 @@ def test_trainable_parameters_are_the_norms():
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == (2 * 2 + 1) * 32  # two norms per layer, two layers, the final norm; hidden 32
     assert isinstance(model.peft_config["default"], deltatune.LNTuningConfig)
+
+
+def test_an_architecture_without_defaults_gets_every_norm():
+    """BERT is not in PEFT's LN-tuning table: deltatune targets every normalisation layer (PEFT would ask
+    for target_modules)."""
+    bert = tiny_bert()
+    norms = [n for n, m in bert.named_modules() if isinstance(m, nn.LayerNorm)]
+    model = get_peft_model(bert, LNTuningConfig(task_type="FEATURE_EXTRACTION"))
+    assert set(model.peft_config["default"].target_modules) == {"LayerNorm"}
+    adapted = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                     if type(m).__name__ == "LNTuningLayer")
+    assert adapted == sorted(norms) and len(norms) == 2 * 2 + 1  # two per layer, two layers, the embeddings'
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == len(norms) * 2 * bert.config.hidden_size  # weight and bias of each

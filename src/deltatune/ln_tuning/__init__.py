@@ -18,6 +18,23 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LNTuningConfi
     return layer
 
 
+def prepare_config(model: nn.Module, config: LNTuningConfig) -> None:
+    """No ``target_modules`` and no entry for this architecture in the default table: every normalisation
+    layer with weights, named by its last name component (``LayerNorm`` in BERT)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if config.target_modules is not None or model_type in DEFAULT_LN_TUNING_TARGETS:
+        return
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if name and _is_norm(module) and any(True for _ in module.parameters(recurse=False))}
+    if names:
+        config.target_modules = sorted(names)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    kind = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or kind.endswith(("LayerNorm", "RMSNorm"))
+
+
 LN_TUNING = register(Method(
     peft_type=PeftType.LN_TUNING,
     config_cls=LNTuningConfig,
@@ -26,6 +43,7 @@ LN_TUNING = register(Method(
     create_or_update=create_or_update,
     supported_types=supported_types,
     default_targets=DEFAULT_LN_TUNING_TARGETS,
+    prepare_config=prepare_config,
     cli_names={"ln_tuning": {}},
     lr_scale=1.0,
     cli_shared_skip=("target_modules",),  # the recipes' "all-linear" would copy linear layers, not norms

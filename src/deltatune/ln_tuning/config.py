@@ -33,8 +33,10 @@ class LNTuningConfig(PeftConfig):
 
     Args:
         target_modules: Names/suffixes or a regex string (full match) of the norm layers; ``None`` picks the
-            architecture's default (PEFT's table). Any module with parameters can be targeted (PEFT's LLaVA
-            default also tunes ``embed_tokens``/``lm_head`` this way).
+            architecture's default (PEFT's table) and, for an architecture not in it (BERT, ...), every
+            normalisation layer with weights (``LayerNorm``, ``RMSNorm``, ``GroupNorm`` ... by class name), where
+            PEFT asks for ``target_modules``. Any module with parameters can be targeted (PEFT's LLaVA default also
+            tunes ``embed_tokens``/``lm_head`` this way).
         exclude_modules: Same forms as ``target_modules``; matching modules are skipped.
         modules_to_save: Modules trained in full and saved with the adapter (e.g. a classifier head).
     """
