@@ -84,6 +84,15 @@ def test_target_matching_nothing_lists_closest_names():
         peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=2, target_modules=["q_prj", "vproj"]))
 
 
+def test_a_long_target_list_matching_nothing_is_shortened():
+    """An adapter config that names every full module path of another model (PEFT saves "all-linear" that way)."""
+    names = [f"model.layers.{i}.mlp.gate_prj" for i in range(30)]
+    with _raises(ValueError) as info:
+        get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=names))
+    msg = _check_deltatune(info)
+    assert "... 30 names in all" in msg and msg.count("gate_prj") == 5 and "gate_proj" in msg
+
+
 def test_regex_matching_nothing():
     model = tiny_llama(0)
     with Unchanged(model), _raises(ValueError) as info:

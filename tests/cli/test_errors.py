@@ -108,3 +108,33 @@ def test_other_commands(capsys, tmp_path, argv, expected):
 def test_inspect_a_directory_without_an_adapter(capsys, tmp_path):
     (tmp_path / "x").mkdir()
     check_error(capsys, tmp_path, ["inspect", tmp_path / "x"], "has no adapter_config.json")
+
+
+def test_targets_that_match_nothing_fail_before_anything_is_evaluated_or_written(capsys, tmp_path, llama_dir,
+                                                                                 data_dir):
+    out = tmp_path / "out"
+    code = main([str(a) for a in train(llama_dir, data_dir / "pc.jsonl", "--target-modules", "c_attn",
+                                       "--output-dir", out)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 2 and "target_modules=['c_attn'] matched no module" in stderr
+    assert "evaluating" not in stdout and not out.exists()
+
+
+def test_an_adapter_on_a_model_it_was_not_trained_on_names_its_base(capsys, tmp_path, llama_dir, data_dir):
+    import tinymodels
+
+    code = main([str(a) for a in train(llama_dir, data_dir / "pc.jsonl", "--output-dir", tmp_path / "a")])
+    assert code == 0
+    capsys.readouterr()
+    other = tinymodels.make_llama(str(tmp_path / "other"), seed=1)
+    # Same architecture, other sizes: the saved A/B do not fit.
+    cfg = json.loads((tmp_path / "other" / "config.json").read_text())
+    cfg.update(hidden_size=48, intermediate_size=96)
+    (tmp_path / "other" / "config.json").write_text(json.dumps(cfg))
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(other)).save_pretrained(other)
+    line = check_error(capsys, tmp_path, ["eval", "--adapter", tmp_path / "a", "--model", other,
+                                          "--data", data_dir / "pc.jsonl"],
+                       f"was trained on {llama_dir}, not on --model {other}")
+    assert "drop --model" in line

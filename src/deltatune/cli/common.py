@@ -654,11 +654,33 @@ def load_with_adapter(adapter_dir: str | None, model_arg: str | None, device: to
     model, tokenizer = load_model(spec, labels=labels or run.get("labels"), device=device)
     model = quantize_base(model, quant_type)
     if adapter_dir:
-        from deltatune import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        model = attach_adapter(model, adapter_dir, model_arg, spec, run)
     model.eval()
     return model, tokenizer, spec, labels, run
+
+
+def attach_adapter(model: nn.Module, adapter_dir: str, model_arg: str | None, spec: ModelSpec, run: dict):
+    """``PeftModel.from_pretrained`` for inference; an adapter that does not fit a ``--model`` other than its own
+    base is a usage error that names the base it was trained on."""
+    from deltatune import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    except DeltatuneError as exc:
+        trained_on = recorded_base(adapter_dir, run)
+        if model_arg and trained_on and resolve_model(trained_on).name != spec.name:
+            raise UsageError(f"{adapter_dir} was trained on {trained_on}, not on --model {model_arg}, and does not "
+                             f"fit it ({str(exc).splitlines()[0][:300]}); drop --model to use the adapter's own "
+                             "base") from None
+        raise
+
+
+def recorded_base(adapter_dir: str, run: dict) -> str | None:
+    """The base model an adapter's files name: its training run's ``--model``, else PEFT's
+    ``base_model_name_or_path``."""
+    from deltatune.core.io import CONFIG_NAME
+
+    return run.get("model") or read_json(os.path.join(adapter_dir, CONFIG_NAME)).get("base_model_name_or_path")
 
 
 def human_bytes(n: float | None) -> str:

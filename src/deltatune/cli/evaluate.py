@@ -63,9 +63,7 @@ def main(args: argparse.Namespace) -> int:
     model, tokenizer = common.load_model(spec, labels=dataset.labels, device=device)
     model = common.quantize_base(model, quant_type)
     if args.adapter:
-        from deltatune import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=False)
+        model = common.attach_adapter(model, args.adapter, args.model, spec, run)
     task = common.make_task(dataset, spec, tokenizer, int(settings["max_length"]))
     records = getattr(dataset, args.split)
     examples = task.examples(records, settings["eval_samples"] or None)

@@ -260,6 +260,16 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
     eval_kw = {"batch_size": int(settings["eval_batch_size"]), "device": device, "amp": amp}
     general_kw = {"batch_size": int(settings["eval_batch_size"]), "pad_id": task.pad_id, "device": device, "amp": amp}
 
+    from deltatune import get_peft_model
+    from deltatune.quantization import weight_bytes
+
+    base_bytes = weight_bytes(model)
+    # The adapter goes on before anything is evaluated or written: a config that does not fit the model
+    # (targets that match nothing, ...) fails at once and leaves no output directory behind.
+    torch.manual_seed(settings["seed"])  # the adapter's initialisation
+    peft_config.base_model_name_or_path = spec.name
+    model = get_peft_model(model, peft_config)
+
     # From here on the output directory is written.
     os.makedirs(out, exist_ok=True)
     if not settings.get("resume") and is_main:
@@ -273,9 +283,6 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
         atomic_write_text(os.path.join(out, common.RUN_CONFIG_NAME), _json(record))
 
     n_train = len(dataset.train)
-    from deltatune.quantization import weight_bytes
-
-    base_bytes = weight_bytes(model)
     quantized = f" in {settings['quantize']}" if settings.get("quantize") else ""
     print(f"deltatune train: {settings['method']} on {settings['model']}{quantized} ({spec.kind}), data {dataset.name} "
           f"({dataset.format}: {n_train} train, {len(test_examples)} eval records) -> {out}", flush=True)
@@ -289,25 +296,21 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
         chunked_loss=bool(settings["chunked_loss"]), compile=settings["compile"] or None,
         progress=False if settings.get("progress") is False else None)
 
-    from deltatune import get_peft_model
-
     extra: dict[str, Any] = {}
     if not settings.get("resume"):
-        if settings.get("eval_before", True):
-            print(f"evaluating the base model on {len(test_examples)} test records ...", flush=True)
-            t0 = time.perf_counter()
-            extra["before"] = task.evaluate(model, test_examples, **eval_kw)
-            extra["before_seconds"] = time.perf_counter() - t0
-            if is_main:
-                _log(out, {"step": 0, "split": "test", "event": "before", **extra["before"]})
-            print(f"  before: {_fmt(extra['before'])} ({human_time(extra['before_seconds'])})", flush=True)
-        if general:
-            from deltatune.training.metrics import evaluate_loss
+        with model.disable_adapter():  # "before" is the base model alone
+            if settings.get("eval_before", True):
+                print(f"evaluating the base model on {len(test_examples)} test records ...", flush=True)
+                t0 = time.perf_counter()
+                extra["before"] = task.evaluate(model, test_examples, **eval_kw)
+                extra["before_seconds"] = time.perf_counter() - t0
+                if is_main:
+                    _log(out, {"step": 0, "split": "test", "event": "before", **extra["before"]})
+                print(f"  before: {_fmt(extra['before'])} ({human_time(extra['before_seconds'])})", flush=True)
+            if general:
+                from deltatune.training.metrics import evaluate_loss
 
-            extra["general_loss_base"] = evaluate_loss(model, general, **general_kw)
-    torch.manual_seed(settings["seed"])  # the adapter's initialisation
-    peft_config.base_model_name_or_path = spec.name
-    model = get_peft_model(model, peft_config)
+                extra["general_loss_base"] = evaluate_loss(model, general, **general_kw)
     trainable, total = model.get_nb_trainable_parameters()
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}",
           flush=True)

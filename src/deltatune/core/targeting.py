@@ -199,4 +199,5 @@ def _no_match_message(names: list[str], config) -> str:
     if config.layers_to_transform is not None:
         extra = f" with layers_to_transform={config.layers_to_transform} (layers_pattern={config.layers_pattern})"
     hint = f"closest module names: {close}" if close else f"module names in this model: {suffixes[:30]}"
-    return f"target_modules={wanted}{extra} matched no module in the model; {hint}"
+    shown = wanted if len(wanted) <= 8 else [*wanted[:5], f"... {len(wanted)} names in all"]
+    return f"target_modules={shown}{extra} matched no module in the model; {hint}"
