@@ -399,14 +399,19 @@ def test_loraplus_trains():
 
 # ---- mixed-adapter batches (adapter_names) -------------------------------------------------------
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_mixed_adapter_batch_rows_match_single_adapter_runs(use_dora):
+@pytest.mark.parametrize("kind", ["lora", "dora", "lora_bias"])
+def test_mixed_adapter_batch_rows_match_single_adapter_runs(kind):
     """``forward(adapter_names=[...])``: row i equals a whole-batch run with adapter_names[i] active
     (``"__base__"``: adapters disabled)."""
     pm = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj", "v_proj", "embed_tokens"],
                                                   init_lora_weights=False))
     pm.add_adapter("other", LoraConfig(r=4, target_modules=["v_proj", "o_proj"], init_lora_weights=False,
-                                       use_dora=use_dora))
+                                       use_dora=kind == "dora", lora_bias=kind == "lora_bias"))
+    if kind == "lora_bias":
+        with torch.no_grad():
+            for m in pm.modules():
+                if hasattr(m, "lora_B") and "other" in m.lora_B:
+                    m.lora_B["other"].bias.normal_()
     pm.eval()
     inputs = make_inputs("llama", batch=3)
     rows = ["other", "__base__", "default"]

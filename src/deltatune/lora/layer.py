@@ -573,15 +573,26 @@ class LoraLinear(LoraLayer):
             present, lambda n: self.lora_A[n].weight, lambda n: self.lora_B[n].weight,
             self.in_features, self.out_features, x.device, self.lora_A[present[0]].weight.dtype)
         rows = x.to(a_all.dtype).reshape(x.shape[0], -1, x.shape[-1])               # (batch, T, in)
-        delta = torch.bmm(torch.bmm(rows, a_all[index].transpose(1, 2)), b_all[index].transpose(1, 2))
-        delta = delta + bias_all[index][:, None, :]                                 # (batch, T, out)
-        out = result.reshape(delta.shape)
+        h = torch.bmm(rows, a_all[index].transpose(1, 2))                           # (batch, T, r_max)
+        b_rows = b_all[index].transpose(1, 2)                                       # (batch, r_max, out)
+        out = result.reshape(*rows.shape[:2], -1)                                   # (batch, T, out)
+        has_bias = any(self.lora_bias.get(n) for n in present)
         if any(self.use_dora.get(n) for n in present):
+            delta = torch.bmm(h, b_rows)
+            if has_bias:
+                delta = delta + bias_all[index][:, None, :]
             bias = self.bias
             scale = scale_all[index][:, None, :]
             base = out if bias is None else out - bias
             out = scale * (base + delta) + (0 if bias is None else bias)
+        elif out.dtype == h.dtype:
+            out = torch.baddbmm(out, h, b_rows)  # base output + B_i (A_i x_i) in one pass
+            if has_bias:
+                out = out + bias_all[index][:, None, :]
         else:
+            delta = torch.bmm(h, b_rows)
+            if has_bias:
+                delta = delta + bias_all[index][:, None, :]
             out = out + delta.to(out.dtype)
         return out.reshape(result.shape).to(result.dtype)
 
