@@ -63,6 +63,17 @@ def tiny_t5(seed: int = 0) -> nn.Module:
     return T5ForConditionalGeneration(cfg).eval()
 
 
+class Holder(nn.Module):
+    """A model holding one layer, so any layer type can be targeted by the name ``"layer"``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
 class TinyNet(nn.Module):
     """A plain ``nn.Module`` (no transformers) with every layer type LoRA supports.
 

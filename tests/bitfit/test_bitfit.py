@@ -6,19 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_checks import check_model_contract, check_two_adapters
-from helpers import tiny_bert, tiny_gpt2, tiny_llama
+from helpers import Holder, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 from deltatune import BitFitConfig, get_peft_model
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_checks import check_model_contract, check_two_adapters
-from helpers import make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import Holder, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 from peft.tuners.boft import layer as peft_boft
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -25,15 +25,6 @@ from deltatune.boft.layer import butterfly_permutation
 from deltatune.errors import ConfigError
 
 ATOL = 1e-5
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _layer_and_input(kind: str) -> tuple[nn.Module, torch.Tensor]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_checks import check_model_contract, check_two_adapters
-from helpers import make_inputs, output, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import Holder, make_inputs, output, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -22,17 +22,6 @@ from deltatune.errors import ConfigError, MergeError
 
 ATOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:.*fan_in_fan_out")
-
-
-class Holder(nn.Module):
-    """A model holding one layer, so any layer type can be targeted by the name ``"layer"``."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _layer_and_input(kind: str) -> tuple[nn.Module, torch.Tensor]:

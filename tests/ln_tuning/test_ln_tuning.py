@@ -6,21 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_checks import check_model_contract, check_two_adapters
-from helpers import make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import Holder, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import deltatune
 from deltatune import LNTuningConfig, get_peft_model
 from deltatune.errors import ConfigError, MergeError
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def test_layernorm_copy_math_and_merge():

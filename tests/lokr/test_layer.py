@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_checks import check_model_contract, check_two_adapters
-from helpers import output, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import Holder, output, tiny_bert, tiny_gpt2, tiny_llama
 from peft.tuners.lokr.layer import factorization as peft_factorization
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -22,15 +22,6 @@ from deltatune.errors import ConfigError
 from deltatune.lokr import factorization
 
 ATOL = 1e-5
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _layer_and_input(kind: str) -> tuple[nn.Module, torch.Tensor]:

@@ -6,19 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Holder
 from torch import nn
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.lora.layer import _LoraDropoutBranch, _LoraLinearNode, keep_mask
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _adapted(p: float, bias: bool = True, lora_bias: bool = False, **kw):

@@ -14,7 +14,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_inputs, output, tiny_gpt2, tiny_llama, tiny_net
+from helpers import Holder, make_inputs, output, tiny_gpt2, tiny_llama, tiny_net
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -22,17 +22,6 @@ import deltatune
 from deltatune import LoraConfig, get_peft_model
 
 ATOL = 1e-5
-
-
-class Holder(nn.Module):
-    """A model holding one layer, so any layer type can be targeted by the name ``"layer"``."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _layer_and_input(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
