@@ -348,3 +348,11 @@ def test_smollm2_nf4_other_methods_cross_with_peft_and_merge_exactly(tmp_path, m
         assert (model(ids).logits - ours).abs().max() > 0.1  # the adapter matters
     _, report = dt.merge_and_report(model, ids, dense=True)
     assert report["max_abs_diff"] < 1e-3
+
+
+def test_a_model_of_conv1d_layers_names_why_nothing_is_quantised():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ConfigError, match="Conv1D.*BitsAndBytesConfig"):
+        quantize(model, "nf4")

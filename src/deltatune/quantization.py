@@ -129,7 +129,10 @@ def quantize(model: nn.Module, quant_type: str = "nf4", double_quant: bool = Tru
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear
              and not any(n == s or n.endswith("." + s) for s in skip)]
     if not names:
-        raise ConfigError("the model has no nn.Linear layer to quantise (outside skip_modules)")
+        conv1d = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ == "Conv1D"})
+        why = (" (its projections are transformers' Conv1D, stored transposed, which bitsandbytes' layers do not "
+               "replace here; load the model with transformers' BitsAndBytesConfig instead)") if conv1d else ""
+        raise ConfigError(f"the model has no nn.Linear layer to quantise (outside skip_modules){why}")
     for name in names:  # one layer at a time: the float weight is freed as soon as it is replaced
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

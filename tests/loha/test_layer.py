@@ -220,3 +220,21 @@ def layer_delta(w1a, w1b, w2a, w2b, scale):
     from deltatune.loha.layer import HadamardDelta
 
     return HadamardDelta.apply(w1a, w1b, w2a, w2b, scale)
+
+
+def test_trains_under_bf16_autocast():
+    """The trainer runs bf16 autocast on CPU: ΔW is built in fp32 and the factors get fp32 gradients."""
+    pm, layer, x = _adapt("linear")
+    pm.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pm(x=x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    for i in "12":
+        for j in "ab":
+            grad = getattr(layer, f"hada_w{i}_{j}")["default"].grad
+            assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all()
+    want = _base_out(layer, x, _delta_reference(layer)).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pm(x=x).float()
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)

@@ -117,3 +117,29 @@ def test_dora_expanded_norm_equals_the_direct_row_norm():
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     direct = (W + layer.scaling["default"] * B @ A).norm(dim=1)
     torch.testing.assert_close(layer._dora_weight_norm("default"), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_branch_trains_under_bf16_autocast():
+    """The trainer's CPU default is bf16 autocast: the branch's backward runs under it too, the parameters get
+    fp32 gradients, close to the fp32 run with the same seed."""
+    torch.manual_seed(0)
+    pm = get_peft_model(Holder(nn.Linear(32, 24)), LoraConfig(r=4, target_modules=["layer"], lora_dropout=0.25,
+                                                                 init_lora_weights=False))
+    pm.train()
+    x = torch.randn(6, 32, requires_grad=True)
+    layer = pm.base_model.model.layer
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+    def grads(amp: bool):
+        for t in [*params, x]:
+            t.grad = None
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = pm(x=x)
+        out.float().square().sum().backward()
+        return [t.grad.clone() for t in [*params, x]]
+
+    plain, amp = grads(False), grads(True)
+    for g32, g16 in zip(plain, amp):
+        assert g16.dtype == torch.float32
+        torch.testing.assert_close(g16, g32, atol=0.1, rtol=0.05)

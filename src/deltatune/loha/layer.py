@@ -42,12 +42,15 @@ class HadamardDelta(torch.autograd.Function):
                 scale: float) -> torch.Tensor:
         ctx.save_for_backward(w1a, w1b, w2a, w2b)
         ctx.scale = scale
-        return (w1a @ w1b).mul_(w2a @ w2b).mul_(scale)
+        # In the factors' dtype also under autocast (the layer's F.linear casts ΔW as autocast says); backward
+        # then sees one dtype.
+        with torch.autocast(w1a.device.type, enabled=False):
+            return (w1a @ w1b).mul_(w2a @ w2b).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         w1a, w1b, w2a, w2b = ctx.saved_tensors
-        g = grad * ctx.scale
+        g = grad.to(w1a.dtype) * ctx.scale
         d1a = d1b = d2a = d2b = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             t = g * (w2a @ w2b)

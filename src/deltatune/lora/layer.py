@@ -145,10 +145,21 @@ class _LoraDropoutBranch(torch.autograd.Function):
         out = F.linear(h, b, b_bias).mul_(scaling)
         ctx.save_for_backward(x, keep, a, b, h)
         ctx.inv_q, ctx.scaling, ctx.has_bias = inv_q, scaling, b_bias is not None
+        # Under autocast the forward's matmuls ran in its dtype; backward (which autocast does not reach on its
+        # own) runs under the same autocast, and autograd casts each gradient to its input's dtype.
+        device = x.device.type
+        ctx.amp = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if ctx.amp is None:
+            return _LoraDropoutBranch._backward(ctx, grad_out)
+        with torch.autocast(ctx.amp[0], dtype=ctx.amp[1]):
+            return _LoraDropoutBranch._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: torch.Tensor):
         x, keep, a, b, h = ctx.saved_tensors
         s, inv_keep = ctx.scaling, ctx.inv_q
         g = grad_out * s                                   # (..., out)
