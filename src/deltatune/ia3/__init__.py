@@ -51,6 +51,7 @@ IA3 = register(Method(
     supported_types=supported_types,
     default_targets=DEFAULT_IA3_TARGETS,
     cli_names={"ia3": {}},
+    lr_scale=3.0,  # measured: 12 bbc-news steps at 1e-3 learn nothing, at 3e-3 0.35 -> 0.78 accuracy
     prepare_config=prepare_config,
 ))
 

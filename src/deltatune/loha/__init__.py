@@ -37,6 +37,7 @@ LOHA = register(Method(
     supported_types=supported_types,
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for LoHa
     cli_names={"loha": {}},
+    lr_scale=10.0,  # a product of two factors, one zero at init: small early gradients (measured, see README)
 ))
 
 __all__ = ["LOHA", "LoHaConfig", "LoHaLayer"]

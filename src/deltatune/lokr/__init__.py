@@ -45,6 +45,7 @@ LOKR = register(Method(
     supported_types=supported_types,
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for LoKr
     cli_names={"lokr": {}},
+    lr_scale=10.0,  # as LoHa: one Kronecker factor starts at zero (measured, see README)
 ))
 
 __all__ = ["LOKR", "LoKrConfig", "LoKrLayer", "factorization"]

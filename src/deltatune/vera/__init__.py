@@ -71,6 +71,8 @@ VERA = register(Method(
     supported_types=supported_types,
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT's VeRA table is LoRA's (phi: q_proj, v_proj, as ours)
     cli_names={"vera": {}},
+    lr_scale=30.0,  # only per-layer scaling vectors train (measured, see README)
+    cli_shared_skip=("r",),  # the recipes' r=8 is a LoRA rank; VeRA's r sizes the shared projections (256)
     shared_containers=("vera_A", "vera_B"),
     init_shared=init_shared,
 ))
