@@ -68,7 +68,7 @@ ENCODER_RECIPES: dict[str, dict[str, Any]] = {
 }
 # Settings that do not change what a run computes; a resume may change them.
 HARMLESS = {"eval_steps", "save_steps", "eval_samples", "eval_batch_size", "device", "progress", "resume",
-            "overwrite", "config", "output_dir", "forgetting_tokens", "eval_before", "ignore_other_options",
+            "overwrite", "config", "output_dir", "forgetting_tokens", "eval_before",
             "fsdp"}  # DDP or FSDP compute the same update
 
 
@@ -148,12 +148,7 @@ def shared_options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
 def default_lr(method: str, lr: float) -> float:
     """The learning rate for ``method`` when the user set none: the default scaled by the method's
     registry ``lr_scale`` (virtual-token methods take larger steps)."""
-    import deltatune  # noqa: F401  (registers the methods)
-    from deltatune.registry import METHODS
-
-    config_cls = method_table()[method][0]
-    scale = next((m.lr_scale for m in METHODS.values() if m.config_cls is config_cls), 1.0)
-    return lr * scale
+    return lr * method_entry(method).lr_scale
 
 
 def _base_fields() -> set[str]:
@@ -293,8 +288,7 @@ def _metavar(hint: Any) -> str:
     return "|".join(dict.fromkeys(names)) or "VALUE"
 
 
-def build_peft_config(method: str, options: dict[str, Any], task_type: str | None, *,
-                      ignore_other_options: bool = False):
+def build_peft_config(method: str, options: dict[str, Any], task_type: str | None):
     """The method's config from ``options`` (field name -> value).
 
     Raises:
@@ -307,10 +301,10 @@ def build_peft_config(method: str, options: dict[str, Any], task_type: str | Non
     config_cls, fixed = table[method]
     fields = {f.name for f in dataclasses.fields(config_cls) if f.init} - _base_fields()
     unknown = sorted(set(options) - fields)
-    if unknown and not ignore_other_options:
+    if unknown:
         flags = ", ".join("--" + u.replace("_", "-") for u in unknown)
         raise UsageError(f"{flags}: not an option of method {method!r} ({config_cls.__name__})")
-    kwargs = {k: v for k, v in options.items() if k in fields}
+    kwargs = dict(options)
     conflict = {k for k in kwargs if k in fixed and kwargs[k] != fixed[k]}
     if conflict:
         raise UsageError(f"--method {method} fixes {sorted(conflict)}; drop those options or pick another method")
@@ -485,6 +479,11 @@ def check_quantize(quant_type: str | None) -> str | None:
     return quant_type
 
 
+def run_quantize(run: dict, flag: str | None) -> str | None:
+    """The base quantisation for an adapter: ``--quantize`` when given, else what its training run used."""
+    return check_quantize(run.get("quantize") if flag is None else flag)
+
+
 def quantize_base(model: nn.Module, quant_type: str | None) -> nn.Module:
     """QLoRA's frozen base: the model's linear layers (not the output head) in ``quant_type`` (NF4/FP4 with
     double quantisation, or int8), with bitsandbytes' CPU kernels kept exact so evaluations reproduce."""
@@ -615,7 +614,7 @@ def adapter_base_and_labels(adapter_dir: str, model_arg: str | None) -> tuple[Mo
     if not config:
         raise UsageError(f"{adapter_dir} has no adapter_config.json; is it an adapter directory?")
     run = read_json(os.path.join(adapter_dir, RUN_CONFIG_NAME))
-    base = model_arg or run.get("model") or config.get("base_model_name_or_path")
+    base = model_arg or recorded_base(adapter_dir, run)
     if not base:
         raise UsageError(f"{adapter_dir} does not say which base model it expects; pass --model")
     spec = resolve_model(base)
@@ -650,7 +649,7 @@ def load_with_adapter(adapter_dir: str | None, model_arg: str | None, device: to
         spec, labels, run = adapter_base_and_labels(adapter_dir, model_arg)
     else:
         spec, labels, run = resolve_model(model_arg or DEFAULTS["model"]), None, {}
-    quant_type = check_quantize(run.get("quantize") if quantize is None else quantize)
+    quant_type = run_quantize(run, quantize)
     model, tokenizer = load_model(spec, labels=labels or run.get("labels"), device=device)
     model = quantize_base(model, quant_type)
     if adapter_dir:

@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = common.pick_device(args.device)
     amp = resolve_precision(args.precision, device)
-    quant_type = common.check_quantize(run.get("quantize") if args.quantize is None else args.quantize)
+    quant_type = common.run_quantize(run, args.quantize)
     dataset = common.load_data(settings)
     if args.adapter:
         spec, labels, _ = common.adapter_base_and_labels(args.adapter, args.model)

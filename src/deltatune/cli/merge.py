@@ -111,8 +111,10 @@ def _write_dir(out: str, write: Callable[[str], None]) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(out) for f in files)
 
 
-def _save_model(merged, tokenizer, dtype: str) -> Callable[[str], None]:
-    merged = merged.to(getattr(torch, dtype))
+def _save_model(merged, tokenizer, dtype: str | None = None) -> Callable[[str], None]:
+    """The writer of a standalone model directory (weights cast to ``dtype`` first when given)."""
+    if dtype is not None:
+        merged = merged.to(getattr(torch, dtype))
 
     def write(tmp: str) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -135,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
                                                               args.quantize)
     from deltatune.quantization import bnb_config, merge_and_report
 
-    base_quant = common.check_quantize(run.get("quantize") if args.quantize is None else args.quantize)
+    base_quant = common.run_quantize(run, args.quantize)
     dtype = getattr(torch, args.dtype)
     inputs = probe_inputs(tokenizer)
     # Dense: layers no adapter touched are dequantised too, so the written model is plain transformers.
@@ -145,11 +147,7 @@ def main(args: argparse.Namespace) -> int:
         merged.config.quantization_config = bnb_config(args.requantize, double_quant=True, compute_dtype=dtype,
                                                        skip_modules=head)
 
-    def write(tmp: str) -> None:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-    size = _write_dir(out, write)
+    size = _write_dir(out, _save_model(merged, tokenizer))  # merge_and_report already applied --dtype
     base = f" ({base_quant} base, dequantised)" if base_quant else ""
     form = f"{args.requantize}-quantised, compute {args.dtype}" if args.requantize else args.dtype
     print(f"merged {args.adapter} into {spec.name}{base}: wrote {out} ({human_bytes(size)}, {form}); "

@@ -93,7 +93,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fsdp", action="store_true", default=s,
                    help="under torchrun: shard the model with FSDP2 (for a base too big for one device) "
                         "instead of replicating it (DDP)")
-    parser.add_argument("--ignore-other-options", action="store_true", default=s, help=argparse.SUPPRESS)
     common.add_method_options(parser, taken={a.dest for a in parser._actions})
 
 
@@ -106,7 +105,7 @@ def settings_from_args(args: argparse.Namespace, method_option_names: set[str]) 
     from_file = common.load_config_file(explicit["config"]) if "config" in explicit else {}
     file_options = {k: from_file.pop(k) for k in list(from_file) if k in method_option_names}
     from_file.setdefault("method_options", {}).update(file_options)
-    known = set(common.DEFAULTS) | {"progress", "resume", "overwrite", "ignore_other_options", "config"}
+    known = set(common.DEFAULTS) | {"progress", "resume", "overwrite", "config"}
     unknown = sorted(set(from_file) - known)
     if unknown:
         raise UsageError(f"--config {explicit['config']}: unknown option(s) {unknown}")
@@ -214,8 +213,7 @@ def prepare(settings: dict[str, Any]):
                                            train_examples=train_examples)
     settings["method_options"] = options
     task_type = "CAUSAL_LM" if spec.kind == "causal" else "SEQ_CLS"
-    peft_config = common.build_peft_config(method, options, task_type,
-                                           ignore_other_options=bool(settings.get("ignore_other_options")))
+    peft_config = common.build_peft_config(method, options, task_type)
     _check_output_dir(settings)
     torch.manual_seed(settings["seed"])  # a fresh classification head is initialised on load
     model, tokenizer = common.load_model(spec, labels=dataset.labels, device=device, tokenizer=tokenizer)

@@ -525,12 +525,8 @@ class LoraLinear(LoraLayer):
         return norm_sq.clamp_min_(0).sqrt_()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._mixed_forward(x, *args, **kwargs)
+        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
+            return bypass
         if not self.merged and (p := self._fused_lora_p(x)) is not None:
             name = self._active_lora()[0]
             b = self.lora_B[name]
@@ -568,7 +564,7 @@ class LoraLinear(LoraLayer):
         return result.to(out_dtype)
 
 
-    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each row ``i`` of the batch through its own adapter, in two batched matmuls.
 
         ``y_i = m_i ⊙ (W x_i + s_i B_i A_i x_i) + b + s_i b_i`` with ``x: (batch, ..., in)``; ``A_i, B_i`` are
@@ -630,7 +626,7 @@ class LoraEmbedding(LoraLayer):
         e = self.base_layer
         return F.embedding(ids, table, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
 
-    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Per-row adapters: row ``i`` adds ``s_i · A_i^T[ids_i] B_i^T`` (``x: (batch, T)`` token ids)."""
         result = self.base_layer(x, *args, **kwargs)
         present, index = self._row_index(x.shape[0], x.device)
@@ -646,12 +642,8 @@ class LoraEmbedding(LoraLayer):
         return result + delta.reshape(result.shape).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._mixed_forward(x, *args, **kwargs)
+        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
+            return bypass
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
@@ -714,14 +706,13 @@ class LoraConv(LoraLayer):
         scale = self.lora_magnitude_vector[adapter_name].weight.flatten().to(weight.dtype) / norm
         return weight / scale.view(-1, *([1] * (weight.dim() - 1))) - delta
 
+    def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        raise ConfigError("mixed-adapter batches (adapter_names) support Linear and Embedding LoRA layers, "
+                          "not convolutions; run one adapter per batch")
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            raise ConfigError("mixed-adapter batches (adapter_names) support Linear and Embedding LoRA layers, "
-                              "not convolutions; run one adapter per batch")
+        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
+            return bypass
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
