@@ -13,7 +13,8 @@ For each *case* (LoRA with ``lora_dropout=0``, LoRA with ``lora_dropout=0.05``, 
                    lora_alpha=32, ...)`` on its own deep copy of the base model.
 * ``deltatune`` -- the same config through ``deltatune.get_peft_model``, on another deep copy.
 
-An adapter step is ``forward + loss + backward + AdamW.step + zero_grad``; a floor step is
+An adapter step is ``forward + loss + backward + AdamW.step + zero_grad`` (``--adamw fused``, the default, is
+the kernel deltatune's trainer uses; ``--adamw foreach`` is torch's default); a floor step is
 ``forward + loss + backward``. Both adapters target the same 210 linear layers (7 per decoder block,
 ``lm_head`` excluded by ``"all-linear"``); the script checks that they have the same number of trainable
 parameters and the same initial loss as the floor (``B = 0`` makes every adapter start as the identity).
@@ -125,7 +126,8 @@ class Variant:
     times: list[float] = field(default_factory=list)
 
 
-def build_variant(name: str, base: nn.Module, case: str, ids: torch.Tensor, copy_base: bool) -> Variant:
+def build_variant(name: str, base: nn.Module, case: str, ids: torch.Tensor, copy_base: bool,
+                  adamw: str = "fused") -> Variant:
     """Build ``name`` (floor / peft / deltatune) for ``case`` on ``base`` (deep-copied if ``copy_base``)."""
     if name == "floor":
         model = base
@@ -154,7 +156,7 @@ def build_variant(name: str, base: nn.Module, case: str, ids: torch.Tensor, copy
         raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, **{adamw: True})  # fused: what deltatune's trainer uses
 
     def adapter_step() -> float:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -180,7 +182,7 @@ def initial_loss(v: Variant, ids: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------
 def time_case(base: nn.Module, case: str, ids: torch.Tensor, args: argparse.Namespace) -> dict:
     """Interleaved timing of the three variants for one case; returns medians, ratios and spread."""
-    variants = [build_variant(n, base, case, ids, copy_base=True) for n in VARIANTS]
+    variants = [build_variant(n, base, case, ids, copy_base=True, adamw=args.adamw) for n in VARIANTS]
     by_name = {v.name: v for v in variants}
     if by_name["peft"].n_trainable != by_name["deltatune"].n_trainable:
         raise RuntimeError(f"[{case}] trainable parameters differ: peft {by_name['peft'].n_trainable:,} vs "
@@ -250,7 +252,8 @@ def measure_memory_child(args: argparse.Namespace) -> None:
     baseline_kb = _proc_status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
-    v = build_variant(args.measure_memory, base, args.case, ids, copy_base=False)
+    v = build_variant(args.measure_memory, base, args.case, ids, copy_base=False,
+                      adamw=args.adamw)
     for _ in range(max(args.steps, 3)):
         v.step()
     peak_kb = _proc_status_kb("VmHWM")
@@ -262,7 +265,7 @@ def measure_memory(variant: str, case: str, args: argparse.Namespace) -> float:
     """Run a ``--measure-memory`` child and return its peak RSS delta in MiB."""
     cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", variant, "--case", case,
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--adamw", args.adamw]
     out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory child {variant}/{case} failed:\n{out.stderr[-3000:]}")
@@ -276,8 +279,8 @@ def markdown(results: list[dict], memory: dict[str, dict[str, float]] | None, co
              args: argparse.Namespace) -> str:
     lines = [
         (f"SmolLM2-135M, fp32, CPU ({args.threads} threads), batch {args.batch_size} x {args.seq_len} tokens, "
-         f"LoRA r=16 alpha=32 on all linear layers; median of {args.rounds} x {args.steps} interleaved steps "
-         "per variant."),
+         f"LoRA r=16 alpha=32 on all linear layers, AdamW {args.adamw}; median of {args.rounds} x {args.steps} "
+         "interleaved steps per variant."),
         "",
         "| case | floor | peft | deltatune | peft/floor | deltatune/floor | deltatune/peft | dt/peft per round |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -314,6 +317,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--cases", default="lora0,lora05,dora", help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the reference box has 2 cores)")
+    p.add_argument("--adamw", choices=["fused", "foreach"], default="fused",
+                   help="AdamW implementation for both adapters (fused: what deltatune's trainer uses)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory child processes")
     p.add_argument("--json", default=None, help="also write all numbers (every step time) to this JSON file")
     p.add_argument("--measure-memory", choices=VARIANTS, default=None, help=argparse.SUPPRESS)

@@ -108,6 +108,36 @@ def test_merge_quantized_adapter_dense_and_requantized(capsys, llama_dir, data_d
     assert type(back.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
 
 
+def test_combined_qlora_adapters_fold_into_the_quantized_base(capsys, llama_dir, data_dir, tmp_path):
+    """``merge --adapters ... --merge-into-base`` folds into the base the adapters were trained on (NF4,
+    dequantised), as ``--adapter`` does; ``--requantize`` without ``--merge-into-base`` is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune import PeftModel
+    from deltatune.cli import common
+    from deltatune.cli.merge import probe_inputs
+
+    out = tmp_path / "run"
+    train(capsys, llama_dir, data_dir, out, "lora", "nf4", "--r", 4)
+    # cat with weights 0.5 + 0.5 of one adapter is that adapter exactly: Σ w_i ΔW_i = ΔW.
+    code, stdout, err = run(capsys, "merge", "--adapters", out, out, "--weights", 0.5, 0.5, "--how", "cat",
+                            "--merge-into-base", "--output-dir", tmp_path / "dense")
+    assert code == 0, err
+    assert "nf4 base, dequantised" in stdout and "merge error vs the unmerged model" in stdout
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    model, tokenizer, *_ = common.load_with_adapter(str(out), None, torch.device("cpu"))
+    model.train()
+    ids = probe_inputs(tokenizer)
+    with torch.no_grad():
+        assert (dense(ids).logits - model(ids).logits).abs().max().item() < 1e-4
+        # Folding into the fp32 base instead (what the adapters were not trained on) is measurably different.
+        on_fp32 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(out)).eval()
+        assert (on_fp32(ids).logits - dense(ids).logits).abs().max().item() > 1e-3
+
+    code, _, err = run(capsys, "merge", "--adapters", out, out, "--requantize", "nf4", "--output-dir", tmp_path / "x")
+    assert code == 2 and "--merge-into-base" in err and not (tmp_path / "x").exists()
+
+
 def test_generate_with_quantized_adapter(capsys, llama_dir, data_dir, tmp_path):
     out = tmp_path / "run"
     train(capsys, llama_dir, data_dir, out, "lora", "int8", "--r", 4)

@@ -74,6 +74,33 @@ def test_grad_accumulation_equals_one_large_batch(llama_dir, tok, tmp_path):
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6)
 
 
+def test_fused_adamw_trains_as_the_default_adamw(llama_dir, tok, tmp_path, monkeypatch):
+    """The trainer picks the fused AdamW kernel on CPU; it makes the same updates as the default (foreach) one."""
+    examples = _examples(tok, 8)
+    a = _peft_model(llama_dir)
+    trainer = Trainer(a, examples, _cfg(tmp_path / "a", max_steps=4, batch_size=2, grad_accum=1),
+                      pad_id=tok.pad_token_id)
+    assert trainer.optimizer.defaults["fused"] is True
+    trainer.train()
+
+    adamw = torch.optim.AdamW
+
+    def unfused(params, **kw):
+        kw.pop("fused", None)
+        return adamw(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", unfused)
+    b = _peft_model(llama_dir)
+    plain = Trainer(b, examples, _cfg(tmp_path / "b", max_steps=4, batch_size=2, grad_accum=1),
+                    pad_id=tok.pad_token_id)
+    assert not plain.optimizer.defaults["fused"]
+    plain.train()
+    pa, pb, p0 = _trainable(a), _trainable(b), _trainable(_peft_model(llama_dir))
+    assert max(float((pa[k] - p0[k]).abs().max()) for k in pa) > 1e-3  # training moved the weights
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6)
+
+
 def _losses(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
         return [(r["step"], r["loss"]) for r in map(json.loads, fh) if "loss" in r]

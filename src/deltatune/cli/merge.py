@@ -111,10 +111,8 @@ def _write_dir(out: str, write: Callable[[str], None]) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(out) for f in files)
 
 
-def _save_model(merged, tokenizer, dtype: str | None = None) -> Callable[[str], None]:
-    """The writer of a standalone model directory (weights cast to ``dtype`` first when given)."""
-    if dtype is not None:
-        merged = merged.to(getattr(torch, dtype))
+def _save_model(merged, tokenizer) -> Callable[[str], None]:
+    """The writer of a standalone model directory: weights (safetensors), config and tokenizer."""
 
     def write(tmp: str) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -135,9 +133,15 @@ def main(args: argparse.Namespace) -> int:
         common.check_quantize(args.requantize)
     model, tokenizer, spec, _, run = common.load_with_adapter(args.adapter, args.model, torch.device("cpu"),
                                                               args.quantize)
+    return _fold_and_write(model, tokenizer, out, args, common.run_quantize(run, args.quantize),
+                           f"{args.adapter} into {spec.name}")
+
+
+def _fold_and_write(model, tokenizer, out: str, args: argparse.Namespace, base_quant: str | None, what: str) -> int:
+    """Fold the active adapter of ``model`` into its base, write the standalone model to ``out``, and print
+    the merge error (merged vs unmerged logits on :data:`PROBE_TEXTS`)."""
     from deltatune.quantization import bnb_config, merge_and_report
 
-    base_quant = common.run_quantize(run, args.quantize)
     dtype = getattr(torch, args.dtype)
     inputs = probe_inputs(tokenizer)
     # Dense: layers no adapter touched are dequantised too, so the written model is plain transformers.
@@ -150,8 +154,8 @@ def main(args: argparse.Namespace) -> int:
     size = _write_dir(out, _save_model(merged, tokenizer))  # merge_and_report already applied --dtype
     base = f" ({base_quant} base, dequantised)" if base_quant else ""
     form = f"{args.requantize}-quantised, compute {args.dtype}" if args.requantize else args.dtype
-    print(f"merged {args.adapter} into {spec.name}{base}: wrote {out} ({human_bytes(size)}, {form}); "
-          "load it with transformers' from_pretrained")
+    print(f"merged {what}{base}: wrote {out} ({human_bytes(size)}, {form}); load it with transformers' "
+          "from_pretrained")
     print(f"merge error vs the unmerged model on {inputs.shape[0]} inputs of {inputs.shape[1]} tokens: "
           f"max |logit diff| {report['max_abs_diff']:.3g}, mean {report['mean_abs_diff']:.3g}")
     return 0
@@ -166,7 +170,16 @@ def combine(args: argparse.Namespace) -> int:
     weights = args.weights if args.weights is not None else [1.0 / len(dirs)] * len(dirs)
     if len(weights) != len(dirs):
         raise UsageError(f"--weights has {len(weights)} values for {len(dirs)} --adapters; give one per adapter")
+    if not args.merge_into_base:
+        # The combination is computed from the LoRA factors alone; the base (and its quantisation) only
+        # matters when the result is folded into it.
+        given = [f for f in ("quantize", "requantize") if getattr(args, f) is not None]
+        if given:
+            raise UsageError(f"{', '.join('--' + f for f in given)} apply to a merged model: add "
+                             "--merge-into-base (the combined adapter itself does not depend on the base's format)")
     out = _check_output(args)
+    if args.requantize:
+        common.check_quantize(args.requantize)
     spec, labels, run = common.adapter_base_and_labels(dirs[0], args.model)
     if args.model is None:  # every adapter must expect the same base, or the sum means nothing
         for d in dirs[1:]:
@@ -179,6 +192,8 @@ def combine(args: argparse.Namespace) -> int:
         if str(peft_type).upper() != "LORA":
             raise UsageError(f"{d} is a {peft_type} adapter; --adapters combines LoRA adapters only")
     base, tokenizer = common.load_model(spec, labels=labels or run.get("labels"), device=torch.device("cpu"))
+    base_quant = common.run_quantize(run, args.quantize) if args.merge_into_base else None
+    base = common.quantize_base(base, base_quant)  # the base the adapters were trained on (QLoRA), to fold into
     names = [f"source_{i}" for i in range(len(dirs))]
     model = PeftModel.from_pretrained(base, dirs[0], adapter_name=names[0])
     for name, d in zip(names[1:], dirs[1:]):
@@ -193,10 +208,7 @@ def combine(args: argparse.Namespace) -> int:
     if args.merge_into_base:
         for name in names:
             model.delete_adapter(name)
-        size = _write_dir(out, _save_model(model.merge_and_unload(), tokenizer, args.dtype))
-        print(f"merged {what} into {spec.name}: wrote {out} ({human_bytes(size)}, {args.dtype}); load it with "
-              "transformers' from_pretrained")
-        return 0
+        return _fold_and_write(model, tokenizer, out, args, base_quant, f"{what} into {spec.name}")
 
     def write(tmp: str) -> None:
         model.save_pretrained(tmp, selected_adapters=[COMBINED])

@@ -245,13 +245,18 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
+        # The fused kernel updates every tensor in one pass: on this CPU's LoRA r=16 all-linear case
+        # (420 tensors, 4.9M values) a step takes 3.3 ms against 15 ms for the default foreach path.
+        # FSDP's sharded (DTensor) parameters keep the default path.
+        fused = {"fused": True} if self.parallel != "fsdp" and all(
+            p.is_floating_point() and p.device.type in ("cpu", "cuda") for _, p in self.params) else {}
         if cfg.loraplus_lr_ratio:
             from deltatune import create_loraplus_optimizer
 
             return create_loraplus_optimizer(self.model, torch.optim.AdamW, lr=cfg.lr,
                                              loraplus_lr_ratio=cfg.loraplus_lr_ratio,
-                                             loraplus_weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, weight_decay=cfg.weight_decay)
+                                             loraplus_weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
     def micro_batch(self, m: int) -> list[dict]:
         """Examples of global micro-batch ``m`` (a pure function of the seed and ``m``; all ranks' examples)."""
