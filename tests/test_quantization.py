@@ -356,3 +356,18 @@ def test_a_model_of_conv1d_layers_names_why_nothing_is_quantised():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(ConfigError, match="Conv1D.*BitsAndBytesConfig"):
         quantize(model, "nf4")
+
+
+def test_require_bnb_drops_only_the_kernel_hub_notice(caplog):
+    """bitsandbytes' import-time "Failed to load CPU gemm_4bit_forward" (its hub-kernel fallback) is dropped;
+    its other warnings still reach the user."""
+    import logging
+
+    from deltatune.quantization import bnb_available, require_bnb
+
+    assert require_bnb() is bnb and bnb_available()
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "x")
+        log.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]

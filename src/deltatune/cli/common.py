@@ -391,6 +391,10 @@ def resolve_model(name: str) -> ModelSpec:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # many causes (bad JSON, unknown model_type, offline hub)
         hint = "is it a transformers model directory?" if os.path.isdir(path) else "the machine may be offline"
+        from deltatune.builtin.models import builtin_alias
+
+        if not os.path.isdir(path) and (alias := builtin_alias(name)):
+            hint += f"; --model {alias} is the built-in copy of it"
         raise UsageError(f"--model {name}: cannot read its config ({type(exc).__name__}); {hint}") from None
     return ModelSpec(name=record_name, path=path, kind=model_kind(config, name), config=config)
 
@@ -617,6 +621,13 @@ def adapter_base_and_labels(adapter_dir: str, model_arg: str | None) -> tuple[Mo
     base = model_arg or recorded_base(adapter_dir, run)
     if not base:
         raise UsageError(f"{adapter_dir} does not say which base model it expects; pass --model")
+    if model_arg is None and base not in BUILTIN_MODELS and not os.path.isdir(base):
+        from deltatune.builtin.models import builtin_alias
+
+        if alias := builtin_alias(base):  # e.g. a peft adapter trained on the hub copy of a built-in
+            err(f"note: {adapter_dir} names base {base}; using the built-in {alias} (pass --model to use another "
+                "copy)")
+            base = alias
     spec = resolve_model(base)
     labels = run.get("labels")
     if spec.kind == "encoder" and not labels:

@@ -52,13 +52,15 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from deltatune.quantization import bnb_available
+
     explicit = vars(args)
     methods_arg = explicit.pop("methods", None)
     table = common.method_table()
     if methods_arg:
         methods = [m.strip() for m in methods_arg.split(",") if m.strip()]
     else:
-        methods = list(table) + [v for v in VARIANTS if _bnb_available() and "quantize" not in explicit]
+        methods = list(table) + [v for v in VARIANTS if bnb_available() and "quantize" not in explicit]
     unknown = [m for m in methods if m not in table and m not in VARIANTS]
     if unknown:
         raise UsageError(f"--methods: unknown method(s) {unknown}; choose from: "
@@ -167,12 +169,6 @@ def _method_of(row: str) -> str:
     return how[how.index("--method") + 1] if how else row
 
 
-def _bnb_available() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def markdown_table(rows: list[dict[str, Any]], metric: str) -> str:

@@ -134,6 +134,16 @@ def register(subparsers) -> None:
     p.set_defaults(handler=main)
 
 
+def _base_note(base: str | None) -> str:
+    """The recorded base, and the built-in model it stands for when it is one (a hub id or a cache path)."""
+    if not base:
+        return "unknown"
+    from deltatune.builtin.models import builtin_alias
+
+    alias = builtin_alias(base)
+    return f"{base} (the built-in {alias})" if alias and alias != base else base
+
+
 def main(args: argparse.Namespace) -> int:
     info = describe(args.adapter)
     if args.json:
@@ -160,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
         ("adapter", info["directory"]),
         ("method", info["method"]),
         ("task type", info["task_type"] or "none"),
-        ("base model", info["base_model"] or "unknown"),
+        ("base model", _base_note(info["base_model"])),
         ("targets", str(targets)),
         ("rank", rank.lstrip(", ") or "n/a"),
         ("parameters in file", f"{info['parameters']:,d}" + saved_note),
