@@ -136,6 +136,11 @@ def check_two_adapters(factory: Callable[[], nn.Module], kind: str, first: delta
     mixed = output(model, {**inputs, "adapter_names": ["default", "second"]})
     torch.testing.assert_close(mixed[0], out_default[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(mixed[1], out_second[1], atol=ATOL, rtol=0)
+    # generate() expands each input row in place (num_beams, num_return_sequences), not adapter_names.
+    doubled = {k: v.repeat_interleave(2, dim=0) for k, v in inputs.items()}
+    mixed = output(model, {**doubled, "adapter_names": ["default", "second"]})
+    for row, want in enumerate([out_default[0], out_default[0], out_second[1], out_second[1]]):
+        torch.testing.assert_close(mixed[row], want, atol=ATOL, rtol=0)
     assert model.active_adapter == "second"
 
     model.save_pretrained(tmp_path)

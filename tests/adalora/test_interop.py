@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
+from deltatune.errors import ConfigError
 
 ATOL, RTOL = 2e-6, 1e-5
 STEPS = 12
@@ -237,6 +238,14 @@ def test_mixed_adapter_batch(trained):
     mixed = output_mixed(model, inputs, ["default", "__base__"])
     torch.testing.assert_close(mixed[0], adapted[0], atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(mixed[1], base[1], atol=ATOL, rtol=RTOL)
+    # generate()'s expanded rows (each input row repeated in place) keep their row's adapter
+    doubled = {k: v.repeat_interleave(2, dim=0) for k, v in inputs.items()}
+    mixed = output_mixed(model, doubled, ["default", "__base__"])
+    for row, want in enumerate([adapted[0], adapted[0], base[1], base[1]]):
+        torch.testing.assert_close(mixed[row], want, atol=ATOL, rtol=RTOL)
+    model.merge_adapter()  # merged weights would apply to every row: refused rather than wrong
+    with pytest.raises(ConfigError, match="unmerge_adapter"):
+        output_mixed(model, inputs, ["default", "__base__"])
 
 
 def output_mixed(model, inputs, names):

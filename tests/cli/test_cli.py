@@ -230,9 +230,9 @@ def test_inspect_reads_an_adapter_written_by_peft(capsys, llama_dir, tmp_path):
 
 def test_adapter_naming_a_builtins_hub_id_runs_on_the_builtin(capsys, tmp_path):
     """A peft adapter trained on the hub copy of a built-in (all-MiniLM-L6-v2) runs on the built-in offline."""
-    from deltatune.cli import common
-
     from safetensors.torch import save_file
+
+    from deltatune.cli import common
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(

@@ -168,10 +168,8 @@ class AdaLoraLayer(AdapterLayer):
         return (x @ (a * e).T @ b.T) * self.scaling[adapter_name] / self._denominator(adapter_name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
+            return bypass
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
@@ -179,21 +177,18 @@ class AdaLoraLayer(AdapterLayer):
             for name in self.active_adapters:
                 if name in self.allocator:
                     self.allocator[name].note_training_forward(self)
-        if self.row_adapters is not None:
-            return self._mixed_forward(x, result)
         for name in self.active_adapters:
             if name in self.lora_A:
                 result = result + self._adapter_out(x, name).to(result.dtype)
         return result
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Each batch row through its own adapter (``row_adapters``, ``"__base__"`` for none)."""
-        names = self.row_adapters
-        batch = x.shape[0]
-        if batch % len(names):
-            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
-        repeat = batch // len(names)  # generate() repeats rows for beams / num_return_sequences
-        rows = [n for n in names for _ in range(repeat)]
+    def _forward_rows(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each batch row through its own adapter (``row_adapters``, ``"__base__"`` for none): the base output
+        plus, for each adapter present, its update on its rows (``index_add``)."""
+        if self.merged:
+            raise ConfigError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+        result = self.base_layer(x, *args, **kwargs)
+        rows = self._row_names(x.shape[0])
         for name in sorted(set(rows)):
             if name not in self.lora_A:
                 continue

@@ -122,9 +122,7 @@ class AdapterLayer(nn.Module):
 
         A generic path for layers without a batched kernel of their own; one forward per distinct name.
         """
-        names = self.row_adapters
-        if len(names) != x.shape[0]:
-            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows")
+        given, names = self.row_adapters, self._row_names(x.shape[0])
         if self.merged:
             raise MergeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
         active = self.active_adapters
@@ -139,8 +137,17 @@ class AdapterLayer(nn.Module):
                     out = y.new_empty((x.shape[0], *y.shape[1:]))
                 out[rows] = y
         finally:
-            self.active_adapters, self.row_adapters = active, names
+            self.active_adapters, self.row_adapters = active, given
         return out
+
+    def _row_names(self, batch: int) -> list[str]:
+        """One adapter name per row of a mixed batch of ``batch`` rows: ``row_adapters``, each entry repeated
+        where ``generate()`` expanded every input row (``num_beams``, ``num_return_sequences``)."""
+        names = self.row_adapters
+        if batch % len(names):
+            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
+        repeat = batch // len(names)
+        return [n for n in names for _ in range(repeat)]
 
     # ---- merging -----------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

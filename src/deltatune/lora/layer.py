@@ -325,13 +325,10 @@ class LoraLayer(AdapterLayer):
     # ---- mixed-adapter batches -----------------------------------------------------------------
     def _row_index(self, batch: int, device: torch.device) -> tuple[list[str], torch.Tensor]:
         """Adapters present in this batch (index 0 is the base) and each row's index into them."""
-        names = self.row_adapters
-        if batch % len(names):
-            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
-        repeat = batch // len(names)  # generate() repeats rows for beams / num_return_sequences
+        names = self._row_names(batch)
         present = sorted({n for n in names if n in self.r})
         slot = {n: i + 1 for i, n in enumerate(present)}
-        index = torch.tensor([slot.get(n, 0) for n in names for _ in range(repeat)], device=device)
+        index = torch.tensor([slot.get(n, 0) for n in names], device=device)
         return present, index
 
     def _stacks(self, present: list[str], a_of, b_of, in_dim: int, out_dim: int, device, dtype):
