@@ -262,3 +262,18 @@ def test_resume_is_exact_for_adalora_rank_allocation(llama_dir, tok, tmp_path):
     assert ref.peft_config["default"].rank_pattern  # the schedule did mask something
     for k, v in _trainable(ref).items():
         assert torch.equal(v, _trainable(resumed)[k]), k
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_adalora_is_refused_in_a_distributed_run(llama_dir, tok, tmp_path, parallel):
+    """AdaLoRA's config says it trains in one process only; the trainer refuses before touching the model."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.adalora import AdaLoraConfig
+    from deltatune.errors import DeltatuneError
+
+    config = AdaLoraConfig(init_r=6, target_r=2, total_step=8, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    assert "distributed_refusal" not in config.to_dict()  # a class property, not a file field
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir), config)
+    with pytest.raises(DeltatuneError, match="AdaLoRA's rank allocation runs in one process only"):
+        Trainer(model, _examples(tok, 4), _cfg(tmp_path), pad_id=tok.pad_token_id, parallel=parallel)

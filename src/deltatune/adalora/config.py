@@ -55,6 +55,9 @@ class AdaLoraConfig(LoraConfig):
     total_step: int | None = None
     rank_pattern: dict[str, list[bool]] | None = None
 
+    # The rank allocator prunes from importance scores of one process's gradients; ranks would drift apart.
+    distributed_refusal = "AdaLoRA's rank allocation runs in one process only; train it without torchrun"
+
     def __post_init__(self) -> None:
         super().__post_init__()  # LoraConfig's checks, then ours (see _validate)
         self.peft_type = PeftType.ADALORA

@@ -202,9 +202,10 @@ class Trainer:
         self.dist = distributed.info()
         if parallel == "auto":
             parallel = "ddp" if self.dist.world_size > 1 else "none"
-        peft_types = {str(getattr(c, "peft_type", "")) for c in (getattr(model, "peft_config", None) or {}).values()}
-        if parallel != "none" and any("ADALORA" in t for t in peft_types):
-            raise DeltatuneError("AdaLoRA's rank allocation runs in one process only; train it without torchrun")
+        configs = (getattr(model, "peft_config", None) or {}).values()
+        refusal = next((r for c in configs if (r := getattr(c, "distributed_refusal", None))), None)
+        if parallel != "none" and refusal:
+            raise DeltatuneError(refusal)
         self.parallel = parallel
         self.model = model
         self.examples = train_examples
