@@ -94,6 +94,38 @@ def test_bad_config_file_key(capsys, tmp_path, llama_dir, data_dir):
                 "unknown option(s) ['learning_rate']")
 
 
+@pytest.mark.parametrize("line, expected", [
+    ("lr: fast", "lr: cannot read 'fast' as float"),
+    ("data: [1, 2]", "data: [1, 2] is not a string"),
+    ("precision: fp8", "precision: 'fp8' is not one of auto, bf16, fp32"),
+    ("gradient_checkpointing: maybe", "gradient_checkpointing: 'maybe' is not true or false"),
+    ("batch_size: 2.5", "batch_size: 2.5 is not a whole number"),
+    ("r: four", "--r: cannot read 'four' as int"),
+    ("r: [1, 2]", "--r: [1, 2] is not valid here (expected int)"),
+    ("target_modules: 5", "--target-modules: 5 is not valid here (expected list of str or str)"),
+    ("use_dora: 1", "--use-dora: 1 is not valid here (expected bool)"),
+])
+def test_bad_config_file_values(capsys, tmp_path, llama_dir, data_dir, line, expected):
+    """A config file's value of the wrong type is refused as its flag would refuse it, in one line."""
+    config = tmp_path / "c.yaml"
+    config.write_text(line + "\n")
+    check_error(capsys, tmp_path, train(llama_dir, data_dir / "pc.jsonl", "--config", config), expected)
+
+
+def test_config_file_values_are_typed_like_flags(capsys, tmp_path, llama_dir, data_dir):
+    """Strings a YAML file leaves as text (``lr: 3e-3`` is a string to YAML 1.1) are read as the flag reads them."""
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 3e-3\nbatch_size: '2'\nr: 2\ntarget_modules: [q_proj, v_proj]\nforgetting_tokens: 0\n")
+    out = tmp_path / "run"
+    code = main([str(a) for a in train(llama_dir, data_dir / "pc.jsonl", "--config", config, "--output-dir", out,
+                                       "--eval-samples", 2)])
+    assert code == 0, capsys.readouterr().err
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["lr"] == 3e-3 and run["batch_size"] == 2
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["inspect", "/no/such/dir"], "is not a directory"),
     (["eval", "--adapter", "/no/such/dir"], "is not a directory"),

@@ -190,9 +190,32 @@ def value_parser(hint: Any, name: str):
     allows_none = type(None) in members
     members = tuple(m for m in members if m is not type(None))
 
+    def fits(value: Any, m: Any) -> bool:
+        """Whether an already-typed value (from a YAML/JSON config) is a ``m``."""
+        origin = typing.get_origin(m)
+        if m is Any:
+            return True
+        if m is bool:
+            return isinstance(value, bool)
+        if m is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if m is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if origin is typing.Literal:
+            return value in typing.get_args(m)
+        if origin in (list, set, tuple) or m in (list, set, tuple):
+            elem = (typing.get_args(m) or (Any,))[0]
+            return isinstance(value, (list, tuple, set)) and all(fits(v, elem) for v in value)
+        if m is dict or origin is dict:
+            return isinstance(value, dict)
+        return isinstance(m, type) and isinstance(value, m)
+
     def parse(text: str) -> Any:
-        if not isinstance(text, str):
-            return text  # from a YAML/JSON config: already typed
+        if not isinstance(text, str):  # from a YAML/JSON config: already typed, so only checked
+            if (text is None and allows_none) or any(fits(text, m) for m in members):
+                return text
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: {text!r} is not valid here (expected "
+                                             f"{_hint_name(hint)})")
         low = text.strip().lower()
         if allows_none and low in ("none", "null"):
             return None
@@ -241,6 +264,18 @@ def value_parser(hint: Any, name: str):
 
 
 def _hint_name(hint: Any) -> str:
+    """A field's type in words: ``int``, ``list of str or str`` (not ``Union[list[str], str, NoneType]``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, type) and origin is None:
+        return hint.__name__
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_hint_name(m) for m in args if m is not type(None)))
+    if origin in (list, set, tuple):
+        return f"list of {_hint_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
     return str(hint).replace("typing.", "")
 
 
@@ -309,9 +344,11 @@ def build_peft_config(method: str, options: dict[str, Any], task_type: str | Non
     if conflict:
         raise UsageError(f"--method {method} fixes {sorted(conflict)}; drop those options or pick another method")
     parser_types = method_fields()
-    for key, value in list(kwargs.items()):  # a config file may hold "q_proj,v_proj" as one string
-        if isinstance(value, str):
+    for key, value in list(kwargs.items()):  # a config file may hold "q_proj,v_proj" as one string, or a typo'd type
+        try:
             kwargs[key] = value_parser(parser_types[key][0], key)(value)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(str(exc)) from None
     return config_cls(**{**kwargs, **fixed}, task_type=task_type)
 
 

@@ -96,6 +96,44 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_method_options(parser, taken={a.dest for a in parser._actions})
 
 
+def _typed_file_settings(path: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A config file's settings checked and converted as their flags would be (``lr: "3e-4"`` -> 3e-4).
+
+    Raises:
+        UsageError: a value its flag would refuse (``lr: fast``, ``data: [1, 2]``, ``precision: fp8``).
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_train_arguments(parser)
+    actions = {a.dest: a for a in parser._actions}
+    out = dict(values)
+    for key, value in values.items():
+        a = actions.get(key)
+        if a is None or key == "method_options" or value is None:
+            continue
+        where = f"--config {path}: {key}: "
+        if a.nargs == 0:  # an on/off flag (--resume, --no-progress ...): a yes/no setting in a file
+            if not isinstance(value, bool):
+                raise UsageError(where + f"{value!r} is not true or false")
+        elif a.nargs == "?" and isinstance(value, bool):  # --compile with no value
+            value = a.const if value else None
+        elif isinstance(value, str):
+            if a.type is not None:
+                try:
+                    value = a.type(value)
+                except (ValueError, TypeError, argparse.ArgumentTypeError):
+                    raise UsageError(where + f"cannot read {value!r} as {a.type.__name__}") from None
+        elif a.type in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if a.type is int and value != int(value):
+                raise UsageError(where + f"{value!r} is not a whole number")
+            value = a.type(value)
+        else:
+            raise UsageError(where + f"{value!r} is not a {a.type.__name__ if a.type else 'string'}")
+        if a.choices and value not in a.choices:
+            raise UsageError(where + f"{value!r} is not one of {', '.join(map(str, a.choices))}")
+        out[key] = value
+    return out
+
+
 def settings_from_args(args: argparse.Namespace, method_option_names: set[str]) -> dict[str, Any]:
     """Layer defaults, recipe, config file, resumed run and flags into one settings dict."""
     explicit = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
@@ -109,6 +147,7 @@ def settings_from_args(args: argparse.Namespace, method_option_names: set[str]) 
     unknown = sorted(set(from_file) - known)
     if unknown:
         raise UsageError(f"--config {explicit['config']}: unknown option(s) {unknown}")
+    from_file = _typed_file_settings(explicit["config"], from_file) if "config" in explicit else from_file
     top = common.layer_settings([from_file, explicit])
     data = top.get("data", common.DEFAULTS["data"])
     model = top.get("model", common.DEFAULTS["model"])
