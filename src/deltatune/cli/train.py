@@ -28,6 +28,7 @@ from deltatune.training.trainer import (
     resolve_precision,
 )
 
+SMALL_EVAL = 20  # fewer held-out records than this: the summary's metric is coarse, and the user is told
 OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", METRICS_NAME, CHECKPOINT_NAME, "loss.png",
                 common.SUMMARY_NAME, common.RUN_CONFIG_NAME)
 
@@ -323,6 +324,9 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
     quantized = f" in {settings['quantize']}" if settings.get("quantize") else ""
     print(f"deltatune train: {settings['method']} on {settings['model']}{quantized} ({spec.kind}), data {dataset.name} "
           f"({dataset.format}: {n_train} train, {len(test_examples)} eval records) -> {out}", flush=True)
+    if is_main and 0 < len(test_examples) < SMALL_EVAL:
+        common.err(f"note: only {len(test_examples)} held-out records to evaluate on, so one record moves the metric "
+                   f"by {1 / len(test_examples):.2g}; pass --eval-data FILE or more data for a finer measure")
     trainer_cfg = TrainConfig(
         output_dir=out, max_steps=settings["max_steps"], epochs=float(settings["epochs"]),
         batch_size=int(settings["batch_size"]), grad_accum=int(settings["grad_accum"]), lr=float(settings["lr"]),
