@@ -133,6 +133,9 @@ def test_multitask_prompt_tuning_trains_evaluates_and_generates_with_task_ids(ca
         code, _, err = run(capsys, "generate", "--adapter", out, "--max-new-tokens", 5, "--raw",
                                        "--task-id", task, "hello")
         assert code == 0, err
+        code, _, err = run(capsys, "generate", "--adapter", out, "--max-new-tokens", 3, "--raw", "--num-beams", 2,
+                           "--task-id", task, "hello")  # generate expands the rows; task_ids must follow them
+        assert code == 0, err
     code, _, err = run(capsys, "generate", "--adapter", out, "--max-new-tokens", 2, "--task-id", 2, "hello")
     assert code == 2 and "task_ids [2] out of range" in err
 
@@ -298,6 +301,20 @@ def test_generate_from_argument_and_stdin(capsys, llama_dir, data_dir, tmp_path,
     assert from_arg == expected + "\n"
     code, chat, _ = run(capsys, "generate", "--adapter", out, "--max-new-tokens", 4, "--chat", "hello")
     assert code == 0
+    # Beam search, several answers: transformers' generate on the same adapted model, each printed in turn.
+    code, beams, err = run(capsys, "generate", "--adapter", out, "--max-new-tokens", 5, "--raw", "--num-beams", 3,
+                           "--num-return-sequences", 2, "--repetition-penalty", 1.2, "Q: what is your name? A:")
+    assert code == 0, err
+    rows = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, num_beams=3,
+                          num_return_sequences=2, repetition_penalty=1.2, do_sample=False,
+                          pad_token_id=tok.pad_token_id)
+    texts = [tok.decode(r[ids.shape[1]:], skip_special_tokens=True) for r in rows]
+    assert beams == f"--- 1\n{texts[0]}\n--- 2\n{texts[1]}\n"
+    for bad, message in ((["--num-beams", 0], "--num-beams must be at least 1"),
+                         (["--num-return-sequences", 2], "needs sampling (--temperature > 0) or at least as many"),
+                         (["--top-p", 0], "--top-p must be in (0, 1]")):
+        code, _, err = run(capsys, "generate", "--adapter", out, *bad, "hello")
+        assert code == 2 and message in err, err
 
 
 def test_compare_writes_table_csv_and_plot(capsys, llama_dir, data_dir, tmp_path):

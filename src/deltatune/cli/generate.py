@@ -19,7 +19,13 @@ def register(subparsers) -> None:
     p.add_argument("--model", help="base model (default: the one the adapter names, else smollm2-135m)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass kept (default 1: all)")
+    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k likeliest tokens (default 0: all)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: none)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the scores of tokens already present by this (default 1: off)")
+    p.add_argument("--num-return-sequences", type=int, default=1,
+                   help="how many continuations to print (sampled, or the best beams; default 1)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--raw", action="store_true",
                    help="use the prompt as it is, not in the prompt template the adapter was trained with")
@@ -44,6 +50,17 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    for flag, value, low in (("--num-beams", args.num_beams, 1), ("--top-k", args.top_k, 0),
+                             ("--num-return-sequences", args.num_return_sequences, 1)):
+        if value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise UsageError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.num_return_sequences > 1 and args.temperature == 0 and args.num_return_sequences > args.num_beams:
+        raise UsageError(f"--num-return-sequences {args.num_return_sequences} needs sampling (--temperature > 0) "
+                         f"or at least as many --num-beams; greedy decoding has one answer")
     device = common.pick_device(args.device)
     model, tokenizer, spec, _, run = common.load_with_adapter(args.adapter, args.model, device, args.quantize)
     template = run.get("template") or ""
@@ -63,10 +80,12 @@ def main(args: argparse.Namespace) -> int:
     ids = ids.to(device)
     torch.manual_seed(args.seed)
     sampling = args.temperature > 0
-    kwargs = {"do_sample": sampling, "max_new_tokens": args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    kwargs = {"do_sample": sampling, "max_new_tokens": args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+              "num_beams": args.num_beams, "num_return_sequences": args.num_return_sequences,
+              "repetition_penalty": args.repetition_penalty}
     if sampling:
-        kwargs.update(temperature=args.temperature, top_p=args.top_p)
-    else:  # greedy: silence the sampling defaults some generation configs carry
+        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
+    else:  # greedy or beam search: silence the sampling defaults some generation configs carry
         kwargs.update(temperature=None, top_p=None, top_k=None)
     configs = getattr(model, "peft_config", {}) or {}
     if any(getattr(c, "num_tasks", None) for c in configs.values()):
@@ -75,5 +94,10 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--task-id is for multitask prompt-tuning adapters; this adapter has no tasks")
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    texts = [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+    if len(texts) == 1:
+        print(texts[0])
+    else:
+        for i, text in enumerate(texts, start=1):
+            print(f"--- {i}\n{text}")
     return 0
