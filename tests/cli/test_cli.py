@@ -48,7 +48,7 @@ def test_train_each_format_then_eval_reproduces_the_numbers(capsys, llama_dir, d
     assert 0 < summary["trainable_params"] < summary["total_params"]
     assert f"test {metric}" in stdout and "trainable params" in stdout and "peak memory" in stdout
     n_eval = summary["eval_records"]
-    assert n_eval < 20 and f"note: only {n_eval} held-out records to evaluate on" in err  # tiny files: told so
+    assert n_eval < 20 and f"note: only {n_eval} held-out record" in err  # tiny files: told so
     steps = [r["step"] for r in metrics(out) if "loss" in r and "split" not in r]
     assert steps == [1, 2, 3, 4]
     # `eval` on the saved adapter gives exactly the number training reported.

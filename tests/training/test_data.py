@@ -67,6 +67,38 @@ def test_detect_format(record, fmt):
     assert detect_format(record, {}) == fmt
 
 
+def test_alpaca_file_reads_instruction_and_input_as_the_prompt(tmp_path):
+    records = [{"instruction": f"Say {i}.", "input": "" if i % 2 else f"in {i}", "output": f"{i}"} for i in range(20)]
+    data = load_dataset(tinymodels.write_jsonl(str(tmp_path / "a.jsonl"), records))
+    assert data.format == "prompt" and data.columns_read == {"prompt": "instruction", "completion": "output"}
+    by_completion = {r["completion"]: r["prompt"] for r in data.train + data.test}
+    assert by_completion == {f"{i}": f"Say {i}." if i % 2 else f"Say {i}.\n\nin {i}" for i in range(20)}
+
+
+@pytest.mark.parametrize("record, fmt, read", [
+    ({"question": "q", "answer": "a"}, "prompt", {"prompt": "question", "completion": "answer"}),
+    ({"query": "q", "response": "a"}, "prompt", {"prompt": "query", "completion": "response"}),
+    ({"input": "q", "output": "a"}, "prompt", {"prompt": "input", "completion": "output"}),
+    ({"sentence": "s", "label": "x"}, "classification", {"text": "sentence"}),
+    ({"content": "s", "category": "x"}, "classification", {"text": "content", "label": "category"}),
+    ({"prompt": "p", "completion": "c", "question": "q"}, "prompt", {}),  # canonical names win
+])
+def test_usual_column_names_of_shared_data_sets(tmp_path, record, fmt, read):
+    records = [dict(record, **{k: f"{v}{i % 2}" for k, v in record.items() if k in ("label", "category")})
+               for i in range(10)]
+    data = load_dataset(tinymodels.write_jsonl(str(tmp_path / "d.jsonl"), records))
+    assert data.format == fmt and data.columns_read == read
+
+
+def test_named_columns_win_over_the_usual_names(tmp_path):
+    records = [{"question": f"q{i}", "instruction": f"i{i}", "answer": f"a{i}"} for i in range(10)]
+    data = load_dataset(tinymodels.write_jsonl(str(tmp_path / "d.jsonl"), records), columns={"prompt": "question"})
+    assert {r["prompt"] for r in data.train + data.test} == {f"q{i}" for i in range(10)}
+    assert data.columns_read == {"prompt": "question", "completion": "answer"}
+    with pytest.raises(DataError, match="cannot tell the data format"):  # nothing usual to go on
+        load_dataset(tinymodels.write_jsonl(str(tmp_path / "e.jsonl"), [{"foo": "a", "bar": "b"}] * 3))
+
+
 def test_missing_named_column_lists_the_columns(tmp_path):
     path = tinymodels.write_jsonl(str(tmp_path / "d.jsonl"), tinymodels.classification_records(6))
     with pytest.raises(DataError, match=r"no column 'topic'; its columns are: text, label"):

@@ -324,8 +324,14 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
     quantized = f" in {settings['quantize']}" if settings.get("quantize") else ""
     print(f"deltatune train: {settings['method']} on {settings['model']}{quantized} ({spec.kind}), data {dataset.name} "
           f"({dataset.format}: {n_train} train, {len(test_examples)} eval records) -> {out}", flush=True)
+    if is_main and dataset.columns_read:  # e.g. an Alpaca or question/answer file
+        read = {f: repr(c) + (" (+ 'input' where given)" if c == "instruction" else "")
+                for f, c in dataset.columns_read.items()}
+        common.err("note: reading " + ", ".join(f"column {c} as {f}" for f, c in read.items())
+                   + " (name columns with --prompt-column, --completion-column, ... to choose others)")
     if is_main and 0 < len(test_examples) < SMALL_EVAL:
-        common.err(f"note: only {len(test_examples)} held-out records to evaluate on, so one record moves the metric "
+        n = len(test_examples)
+        common.err(f"note: only {n} held-out record{'s' * (n > 1)} to evaluate on, so one record moves the metric "
                    f"by {1 / len(test_examples):.2g}; pass --eval-data FILE or more data for a finer measure")
     trainer_cfg = TrainConfig(
         output_dir=out, max_steps=settings["max_steps"], epochs=float(settings["epochs"]),

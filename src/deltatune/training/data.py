@@ -27,7 +27,7 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -73,6 +73,7 @@ class Dataset:
     test: list[dict[str, Any]]
     labels: list[str] | None = None
     template: str = DEFAULT_CLASSIFY_TEMPLATE
+    columns_read: dict[str, str] = field(default_factory=dict)  # canonical field -> file column, where they differ
 
 
 # ---- reading files ---------------------------------------------------------------------------------
@@ -152,6 +153,29 @@ def detect_format(record: dict[str, Any], columns: dict[str, str]) -> str:
 _FIELDS = {"text": ("text",), "prompt": ("prompt", "completion"), "chat": ("messages",),
            "classification": ("text", "label")}
 
+# Column names of widely shared data sets, read as the canonical fields when a file has none of those and
+# names no columns: Alpaca (instruction, input, output), question/answer and query/response pairs,
+# sentence/label and content/category sets. The first name present wins.
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "prompt": ("instruction", "question", "query", "input"),
+    "completion": ("output", "response", "answer"),
+    "text": ("sentence", "content"),
+    "label": ("category", "class"),
+}
+
+
+def alias_columns(record: dict[str, Any], columns: dict[str, str]) -> dict[str, str]:
+    """``columns`` plus, for each canonical field the record lacks and ``columns`` does not name, the first
+    of its :data:`COLUMN_ALIASES` the record has."""
+    out = dict(columns)
+    for name, aliases in COLUMN_ALIASES.items():
+        if name in out or name in record:
+            continue
+        found = next((a for a in aliases if a in record and a not in out.values()), None)
+        if found is not None:
+            out[name] = found
+    return out
+
 
 def normalise(records: list[dict[str, Any]], fmt: str, columns: dict[str, str], source: str) -> list[dict]:
     """Map each record to the canonical fields of ``fmt``; check every field is there and well-formed.
@@ -178,6 +202,9 @@ def normalise(records: list[dict[str, Any]], fmt: str, columns: dict[str, str], 
             item["text"] = str(item["text"])
         else:
             item = {k: str(v) for k, v in item.items()}
+            extra = record.get("input") if columns.get("prompt") == "instruction" else None
+            if extra is not None and str(extra).strip():  # Alpaca: the instruction, then its input
+                item["prompt"] = f"{item['prompt']}\n\n{extra}"
         out.append(item)
     return out
 
@@ -223,7 +250,15 @@ def load_dataset(data: str, *, eval_data: str | None = None, columns: dict[str, 
             dataset.template = template
         return dataset
     records = read_records(data)
-    fmt = fmt or detect_format(records[0], columns)
+    if fmt is None:
+        try:
+            fmt = detect_format(records[0], columns)
+        except DataError:  # none of the canonical fields: try the usual names of shared data sets
+            aliased = alias_columns(records[0], columns)
+            if aliased == columns:
+                raise
+            fmt = detect_format(records[0], aliased)
+            columns = aliased
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; use one of: {', '.join(FORMATS)}")
     records = normalise(records, fmt, columns, data)
@@ -247,7 +282,8 @@ def load_dataset(data: str, *, eval_data: str | None = None, columns: dict[str, 
             raise DataError(f"classification needs at least two labels; {data} has only {labels}")
     default_template = DEFAULT_PROMPT_TEMPLATE if fmt == "prompt" else DEFAULT_CLASSIFY_TEMPLATE
     return Dataset(name=data, format=fmt, train=train, validation=held, test=held, labels=labels,
-                   template=template or default_template)
+                   template=template or default_template,
+                   columns_read={k: v for k, v in columns.items() if k != v and k in _FIELDS[fmt]})
 
 
 def _load_builtin(name: str) -> Dataset:
