@@ -34,6 +34,36 @@ def test_read_jsonl_csv_txt_give_the_same_records(tmp_path):
     assert t == [{"text": "first para\nline two"}, {"text": "second"}]
 
 
+@pytest.mark.parametrize("name, content", [
+    ("bom.csv", "\ufefftext,label\na,x\nb,y\n"),                   # Excel's UTF-8 CSV
+    ("semicolon.csv", "text;label\na;x\nb;y\n"),                   # spreadsheets in many locales
+    ("pipe.csv", "text|label\na, with a comma|x\nb|y\n"),
+    ("bom.jsonl", '\ufeff{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n'),
+    ("array.json", '[\n  {"text": "a", "label": "x"},\n  {"text": "b", "label": "y"}\n]\n'),
+])
+def test_files_as_other_tools_write_them(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    records = read_records(str(path))
+    assert [set(r) for r in records] == [{"text", "label"}] * 2
+    assert records[0]["text"].startswith("a") and records[1]["label"] == "y"
+
+
+def test_a_record_without_a_column_names_its_line(tmp_path):
+    path = tmp_path / "gap.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"gap.jsonl:3 has no column 'label'; its columns are: text"):
+        load_dataset(str(path))
+    csv_path = tmp_path / "gap.csv"
+    csv_path.write_text('text,label\n"two\nlines",x\nb,\n')
+    with pytest.raises(DataError, match=r"gap.csv:4 has an empty label"):
+        load_dataset(str(csv_path))
+    array = tmp_path / "bad.json"
+    array.write_text('[{"text": "a"}, 3]')
+    with pytest.raises(DataError, match=r"item 2 of the array is a int"):
+        read_records(str(array))
+
+
 def test_bad_json_line_names_its_number(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"text": "also ok"}\n{"text": broken}\n')

@@ -89,11 +89,14 @@ def read_records(path: str) -> list[dict[str, Any]]:
     if os.path.isdir(path):
         raise DataError(f"{path!r} is a directory; pass a .jsonl, .csv or .txt file")
     ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8", errors="replace", newline="" if ext == ".csv" else None) as fh:
-        if ext in (".jsonl", ".json", ".ndjson"):
+    # utf-8-sig: files saved by Excel and Notepad start with a byte-order mark, which is not part of the data.
+    with open(path, encoding="utf-8-sig", errors="replace", newline="" if ext in (".csv", ".tsv") else None) as fh:
+        if ext == ".json" and _starts_with(fh, "["):
+            records = _read_json_array(fh, path)
+        elif ext in (".jsonl", ".json", ".ndjson"):
             records = _read_jsonl(fh, path)
         elif ext in (".csv", ".tsv"):
-            records = _read_csv(fh, path, "\t" if ext == ".tsv" else ",")
+            records = _read_csv(fh, path, "\t" if ext == ".tsv" else None)
         elif ext in (".txt", ".text", ".md", ""):
             paragraphs = [p.strip() for p in fh.read().split("\n\n")]
             records = [{"text": p} for p in paragraphs if p]
@@ -104,8 +107,38 @@ def read_records(path: str) -> list[dict[str, Any]]:
     return records
 
 
+class Records(list):
+    """Records read from a file, with each one's line number (a CSV row over several lines: its last line),
+    for error messages."""
+
+    def __init__(self, records: list[dict[str, Any]], lines: list[int]) -> None:
+        super().__init__(records)
+        self.lines = lines
+
+
+def _starts_with(fh, char: str) -> bool:
+    """Whether the file's first non-blank character is ``char`` (the position is kept)."""
+    start = fh.tell()
+    head = fh.read(4096).lstrip()
+    fh.seek(start)
+    return head.startswith(char)
+
+
+def _read_json_array(fh, path: str) -> list[dict[str, Any]]:
+    """A ``.json`` file holding one array of objects (the other common way to ship a data set)."""
+    try:
+        values = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    bad = next((i for i, v in enumerate(values, start=1) if not isinstance(v, dict)), None)
+    if bad is not None:
+        raise DataError(f"{path}: item {bad} of the array is a {type(values[bad - 1]).__name__}; expected objects "
+                        "with named fields")
+    return values
+
+
 def _read_jsonl(fh, path: str) -> list[dict[str, Any]]:
-    records = []
+    records, lines = [], []
     for number, line in enumerate(fh, start=1):
         if not line.strip():
             continue
@@ -116,19 +149,28 @@ def _read_jsonl(fh, path: str) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
         records.append(record)
-    return records
+        lines.append(number)
+    return Records(records, lines)
 
 
-def _read_csv(fh, path: str, delimiter: str) -> list[dict[str, Any]]:
+def _read_csv(fh, path: str, delimiter: str | None) -> list[dict[str, Any]]:
+    """A CSV file with a header row; ``delimiter=None`` takes the one its header uses most (``,`` ``;`` tab
+    ``|``: spreadsheets in many locales write ``;``)."""
+    if delimiter is None:
+        start = fh.tell()
+        header = fh.readline()
+        fh.seek(start)
+        delimiter = max(",;\t|", key=header.count) if any(c in header for c in ",;\t|") else ","
     reader = csv.DictReader(fh, delimiter=delimiter)
     if not reader.fieldnames:
         raise DataError(f"{path} has no header row; the first line must name the columns (e.g. text,label)")
-    records = []
+    records, lines = [], []
     for row in reader:
         if None in row:  # more cells than header names
             raise DataError(f"{path}:{reader.line_num}: more cells than the header has columns")
         records.append(row)
-    return records
+        lines.append(reader.line_num)
+    return Records(records, lines)
 
 
 # ---- recognising the format ------------------------------------------------------------------------
@@ -183,6 +225,11 @@ def normalise(records: list[dict[str, Any]], fmt: str, columns: dict[str, str], 
     Args:
         columns: ``{canonical field: column name in the file}`` for files with other names.
     """
+    lines = getattr(records, "lines", None)
+
+    def where(i: int) -> str:  # "file:LINE" where the reader knows the line, else the record's number
+        return f"{source}:{lines[i - 1]}" if lines else f"{source}: record {i}"
+
     out = []
     for i, record in enumerate(records, start=1):
         item = {}
@@ -190,14 +237,14 @@ def normalise(records: list[dict[str, Any]], fmt: str, columns: dict[str, str], 
             column = columns.get(name, name)
             if column not in record:
                 raise DataError(
-                    f"{source}: record {i} has no column {column!r}; its columns are: {', '.join(map(str, record))}"
+                    f"{where(i)} has no column {column!r}; its columns are: {', '.join(map(str, record))}"
                 )
             item[name] = record[column]
         if fmt == "chat":
-            item["messages"] = _check_messages(item["messages"], source, i)
+            item["messages"] = _check_messages(item["messages"], where(i))
         elif fmt == "classification":
             if item["label"] is None or str(item["label"]).strip() == "":
-                raise DataError(f"{source}: record {i} has an empty label")
+                raise DataError(f"{where(i)} has an empty label")
             item["label"] = str(item["label"]).strip()
             item["text"] = str(item["text"])
         else:
@@ -209,17 +256,17 @@ def normalise(records: list[dict[str, Any]], fmt: str, columns: dict[str, str], 
     return out
 
 
-def _check_messages(messages: Any, source: str, i: int) -> list[dict[str, str]]:
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if isinstance(messages, str):
         try:
             messages = json.loads(messages)
         except json.JSONDecodeError:
-            raise DataError(f"{source}: record {i}: 'messages' must be a list of role/content objects") from None
+            raise DataError(f"{where}: 'messages' must be a list of role/content objects") from None
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                  for m in messages):
-        raise DataError(f"{source}: record {i}: 'messages' must be a list of {{'role', 'content'}} objects")
+        raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{source}: record {i}: no assistant message, so there is nothing to learn")
+        raise DataError(f"{where}: no assistant message, so there is nothing to learn")
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
 
 
