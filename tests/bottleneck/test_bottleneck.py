@@ -13,7 +13,7 @@ from torch import nn
 import deltatune
 from deltatune import BottleneckConfig, get_peft_model
 from deltatune.bottleneck.layer import BottleneckLayer
-from deltatune.errors import ConfigError, MergeError
+from deltatune.errors import ConfigError, MergeError, TargetModuleError
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
@@ -96,3 +96,42 @@ def test_bad_options():
         BottleneckConfig(non_linearity="softmax")
     with pytest.raises(ConfigError, match="reduction_factor"):
         BottleneckConfig(reduction_factor=0)
+
+
+def _tiny(config_cls, model_cls, **kw):
+    torch.manual_seed(0)
+    return model_cls(config_cls(vocab_size=64, num_hidden_layers=2, num_attention_heads=4, **kw)).eval()
+
+
+@pytest.mark.parametrize("arch, attn, ffn", [
+    ("gpt_neox", "gpt_neox.layers.{}.attention.dense", "gpt_neox.layers.{}.mlp"),
+    ("opt", "model.decoder.layers.{}.self_attn.out_proj", "model.decoder.layers.{}.fc2"),
+])
+def test_architectures_without_a_table_entry_are_placed_by_module_name(arch, attn, ffn):
+    """GPT-NeoX (attention.dense, mlp) and OPT (self_attn.out_proj, fc2 with no mlp module) get both placements,
+    with a warning naming the modules; the model is unchanged at init and trains."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, OPTConfig, OPTForCausalLM
+
+    base = (_tiny(GPTNeoXConfig, GPTNeoXForCausalLM, hidden_size=32, intermediate_size=64) if arch == "gpt_neox" else
+            _tiny(OPTConfig, OPTForCausalLM, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32))
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    ref = base(ids).logits
+    with pytest.warns(UserWarning, match=f"model_type='{arch}', placed by module name: after "
+                                         f"{attn.format(0)} and {ffn.format(0)}"):
+        model = get_peft_model(base, BottleneckConfig(locations=["attn", "ffn"]))
+    adapted = sorted(n for n, m in model.base_model.model.named_modules() if isinstance(m, BottleneckLayer))
+    assert adapted == sorted([attn.format(i) for i in range(2)] + [ffn.format(i) for i in range(2)])
+    torch.testing.assert_close(model(ids).logits, ref)  # W_up = 0: the identity
+    perturb_trainable(model, seed=3, std=0.5)
+    assert (model(ids).logits - ref).abs().max() > 1e-3
+
+
+def test_no_placement_found_lists_the_modules_of_one_block():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2)])
+
+    with pytest.raises(TargetModuleError, match=r"no default bottleneck placement for model_type=None at \['ffn'\]; "
+                                                r"pass target_modules=.*the modules of one block are: 0, 1\)"):
+        get_peft_model(Net(), BottleneckConfig())

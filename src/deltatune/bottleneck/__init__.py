@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 from torch import nn
 
 from deltatune.bottleneck.config import DEFAULT_BOTTLENECK_TARGETS, BottleneckConfig
@@ -10,18 +13,50 @@ from deltatune.config import PeftType
 from deltatune.errors import TargetModuleError
 from deltatune.registry import Method, register
 
+# Where an architecture without a table entry keeps the two sub-layers, by the names transformers' decoders use
+# (GPT-NeoX, Phi-3, OPT, Falcon, ...): tried in order, and used only when one module per block matches.
+_BLOCK = r"(?:.*\.)?(?:layers|layer|h|blocks)\.\d+"
+_BY_NAME = {
+    "attn": (r".*\.(?:self_attn|attn|attention|self_attention)\.(?:o_proj|out_proj|c_proj|dense|wo)",),
+    "ffn": (r".*\.(?:mlp|feed_forward|ffn)", _BLOCK + r"\.fc2"),
+}
+
+
+def placement_by_name(model: nn.Module) -> dict[str, str]:
+    """``{location: regex}`` for the locations whose module this model names as most decoders do, one per block."""
+    names = [n for n, _ in model.named_modules()]
+    blocks = sum(1 for n in names if re.fullmatch(_BLOCK, n))
+    found = {}
+    for location, patterns in _BY_NAME.items():
+        for pattern in patterns:
+            if blocks and sum(1 for n in names if re.fullmatch(pattern, n)) == blocks:
+                found[location] = pattern
+                break
+    return found
+
 
 def prepare_config(model: nn.Module, config: BottleneckConfig) -> None:
-    """``target_modules=None``: the architecture's attention output / feed-forward block per ``locations``."""
+    """``target_modules=None``: the architecture's attention output / feed-forward block per ``locations`` (from the
+    table, else found by the usual module names)."""
     if config.target_modules is not None:
         return
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_BOTTLENECK_TARGETS:
+    table = DEFAULT_BOTTLENECK_TARGETS.get(model_type) or placement_by_name(model)
+    missing = [loc for loc in config.locations if loc not in table]
+    if missing:
+        first = next((n for n, _ in model.named_modules() if re.fullmatch(_BLOCK, n)), None)
+        inside = sorted(n.removeprefix(first + ".") for n, _ in model.named_modules()
+                        if first and n.startswith(first + "."))
         raise TargetModuleError(
-            f"no default bottleneck placement for model_type={model_type!r}; pass target_modules=[...] (the "
-            f"attention output projection and/or the feed-forward block). Defaults exist for: "
-            f"{', '.join(sorted(DEFAULT_BOTTLENECK_TARGETS))}")
-    table = DEFAULT_BOTTLENECK_TARGETS[model_type]
+            f"no default bottleneck placement for model_type={model_type!r} at {missing}; pass target_modules=[...] "
+            f"(the attention output projection and/or the feed-forward block"
+            + (f"; the modules of one block are: {', '.join(inside)}" if inside else "") + ")")
+    if model_type not in DEFAULT_BOTTLENECK_TARGETS:
+        names = [n for n, _ in model.named_modules()]
+        first = [next(n for n in names if re.fullmatch(table[loc], n)) for loc in config.locations]
+        warnings.warn(f"bottleneck adapters on model_type={model_type!r}, placed by module name: after "
+                      f"{' and '.join(first)} and the same modules of every other block; pass target_modules to "
+                      "choose others", stacklevel=3)
     config.target_modules = "|".join(f"(?:{table[loc]})" for loc in config.locations)
 
 
