@@ -334,10 +334,36 @@ def test_compare_writes_table_csv_and_plot(capsys, llama_dir, data_dir, tmp_path
     assert int(rows[1]["adapter_bytes"]) == os.path.getsize(out / "dora" / "adapter_model.safetensors")
     table = (out / "compare.md").read_text()
     assert "| lora |" in table and "| dora |" in table and "forgetting" in table
+    assert "## Trade-offs" in table and "- Pareto front, loss against trainable parameters" in table
     # --resume keeps finished methods.
     code, stdout, _ = run(capsys, "compare", "--methods", "lora,dora", "--model", llama_dir, "--data",
                           data_dir / "pc.jsonl", "--output-dir", out, "--max-steps", 2, "--r", 4, "--resume", *FAST)
     assert code == 0 and stdout.count("finished earlier, kept") == 2
+
+
+def test_trade_offs_pick_the_best_per_column_and_the_pareto_front():
+    from deltatune.cli.compare import trade_offs
+
+    def row(method, params, acc, mem, step, forget):
+        return {"method": method, "trainable_params": params, "adapter_bytes": 4 * params, "peak_memory_bytes": mem,
+                "time_per_step_s": step, "metric_after": acc, "forgetting": forget}
+
+    rows = [row("lora", 1000, 0.80, 3e9, 1.0, 0.02), row("ia3", 100, 0.70, 2e9, 0.8, -0.01),
+            row("prompt", 10, 0.30, 2.5e9, 0.5, 0.10), row("loha", 5000, 0.75, 4e9, 1.5, 0.00),
+            row("dora", 1100, 0.85, 3.5e9, 1.2, 0.03),
+            {"method": "vera (failed)", "trainable_params": None, "metric_after": None}]
+    text = trade_offs(rows, "accuracy")
+    assert "- best accuracy after training: dora (0.8500)" in text
+    assert "- fewest trainable parameters: prompt (10)" in text and "- smallest adapter file: prompt (40 B)" in text
+    assert "- least peak memory: ia3 (2.0 GB)" in text and "- fastest step: prompt (0.50 s)" in text
+    assert "- least forgetting: ia3 (-0.0100 nats/token)" in text
+    # loha (more parameters than lora, lower accuracy) is dominated; the front climbs in both.
+    assert text.endswith("prompt (10, 0.3000), ia3 (100, 0.7000), lora (1,000, 0.8000), dora (1,100, 0.8500)")
+    for r in rows[:5]:  # a loss: lower is better, so the front is read the other way
+        r["metric_after"] = 1 - r["metric_after"]
+    assert trade_offs(rows, "loss").endswith("prompt (10, 0.7000), ia3 (100, 0.3000), lora (1,000, 0.2000), "
+                                             "dora (1,100, 0.1500)")
+    assert trade_offs(rows[5:], "loss") == ""
 
 
 def test_python_dash_m_and_help():

@@ -130,6 +130,8 @@ def main(args: argparse.Namespace) -> int:
     metric = next((r["metric"] for r in rows if r["metric"]), "metric")
     write_tables(rows, out, metric, title=f"{data} on {model}")
     print("\n" + markdown_table(rows, metric))
+    if summary := trade_offs(rows, metric):
+        print("\n" + summary)
     print(f"\nwrote {out}/compare.md, compare.csv, compare.png (training time {human_time(t0)} in all)")
     if failed:
         print(f"deltatune: error: {len(failed)} method(s) failed: {', '.join(failed)}", file=sys.stderr)
@@ -193,9 +195,44 @@ def markdown_table(rows: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
+def trade_offs(rows: list[dict[str, Any]], metric: str) -> str:
+    """The table read for a choice: the best method on each column, and the Pareto front of the metric against
+    trainable parameters (the methods that no other method beats on both)."""
+    done = [r for r in rows if r.get("trainable_params") is not None and r.get("metric_after") is not None]
+    if not done:
+        return ""
+    sign = 1 if metric == "accuracy" else -1  # +1: higher is better
+
+    def best(key: str, fmt, high: bool = False) -> str:
+        have = [r for r in done if r.get(key) is not None]
+        if not have:
+            return "n/a"
+        r = (max if high else min)(have, key=lambda r: r[key])
+        return f"{r['method']} ({fmt(r[key])})"
+
+    front, best_so_far = [], None
+    for r in sorted(done, key=lambda r: (r["trainable_params"], -sign * r["metric_after"])):
+        if best_so_far is None or sign * r["metric_after"] > sign * best_so_far:
+            front.append(r)
+            best_so_far = r["metric_after"]
+    lines = [
+        f"- best {metric} after training: " + (best("metric_after", lambda v: f"{v:.4f}", high=sign > 0)),
+        "- fewest trainable parameters: " + best("trainable_params", lambda v: f"{v:,d}"),
+        "- smallest adapter file: " + best("adapter_bytes", human_bytes),
+        "- least peak memory: " + best("peak_memory_bytes", human_bytes),
+        "- fastest step: " + best("time_per_step_s", lambda v: f"{v:.2f} s"),
+        "- least forgetting: " + best("forgetting", lambda v: f"{v:+.4f} nats/token"),
+        f"- Pareto front, {metric} against trainable parameters (each is better than every method with fewer): "
+        + ", ".join(f"{r['method']} ({r['trainable_params']:,d}, {r['metric_after']:.4f})" for r in front),
+    ]
+    return "\n".join(lines)
+
+
 def write_tables(rows: list[dict[str, Any]], out: str, metric: str, title: str) -> None:
     os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, "compare.md"), f"# {title}\n\n" + markdown_table(rows, metric) + "\n")
+    summary = trade_offs(rows, metric)
+    atomic_write_text(os.path.join(out, "compare.md"), f"# {title}\n\n" + markdown_table(rows, metric) + "\n"
+                      + (f"\n## Trade-offs\n\n{summary}\n" if summary else ""))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, "metric"])
     writer.writeheader()
