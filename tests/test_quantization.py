@@ -371,3 +371,60 @@ def test_require_bnb_drops_only_the_kernel_hub_notice(caplog):
         log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "x")
         log.warning("some other bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+
+
+FAMILY_ON_QUANTIZED = {
+    "loha": lambda: dt.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "lokr": lambda: dt.LoKrConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "vera": lambda: dt.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+    "oft": lambda: dt.OFTConfig(r=0, oft_block_size=4, target_modules=["q_proj", "v_proj"]),
+    "boft": lambda: dt.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj"]),
+}
+
+
+def dense_copy_of(quantized: torch.nn.Module) -> LlamaForCausalLM:
+    """A float tiny Llama whose linear weights are ``quantized``'s dequantised ones: the reference function."""
+    dense = tiny_llama()
+    layers = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in dense.named_modules():
+            if type(module) is torch.nn.Linear and type(layers[name]).__name__ in ("Linear4bit", "Linear8bitLt"):
+                module.weight.copy_(dequantize_weight(layers[name]))
+    return dense
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+@pytest.mark.parametrize("method", sorted(FAMILY_ON_QUANTIZED))
+def test_family_methods_on_a_quantized_base_compute_the_dequantized_function(tmp_path, method, quant_type):
+    """LoHa, LoKr, VeRA, OFT and BOFT over bitsandbytes layers: shapes from the dense (out, in), not the packed
+    storage; outputs equal the same adapter on a float model holding the dequantised weights; gradients reach the
+    adapter only; files as on a float base; merge_and_unload equals the unmerged model."""
+    from helpers import perturb_trainable
+
+    quantized = quantize(tiny_llama(), quant_type)
+    dense = dense_copy_of(quantized)
+    with torch.no_grad():
+        base_logits = quantized.train()(IDS).logits
+    torch.manual_seed(0)
+    model = dt.get_peft_model(quantized, FAMILY_ON_QUANTIZED[method]())
+    model.train()
+    torch.testing.assert_close(model(IDS).logits.detach(), base_logits, atol=1e-5, rtol=0)  # identity at init
+    perturb_trainable(model, seed=5, std=0.1)
+    out = model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    graded = [n for n, p in model.named_parameters() if p.grad is not None]
+    prefix = {"loha": "hada_", "lokr": "lokr_", "vera": "vera_lambda_", "oft": "oft_", "boft": "boft_"}[method]
+    assert graded and all(prefix in n for n in graded), graded
+    logits = out.logits.detach()
+    assert (logits - base_logits).abs().max() > 1e-3
+    model.save_pretrained(tmp_path / "q")
+    reference = dt.PeftModel.from_pretrained(dense, tmp_path / "q").train()
+    with torch.no_grad():
+        torch.testing.assert_close(reference(IDS).logits, logits, atol=2e-5, rtol=0)
+    torch.manual_seed(0)
+    dt.get_peft_model(tiny_llama(), FAMILY_ON_QUANTIZED[method]()).save_pretrained(tmp_path / "fp32")
+    assert file_layout(tmp_path / "q") == file_layout(tmp_path / "fp32")
+    merged = model.merge_and_unload()
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # dequantised where adapted
+    with torch.no_grad():
+        torch.testing.assert_close(merged.train()(IDS).logits, logits, atol=2e-5, rtol=0)

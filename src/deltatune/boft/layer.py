@@ -28,6 +28,7 @@ from torch import nn
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError
 from deltatune.oft.layer import block_dropout, rotate_blocks
+from deltatune.quantization import dense_weight_shape
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -99,16 +100,16 @@ class BOFTLayer(AdapterLayer):
         self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.is_conv = isinstance(base_layer, nn.Conv2d)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
-        weight = base_layer.weight
+        shape = dense_weight_shape(base_layer)  # (out, in) for a bitsandbytes layer, not its packed storage
         if self.is_conv:
             if base_layer.groups > 1:
                 raise ConfigError(f"BOFT cannot adapt a Conv2d with groups={base_layer.groups}; exclude that layer "
                                   "from target_modules")
-            self.rotated_features, self.out_features = math.prod(weight.shape[1:]), weight.shape[0]
+            self.rotated_features, self.out_features = math.prod(shape[1:]), shape[0]
         elif self.fan_in_fan_out:
-            self.rotated_features, self.out_features = weight.shape
+            self.rotated_features, self.out_features = shape
         else:
-            self.out_features, self.rotated_features = weight.shape
+            self.out_features, self.rotated_features = shape
 
     # ---- creating an adapter -----------------------------------------------------------------
     def update_layer(self, adapter_name: str, boft_block_size: int, boft_block_num: int, boft_n_butterfly_factor: int,
@@ -204,8 +205,13 @@ class BOFTLayer(AdapterLayer):
             h = self.rotate(h, name, self._factors(name))
             s = self.boft_s[name].reshape(-1)
             scale = s if scale is None else scale * s
-        weight = base.weight.T if self.fan_in_fan_out else base.weight
-        out = F.linear(h.to(weight.dtype), weight) * scale.to(weight.dtype)
+        if self.quantized:  # the bitsandbytes layer computes (x R) Wᵀ + b from its packed weight
+            out = base(h.to(in_dtype), *args, **kwargs)
+            out = out - base.bias if base.bias is not None else out
+            out = out * scale.to(out.dtype)
+        else:
+            weight = base.weight.T if self.fan_in_fan_out else base.weight
+            out = F.linear(h.to(weight.dtype), weight) * scale.to(weight.dtype)
         if base.bias is not None:
             out = out + base.bias
         return out.to(in_dtype)

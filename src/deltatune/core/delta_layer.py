@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer
+from deltatune.quantization import dense_weight_shape
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -50,7 +51,7 @@ class DeltaWeightLayer(AdapterLayer):
         self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.is_conv = isinstance(base_layer, self.conv_types)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
-        shape = tuple(base_layer.weight.shape)
+        shape = tuple(dense_weight_shape(base_layer))  # (out, in) for a bitsandbytes layer, not its packed storage
         self.delta_shape = (shape[1], shape[0]) if self.fan_in_fan_out else shape
         self.out_features, self.in_features = self.delta_shape[0], self.delta_shape[1]
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError
+from deltatune.quantization import dense_weight_shape
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -155,16 +156,16 @@ class OFTLayer(AdapterLayer):
         self.is_embedding = isinstance(base_layer, nn.Embedding)
         self.is_conv = isinstance(base_layer, nn.Conv2d)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
-        weight = base_layer.weight
+        shape = dense_weight_shape(base_layer)  # (out, in) for a bitsandbytes layer, not its packed storage
         if self.is_embedding:
             self.rotated_features = base_layer.embedding_dim
         elif self.is_conv:
             if base_layer.groups > 1:
                 raise ConfigError(f"OFT cannot adapt a Conv2d with groups={base_layer.groups} (its weight holds "
                                   "in_channels/groups inputs); exclude that layer from target_modules")
-            self.rotated_features = math.prod(weight.shape[1:])
+            self.rotated_features = math.prod(shape[1:])
         else:
-            self.rotated_features = weight.shape[0] if self.fan_in_fan_out else weight.shape[1]
+            self.rotated_features = shape[0] if self.fan_in_fan_out else shape[1]
 
     @property
     def _container(self) -> nn.ModuleDict:

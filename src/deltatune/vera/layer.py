@@ -22,6 +22,7 @@ from torch import nn
 
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError
+from deltatune.quantization import dense_weight_shape
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -75,7 +76,7 @@ def make_projections(r: int, in_max: int, out_max: int, seed: int) -> tuple[torc
 def base_features(module: nn.Module) -> tuple[int, int]:
     """``(out, in)`` of a linear layer (``Conv1D`` stores ``W: (in, out)``), unwrapping a VeRA layer."""
     base = module.base_layer if isinstance(module, VeraLayer) else module
-    rows, cols = base.weight.shape
+    rows, cols = dense_weight_shape(base)
     return (cols, rows) if Conv1D is not None and isinstance(base, Conv1D) else (rows, cols)
 
 
