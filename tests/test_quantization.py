@@ -428,3 +428,16 @@ def test_family_methods_on_a_quantized_base_compute_the_dequantized_function(tmp
     assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # dequantised where adapted
     with torch.no_grad():
         torch.testing.assert_close(merged.train()(IDS).logits, logits, atol=2e-5, rtol=0)
+
+
+def test_fsdp_refuses_a_quantized_base_before_anything_else():
+    """FSDP would shard the packed weights apart from their quant_state (the forward then fails inside
+    bitsandbytes); wrap_fsdp says so and what to do, even before asking for a process group."""
+    from deltatune.distributed import wrap_fsdp
+
+    model = dt.get_peft_model(quantize(tiny_llama(), "nf4"), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(DeltatuneError, match=r"FSDP cannot shard a bitsandbytes-quantised base \(.*q_proj is "
+                                             r"quantised\); train it data-parallel instead"):
+        wrap_fsdp(model)
+    with pytest.raises(DeltatuneError, match="needs an initialised process group"):
+        wrap_fsdp(tiny_llama())

@@ -148,6 +148,15 @@ def wrap_fsdp(model: nn.Module, unit_classes: Iterable[str] | None = None, mesh:
     """
     from torch.distributed.fsdp import fully_shard
 
+    from deltatune.quantization import is_quantized_layer
+
+    quantized = next((n for n, m in model.named_modules() if is_quantized_layer(m)), None)
+    if quantized is not None:
+        # A shard of a packed 4-/8-bit weight is not a weight: bitsandbytes keeps the block scales beside the
+        # tensor (quant_state), which FSDP neither shards nor gathers, so the forward fails.
+        raise DeltatuneError(f"FSDP cannot shard a bitsandbytes-quantised base ({quantized} is quantised); "
+                             "train it data-parallel instead (drop --fsdp: DDP replicates the already small "
+                             "quantised base), or shard a full-precision base")
     if info().world_size == 1 and not (dist.is_available() and dist.is_initialized()):
         raise DeltatuneError("wrap_fsdp needs an initialised process group; launch with torchrun "
                              "(deltatune.distributed.init_from_env() joins it)")

@@ -286,6 +286,9 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
     is_main = info.is_main
     if settings.get("resume"):
         settings = _apply_resume(settings)
+    if settings.get("fsdp") and common.check_quantize(settings.get("quantize")) and info.world_size > 1:
+        raise UsageError("--fsdp cannot shard a bitsandbytes-quantised base (--quantize): drop --fsdp to train it "
+                         "data-parallel (DDP replicates the already small quantised base)")
     spec, dataset, task, model, tokenizer, peft_config, train_examples, device = prepare(settings)
     distributed.barrier()  # every rank checked --output-dir before rank 0 writes into it
     out = settings["output_dir"]
