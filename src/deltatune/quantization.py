@@ -351,14 +351,23 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
                 model.enable_input_require_grads()
             else:
                 model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-        # transformers 5 renamed it; older releases only have the first name
-        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
-            model, "gradient_checkpointing_enable", None)
-        if enable is None:
+        if not enable_checkpointing(model, kwargs):
             raise ConfigError("this model has no gradient_checkpointing_enable(); "
                               "pass use_gradient_checkpointing=False")
-        params = inspect.signature(enable).parameters
-        names = ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
-        name = next((n for n in names if n in params), None)
-        enable(**({name: kwargs} if name else {}))
     return model
+
+
+def enable_checkpointing(model: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Turn on a ``transformers`` model's activation (gradient) checkpointing with ``torch.utils.checkpoint``
+    ``kwargs``; ``False`` if the model has no such switch. transformers 5 calls it
+    ``activation_checkpointing_enable`` (the old name warns that it goes away in v6); older releases have only
+    ``gradient_checkpointing_enable``."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        return False
+    params = inspect.signature(enable).parameters
+    names = ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+    name = next((n for n in names if n in params), None)
+    enable(**({name: kwargs} if name else {}))
+    return True

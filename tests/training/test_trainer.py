@@ -277,3 +277,32 @@ def test_adalora_is_refused_in_a_distributed_run(llama_dir, tok, tmp_path, paral
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir), config)
     with pytest.raises(DeltatuneError, match="AdaLoRA's rank allocation runs in one process only"):
         Trainer(model, _examples(tok, 4), _cfg(tmp_path), pad_id=tok.pad_token_id, parallel=parallel)
+
+
+def test_gradient_checkpointing_recomputes_each_block_in_backward(llama_dir, tok, tmp_path):
+    """With ``gradient_checkpointing`` a decoder block's layers run twice per micro-batch (once more in backward),
+    switched on through transformers' current API (no deprecation warning), and the losses do not change."""
+    import warnings
+
+    calls = []
+    losses = {}
+    for ckpt in (False, True):
+        model = _peft_model(llama_dir)
+        mlp = model.get_base_model().model.layers[0].mlp
+        inner_forward = mlp.forward  # counted by replacing it (module hooks do not run again in the recompute)
+
+        def counted(*args, _forward=inner_forward, _ckpt=ckpt, **kwargs):
+            calls.append(_ckpt)
+            return _forward(*args, **kwargs)
+
+        mlp.forward = counted
+        trainer = Trainer(model, _examples(tok, 4), _cfg(tmp_path / str(ckpt), max_steps=1, batch_size=2,
+                                                          grad_accum=1, gradient_checkpointing=ckpt),
+                          pad_id=tok.pad_token_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            trainer.train()
+        losses[ckpt] = _losses(tmp_path / str(ckpt))
+    assert calls.count(False) == 1 and calls.count(True) == 2
+    assert [s for s, _ in losses[True]] == [s for s, _ in losses[False]] == [1]
+    assert [v for _, v in losses[True]] == pytest.approx([v for _, v in losses[False]], rel=1e-6)

@@ -587,9 +587,10 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    from deltatune.quantization import enable_checkpointing
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(inner, "gradient_checkpointing_enable"):
+    if not enable_checkpointing(inner, {"use_reentrant": False}):
         raise DeltatuneError(f"{type(inner).__name__} does not support gradient checkpointing")
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(inner, "config"):
         inner.config.use_cache = False
