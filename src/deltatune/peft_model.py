@@ -316,6 +316,7 @@ class PeftModel(nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: list[str] | None = None, is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
                         **kwargs: Any) -> None:
         """Write each adapter as ``adapter_model.safetensors`` + ``adapter_config.json``.
 
@@ -324,13 +325,22 @@ class PeftModel(nn.Module):
 
         Sharded with FSDP2 (``fully_shard``): call this on every rank (``is_main_process=rank == 0``); the
         shards are gathered into full tensors and only the main process writes.
+
+        ``path_initial_model_for_weight_conversion`` (PEFT's name): the directory where a PiSSA/OLoRA adapter was
+        saved right after initialisation; the adapter is then written as a plain LoRA of twice the rank that
+        works on the *original* base model (:mod:`deltatune.lora.conversion`), not only on the residual one.
         """
         from deltatune.distributed import full_state, is_dtensor
+        from deltatune.lora.conversion import mutates_base, to_plain_lora
 
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterNameError(f"cannot save adapters {unknown}: this model has {sorted(self.peft_config)}")
+        initial_dir = path_initial_model_for_weight_conversion
+        if initial_dir is not None and not all(mutates_base(self.peft_config[n]) for n in names):
+            raise ConfigError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters "
+                              "(init_lora_weights='pissa...' or 'olora'); the adapters saved here are not")
         states: dict[str, dict[str, torch.Tensor]] = {}
         if any(is_dtensor(p) for p in self.parameters()):  # FSDP: a collective, so before the rank check
             for name in names:
@@ -344,9 +354,13 @@ class PeftModel(nn.Module):
             state = states.get(name)
             if state is None:
                 state = self.get_adapter_state_dict(name, kwargs.get("save_embedding_layers", "auto"))
+            config = self.peft_config[name]
+            if initial_dir is not None:
+                sub = os.path.join(initial_dir, name)
+                where = sub if name != "default" and os.path.isdir(sub) else os.fspath(initial_dir)
+                state, config = to_plain_lora(state, load_adapter_weights(where), config, where)
             file = SAFETENSORS_NAME if safe_serialization else BIN_NAME
             atomic_save_tensors(state, os.path.join(out_dir, file), safe_serialization=safe_serialization)
-            config = self.peft_config[name]
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = _model_name_or_path(self.get_base_model())
             if config.task_type is None and config.auto_mapping is None:
@@ -440,7 +454,8 @@ def _no_reinit(config: PeftConfig) -> Iterator[None]:
     if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
         warnings.warn(
             f"adapter was initialised with {init!r}: it expects the residual base model saved at training "
-            "time, not the original one", stacklevel=3,
+            "time, not the original one (save it with path_initial_model_for_weight_conversion to get a plain "
+            "LoRA for the original base)", stacklevel=3,
         )
         config.init_lora_weights = True
         try:

@@ -446,3 +446,23 @@ def test_inspect_summarises_a_long_target_list(capsys, llama_dir, tmp_path):
     assert code == 0
     line = next(x for x in stdout.splitlines() if x.startswith("targets"))
     assert f"{n} module names ({n} layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)" in line
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_runs_save_a_lora_for_the_original_base(capsys, llama_dir, data_dir, tmp_path, init):
+    """PiSSA/OLoRA rewrite the base into a residual: "before" is still the original model, and the saved adapter
+    is converted to plain LoRA (rank 2r), so eval on the original base reproduces the number training reported."""
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", llama_dir, "--data", data_dir / "pc.jsonl", "--output-dir", out,
+                       "--max-steps", 3, "--lr", 1e-2, "--r", 4, "--init-lora-weights", init, *FAST)
+    assert code == 0, err
+    summary = read_json(out / "summary.json")
+    config = read_json(out / "adapter_config.json")
+    assert config["init_lora_weights"] is True and config["r"] == 8
+    assert (out / "initial_adapter" / "adapter_model.safetensors").exists()
+    code, stdout, err = run(capsys, "eval", "--adapter", out, "--precision", "fp32", "--json", "--batch-size", 4)
+    assert code == 0 and "residual" not in err, err
+    assert json.loads(stdout)["loss"] == pytest.approx(summary["eval_after"]["loss"], rel=1e-5)
+    code, stdout, _ = run(capsys, "eval", "--model", llama_dir, "--data", data_dir / "pc.jsonl", "--precision",
+                          "fp32", "--json", "--batch-size", 4, "--eval-samples", 8)
+    assert json.loads(stdout)["loss"] == pytest.approx(summary["eval_before"]["loss"], rel=1e-4)

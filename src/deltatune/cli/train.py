@@ -18,6 +18,7 @@ from deltatune import distributed
 from deltatune.cli import common
 from deltatune.cli.common import UsageError, human_bytes, human_time
 from deltatune.core.io import atomic_write_text
+from deltatune.lora.conversion import mutates_base
 from deltatune.training import plots
 from deltatune.training.trainer import (
     CHECKPOINT_NAME,
@@ -28,6 +29,7 @@ from deltatune.training.trainer import (
     resolve_precision,
 )
 
+INITIAL_ADAPTER_DIR = "initial_adapter"  # PiSSA/OLoRA: the adapter at initialisation, for the final conversion
 SMALL_EVAL = 20  # fewer held-out records than this: the summary's metric is coarse, and the user is told
 OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", METRICS_NAME, CHECKPOINT_NAME, "loss.png",
                 common.SUMMARY_NAME, common.RUN_CONFIG_NAME)
@@ -346,9 +348,15 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
         chunked_loss=bool(settings["chunked_loss"]), compile=settings["compile"] or None,
         progress=False if settings.get("progress") is False else None)
 
+    # PiSSA/OLoRA move part of each weight into the adapter: without it the base is only the residual. Keep the
+    # initial adapter, so the one saved at the end is a plain LoRA for the original base (what eval loads).
+    initial_dir = os.path.join(out, INITIAL_ADAPTER_DIR) if mutates_base(peft_config) else None
+    if initial_dir and not settings.get("resume"):
+        model.save_pretrained(initial_dir, is_main_process=is_main)
     extra: dict[str, Any] = {}
     if not settings.get("resume"):
-        with model.disable_adapter():  # "before" is the base model alone
+        # "before" is the base model alone; for PiSSA/OLoRA that is the untrained adapter on the residual base
+        with contextlib.nullcontext() if initial_dir else model.disable_adapter():
             if settings.get("eval_before", True):
                 print(f"evaluating the base model on {len(test_examples)} test records ...", flush=True)
                 t0 = time.perf_counter()
@@ -391,7 +399,8 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
         general_adapted = evaluate_loss(model, general, **general_kw)
         forgetting = general_adapted - extra["general_loss_base"]
 
-    model.save_pretrained(out, is_main_process=is_main)  # FSDP: all ranks gather the shards, rank 0 writes
+    # FSDP: all ranks gather the shards, rank 0 writes
+    model.save_pretrained(out, is_main_process=is_main, path_initial_model_for_weight_conversion=initial_dir)
     if not is_main:
         distributed.barrier()  # rank 0 writes the rest; then all leave together
         return 0

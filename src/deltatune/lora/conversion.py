@@ -1,0 +1,66 @@
+"""PiSSA / OLoRA adapters as plain LoRA on the original base model.
+
+PiSSA and OLoRA start from ``A0, B0`` taken out of the base weight, which becomes the residual
+``W_res = W - s B0 A0``; the trained adapter ``A, B`` only makes sense on top of ``W_res``. Written as a change of
+the *original* ``W`` it is ``W_res + s B A - W = s (B A - B0 A0) = s [B, -B0] [A; A0]``: a LoRA of twice the rank
+with the same scaling, which any base model, ``peft`` included, can load. The initial factors come from the
+adapter saved right after initialisation (PEFT's ``path_initial_model_for_weight_conversion``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from deltatune.errors import AdapterLoadError, ConfigError
+from deltatune.lora.config import LoraConfig
+
+MUTATING_INITS = ("pissa", "olora")
+
+
+def mutates_base(config: object) -> bool:
+    """Whether ``config`` is a LoRA config whose initialisation rewrote the base weights (PiSSA, OLoRA)."""
+    init = getattr(config, "init_lora_weights", True)
+    return isinstance(config, LoraConfig) and isinstance(init, str) and init.startswith(MUTATING_INITS)
+
+
+def _factor(key: str) -> str | None:
+    """``"A"`` / ``"B"`` for a LoRA factor's key (Linear/Conv ``lora_A.weight``, Embedding ``lora_embedding_A``)."""
+    for factor in ("A", "B"):
+        if key.endswith((f".lora_{factor}.weight", f".lora_embedding_{factor}")):
+            return factor
+    return None
+
+
+def to_plain_lora(state: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], config: LoraConfig,
+                  initial_dir: str) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """The trained ``state`` of a PiSSA/OLoRA adapter and its ``initial`` state (same keys) -> a rank-``2r``
+    plain LoRA state and config for the original base: ``A' = [A; A0]: (2r, in)``, ``B' = [B, -B0]: (out, 2r)``,
+    ``lora_alpha`` doubled (``sqrt(2)``-fold under rsLoRA) so the scaling stays; everything else is kept.
+
+    Raises:
+        ConfigError: DoRA or ``lora_bias`` adapters (their magnitude/bias are not a low-rank difference).
+        AdapterLoadError: ``initial`` is not this adapter's initial state (other keys or shapes).
+    """
+    if config.use_dora or config.lora_bias:
+        raise ConfigError("converting a PiSSA/OLoRA adapter to plain LoRA is not defined with use_dora or lora_bias "
+                          "(the magnitude/bias is not a low-rank difference); keep the residual base instead")
+    factors = {k for k in state if _factor(k)}
+    mismatch = sorted(k for k in factors if k not in initial or initial[k].shape != state[k].shape)
+    if mismatch or factors != {k for k in initial if _factor(k)}:
+        raise AdapterLoadError(f"{initial_dir} does not hold this adapter's initial state (e.g. {mismatch[:2]}); "
+                               "pass the directory saved right after get_peft_model(), before training")
+    out = dict(state)
+    for key in factors:
+        now, start = state[key], initial[key].to(state[key].device, state[key].dtype)
+        out[key] = torch.cat([now, start]) if _factor(key) == "A" else torch.cat([now, -start], dim=1)
+    grow = math.sqrt(2) if config.use_rslora else 2.0  # alpha / r (or / sqrt(r)) unchanged at rank 2r
+    plain = copy.deepcopy(config)
+    plain.init_lora_weights = True
+    plain.r = 2 * config.r
+    plain.lora_alpha = grow * config.lora_alpha
+    plain.rank_pattern = {k: 2 * v for k, v in (config.rank_pattern or {}).items()}
+    plain.alpha_pattern = {k: grow * v for k, v in (config.alpha_pattern or {}).items()}
+    return out, plain
