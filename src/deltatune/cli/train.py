@@ -99,6 +99,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_method_options(parser, taken={a.dest for a in parser._actions})
 
 
+def _records(n: int, kind: str) -> str:
+    return f"{n} {kind} record{'s' * (n != 1)}"
+
+
 def _typed_file_settings(path: str, values: dict[str, Any]) -> dict[str, Any]:
     """A config file's settings checked and converted as their flags would be (``lr: "3e-4"`` -> 3e-4).
 
@@ -358,7 +362,7 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
         # "before" is the base model alone; for PiSSA/OLoRA that is the untrained adapter on the residual base
         with contextlib.nullcontext() if initial_dir else model.disable_adapter():
             if settings.get("eval_before", True):
-                print(f"evaluating the base model on {len(test_examples)} test records ...", flush=True)
+                print(f"evaluating the base model on {_records(len(test_examples), 'test')} ...", flush=True)
                 t0 = time.perf_counter()
                 extra["before"] = task.evaluate(model, test_examples, **eval_kw)
                 extra["before_seconds"] = time.perf_counter() - t0
@@ -386,7 +390,7 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
     result = trainer.train(resume=bool(settings.get("resume")), extra=extra)
     extra = result.extra
 
-    print(f"evaluating the adapted model on {len(test_examples)} test records ...", flush=True)
+    print(f"evaluating the adapted model on {_records(len(test_examples), 'test')} ...", flush=True)
     t0 = time.perf_counter()
     after = task.evaluate(model, test_examples, **eval_kw)
     after_seconds = time.perf_counter() - t0
@@ -450,7 +454,7 @@ def print_summary(s: dict[str, Any], out: str) -> None:
         + (" (process RSS)" if s["device"] == "cpu" else " (allocated)"),
     ]
     before, after = s["metric_before"], s["metric_after"]
-    where = f"on {s['eval_records']} held-out test records"
+    where = f"on {_records(s['eval_records'], 'held-out test')}"
     if before is not None:
         lines.append(f"  test {metric:<12} {before:.4f} -> {after:.4f} ({after - before:+.4f}) {where}")
     else:
