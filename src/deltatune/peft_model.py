@@ -450,8 +450,10 @@ def _no_reinit(config: PeftConfig) -> Iterator[None]:
         with _prompt.no_init(config):
             yield
         return
+    from deltatune.lora.conversion import mutates_base
+
     init = getattr(config, "init_lora_weights", True)
-    if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+    if mutates_base(config):
         warnings.warn(
             f"adapter was initialised with {init!r}: it expects the residual base model saved at training "
             "time, not the original one (save it with path_initial_model_for_weight_conversion to get a plain "

@@ -34,6 +34,9 @@ class _NoKernelHubNotice(logging.Filter):
         return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
 
 
+_NO_KERNEL_HUB_NOTICE = _NoKernelHubNotice()
+
+
 def require_bnb():
     """Import bitsandbytes or say how to install it."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NO_KERNEL_HUB_NOTICE)
@@ -53,9 +56,6 @@ def bnb_available() -> bool:
     except DeltatuneError:
         return False
     return True
-
-
-_NO_KERNEL_HUB_NOTICE = _NoKernelHubNotice()
 
 
 def is_quantized_layer(module: nn.Module) -> bool:

@@ -185,8 +185,6 @@ class AdaLoraLayer(AdapterLayer):
     def _forward_rows(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each batch row through its own adapter (``row_adapters``, ``"__base__"`` for none): the base output
         plus, for each adapter present, its update on its rows (``index_add``)."""
-        if self.merged:
-            raise ConfigError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
         result = self.base_layer(x, *args, **kwargs)
         rows = self._row_names(x.shape[0])
         for name in sorted(set(rows)):

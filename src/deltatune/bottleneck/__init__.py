@@ -22,9 +22,9 @@ _BY_NAME = {
 }
 
 
-def placement_by_name(model: nn.Module) -> dict[str, str]:
-    """``{location: regex}`` for the locations whose module this model names as most decoders do, one per block."""
-    names = [n for n, _ in model.named_modules()]
+def placement_by_name(names: list[str]) -> dict[str, str]:
+    """``{location: regex}`` for the locations whose module these module ``names`` name as most decoders do, one
+    per block."""
     blocks = sum(1 for n in names if re.fullmatch(_BLOCK, n))
     found = {}
     for location, patterns in _BY_NAME.items():
@@ -41,18 +41,17 @@ def prepare_config(model: nn.Module, config: BottleneckConfig) -> None:
     if config.target_modules is not None:
         return
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    table = DEFAULT_BOTTLENECK_TARGETS.get(model_type) or placement_by_name(model)
+    names = [n for n, _ in model.named_modules()]
+    table = DEFAULT_BOTTLENECK_TARGETS.get(model_type) or placement_by_name(names)
     missing = [loc for loc in config.locations if loc not in table]
     if missing:
-        first = next((n for n, _ in model.named_modules() if re.fullmatch(_BLOCK, n)), None)
-        inside = sorted(n.removeprefix(first + ".") for n, _ in model.named_modules()
-                        if first and n.startswith(first + "."))
+        first = next((n for n in names if re.fullmatch(_BLOCK, n)), None)
+        inside = sorted(n.removeprefix(first + ".") for n in names if first and n.startswith(first + "."))
         raise TargetModuleError(
             f"no default bottleneck placement for model_type={model_type!r} at {missing}; pass target_modules=[...] "
             f"(the attention output projection and/or the feed-forward block"
             + (f"; the modules of one block are: {', '.join(inside)}" if inside else "") + ")")
     if model_type not in DEFAULT_BOTTLENECK_TARGETS:
-        names = [n for n, _ in model.named_modules()]
         first = [next(n for n in names if re.fullmatch(table[loc], n)) for loc in config.locations]
         warnings.warn(f"bottleneck adapters on model_type={model_type!r}, placed by module name: after "
                       f"{' and '.join(first)} and the same modules of every other block; pass target_modules to "

@@ -87,10 +87,12 @@ def probe_inputs(tokenizer, max_tokens: int = 24) -> torch.Tensor:
 
 
 def _check_output(args: argparse.Namespace) -> str:
+    """The output directory, checked before any loading (and bitsandbytes, where ``--requantize`` needs it)."""
     out = os.path.abspath(args.output_dir)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.overwrite:
         raise UsageError(f"--output-dir {args.output_dir} exists and is not empty; pass --overwrite or another "
                          "directory")
+    common.check_quantize(args.requantize)  # bitsandbytes present for --requantize: known before any loading
     return out
 
 
@@ -129,8 +131,6 @@ def main(args: argparse.Namespace) -> int:
         flags = ", ".join("--" + f.replace("_", "-") for f in extra + (["merge_into_base"] * args.merge_into_base))
         raise UsageError(f"{flags} combine several adapters: use --adapters DIR1 DIR2 ... instead of --adapter")
     out = _check_output(args)
-    if args.requantize:
-        common.check_quantize(args.requantize)
     model, tokenizer, spec, _, run = common.load_with_adapter(args.adapter, args.model, torch.device("cpu"),
                                                               args.quantize)
     return _fold_and_write(model, tokenizer, out, args, common.run_quantize(run, args.quantize),
@@ -178,8 +178,6 @@ def combine(args: argparse.Namespace) -> int:
             raise UsageError(f"{', '.join('--' + f for f in given)} apply to a merged model: add "
                              "--merge-into-base (the combined adapter itself does not depend on the base's format)")
     out = _check_output(args)
-    if args.requantize:
-        common.check_quantize(args.requantize)
     spec, labels, run = common.adapter_base_and_labels(dirs[0], args.model)
     if args.model is None:  # every adapter must expect the same base, or the sum means nothing
         for d in dirs[1:]:

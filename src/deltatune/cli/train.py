@@ -20,6 +20,7 @@ from deltatune.cli.common import UsageError, human_bytes, human_time
 from deltatune.core.io import atomic_write_text
 from deltatune.lora.conversion import mutates_base
 from deltatune.training import plots
+from deltatune.training.data import describe_columns
 from deltatune.training.trainer import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -334,14 +335,11 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
     print(f"deltatune train: {settings['method']} on {settings['model']}{quantized} ({spec.kind}), data {dataset.name} "
           f"({dataset.format}: {n_train} train, {len(test_examples)} eval records) -> {out}", flush=True)
     if is_main and dataset.columns_read:  # e.g. an Alpaca or question/answer file
-        read = {f: repr(c) + (" (+ 'input' where given)" if c == "instruction" else "")
-                for f, c in dataset.columns_read.items()}
-        common.err("note: reading " + ", ".join(f"column {c} as {f}" for f, c in read.items())
-                   + " (name columns with --prompt-column, --completion-column, ... to choose others)")
+        common.err(f"note: reading {describe_columns(dataset.columns_read)} (name columns with --prompt-column, "
+                   "--completion-column, ... to choose others)")
     if is_main and 0 < len(test_examples) < SMALL_EVAL:
-        n = len(test_examples)
-        common.err(f"note: only {n} held-out record{'s' * (n > 1)} to evaluate on, so one record moves the metric "
-                   f"by {1 / len(test_examples):.2g}; pass --eval-data FILE or more data for a finer measure")
+        common.err(f"note: only {_records(len(test_examples), 'held-out')} to evaluate on, so one record moves the "
+                   f"metric by {1 / len(test_examples):.2g}; pass --eval-data FILE or more data for a finer measure")
     trainer_cfg = TrainConfig(
         output_dir=out, max_steps=settings["max_steps"], epochs=float(settings["epochs"]),
         batch_size=int(settings["batch_size"]), grad_accum=int(settings["grad_accum"]), lr=float(settings["lr"]),

@@ -113,6 +113,9 @@ class AdapterLayer(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
+            if self.merged:  # merged weights would run every row through the merged adapters
+                raise ConfigError("mixed-adapter batches (adapter_names) need unmerged adapters; call "
+                                  "unmerge_adapter() first")
             return self._forward_rows(x, *args, **kwargs)
         return None
 
@@ -123,8 +126,6 @@ class AdapterLayer(nn.Module):
         A generic path for layers without a batched kernel of their own; one forward per distinct name.
         """
         given, names = self.row_adapters, self._row_names(x.shape[0])
-        if self.merged:
-            raise MergeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
         active = self.active_adapters
         self.row_adapters = None
         out = None

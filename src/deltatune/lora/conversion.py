@@ -48,8 +48,9 @@ def to_plain_lora(state: dict[str, torch.Tensor], initial: dict[str, torch.Tenso
         raise ConfigError("converting a PiSSA/OLoRA adapter to plain LoRA is not defined with use_dora or lora_bias "
                           "(the magnitude/bias is not a low-rank difference); keep the residual base instead")
     factors = {k for k in state if _factor(k)}
-    mismatch = sorted(k for k in factors if k not in initial or initial[k].shape != state[k].shape)
-    if mismatch or factors != {k for k in initial if _factor(k)}:
+    mismatch = sorted(factors ^ {k for k in initial if _factor(k)}) or sorted(
+        k for k in factors if initial[k].shape != state[k].shape)
+    if mismatch:
         raise AdapterLoadError(f"{initial_dir} does not hold this adapter's initial state (e.g. {mismatch[:2]}); "
                                "pass the directory saved right after get_peft_model(), before training")
     out = dict(state)

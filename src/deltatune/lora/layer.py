@@ -568,8 +568,6 @@ class LoraLinear(LoraLayer):
         gathered per row from the zero-padded stacks, so there is no Python loop over adapters.
         """
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            raise ConfigError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
         present, index = self._row_index(x.shape[0], x.device)
         if not present:
             return result

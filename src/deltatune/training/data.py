@@ -206,6 +206,19 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Alpaca's prompt is its instruction followed by the optional input column.
+ALPACA_PROMPT_EXTRA = {"instruction": "input"}
+
+
+def describe_columns(columns: dict[str, str]) -> str:
+    """``{field: column}`` in words, e.g. "column 'instruction' (+ 'input' where given) as prompt"."""
+    def one(name: str, column: str) -> str:
+        extra = ALPACA_PROMPT_EXTRA.get(column) if name == "prompt" else None
+        return f"column {column!r}" + (f" (+ {extra!r} where given)" if extra else "") + f" as {name}"
+
+    return ", ".join(one(name, column) for name, column in columns.items())
+
+
 def alias_columns(record: dict[str, Any], columns: dict[str, str]) -> dict[str, str]:
     """``columns`` plus, for each canonical field the record lacks and ``columns`` does not name, the first
     of its :data:`COLUMN_ALIASES` the record has."""
@@ -249,7 +262,8 @@ def normalise(records: list[dict[str, Any]], fmt: str, columns: dict[str, str], 
             item["text"] = str(item["text"])
         else:
             item = {k: str(v) for k, v in item.items()}
-            extra = record.get("input") if columns.get("prompt") == "instruction" else None
+            extra_column = ALPACA_PROMPT_EXTRA.get(columns.get("prompt"))
+            extra = record.get(extra_column) if extra_column else None
             if extra is not None and str(extra).strip():  # Alpaca: the instruction, then its input
                 item["prompt"] = f"{item['prompt']}\n\n{extra}"
         out.append(item)
