@@ -31,9 +31,11 @@ medians; the last column gives the per-round ``deltatune/peft`` ratios (each fro
 as median (min-max) -- a direct read of how much noise there was.
 
 ``torch.set_num_threads(2)`` (``--threads``): the reference machine has 2 cores; fixing the intra-op
-thread count makes runs comparable between machines and between the parent and its children. The script
-also sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is already set (see the comment at the top): with other
-processes on the same cores, spinning OpenMP threads made every step several times slower.
+thread count makes runs comparable between machines and between the parent and its children.
+``--omp-wait-policy`` (``torch``, ``passive``, ``active``) sets OpenMP's wait policy before torch loads; the
+default leaves libgomp's own (spin briefly, then sleep), as a user's training run has it. With ``passive``
+every parallel region pays a thread wake-up, which adds ~0.1 ms to each of an adapter's small matmuls (see
+the comment at the top); use it on a machine shared with other jobs, where spinning threads starve.
 
 Peak memory: one child process per variant
 ------------------------------------------
@@ -61,11 +63,29 @@ It prints two markdown tables (time, memory) and the command line that reproduce
 from __future__ import annotations
 
 import os
+import sys
 
-# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. On a CPU shared with other
-# processes, spinning threads of a 2-thread pool starve each other and steps run 5-10x slower (measured);
-# on an idle machine the difference is small. Export OMP_WAIT_POLICY=ACTIVE to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is read once, when torch loads libgomp, so ``--omp-wait-policy`` is applied here, before
+# the import. ``torch`` (the default) leaves libgomp's own policy -- idle threads spin a little, then sleep --
+# which is what a user of deltatune or peft gets. ``passive`` (sleep at once) keeps runs on a CPU shared with
+# other processes from starving each other (spinning 2-thread pools made steps 5-10x slower there), but every
+# parallel region then pays a thread wake-up (~0.1 ms here), which penalises the many small matmuls of an
+# adapter far more than the floor's few large ones. ``active`` spins always.
+WAIT_POLICIES = {"torch": None, "passive": "PASSIVE", "active": "ACTIVE"}
+
+
+def _apply_wait_policy(argv: list[str]) -> None:
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--omp-wait-policy=") else (
+            argv[i + 1] if arg == "--omp-wait-policy" and i + 1 < len(argv) else None)
+        if value in WAIT_POLICIES:  # anything else is left for argparse to reject
+            if WAIT_POLICIES[value] is None:
+                os.environ.pop("OMP_WAIT_POLICY", None)
+            else:
+                os.environ["OMP_WAIT_POLICY"] = WAIT_POLICIES[value]
+
+
+_apply_wait_policy(sys.argv[1:])
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -75,7 +95,6 @@ import platform  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -168,6 +187,26 @@ def build_variant(name: str, base: nn.Module, case: str, ids: torch.Tensor, copy
     return Variant(name, model, adapter_step, n_trainable=sum(p.numel() for p in params))
 
 
+def arithmetic_bound(model: nn.Module, seq_len: int, r: int) -> dict:
+    """Multiply-adds per token of a floor step and of LoRA's extra work, counted from the model's shapes.
+
+    Floor: forward + input gradient of every ``nn.Linear`` (the adapted ones and ``lm_head``), ``2 · in · out``
+    each, plus attention's score and value products (``2 · heads · seq_len · head_dim`` forward, twice that
+    backward, counting the full square although causal attention can skip half, which only raises the floor and
+    so lowers the bound). LoRA, per adapted layer: ``r · (in + out)`` forward (``A x``, ``B h``) and
+    ``2 r (in + out)`` backward (``B``'s and ``A``'s gradients, ``g B``, ``(g B) A``).
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    head = model.get_output_embeddings()
+    adapted = [m for m in linears if m is not head]
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attention = cfg.num_hidden_layers * 3 * 2 * cfg.num_attention_heads * seq_len * head_dim
+    floor = 2 * sum(m.in_features * m.out_features for m in linears) + attention
+    lora = 3 * r * sum(m.in_features + m.out_features for m in adapted)
+    return {"floor": floor / 1e6, "lora": lora / 1e6, "ratio": 1 + lora / floor, "r": r}
+
+
 @torch.no_grad()
 def initial_loss(v: Variant, ids: torch.Tensor) -> float:
     """Eval-mode loss before any step: equal for all variants because LoRA/DoRA start as identities."""
@@ -211,6 +250,7 @@ def time_case(base: nn.Module, case: str, ids: torch.Tensor, args: argparse.Name
 
     med = {v.name: statistics.median(v.times) for v in variants}
     round_ratio = [rt["deltatune"] / rt["peft"] for rt in per_round]
+    round_floor = [rt["deltatune"] / rt["floor"] for rt in per_round]
     result = {
         "case": case,
         "label": CASES[case][1],
@@ -224,6 +264,7 @@ def time_case(base: nn.Module, case: str, ids: torch.Tensor, args: argparse.Name
             "deltatune/peft": med["deltatune"] / med["peft"],
         },
         "deltatune/peft_per_round": round_ratio,
+        "deltatune/floor_per_round": round_floor,
     }
     del variants, by_name
     gc.collect()
@@ -265,7 +306,7 @@ def measure_memory(variant: str, case: str, args: argparse.Namespace) -> float:
     """Run a ``--measure-memory`` child and return its peak RSS delta in MiB."""
     cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", variant, "--case", case,
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-           "--threads", str(args.threads), "--adamw", args.adamw]
+           "--threads", str(args.threads), "--adamw", args.adamw]  # the wait policy is inherited (environment)
     out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory child {variant}/{case} failed:\n{out.stderr[-3000:]}")
@@ -276,21 +317,29 @@ def measure_memory(variant: str, case: str, args: argparse.Namespace) -> float:
 # report
 # ------------------------------------------------------------------------------------------------
 def markdown(results: list[dict], memory: dict[str, dict[str, float]] | None, command: str,
-             args: argparse.Namespace) -> str:
+             args: argparse.Namespace, bound: dict | None = None) -> str:
     lines = [
         (f"SmolLM2-135M, fp32, CPU ({args.threads} threads), batch {args.batch_size} x {args.seq_len} tokens, "
          f"LoRA r=16 alpha=32 on all linear layers, AdamW {args.adamw}; median of {args.rounds} x {args.steps} "
          "interleaved steps per variant."),
         "",
-        "| case | floor | peft | deltatune | peft/floor | deltatune/floor | deltatune/peft | dt/peft per round |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | floor | peft | deltatune | peft/floor | deltatune/floor | deltatune/peft | dt/floor per round"
+        " | dt/peft per round |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    spread = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"  # noqa: E731
     for r in results:
-        m, q, pr = r["median_s"], r["ratio"], r["deltatune/peft_per_round"]
+        m, q = r["median_s"], r["ratio"]
         lines.append(
             f"| {r['label']} | {1e3 * m['floor']:.0f} ms | {1e3 * m['peft']:.0f} ms | {1e3 * m['deltatune']:.0f} ms"
             f" | {q['peft/floor']:.2f}x | {q['deltatune/floor']:.2f}x | {q['deltatune/peft']:.2f}x"
-            f" | {statistics.median(pr):.2f} ({min(pr):.2f}-{max(pr):.2f}) |")
+            f" | {spread(r['deltatune/floor_per_round'])} | {spread(r['deltatune/peft_per_round'])} |")
+    if bound:
+        lines += ["", ("Arithmetic lower bound of unmerged LoRA (any implementation): the floor does "
+                       f"{bound['floor']:.1f}M multiply-adds per token (forward and input gradient of the linear "
+                       f"layers, lm_head and attention), LoRA r={bound['r']} adds 3 r (in + out) per adapted layer = "
+                       f"{bound['lora']:.2f}M, so deltatune/floor >= {bound['ratio']:.3f}x even if its thin "
+                       "matmuls ran as efficiently as the floor's square ones.")]
     if memory:
         lines += [
             "",
@@ -319,6 +368,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the reference box has 2 cores)")
     p.add_argument("--adamw", choices=["fused", "foreach"], default="fused",
                    help="AdamW implementation for both adapters (fused: what deltatune's trainer uses)")
+    p.add_argument("--omp-wait-policy", choices=list(WAIT_POLICIES), default="torch",
+                   help="OpenMP wait policy, set before torch loads (torch: libgomp's default, what users get; "
+                        "passive: for a CPU shared with other jobs). An exported OMP_WAIT_POLICY is kept "
+                        "unless this flag is given")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory child processes")
     p.add_argument("--json", default=None, help="also write all numbers (every step time) to this JSON file")
     p.add_argument("--measure-memory", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
@@ -348,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {args.threads} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default)')}", flush=True)
     t_start = time.perf_counter()
     base = load_base_model()
     ids = make_batch(base, args.batch_size, args.seq_len)
@@ -367,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
             memory[case] = {"floor": floor_mb, **{v: measure_memory(v, case, args) for v in ("peft", "deltatune")}}
             print(f"  [{case}] " + ", ".join(f"{k} {mb:.0f} MiB" for k, mb in memory[case].items()), flush=True)
 
-    table = markdown(results, memory, command, args)
+    table = markdown(results, memory, command, args, arithmetic_bound(base, args.seq_len, LORA_KWARGS["r"]))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s\n\n{table}")
     slower = [r["label"] for r in results if r["ratio"]["deltatune/peft"] > 1.0]
     if slower:

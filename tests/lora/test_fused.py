@@ -10,6 +10,7 @@ from helpers import Holder
 from torch import nn
 
 from deltatune import LoraConfig, get_peft_model
+from deltatune.lora import layer as layer_module
 from deltatune.lora.layer import _LoraDropoutBranch, _LoraLinearNode, keep_mask
 
 
@@ -85,17 +86,37 @@ def test_dropout_branch_under_autocast_uses_the_same_mask_rule():
     torch.testing.assert_close(branch, node)
 
 
-def test_keep_mask_drops_p_in_every_16_bit_lane():
-    """Each int64 draw feeds four mask entries; every lane (the sign-carrying one too) must drop with rate p."""
+@pytest.mark.parametrize("p", [0.05, 0.3])
+@pytest.mark.parametrize("margin", [6.0, -6.0])  # -6: too few draws per round, the loop must go on
+def test_keep_mask_is_bernoulli(p, margin, monkeypatch):
+    """Every entry drops with rate p, independently of its neighbours, rows and columns alike."""
+    monkeypatch.setattr(layer_module, "_MARGIN_SIGMAS", margin)
     torch.manual_seed(0)
-    keep, q = keep_mask((200_000, 4), 0.05, torch.device("cpu"))
-    drop_rate = 1 - keep.float().mean(0)                  # per lane
-    assert q == pytest.approx(1 - 3277 / 65536)
-    # 200k draws per lane: standard error ~5e-4, so 3e-3 is > 6 sigma.
-    assert torch.allclose(drop_rate, torch.full((4,), 0.05), atol=3e-3), drop_rate
+    keep, q = keep_mask((400, 1000), p, torch.device("cpu"))
+    assert keep.shape == (400, 1000) and keep.dtype == torch.bool and q == 1 - p
+    drop = ~keep
+    n = drop.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(drop.float().mean().item() - p) < 5 * sigma
+    flat = drop.flatten().float()
+    pair = (flat[1:] * flat[:-1]).mean().item()  # both of two neighbours dropped: p² if independent
+    assert abs(pair - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
+    gaps = torch.diff(drop.flatten().nonzero().flatten()).float()  # geometric with mean 1/p
+    assert abs(gaps.mean().item() - 1 / p) < 5 * ((1 - p) / p**2 / gaps.numel()) ** 0.5
+    for axis_rate in (drop.float().mean(0), drop.float().mean(1)):  # no row or column drops at another rate
+        spread = (p * (1 - p) / (n / axis_rate.numel())) ** 0.5
+        assert (axis_rate - p).abs().max().item() < 6 * spread
+    assert drop[-1].any() and drop[:, -1].any()  # the last positions are reached
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask((400, 1000), p, torch.device("cpu"))[0], keep)  # reproducible
+
+
+def test_keep_mask_edge_probabilities():
     assert keep_mask((3, 3), 0.0, torch.device("cpu"))[0].all()
     none, q = keep_mask((3, 3), 1.0, torch.device("cpu"))
     assert not none.any() and q == 0.0
+    tiny, q = keep_mask((1, 5), 0.5, torch.device("cpu"))  # fewer entries than one round's minimum draw
+    assert tiny.shape == (1, 5) and q == 0.5
 
 
 def test_eval_mode_is_deterministic_and_equals_no_dropout():
@@ -143,3 +164,51 @@ def test_dropout_branch_trains_under_bf16_autocast():
     for g32, g16 in zip(plain, amp):
         assert g16.dtype == torch.float32
         torch.testing.assert_close(g16, g32, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("zero_magnitude", [False, True])
+def test_dora_node_gradients_match_reference_math(bias, zero_magnitude):
+    """The one-node DoRA layer against autograd through ``m/n ⊙ (W x + s B A x) + b`` (n detached), for x, A, B,
+    m and b; with one ``m`` exactly 0 (the node keeps ``z`` then, Σ g ⊙ (y - b) / m being undefined)."""
+    torch.manual_seed(0)
+    pm = get_peft_model(Holder(nn.Linear(12, 7, bias=bias)), LoraConfig(
+        target_modules=["layer"], r=3, lora_alpha=6, use_dora=True, init_lora_weights=False)).train()
+    layer = pm.base_model.model.layer
+    if bias:
+        layer.base_layer.bias.requires_grad_(True)
+    mag = layer.lora_magnitude_vector["default"].weight
+    with torch.no_grad():
+        mag.copy_(torch.rand(7) + 0.5)
+        if zero_magnitude:
+            mag[2] = 0.0
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    g_out = torch.randn(2, 5, 7)
+    params = [x, A, B, mag] + ([b] if bias else [])
+
+    y = pm(x)
+    grads = torch.autograd.grad(y, params, g_out)
+    norm = (W + 2.0 * B @ A).norm(dim=1).detach()
+    ref = (x @ W.T + 2.0 * (x @ A.T) @ B.T) * (mag / norm) + (b if bias else 0)
+    ref_grads = torch.autograd.grad(ref, params, g_out)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for name, g, r in zip(["x", "A", "B", "m", "b"], grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=name)
+    if zero_magnitude:
+        assert grads[3][2].abs() > 0  # the zeroed magnitude still learns
+
+
+def test_dora_node_keeps_its_output_not_a_second_out_sized_tensor():
+    """Saved for backward: the layer output itself (which the next op usually keeps anyway), no extra
+    ``(tokens, out)`` pre-scale tensor."""
+    torch.manual_seed(0)
+    pm = get_peft_model(Holder(nn.Linear(12, 7, bias=False)), LoraConfig(
+        target_modules=["layer"], r=3, use_dora=True, init_lora_weights=False)).train()
+    x = torch.randn(4, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = pm(x)
+    out_sized = [t for t in saved if t.shape == (4, 7)]
+    assert len(out_sized) == 1 and out_sized[0].data_ptr() == y.data_ptr()
