@@ -212,3 +212,25 @@ def test_dora_node_keeps_its_output_not_a_second_out_sized_tensor():
         y = pm(x)
     out_sized = [t for t in saved if t.shape == (4, 7)]
     assert len(out_sized) == 1 and out_sized[0].data_ptr() == y.data_ptr()
+
+
+def test_dropout_draw_is_kept_as_positions_and_equals_the_keep_mask():
+    """On CPU the node keeps the dropped positions (int32, 4 bytes per dropped entry), not an (N, in) mask; the
+    positions, the float keep-values and the bool keep-mask are one draw for one seed."""
+    torch.manual_seed(1)
+    mask, q = layer_module.draw_dropout((64, 50), 0.05, torch.device("cpu"))
+    assert mask.dtype == torch.int32 and q == 0.95 and torch.all(mask[1:] > mask[:-1])
+    torch.manual_seed(1)
+    keep, _ = keep_mask((64, 50), 0.05, torch.device("cpu"))
+    assert torch.equal((~keep).flatten().nonzero().flatten(), mask.long())
+    values = layer_module.keep_values(mask, (64, 50), torch.float32)
+    assert torch.equal(values, keep.float())
+
+    pm, layer = _adapted(0.05, bias=False)
+    x = torch.randn(4, 64, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        pm(x)
+    draws = [t for t in saved if t.dtype == torch.int32]
+    assert len(draws) == 1 and draws[0].numel() < 0.1 * x.numel()  # ~5% of the entries, not all of them
+    assert not any(t.dtype == torch.bool for t in saved)

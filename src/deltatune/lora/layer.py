@@ -49,46 +49,79 @@ class DoraMagnitude(nn.Module):
 _MARGIN_SIGMAS = 6.0  # extra draws, in standard deviations of the drop count: a second round about once in 10^9
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A Bernoulli keep-mask ``(shape)`` of ``bool`` (each entry dropped with probability ``p``, independently)
-    and its keep probability ``q = 1 - p``.
+def dropped_positions(n: int, p: float) -> torch.Tensor:
+    """Sorted flat positions ``(K,)`` (int64) of the entries a Bernoulli(p) dropout drops among ``n``, on CPU.
 
-    On CPU the mask is drawn by where it drops rather than entry by entry: the gaps between dropped positions
-    of a Bernoulli(p) sequence are geometric, ``G = 1 + floor(log(1 - U) / log(1 - p))`` with ``U`` uniform,
-    so one float draw per *dropped* entry (``p · N`` of them, plus a margin) and a cumulative sum place them
-    all. At ``p = 0.05`` that is 1/20 of the random numbers a per-entry draw needs (torch's CPU generator is
-    sequential, which made the draw the largest cost of LoRA dropout), ~3x faster end to end. Elsewhere
-    (GPU generators are parallel) it is ``rand >= p``. Both are reproducible under ``torch.manual_seed``.
+    The mask is drawn by where it drops rather than entry by entry: the gaps between dropped positions of a
+    Bernoulli(p) sequence are geometric, ``G = 1 + floor(log(1 - U) / log(1 - p))`` with ``U`` uniform, so one
+    float draw per *dropped* entry (``p · n`` of them, plus a margin) and a cumulative sum place them all, with
+    ``p`` exact. At ``p = 0.05`` that is 1/20 of the random numbers a per-entry draw needs; torch's CPU generator
+    is sequential, and the draw had been the largest cost of LoRA dropout. Reproducible under
+    ``torch.manual_seed``. ``0 < p < 1``.
     """
-    n = math.prod(shape)
-    if p <= 0:
-        return torch.ones(shape, dtype=torch.bool, device=device), 1.0
-    if p >= 1:
-        return torch.zeros(shape, dtype=torch.bool, device=device), 0.0
-    if torch.device(device).type != "cpu":
-        return torch.rand(shape, device=device) >= p, 1.0 - p
-    keep = torch.ones(n, dtype=torch.bool)
     log_keep, mean = math.log1p(-p), n * p
-    start = 0  # first position not yet covered by a gap
+    parts, start = [], 0  # start: first position not yet covered by a gap
     while start < n:
         draws = max(16, int(mean * (n - start) / n + _MARGIN_SIGMAS * math.sqrt(mean)))
         u = torch.rand(draws)                                               # [0, 1): 1 - u in (0, 1]
         gaps = torch.log1p(u.neg_()).div_(log_keep).to(torch.int64).add_(1)  # >= 1, geometric(p)
-        pos = gaps.cumsum_(0).add_(start - 1)                               # dropped positions, increasing
+        pos = gaps.cumsum_(0).add_(start - 1)                               # increasing
         inside = int(torch.searchsorted(pos, n))
-        keep[pos[:inside]] = False
+        parts.append(pos[:inside])
         start = n if inside < draws else int(pos[-1]) + 1
-    return keep.view(shape), 1.0 - p
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def draw_dropout(shape: torch.Size | tuple[int, ...], p: float, device: torch.device
+                 ) -> tuple[torch.Tensor, float]:
+    """A dropout draw over ``shape`` in the form a layer keeps for backward, and the keep probability ``q``.
+
+    On CPU the dropped positions (:func:`dropped_positions`; int32 where they fit: 4 bytes per *dropped* entry,
+    0.2 bytes per entry at ``p = 0.05`` against 1 for a bool mask), elsewhere a bool keep-mask (``rand >= p``:
+    GPU generators are parallel, and finding positions would need a host sync). ``0 < p``.
+    """
+    if p >= 1:
+        return torch.zeros(shape, dtype=torch.bool, device=device), 0.0
+    if torch.device(device).type != "cpu":
+        return torch.rand(shape, device=device) >= p, 1.0 - p
+    n = math.prod(shape)
+    pos = dropped_positions(n, p)
+    return (pos.to(torch.int32) if n < 2**31 else pos), 1.0 - p
+
+
+def keep_values(mask: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``k: (shape)`` in ``dtype``, 1 where kept and 0 where dropped, from a :func:`draw_dropout` result.
+
+    Built in the compute dtype directly: every op that multiplies by a bool tensor first converts it (a copy)."""
+    if mask.dtype == torch.bool:
+        return mask.to(dtype)
+    keep = torch.ones(shape, dtype=dtype)
+    keep.view(-1).index_fill_(0, mask.long(), 0)
+    return keep
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A Bernoulli keep-mask ``(shape)`` of ``bool`` (each entry dropped with probability ``p``, independently)
+    and its keep probability ``q = 1 - p``: the same draw as :func:`draw_dropout` for the same seed."""
+    if p <= 0:
+        return torch.ones(shape, dtype=torch.bool, device=device), 1.0
+    mask, q = draw_dropout(shape, p, device)
+    if mask.dtype == torch.bool:
+        return mask, q
+    keep = torch.ones(shape, dtype=torch.bool)
+    keep.view(-1).index_fill_(0, mask.long(), False)
+    return keep, q
 
 
 class _LoraLinearNode(torch.autograd.Function):
     """One LoRA linear layer, base included, as one autograd node: ``y = W x + b + s · B A (k ⊙ x) / q``.
 
-    ``k`` is a dropout keep-mask with keep probability ``q`` (:func:`keep_mask`; ``k = 1, q = 1`` without
+    ``k`` is a dropout keep-mask with keep probability ``q`` (:func:`draw_dropout`; ``k = 1, q = 1`` without
     dropout). The base output is written once and the low-rank update is added into it in place
     (``addmm_``), so no ``(..., out)`` tensor is copied; backward adds ``(g B) A`` into ``g W`` the same way.
     Saved for backward: the layer input ``x`` (shared with the base layer), ``h = A (k ⊙ x) / q: (N, r)`` and
-    the 1-byte mask; the dropped input ``k ⊙ x`` is rebuilt in backward rather than stored.
+    the dropout draw (:func:`draw_dropout`: the dropped positions on CPU, ~0.2 bytes per entry at ``p = 0.05``);
+    the dropped input ``k ⊙ x`` is rebuilt in backward rather than stored.
 
     Shapes: ``x: (..., in)``, ``W: (out, in)``, ``A: (r, in)``, ``B: (out, r)``, ``b, b_B: (out,) | None``.
     """
@@ -98,23 +131,25 @@ class _LoraLinearNode(torch.autograd.Function):
                 b: torch.Tensor, b_bias: torch.Tensor | None, scaling: float, p: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                                 # (N, in)
         if p > 0:
-            keep, q = keep_mask(x2.shape, p, x.device)
-            h = torch.matmul(x2 * keep, a.T).mul_(1.0 / q) if q > 0 else x2.new_zeros(x2.shape[0], a.shape[0])
+            mask, q = draw_dropout(x2.shape, p, x.device)
+            dropped_x = keep_values(mask, x2.shape, x2.dtype).mul_(x2)   # k ⊙ x, freed after the product
+            h = torch.matmul(dropped_x, a.T).mul_(1.0 / q) if q > 0 else x2.new_zeros(x2.shape[0], a.shape[0])
+            del dropped_x
         else:
-            keep, q = None, 1.0
+            mask, q = None, 1.0
             h = torch.matmul(x2, a.T)                                   # (N, r)
         y = F.linear(x2, weight, bias)                                  # (N, out)
         y.addmm_(h, b.T, alpha=scaling)
         if b_bias is not None:
             y.add_(b_bias, alpha=scaling)
-        ctx.save_for_backward(x2, weight, a, b, h, keep)
+        ctx.save_for_backward(x2, weight, a, b, h, mask)
         ctx.scaling, ctx.inv_q = scaling, (1.0 / q if q > 0 else 0.0)
         ctx.has_bias, ctx.has_b_bias, ctx.lead = bias is not None, b_bias is not None, x.shape[:-1]
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x2, weight, a, b, h, keep = ctx.saved_tensors
+        x2, weight, a, b, h, mask = ctx.saved_tensors
         s, need = ctx.scaling, ctx.needs_input_grad
         g = grad_out.reshape(-1, grad_out.shape[-1])                   # (N, out)
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_b_bias = None
@@ -128,8 +163,7 @@ class _LoraLinearNode(torch.autograd.Function):
             grad_w = torch.matmul(g.T, x2)
         if need[0] or need[3]:
             g_h = torch.matmul(g, b).mul_(s * ctx.inv_q)                # (N, r): dL/d(A k⊙x)
-            # The bool mask in the input's dtype, once: every op multiplying by a bool tensor converts it (a copy).
-            kf = None if keep is None else keep.to(x2.dtype)
+            kf = None if mask is None else keep_values(mask, x2.shape, x2.dtype)
             dropped_x = None                                            # k ⊙ x, rebuilt: (N, in)
             if need[3]:
                 dropped_x = x2 if kf is None else x2 * kf
@@ -146,7 +180,7 @@ class _LoraLinearNode(torch.autograd.Function):
 
 
 class _LoraDropoutBranch(torch.autograd.Function):
-    """``s · B A (k ⊙ x) / q`` with a keep-mask ``k`` (:func:`keep_mask`), saving ``x`` and a 1-byte mask only.
+    """``s · B A (k ⊙ x) / q`` with a keep-mask ``k`` (:func:`draw_dropout`), saving ``x`` and the draw only.
 
     The branch alone, for layers that cannot take :class:`_LoraLinearNode` (autocast, ``Conv1D``, several
     adapters). ``nn.Dropout`` followed by ``A`` saves the dropped copy of ``x`` (4 bytes per element, one per
@@ -158,11 +192,11 @@ class _LoraDropoutBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, b_bias: torch.Tensor | None,
                 p: float, scaling: float) -> torch.Tensor:
-        keep, q = keep_mask(x.shape, p, x.device)
+        mask, q = draw_dropout(x.shape, p, x.device)
         inv_q = 1.0 / q if q > 0 else 0.0
-        h = torch.matmul(x * keep, a.T).mul_(inv_q)  # (..., r)
+        h = torch.matmul(keep_values(mask, x.shape, x.dtype).mul_(x), a.T).mul_(inv_q)  # (..., r)
         out = F.linear(h, b, b_bias).mul_(scaling)
-        ctx.save_for_backward(x, keep, a, b, h)
+        ctx.save_for_backward(x, mask, a, b, h)
         ctx.inv_q, ctx.scaling, ctx.has_bias = inv_q, scaling, b_bias is not None
         # Under autocast the forward's matmuls ran in its dtype; backward (which autocast does not reach on its
         # own) runs under the same autocast, and autograd casts each gradient to its input's dtype.
@@ -179,8 +213,9 @@ class _LoraDropoutBranch(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor):
-        x, keep, a, b, h = ctx.saved_tensors
+        x, mask, a, b, h = ctx.saved_tensors
         s, inv_keep = ctx.scaling, ctx.inv_q
+        keep = keep_values(mask, x.shape, x.dtype)
         g = grad_out * s                                   # (..., out)
         g_h = torch.matmul(g, b)                           # (..., r)
         grad_b = grad_bias = grad_a = grad_x = None
