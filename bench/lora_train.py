@@ -88,6 +88,7 @@ def _apply_wait_policy(argv: list[str]) -> None:
 _apply_wait_policy(sys.argv[1:])
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -145,8 +146,14 @@ class Variant:
     times: list[float] = field(default_factory=list)
 
 
+def precision_context(precision: str) -> contextlib.AbstractContextManager:
+    """``bf16``: the forward and loss under CPU bf16 autocast, as ``deltatune train``'s default on CPUs with
+    AVX512-BF16 or AMX (``--precision auto``); ``fp32``: no autocast."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
 def build_variant(name: str, base: nn.Module, case: str, ids: torch.Tensor, copy_base: bool,
-                  adamw: str = "fused") -> Variant:
+                  adamw: str = "fused", precision: str = "fp32") -> Variant:
     """Build ``name`` (floor / peft / deltatune) for ``case`` on ``base`` (deep-copied if ``copy_base``)."""
     if name == "floor":
         model = base
@@ -155,7 +162,8 @@ def build_variant(name: str, base: nn.Module, case: str, ids: torch.Tensor, copy
         def floor_step() -> float:
             # Gradient w.r.t. the input embeddings only: backprop through every frozen layer.
             embeds = embed(ids).detach().requires_grad_()
-            loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
+            with precision_context(precision):
+                loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
             loss.backward()
             return loss.item()
 
@@ -178,7 +186,8 @@ def build_variant(name: str, base: nn.Module, case: str, ids: torch.Tensor, copy
     opt = torch.optim.AdamW(params, lr=1e-4, **{adamw: True})  # fused: what deltatune's trainer uses
 
     def adapter_step() -> float:
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        with precision_context(precision):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -221,7 +230,8 @@ def initial_loss(v: Variant, ids: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------
 def time_case(base: nn.Module, case: str, ids: torch.Tensor, args: argparse.Namespace) -> dict:
     """Interleaved timing of the three variants for one case; returns medians, ratios and spread."""
-    variants = [build_variant(n, base, case, ids, copy_base=True, adamw=args.adamw) for n in VARIANTS]
+    variants = [build_variant(n, base, case, ids, copy_base=True, adamw=args.adamw, precision=args.precision)
+                for n in VARIANTS]
     by_name = {v.name: v for v in variants}
     if by_name["peft"].n_trainable != by_name["deltatune"].n_trainable:
         raise RuntimeError(f"[{case}] trainable parameters differ: peft {by_name['peft'].n_trainable:,} vs "
@@ -294,7 +304,7 @@ def measure_memory_child(args: argparse.Namespace) -> None:
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
     v = build_variant(args.measure_memory, base, args.case, ids, copy_base=False,
-                      adamw=args.adamw)
+                      adamw=args.adamw, precision=args.precision)
     for _ in range(max(args.steps, 3)):
         v.step()
     peak_kb = _proc_status_kb("VmHWM")
@@ -306,7 +316,8 @@ def measure_memory(variant: str, case: str, args: argparse.Namespace) -> float:
     """Run a ``--measure-memory`` child and return its peak RSS delta in MiB."""
     cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", variant, "--case", case,
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-           "--threads", str(args.threads), "--adamw", args.adamw]  # the wait policy is inherited (environment)
+           "--threads", str(args.threads), "--adamw", args.adamw, "--precision", args.precision]
+    # (the OpenMP wait policy is inherited through the environment)
     out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory child {variant}/{case} failed:\n{out.stderr[-3000:]}")
@@ -319,7 +330,8 @@ def measure_memory(variant: str, case: str, args: argparse.Namespace) -> float:
 def markdown(results: list[dict], memory: dict[str, dict[str, float]] | None, command: str,
              args: argparse.Namespace, bound: dict | None = None) -> str:
     lines = [
-        (f"SmolLM2-135M, fp32, CPU ({args.threads} threads), batch {args.batch_size} x {args.seq_len} tokens, "
+        (f"SmolLM2-135M, {'fp32' if args.precision == 'fp32' else 'fp32 weights, bf16 autocast'}, "
+         f"CPU ({args.threads} threads), batch {args.batch_size} x {args.seq_len} tokens, "
          f"LoRA r=16 alpha=32 on all linear layers, AdamW {args.adamw}; median of {args.rounds} x {args.steps} "
          "interleaved steps per variant."),
         "",
@@ -368,6 +380,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the reference box has 2 cores)")
     p.add_argument("--adamw", choices=["fused", "foreach"], default="fused",
                    help="AdamW implementation for both adapters (fused: what deltatune's trainer uses)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32: the issue's setting; bf16: forward and loss under CPU bf16 autocast, what deltatune "
+                        "train runs by default on CPUs with AVX512-BF16/AMX")
     p.add_argument("--omp-wait-policy", choices=list(WAIT_POLICIES), default="torch",
                    help="OpenMP wait policy, set before torch loads (torch: libgomp's default, what users get; "
                         "passive: for a CPU shared with other jobs). An exported OMP_WAIT_POLICY is kept "

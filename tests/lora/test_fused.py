@@ -140,25 +140,56 @@ def test_dora_expanded_norm_equals_the_direct_row_norm():
     torch.testing.assert_close(layer._dora_weight_norm("default"), direct, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_fused_layer_under_bf16_autocast_matches_bf16_reference_math(p, monkeypatch):
+    """The trainer's CPU default is bf16 autocast: the one-node layer runs there too, every operand cast to bf16
+    once; output and gradients equal the same math done in bf16 by hand (same mask), and the parameters and
+    the input get fp32 gradients."""
+    pm, layer = _adapted(p, bias=True, lora_bias=True)
+    calls = []
+    original = _LoraLinearNode.forward
+    monkeypatch.setattr(_LoraLinearNode, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B, b_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_B["default"].bias
+    s = layer.scaling["default"]
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    g_out = torch.randn(2, 5, 7)
+    params = [x, A, B, b_B]
+
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = pm(x)
+    assert calls and y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y, params, g_out.bfloat16())
+    assert all(g.dtype == torch.float32 for g in grads)
+
+    torch.manual_seed(3)
+    keep, q = keep_mask((10, 12), p, x.device) if p > 0 else (torch.ones(10, 12, dtype=torch.bool), 1.0)
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    h = (bf(x) * bf(keep.view(2, 5, 12))) @ bf(A).T * (1 / q)
+    ref = F.linear(bf(x), bf(W), bf(b)) + s * F.linear(h, bf(B), bf(b_B))
+    ref_grads = torch.autograd.grad(ref, params, g_out.bfloat16())
+    torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r.float(), atol=5e-2, rtol=3e-2)
+
+
 def test_dropout_branch_trains_under_bf16_autocast():
-    """The trainer's CPU default is bf16 autocast: the branch's backward runs under it too, the parameters get
-    fp32 gradients, close to the fp32 run with the same seed."""
+    """The branch (for layers the one-node path cannot take) runs its backward under the same autocast: fp32
+    gradients close to the fp32 run with the same seed."""
     torch.manual_seed(0)
     pm = get_peft_model(Holder(nn.Linear(32, 24)), LoraConfig(r=4, target_modules=["layer"], lora_dropout=0.25,
                                                                  init_lora_weights=False))
-    pm.train()
-    x = torch.randn(6, 32, requires_grad=True)
     layer = pm.base_model.model.layer
-    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(6, 32, requires_grad=True)
 
     def grads(amp: bool):
-        for t in [*params, x]:
-            t.grad = None
         torch.manual_seed(3)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out = pm(x=x)
-        out.float().square().sum().backward()
-        return [t.grad.clone() for t in [*params, x]]
+            out = _LoraDropoutBranch.apply(x, a, b, None, 0.25, 2.0)
+        assert out.dtype == (torch.bfloat16 if amp else torch.float32)
+        return torch.autograd.grad(out.float().square().sum(), [a, b, x])
 
     plain, amp = grads(False), grads(True)
     for g32, g16 in zip(plain, amp):
@@ -234,3 +265,39 @@ def test_dropout_draw_is_kept_as_positions_and_equals_the_keep_mask():
     draws = [t for t in saved if t.dtype == torch.int32]
     assert len(draws) == 1 and draws[0].numel() < 0.1 * x.numel()  # ~5% of the entries, not all of them
     assert not any(t.dtype == torch.bool for t in saved)
+
+
+@pytest.mark.parametrize("zero_magnitude", [False, True])
+def test_dora_node_under_bf16_autocast_matches_bf16_reference_math(zero_magnitude):
+    """Under autocast DoRA's products run in bf16 with each operand cast once; the row scale m/n stays fp32 and
+    is applied before the output is rounded to bf16 (a bf16 scale would move in steps of 2^-7). Output and
+    gradients equal that math done by hand; the magnitude gets an fp32 gradient."""
+    torch.manual_seed(0)
+    pm = get_peft_model(Holder(nn.Linear(12, 7)), LoraConfig(
+        target_modules=["layer"], r=3, lora_alpha=6, use_dora=True, init_lora_weights=False)).train()
+    layer = pm.base_model.model.layer
+    mag = layer.lora_magnitude_vector["default"].weight
+    with torch.no_grad():
+        mag.copy_(torch.rand(7) + 0.5)
+        if zero_magnitude:
+            mag[2] = 0.0
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    g_out = torch.randn(2, 5, 7).bfloat16()
+    params = [x, A, B, mag]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = pm(x)
+    assert y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y, params, g_out)
+    assert all(g.dtype == torch.float32 for g in grads)
+
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    norm = (W + 2.0 * B @ A).norm(dim=1).detach()
+    z = bf(x) @ bf(W).T + 2.0 * (bf(x) @ bf(A).T) @ bf(B).T
+    ref = bf(z.float() * (mag / norm)) + bf(b)
+    ref_grads = torch.autograd.grad(ref, params, g_out)
+    torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    for name, g, r in zip(["x", "A", "B", "m"], grads, ref_grads):
+        torch.testing.assert_close(g, r.float(), atol=5e-2, rtol=3e-2, msg=name)

@@ -128,7 +128,16 @@ class _LoraLinearNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                b: torch.Tensor, b_bias: torch.Tensor | None, scaling: float, p: float) -> torch.Tensor:
+                b: torch.Tensor, b_bias: torch.Tensor | None, scaling: float, p: float,
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if compute_dtype is not None:
+            # Under autocast: every operand cast once, as autocast casts a linear layer's (the input once for
+            # the base and the adapter, where the composed path casts it twice); backward runs in that dtype
+            # and autograd casts each gradient back to its input's dtype.
+            with torch.autocast(x.device.type, enabled=False):
+                cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731
+                return _LoraLinearNode.forward(ctx, cast(x), cast(weight), cast(bias), cast(a), cast(b),
+                                               cast(b_bias), scaling, p)
         x2 = x.reshape(-1, x.shape[-1])                                 # (N, in)
         if p > 0:
             mask, q = draw_dropout(x2.shape, p, x.device)
@@ -176,7 +185,7 @@ class _LoraLinearNode(torch.autograd.Function):
                     grad_x.addcmul_(torch.matmul(g_h, a, out=dropped_x) if dropped_x is not None
                                     else torch.matmul(g_h, a), kf)
                 grad_x = grad_x.view(*ctx.lead, grad_x.shape[-1])
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_b_bias, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_b_bias, None, None, None
 
 
 class _LoraDropoutBranch(torch.autograd.Function):
@@ -248,14 +257,24 @@ class _DoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float) -> torch.Tensor:
+                b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float,
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if compute_dtype is not None:
+            # Under autocast: the products in its dtype (operands cast once); the row scale m/n stays fp32 and
+            # is applied in fp32 before the output is rounded (in bf16, 1 + δ moves in steps of 2^-7, which
+            # would hide a trained magnitude's small changes).
+            with torch.autocast(x.device.type, enabled=False):
+                cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731
+                return _DoraLinear.forward(ctx, cast(x), cast(weight), cast(bias), cast(a), cast(b), magnitude,
+                                           norm, scaling)
         h = torch.matmul(x, a.T)                                   # (..., r)
         z = F.linear(x, weight)                                    # (..., out)
         z.view(-1, z.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.T, alpha=scaling)
         scale = magnitude / norm                                   # (out,)
         ctx.keeps_z = magnitude.device.type != "cpu" or bool((magnitude == 0).any())
         if ctx.keeps_z:
-            y = z * scale if bias is None else torch.addcmul(bias, z, scale)
+            y = torch.mul(z, scale, out=torch.empty_like(z))       # in z's dtype, computed in scale's
+            y = y if bias is None else y.add_(bias)
             ctx.save_for_backward(x, weight, a, b, h, z, scale, norm, None)
         else:
             y = z.mul_(scale) if bias is None else z.mul_(scale).add_(bias)
@@ -269,15 +288,15 @@ class _DoraLinear(torch.autograd.Function):
         s = ctx.scaling
         flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
-        g_sum = flat(grad_out).sum(0) if ctx.has_bias else None
+        g_sum = flat(grad_out).sum(0, dtype=torch.float32) if ctx.has_bias else None
         if ctx.needs_input_grad[5]:
-            dot = (flat(grad_out) * flat(zy)).sum(0)                # Σ g ⊙ z, or Σ g ⊙ y
+            dot = (flat(grad_out) * flat(zy)).sum(0, dtype=torch.float32)  # Σ g ⊙ z, or Σ g ⊙ y
             if not ctx.keeps_z and bias is not None:
                 dot = dot - bias * g_sum                           # Σ g ⊙ (y - b)
             grad_m = dot / divisor                                 # / n, or / m
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g_sum
-        g_z = grad_out * scale                                     # (..., out)
+        g_z = torch.mul(grad_out, scale, out=torch.empty_like(grad_out, memory_format=torch.contiguous_format))
         g_h = torch.matmul(g_z, b).mul_(s)                         # (..., r)
         if ctx.needs_input_grad[4]:
             grad_b = torch.matmul(flat(g_z).T, flat(h)).mul_(s)
@@ -288,7 +307,13 @@ class _DoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.matmul(g_z, weight)
             grad_x.view(-1, grad_x.shape[-1]).addmm_(flat(g_h), a)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for ``x``'s device, or ``None``."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def _row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -541,20 +566,23 @@ class LoraLinear(LoraLayer):
         return weight / (scale[None, :] if self.fan_in_fan_out else scale[:, None]) - delta
 
     # ---- forward -----------------------------------------------------------------------------
-    def _plain_dense_base(self, x: torch.Tensor, adapter_name: str) -> bool:
-        """A plain ``nn.Linear`` base (no hooks, not quantized) in the input's and the adapter's dtype, no
-        autocast: the layer can run as one custom autograd node (under autocast the matmuls would change dtype
-        inside the node, so the composed path lets autocast handle them)."""
+    def _plain_dense_base(self, x: torch.Tensor, adapter_name: str, autocast_ok: bool = False) -> bool:
+        """A plain ``nn.Linear`` base (no hooks, not quantized) in the input's and the adapter's dtype, so that
+        the layer can run as one custom autograd node. Under autocast (``autocast_ok``: the node casts its
+        operands to the autocast dtype itself) the dtypes may differ but must be floating."""
         base, w = self.base_layer, self.base_layer.weight
-        return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
-                and type(w) is nn.Parameter and not torch.is_autocast_enabled(x.device.type)
-                and w.dtype == x.dtype == self.lora_A[adapter_name].weight.dtype)
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or type(w) is not nn.Parameter:
+            return False
+        a = self.lora_A[adapter_name].weight
+        if torch.is_autocast_enabled(x.device.type):
+            return autocast_ok and x.is_floating_point() and w.is_floating_point() and a.is_floating_point()
+        return w.dtype == x.dtype == a.dtype
 
     def _fused_lora_p(self, x: torch.Tensor) -> float | None:
         """The dropout probability for :class:`_LoraLinearNode` (0 without dropout), or ``None`` when one
         plain LoRA adapter over a plain dense base is not what this layer runs."""
         active = self._active_lora()
-        if len(active) != 1 or self.use_dora[active[0]] or not self._plain_dense_base(x, active[0]):
+        if len(active) != 1 or self.use_dora[active[0]] or not self._plain_dense_base(x, active[0], True):
             return None
         dropout = self.lora_dropout[active[0]]
         return dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
@@ -565,7 +593,8 @@ class LoraLinear(LoraLayer):
         if len(active) != 1 or not self.use_dora[active[0]]:
             return False
         dropout = self.lora_dropout[active[0]]
-        return (isinstance(dropout, nn.Identity) or not self.training) and self._plain_dense_base(x, active[0])
+        return ((isinstance(dropout, nn.Identity) or not self.training)
+                and self._plain_dense_base(x, active[0], autocast_ok=True))
 
     @torch.no_grad()
     def _dora_weight_norm(self, adapter_name: str) -> torch.Tensor:
@@ -595,13 +624,14 @@ class LoraLinear(LoraLayer):
             name = self._active_lora()[0]
             b = self.lora_B[name]
             return _LoraLinearNode.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
-                                         b.weight, b.bias, self.scaling[name], p)
+                                         b.weight, b.bias, self.scaling[name], p, _autocast_dtype(x))
         if not self.merged and self._dora_fast_path(x):
             name = self._active_lora()[0]
-            norm = self._dora_weight_norm(name)
+            with torch.autocast(x.device.type, enabled=False):  # the norm in the weights' precision
+                norm = self._dora_weight_norm(name)
             return _DoraLinear.apply(x, self._base_weight(), self.base_layer.bias, self.lora_A[name].weight,
                                      self.lora_B[name].weight, self.lora_magnitude_vector[name].weight, norm,
-                                     self.scaling[name])
+                                     self.scaling[name], _autocast_dtype(x))
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
