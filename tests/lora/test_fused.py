@@ -197,25 +197,31 @@ def test_dropout_branch_trains_under_bf16_autocast():
         torch.testing.assert_close(g16, g32, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("zero_magnitude", [False, True])
-def test_dora_node_gradients_match_reference_math(bias, zero_magnitude):
-    """The one-node DoRA layer against autograd through ``m/n ⊙ (W x + s B A x) + b`` (n detached), for x, A, B,
-    m and b; with one ``m`` exactly 0 (the node keeps ``z`` then, Σ g ⊙ (y - b) / m being undefined)."""
+def _dora_case(bias: bool, zero_magnitude: bool):
+    """A DoRA layer (12 -> 7, r=3) with magnitudes away from the row norms (one exactly 0 if asked), its
+    tensors ``(W, b, A, B, m)`` and an input ``x: (2, 5, 12)`` that requires grad."""
     torch.manual_seed(0)
     pm = get_peft_model(Holder(nn.Linear(12, 7, bias=bias)), LoraConfig(
         target_modules=["layer"], r=3, lora_alpha=6, use_dora=True, init_lora_weights=False)).train()
     layer = pm.base_model.model.layer
-    if bias:
-        layer.base_layer.bias.requires_grad_(True)
     mag = layer.lora_magnitude_vector["default"].weight
     with torch.no_grad():
         mag.copy_(torch.rand(7) + 0.5)
         if zero_magnitude:
             mag[2] = 0.0
-    W, b = layer.base_layer.weight, layer.base_layer.bias
-    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    x = torch.randn(2, 5, 12, requires_grad=True)
+    tensors = (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight,
+               layer.lora_B["default"].weight, mag)
+    return pm, tensors, torch.randn(2, 5, 12, requires_grad=True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("zero_magnitude", [False, True])
+def test_dora_node_gradients_match_reference_math(bias, zero_magnitude):
+    """The one-node DoRA layer against autograd through ``m/n ⊙ (W x + s B A x) + b`` (n detached), for x, A, B,
+    m and b; with one ``m`` exactly 0 (the node keeps ``z`` then, Σ g ⊙ (y - b) / m being undefined)."""
+    pm, (W, b, A, B, mag), x = _dora_case(bias, zero_magnitude)
+    if bias:
+        b.requires_grad_(True)
     g_out = torch.randn(2, 5, 7)
     params = [x, A, B, mag] + ([b] if bias else [])
 
@@ -272,18 +278,7 @@ def test_dora_node_under_bf16_autocast_matches_bf16_reference_math(zero_magnitud
     """Under autocast DoRA's products run in bf16 with each operand cast once; the row scale m/n stays fp32 and
     is applied before the output is rounded to bf16 (a bf16 scale would move in steps of 2^-7). Output and
     gradients equal that math done by hand; the magnitude gets an fp32 gradient."""
-    torch.manual_seed(0)
-    pm = get_peft_model(Holder(nn.Linear(12, 7)), LoraConfig(
-        target_modules=["layer"], r=3, lora_alpha=6, use_dora=True, init_lora_weights=False)).train()
-    layer = pm.base_model.model.layer
-    mag = layer.lora_magnitude_vector["default"].weight
-    with torch.no_grad():
-        mag.copy_(torch.rand(7) + 0.5)
-        if zero_magnitude:
-            mag[2] = 0.0
-    W, b = layer.base_layer.weight, layer.base_layer.bias
-    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    x = torch.randn(2, 5, 12, requires_grad=True)
+    pm, (W, b, A, B, mag), x = _dora_case(True, zero_magnitude)
     g_out = torch.randn(2, 5, 7).bfloat16()
     params = [x, A, B, mag]
 
