@@ -296,3 +296,45 @@ def test_dora_node_under_bf16_autocast_matches_bf16_reference_math(zero_magnitud
     torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=3e-2)
     for name, g, r in zip(["x", "A", "B", "m"], grads, ref_grads):
         torch.testing.assert_close(g, r.float(), atol=5e-2, rtol=3e-2, msg=name)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_gpt2_conv1d_layers_take_the_one_node_paths(use_dora, monkeypatch):
+    """transformers' Conv1D (GPT-2; ``W: (in, out)``) runs the same nodes on ``Wᵀ``: output and gradients equal
+    the reference math with the same dropout mask (LoRA) or the row-normalised update (DoRA)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from deltatune.lora.layer import _DoraLinear
+
+    node = _DoraLinear if use_dora else _LoraLinearNode
+    calls = []
+    original = node.forward
+    monkeypatch.setattr(node, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    torch.manual_seed(0)
+    p = 0.0 if use_dora else 0.3
+    pm = get_peft_model(Holder(Conv1D(7, 12)), LoraConfig(target_modules=["layer"], r=3, lora_alpha=6,
+                                                          lora_dropout=p, use_dora=use_dora, fan_in_fan_out=True,
+                                                          init_lora_weights=False)).train()
+    layer = pm.base_model.model.layer
+    W, b = layer.base_layer.weight, layer.base_layer.bias                    # W: (in=12, out=7)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    g_out = torch.randn(2, 5, 7)
+    params = [x, A, B] + ([layer.lora_magnitude_vector["default"].weight] if use_dora else [])
+
+    torch.manual_seed(4)
+    y = pm(x)
+    assert calls
+    grads = torch.autograd.grad(y, params, g_out)
+    torch.manual_seed(4)
+    if use_dora:
+        m = params[-1]
+        merged = W.T + 2.0 * B @ A
+        ref = (x @ merged.T) * (m / merged.norm(dim=1).detach()) + b
+    else:
+        keep, q = keep_mask((10, 12), p, x.device)
+        ref = x @ W + b + 2.0 * ((x * keep.view(2, 5, 12)) @ A.T / q) @ B.T
+    ref_grads = torch.autograd.grad(ref, params, g_out)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)

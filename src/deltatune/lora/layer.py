@@ -567,11 +567,13 @@ class LoraLinear(LoraLayer):
 
     # ---- forward -----------------------------------------------------------------------------
     def _plain_dense_base(self, x: torch.Tensor, adapter_name: str, autocast_ok: bool = False) -> bool:
-        """A plain ``nn.Linear`` base (no hooks, not quantized) in the input's and the adapter's dtype, so that
-        the layer can run as one custom autograd node. Under autocast (``autocast_ok``: the node casts its
-        operands to the autocast dtype itself) the dtypes may differ but must be floating."""
+        """A plain ``nn.Linear`` or ``transformers``' ``Conv1D`` base (no hooks, not quantized) in the input's and
+        the adapter's dtype, so that the layer can run as one custom autograd node (on ``W`` seen as ``(out, in)``).
+        Under autocast (``autocast_ok``: the node casts its operands to the autocast dtype itself) the dtypes may
+        differ but must be floating."""
         base, w = self.base_layer, self.base_layer.weight
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or type(w) is not nn.Parameter:
+        if (type(base) not in (nn.Linear, _conv1d_type()) or base._forward_hooks or base._forward_pre_hooks
+                or type(w) is not nn.Parameter):
             return False
         a = self.lora_A[adapter_name].weight
         if torch.is_autocast_enabled(x.device.type):
@@ -608,7 +610,7 @@ class LoraLinear(LoraLayer):
         forward, instead of writing and reading three ``(out, in)`` temporaries. (Not cached across steps: a
         cache of ``||W||²`` would have to notice every way the base weight can be replaced.)
         """
-        w = self.base_layer.weight
+        w = self._base_weight()                                                     # (out, in)
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         s = self.scaling[adapter_name]
         weight_sq = torch.linalg.vector_norm(w, dim=1).square_()                   # (out,)
@@ -623,7 +625,7 @@ class LoraLinear(LoraLayer):
         if not self.merged and (p := self._fused_lora_p(x)) is not None:
             name = self._active_lora()[0]
             b = self.lora_B[name]
-            return _LoraLinearNode.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
+            return _LoraLinearNode.apply(x, self._base_weight(), self.base_layer.bias, self.lora_A[name].weight,
                                          b.weight, b.bias, self.scaling[name], p, _autocast_dtype(x))
         if not self.merged and self._dora_fast_path(x):
             name = self._active_lora()[0]
