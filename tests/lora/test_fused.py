@@ -117,6 +117,12 @@ def test_keep_mask_edge_probabilities():
     assert not none.any() and q == 0.0
     tiny, q = keep_mask((1, 5), 0.5, torch.device("cpu"))  # fewer entries than one round's minimum draw
     assert tiny.shape == (1, 5) and q == 0.5
+    empty, q = keep_mask((0, 5), 0.5, torch.device("cpu"))  # an empty batch
+    assert empty.shape == (0, 5) and q == 0.5
+    pm, _ = _adapted(0.5)
+    x = torch.randn(0, 12, requires_grad=True)
+    pm(x).sum().backward()
+    assert x.grad.shape == (0, 12)
 
 
 def test_eval_mode_is_deterministic_and_equals_no_dropout():

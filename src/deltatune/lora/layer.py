@@ -69,7 +69,9 @@ def dropped_positions(n: int, p: float) -> torch.Tensor:
         inside = int(torch.searchsorted(pos, n))
         parts.append(pos[:inside])
         start = n if inside < draws else int(pos[-1]) + 1
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)  # n = 0: an empty batch
 
 
 def draw_dropout(shape: torch.Size | tuple[int, ...], p: float, device: torch.device
