@@ -111,17 +111,36 @@ CASES: dict[str, tuple[dict, str]] = {
     "dora": ({"lora_dropout": 0.0, "use_dora": True}, "DoRA, dropout 0"),
 }
 LORA_KWARGS = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
-MODEL_NAME = "smollm2-135m"
+# --model: the built-in SmolLM2-135M (real weights), or a Llama built from a config with random weights:
+# ``llama-1b`` is TinyLlama's shape (1.1B parameters; the issue's GPU case, run it with --device cuda --dtype bf16),
+# ``llama-tiny`` a few layers wide enough to exercise every path in seconds (the smoke test's).
+CONFIG_MODELS = {
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "vocab_size": 32000},
+    "llama-tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "vocab_size": 256},
+}
+MODELS = ("smollm2-135m", *CONFIG_MODELS)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------------
 # model and variants
 # ------------------------------------------------------------------------------------------------
-def load_base_model() -> nn.Module:
-    """SmolLM2-135M in fp32 through deltatune's built-in loader (a cached conversion of the GGUF)."""
-    from deltatune.builtin.models import load_builtin_model
+def load_base_model(name: str = "smollm2-135m", device: str = "cpu", dtype: str = "fp32") -> nn.Module:
+    """The frozen base model in train mode: SmolLM2-135M through deltatune's built-in loader (a cached conversion
+    of the GGUF), or a Llama of :data:`CONFIG_MODELS` with seeded random weights, on ``device`` in ``dtype``."""
+    if name in CONFIG_MODELS:
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    model, _tokenizer = load_builtin_model(MODEL_NAME, dtype=torch.float32)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**CONFIG_MODELS[name])).to(DTYPES[dtype])
+    else:
+        from deltatune.builtin.models import load_builtin_model
+
+        model, _tokenizer = load_builtin_model(name, dtype=DTYPES[dtype])
+        model.to(device)
     model.config.use_cache = False
     model.train()  # dropout layers (the adapters' lora_dropout) must be active, as in training
     for p in model.parameters():
@@ -130,9 +149,11 @@ def load_base_model() -> nn.Module:
 
 
 def make_batch(model: nn.Module, batch_size: int, seq_len: int) -> torch.Tensor:
-    """Fixed random token ids ``(batch_size, seq_len)``; the content does not change the cost."""
+    """Fixed random token ids ``(batch_size, seq_len)`` on the model's device; the content does not change the
+    cost."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=gen)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=gen)
+    return ids.to(model.get_input_embeddings().weight.device)
 
 
 @dataclass
@@ -146,10 +167,12 @@ class Variant:
     times: list[float] = field(default_factory=list)
 
 
-def precision_context(precision: str) -> contextlib.AbstractContextManager:
-    """``bf16``: the forward and loss under CPU bf16 autocast, as ``deltatune train``'s default on CPUs with
-    AVX512-BF16 or AMX (``--precision auto``); ``fp32``: no autocast."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+def precision_context(precision: str, device: str = "cpu") -> contextlib.AbstractContextManager:
+    """``bf16``: the forward and loss under bf16 autocast, as ``deltatune train``'s default on GPUs with bf16 and
+    CPUs with AVX512-BF16 or AMX (``--precision auto``); ``fp32``: no autocast."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def build_variant(name: str, base: nn.Module, case: str, ids: torch.Tensor, copy_base: bool,
@@ -162,7 +185,7 @@ def build_variant(name: str, base: nn.Module, case: str, ids: torch.Tensor, copy
         def floor_step() -> float:
             # Gradient w.r.t. the input embeddings only: backprop through every frozen layer.
             embeds = embed(ids).detach().requires_grad_()
-            with precision_context(precision):
+            with precision_context(precision, ids.device):
                 loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
             loss.backward()
             return loss.item()
@@ -186,7 +209,7 @@ def build_variant(name: str, base: nn.Module, case: str, ids: torch.Tensor, copy
     opt = torch.optim.AdamW(params, lr=1e-4, **{adamw: True})  # fused: what deltatune's trainer uses
 
     def adapter_step() -> float:
-        with precision_context(precision):
+        with precision_context(precision, ids.device):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
@@ -293,30 +316,41 @@ def _proc_status_kb(key: str) -> int:
 
 
 def measure_memory_child(args: argparse.Namespace) -> None:
-    """Child process: print one JSON line with the peak RSS the variant adds over the loaded model."""
-    base = load_base_model()
+    """Child process: print one JSON line with the peak memory the variant adds over the loaded model (RSS on
+    CPU, ``torch.cuda.max_memory_allocated`` on CUDA)."""
+    base = load_base_model(args.model, args.device, args.dtype)
     ids = make_batch(base, args.batch_size, args.seq_len)
+    cuda = ids.device.type == "cuda"
     with torch.no_grad():  # make every weight resident so it is part of the baseline, not the delta
         for p in base.parameters():
             p.sum()
     gc.collect()
-    baseline_kb = _proc_status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-        f.write("5")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline_kb = torch.cuda.memory_allocated() / 1024
+    else:
+        baseline_kb = _proc_status_kb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+                f.write("5")
+        except OSError as e:  # some sandboxes forbid it: the peak then includes loading the model
+            print(f"warning: cannot reset the peak RSS ({e}); the peak includes loading the model", file=sys.stderr)
     v = build_variant(args.measure_memory, base, args.case, ids, copy_base=False,
                       adamw=args.adamw, precision=args.precision)
     for _ in range(max(args.steps, 3)):
         v.step()
-    peak_kb = _proc_status_kb("VmHWM")
+    peak_kb = torch.cuda.max_memory_allocated() / 1024 if cuda else _proc_status_kb("VmHWM")
     print(json.dumps({"variant": v.name, "case": args.case, "baseline_mb": baseline_kb / 1024,
                       "peak_delta_mb": (peak_kb - baseline_kb) / 1024}))
 
 
 def measure_memory(variant: str, case: str, args: argparse.Namespace) -> float:
-    """Run a ``--measure-memory`` child and return its peak RSS delta in MiB."""
+    """Run a ``--measure-memory`` child and return its peak memory delta in MiB."""
     cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", variant, "--case", case,
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-           "--threads", str(args.threads), "--adamw", args.adamw, "--precision", args.precision]
+           "--threads", str(args.threads), "--adamw", args.adamw, "--precision", args.precision,
+           "--model", args.model, "--device", args.device, "--dtype", args.dtype]
     # (the OpenMP wait policy is inherited through the environment)
     out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if out.returncode != 0:
@@ -330,8 +364,9 @@ def measure_memory(variant: str, case: str, args: argparse.Namespace) -> float:
 def markdown(results: list[dict], memory: dict[str, dict[str, float]] | None, command: str,
              args: argparse.Namespace, bound: dict | None = None) -> str:
     lines = [
-        (f"SmolLM2-135M, {'fp32' if args.precision == 'fp32' else 'fp32 weights, bf16 autocast'}, "
-         f"CPU ({args.threads} threads), batch {args.batch_size} x {args.seq_len} tokens, "
+        (f"{args.model}, {args.dtype} weights{', bf16 autocast' if args.precision == 'bf16' else ''}, "
+         f"{args.device}{f' ({args.threads} threads)' if args.device == 'cpu' else ''}, "
+         f"batch {args.batch_size} x {args.seq_len} tokens, "
          f"LoRA r=16 alpha=32 on all linear layers, AdamW {args.adamw}; median of {args.rounds} x {args.steps} "
          "interleaved steps per variant."),
         "",
@@ -355,7 +390,8 @@ def markdown(results: list[dict], memory: dict[str, dict[str, float]] | None, co
     if memory:
         lines += [
             "",
-            "Peak memory: RSS high-water mark of a fresh process per variant, minus the loaded base model.",
+            ("Peak memory: RSS high-water mark (CPU) or peak allocated CUDA memory of a fresh process per variant, "
+             "minus the loaded base model."),
             "",
             "| case | floor | peft | deltatune | deltatune/peft | deltatune/floor |",
             "|---|---:|---:|---:|---:|---:|",
@@ -380,6 +416,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the reference box has 2 cores)")
     p.add_argument("--adamw", choices=["fused", "foreach"], default="fused",
                    help="AdamW implementation for both adapters (fused: what deltatune's trainer uses)")
+    p.add_argument("--model", choices=MODELS, default="smollm2-135m",
+                   help="the built-in SmolLM2-135M, or a Llama with random weights built from a config (llama-1b: "
+                        "1.1B parameters, for a GPU; llama-tiny: seconds, for a smoke test)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timings then include a synchronisation per step)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="the base weights' dtype (adapters stay fp32 in both libraries)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="fp32: the issue's setting; bf16: forward and loss under CPU bf16 autocast, what deltatune "
                         "train runs by default on CPUs with AVX512-BF16/AMX")
@@ -418,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {args.threads} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default)')}", flush=True)
     t_start = time.perf_counter()
-    base = load_base_model()
+    base = load_base_model(args.model, args.device, args.dtype)
     ids = make_batch(base, args.batch_size, args.seq_len)
 
     results = []
