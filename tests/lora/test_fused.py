@@ -344,3 +344,35 @@ def test_gpt2_conv1d_layers_take_the_one_node_paths(use_dora, monkeypatch):
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fp32_adapter_over_a_bf16_base_takes_the_node_and_computes_the_update_in_fp32(p, monkeypatch):
+    """A bf16 model with fp32 adapters (how both libraries place them), no autocast: the base runs in bf16, the
+    update in fp32 on the input upcast, added with one rounding, as PEFT computes it; gradients likewise."""
+    calls = []
+    original = _LoraLinearNode.forward
+    monkeypatch.setattr(_LoraLinearNode, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    torch.manual_seed(0)
+    pm = get_peft_model(Holder(nn.Linear(12, 7).to(torch.bfloat16)), LoraConfig(
+        target_modules=["layer"], r=3, lora_alpha=6, lora_dropout=p, init_lora_weights=False)).train()
+    layer = pm.base_model.model.layer
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert A.dtype == B.dtype == torch.float32 and W.dtype == torch.bfloat16
+    x = torch.randn(2, 5, 12, dtype=torch.bfloat16, requires_grad=True)
+    g_out = torch.randn(2, 5, 7, dtype=torch.bfloat16)
+
+    torch.manual_seed(3)
+    y = pm(x)
+    assert calls and y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y, [x, A, B], g_out)
+    torch.manual_seed(3)
+    keep, q = keep_mask((10, 12), p, x.device) if p > 0 else (torch.ones(10, 12, dtype=torch.bool), 1.0)
+    update = ((x.float() * keep.view(2, 5, 12)) @ A.T / q) @ B.T
+    ref = (F.linear(x, W, b) + 2.0 * update).to(torch.bfloat16)
+    ref_grads = torch.autograd.grad(ref, [x, A, B], g_out)
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, atol=1e-2, rtol=1e-2)

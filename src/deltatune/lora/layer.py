@@ -141,16 +141,21 @@ class _LoraLinearNode(torch.autograd.Function):
                 return _LoraLinearNode.forward(ctx, cast(x), cast(weight), cast(bias), cast(a), cast(b),
                                                cast(b_bias), scaling, p)
         x2 = x.reshape(-1, x.shape[-1])                                 # (N, in)
+        xa = x2.to(a.dtype)  # the adapter's input in its own dtype (fp32 adapters over a bf16 base, as PEFT)
         if p > 0:
             mask, q = draw_dropout(x2.shape, p, x.device)
-            dropped_x = keep_values(mask, x2.shape, x2.dtype).mul_(x2)   # k ⊙ x, freed after the product
-            h = torch.matmul(dropped_x, a.T).mul_(1.0 / q) if q > 0 else x2.new_zeros(x2.shape[0], a.shape[0])
+            dropped_x = keep_values(mask, x2.shape, a.dtype).mul_(xa)    # k ⊙ x, freed after the product
+            h = torch.matmul(dropped_x, a.T).mul_(1.0 / q) if q > 0 else xa.new_zeros(x2.shape[0], a.shape[0])
             del dropped_x
         else:
             mask, q = None, 1.0
-            h = torch.matmul(x2, a.T)                                   # (N, r)
+            h = torch.matmul(xa, a.T)                                   # (N, r)
+        del xa
         y = F.linear(x2, weight, bias)                                  # (N, out)
-        y.addmm_(h, b.T, alpha=scaling)
+        if y.dtype == h.dtype:
+            y.addmm_(h, b.T, alpha=scaling)
+        else:  # the update in the adapter's dtype, added with one rounding to the base's
+            y.add_(torch.matmul(h, b.T), alpha=scaling)
         if b_bias is not None:
             y.add_(b_bias, alpha=scaling)
         ctx.save_for_backward(x2, weight, a, b, h, mask)
@@ -163,29 +168,32 @@ class _LoraLinearNode(torch.autograd.Function):
         x2, weight, a, b, h, mask = ctx.saved_tensors
         s, need = ctx.scaling, ctx.needs_input_grad
         g = grad_out.reshape(-1, grad_out.shape[-1])                   # (N, out)
+        ga = g.to(a.dtype)                                              # for the adapter's products
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_b_bias = None
         if need[4]:
-            grad_b = torch.matmul(g.T, h).mul_(s)                       # (out, r)
+            grad_b = torch.matmul(ga.T, h).mul_(s)                      # (out, r)
         if ctx.has_b_bias and need[5]:
-            grad_b_bias = g.sum(0).mul_(s)
+            grad_b_bias = ga.sum(0).mul_(s)
         if ctx.has_bias and need[2]:
             grad_bias = g.sum(0)
         if need[1]:
             grad_w = torch.matmul(g.T, x2)
         if need[0] or need[3]:
-            g_h = torch.matmul(g, b).mul_(s * ctx.inv_q)                # (N, r): dL/d(A k⊙x)
-            kf = None if mask is None else keep_values(mask, x2.shape, x2.dtype)
+            g_h = torch.matmul(ga, b).mul_(s * ctx.inv_q)               # (N, r): dL/d(A k⊙x)
+            kf = None if mask is None else keep_values(mask, x2.shape, a.dtype)
             dropped_x = None                                            # k ⊙ x, rebuilt: (N, in)
             if need[3]:
-                dropped_x = x2 if kf is None else x2 * kf
+                xa = x2.to(a.dtype)
+                dropped_x = xa if kf is None else xa.mul_(kf) if xa is not x2 else xa * kf
                 grad_a = torch.matmul(g_h.T, dropped_x)
             if need[0]:
                 grad_x = torch.matmul(g, weight)                        # (N, in)
-                if kf is None:
+                if kf is None and grad_x.dtype == g_h.dtype:
                     grad_x.addmm_(g_h, a)
                 else:  # += (g_h A) ⊙ k, the product written over k ⊙ x (no longer needed) when there is one
-                    grad_x.addcmul_(torch.matmul(g_h, a, out=dropped_x) if dropped_x is not None
-                                    else torch.matmul(g_h, a), kf)
+                    update = (torch.matmul(g_h, a, out=dropped_x) if dropped_x is not None and dropped_x is not x2
+                              else torch.matmul(g_h, a))
+                    grad_x.add_(update) if kf is None else grad_x.addcmul_(update, kf)
                 grad_x = grad_x.view(*ctx.lead, grad_x.shape[-1])
         return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_b_bias, None, None, None
 
@@ -568,11 +576,13 @@ class LoraLinear(LoraLayer):
         return weight / (scale[None, :] if self.fan_in_fan_out else scale[:, None]) - delta
 
     # ---- forward -----------------------------------------------------------------------------
-    def _plain_dense_base(self, x: torch.Tensor, adapter_name: str, autocast_ok: bool = False) -> bool:
+    def _plain_dense_base(self, x: torch.Tensor, adapter_name: str, autocast_ok: bool = False,
+                          adapter_dtype_ok: bool = False) -> bool:
         """A plain ``nn.Linear`` or ``transformers``' ``Conv1D`` base (no hooks, not quantized) in the input's and
         the adapter's dtype, so that the layer can run as one custom autograd node (on ``W`` seen as ``(out, in)``).
         Under autocast (``autocast_ok``: the node casts its operands to the autocast dtype itself) the dtypes may
-        differ but must be floating."""
+        differ but must be floating; with ``adapter_dtype_ok`` the adapter may have its own floating dtype (fp32
+        adapters over a bf16 base, computed in fp32 as PEFT does)."""
         base, w = self.base_layer, self.base_layer.weight
         if (type(base) not in (nn.Linear, _conv1d_type()) or base._forward_hooks or base._forward_pre_hooks
                 or type(w) is not nn.Parameter):
@@ -580,13 +590,13 @@ class LoraLinear(LoraLayer):
         a = self.lora_A[adapter_name].weight
         if torch.is_autocast_enabled(x.device.type):
             return autocast_ok and x.is_floating_point() and w.is_floating_point() and a.is_floating_point()
-        return w.dtype == x.dtype == a.dtype
+        return w.dtype == x.dtype and (a.dtype == w.dtype or (adapter_dtype_ok and a.is_floating_point()))
 
     def _fused_lora_p(self, x: torch.Tensor) -> float | None:
         """The dropout probability for :class:`_LoraLinearNode` (0 without dropout), or ``None`` when one
         plain LoRA adapter over a plain dense base is not what this layer runs."""
         active = self._active_lora()
-        if len(active) != 1 or self.use_dora[active[0]] or not self._plain_dense_base(x, active[0], True):
+        if len(active) != 1 or self.use_dora[active[0]] or not self._plain_dense_base(x, active[0], True, True):
             return None
         dropout = self.lora_dropout[active[0]]
         return dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
