@@ -376,3 +376,28 @@ def test_fp32_adapter_over_a_bf16_base_takes_the_node_and_computes_the_update_in
     for g, r in zip(grads, ref_grads, strict=True):
         assert g.dtype == r.dtype
         torch.testing.assert_close(g, r, atol=1e-2, rtol=1e-2)
+
+
+def test_fp32_adapter_over_a_bf16_base_equals_peft_bit_for_bit():
+    """The same bf16 base and fp32 adapter weights in ``peft`` give the same bf16 output, and the same gradients
+    to within one bf16 rounding."""
+    import copy
+
+    import peft
+
+    torch.manual_seed(0)
+    base = Holder(nn.Linear(12, 7).to(torch.bfloat16))
+    config = dict(target_modules=["layer"], r=3, lora_alpha=6, init_lora_weights=False)
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**config)).train()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config)).train()
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    named = lambda m: {n: p for n, p in m.named_parameters() if "lora_" in n}  # noqa: E731
+    assert all(p.dtype == torch.float32 for p in named(theirs).values())
+    x = torch.randn(2, 5, 12, dtype=torch.bfloat16)
+    g_out = torch.randn(2, 5, 7, dtype=torch.bfloat16)
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert torch.equal(y_ours, y_theirs)
+    for (n, a), (_, b) in zip(sorted(named(ours).items()), sorted(named(theirs).items()), strict=True):
+        ga = torch.autograd.grad(y_ours, a, g_out, retain_graph=True)[0]
+        gb = torch.autograd.grad(y_theirs, b, g_out, retain_graph=True)[0]
+        torch.testing.assert_close(ga, gb, atol=1e-3, rtol=1e-3, msg=n)
