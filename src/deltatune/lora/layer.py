@@ -108,11 +108,12 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     if p <= 0:
         return torch.ones(shape, dtype=torch.bool, device=device), 1.0
     mask, q = draw_dropout(shape, p, device)
-    if mask.dtype == torch.bool:
-        return mask, q
-    keep = torch.ones(shape, dtype=torch.bool)
-    keep.view(-1).index_fill_(0, mask.long(), False)
-    return keep, q
+    return keep_values(mask, shape, torch.bool), q
+
+
+def _cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each tensor in ``dtype`` (``None`` stays ``None``): a node's operands under autocast, cast once."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 class _LoraLinearNode(torch.autograd.Function):
@@ -137,9 +138,8 @@ class _LoraLinearNode(torch.autograd.Function):
             # the base and the adapter, where the composed path casts it twice); backward runs in that dtype
             # and autograd casts each gradient back to its input's dtype.
             with torch.autocast(x.device.type, enabled=False):
-                cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731
-                return _LoraLinearNode.forward(ctx, cast(x), cast(weight), cast(bias), cast(a), cast(b),
-                                               cast(b_bias), scaling, p)
+                x, weight, bias, a, b, b_bias = _cast(compute_dtype, x, weight, bias, a, b, b_bias)
+                return _LoraLinearNode.forward(ctx, x, weight, bias, a, b, b_bias, scaling, p)
         x2 = x.reshape(-1, x.shape[-1])                                 # (N, in)
         xa = x2.to(a.dtype)  # the adapter's input in its own dtype (fp32 adapters over a bf16 base, as PEFT)
         if p > 0:
@@ -181,19 +181,22 @@ class _LoraLinearNode(torch.autograd.Function):
         if need[0] or need[3]:
             g_h = torch.matmul(ga, b).mul_(s * ctx.inv_q)               # (N, r): dL/d(A k⊙x)
             kf = None if mask is None else keep_values(mask, x2.shape, a.dtype)
-            dropped_x = None                                            # k ⊙ x, rebuilt: (N, in)
+            scratch = None  # an (N, in) tensor of this node's own, free once A's gradient is taken
             if need[3]:
-                xa = x2.to(a.dtype)
-                dropped_x = xa if kf is None else xa.mul_(kf) if xa is not x2 else xa * kf
+                xa = x2.to(a.dtype)                                     # x2 itself when the dtypes agree
+                dropped_x = xa if kf is None else xa * kf               # k ⊙ x, rebuilt: (N, in)
                 grad_a = torch.matmul(g_h.T, dropped_x)
+                scratch = None if dropped_x is x2 else dropped_x
             if need[0]:
                 grad_x = torch.matmul(g, weight)                        # (N, in)
                 if kf is None and grad_x.dtype == g_h.dtype:
                     grad_x.addmm_(g_h, a)
-                else:  # += (g_h A) ⊙ k, the product written over k ⊙ x (no longer needed) when there is one
-                    update = (torch.matmul(g_h, a, out=dropped_x) if dropped_x is not None and dropped_x is not x2
-                              else torch.matmul(g_h, a))
-                    grad_x.add_(update) if kf is None else grad_x.addcmul_(update, kf)
+                else:  # += (g_h A) ⊙ k, written over the scratch tensor when there is one
+                    update = torch.matmul(g_h, a) if scratch is None else torch.matmul(g_h, a, out=scratch)
+                    if kf is None:
+                        grad_x.add_(update)
+                    else:
+                        grad_x.addcmul_(update, kf)
                 grad_x = grad_x.view(*ctx.lead, grad_x.shape[-1])
         return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_b_bias, None, None, None
 
@@ -201,9 +204,10 @@ class _LoraLinearNode(torch.autograd.Function):
 class _LoraDropoutBranch(torch.autograd.Function):
     """``s · B A (k ⊙ x) / q`` with a keep-mask ``k`` (:func:`draw_dropout`), saving ``x`` and the draw only.
 
-    The branch alone, for layers that cannot take :class:`_LoraLinearNode` (autocast, ``Conv1D``, several
-    adapters). ``nn.Dropout`` followed by ``A`` saves the dropped copy of ``x`` (4 bytes per element, one per
-    adapted layer, even where q/k/v share the same ``x``); here the dropped input is rebuilt in backward.
+    The branch alone, for layers that cannot take :class:`_LoraLinearNode` (a quantized or hooked base,
+    several active adapters). ``nn.Dropout`` followed by ``A`` saves the dropped copy of ``x`` (4 bytes per
+    element, one per adapted layer, even where q/k/v share the same ``x``); here the dropped input is rebuilt in
+    backward.
 
     Shapes: ``x: (..., in)``, ``A: (r, in)``, ``B: (out, r)``, ``b: (out,) | None``; returns ``(..., out)``.
     """
@@ -274,9 +278,8 @@ class _DoraLinear(torch.autograd.Function):
             # is applied in fp32 before the output is rounded (in bf16, 1 + δ moves in steps of 2^-7, which
             # would hide a trained magnitude's small changes).
             with torch.autocast(x.device.type, enabled=False):
-                cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731
-                return _DoraLinear.forward(ctx, cast(x), cast(weight), cast(bias), cast(a), cast(b), magnitude,
-                                           norm, scaling)
+                x, weight, bias, a, b = _cast(compute_dtype, x, weight, bias, a, b)
+                return _DoraLinear.forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling)
         h = torch.matmul(x, a.T)                                   # (..., r)
         z = F.linear(x, weight)                                    # (..., out)
         z.view(-1, z.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.T, alpha=scaling)
@@ -284,7 +287,8 @@ class _DoraLinear(torch.autograd.Function):
         ctx.keeps_z = magnitude.device.type != "cpu" or bool((magnitude == 0).any())
         if ctx.keeps_z:
             y = torch.mul(z, scale, out=torch.empty_like(z))       # in z's dtype, computed in scale's
-            y = y if bias is None else y.add_(bias)
+            if bias is not None:
+                y.add_(bias)
             ctx.save_for_backward(x, weight, a, b, h, z, scale, norm, None)
         else:
             y = z.mul_(scale) if bias is None else z.mul_(scale).add_(bias)
@@ -596,7 +600,8 @@ class LoraLinear(LoraLayer):
         """The dropout probability for :class:`_LoraLinearNode` (0 without dropout), or ``None`` when one
         plain LoRA adapter over a plain dense base is not what this layer runs."""
         active = self._active_lora()
-        if len(active) != 1 or self.use_dora[active[0]] or not self._plain_dense_base(x, active[0], True, True):
+        if len(active) != 1 or self.use_dora[active[0]] or not self._plain_dense_base(
+                x, active[0], autocast_ok=True, adapter_dtype_ok=True):
             return None
         dropout = self.lora_dropout[active[0]]
         return dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
@@ -625,9 +630,10 @@ class LoraLinear(LoraLayer):
         w = self._base_weight()                                                     # (out, in)
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         s = self.scaling[adapter_name]
-        weight_sq = torch.linalg.vector_norm(w, dim=1).square_()                   # (out,)
-        cross = (torch.matmul(w, a.T) * b).sum(1)                                  # (out,)
-        lora_sq = (torch.matmul(b, torch.matmul(a, a.T)) * b).sum(1)              # (out,)
+        with torch.autocast(w.device.type, enabled=False):  # in the weights' precision, also under autocast
+            weight_sq = torch.linalg.vector_norm(w, dim=1).square_()               # (out,)
+            cross = (torch.matmul(w, a.T) * b).sum(1)                              # (out,)
+            lora_sq = (torch.matmul(b, torch.matmul(a, a.T)) * b).sum(1)          # (out,)
         norm_sq = weight_sq + (2 * s) * cross + (s * s) * lora_sq
         return norm_sq.clamp_min_(0).sqrt_()
 
@@ -641,8 +647,7 @@ class LoraLinear(LoraLayer):
                                          b.weight, b.bias, self.scaling[name], p, _autocast_dtype(x))
         if not self.merged and self._dora_fast_path(x):
             name = self._active_lora()[0]
-            with torch.autocast(x.device.type, enabled=False):  # the norm in the weights' precision
-                norm = self._dora_weight_norm(name)
+            norm = self._dora_weight_norm(name)
             return _DoraLinear.apply(x, self._base_weight(), self.base_layer.bias, self.lora_A[name].weight,
                                      self.lora_B[name].weight, self.lora_magnitude_vector[name].weight, norm,
                                      self.scaling[name], _autocast_dtype(x))
