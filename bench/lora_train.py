@@ -167,12 +167,12 @@ class Variant:
     times: list[float] = field(default_factory=list)
 
 
-def precision_context(precision: str, device: str = "cpu") -> contextlib.AbstractContextManager:
-    """``bf16``: the forward and loss under bf16 autocast, as ``deltatune train``'s default on GPUs with bf16 and
-    CPUs with AVX512-BF16 or AMX (``--precision auto``); ``fp32``: no autocast."""
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """``bf16``: the forward and loss under bf16 autocast, through the trainer's own helper, as ``deltatune
+    train``'s default on GPUs with bf16 and CPUs with AVX512-BF16 or AMX (``--precision auto``); ``fp32``: none."""
+    from deltatune.training.metrics import autocast
+
+    return autocast(device, torch.bfloat16 if precision == "bf16" else None)
 
 
 def build_variant(name: str, base: nn.Module, case: str, ids: torch.Tensor, copy_base: bool,
@@ -424,8 +424,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="the base weights' dtype (adapters stay fp32 in both libraries)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="fp32: the issue's setting; bf16: forward and loss under CPU bf16 autocast, what deltatune "
-                        "train runs by default on CPUs with AVX512-BF16/AMX")
+                   help="fp32: the issue's setting; bf16: forward and loss under bf16 autocast, what deltatune "
+                        "train runs by default on GPUs with bf16 and CPUs with AVX512-BF16/AMX")
     p.add_argument("--omp-wait-policy", choices=list(WAIT_POLICIES), default="torch",
                    help="OpenMP wait policy, set before torch loads (torch: libgomp's default, what users get; "
                         "passive: for a CPU shared with other jobs). An exported OMP_WAIT_POLICY is kept "
