@@ -14,6 +14,13 @@ from deltatune.lora import layer as layer_module
 from deltatune.lora.layer import _LoraDropoutBranch, _LoraLinearNode, keep_mask
 
 
+def _count_forwards(monkeypatch, node: type) -> list:
+    """A list that gets one entry per call of ``node.forward`` (to check which path a layer took)."""
+    calls, original = [], node.forward
+    monkeypatch.setattr(node, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    return calls
+
+
 def _adapted(p: float, bias: bool = True, lora_bias: bool = False, **kw):
     torch.manual_seed(0)
     base = nn.Linear(12, 7, bias=bias)
@@ -27,9 +34,7 @@ def _adapted(p: float, bias: bool = True, lora_bias: bool = False, **kw):
 def test_fused_lora_layer_matches_reference_math_and_gradients(p, bias, lora_bias, monkeypatch):
     """Same seed, same mask: ``y = W x + b + s B A (k ⊙ x) / q (+ s b_B)`` and all its gradients."""
     pm, layer = _adapted(p, bias, lora_bias)
-    calls = []
-    original = _LoraLinearNode.forward
-    monkeypatch.setattr(_LoraLinearNode, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    calls = _count_forwards(monkeypatch, _LoraLinearNode)
     W, b = layer.base_layer.weight, layer.base_layer.bias
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     b_B = layer.lora_B["default"].bias
@@ -152,9 +157,7 @@ def test_fused_layer_under_bf16_autocast_matches_bf16_reference_math(p, monkeypa
     once; output and gradients equal the same math done in bf16 by hand (same mask), and the parameters and
     the input get fp32 gradients."""
     pm, layer = _adapted(p, bias=True, lora_bias=True)
-    calls = []
-    original = _LoraLinearNode.forward
-    monkeypatch.setattr(_LoraLinearNode, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    calls = _count_forwards(monkeypatch, _LoraLinearNode)
     W, b = layer.base_layer.weight, layer.base_layer.bias
     A, B, b_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_B["default"].bias
     s = layer.scaling["default"]
@@ -313,9 +316,7 @@ def test_gpt2_conv1d_layers_take_the_one_node_paths(use_dora, monkeypatch):
     from deltatune.lora.layer import _DoraLinear
 
     node = _DoraLinear if use_dora else _LoraLinearNode
-    calls = []
-    original = node.forward
-    monkeypatch.setattr(node, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    calls = _count_forwards(monkeypatch, node)
     torch.manual_seed(0)
     p = 0.0 if use_dora else 0.3
     pm = get_peft_model(Holder(Conv1D(7, 12)), LoraConfig(target_modules=["layer"], r=3, lora_alpha=6,
@@ -350,9 +351,7 @@ def test_gpt2_conv1d_layers_take_the_one_node_paths(use_dora, monkeypatch):
 def test_fp32_adapter_over_a_bf16_base_takes_the_node_and_computes_the_update_in_fp32(p, monkeypatch):
     """A bf16 model with fp32 adapters (how both libraries place them), no autocast: the base runs in bf16, the
     update in fp32 on the input upcast, added with one rounding, as PEFT computes it; gradients likewise."""
-    calls = []
-    original = _LoraLinearNode.forward
-    monkeypatch.setattr(_LoraLinearNode, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    calls = _count_forwards(monkeypatch, _LoraLinearNode)
     torch.manual_seed(0)
     pm = get_peft_model(Holder(nn.Linear(12, 7).to(torch.bfloat16)), LoraConfig(
         target_modules=["layer"], r=3, lora_alpha=6, lora_dropout=p, init_lora_weights=False)).train()
