@@ -140,11 +140,14 @@ class PeftModel(nn.Module):
                               "per batch")
         for layer in layers:
             layer.row_adapters = list(adapter_names)
+            getattr(layer, "_clear_row_cache", lambda: None)()
         try:
             yield
         finally:
             for layer in layers:
                 layer.row_adapters = None
+                # What the call cached (stacked adapter weights) lives only as long as the call.
+                getattr(layer, "_clear_row_cache", lambda: None)()
 
     # ---- training hooks -------------------------------------------------------------------------
     def update_and_allocate(self, global_step: int) -> None:

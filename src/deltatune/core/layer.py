@@ -83,12 +83,21 @@ class AdapterLayer(nn.Module):
         """Drop every tensor of ``adapter_name`` from this layer (the memory goes with it)."""
         if adapter_name in self.merged_adapters:
             self.unmerge()
+        self._clear_row_cache()  # cached per-row stacks may hold this adapter's tensors
         for attr in self.adapter_layer_names + self.other_param_names:
             container = getattr(self, attr)
             if adapter_name in container:
                 del container[adapter_name]
         if adapter_name in self.active_adapters:
             self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def _clear_row_cache(self) -> None:
+        """Drop whatever a mixed-adapter batch cached (LoRA's stacked factors); called on every add, delete,
+        load and base-weight write, and by ``PeftModel`` when a mixed-adapter call ends."""
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._clear_row_cache()  # load_state_dict / set_peft_model_state_dict-like loads change the tensors
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _place_adapter(self, adapter_name: str) -> None:
         """Put ``adapter_name``'s new tensors on the base weight's device; keep them fp32 over a half-precision
@@ -168,6 +177,7 @@ class AdapterLayer(nn.Module):
         return dequantize_weight(self.base_layer) if self.quantized else self.base_layer.weight.data
 
     def write_base_weight(self, weight: torch.Tensor) -> None:
+        self._clear_row_cache()  # a `.data` write does not bump the tensor's version
         if self.quantized:  # requantise: lossy by the format's rounding (int8 refuses)
             self.base_layer.weight = requantize_like(self.base_layer.weight, weight)
         else:

@@ -338,6 +338,27 @@ def _row_norm(weight: torch.Tensor) -> torch.Tensor:
 BASE_ROW = "__base__"
 
 
+class _StackCache:
+    """The stacks of one mixed-adapter call and what they were computed from.
+
+    It holds the input tensors themselves (not their ``id()``, which a new tensor may reuse once the old one is
+    freed) with their ``_version`` (bumped by every in-place write through autograd-visible ops), and the
+    ``row_adapters`` list of the call it belongs to (``PeftModel`` makes a new list for every call).
+    """
+
+    def __init__(self, rows: list[str] | None, present: list[str], values: tuple,
+                 tensors: list[torch.Tensor], stacks: tuple[torch.Tensor, ...]) -> None:
+        self.rows, self.present, self.values = rows, list(present), values
+        self.tensors, self.versions = tensors, [t._version for t in tensors]
+        self.stacks = stacks
+
+    def matches(self, rows: list[str] | None, present: list[str], values: tuple,
+                tensors: list[torch.Tensor]) -> bool:
+        return (rows is not None and rows is self.rows and present == self.present and values == self.values
+                and len(tensors) == len(self.tensors)
+                and all(t is c and t._version == v for t, c, v in zip(tensors, self.tensors, self.versions)))
+
+
 class LoraLayer(AdapterLayer):
     """Shared LoRA bookkeeping; :class:`LoraLinear`, :class:`LoraEmbedding`, :class:`LoraConv` add the math."""
 
@@ -359,7 +380,8 @@ class LoraLayer(AdapterLayer):
         self.lora_bias: dict[str, bool] = {}
         self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms at merge time, to unmerge exactly
         self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
-        self._stack_cache: tuple | None = None
+        # The stacked A/B of one mixed-adapter call (see _stacks); None outside such a call.
+        self._stack_cache: _StackCache | None = None
 
     # ---- creating an adapter -----------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -370,6 +392,7 @@ class LoraLayer(AdapterLayer):
             raise ConfigError(f"rank must be positive, got r={r}")
         if use_dora and lora_bias:
             raise ConfigError("DoRA with lora_bias=True is not supported; drop one of them")
+        self._clear_row_cache()
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -437,16 +460,33 @@ class LoraLayer(AdapterLayer):
         index = torch.tensor([slot.get(n, 0) for n in names], device=device)
         return present, index
 
+    def _stack_inputs(self, present: list[str], a_of, b_of) -> list[torch.Tensor]:
+        """Every tensor the stacks are computed from: each adapter's A, B, bias and DoRA magnitude, and the base
+        weight where DoRA's row scale reads it."""
+        tensors: list[torch.Tensor] = []
+        for n in present:
+            tensors += [a_of(n), b_of(n)]
+            if self.lora_bias.get(n):
+                tensors.append(self.lora_B[n].bias)
+            if self.use_dora.get(n):
+                tensors += [self.lora_magnitude_vector[n].weight, self.base_layer.weight]
+        return tensors
+
     def _stacks(self, present: list[str], a_of, b_of, in_dim: int, out_dim: int, device, dtype):
         """``A: (k+1, r_max, in)``, ``B: (k+1, out, r_max)`` (scaling folded in), ``bias: (k+1, out)`` and the
         DoRA row scale ``(k+1, out)`` (ones where not DoRA); slot 0 is the base model (all zero).
 
-        Ranks are zero-padded to ``r_max``, which leaves each product exact. Cached until a weight changes.
+        Ranks are zero-padded to ``r_max``, which leaves each product exact. The stacks are kept for the rest of
+        one mixed-adapter call (``generate`` runs every decoding step on them) and dropped when it ends
+        (``PeftModel`` calls :meth:`_clear_row_cache`) and on any add/delete/load/merge. A cache that outlived
+        the call, keyed by ``id()`` of the tensors, once served a deleted adapter's weights to a new adapter of
+        the same name whose tensors reused the ids (and ``.data`` writes, as loading does, left it stale).
         """
-        tensors = [t for n in present for t in (a_of(n), b_of(n))]
-        key = (tuple(present), tuple((id(t), t._version) for t in tensors))
-        if self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
+        tensors = self._stack_inputs(present, a_of, b_of)
+        values = tuple((self.r[n], self.scaling[n]) for n in present)
+        cache = self._stack_cache
+        if cache is not None and cache.matches(self.row_adapters, present, values, tensors):
+            return cache.stacks
         r_max = max(self.r[n] for n in present)
         k = len(present) + 1
         a_all = torch.zeros(k, r_max, in_dim, device=device, dtype=dtype)
@@ -463,8 +503,11 @@ class LoraLayer(AdapterLayer):
                 if self.use_dora.get(n):
                     scale_all[i] = self._dora_scale(n).flatten()
         stacks = (a_all, b_all, bias_all, scale_all)
-        self._stack_cache = (key, stacks)
+        self._stack_cache = _StackCache(self.row_adapters, present, values, tensors, stacks)
         return stacks
+
+    def _clear_row_cache(self) -> None:
+        self._stack_cache = None
 
     # ---- helpers -----------------------------------------------------------------------------
     def _active_lora(self) -> list[str]:
