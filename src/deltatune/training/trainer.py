@@ -28,7 +28,9 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import resource
 import signal
 import sys
@@ -164,6 +166,46 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# What each checkpoint format must hold (format 1 kept positional optimizer state).
+_REQUIRED_KEYS = {1: ("step", "trainable", "optimizer", "scheduler", "rng", "schedule"),
+                  2: ("step", "trainable", "optimizer_by_name", "scheduler", "rng", "schedule")}
+
+
+def read_checkpoint(path: str, output_dir: str) -> dict[str, Any]:
+    """Load a checkpoint as plain data: ``weights_only=True`` never runs code from the file's pickle.
+
+    Everything a checkpoint holds (tensors, dicts, lists, tuples, numbers, strings) is plain data, so an honest
+    checkpoint always loads; a file whose pickle names a function or class (which unpickling would call) is refused.
+
+    Raises:
+        CheckpointError: the file is missing, asks to run code, is damaged, or lacks a key its format needs.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"--resume: no {CHECKPOINT_NAME} in {output_dir}; start without --resume") from None
+    except pickle.UnpicklingError as exc:
+        code = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if code or "allowed global" in str(exc):
+            # torch's own text suggests weights_only=False: exactly what must never happen to a foreign file.
+            raise CheckpointError(
+                f"{path} is refused: loading it would run Python code ({code.group(1) if code else 'a global'}) "
+                "and deltatune never runs code from a checkpoint; delete it and start again") from None
+        raise CheckpointError(f"{path} cannot be read (damaged or not a torch file); delete it and start again") \
+            from None
+    except Exception as exc:
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}); delete it and start again") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a deltatune checkpoint (it holds a {type(state).__name__}); "
+                              "delete it and start again")
+    required = _REQUIRED_KEYS[1 if state.get("format", 1) == 1 and "optimizer_by_name" not in state else 2]
+    missing = next((k for k in required if k not in state), None)
+    if missing is not None:
+        raise CheckpointError(f"checkpoint {path} lacks {missing!r}; it is damaged or from another version; "
+                              "delete it and start again")
+    return state
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -309,15 +351,12 @@ class Trainer:
         atomic_torch_save(state, self.checkpoint_path)
 
     def load_checkpoint(self) -> dict[str, Any]:
-        """Restore a checkpoint written by this run's settings; returns its ``extra`` dict."""
-        try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        except FileNotFoundError:
-            raise CheckpointError(f"--resume: no {CHECKPOINT_NAME} in {self.config.output_dir}; "
-                                  "start without --resume") from None
-        except Exception as exc:
-            raise CheckpointError(f"{self.checkpoint_path} cannot be read ({type(exc).__name__}); "
-                                  "delete it and start again") from None
+        """Restore a checkpoint written by this run's settings; returns its ``extra`` dict.
+
+        Raises:
+            CheckpointError: no checkpoint, one that asks to run code, a damaged one, or one from other settings.
+        """
+        state = read_checkpoint(self.checkpoint_path, self.config.output_dir)
         saved = dict(state["schedule"])
         if "global_batch_size" not in saved:  # format 1: single-process runs only
             saved["global_batch_size"] = saved.pop("batch_size", None)
@@ -336,18 +375,24 @@ class Trainer:
         if set(state["trainable"]) != names:
             raise CheckpointError(f"{self.checkpoint_path} holds other trainable parameters than this model has "
                                   "(different method, targets or model); resume with the same options")
-        with torch.no_grad():
-            for n, p in self.params:
-                p.copy_(distributed.shard_like(state["trainable"][n].to(p.device), p))
-        load_method_state(self.model, state.get("method_state", {}))
-        if "optimizer_by_name" in state:
-            distributed.load_optimizer_state_by_name(self.optimizer, state["optimizer_by_name"], self._names)
-        else:  # format 1: positional torch state
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        per_rank = state.get("rng_per_rank") or [state["rng"]]
-        # Same world size: each rank continues its own dropout stream; otherwise exactness is lost anyway.
-        restore_rng(per_rank[self.dist.rank] if len(per_rank) == self.dist.world_size else per_rank[0])
+        try:
+            with torch.no_grad():
+                for n, p in self.params:
+                    p.copy_(distributed.shard_like(state["trainable"][n].to(p.device), p))
+            load_method_state(self.model, state.get("method_state", {}))
+            if "optimizer_by_name" in state:
+                distributed.load_optimizer_state_by_name(self.optimizer, state["optimizer_by_name"], self._names)
+            else:  # format 1: positional torch state
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            per_rank = state.get("rng_per_rank") or [state["rng"]]
+            # Same world size: each rank continues its own dropout stream; otherwise exactness is lost anyway.
+            restore_rng(per_rank[self.dist.rank] if len(per_rank) == self.dist.world_size else per_rank[0])
+        except DeltatuneError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:  # a value of the wrong shape
+            raise CheckpointError(f"checkpoint {self.checkpoint_path} is damaged or from another version "
+                                  f"({type(exc).__name__} while restoring it); delete it and start again") from None
         self.step = state["step"]
         self._rewind_metrics(self.step)
         return state.get("extra", {})
