@@ -1,7 +1,10 @@
 """``deltatune train`` is safe by default: resume runs no code, bad states end in one line, output stays valid."""
 
+import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import torch
 
@@ -48,3 +51,78 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(capsys, llama_dir, data
     line = one_error_line(err)
     assert "checkpoint.pt is refused" in line and "never runs code" in line and "weights_only" not in line
     assert not marker.exists()
+
+
+def _hold_lock_in_another_process(directory):
+    """A live process holding ``directory``'s run lock, as a running ``deltatune train`` does."""
+    code = ("import sys, time; from deltatune.training.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_into_a_live_runs_directory_fails_at_once_naming_it(capsys, llama_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(llama_dir, data_dir, out, "--max-steps", 1)
+    assert run(capsys, *args)[0] == 0
+    adapter_time = os.path.getmtime(out / "adapter_model.safetensors")
+    holder = _hold_lock_in_another_process(out)
+    try:
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            code, _, err = run(capsys, *args, *extra)
+            line = one_error_line(err)
+            assert code == 2 and f"is in use by a running deltatune train (pid {holder.pid})" in line, (extra, line)
+            assert "finished run" not in line and "choose another --output-dir" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.getmtime(out / "adapter_model.safetensors") == adapter_time  # the live run's files untouched
+    # The holder died: the OS dropped its lock, and the directory is again what its files say.
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "already holds a finished run" in one_error_line(err)
+
+
+def test_the_lock_is_held_for_the_whole_run_including_the_final_save(capsys, llama_dir, data_dir, tmp_path,
+                                                                     monkeypatch):
+    from deltatune.cli import train as train_cli
+    from deltatune.training import runlock
+    from deltatune.training import trainer as trainer_mod
+
+    out = tmp_path / "run"
+    seen = []
+    original = trainer_mod.Trainer.train
+
+    def train(self, *a, **kw):
+        self.on_step_end = lambda step: seen.append(("step", runlock.holder(str(out))))
+        return original(self, *a, **kw)
+
+    summary = train_cli.print_summary  # runs after the adapter, summary.json and the checkpoint's removal
+    monkeypatch.setattr(trainer_mod.Trainer, "train", train)
+    monkeypatch.setattr(train_cli, "print_summary", lambda s, o: (seen.append(("end", runlock.holder(o))),
+                                                                  summary(s, o)))
+    assert run(capsys, *train_args(llama_dir, data_dir, out, "--max-steps", 2))[0] == 0
+    assert seen == [("step", os.getpid()), ("step", os.getpid()), ("end", os.getpid())]
+    assert runlock.holder(str(out)) is None  # released when the command returns
+
+
+def test_stale_temporary_files_of_killed_saves_are_swept_at_the_start(capsys, llama_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "initial_adapter").mkdir(parents=True)
+    stale = [out / ".tmp-a1b2checkpoint.pt", out / ".tmp-x9adapter_model.safetensors",
+             out / "initial_adapter" / ".tmp-q7adapter_config.json"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    (out / "notes.txt").write_text("mine")
+    assert run(capsys, *train_args(llama_dir, data_dir, out, "--max-steps", 1))[0] == 0
+    assert not any(path.exists() for path in stale)
+    assert (out / "notes.txt").read_text() == "mine"  # only .tmp-* files are swept
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_not_called_finished(capsys, llama_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps({"model": str(llama_dir)}))
+    code, _, err = run(capsys, *train_args(llama_dir, data_dir, out, "--max-steps", 1))
+    line = one_error_line(err)
+    assert code == 2 and "finished" not in line and "stopped before its first checkpoint" in line, line

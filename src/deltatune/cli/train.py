@@ -19,7 +19,7 @@ from deltatune.cli import common
 from deltatune.cli.common import UsageError, human_bytes, human_time
 from deltatune.core.io import atomic_write_text
 from deltatune.lora.conversion import mutates_base
-from deltatune.training import plots
+from deltatune.training import plots, runlock
 from deltatune.training.data import describe_columns
 from deltatune.training.trainer import (
     CHECKPOINT_NAME,
@@ -175,6 +175,7 @@ def settings_from_args(args: argparse.Namespace, method_option_names: set[str]) 
 
 def _apply_resume(settings: dict[str, Any]) -> dict[str, Any]:
     """On ``--resume``, the saved settings are the base; a flag that would change the computation is refused."""
+    runlock.check_free(settings["output_dir"])  # a live run may not have written its settings yet
     saved = common.read_json(os.path.join(settings["output_dir"], common.RUN_CONFIG_NAME))
     if not saved:
         raise UsageError(f"--resume: {settings['output_dir']} holds no run to resume (no {common.RUN_CONFIG_NAME}); "
@@ -204,10 +205,17 @@ def _apply_resume(settings: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _check_output_dir(settings: dict[str, Any]) -> None:
+def _check_output_dir(settings: dict[str, Any], locked: bool = False) -> None:
+    """Refuse an output directory in use, or holding a run that this command would clobber.
+
+    Args:
+        locked: This process holds the directory's lock (the second look, just before writing).
+    """
     out = settings["output_dir"]
     if os.path.isfile(out):
         raise UsageError(f"--output-dir {out} is a file; pass a directory")
+    if not locked:
+        runlock.check_free(out)  # a live run's files say nothing about whether it finished
     present = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(out, f))]
     if settings.get("resume"):
         if os.path.exists(os.path.join(out, common.SUMMARY_NAME)):
@@ -219,7 +227,12 @@ def _check_output_dir(settings: dict[str, Any]) -> None:
             settings["overwrite"] = True
         return
     if present and not settings.get("overwrite"):
-        what = "an unfinished run (resume it with --resume)" if CHECKPOINT_NAME in present else "a finished run"
+        if common.SUMMARY_NAME in present:
+            what = "a finished run"
+        elif CHECKPOINT_NAME in present:
+            what = "an unfinished run (resume it with --resume)"
+        else:
+            what = "a run that stopped before its first checkpoint (--resume starts it again with its settings)"
         raise UsageError(f"--output-dir {out} already holds {what}; pass --overwrite to replace it or choose "
                          "another --output-dir")
 
@@ -278,17 +291,20 @@ def run_train(settings: dict[str, Any]) -> int:
     joined_here = not distributed.info().world_size > 1
     info = distributed.init_from_env("cuda" if device.startswith("cuda") or
                                      (device == "auto" and torch.cuda.is_available()) else "cpu")
+    # The output directory's lock, held until the run ends however it ends (the OS drops it if the process dies).
+    lock = contextlib.ExitStack()
     try:
         if info.world_size > 1 and not info.is_main:
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                return _run_train(settings, info)
-        return _run_train(settings, info)
+                return _run_train(settings, info, lock)
+        return _run_train(settings, info, lock)
     finally:
+        lock.close()
         if joined_here and info.world_size > 1:
             torch.distributed.destroy_process_group()
 
 
-def _run_train(settings: dict[str, Any], info: Any) -> int:
+def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) -> int:
     started = time.perf_counter()
     is_main = info.is_main
     if settings.get("resume"):
@@ -318,8 +334,13 @@ def _run_train(settings: dict[str, Any], info: Any) -> int:
     peft_config.base_model_name_or_path = spec.name
     model = get_peft_model(model, peft_config)
 
-    # From here on the output directory is written.
+    # From here on the output directory is written, by this run alone: take its lock, then look again (another run
+    # may have started or finished since prepare() looked), then sweep what killed saves left.
     os.makedirs(out, exist_ok=True)
+    if is_main:
+        lock.enter_context(runlock.RunLock(out))
+        _check_output_dir(settings, locked=True)
+        runlock.sweep_temp_files(out, os.path.join(out, INITIAL_ADAPTER_DIR))
     if not settings.get("resume") and is_main:
         for name in OUTPUT_FILES:  # --overwrite: only the files a run writes, never anything else
             path = os.path.join(out, name)
