@@ -14,8 +14,10 @@ merged model's logits from the unmerged model's on a few fixed inputs, is printe
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -89,28 +91,106 @@ def probe_inputs(tokenizer, max_tokens: int = 24) -> torch.Tensor:
 def _check_output(args: argparse.Namespace) -> str:
     """The output directory, checked before any loading (and bitsandbytes, where ``--requantize`` needs it)."""
     out = os.path.abspath(args.output_dir)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.overwrite:
+    common.check_quantize(args.requantize)  # bitsandbytes present for --requantize: known before any loading
+    _refuse_overlap(out, args)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--output-dir {args.output_dir} is a file; pass a directory")
+    if os.path.exists(out) and os.listdir(out) and not args.overwrite:
         raise UsageError(f"--output-dir {args.output_dir} exists and is not empty; pass --overwrite or another "
                          "directory")
-    common.check_quantize(args.requantize)  # bitsandbytes present for --requantize: known before any loading
     return out
 
 
+def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(flag, directory)`` for every directory the merge reads: the adapters and the base model (``--model``,
+    else the local base directory an adapter names)."""
+    found = [("--adapter", args.adapter)] if args.adapter else [("--adapters", d) for d in args.adapters or []]
+    if args.model:
+        found.append(("--model", args.model))
+    else:
+        for _, d in list(found):
+            base = common.recorded_base(d, common.read_json(os.path.join(d, common.RUN_CONFIG_NAME))) \
+                if os.path.isdir(d) else None
+            if base and os.path.isdir(base):
+                found.append(("the base model", base))
+    return [(flag, d) for flag, d in found if os.path.exists(d)]
+
+
+def _refuse_overlap(out: str, args: argparse.Namespace) -> None:
+    """An output directory that is, holds, or lies inside an input would be written over what the merge reads
+    (and ``--overwrite`` would replace its files): refuse it before anything is read or written."""
+    real_out = os.path.realpath(out)
+    for flag, d in _inputs(args):
+        real_in = os.path.realpath(d)
+        if real_out == real_in:
+            how = "is"
+        elif real_out.startswith(real_in.rstrip(os.sep) + os.sep):
+            how = "is inside"
+        elif real_in.startswith(real_out.rstrip(os.sep) + os.sep):
+            how = "holds"
+        else:
+            continue
+        what = d if flag == "the base model" else f"{flag} {d}"
+        raise UsageError(f"--output-dir {args.output_dir} {how} {what}, which the merge reads; write the result to "
+                         "a directory of its own")
+
+
+# What a merge writes (a model: weights, shards and their index, config, generation config, tokenizer; a combined
+# adapter: its two files and run_config.json). With --overwrite these, and only these, are replaced: an earlier
+# merge's shards must not sit beside the new weights, and nothing else in the directory is the merge's to delete.
+_OUTPUT_FILE = re.compile(
+    r"(config\.json|generation_config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+    r"|(model\.safetensors|pytorch_model\.bin)\.index\.json"
+    r"|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)"
+    r"|merges\.txt|spiece\.model|sentencepiece\.bpe\.model|chat_template\.(jinja|json)"
+    r"|adapter_config\.json|adapter_model\.(safetensors|bin)|" + re.escape(common.RUN_CONFIG_NAME) + ")")
+
+
+def _is_merge_output(name: str) -> bool:
+    return _OUTPUT_FILE.fullmatch(name) is not None
+
+
+def _no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk (or quota): an ``OSError``, or safetensors' error text for one."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
 def _write_dir(out: str, write: Callable[[str], None]) -> int:
-    """Run ``write(tmp)`` on a temporary directory beside ``out``, then rename it to ``out``: a failure leaves
-    no half-written directory. Returns the bytes written."""
+    """Run ``write(tmp)`` on a temporary directory beside ``out``, then move its files into ``out``: a failure
+    leaves no half-written output (and an existing ``out`` as it was). Into an existing ``out`` (``--overwrite``)
+    only the merge's own files are replaced (:data:`_OUTPUT_FILE`); anything else there stays. Returns the bytes
+    written."""
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
     try:
         write(tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
+        written = sorted(os.listdir(tmp))
+        size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(tmp) for f in files)
+        if not os.path.exists(out):
+            os.replace(tmp, out)
+            return size
+        clash = [f for f in written if os.path.isdir(os.path.join(out, f)) or not _is_merge_output(f)]
+        if clash:  # e.g. a tokenizer file of a kind this list does not know, over a file of the user's
+            raise UsageError(f"--output-dir {out} already holds {', '.join(clash)}, which this merge would write "
+                             "over; choose an empty --output-dir")
+        for name in written:
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        for name in os.listdir(out):  # an earlier merge's files this one did not write (its other shards...)
+            if name not in written and _is_merge_output(name) and os.path.isfile(os.path.join(out, name)):
+                os.unlink(os.path.join(out, name))
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(exc):
+            raise UsageError(f"no space left on device while writing {out}; nothing was written there: free some "
+                             f"space on that disk (or pass an --output-dir on another one) and run the merge "
+                             "again") from None
         raise
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(out) for f in files)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return size
 
 
 def _save_model(merged, tokenizer) -> Callable[[str], None]:
