@@ -47,7 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "gradient_checkpointing": False, "chunked_loss": True, "compile": None, "device": "auto", "format": None,
     "template": None,
     "text_column": None, "label_column": None, "prompt_column": None, "completion_column": None,
-    "messages_column": None, "forgetting_tokens": 4096, "eval_before": True, "method_options": {},
+    "messages_column": None, "forgetting_tokens": 4096, "forgetting_data": None, "eval_before": True,
+    "method_options": {},
     "quantize": None,
     "fsdp": False,
 }
@@ -623,15 +624,61 @@ def load_data(settings: dict[str, Any]) -> data_mod.Dataset:
                                  fmt=settings.get("format"), seed=0, template=settings.get("template"))
 
 
-def general_text_examples(tokenizer, n_tokens: int, block: int = 256) -> list[dict]:
-    """Held-out general text for forgetting; empty when the built-in corpus is unavailable."""
+def general_text_examples(tokenizer, n_tokens: int, block: int = 256,
+                          path: str | None = None) -> tuple[list[dict], str | None]:
+    """Held-out general text for the forgetting measure, and why there is none when there is none.
+
+    The text is ``path`` (``--forgetting-data``) when given, else the built-in ChatterBot answers. Without
+    either, training still runs: forgetting is an extra measure, not a reason to refuse a job, so the
+    summary says it was not measured and how to measure it.
+
+    Returns:
+        ``(blocks, reason)``: ``blocks`` of ``block`` tokens for :func:`metrics.evaluate_loss`, about ``n_tokens``
+        in all; ``reason`` is ``None`` when there are blocks, else one line saying why not.
+
+    Raises:
+        DataError: ``path`` does not exist or holds no text.
+    """
     if n_tokens <= 0:
-        return []
+        return [], "off (--forgetting-tokens 0)"
+    max_blocks = max(1, n_tokens // block)
+    if path:
+        texts = forgetting_texts(path)
+        blocks = metrics.general_text_blocks(tokenizer, texts, block, max_blocks)
+        if not blocks:
+            raise data_mod.DataError(f"--forgetting-data {path}: holds too little text to measure forgetting "
+                                     "(under two tokens); pass a file of general text")
+        return blocks, None
+    from deltatune.builtin import BuiltinNotInstalledError
+    from deltatune.builtin.datasets import general_text
+
     try:
-        from deltatune.builtin.datasets import general_text
-    except ImportError:
-        return []
-    return metrics.general_text_blocks(tokenizer, general_text(), block, max(1, n_tokens // block))
+        texts = general_text()
+    except BuiltinNotInstalledError:
+        return [], ("not measured: the built-in general text ships in the package 'chatterbot-corpus', which is "
+                    "not installed; pass --forgetting-data FILE (held-out general text, .txt or .jsonl) or "
+                    "pip install chatterbot-corpus")
+    return metrics.general_text_blocks(tokenizer, texts, block, max_blocks), None
+
+
+def forgetting_texts(path: str) -> list[str]:
+    """The texts of a ``--forgetting-data`` file, read as ``--data`` is (.txt paragraphs, .jsonl/.csv records):
+    a record's ``text``, its prompt and completion, or its chat messages, joined by newlines.
+
+    Raises:
+        DataError: the file is missing or empty, or its records have no text field.
+    """
+    try:
+        records = data_mod.read_records(path)
+        fmt = data_mod.detect_format(records[0], data_mod.alias_columns(records[0], {}))
+        rows = data_mod.normalise(records, fmt, data_mod.alias_columns(records[0], {}), path)
+    except data_mod.DataError as exc:
+        raise data_mod.DataError(f"--forgetting-data: {exc}") from None
+    if fmt == "chat":
+        return ["\n".join(m["content"] for m in r["messages"]) for r in rows]
+    if fmt == "prompt":
+        return [f"{r['prompt']}\n{r['completion']}" for r in rows]
+    return [str(r["text"]) for r in rows]
 
 
 # ---- adapters on disk ----------------------------------------------------------------------------------------

@@ -73,6 +73,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="skip the evaluation of the base model before training")
     g.add_argument("--forgetting-tokens", type=int, default=s,
                    help="tokens of general text for the forgetting measure (0: off; default 4096)")
+    g.add_argument("--forgetting-data", default=s, metavar="FILE",
+                   help="held-out general text (.txt, .jsonl, .csv) to measure forgetting on, instead of the "
+                        "built-in ChatterBot answers (package chatterbot-corpus)")
     g = parser.add_argument_group("data format")
     g.add_argument("--format", choices=["text", "prompt", "chat", "classification"], default=s,
                    help="data format (default: recognised from the fields)")
@@ -319,8 +322,9 @@ def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) 
     limit = settings["eval_samples"]
     test_examples = task.examples(dataset.test, limit)
     val_examples = task.examples(dataset.validation, limit)
-    general = common.general_text_examples(tokenizer, int(settings["forgetting_tokens"])) \
-        if spec.kind == "causal" else []
+    general, no_forgetting = common.general_text_examples(
+        tokenizer, int(settings["forgetting_tokens"]), path=settings.get("forgetting_data")) \
+        if spec.kind == "causal" else ([], "not measured: forgetting is measured for causal LMs only")
     eval_kw = {"batch_size": int(settings["eval_batch_size"]), "device": device, "amp": amp}
     general_kw = {"batch_size": int(settings["eval_batch_size"]), "pad_id": task.pad_id, "device": device, "amp": amp}
 
@@ -434,6 +438,8 @@ def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) 
         "metric": task.metric_name, "metric_before": before.get(task.metric_name),
         "metric_after": after.get(task.metric_name), "eval_before": before, "eval_after": after,
         "eval_records": len(test_examples), "forgetting": forgetting,
+        "forgetting_reason": None if forgetting is not None else no_forgetting or "not measured",
+        "forgetting_data": settings.get("forgetting_data"),
         "general_loss_base": extra.get("general_loss_base"), "general_loss_adapted": general_adapted,
         "trainable_params": trainable, "total_params": total, "adapter_bytes": adapter_bytes,
         "peak_memory_bytes": result.peak_memory_bytes, "train_time_s": result.wall_time_s,
@@ -479,10 +485,11 @@ def print_summary(s: dict[str, Any], out: str) -> None:
     else:
         lines.append(f"  test {metric:<12} {after:.4f} {where}")
     if s["forgetting"] is not None:
-        lines.append(f"  forgetting        {s['forgetting']:+.4f} nats/token on general text "
+        lines.append(f"  forgetting        {s['forgetting']:+.4f} nats/token on "
+                     f"{s.get('forgetting_data') or 'general text'} "
                      f"({s['general_loss_base']:.4f} -> {s['general_loss_adapted']:.4f})")
     else:
-        lines.append("  forgetting        n/a (needs a causal LM and the built-in general text)")
+        lines.append(f"  forgetting        n/a ({s.get('forgetting_reason') or 'not measured'})")
     lines.append(f"  saved             {out}/ (adapter_model.safetensors, adapter_config.json, metrics.jsonl, "
                  "loss.png, summary.json)")
     print("\n".join(lines), flush=True)
