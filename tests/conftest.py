@@ -18,5 +18,25 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     torch.set_num_threads(1)
 
 
+def _import_pandas_past_the_bottleneck_tests() -> None:
+    """pandas (trl's ``datasets``, which ``transformers.Trainer`` imports when installed) imports the optional
+    package ``bottleneck`` if it can, and with ``pythonpath = ["tests"]`` that name is ``tests/bottleneck``, which
+    has no version: pandas' import then fails. Import it once with the tests directory out of the path."""
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) not in (here, os.getcwd())]
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        pass  # not installed: nothing imports it then
+    finally:
+        sys.path[:] = saved
+
+
+_import_pandas_past_the_bottleneck_tests()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads a real model (seconds to a minute); still runs in CI")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -91,6 +92,19 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model if self._is_prompt_learning else self.base_model.model
+
+    # ``transformers.Trainer`` reads this in ``__init__``. Given the wrapper, Trainer would train it as an unknown
+    # ``nn.Module`` and checkpoint a full ``model.safetensors`` of internal key names (or crash on tied
+    # embeddings), so refuse there, in one line, before any training (deltatune.integrations takes the wrapper).
+    @property
+    def is_distributed_loading_by_transformers(self) -> bool:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("transformers.trainer") and not self.__dict__.get("_claimed_by_trainer", False):
+            raise ConfigError(
+                "transformers.Trainer (and trl's trainers) would save this deltatune model as a full model with "
+                "internal key names; use deltatune.integrations.transformers.AdapterTrainer or "
+                "deltatune.integrations.trl.SFTTrainer/DPOTrainer/GRPOTrainer, which save adapter files")
+        return bool(getattr(self.get_base_model(), "is_distributed_loading_by_transformers", False))
 
     def forward(self, *args: Any, task_ids: torch.Tensor | None = None, adapter_names: list[str] | None = None,
                 **kwargs: Any) -> Any:
@@ -186,6 +200,7 @@ class PeftModel(nn.Module):
     # ---- adapters ----------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add another adapter (not made active: call :meth:`set_adapter`)."""
+        validate_adapter_name(adapter_name)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _model_name_or_path(self.get_base_model())
         self._add_task_heads(peft_config)
@@ -337,6 +352,8 @@ class PeftModel(nn.Module):
         from deltatune.lora.conversion import mutates_base, to_plain_lora
 
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:  # each becomes a directory name below: nothing may point outside save_directory
+            validate_adapter_name(name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterNameError(f"cannot save adapters {unknown}: this model has {sorted(self.peft_config)}")
@@ -386,6 +403,7 @@ class PeftModel(nn.Module):
             AdapterLoadError: missing/corrupt files, or tensors that do not fit ``model``. ``model`` is left
                 as it was.
         """
+        validate_adapter_name(adapter_name)
         directory = resolve_adapter_dir(model_id, kwargs.get("subfolder"))
         config = config or PeftConfig.from_pretrained(directory)
         weights = load_adapter_weights(directory, device=_device_of(model))
@@ -411,6 +429,7 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      config: PeftConfig | None = None, **kwargs: Any) -> None:
         """Load another adapter directory under ``adapter_name`` (not made active)."""
+        validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"an adapter named {adapter_name!r} is already loaded; pick another name")
         directory = resolve_adapter_dir(model_id, kwargs.get("subfolder"))
