@@ -21,7 +21,8 @@ class TargetModuleError(DeltatuneError, ValueError):
 
 
 class AdapterNameError(DeltatuneError, KeyError, ValueError):
-    """An adapter name that is already taken, or that does not exist."""
+    """An adapter name that is already taken, that does not exist, or that is not a valid name (a path, a dot,
+    empty, or the reserved ``"__base__"``)."""
 
     def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
         return str(self.args[0]) if self.args else ""

@@ -24,7 +24,7 @@ from deltatune.core.io import BIN_NAME, SAFETENSORS_NAME, atomic_save_tensors, l
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.core.state_dict import adapter_state_dict, check_and_load, to_model_keys
-from deltatune.core.tuner import AdapterModel
+from deltatune.core.tuner import AdapterModel, validate_adapter_name
 from deltatune.errors import AdapterNameError, ConfigError
 from deltatune.prompt import model as _prompt
 from deltatune.registry import method_for
@@ -52,6 +52,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, **kwargs: Any) -> None:
         super().__init__()
+        validate_adapter_name(adapter_name)
         self._add_task_heads(peft_config)
         if peft_config.is_prompt_learning:
             _prompt.init_model(self, model, peft_config, adapter_name)

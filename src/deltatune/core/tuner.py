@@ -7,6 +7,7 @@ Everything method-specific comes from the :class:`~deltatune.registry.Method` en
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,37 @@ from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.errors import AdapterNameError, MergeError, TargetModuleError
 from deltatune.registry import Method, method_for
+
+RESERVED_NAMES = ("__base__",)  # "__base__" means "no adapter" in a mixed-adapter batch (adapter_names)
+
+
+def validate_adapter_name(name: str) -> None:
+    """Refuse an adapter name that cannot work, with one line saying why (every entry point calls this).
+
+    A name becomes a directory (``save_pretrained`` writes a non-default adapter to ``<dir>/<name>``), so no
+    path separators and no ``..`` (an absolute name would make ``os.path.join`` write outside the directory);
+    a key of torch's module dicts, so no ``.``; and it must not be ``"__base__"``, which mixed-adapter batches
+    read as "no adapter".
+
+    Raises:
+        AdapterNameError: (a ``ValueError``) the name is empty, not a string, or breaks one of the rules above.
+    """
+    fix = "pick a plain name such as 'task_a'"
+    if not isinstance(name, str):
+        raise AdapterNameError(f"adapter name must be a string, got {type(name).__name__} {name!r}; {fix}")
+    if not name:
+        raise AdapterNameError(f"adapter name {name!r} is empty; {fix}")
+    if "/" in name or "\\" in name or (os.altsep and os.altsep in name) or os.path.isabs(name):
+        raise AdapterNameError(f"adapter name {name!r} contains a path separator (it becomes a directory name "
+                               f"when saved); {fix}")
+    if "." in name:
+        what = "is a path component" if set(name) == {"."} else "contains '.' (torch module names cannot)"
+        raise AdapterNameError(f"adapter name {name!r} {what}; {fix}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise AdapterNameError(f"adapter name {name!r} contains a control character; {fix}")
+    if name in RESERVED_NAMES:
+        raise AdapterNameError(f"adapter name {name!r} is reserved (it means 'no adapter' in mixed-adapter "
+                               f"batches); {fix}")
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -113,6 +145,7 @@ class AdapterModel(nn.Module):
     # ---- injection ---------------------------------------------------------------------------
     def inject_adapter(self, adapter_name: str, config: PeftConfig) -> None:
         """Wrap every targeted module and add ``adapter_name`` to it; on any error, undo and re-raise."""
+        validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterNameError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"

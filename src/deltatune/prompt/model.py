@@ -35,6 +35,7 @@ from deltatune.config import PeftConfig, PeftType, TaskType
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.core.state_dict import adapter_state_dict as _aux_state_dict
 from deltatune.core.state_dict import check_and_load, to_model_keys
+from deltatune.core.tuner import validate_adapter_name
 from deltatune.errors import AdapterLoadError, AdapterNameError, ConfigError, MergeError
 from deltatune.prompt.config import PromptLearningConfig, fill_from_model
 from deltatune.prompt.encoders import MultitaskPromptEmbedding, PromptTable
@@ -74,6 +75,7 @@ def add_adapter(peft_model: nn.Module, adapter_name: str, config: PeftConfig) ->
             f"this PeftModel holds weight adapters (e.g. LoRA) and cannot also hold a {config.peft_type} adapter "
             "(PEFT has the same rule); wrap a fresh base model for it"
         )
+    validate_adapter_name(adapter_name)
     if adapter_name in peft_model._peft_config:
         raise AdapterNameError(f"an adapter named {adapter_name!r} already exists; pick another name")
     model = peft_model.base_model
