@@ -36,5 +36,20 @@ class AdapterFileNotFoundError(AdapterLoadError, FileNotFoundError):
     """The adapter directory or one of its files does not exist."""
 
 
+class DiskFullError(DeltatuneError, OSError):
+    """The device ran out of space (or quota) while deltatune wrote ``path``; the temporary file is removed and
+    the file that was there before is unchanged. ``errno`` is ``ENOSPC`` (or ``EDQUOT``), ``filename`` the path."""
+
+    def __init__(self, path: str, errno_: int | None = None) -> None:
+        import errno as _errno
+
+        message = (f"no space left on device writing {path}; the previous file is unchanged; free space or choose "
+                   "another directory")
+        super().__init__(errno_ or _errno.ENOSPC, message, path)
+
+    def __str__(self) -> str:  # OSError would print "[Errno 28] <message>: '<path>'"
+        return self.strerror
+
+
 class MergeError(DeltatuneError, ValueError):
     """A merge that would break the model (NaN/Inf weights) or that the method's math does not allow."""

@@ -5,6 +5,7 @@ File names are Hugging Face PEFT's, so either library reads the other's output.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -14,22 +15,47 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deltatune.errors import AdapterFileNotFoundError, AdapterLoadError
+from deltatune.errors import AdapterFileNotFoundError, AdapterLoadError, DiskFullError
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 
+TEMP_PREFIX = ".tmp-"  # atomic_write's temporary files: .tmp-<random><final name>
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a writer's report of a full device (or exhausted quota).
+
+    ``OSError`` carries ``ENOSPC``/``EDQUOT``; ``torch.save`` reports it as a ``RuntimeError`` from its C++ stream
+    ("basic_ios::clear", "PytorchStreamWriter failed ..."), safetensors as a ``SafetensorError`` quoting the OS
+    error ("No space left on device (os error 28)").
+    """
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("basic_ios::clear" in text or "PytorchStreamWriter failed" in text):
+        return True
+    return "os error 28" in text or "No space left on device" in text
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     The rename is atomic on POSIX, so a crash leaves either the old file or the new one, never half.
+
+    Raises:
+        DiskFullError: the device filled up (or a quota was hit) while writing; the temporary file is removed
+            and ``path`` is unchanged.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=directory)
+    except OSError as exc:  # no free inode/block even for an empty file
+        if is_disk_full(exc):
+            raise DiskFullError(path, exc.errno) from exc
+        raise
     os.close(fd)
     try:
         write(tmp)
@@ -38,9 +64,11 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and is_disk_full(exc):
+            raise DiskFullError(path, getattr(exc, "errno", None)) from exc
         raise
 
 
