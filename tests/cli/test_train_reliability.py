@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from deltatune.cli import main
@@ -126,3 +127,78 @@ def test_a_run_killed_before_its_first_checkpoint_is_not_called_finished(capsys,
     code, _, err = run(capsys, *train_args(llama_dir, data_dir, out, "--max-steps", 1))
     line = one_error_line(err)
     assert code == 2 and "finished" not in line and "stopped before its first checkpoint" in line, line
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("lr", [["--lr", "nan"], ["--lr", "inf"], ["--lr", "-inf"], ["--lr", "-1e-3"], ["--lr", "-1"],
+                                ["--lr", "0"], ["--lr=-1e-3"], ["--lr", "fast"]])
+def test_a_learning_rate_that_is_not_positive_and_finite_is_refused_at_parsing(capsys, llama_dir, data_dir, tmp_path,
+                                                                               lr):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, *train_args(llama_dir, data_dir, out, "--max-steps", 1, *lr))
+    line = one_error_line(err)
+    assert code == 2 and line.startswith("deltatune: error: argument --lr: "), line
+    assert "positive finite number" in line or "invalid float value: 'fast'" in line, line
+    assert "expected one argument" not in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", [".nan", "-0.001", "'-1e-3'"])
+def test_a_config_file_learning_rate_that_is_not_positive_and_finite_is_refused(capsys, llama_dir, data_dir,
+                                                                               tmp_path, value):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"lr: {value}\n")
+    code, _, err = run(capsys, *train_args(llama_dir, data_dir, tmp_path / "run", "--config", config))
+    line = one_error_line(err)
+    assert code == 2 and f"--config {config}: lr: " in line and "positive finite number" in line, line
+
+
+def test_training_that_diverges_stops_with_one_line_and_saves_no_adapter(capsys, llama_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, *train_args(llama_dir, data_dir, out, "--max-steps", 4, "--save-steps", 1,
+                                           "--lr", "1e10"))
+    line = one_error_line(err)
+    assert code == 2 and "training diverged at step" in line and "stopped without saving the adapter" in line, line
+    assert "lower --lr (now 1e+10)" in line and "is kept in" in line
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "summary.json").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 1  # the last finite state, resumable
+    with open(out / "metrics.jsonl") as fh:
+        records = [_strict_json(line) for line in fh]
+    assert records and all(r["loss"] is not None and r["loss"] == r["loss"] for r in records if "loss" in r)
+
+
+def test_finite_weights_that_evaluate_to_nan_are_not_saved(capsys, llama_dir, data_dir, tmp_path, monkeypatch):
+    """A huge learning rate on the last step can leave finite weights whose outputs overflow: no adapter."""
+    from deltatune.training import trainer as trainer_mod
+
+    original = trainer_mod.Trainer.train
+
+    def train_then_blow_up(self, *a, **kw):
+        result = original(self, *a, **kw)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if "lora" in name:
+                    p.fill_(1e30)
+        return result
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train", train_then_blow_up)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, *train_args(llama_dir, data_dir, out, "--max-steps", 1))
+    line = one_error_line(err)
+    assert code == 2 and "the trained adapter's test loss" in line and "is not finite" in line, line
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "summary.json").exists()
+
+
+def test_summary_and_metrics_writers_write_null_for_nan(tmp_path):
+    from deltatune.cli import train as train_cli
+
+    text = train_cli._json({"final_train_loss": float("nan"), "eval_after": {"loss": float("inf")}, "steps": 3})
+    assert _strict_json(text) == {"final_train_loss": None, "eval_after": {"loss": None}, "steps": 3}
+    train_cli._log(str(tmp_path), {"step": 1, "loss": float("-inf")})
+    assert _strict_json((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None}

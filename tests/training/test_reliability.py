@@ -1,5 +1,6 @@
 """The trainer is safe by default: checkpoints never run code, damaged ones fail with one line, divergence stops."""
 
+import json
 import os
 import pathlib
 
@@ -116,3 +117,75 @@ def test_a_checkpoint_that_is_not_a_dict_is_refused(llama_dir, tok, tmp_path):
     with pytest.raises(CheckpointError, match="is not a deltatune checkpoint"):
         t.train(resume=True)
     assert os.path.exists(out / CHECKPOINT_NAME)  # refused, not deleted: the user decides
+
+
+def _strict_json_lines(path):
+    """Parse every line as JSON that real parsers accept: bare NaN/Infinity are refused."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    with open(path) as fh:
+        return [json.loads(line, parse_constant=refuse) for line in fh]
+
+
+def test_a_non_finite_loss_stops_training_before_the_update_and_keeps_the_last_checkpoint(llama_dir, tok, tmp_path,
+                                                                                          monkeypatch):
+    from deltatune.training import trainer as trainer_mod
+    from deltatune.training.trainer import TrainingDiverged
+
+    calls = {"n": 0}
+    original = trainer_mod.loss_sum
+
+    def nan_from_step_3(*a, **kw):  # grad_accum 1: call n is step n
+        calls["n"] += 1
+        loss, n = original(*a, **kw)
+        return (loss * float("nan") if calls["n"] >= 3 else loss), n
+
+    monkeypatch.setattr(trainer_mod, "loss_sum", nan_from_step_3)
+    out = tmp_path / "run"
+    model = _peft_model(llama_dir)
+    t = Trainer(model, _examples(tok, 8), _cfg(out, save_steps=2), pad_id=tok.pad_token_id)
+    with pytest.raises(TrainingDiverged) as info:
+        t.train()
+    assert str(info.value) == (f"training diverged at step 3: the loss is nan; stopped without saving the adapter; "
+                               f"the last checkpoint, of step 2, is kept in {out / CHECKPOINT_NAME}; lower --lr "
+                               "(now 0.005) and train again with --overwrite")
+    saved = torch.load(out / CHECKPOINT_NAME, weights_only=True)
+    assert saved["step"] == 2
+    for name, p in model.named_parameters():  # no update from the NaN step: the weights are step 2's
+        if p.requires_grad:
+            assert torch.isfinite(p).all() and torch.equal(p.detach(), saved["trainable"][name]), name
+    assert [r["step"] for r in _strict_json_lines(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_weights_that_end_non_finite_are_not_a_result(llama_dir, tok, tmp_path):
+    from deltatune.training.trainer import TrainingDiverged
+
+    model = _peft_model(llama_dir)
+    t = Trainer(model, _examples(tok, 8), _cfg(tmp_path, max_steps=2, save_steps=0), pad_id=tok.pad_token_id)
+    name, param = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
+
+    def poison(step):  # what one update with a huge learning rate does to the last step's weights
+        if step == 2:
+            with torch.no_grad():
+                param[0, 0] = float("inf")
+
+    t.on_step_end = poison
+    with pytest.raises(TrainingDiverged, match=rf"after step 2 the weights of {name} are not finite; .*"
+                                               "no checkpoint was written"):
+        t.train()
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -1e-3, 0.0])
+def test_the_trainer_refuses_a_learning_rate_that_is_not_positive_and_finite(llama_dir, tok, tmp_path, lr):
+    from deltatune.errors import DeltatuneError
+
+    with pytest.raises(DeltatuneError, match="--lr must be a positive finite number"):
+        Trainer(_peft_model(llama_dir), _examples(tok, 8), _cfg(tmp_path, lr=lr), pad_id=tok.pad_token_id)
+
+
+def test_metrics_lines_are_valid_json_even_for_non_finite_values(llama_dir, tok, tmp_path):
+    t = Trainer(_peft_model(llama_dir), _examples(tok, 8), _cfg(tmp_path), pad_id=tok.pad_token_id)
+    t.log({"step": 1, "split": "validation", "loss": float("nan"), "perplexity": float("inf"), "accuracy": 0.5})
+    assert _strict_json_lines(tmp_path / "metrics.jsonl") == [
+        {"step": 1, "split": "validation", "loss": None, "perplexity": None, "accuracy": 0.5}]

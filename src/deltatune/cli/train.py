@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import re
 import time
 from typing import Any
 
@@ -26,6 +28,8 @@ from deltatune.training.trainer import (
     METRICS_NAME,
     TrainConfig,
     Trainer,
+    TrainingDiverged,
+    dumps_json,
     plan_steps,
     resolve_precision,
 )
@@ -36,9 +40,31 @@ OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", METRICS_NAME
                 common.SUMMARY_NAME, common.RUN_CONFIG_NAME)
 
 
+def learning_rate(value: str | float) -> float:
+    """``--lr``: a positive finite number (``nan``, ``inf`` and negatives parse as floats, and train nothing).
+
+    Raises:
+        argparse.ArgumentTypeError: the one-line reason (argparse's error names the flag).
+    """
+    lr = float(value)  # not a number: ValueError, which argparse reports as "invalid float value"
+    if not math.isfinite(lr) or lr <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a usable learning rate; pass a positive finite number "
+                                         "such as 2e-4")
+    return lr
+
+
+learning_rate.__name__ = "float"  # what argparse and --config name the expected type in their messages
+
+
+# Negative numbers in scientific notation (-1e-3) and -inf read as option names to argparse's own matcher (-1, -0.5
+# only): then `--lr -1e-3` fails with "expected one argument" instead of the real reason.
+_NEGATIVE_NUMBER = re.compile(r"^-((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``train`` (and ``compare``). Absent flags stay absent so settings can be layered."""
     s = argparse.SUPPRESS
+    parser._negative_number_matcher = _NEGATIVE_NUMBER  # no option of these looks like a number
     g = parser.add_argument_group("what to train")
     g.add_argument("--model", default=s, help="built-in name (smollm2-135m, minilm-l6), model directory, or hub id "
                                               "(default: smollm2-135m)")
@@ -55,7 +81,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=float, default=s, help="passes over the data when --max-steps is not given")
     g.add_argument("--batch-size", type=int, default=s, help="examples per micro-batch, per process (default 8)")
     g.add_argument("--grad-accum", type=int, default=s, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, default=s, help="peak learning rate of AdamW")
+    g.add_argument("--lr", type=learning_rate, default=s, help="peak learning rate of AdamW")
     g.add_argument("--weight-decay", type=float, default=s)
     g.add_argument("--warmup-ratio", type=float, default=s, help="share of steps of linear warm-up (then cosine)")
     g.add_argument("--max-grad-norm", type=float, default=s, help="gradient clipping (0: off)")
@@ -131,12 +157,17 @@ def _typed_file_settings(path: str, values: dict[str, Any]) -> dict[str, Any]:
             if a.type is not None:
                 try:
                     value = a.type(value)
-                except (ValueError, TypeError, argparse.ArgumentTypeError):
+                except argparse.ArgumentTypeError as exc:  # the type's own reason (--lr nan)
+                    raise UsageError(where + str(exc)) from None
+                except (ValueError, TypeError):
                     raise UsageError(where + f"cannot read {value!r} as {a.type.__name__}") from None
-        elif a.type in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif a.type in (int, float, learning_rate) and isinstance(value, (int, float)) and not isinstance(value, bool):
             if a.type is int and value != int(value):
                 raise UsageError(where + f"{value!r} is not a whole number")
-            value = a.type(value)
+            try:
+                value = a.type(value)
+            except argparse.ArgumentTypeError as exc:  # lr: -1 or .nan in a YAML file
+                raise UsageError(where + str(exc)) from None
         else:
             raise UsageError(where + f"{value!r} is not a {a.type.__name__ if a.type else 'string'}")
         if a.choices and value not in a.choices:
@@ -417,6 +448,10 @@ def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) 
     t0 = time.perf_counter()
     after = task.evaluate(model, test_examples, **eval_kw)
     after_seconds = time.perf_counter() - t0
+    broken = {k: v for k, v in after.items() if isinstance(v, float) and not math.isfinite(v)}
+    if broken:  # finite weights that still compute NaN/inf (a huge learning rate): not a result to save
+        raise TrainingDiverged(f"training diverged: the trained adapter's test {_fmt(broken)} is not finite"
+                               f"{trainer._divergence_advice()}")
     if is_main:
         _log(out, {"step": result.steps, "split": "test", "event": "after", **after})
     forgetting = general_adapted = None
@@ -500,16 +535,12 @@ def _fmt(values: dict[str, float]) -> str:
 
 
 def _log(out: str, record: dict[str, Any]) -> None:
-    import json
-
     with open(os.path.join(out, METRICS_NAME), "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(dumps_json(record) + "\n")
 
 
 def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, default=str) + "\n"
+    return dumps_json(obj, indent=2, default=str) + "\n"  # NaN/inf as null: summary.json is always valid JSON
 
 
 def register(subparsers) -> None:

@@ -69,6 +69,27 @@ class CheckpointError(DeltatuneError, ValueError):
     """A checkpoint that is missing, unreadable, or from a different run."""
 
 
+class TrainingDiverged(DeltatuneError, ArithmeticError):
+    """The loss, the gradients or the weights stopped being finite numbers; training stopped, nothing was saved."""
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by ``None``: JSON has no NaN, so
+    ``json.dumps(..., allow_nan=False)`` of the result is valid JSON any reader parses."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps_json(value: Any, **kw: Any) -> str:
+    """``json.dumps`` that writes ``null`` for NaN/inf instead of the bare ``NaN`` no JSON parser accepts."""
+    return json.dumps(json_safe(value), allow_nan=False, **kw)
+
+
 @dataclass
 class TrainConfig:
     """What a run does. Every field has a CLI flag of the same name (``--max-steps``...).
@@ -239,6 +260,8 @@ class Trainer:
                 raise DeltatuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
         if config.max_steps is not None and config.max_steps < 1:
             raise DeltatuneError(f"--max-steps must be at least 1, got {config.max_steps}")
+        if not (math.isfinite(config.lr) and config.lr > 0):
+            raise DeltatuneError(f"--lr must be a positive finite number, got {config.lr}")
         if parallel not in ("auto", "ddp", "fsdp", "none"):
             raise DeltatuneError(f"parallel={parallel!r} is not one of auto, ddp, fsdp, none")
         self.dist = distributed.info()
@@ -279,6 +302,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup,
                                                                                           self.total_steps))
         self.step = 0
+        self.checkpoint_step: int | None = None  # the step of the checkpoint on disk, if this run wrote or read one
         self._stop_requested = False
         self._perm_cache: tuple[int, torch.Tensor] | None = None
         self.checkpoint_path = os.path.join(config.output_dir, CHECKPOINT_NAME)
@@ -349,6 +373,7 @@ class Trainer:
             "extra": extra,
         }
         atomic_torch_save(state, self.checkpoint_path)
+        self.checkpoint_step = step
 
     def load_checkpoint(self) -> dict[str, Any]:
         """Restore a checkpoint written by this run's settings; returns its ``extra`` dict.
@@ -393,7 +418,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:  # a value of the wrong shape
             raise CheckpointError(f"checkpoint {self.checkpoint_path} is damaged or from another version "
                                   f"({type(exc).__name__} while restoring it); delete it and start again") from None
-        self.step = state["step"]
+        self.step = self.checkpoint_step = state["step"]
         self._rewind_metrics(self.step)
         return state.get("extra", {})
 
@@ -419,7 +444,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(dumps_json(record) + "\n")
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, resume: bool = False, extra: dict[str, Any] | None = None) -> TrainResult:
@@ -503,6 +528,14 @@ class Trainer:
                 grad_norm = distributed.full_tensor(grad_norm)  # FSDP: a DTensor over the shards
                 step_loss, step_tokens = distributed.all_reduce_sum([step_loss, step_tokens], self.device)
                 step_tokens = int(step_tokens)
+                if not (math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))):
+                    # Before the update: the weights are still those of the last finite step. Saving nothing more
+                    # keeps the last checkpoint (a finite state) and no NaN adapter is ever written.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+                    value = step_loss / n_targets if what == "loss" else float(grad_norm)
+                    raise TrainingDiverged(f"training diverged at step {self.step + 1}: the {what} is {value}"
+                                           f"{self._divergence_advice()}")
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 if hasattr(self.model, "update_and_allocate"):  # per-step method work (AdaLoRA's ranks), reads grads
@@ -540,11 +573,24 @@ class Trainer:
             bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        # The last update is checked by no later step's loss: a huge learning rate can leave inf/NaN weights.
+        bad = next((n for n, p in self.params if not bool(torch.isfinite(distributed.full_tensor(p.detach())).all())),
+                   None)
+        if bad is not None:
+            raise TrainingDiverged(f"training diverged: after step {self.step} the weights of {bad} are not finite"
+                                   f"{self._divergence_advice()}")
         wall = elapsed_before + time.perf_counter() - start
         mean_step = sum(step_times) / len(step_times) if step_times else float("nan")
         return TrainResult(steps=self.step, wall_time_s=wall, time_per_step_s=mean_step,
                            tokens_per_s=tokens_seen / max(sum(step_times), 1e-9),
                            peak_memory_bytes=peak_memory_bytes(self.device), final_loss=loss_value, extra=extra)
+
+    def _divergence_advice(self) -> str:
+        kept = (f"the last checkpoint, of step {self.checkpoint_step}, is kept in {self.checkpoint_path}"
+                if self.checkpoint_step is not None and os.path.exists(self.checkpoint_path)
+                else "no checkpoint was written")
+        return (f"; stopped without saving the adapter; {kept}; lower --lr (now {self.config.lr:g}) and train "
+                "again with --overwrite")
 
     def _sync_context(self, last: bool):
         """DDP: all-reduce gradients only after the step's last micro-batch (the sum is the same, cheaper)."""
