@@ -38,6 +38,10 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
             unsupported layer type.
     """
     if not isinstance(peft_config, PeftConfig):
+        cls = type(peft_config)
+        library = cls.__module__.split(".")[0]
+        if library != "deltatune" and cls.__name__.endswith("Config"):  # e.g. peft.LoraConfig, half migrated
+            raise ConfigError(f"got {library}.{cls.__name__}; use deltatune.{cls.__name__} (same fields)")
         raise ConfigError(f"peft_config must be a deltatune config (e.g. LoraConfig), got {type(peft_config).__name__}")
     if isinstance(model, PeftModel):
         raise ConfigError("model already is a PeftModel; use model.add_adapter(name, config) for another adapter")

@@ -173,3 +173,66 @@ def test_quantized_base_trains_and_saves_only_the_adapter(tmp_path, how):
     trainer.save_model(str(tmp_path / "saved"))
     saved = load_file(str(tmp_path / "saved" / "adapter_model.safetensors"))
     assert saved and all("lora_" in k for k in saved)
+
+
+def test_a_peft_config_passed_to_deltatune_names_both_libraries():
+    import peft
+
+    with pytest.raises(ConfigError, match=r"^got peft\.LoraConfig; use deltatune\.LoraConfig \(same fields\)$"):
+        deltatune.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+
+
+def test_adapter_trainer_and_sft_run_without_peft_installed(tmp_path):
+    """deltatune needs no peft at run time: `import peft` is blocked in a subprocess that trains and saves."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["peft"] = None  # any `import peft` now raises ImportError
+        import torch, deltatune
+        from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+        from deltatune.integrations.transformers import AdapterTrainer
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        lora = deltatune.LoraConfig(r=4, target_modules=["q_proj"])
+        model = deltatune.get_peft_model(LlamaForCausalLM(cfg), lora)
+        ids = list(range(3, 13))
+        data = [{{"input_ids": ids, "attention_mask": [1] * 10, "labels": ids}}] * 4
+        args = TrainingArguments(output_dir={str(tmp_path)!r}, max_steps=2, per_device_train_batch_size=2,
+                                 report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+        trainer = AdapterTrainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        trainer.save_model({str(tmp_path / "saved")!r})
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("OK no trl")
+        else:
+            import datasets
+            from deltatune.integrations.trl import SFTTrainer
+            from trl import SFTConfig
+            sys.path.insert(0, {os.path.join(os.path.dirname(os.path.dirname(__file__)), "training")!r})
+            import tinymodels
+            lora = deltatune.LoraConfig(r=4, target_modules=["q_proj"])
+            tok = tinymodels.make_tokenizer()
+            sft = SFTTrainer(model=LlamaForCausalLM(cfg), processing_class=tok, peft_config=lora,
+                             args=SFTConfig(output_dir={str(tmp_path / "sft")!r}, max_steps=1, report_to=[],
+                                            per_device_train_batch_size=2, use_cpu=True, bf16=False,
+                                            disable_tqdm=True),
+                             train_dataset=datasets.Dataset.from_list([{{"input_ids": ids}}] * 2))
+            sft.train()
+            sft.save_model({str(tmp_path / "sft_saved")!r})
+            print("OK sft")
+        assert "peft" not in {{k for k, v in sys.modules.items() if v is not None}}
+    """)
+    env = {**os.environ, "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    import importlib.util
+
+    assert ("OK sft" if importlib.util.find_spec("trl") else "OK no trl") in out.stdout, out.stdout
+    assert os.path.exists(tmp_path / "saved" / "adapter_model.safetensors")
