@@ -1,5 +1,6 @@
 """``deltatune train`` is safe by default: resume runs no code, bad states end in one line, output stays valid."""
 
+import errno
 import json
 import os
 import pathlib
@@ -202,3 +203,60 @@ def test_summary_and_metrics_writers_write_null_for_nan(tmp_path):
     assert _strict_json(text) == {"final_train_loss": None, "eval_after": {"loss": None}, "steps": 3}
     train_cli._log(str(tmp_path), {"step": 1, "loss": float("-inf")})
     assert _strict_json((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None}
+
+
+def test_disk_full_during_the_final_save_keeps_the_finished_training_and_resume_saves_it(capsys, llama_dir, data_dir,
+                                                                                         tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from deltatune.core import io
+
+    args = ["--max-steps", 2, "--save-steps", 1, "--lora-dropout", 0.1]
+    ref = tmp_path / "ref"
+    assert run(capsys, *train_args(llama_dir, data_dir, ref, *args))[0] == 0
+
+    def no_space(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(io, "save_file", no_space)  # the adapter's safetensors file
+    code, _, err = run(capsys, *train_args(llama_dir, data_dir, out, *args))
+    monkeypatch.undo()
+    line = one_error_line(err)
+    assert code == 2 and f"no space left on device writing {out / 'adapter_model.safetensors'}" in line, line
+    assert (f"training finished and its checkpoint (step 2) is kept; save the result with deltatune train "
+            f"--output-dir {out} --resume") in line
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "summary.json").exists()
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+    code, _, err = run(capsys, "train", "--output-dir", out, "--resume", "--no-progress")
+    assert code == 0, err
+    a, b = load_file(str(ref / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("save_steps, expected", [
+    (1, "training finished and its checkpoint (step 2) is kept; save the result with deltatune train --output-dir "
+        "{out} --resume"),
+    (0, "no checkpoint is kept (--save-steps 0); train again with --overwrite"),
+])
+def test_ctrl_c_while_saving_the_result_says_what_is_kept(capsys, llama_dir, data_dir, tmp_path, monkeypatch,
+                                                          save_steps, expected):
+    from deltatune.cli import train as train_cli
+
+    def ctrl_c(*a, **kw):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_cli.plots, "plot_loss_curve", ctrl_c)  # after the adapter, before summary.json
+    code, _, err = run(capsys, *train_args(llama_dir, data_dir, out, "--max-steps", 2, "--save-steps", save_steps))
+    monkeypatch.undo()
+    assert code == 130, err
+    assert "before training started" not in err and "nothing to resume from" not in err
+    assert ("deltatune: interrupted after training (step 2), while evaluating or saving the result; "
+            + expected.format(out=out)) in err, err
+    if save_steps:
+        code, _, err = run(capsys, "train", "--output-dir", out, "--resume", "--no-progress")
+        assert code == 0, err
+        assert json.loads((out / "summary.json").read_text())["steps"] == 2

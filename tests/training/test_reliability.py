@@ -189,3 +189,40 @@ def test_metrics_lines_are_valid_json_even_for_non_finite_values(llama_dir, tok,
     t.log({"step": 1, "split": "validation", "loss": float("nan"), "perplexity": float("inf"), "accuracy": 0.5})
     assert _strict_json_lines(tmp_path / "metrics.jsonl") == [
         {"step": 1, "split": "validation", "loss": None, "perplexity": None, "accuracy": 0.5}]
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_whole(llama_dir, tok, tmp_path, monkeypatch):
+    from deltatune.errors import DiskFullError
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def save_until_the_disk_fills(obj, f, *a, **kw):  # the second checkpoint finds the disk full, half written
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with open(f, "wb") as fh:
+                fh.write(b"PK\x03\x04 half")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0 basic_ios::clear")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    out = tmp_path / "run"
+    t = Trainer(_peft_model(llama_dir), _examples(tok, 8), _cfg(out, save_steps=2), pad_id=tok.pad_token_id)
+    with pytest.raises(DiskFullError) as info:
+        t.train()
+    ckpt = out / CHECKPOINT_NAME
+    assert str(info.value) == (f"no space left on device writing {ckpt}; the checkpoint of step 2 in {ckpt} is "
+                               f"intact; free space, then continue with deltatune train --output-dir {out} --resume")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+    assert sorted(os.listdir(out)) == [CHECKPOINT_NAME, "metrics.jsonl"]  # no half-written temporary file
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (every write: ENOSPC)")
+def test_disk_full_while_logging_metrics_is_one_clear_error(llama_dir, tok, tmp_path):
+    from deltatune.errors import DiskFullError
+
+    t = Trainer(_peft_model(llama_dir), _examples(tok, 8), _cfg(tmp_path), pad_id=tok.pad_token_id)
+    t.metrics_path = "/dev/full"
+    with pytest.raises(DiskFullError, match="^no space left on device writing /dev/full; no earlier checkpoint "
+                                            "exists; free space, then continue with"):
+        t.train()

@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except TrainingInterrupted as exc:
         out = os.path.dirname(exc.checkpoint)
-        print(f"\ndeltatune: interrupted at step {exc.step}; checkpoint saved. Continue with: "
+        print(f"\ndeltatune: {exc.note}" if exc.note else  # after training: its own account of what is kept
+              f"\ndeltatune: interrupted at step {exc.step}; checkpoint saved. Continue with: "
               f"deltatune train --output-dir {out} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from deltatune import distributed
 from deltatune.cli import common
 from deltatune.cli.common import UsageError, human_bytes, human_time
-from deltatune.core.io import atomic_write_text
+from deltatune.core.io import atomic_write_text, is_disk_full
 from deltatune.lora.conversion import mutates_base
 from deltatune.training import plots, runlock
 from deltatune.training.data import describe_columns
@@ -29,6 +30,9 @@ from deltatune.training.trainer import (
     TrainConfig,
     Trainer,
     TrainingDiverged,
+    TrainingInterrupted,
+    capture_rng,
+    disk_full,
     dumps_json,
     plan_steps,
     resolve_precision,
@@ -444,57 +448,96 @@ def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) 
     result = trainer.train(resume=bool(settings.get("resume")), extra=extra)
     extra = result.extra
 
-    print(f"evaluating the adapted model on {_records(len(test_examples), 'test')} ...", flush=True)
-    t0 = time.perf_counter()
-    after = task.evaluate(model, test_examples, **eval_kw)
-    after_seconds = time.perf_counter() - t0
-    broken = {k: v for k, v in after.items() if isinstance(v, float) and not math.isfinite(v)}
-    if broken:  # finite weights that still compute NaN/inf (a huge learning rate): not a result to save
-        raise TrainingDiverged(f"training diverged: the trained adapter's test {_fmt(broken)} is not finite"
-                               f"{trainer._divergence_advice()}")
-    if is_main:
-        _log(out, {"step": result.steps, "split": "test", "event": "after", **after})
-    forgetting = general_adapted = None
-    if general and "general_loss_base" in extra:
-        from deltatune.training.metrics import evaluate_loss
+    # From here on, Ctrl-C and a full disk end with a true account of what is on disk and what to do.
+    with _after_training(trainer, out):
+        print(f"evaluating the adapted model on {_records(len(test_examples), 'test')} ...", flush=True)
+        t0 = time.perf_counter()
+        after = task.evaluate(model, test_examples, **eval_kw)
+        after_seconds = time.perf_counter() - t0
+        broken = {k: v for k, v in after.items() if isinstance(v, float) and not math.isfinite(v)}
+        if broken:  # finite weights that still compute NaN/inf (a huge learning rate): not a result to save
+            raise TrainingDiverged(f"training diverged: the trained adapter's test {_fmt(broken)} is not finite"
+                                   f"{trainer._divergence_advice()}")
+        if is_main:
+            _log(out, {"step": result.steps, "split": "test", "event": "after", **after})
+        forgetting = general_adapted = None
+        if general and "general_loss_base" in extra:
+            from deltatune.training.metrics import evaluate_loss
 
-        general_adapted = evaluate_loss(model, general, **general_kw)
-        forgetting = general_adapted - extra["general_loss_base"]
+            general_adapted = evaluate_loss(model, general, **general_kw)
+            forgetting = general_adapted - extra["general_loss_base"]
 
-    # FSDP: all ranks gather the shards, rank 0 writes
-    model.save_pretrained(out, is_main_process=is_main, path_initial_model_for_weight_conversion=initial_dir)
-    if not is_main:
-        distributed.barrier()  # rank 0 writes the rest; then all leave together
+        if trainer_cfg.save_steps:
+            # A checkpoint of the finished training: Ctrl-C or a full disk while saving the result is then finished
+            # by --resume without training again. Deleted once summary.json is written.
+            extra["train_seconds"] = result.wall_time_s
+            trainer.save_checkpoint(trainer.step, capture_rng(), extra)
+        # FSDP: all ranks gather the shards, rank 0 writes
+        model.save_pretrained(out, is_main_process=is_main, path_initial_model_for_weight_conversion=initial_dir)
+        if not is_main:
+            distributed.barrier()  # rank 0 writes the rest; then all leave together
+            return 0
+        adapter_bytes = os.path.getsize(os.path.join(out, "adapter_model.safetensors"))
+        before = extra.get("before", {})
+        summary = {
+            "method": settings["method"], "model": settings["model"], "data": dataset.name, "format": dataset.format,
+            "metric": task.metric_name, "metric_before": before.get(task.metric_name),
+            "metric_after": after.get(task.metric_name), "eval_before": before, "eval_after": after,
+            "eval_records": len(test_examples), "forgetting": forgetting,
+            "forgetting_reason": None if forgetting is not None else no_forgetting or "not measured",
+            "forgetting_data": settings.get("forgetting_data"),
+            "general_loss_base": extra.get("general_loss_base"), "general_loss_adapted": general_adapted,
+            "trainable_params": trainable, "total_params": total, "adapter_bytes": adapter_bytes,
+            "peak_memory_bytes": result.peak_memory_bytes, "train_time_s": result.wall_time_s,
+            "time_per_step_s": result.time_per_step_s, "tokens_per_s": result.tokens_per_s, "steps": result.steps,
+            "final_train_loss": result.final_loss, "precision": "bf16" if amp else "fp32", "device": str(device),
+            "eval_seconds": extra.get("before_seconds", 0.0) + after_seconds,
+            "wall_time_s": time.perf_counter() - started,  # this command, model loading and evaluations included
+            "resumed": bool(settings.get("resume")), "quantize": settings.get("quantize"),
+            "base_weight_bytes": base_bytes,
+        }
+        _log(out, {"step": result.steps, "event": "end",
+                   **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
+        plots.plot_loss_curve(plots.read_metrics(os.path.join(out, METRICS_NAME)), os.path.join(out, "loss.png"),
+                              title=f"{settings['method']} on {settings['model']} / {dataset.name}")
+        atomic_write_text(os.path.join(out, common.SUMMARY_NAME), _json(summary))
+        ckpt = os.path.join(out, CHECKPOINT_NAME)
+        if os.path.exists(ckpt):
+            os.unlink(ckpt)  # the adapter is the result; a finished run has nothing to resume
+        print_summary(summary, out)
+        distributed.barrier()
         return 0
-    adapter_bytes = os.path.getsize(os.path.join(out, "adapter_model.safetensors"))
-    before = extra.get("before", {})
-    summary = {
-        "method": settings["method"], "model": settings["model"], "data": dataset.name, "format": dataset.format,
-        "metric": task.metric_name, "metric_before": before.get(task.metric_name),
-        "metric_after": after.get(task.metric_name), "eval_before": before, "eval_after": after,
-        "eval_records": len(test_examples), "forgetting": forgetting,
-        "forgetting_reason": None if forgetting is not None else no_forgetting or "not measured",
-        "forgetting_data": settings.get("forgetting_data"),
-        "general_loss_base": extra.get("general_loss_base"), "general_loss_adapted": general_adapted,
-        "trainable_params": trainable, "total_params": total, "adapter_bytes": adapter_bytes,
-        "peak_memory_bytes": result.peak_memory_bytes, "train_time_s": result.wall_time_s,
-        "time_per_step_s": result.time_per_step_s, "tokens_per_s": result.tokens_per_s, "steps": result.steps,
-        "final_train_loss": result.final_loss, "precision": "bf16" if amp else "fp32", "device": str(device),
-        "eval_seconds": extra.get("before_seconds", 0.0) + after_seconds,
-        "wall_time_s": time.perf_counter() - started,  # this command, model loading and evaluations included
-        "resumed": bool(settings.get("resume")), "quantize": settings.get("quantize"),
-        "base_weight_bytes": base_bytes,
-    }
-    _log(out, {"step": result.steps, "event": "end", **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
-    plots.plot_loss_curve(plots.read_metrics(os.path.join(out, METRICS_NAME)), os.path.join(out, "loss.png"),
-                          title=f"{settings['method']} on {settings['model']} / {dataset.name}")
-    atomic_write_text(os.path.join(out, common.SUMMARY_NAME), _json(summary))
-    ckpt = os.path.join(out, CHECKPOINT_NAME)
-    if os.path.exists(ckpt):
-        os.unlink(ckpt)  # the adapter is the result; a finished run has nothing to resume
-    print_summary(summary, out)
-    distributed.barrier()
-    return 0
+
+
+@contextlib.contextmanager
+def _after_training(trainer: Trainer, out: str) -> Iterator[None]:
+    """Evaluating and saving after training: an interrupt or a full disk says what is kept and how to finish.
+
+    Raises:
+        TrainingInterrupted: on Ctrl-C, with a note on the checkpoint kept (exit code 130).
+        DiskFullError: the device filled up; names the file and the checkpoint kept.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(trainer.step, trainer.checkpoint_path,
+                                  note=f"interrupted after training (step {trainer.step}), while evaluating or saving "
+                                       f"the result; {_finish_advice(trainer, out)}") from None
+    except Exception as exc:
+        if not is_disk_full(exc) or getattr(exc, "explained", False):
+            raise  # not a full disk, or already an account of the run (the trainer's checkpoint)
+        path = getattr(exc, "filename", None) or out
+        raise disk_full(path, f"free space, then: {_finish_advice(trainer, out)}", exc) from None
+
+
+def _finish_advice(trainer: Trainer, out: str) -> str:
+    """What resumable state is on disk after training, and the command that finishes the run from it."""
+    resume = f"deltatune train --output-dir {out} --resume"
+    if trainer.checkpoint_step is not None and os.path.exists(trainer.checkpoint_path):
+        if trainer.checkpoint_step == trainer.step:
+            return f"training finished and its checkpoint (step {trainer.step}) is kept; save the result with {resume}"
+        return f"the checkpoint of step {trainer.checkpoint_step} is kept; continue with {resume}"
+    return "no checkpoint is kept (--save-steps 0); train again with --overwrite"
 
 
 def print_summary(s: dict[str, Any], out: str) -> None:

@@ -25,6 +25,7 @@ Learning rate: linear warm-up over ``warmup_ratio`` of the steps, then cosine de
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -44,8 +45,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deltatune import distributed
-from deltatune.core.io import atomic_write
-from deltatune.errors import DeltatuneError
+from deltatune.core.io import atomic_write, is_disk_full
+from deltatune.errors import DeltatuneError, DiskFullError
 from deltatune.training.data import SHAPE_BUCKET, collate, count_targets
 from deltatune.training.metrics import autocast, loss_sum
 
@@ -57,12 +58,17 @@ _SCHEDULE_KEYS = ("max_steps", "epochs", "global_batch_size", "grad_accum", "lr"
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C (SIGINT/SIGTERM) stopped training; a checkpoint was written at ``step``."""
+    """Ctrl-C (SIGINT/SIGTERM) stopped training; a checkpoint was written at ``step``.
 
-    def __init__(self, step: int, checkpoint: str) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}")
+    ``note``, when given, replaces the CLI's default account ("checkpoint saved, continue with --resume"): what is
+    on disk and what to do, for an interrupt that came after training (while evaluating or saving the result).
+    """
+
+    def __init__(self, step: int, checkpoint: str, note: str | None = None) -> None:
+        super().__init__(note or f"interrupted at step {step}; checkpoint saved to {checkpoint}")
         self.step = step
         self.checkpoint = checkpoint
+        self.note = note
 
 
 class CheckpointError(DeltatuneError, ValueError):
@@ -83,6 +89,14 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def disk_full(path: str, advice: str, cause: BaseException) -> DiskFullError:
+    """A :class:`DiskFullError` for ``path`` whose one line says what of the run is intact and what to do."""
+    exc = DiskFullError(path, getattr(cause, "errno", None) or errno.ENOSPC)
+    exc.strerror = f"no space left on device writing {path}; {advice}"
+    exc.explained = True  # type: ignore[attr-defined]  # callers up the stack leave this account as it is
+    return exc
 
 
 def dumps_json(value: Any, **kw: Any) -> str:
@@ -372,7 +386,15 @@ class Trainer:
             "method_state": method_state(self.model),
             "extra": extra,
         }
-        atomic_torch_save(state, self.checkpoint_path)
+        try:
+            atomic_torch_save(state, self.checkpoint_path)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # atomic_write removed its temporary file: the checkpoint on disk is the previous one, whole.
+            raise disk_full(self.checkpoint_path, f"{self.kept_checkpoint()}; free space, then continue with "
+                                                  f"deltatune train --output-dir {self.config.output_dir} --resume",
+                            exc) from None
         self.checkpoint_step = step
 
     def load_checkpoint(self) -> dict[str, Any]:
@@ -434,7 +456,8 @@ class Trainer:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by the kill
                 continue
-            if record.get("step", 0) <= step and record.get("event") != "end":
+            # "after" and "end" belong to the run's finish, which the resumed run writes again.
+            if record.get("step", 0) <= step and record.get("event") not in ("after", "end"):
                 kept.append(line if line.endswith("\n") else line + "\n")
         from deltatune.core.io import atomic_write_text
 
@@ -443,8 +466,16 @@ class Trainer:
     def log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(dumps_json(record) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(dumps_json(record) + "\n")
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            # A line cut short is dropped on --resume (_rewind_metrics), so the file still reads as one run.
+            raise disk_full(self.metrics_path, f"{self.kept_checkpoint()}; free space, then continue with "
+                                               f"deltatune train --output-dir {self.config.output_dir} --resume",
+                            exc) from None
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, resume: bool = False, extra: dict[str, Any] | None = None) -> TrainResult:
@@ -584,6 +615,12 @@ class Trainer:
         return TrainResult(steps=self.step, wall_time_s=wall, time_per_step_s=mean_step,
                            tokens_per_s=tokens_seen / max(sum(step_times), 1e-9),
                            peak_memory_bytes=peak_memory_bytes(self.device), final_loss=loss_value, extra=extra)
+
+    def kept_checkpoint(self) -> str:
+        """What resumable state is on disk, in words."""
+        if self.checkpoint_step is not None and os.path.exists(self.checkpoint_path):
+            return f"the checkpoint of step {self.checkpoint_step} in {self.checkpoint_path} is intact"
+        return "no earlier checkpoint exists"
 
     def _divergence_advice(self) -> str:
         kept = (f"the last checkpoint, of step {self.checkpoint_step}, is kept in {self.checkpoint_path}"
