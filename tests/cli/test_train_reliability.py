@@ -260,3 +260,38 @@ def test_ctrl_c_while_saving_the_result_says_what_is_kept(capsys, llama_dir, dat
         code, _, err = run(capsys, "train", "--output-dir", out, "--resume", "--no-progress")
         assert code == 0, err
         assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_resume_works_from_another_directory_when_the_run_named_relative_paths(capsys, llama_dir, data_dir, tmp_path,
+                                                                               monkeypatch):
+    from deltatune.training import trainer as trainer_mod
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "pc.jsonl").write_bytes((data_dir / "pc.jsonl").read_bytes())
+    os.symlink(llama_dir, work / "llama")
+    monkeypatch.chdir(work)
+    original = trainer_mod.Trainer.train
+
+    def stop_after_step_1(self, *a, **kw):
+        self.on_step_end = lambda step: self.request_stop() if step == 1 else None
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train", stop_after_step_1)
+    code, _, err = run(capsys, "train", "--model", "llama", "--data", "pc.jsonl", "--output-dir", "run",
+                       "--max-steps", 3, "--save-steps", 1, *FAST)
+    assert code == 130, err
+    monkeypatch.setattr(trainer_mod.Trainer, "train", original)
+    saved = json.loads((work / "run" / "run_config.json").read_text())
+    assert saved["data"] == str(work / "pc.jsonl") and saved["model"] == str(work / "llama")
+    assert saved["method"] == "lora"  # names that are not files stay names
+
+    # The same flag, relative, is the same setting.
+    code, _, err = run(capsys, "train", "--output-dir", "run", "--resume", "--data", "pc.jsonl", "--lr", "1")
+    assert code == 2 and "--lr 1.0 differs" in one_error_line(err) and "--data" not in err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run(capsys, "train", "--output-dir", work / "run", "--resume", "--no-progress")
+    assert code == 0, err
+    assert json.loads((work / "run" / "summary.json").read_text())["steps"] == 3

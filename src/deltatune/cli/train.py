@@ -23,7 +23,7 @@ from deltatune.cli.common import UsageError, human_bytes, human_time
 from deltatune.core.io import atomic_write_text, is_disk_full
 from deltatune.lora.conversion import mutates_base
 from deltatune.training import plots, runlock
-from deltatune.training.data import describe_columns
+from deltatune.training.data import BUILTIN_DATASETS, describe_columns
 from deltatune.training.trainer import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -211,6 +211,19 @@ def settings_from_args(args: argparse.Namespace, method_option_names: set[str]) 
     return settings
 
 
+# Settings naming files: run_config.json stores them absolute, so --resume works from any working directory.
+# A built-in name (and anything that is not an existing path, like a hub id) stays as it is.
+_PATH_SETTINGS = {"data": BUILTIN_DATASETS, "eval_data": (), "forgetting_data": (), "model": common.BUILTIN_MODELS,
+                  "model_path": ()}
+
+
+def _absolute(key: str, value: Any) -> Any:
+    if key in _PATH_SETTINGS and isinstance(value, str) and value not in _PATH_SETTINGS[key] \
+            and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
 def _apply_resume(settings: dict[str, Any]) -> dict[str, Any]:
     """On ``--resume``, the saved settings are the base; a flag that would change the computation is refused."""
     runlock.check_free(settings["output_dir"])  # a live run may not have written its settings yet
@@ -232,7 +245,7 @@ def _apply_resume(settings: dict[str, Any]) -> dict[str, Any]:
                                  f"{saved.get('method_options')}; resume without them")
         elif key == "quantize" and {value, old} <= {None, "none"}:
             continue  # --quantize none is the default: no quantisation
-        elif old != value:
+        elif old != value and _absolute(key, old) != _absolute(key, value):
             raise UsageError(f"--resume: --{key.replace('_', '-')} {value!r} differs from the run's {old!r}; "
                              "resume with the same options or train into a new --output-dir")
     merged = dict(saved)
@@ -388,6 +401,7 @@ def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) 
         record = {k: v for k, v in settings.items() if k not in ("explicit", "resume", "overwrite", "config")}
         record.update(labels=dataset.labels, data_format=dataset.format, template=dataset.template,
                       model_kind=spec.kind, model_path=spec.path, world_size=info.world_size)
+        record = {k: _absolute(k, v) for k, v in record.items()}
         atomic_write_text(os.path.join(out, common.RUN_CONFIG_NAME), _json(record))
 
     n_train = len(dataset.train)
