@@ -295,3 +295,13 @@ def test_resume_works_from_another_directory_when_the_run_named_relative_paths(c
     code, _, err = run(capsys, "train", "--output-dir", work / "run", "--resume", "--no-progress")
     assert code == 0, err
     assert json.loads((work / "run" / "summary.json").read_text())["steps"] == 3
+
+
+def test_train_refuses_data_that_is_not_utf8_before_writing_anything(capsys, llama_dir, tmp_path):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", llama_dir, "--data", data, "--output-dir", out, *FAST)
+    line = one_error_line(err)
+    assert code == 2 and f"{data}:2: byte 0xe9 is not UTF-8" in line, line
+    assert not out.exists()

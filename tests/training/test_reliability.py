@@ -226,3 +226,27 @@ def test_disk_full_while_logging_metrics_is_one_clear_error(llama_dir, tok, tmp_
     with pytest.raises(DiskFullError, match="^no space left on device writing /dev/full; no earlier checkpoint "
                                             "exists; free space, then continue with"):
         t.train()
+
+
+@pytest.mark.parametrize("name, content, line", [
+    ("latin1.jsonl", '{"text": "a", "label": "x"}\n{"text": "caf\u00e9", "label": "y"}\n'.encode("latin-1"), 2),
+    ("cp1252.csv", "text,label\na,x\nb,y\n\u201cquoted\u201d,x\n".encode("cp1252"), 4),
+    ("latin1.txt", "first paragraph\n\nna\u00efve second\n".encode("latin-1"), 3),
+])
+def test_a_data_file_that_is_not_utf8_is_refused_with_its_line(tmp_path, name, content, line):
+    from deltatune.training.data import DataError, read_records
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        read_records(str(path))
+    assert str(info.value).startswith(f"{path}:{line}: byte 0x")
+    assert "is not UTF-8" in str(info.value) and "re-save it as UTF-8" in str(info.value)
+
+
+def test_utf8_with_a_byte_order_mark_and_accents_still_reads(tmp_path):
+    from deltatune.training.data import read_records
+
+    path = tmp_path / "ok.jsonl"
+    path.write_bytes('\ufeff{"text": "caf\u00e9 \u2014 na\u00efve", "label": "x"}\n'.encode())
+    assert read_records(str(path)) == [{"text": "caf\u00e9 \u2014 na\u00efve", "label": "x"}]

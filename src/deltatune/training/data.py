@@ -81,7 +81,7 @@ def read_records(path: str) -> list[dict[str, Any]]:
     """Read a JSONL, CSV or plain-text file into a list of dicts.
 
     Raises:
-        DataError: the file does not exist, is empty, or a JSON line does not parse (with its number).
+        DataError: the file does not exist, is empty, is not UTF-8, or a JSON line does not parse (with its number).
     """
     if not os.path.exists(path):
         raise DataError(f"data file {path!r} does not exist; pass a .jsonl, .csv or .txt file or a built-in "
@@ -89,8 +89,9 @@ def read_records(path: str) -> list[dict[str, Any]]:
     if os.path.isdir(path):
         raise DataError(f"{path!r} is a directory; pass a .jsonl, .csv or .txt file")
     ext = os.path.splitext(path)[1].lower()
+    _check_utf8(path)
     # utf-8-sig: files saved by Excel and Notepad start with a byte-order mark, which is not part of the data.
-    with open(path, encoding="utf-8-sig", errors="replace", newline="" if ext in (".csv", ".tsv") else None) as fh:
+    with open(path, encoding="utf-8-sig", newline="" if ext in (".csv", ".tsv") else None) as fh:
         if ext == ".json" and _starts_with(fh, "["):
             records = _read_json_array(fh, path)
         elif ext in (".jsonl", ".json", ".ndjson"):
@@ -105,6 +106,24 @@ def read_records(path: str) -> list[dict[str, Any]]:
     if not records:
         raise DataError(f"{path} holds no records")
     return records
+
+
+def _check_utf8(path: str) -> None:
+    """Refuse a file that is not UTF-8, naming the line: decoding it anyway would train on U+FFFD in place of
+    every accented letter (a Latin-1 or Windows-1252 file), silently.
+
+    Raises:
+        DataError: ``path:line``, the byte, and how to re-save the file.
+    """
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: byte 0x{raw[exc.start]:02x} is not UTF-8 (the file is in another encoding, "
+                        "such as Latin-1 or Windows-1252); re-save it as UTF-8, e.g. iconv -f cp1252 -t utf-8") \
+            from None
 
 
 class Records(list):
