@@ -148,3 +148,59 @@ def test_dpo_reference_is_the_policy_with_its_adapter_disabled(tmp_path, base_di
     assert not torch.allclose(policy_logits, base_logits)
     trainer.save_model(str(tmp_path / "saved"))
     check_adapter_dir(tmp_path / "saved", base_dir)
+
+
+def test_grpo_generates_with_the_adapter_on_and_its_reference_is_the_adapter_disabled(tmp_path, base_dir):
+    """GRPO with beta > 0: the reference is the policy with its adapter disabled (no second model); generation runs
+    with the adapter on; only adapter tensors change; the saved files load in peft and deltatune alike."""
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig
+
+    from deltatune.integrations.trl import GRPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    rows = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in tinymodels.prompt_records(4)])
+
+    def reward_len(completions, **_kw):  # a tiny reward: shorter completions score higher
+        return [-float(len(c)) for c in completions]
+
+    torch.manual_seed(0)
+    model = deltatune.get_peft_model(fresh(base_dir), lora_config())
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=6, learning_rate=5e-2, beta=0.1, report_to=[], save_strategy="no",
+                      use_cpu=True, disable_tqdm=True, seed=0, logging_steps=1, bf16=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, processing_class=tok, train_dataset=rows)
+    assert isinstance(trainer.ref_model, AdapterDisabledReference)
+    assert sum(1 for _ in trainer.ref_model.parameters()) == 0  # no second copy of the base model
+    assert args.beta == 0.1 and trainer.beta == 0.1
+
+    # Which calls ran with the adapter on: one-token decode steps are generation, full-length calls are scoring.
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    seen: list[tuple[int, bool]] = []
+    layer.register_forward_pre_hook(lambda mod, inp: seen.append((inp[0].shape[1], mod.disable_adapters)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    decode = [off for length, off in seen if length == 1]
+    assert decode and not any(decode)  # generation: adapter on at every step
+    assert any(off for length, off in seen if length > 1)  # the reference: adapter off
+    assert not layer.disable_adapters
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed), sorted(changed)
+    # Step 1: the policy equals its reference (LoRA B = 0), so the KL term is exactly 0; after an update it is not.
+    kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert len(kls) == 2 and kls[0] == pytest.approx(0.0, abs=1e-7) and kls[1] > 0
+    trainer.save_model(str(tmp_path / "saved"))
+    check_adapter_dir(tmp_path / "saved", base_dir)
+
+
+def test_grpo_refuses_sync_ref_model_with_a_deltatune_model(tmp_path, base_dir):
+    from trl import GRPOConfig
+
+    from deltatune.integrations.trl import GRPOTrainer
+
+    model = deltatune.get_peft_model(fresh(base_dir), lora_config())
+    args = GRPOConfig(output_dir=str(tmp_path), beta=0.1, sync_ref_model=True, use_cpu=True, report_to=[],
+                      per_device_train_batch_size=2, num_generations=2)
+    with pytest.raises(ValueError, match="pass sync_ref_model=False"):
+        GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                    train_dataset=datasets.Dataset.from_list([{"prompt": "a"}]))

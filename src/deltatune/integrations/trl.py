@@ -16,6 +16,7 @@ from typing import Any
 
 import trl
 from torch import nn
+from trl.trainer.utils import add_fused_lm_head
 
 from deltatune.config import PeftConfig
 from deltatune.errors import ConfigError
@@ -104,4 +105,34 @@ class DPOTrainer(_TRLAdapterMixin, trl.DPOTrainer):
         return args, kwargs
 
 
-__all__ = ["AdapterDisabledReference", "DPOTrainer", "SFTTrainer"]
+class GRPOTrainer(_TRLAdapterMixin, trl.GRPOTrainer):
+    """``trl.GRPOTrainer``: generation runs the policy with its adapter on; with ``beta > 0`` the reference is the
+    policy with its adapter disabled (:class:`AdapterDisabledReference`), not a second model loaded from the hub.
+    """
+
+    def __init__(self, model: Any = None, reward_funcs: Any = None, args: Any = None, *rest: Any,
+                 **kwargs: Any) -> None:
+        ours = isinstance(model, PeftModel) or isinstance(kwargs.get("peft_config"), PeftConfig)
+        beta = float(getattr(args, "beta", 0.0) or 0.0) if ours else 0.0
+        if ours and getattr(args, "sync_ref_model", False):
+            raise ConfigError("sync_ref_model=True needs a second reference model; with a deltatune adapter the "
+                              "reference is the adapter disabled: pass sync_ref_model=False")
+        # TRL builds its reference by loading the model again from config.name_or_path whenever beta != 0 and the
+        # model is not a peft.PeftModel. Hide beta while TRL's __init__ runs (nothing else there reads it), then
+        # install the adapter-disabled reference the way TRL installs its own (fused LM head, no dropout to turn
+        # off: it holds no modules of its own, and no accelerator.prepare: it holds no parameters).
+        if beta:
+            args.beta = 0.0
+        try:
+            super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        finally:
+            if beta:
+                args.beta = beta
+        if beta and self.deltatune_model is not None:
+            self.beta = beta
+            self.ref_model = AdapterDisabledReference(self.deltatune_model)
+            add_fused_lm_head(self.ref_model, temperature=self.temperature,
+                              cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+
+
+__all__ = ["AdapterDisabledReference", "DPOTrainer", "GRPOTrainer", "SFTTrainer"]
