@@ -1,7 +1,14 @@
 """Fine-tuning: data formats and tokenisation, a plain PyTorch trainer with exact resume, metrics, plots."""
 
 from deltatune.training.data import Dataset, Encoder, collate, load_dataset, read_records
-from deltatune.training.trainer import TrainConfig, Trainer, TrainingInterrupted, TrainResult
+from deltatune.training.trainer import (
+    CheckpointError,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    TrainingInterrupted,
+    TrainResult,
+)
 
-__all__ = ["Dataset", "Encoder", "TrainConfig", "TrainResult", "Trainer", "TrainingInterrupted", "collate",
-           "load_dataset", "read_records"]
+__all__ = ["CheckpointError", "Dataset", "Encoder", "TrainConfig", "TrainResult", "Trainer", "TrainingDiverged",
+           "TrainingInterrupted", "collate", "load_dataset", "read_records"]
