@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, TaskType
-from deltatune.core.io import BIN_NAME, SAFETENSORS_NAME, atomic_save_tensors, load_adapter_weights, resolve_adapter_dir
+from deltatune.core.io import (
+    check_adapter_pair,
+    load_adapter_weights,
+    resolve_adapter_dir,
+    save_adapter_files,
+    sweep_stale_temp_files,
+)
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.core.state_dict import adapter_state_dict, check_and_load, to_model_keys
@@ -340,7 +346,8 @@ class PeftModel(nn.Module):
         """Write each adapter as ``adapter_model.safetensors`` + ``adapter_config.json``.
 
         The ``"default"`` adapter goes into ``save_directory`` itself, any other into
-        ``save_directory/<name>``, as PEFT does. Each file is written to a temporary name and renamed.
+        ``save_directory/<name>``, as PEFT does. The two files are replaced as a pair (``core.io.save_adapter_files``):
+        a reader sees the old adapter or the new one, also after a crash in the middle.
 
         Sharded with FSDP2 (``fully_shard``): call this on every rank (``is_main_process=rank == 0``); the
         shards are gathered into full tensors and only the main process writes.
@@ -380,20 +387,17 @@ class PeftModel(nn.Module):
                 sub = os.path.join(initial_dir, name)
                 where = sub if name != "default" and os.path.isdir(sub) else os.fspath(initial_dir)
                 state, config = to_plain_lora(state, load_adapter_weights(where), config, where)
-            file = SAFETENSORS_NAME if safe_serialization else BIN_NAME
-            atomic_save_tensors(state, os.path.join(out_dir, file), safe_serialization=safe_serialization)
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = _model_name_or_path(self.get_base_model())
             if config.task_type is None and config.auto_mapping is None:
                 # Without a task type, PEFT records which class to rebuild the base model with.
                 cls = type(self.get_base_model())
                 config.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
-            inference_mode = config.inference_mode
-            config.inference_mode = True  # PEFT's files say so; loading decides trainability
-            try:
-                config.save_pretrained(out_dir)
-            finally:
-                config.inference_mode = inference_mode
+            data = config.to_dict()
+            data["inference_mode"] = True  # PEFT's files say so; loading decides trainability
+            # Weights and config replaced as one pair (a reader never sees one file of each save).
+            save_adapter_files(out_dir, state, data, safe_serialization=safe_serialization)
+            sweep_stale_temp_files(out_dir)  # leftovers of saves killed over an hour ago
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -406,6 +410,7 @@ class PeftModel(nn.Module):
         """
         validate_adapter_name(adapter_name)
         directory = resolve_adapter_dir(model_id, kwargs.get("subfolder"))
+        pair = config is None  # the directory's own config: it must be the one the weights were saved with
         config = config or PeftConfig.from_pretrained(directory)
         weights = load_adapter_weights(directory, device=_device_of(model))
         _fit_config_to_file(config, weights)
@@ -419,6 +424,8 @@ class PeftModel(nn.Module):
             peft_model = target_cls(model, config, adapter_name)
         try:
             peft_model._load_weights(weights, adapter_name)
+            if pair:  # after the shape checks, whose messages are more specific; catches what fits but differs
+                check_adapter_pair(directory)
         except BaseException:
             peft_model._remove_adapter(adapter_name)
             raise
@@ -434,6 +441,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"an adapter named {adapter_name!r} is already loaded; pick another name")
         directory = resolve_adapter_dir(model_id, kwargs.get("subfolder"))
+        pair = config is None
         config = config or PeftConfig.from_pretrained(directory)
         weights = load_adapter_weights(directory, device=_device_of(self))
         _fit_config_to_file(config, weights)
@@ -442,6 +450,8 @@ class PeftModel(nn.Module):
             self.add_adapter(adapter_name, config)
         try:
             self._load_weights(weights, adapter_name)
+            if pair:
+                check_adapter_pair(directory)
         except BaseException:
             self._remove_adapter(adapter_name)
             raise
