@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,13 +79,13 @@ def test_save_pretrained_on_a_full_disk_keeps_the_saved_adapter(tmp_path, monkey
     perturb_trainable(pm)
     if safe:
         def fail(tensors, path, metadata=None):
-            open(path, "wb").write(b"\0" * 10)
+            Path(path).write_bytes(b"\0" * 10)
             raise DISK_FULL["safetensors"]
 
         monkeypatch.setattr(io, "save_file", fail)
     else:
         def fail(obj, path, *args, **kwargs):
-            open(path, "wb").write(b"\0" * 10)
+            Path(path).write_bytes(b"\0" * 10)
             raise DISK_FULL["torch_writer"]
 
         monkeypatch.setattr(torch, "save", fail)
