@@ -413,7 +413,7 @@ class PeftModel(nn.Module):
         pair = config is None  # the directory's own config: it must be the one the weights were saved with
         config = config or PeftConfig.from_pretrained(directory)
         weights = load_adapter_weights(directory, device=_device_of(model))
-        _fit_config_to_file(config, weights)
+        _fit_config_to_file(config, weights, directory)
         config.inference_mode = not is_trainable
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
@@ -444,7 +444,7 @@ class PeftModel(nn.Module):
         pair = config is None
         config = config or PeftConfig.from_pretrained(directory)
         weights = load_adapter_weights(directory, device=_device_of(self))
-        _fit_config_to_file(config, weights)
+        _fit_config_to_file(config, weights, directory)
         config.inference_mode = not is_trainable
         with _no_reinit(config):
             self.add_adapter(adapter_name, config)
@@ -468,11 +468,16 @@ class PeftModel(nn.Module):
         check_and_load(self, model_state, adapter_name, containers, config.base_model_name_or_path)
 
 
-def _fit_config_to_file(config: PeftConfig, weights: dict[str, torch.Tensor]) -> None:
-    """The method's ``fit_config_to_file`` hook, where it has one (see the registry)."""
+def _fit_config_to_file(config: PeftConfig, weights: dict[str, torch.Tensor], directory: str) -> None:
+    """The method's ``fit_config_to_file`` hook, where it has one (see the registry); then, before anything is
+    built from the config, its sizes are checked against the file's shapes (``r: 1000000000`` would otherwise
+    allocate its tensors before the mismatch is found)."""
+    from deltatune.core.checks import check_config_fits_file
+
     fit = method_for(config.peft_type).fit_config_to_file
     if fit is not None:
         fit(config, weights)
+    check_config_fits_file(config, weights, directory)
 
 
 @contextlib.contextmanager

@@ -683,24 +683,61 @@ def forgetting_texts(path: str) -> list[str]:
 
 # ---- adapters on disk ----------------------------------------------------------------------------------------
 def read_json(path: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ``{}`` when there is no such file."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            value = json.load(fh)
     except FileNotFoundError:
         return {}
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON ({exc.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise UsageError(f"{path} is not valid JSON ({reason}); re-save it") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} must hold a JSON object, found a {type(value).__name__}; re-save it")
+    return value
+
+
+def check_adapter_dir(adapter_dir: str, flag: str | None = "--adapter") -> dict[str, Any]:
+    """The adapter directory's ``adapter_config.json``, once the directory is known to be one.
+
+    Raises:
+        UsageError: the path does not exist, is a file (the weight file instead of its directory), or holds no
+            ``adapter_config.json``, or one that names no ``peft_type`` (``{}``, say). ``flag`` is the option that
+            gave the path, for the message.
+    """
+    from deltatune.core.io import CONFIG_NAME
+
+    what = f"{flag} {adapter_dir}" if flag else adapter_dir
+    if not os.path.exists(adapter_dir):
+        raise UsageError(f"{what} does not exist, so it is not a directory of an adapter; pass the directory that "
+                         "train (or save_pretrained) wrote")
+    if not os.path.isdir(adapter_dir):
+        raise UsageError(f"{what} is a file, not a directory; pass the directory that holds it "
+                         f"({os.path.dirname(os.path.abspath(adapter_dir))})")
+    path = os.path.join(adapter_dir, CONFIG_NAME)
+    if not os.path.exists(path):
+        raise UsageError(f"{adapter_dir} has no {CONFIG_NAME}; is it an adapter directory?")
+    config = read_json(path)
+    if not config:
+        raise UsageError(f"{adapter_dir}: {CONFIG_NAME} is empty: it names no peft_type, so it describes no adapter; "
+                         "re-save the adapter (save_pretrained writes the whole config)")
+    if not config.get("peft_type"):
+        raise UsageError(f"{path} names no peft_type, so deltatune cannot tell which method wrote it; re-save the "
+                         "adapter, or add the method's peft_type (LORA, IA3...)")
+    return config
+
+
+def check_adapter_weights(adapter_dir: str) -> None:
+    """Refuse an adapter whose weight file holds NaN or Inf (one line naming the file and the first bad tensor):
+    every command that uses an adapter calls this before using it (see :mod:`deltatune.core.checks`)."""
+    from deltatune.core.checks import check_adapter_finite
+
+    check_adapter_finite(adapter_dir)
 
 
 def adapter_base_and_labels(adapter_dir: str, model_arg: str | None) -> tuple[ModelSpec, list[str] | None, dict]:
     """The base model an adapter expects (``--model`` wins) and, for classifiers, its labels."""
-    from deltatune.core.io import CONFIG_NAME
-
-    if not os.path.isdir(adapter_dir):
-        raise UsageError(f"--adapter {adapter_dir!r} is not a directory; pass the directory training wrote")
-    config = read_json(os.path.join(adapter_dir, CONFIG_NAME))
-    if not config:
-        raise UsageError(f"{adapter_dir} has no adapter_config.json; is it an adapter directory?")
+    check_adapter_dir(adapter_dir)
     run = read_json(os.path.join(adapter_dir, RUN_CONFIG_NAME))
     base = model_arg or recorded_base(adapter_dir, run)
     if not base:
@@ -754,10 +791,11 @@ def load_with_adapter(adapter_dir: str | None, model_arg: str | None, device: to
 
 
 def attach_adapter(model: nn.Module, adapter_dir: str, model_arg: str | None, spec: ModelSpec, run: dict):
-    """``PeftModel.from_pretrained`` for inference; an adapter that does not fit a ``--model`` other than its own
-    base is a usage error that names the base it was trained on."""
+    """``PeftModel.from_pretrained`` for inference, once the weights are known to be finite; an adapter that does
+    not fit a ``--model`` other than its own base is a usage error that names the base it was trained on."""
     from deltatune import PeftModel
 
+    check_adapter_weights(adapter_dir)
     try:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     except DeltatuneError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from deltatune.cli import common
 from deltatune.cli.common import UsageError
@@ -37,8 +38,9 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     run = {}
-    if args.adapter:
-        run = common.read_json(f"{args.adapter}/{common.RUN_CONFIG_NAME}")
+    if args.adapter:  # before the adapter's settings are read: a wrong path must not surface as a data error
+        common.check_adapter_dir(args.adapter)
+        run = common.read_json(os.path.join(args.adapter, common.RUN_CONFIG_NAME))
     settings = {**common.DEFAULTS, **{k: v for k, v in run.items() if k in common.DEFAULTS}}
     settings.update(common.recipe_for(args.data or settings["data"], args.model or settings["model"]))
     if run and not args.data:  # the adapter's own run settings beat the recipe

@@ -14,7 +14,7 @@ import struct
 from collections import Counter
 from typing import Any
 
-from deltatune.cli.common import UsageError, human_bytes, read_json
+from deltatune.cli.common import UsageError, check_adapter_dir, human_bytes
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -24,39 +24,61 @@ def read_safetensors_header(path: str) -> dict[str, dict[str, Any]]:
     """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors file's JSON header.
 
     The format is an 8-byte little-endian header length, the JSON header, then the raw bytes; reading
-    the header costs nothing however large the file is.
+    the header costs nothing however large the file is. The header is checked as safetensors itself checks it
+    (every entry a dtype, a shape and offsets that fit the file), so a truncated or corrupt file is one line.
+
+    Raises:
+        UsageError: the file is not a readable, complete safetensors file.
     """
+    from safetensors import SafetensorError, safe_open
+
+    def broken(reason: str) -> UsageError:
+        return UsageError(f"{path} is not a readable safetensors file ({reason}): it is truncated or corrupt; "
+                          "re-save or re-download the adapter")
+
     try:
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             if n > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(fh.read(n))
+        with safe_open(path, "pt"):  # validates the header against the file: offsets, sizes, dtypes
+            pass
+    except SafetensorError as exc:
+        raise broken(str(exc).splitlines()[0][:200]) from None
     except (OSError, ValueError, struct.error) as exc:
-        raise UsageError(f"{path} is not a readable safetensors file ({type(exc).__name__}); re-save the adapter"
-                         ) from None
+        raise broken(type(exc).__name__) from None
+    if not isinstance(header, dict):
+        raise broken("its header is not a JSON object")
     header.pop("__metadata__", None)
     return header
 
 
 def describe(directory: str) -> dict[str, Any]:
-    """A summary of the adapter in ``directory`` (see :func:`main` for the fields)."""
-    if not os.path.isdir(directory):
-        raise UsageError(f"{directory!r} is not a directory; pass the adapter directory")
-    config_path = os.path.join(directory, "adapter_config.json")
-    config = read_json(config_path)
-    if not config:
-        raise UsageError(f"{directory} has no adapter_config.json; is it an adapter directory?")
+    """A summary of the adapter in ``directory`` (see :func:`main` for the fields).
+
+    Raises:
+        UsageError: not an adapter directory, a config of an unknown method, or weight files that cannot be read
+            (truncated, or a ``.bin`` that holds pickled code): one line each.
+    """
+    from deltatune.errors import ConfigError
+    from deltatune.registry import method_for
+
+    config = check_adapter_dir(directory, None)
+    try:
+        method_for(config.get("peft_type"))
+    except ConfigError as exc:
+        raise UsageError(f"{os.path.join(directory, 'adapter_config.json')}: {exc}") from None
     st_path = os.path.join(directory, "adapter_model.safetensors")
     bin_path = os.path.join(directory, "adapter_model.bin")
     if os.path.exists(st_path):
         path = st_path
         tensors = {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in read_safetensors_header(st_path).items()}
     elif os.path.exists(bin_path):
-        import torch
+        from deltatune.core.io import load_adapter_weights
 
         path = bin_path
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        state = load_adapter_weights(directory)  # weights only: a pickle holding code is refused in one line
         tensors = {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)} for k, v in state.items()}
     else:
         raise UsageError(f"{directory} has no adapter_model.safetensors or adapter_model.bin")

@@ -14,7 +14,6 @@ merged model's logits from the unmerged model's on a few fixed inputs, is printe
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import re
@@ -26,6 +25,8 @@ import torch
 
 from deltatune.cli import common
 from deltatune.cli.common import UsageError, human_bytes
+from deltatune.core.io import is_disk_full
+from deltatune.errors import DiskFullError
 
 # A few fixed inputs on which the merged model's logits are compared with the unmerged model's.
 PROBE_TEXTS = (
@@ -150,14 +151,6 @@ def _is_merge_output(name: str) -> bool:
     return _OUTPUT_FILE.fullmatch(name) is not None
 
 
-def _no_space(exc: BaseException) -> bool:
-    """Whether ``exc`` is a full disk (or quota): an ``OSError``, or safetensors' error text for one."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc)
-    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
-
-
 def _write_dir(out: str, write: Callable[[str], None]) -> int:
     """Run ``write(tmp)`` on a temporary directory beside ``out``, then move its files into ``out``: a failure
     leaves no half-written output (and an existing ``out`` as it was). Into an existing ``out`` (``--overwrite``)
@@ -184,10 +177,11 @@ def _write_dir(out: str, write: Callable[[str], None]) -> int:
                 os.unlink(os.path.join(out, name))
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _no_space(exc):
-            raise UsageError(f"no space left on device while writing {out}; nothing was written there: free some "
-                             f"space on that disk (or pass an --output-dir on another one) and run the merge "
-                             "again") from None
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            full = DiskFullError(out, getattr(exc, "errno", None))
+            full.strerror = (f"no space left on device writing {out}; nothing was written there: free some space "
+                             "on that disk (or pass an --output-dir on another one) and run the merge again")
+            raise full from None
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return size
@@ -244,7 +238,6 @@ def _fold_and_write(model, tokenizer, out: str, args: argparse.Namespace, base_q
 def combine(args: argparse.Namespace) -> int:
     """``--adapters``: load every adapter onto one base, ``add_weighted_adapter``, save the result."""
     from deltatune import PeftModel
-    from deltatune.core.io import CONFIG_NAME
 
     dirs = list(args.adapters)
     weights = args.weights if args.weights is not None else [1.0 / len(dirs)] * len(dirs)
@@ -266,9 +259,10 @@ def combine(args: argparse.Namespace) -> int:
                 raise UsageError(f"{dirs[0]} expects base {spec.name} but {d} expects {other.name}; combine "
                                  "adapters trained on the same base (or pass --model to force one)")
     for d in dirs:
-        peft_type = common.read_json(os.path.join(d, CONFIG_NAME)).get("peft_type")
+        peft_type = common.check_adapter_dir(d, "--adapters").get("peft_type")
         if str(peft_type).upper() != "LORA":
             raise UsageError(f"{d} is a {peft_type} adapter; --adapters combines LoRA adapters only")
+        common.check_adapter_weights(d)
     base, tokenizer = common.load_model(spec, labels=labels or run.get("labels"), device=torch.device("cpu"))
     base_quant = common.run_quantize(run, args.quantize) if args.merge_into_base else None
     base = common.quantize_base(base, base_quant)  # the base the adapters were trained on (QLoRA), to fold into

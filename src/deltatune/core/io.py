@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -157,10 +158,21 @@ def load_adapter_weights(directory: str, device: str | torch.device = "cpu") -> 
     if os.path.exists(bin_path):
         try:
             state = torch.load(bin_path, map_location=device, weights_only=True)
-        except Exception as exc:  # weights_only refuses arbitrary pickles with various exception types
+        except pickle.UnpicklingError as exc:
+            # Never torch's text: it advises weights_only=False, exactly what must never happen to a foreign file.
+            found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+            if found:  # the pickle names a function or class: it would build objects or run code
+                raise AdapterLoadError(
+                    f"{bin_path} holds pickled code or objects (it calls {found.group(1)}), not only tensors; "
+                    "deltatune will not run them: convert the adapter to safetensors "
+                    "(save_pretrained(..., safe_serialization=True) where it was made)"
+                ) from None
+            raise AdapterLoadError(f"{bin_path} is not a readable torch file (not a pickle of tensors): it is "
+                                   "corrupt; re-save or re-download it, as safetensors") from None
+        except Exception as exc:  # not a torch file at all, or cut short
             raise AdapterLoadError(
-                f"{bin_path} could not be read as plain tensors ({type(exc).__name__}: {exc}); "
-                "deltatune never unpickles code, re-save the adapter with safe_serialization=True"
+                f"{bin_path} is not a readable torch file ({type(exc).__name__}): it is truncated or corrupt; "
+                "re-save or re-download it, as safetensors"
             ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterLoadError(f"{bin_path} does not hold a flat dict of tensors")
