@@ -208,9 +208,13 @@ def test_loraplus_gives_lora_b_a_larger_learning_rate(llama_dir, tok, tmp_path):
 
 @pytest.mark.parametrize("remove_unused_columns", [False, True])
 def test_peft_model_trains_under_transformers_trainer(llama_dir, tok, tmp_path, remove_unused_columns):
-    """A deltatune PeftModel is an ordinary nn.Module to ``transformers.Trainer``: it trains and saves."""
+    """A plain ``transformers.Trainer`` refuses a deltatune PeftModel when built (its checkpoints would be full models
+    of internal key names); ``AdapterTrainer`` trains it and only the adapter changes."""
     from transformers import Trainer as HFTrainer
     from transformers import TrainingArguments
+
+    from deltatune.errors import ConfigError
+    from deltatune.integrations.transformers import AdapterTrainer
 
     model = _peft_model(llama_dir)
     before = _trainable(model)
@@ -220,7 +224,9 @@ def test_peft_model_trains_under_transformers_trainer(llama_dir, tok, tmp_path, 
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=6, per_device_train_batch_size=4,
                              learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
                              remove_unused_columns=remove_unused_columns)
-    trainer = HFTrainer(model=model, args=args, train_dataset=data)
+    with pytest.raises(ConfigError, match="AdapterTrainer"):
+        HFTrainer(model=model, args=args, train_dataset=data)
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=data)
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert result.global_step == 6 and losses[-1] < losses[0]
