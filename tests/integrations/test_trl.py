@@ -204,3 +204,54 @@ def test_grpo_refuses_sync_ref_model_with_a_deltatune_model(tmp_path, base_dir):
     with pytest.raises(ValueError, match="pass sync_ref_model=False"):
         GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
                     train_dataset=datasets.Dataset.from_list([{"prompt": "a"}]))
+
+
+@pytest.mark.parametrize("how", ["BitsAndBytesConfig", "deltatune.quantize"])
+def test_sft_on_a_4bit_base_trains_only_the_adapter_and_saves_peft_files(tmp_path, base_dir, how):
+    """QLoRA under SFT: an NF4 base (transformers' BitsAndBytesConfig or deltatune.quantize) trains; only adapter
+    tensors change; the saved adapter loads in peft and deltatune over the full-precision base with equal logits."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    if how == "BitsAndBytesConfig":
+        base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    else:
+        base = deltatune.quantize(fresh(base_dir), "nf4")
+    torch.manual_seed(0)
+    model = deltatune.get_peft_model(base, lora_config())
+    rows = datasets.Dataset.from_list([{"text": r["prompt"] + r["completion"]} for r in tinymodels.prompt_records(4)])
+    trainer = SFTTrainer(model=model, args=sft_args(tmp_path), processing_class=tok, train_dataset=rows)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed), sorted(changed)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    trainer.save_model(str(tmp_path / "saved"))
+    check_adapter_dir(tmp_path / "saved", base_dir)
+
+
+def test_sft_gradient_checkpointing_gives_the_same_first_loss_and_trains(tmp_path, base_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    rows = datasets.Dataset.from_list([{"text": r["prompt"] + r["completion"]} for r in tinymodels.prompt_records(4)])
+
+    def run(checkpointing):
+        torch.manual_seed(0)
+        model = deltatune.get_peft_model(fresh(base_dir), lora_config())
+        trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=rows,
+                             args=sft_args(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing))
+        before = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
+        trainer.train()
+        assert model.get_base_model().is_gradient_checkpointing == checkpointing
+        moved = [k for k, v in before.items() if not torch.equal(v, model.state_dict()[k])]
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h], moved, len(before)
+
+    plain, moved_plain, n = run(False)
+    ckpt, moved_ckpt, _ = run(True)
+    assert ckpt[0] == pytest.approx(plain[0], rel=1e-6)
+    assert len(moved_ckpt) == n and len(moved_plain) == n  # every LoRA B got a gradient through the checkpoints
+    assert ckpt[1] == pytest.approx(plain[1], rel=1e-4)  # and the same one: step 2 starts from the same weights
