@@ -200,3 +200,30 @@ def test_other_files_in_the_directory_are_kept(tmp_path, pair):
     old.save_pretrained(tmp_path)
     new.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == [io.CONFIG_NAME, io.SAFETENSORS_NAME, "metrics.jsonl", "other"]
+
+
+def test_the_training_runs_sweep_completes_an_interrupted_save_before_deleting_temporaries(tmp_path, monkeypatch,
+                                                                                          pair):
+    """``deltatune train`` sweeps ``.tmp-*`` files at its start; a killed save's journal names some of them, and
+    deleting those would lose the new adapter: the sweep rolls the save forward first."""
+    from deltatune.training import runlock
+
+    old, new, inputs, out_old, out_new = pair
+    old.save_pretrained(tmp_path)
+    calls = {"n": 0}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if calls["n"] == 1 and not str(dst).endswith(".deltatune-save.json"):
+            raise Killed
+        calls["n"] += 1
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / ".deltatune-save.json").exists()
+    runlock.sweep_temp_files(str(tmp_path))
+    assert not list(tmp_path.glob(".tmp-*")) and not (tmp_path / ".deltatune-save.json").exists()
+    assert _which(_load(tmp_path, inputs), out_old, out_new) == "new"

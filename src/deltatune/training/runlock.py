@@ -12,6 +12,7 @@ import contextlib
 import os
 import time
 
+from deltatune.core.io import sweep_stale_temp_files
 from deltatune.errors import DeltatuneError
 
 try:
@@ -20,7 +21,6 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".deltatune.lock"
-TEMP_PREFIX = ".tmp-"  # deltatune.core.io.atomic_write's temporary files
 
 
 class OutputDirInUseError(DeltatuneError, RuntimeError):
@@ -118,16 +118,11 @@ def check_free(directory: str) -> None:
 
 
 def sweep_temp_files(*directories: str) -> list[str]:
-    """Delete ``.tmp-*`` files that killed saves left in ``directories``. Call only while holding the run lock:
-    then no live process of this run is writing them."""
-    removed = []
+    """Delete ``.tmp-*`` files that killed saves left in ``directories``, after completing any interrupted adapter
+    save whose journal names them. Call only while holding the run lock: then no live process of this run is
+    writing them, so their age does not matter."""
+    removed: list[str] = []
     for directory in directories:
-        if not os.path.isdir(directory):
-            continue
-        for name in os.listdir(directory):
-            path = os.path.join(directory, name)
-            if name.startswith(TEMP_PREFIX) and os.path.isfile(path) and not os.path.islink(path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    removed.append(path)
+        if os.path.isdir(directory):
+            removed += sweep_stale_temp_files(directory, min_age_s=0)
     return removed
