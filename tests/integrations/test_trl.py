@@ -255,3 +255,31 @@ def test_sft_gradient_checkpointing_gives_the_same_first_loss_and_trains(tmp_pat
     assert ckpt[0] == pytest.approx(plain[0], rel=1e-6)
     assert len(moved_ckpt) == n and len(moved_plain) == n  # every LoRA B got a gradient through the checkpoints
     assert ckpt[1] == pytest.approx(plain[1], rel=1e-4)  # and the same one: step 2 starts from the same weights
+
+
+@pytest.mark.parametrize("name", ["SFTTrainer", "DPOTrainer", "GRPOTrainer"])
+def test_trls_own_trainers_refuse_a_deltatune_model_at_construction_naming_ours(tmp_path, base_dir, name):
+    """TRL's trainers subclass transformers.Trainer, whose construction reads the model's
+    is_distributed_loading_by_transformers: a deltatune model is refused there in one line naming the fix (before
+    TRL loads a second reference model or trains anything)."""
+    import trl
+    from transformers import AutoTokenizer
+
+    from deltatune.errors import ConfigError
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = deltatune.get_peft_model(fresh(base_dir), lora_config())
+    common = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2)
+    if name == "SFTTrainer":
+        rows, args, extra = [{"text": "a b c"}] * 2, trl.SFTConfig(**common), {}
+    elif name == "DPOTrainer":
+        rows, args, extra = [{"prompt": "a", "chosen": " b", "rejected": " c"}] * 2, trl.DPOConfig(**common), {}
+    else:
+        rows = [{"prompt": "a"}] * 2
+        args = trl.GRPOConfig(**common, num_generations=2, beta=0.1)
+        extra = {"reward_funcs": lambda completions, **kw: [0.0] * len(completions)}
+    with pytest.raises(ConfigError) as info:
+        getattr(trl, name)(model=model, args=args, processing_class=tok,
+                           train_dataset=datasets.Dataset.from_list(rows), **extra)
+    message = str(info.value)
+    assert "\n" not in message and "deltatune.integrations.trl.SFTTrainer/DPOTrainer/GRPOTrainer" in message
