@@ -162,6 +162,10 @@ class PeftConfig:
             raise AdapterLoadError(f"{path} is not valid JSON ({exc}); re-save the adapter") from None
         if not isinstance(data, dict):
             raise AdapterLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
+        if not {**data, **kwargs}.get("peft_type") and cls is PeftConfig:  # the method decides everything else
+            what = "is empty: it names no peft_type" if not data else "names no peft_type"
+            raise AdapterLoadError(f"{path} {what}, so it describes no adapter; re-save the adapter "
+                                   "(save_pretrained writes the whole config)")
         data.update(kwargs)
         config = cls.from_dict(data)
         if cls is not PeftConfig and not isinstance(config, cls):
