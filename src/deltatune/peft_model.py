@@ -64,6 +64,7 @@ class PeftModel(nn.Module):
             _prompt.init_model(self, model, peft_config, adapter_name)
             return
         self.base_model = AdapterModel(model, peft_config, adapter_name)
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
     def _add_task_heads(self, config: PeftConfig) -> None:
         if self.default_modules_to_save and hasattr(config, "modules_to_save"):
@@ -205,8 +206,14 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # ---- adapters ----------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add another adapter (not made active: call :meth:`set_adapter`)."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add another adapter (not made active: call :meth:`set_adapter`).
+
+        ``autocast_adapter_dtype`` (PEFT's flag): ``True`` keeps the new adapter's tensors in float32 over a
+        float16/bfloat16 base (small adapters train badly in half precision); ``False`` stores them in the base
+        layer's dtype.
+        """
         validate_adapter_name(adapter_name)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _model_name_or_path(self.get_base_model())
@@ -215,7 +222,32 @@ class PeftModel(nn.Module):
             _prompt.add_adapter(self, adapter_name, peft_config)  # refuses to mix the two families
             return
         self.base_model.inject_adapter(adapter_name, peft_config)
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         self.base_model.set_adapter(self.active_adapter)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+        """With ``autocast_adapter_dtype=False`` put ``adapter_name``'s layer tensors in their base layer's dtype.
+
+        The layers create adapters in float32 over a half-precision base (``AdapterLayer._place_adapter``), which
+        is PEFT's ``True``; PEFT's ``False`` leaves them in the base weight's dtype, so this casts them down.
+        """
+        if autocast_adapter_dtype:
+            return
+        for module in self.base_model.model.modules():
+            if not isinstance(module, AdapterLayer) or module.quantized:  # a 4/8-bit base has no float dtype
+                continue
+            weight = getattr(module.base_layer, "weight", None)
+            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+                continue
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr)
+                if adapter_name not in container:
+                    continue
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    container[adapter_name] = nn.Parameter(item.data.to(weight.dtype), requires_grad=item.requires_grad)
+                else:
+                    item.to(weight.dtype)
 
     def set_adapter(self, adapter_name: str) -> None:
         if self._is_prompt_learning:
@@ -421,7 +453,8 @@ class PeftModel(nn.Module):
 
             target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type]
         with _no_reinit(config):
-            peft_model = target_cls(model, config, adapter_name)
+            peft_model = target_cls(model, config, adapter_name,
+                                    autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))
         try:
             peft_model._load_weights(weights, adapter_name)
             if pair:  # after the shape checks, whose messages are more specific; catches what fits but differs
@@ -447,7 +480,8 @@ class PeftModel(nn.Module):
         _fit_config_to_file(config, weights, directory)
         config.inference_mode = not is_trainable
         with _no_reinit(config):
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config,
+                             autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))
         try:
             self._load_weights(weights, adapter_name)
             if pair:
