@@ -85,3 +85,25 @@ def test_merge_disk_full_is_one_line_and_leaves_nothing(capsys, adapter, tmp_pat
     monkeypatch.setattr(modeling_utils, "safe_save_file", real)
 
 
+
+
+def test_merge_overwrite_never_writes_over_a_file_it_does_not_know(capsys, adapter, tmp_path, monkeypatch):
+    """A file the merge writes but that is not one of a merge's known outputs (a tokenizer file of a kind the list
+    lacks, say) is not written over a user's file of that name: refused, and the directory is as it was."""
+    from deltatune.cli import merge
+
+    def writer(merged, tokenizer):
+        def write(tmp):
+            for name in ("config.json", "notes.txt"):
+                with open(os.path.join(tmp, name), "w") as fh:
+                    fh.write("new")
+
+        return write
+
+    monkeypatch.setattr(merge, "_save_model", writer)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    line = one_line_error(capsys, "merge", "--adapter", adapter, "--output-dir", out, "--overwrite")
+    assert "already holds notes.txt" in line, line
+    assert tree(out) == {"notes.txt": b"mine"} and os.listdir(tmp_path) == ["merged"]

@@ -166,8 +166,9 @@ def _write_dir(out: str, write: Callable[[str], None]) -> int:
         if not os.path.exists(out):
             os.replace(tmp, out)
             return size
-        clash = [f for f in written if os.path.isdir(os.path.join(out, f)) or not _is_merge_output(f)]
-        if clash:  # e.g. a tokenizer file of a kind this list does not know, over a file of the user's
+        clash = [f for f in written if os.path.isdir(os.path.join(out, f))
+                 or (os.path.exists(os.path.join(out, f)) and not _is_merge_output(f))]
+        if clash:  # e.g. a tokenizer file of a kind the list does not know, over a file of the user's
             raise UsageError(f"--output-dir {out} already holds {', '.join(clash)}, which this merge would write "
                              "over; choose an empty --output-dir")
         for name in written:
