@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import peft
 import pytest
 import torch
@@ -43,3 +45,69 @@ def test_autocast_false_adapter_loads_in_base_dtype(tmp_path) -> None:
     assert {p.dtype for n, p in loaded.named_parameters() if ".again." in n} == {torch.bfloat16}
     loaded.load_adapter(tmp_path, "upcast")
     assert {p.dtype for n, p in loaded.named_parameters() if ".upcast." in n} == {torch.float32}
+
+
+# ---- PEFT's warnings (PeftWarning) -------------------------------------------------------------
+def test_peft_warning_is_a_user_warning() -> None:
+    assert issubclass(dt.PeftWarning, UserWarning)
+
+
+def _merged_weight_and_warnings(lib, merge_twice) -> tuple[torch.Tensor, list[str]]:
+    model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.merge_adapter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_twice(model)
+    weight = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    return weight, sorted({str(w.message) for w in caught if "merge" in str(w.message)})
+
+
+@pytest.mark.parametrize("again", ["merge_adapter", "merge_adapter_explicit"])
+def test_merging_twice_warns_and_changes_nothing_as_peft(again: str) -> None:
+    def twice(model) -> None:
+        if again == "merge_adapter":
+            model.merge_adapter()
+        else:
+            model.merge_adapter(["default"])
+
+    ours, our_msgs = _merged_weight_and_warnings(dt, twice)
+    theirs, their_msgs = _merged_weight_and_warnings(peft, twice)
+    assert our_msgs == their_msgs == ["All adapters are already merged, nothing to do."]
+    torch.testing.assert_close(ours, theirs)  # merged once, not twice
+
+
+def test_merging_another_adapter_names_the_merged_ones() -> None:
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"]))
+    model.add_adapter("other", dt.LoraConfig(target_modules=["q_proj"]))
+    model.merge_adapter()
+    with pytest.warns(dt.PeftWarning, match="Already following adapters were merged default. "
+                                            "You are now additionally merging other."):
+        model.merge_adapter(["other"])
+    with pytest.warns(dt.PeftWarning, match="All adapters are already merged"):
+        model.merge_and_unload()
+
+
+def test_second_get_peft_model_on_the_same_model_warns() -> None:
+    base = tiny_llama()
+    dt.get_peft_model(base, dt.LoraConfig(target_modules=["q_proj"]))
+    with pytest.warns(dt.PeftWarning, match="modify a model with PEFT for a second time"):
+        dt.get_peft_model(base, dt.LoraConfig(target_modules=["v_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dt.PeftWarning)
+        dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"]))  # a fresh model: silent
+
+
+@pytest.mark.parametrize("attr", ["rank_pattern", "alpha_pattern"])
+def test_pattern_keys_matching_nothing_warn(attr: str) -> None:
+    patterns = {"q_proj": 4, "qproj_typo": 2, r"layers\.7\.self_attn\.q_proj": 2}
+    with pytest.warns(dt.PeftWarning, match=rf"{attr} keys did not match any targeted module and were ignored: "
+                                             r"\['layers\\\\.7\\\\.self_attn\\\\.q_proj', 'qproj_typo'\]"):
+        dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"], **{attr: patterns}))
+    with pytest.warns(RuntimeWarning, match="qproj_typo"):  # PEFT warns about the same keys
+        peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], **{attr: patterns}))
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"]))
+    with pytest.warns(dt.PeftWarning, match="qproj_typo"):
+        model.add_adapter("b", dt.LoraConfig(target_modules=["q_proj"], **{attr: {"qproj_typo": 2}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dt.PeftWarning)
+        dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"], **{attr: {"q_proj": 4}}))

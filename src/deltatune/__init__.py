@@ -5,7 +5,7 @@ from deltatune.adalora import AdaLoraConfig
 from deltatune.bitfit import BitFitConfig
 from deltatune.boft import BOFTConfig
 from deltatune.bottleneck import BottleneckConfig
-from deltatune.config import PeftConfig, PeftType, TaskType
+from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.errors import (
     AdapterLoadError,
     AdapterNameError,
@@ -72,6 +72,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PeftWarning",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptLearningConfig",

@@ -18,6 +18,11 @@ from deltatune.core.io import CONFIG_NAME, atomic_write_text, resolve_adapter_di
 from deltatune.errors import AdapterLoadError, ConfigError
 
 
+class PeftWarning(UserWarning):
+    """The warnings deltatune gives where PEFT gives one (merging twice, adapting an adapted model, a
+    ``rank_pattern`` key that matches nothing): catch or filter them by this class, as ``peft.PeftWarning``."""
+
+
 class PeftType(enum.StrEnum):
     """The method names as PEFT writes them into ``adapter_config.json``."""
 

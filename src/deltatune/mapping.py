@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
-from deltatune.config import PeftConfig, TaskType
+from deltatune.config import PeftConfig, PeftWarning, TaskType
+from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError
 from deltatune.peft_model import (
     PeftModel,
@@ -45,6 +48,10 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         raise ConfigError(f"peft_config must be a deltatune config (e.g. LoraConfig), got {type(peft_config).__name__}")
     if isinstance(model, PeftModel):
         raise ConfigError("model already is a PeftModel; use model.add_adapter(name, config) for another adapter")
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        warnings.warn("You are trying to modify a model with PEFT for a second time: it already holds adapter layers "
+                      "from an earlier get_peft_model. To start over with a different config, call .unload() on the "
+                      "first PeftModel before.", PeftWarning, stacklevel=2)
     if peft_config.base_model_name_or_path is None:
         peft_config.base_model_name_or_path = _model_name_or_path(model)
     if revision is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, TaskType
+from deltatune.config import PeftConfig, PeftWarning, TaskType
 from deltatune.core.io import (
     check_adapter_pair,
     load_adapter_weights,
@@ -65,6 +66,7 @@ class PeftModel(nn.Module):
             return
         self.base_model = AdapterModel(model, peft_config, adapter_name)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        _warn_unmatched_patterns(self.base_model, adapter_name, peft_config)
 
     def _add_task_heads(self, config: PeftConfig) -> None:
         if self.default_modules_to_save and hasattr(config, "modules_to_save"):
@@ -223,6 +225,7 @@ class PeftModel(nn.Module):
             return
         self.base_model.inject_adapter(adapter_name, peft_config)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        _warn_unmatched_patterns(self.base_model, adapter_name, peft_config)
         self.base_model.set_adapter(self.active_adapter)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
@@ -307,8 +310,13 @@ class PeftModel(nn.Module):
             self.base_model.enable_adapter_layers(True)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the active adapters (or ``adapter_names``) into the base weights; unmerge_adapter() undoes it.
+
+        Adapters already merged are skipped with a :class:`PeftWarning`, as PEFT does.
+        """
         if self._is_prompt_learning:
             _prompt.refuse_merge()
+        _warn_already_merged(self.base_model, adapter_names)
         self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
@@ -320,6 +328,7 @@ class PeftModel(nn.Module):
         """Fold the adapters into the weights and return the plain base model (no adapter layers left)."""
         if self._is_prompt_learning:
             _prompt.refuse_merge()
+        _warn_already_merged(self.base_model, adapter_names)
         return self.base_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
@@ -500,6 +509,42 @@ class PeftModel(nn.Module):
         containers = method.containers
         model_state = to_model_keys(self, weights, adapter_name, containers, method.file_suffixes)
         check_and_load(self, model_state, adapter_name, containers, config.base_model_name_or_path)
+
+
+def _adapted_module_names(adapter_model: AdapterModel, adapter_name: str | None = None) -> list[str]:
+    """Names (within the user's model) of the layers holding ``adapter_name`` (any adapter when ``None``)."""
+    return [name for name, layer in adapter_model.adapter_layers()
+            if adapter_name is None or adapter_name in layer.adapter_names()]
+
+
+def _warn_unmatched_patterns(adapter_model: AdapterModel, adapter_name: str, config: PeftConfig) -> None:
+    """PEFT's warning for ``rank_pattern``/``alpha_pattern`` keys that match none of the adapted layers (a typo
+    there silently trains every layer with the default ``r``/``alpha``). Keys match as PEFT's: the end of a name."""
+    if config.peft_type == "ADALORA":  # its rank_pattern is written by training ({module.lora_E: [bool]})
+        return
+    names = _adapted_module_names(adapter_model, adapter_name)
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr, None) or {}
+        unmatched = sorted(k for k in patterns if not any(re.match(rf"(.*\.)?({k})$", n) for n in names))
+        if unmatched:
+            warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
+                          f"{unmatched}.", PeftWarning, stacklevel=4)
+
+
+def _warn_already_merged(adapter_model: AdapterModel, adapter_names: list[str] | None) -> None:
+    """PEFT's warning when merging adapters that are already merged (they are skipped, not added twice)."""
+    merged: list[str] = []
+    for _, layer in adapter_model.adapter_layers():
+        merged += [n for n in layer.merged_adapters if n not in merged]
+    if not merged:
+        return
+    wanted = adapter_model.active_adapters if adapter_names is None else list(adapter_names)
+    todo = [n for n in wanted if n not in merged]
+    if todo:
+        warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally "
+                      f"merging {','.join(todo)}.", PeftWarning, stacklevel=3)
+    else:
+        warnings.warn("All adapters are already merged, nothing to do.", PeftWarning, stacklevel=3)
 
 
 def _fit_config_to_file(config: PeftConfig, weights: dict[str, torch.Tensor], directory: str) -> None:
