@@ -111,3 +111,26 @@ def test_pattern_keys_matching_nothing_warn(attr: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", dt.PeftWarning)
         dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"], **{attr: {"q_proj": 4}}))
+
+
+# ---- disable_adapter and requires_grad -----------------------------------------------------------
+def _trainable(model) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("lib", [dt, peft], ids=["deltatune", "peft"])
+def test_disable_adapter_freezes_adapters_inside_and_restores(lib) -> None:
+    model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    before = _trainable(model)
+    assert any("lora_A" in n for n in before) and any("modules_to_save" in n for n in before)
+    with model.disable_adapter():
+        assert _trainable(model) == []
+    assert _trainable(model) == before
+
+
+def test_disable_adapter_keeps_a_frozen_adapter_frozen(tmp_path) -> None:
+    dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
+    model = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)  # inference mode: nothing trainable
+    with model.disable_adapter():
+        pass
+    assert _trainable(model) == []
