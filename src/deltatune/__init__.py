@@ -39,6 +39,7 @@ from deltatune.prompt import (
     PromptTuningConfig,
 )
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
+from deltatune.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 from deltatune.trainable_tokens import TrainableTokensConfig
 from deltatune.vera import VeraConfig
 
@@ -83,7 +84,9 @@ __all__ = [
     "create_loraplus_optimizer",
     "dequantize",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "merge_and_report",
     "prepare_model_for_kbit_training",
     "quantize",
+    "set_peft_model_state_dict",
 ]
