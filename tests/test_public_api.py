@@ -134,3 +134,116 @@ def test_disable_adapter_keeps_a_frozen_adapter_frozen(tmp_path) -> None:
     with model.disable_adapter():
         pass
     assert _trainable(model) == []
+
+
+# ---- get_layer_status / get_model_status / targeted_module_names -------------------------------------
+def _two_adapter_models():
+    ours = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj", "v_proj"],
+                                                         modules_to_save=["lm_head"]))
+    ours.add_adapter("other", dt.LoraConfig(target_modules=["q_proj"]))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj", "v_proj"],
+                                                               modules_to_save=["lm_head"]))
+    theirs.add_adapter("other", peft.LoraConfig(target_modules=["q_proj"]))
+    return ours, theirs
+
+
+_LAYER_FIELDS = ("name", "enabled", "active_adapters", "merged_adapters", "requires_grad", "available_adapters",
+                 "devices", "quantization_backend")
+_MODEL_FIELDS = ("base_model_type", "peft_types", "trainable_params", "total_params", "num_adapter_layers", "enabled",
+                 "active_adapters", "merged_adapters", "requires_grad", "available_adapters", "devices",
+                 "quantization_backend")
+
+
+def _same_status(ours, theirs, skip: tuple[str, ...] = ()) -> None:
+    layer_fields = [f for f in _LAYER_FIELDS if f not in skip]
+    model_fields = [f for f in _MODEL_FIELDS if f not in skip]
+    our_layers, their_layers = ours.get_layer_status(), theirs.get_layer_status()
+    assert [[getattr(s, f) for f in layer_fields] for s in our_layers] == \
+        [[getattr(s, f) for f in layer_fields] for s in their_layers]
+    our_model, their_model = ours.get_model_status(), theirs.get_model_status()
+    assert {f: getattr(our_model, f) for f in model_fields} == {f: getattr(their_model, f) for f in model_fields}
+
+
+def test_status_matches_peft_through_switch_merge_and_disable() -> None:
+    ours, theirs = _two_adapter_models()
+    status = ours.get_model_status()
+    assert status.peft_types == {"default": "LORA", "other": "LORA"}
+    assert status.num_adapter_layers == 5  # 2 q_proj + 2 v_proj + lm_head's modules_to_save wrapper
+    assert status.requires_grad == {"default": True, "other": False}
+    assert status.active_adapters == ["default"] and status.merged_adapters == [] and status.enabled is True
+    assert status.adapter_model_type == "AdapterModel"
+    _same_status(ours, theirs)
+    for model in (ours, theirs):
+        model.set_adapter("other")
+    _same_status(ours, theirs)
+    for model in (ours, theirs):
+        model.merge_adapter()
+    assert ours.get_model_status().merged_adapters == ["other"]
+    _same_status(ours, theirs)
+    for model in (ours, theirs):
+        model.unmerge_adapter()
+    with ours.disable_adapter(), theirs.disable_adapter():
+        assert ours.get_model_status().enabled is False
+        _same_status(ours, theirs)
+
+
+def test_status_says_irregular_for_an_inconsistent_model() -> None:
+    ours, theirs = _two_adapter_models()
+    for model in (ours, theirs):
+        model.base_model.model.model.layers[0].self_attn.q_proj.enable_adapters(False)  # one layer by hand
+        model.base_model.model.model.layers[1].self_attn.q_proj.merge()
+    status = ours.get_model_status()
+    assert status.enabled == "irregular" and status.merged_adapters == "irregular"
+    # PEFT's layer-level enable_adapters(False) also freezes that layer's tensors; deltatune's layer call does not
+    # (PeftModel.disable_adapter does, as PEFT's), so requires_grad differs after this by-hand call.
+    _same_status(ours, theirs, skip=("requires_grad", "trainable_params"))
+
+
+def test_targeted_module_names_match_peft() -> None:
+    ours, theirs = _two_adapter_models()
+    assert ours.targeted_module_names == theirs.targeted_module_names == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def test_status_of_a_prompt_model_is_a_clear_error() -> None:
+    model = dt.get_peft_model(tiny_llama(), dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(dt.ConfigError, match="prompt-learning adapters .* have none"):
+        model.get_model_status()
+    assert model.targeted_module_names == []
+
+
+# ---- PeftConfig.from_json_file, load_adapter's result ---------------------------------------------------
+def test_from_json_file_returns_the_dict_as_peft(tmp_path) -> None:
+    dt.LoraConfig(r=4, target_modules=["q_proj"]).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = dt.PeftConfig.from_json_file(path)
+    assert data == peft.PeftConfig.from_json_file(str(path))
+    assert data["r"] == 4 and data["peft_type"] == "LORA"
+    assert dt.PeftConfig.from_dict(data) == dt.LoraConfig(r=4, target_modules=["q_proj"])
+    path.write_text('{"peft_type": "LORA", "runtime_config": {"ephemeral_gpu_offload": true}}')
+    with pytest.warns(dt.PeftWarning, match="runtime_config"):
+        assert dt.PeftConfig.from_json_file(path) == {"peft_type": "LORA"}
+    with pytest.raises(dt.AdapterLoadError, match="does not exist"):
+        dt.PeftConfig.from_json_file(tmp_path / "nope.json")
+
+
+def test_load_adapter_returns_peft_load_result(tmp_path) -> None:
+    dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
+    ours = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    our_result = ours.load_adapter(tmp_path, "second")
+    their_result = theirs.load_adapter(str(tmp_path), "second")
+    assert our_result.missing_keys == their_result.missing_keys == []
+    assert our_result.unexpected_keys == their_result.unexpected_keys == []
+    missing, unexpected = our_result  # a named tuple, as torch's load_state_dict result
+    assert type(our_result).__name__ == type(their_result).__name__ == "_IncompatibleKeys"
+
+
+def test_status_functions_are_top_level_and_take_the_model() -> None:
+    ours, _ = _two_adapter_models()
+    assert dt.get_model_status(ours) == ours.get_model_status()
+    assert [s.name for s in dt.get_layer_status(ours)] == [s.name for s in ours.get_layer_status()]
+    assert isinstance(ours.get_layer_status()[0], dt.TunerLayerStatus)
+    with pytest.raises(dt.ConfigError, match="no adapter layers"):
+        dt.get_layer_status(tiny_llama())

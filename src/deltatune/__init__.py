@@ -40,6 +40,7 @@ from deltatune.prompt import (
 )
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
 from deltatune.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
+from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from deltatune.trainable_tokens import TrainableTokensConfig
 from deltatune.vera import VeraConfig
 
@@ -66,6 +67,8 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "TrainableTokensConfig",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering",
@@ -83,6 +86,8 @@ __all__ = [
     "VeraConfig",
     "create_loraplus_optimizer",
     "dequantize",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "merge_and_report",

@@ -151,6 +151,32 @@ class PeftConfig:
         return config
 
     @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object in ``path_json_file``, as a dict (PEFT's method returns the dict, not a config: build one
+        with ``PeftConfig.from_dict``). A ``runtime_config`` entry, which is only meaningful at run time, is
+        dropped with a warning, as PEFT does.
+
+        Raises:
+            AdapterLoadError: the file is missing, not JSON, or not a JSON object.
+        """
+        try:
+            with open(path_json_file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise AdapterLoadError(f"{os.fspath(path_json_file)} does not exist; pass the path of an "
+                                   f"{CONFIG_NAME}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterLoadError(f"{os.fspath(path_json_file)} is not valid JSON ({exc}); re-save the "
+                                   "adapter") from None
+        if not isinstance(data, dict):
+            raise AdapterLoadError(f"{os.fspath(path_json_file)} must hold a JSON object, found {type(data).__name__}")
+        if "runtime_config" in data:
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
+                          "configurations are only valid at runtime.", PeftWarning, stacklevel=2)
+            del data["runtime_config"]
+        return data
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
                         **kwargs: Any) -> PeftConfig:
         """Read ``adapter_config.json`` from a directory (the method's config class is picked for you)."""

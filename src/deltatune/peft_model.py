@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from deltatune.config import PeftConfig, PeftWarning, TaskType
 from deltatune.core.io import (
@@ -99,6 +100,24 @@ class PeftModel(nn.Module):
         if self._is_prompt_learning:
             return [self._active_prompt] if self._active_prompt else []
         return self.base_model.active_adapters
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (within the user's model, e.g. ``model.layers.0.self_attn.q_proj``) of the modules that got adapter
+        layers, in model order; PEFT's attribute of the same name. Empty for prompt-learning adapters."""
+        return [] if self._is_prompt_learning else _adapted_module_names(self.base_model)
+
+    def get_layer_status(self) -> list[Any]:
+        """PEFT's ``TunerLayerStatus`` of every adapter layer (see :func:`deltatune.status.get_layer_status`)."""
+        from deltatune.status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """PEFT's ``TunerModelStatus`` of the model (see :func:`deltatune.status.get_model_status`)."""
+        from deltatune.status import get_model_status
+
+        return get_model_status(self)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model if self._is_prompt_learning else self.base_model.model
@@ -498,8 +517,13 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     config: PeftConfig | None = None, **kwargs: Any) -> None:
-        """Load another adapter directory under ``adapter_name`` (not made active)."""
+                     config: PeftConfig | None = None, **kwargs: Any) -> Any:
+        """Load another adapter directory under ``adapter_name`` (not made active).
+
+        Returns PEFT's load result, torch's ``(missing_keys, unexpected_keys)`` named tuple. deltatune loads
+        strictly (a file that lacks tensors or has extra ones is refused with an ``AdapterLoadError`` and nothing
+        changes), so after a load both lists are empty: code that checks them, as PEFT users do, keeps working.
+        """
         validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"an adapter named {adapter_name!r} is already loaded; pick another name")
@@ -520,6 +544,7 @@ class PeftModel(nn.Module):
             self._remove_adapter(adapter_name)
             raise
         self.set_adapter(self.active_adapter)
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     def _load_weights(self, weights: dict[str, torch.Tensor], adapter_name: str) -> None:
         if self._is_prompt_learning:
