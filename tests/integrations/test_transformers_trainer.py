@@ -236,3 +236,23 @@ def test_adapter_trainer_and_sft_run_without_peft_installed(tmp_path):
 
     assert ("OK sft" if importlib.util.find_spec("trl") else "OK no trl") in out.stdout, out.stdout
     assert os.path.exists(tmp_path / "saved" / "adapter_model.safetensors")
+
+
+def test_fsdp_through_trainer_is_refused_with_the_reason(tmp_path, monkeypatch):
+    """Trainer + Accelerate's FSDP plugin would checkpoint the whole base model for a deltatune model (its
+    adapter-only path is for peft.PeftModel); refused at construction, naming what to use instead. Accelerate makes
+    the plugin DDP on CPU, so the FSDP state is set here as Trainer sets it on a GPU launch."""
+    from transformers import Trainer
+
+    original = Trainer.create_accelerator_and_postprocess
+
+    def as_on_gpu(self):
+        original(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", as_on_gpu)
+    with pytest.raises(ConfigError, match=r"FSDP through transformers\.Trainer.*'deltatune train --fsdp'") as info:
+        AdapterTrainer(model=lora(tiny_llama()), args=args(tmp_path, 1), train_dataset=lm_data())
+    assert "\n" not in str(info.value)
+    # A plain model still goes through (the refusal is about deltatune's adapter saving only).
+    AdapterTrainer(model=tiny_llama(), args=args(tmp_path, 1), train_dataset=lm_data())

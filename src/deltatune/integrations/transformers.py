@@ -42,6 +42,14 @@ from deltatune.peft_model import PeftModel
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
+# Trainer + Accelerate's FSDP plugin decide adapter-only saving with isinstance(model, peft.PeftModel): for a
+# deltatune model every checkpoint would hold the whole base model, and resuming would copy whole adapter tensors
+# into FSDP-sharded parameters. Neither has been run (Accelerate turns the plugin into DDP on CPU, so no CPU test
+# can reach it), so it is refused rather than left to chance.
+FSDP_REFUSAL = ("FSDP through transformers.Trainer/Accelerate (fsdp=... / an FSDP plugin) is not supported for "
+                "deltatune models: its checkpoints would hold the whole base model; use DDP (drop fsdp), or "
+                "'deltatune train --fsdp' / deltatune.distributed.wrap_fsdp for sharded training")
+
 
 def foreign_config_error(config: object) -> ConfigError | None:
     """The error for a config object from another library (``peft.LoraConfig``), naming both; else ``None``."""
@@ -91,6 +99,8 @@ class AdapterTrainerMixin:
             model = self._model_for_trainer(self.deltatune_model)
         with _adapters_attached(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
             super().__init__(model, *args, **kwargs)
+        if self.deltatune_model is not None and getattr(self, "is_fsdp_enabled", False):
+            raise ConfigError(FSDP_REFUSAL)
 
     def _model_for_trainer(self, model: PeftModel) -> nn.Module:
         if needs_wrapper_forward(model):
