@@ -2,6 +2,15 @@
 
 from deltatune import lora  # noqa: F401  (registers the method)
 from deltatune.adalora import AdaLoraConfig
+from deltatune.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from deltatune.bitfit import BitFitConfig
 from deltatune.boft import BOFTConfig
 from deltatune.bottleneck import BottleneckConfig
@@ -19,7 +28,7 @@ from deltatune.ln_tuning import LNTuningConfig
 from deltatune.loha import LoHaConfig
 from deltatune.lokr import LoKrConfig
 from deltatune.lora import LoraConfig
-from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, get_peft_model
+from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, get_peft_model, inject_adapter_in_model
 from deltatune.oft import OFTConfig
 from deltatune.optimizers import create_loraplus_optimizer
 from deltatune.peft_model import (
@@ -51,6 +60,13 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterLoadError",
     "AdapterNameError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "BOFTConfig",
     "BitFitConfig",
     "BottleneckConfig",
@@ -89,6 +105,7 @@ __all__ = [
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
+    "inject_adapter_in_model",
     "get_peft_model_state_dict",
     "merge_and_report",
     "prepare_model_for_kbit_training",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftWarning, TaskType
@@ -40,12 +42,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         TargetModuleError: the targets match nothing (with the closest module names) or an
             unsupported layer type.
     """
-    if not isinstance(peft_config, PeftConfig):
-        cls = type(peft_config)
-        library = cls.__module__.split(".")[0]
-        if library != "deltatune" and cls.__name__.endswith("Config"):  # e.g. peft.LoraConfig, half migrated
-            raise ConfigError(f"got {library}.{cls.__name__}; use deltatune.{cls.__name__} (same fields)")
-        raise ConfigError(f"peft_config must be a deltatune config (e.g. LoraConfig), got {type(peft_config).__name__}")
+    _check_config(peft_config)
     if isinstance(model, PeftModel):
         raise ConfigError("model already is a PeftModel; use model.add_adapter(name, config) for another adapter")
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
@@ -58,3 +55,63 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         peft_config.revision = revision
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False,
+                            state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """PEFT's low-level API: put the adapter layers ``peft_config`` describes into ``model`` in place and return
+    ``model`` itself (no ``PeftModel`` wrapper; the layers' keys then read ``<module>.lora_A.<adapter>.weight``).
+
+    Everything but the new adapter is frozen, as with ``get_peft_model``. ``state_dict``: when given, the layers to
+    adapt are those its keys name (only the keys are read, not the values), for checkpoints whose config does not
+    say which modules were targeted. Load weights afterwards with ``model.load_state_dict(..., strict=False)``.
+
+    Raises:
+        ConfigError: a prompt-learning config (virtual tokens need the ``PeftModel`` wrapper), or a method whose
+            tensors are shared model-wide (VeRA: they live on the wrapper), as PEFT refuses both.
+        TargetModuleError: the targets match nothing.
+    """
+    from deltatune.core.tuner import AdapterModel, validate_adapter_name
+    from deltatune.registry import method_for
+
+    _check_config(peft_config)
+    validate_adapter_name(adapter_name)
+    if peft_config.is_prompt_learning:
+        raise ConfigError(f"inject_adapter_in_model adds adapter layers; {peft_config.peft_type} adapters are virtual "
+                          "tokens, which need the wrapper: use get_peft_model")
+    method = method_for(peft_config.peft_type)
+    if method.shared_containers:
+        raise ConfigError(f"inject_adapter_in_model does not support {peft_config.peft_type}: its tensors are shared "
+                          "by every layer and kept on the wrapper; use get_peft_model")
+    if state_dict is not None:
+        peft_config = copy.copy(peft_config)
+        peft_config.target_modules = _modules_named_in(state_dict, method.containers)
+    AdapterModel(model, peft_config, adapter_name)  # replaces the targets inside ``model``; the wrapper is dropped
+    return model
+
+
+def _modules_named_in(state_dict: dict[str, torch.Tensor], containers: tuple[str, ...]) -> list[str]:
+    """The module names in an adapter state dict's keys (``<module>.lora_A[.<adapter>].weight``), without PEFT's
+    ``base_model.model.`` prefix."""
+    names: list[str] = []
+    for key in state_dict:
+        parts = key.removeprefix("base_model.model.").split(".")
+        hit = next((i for i, part in enumerate(parts) if part in containers), None)
+        if hit:
+            name = ".".join(parts[:hit])
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ConfigError(f"state_dict has no adapter tensors ({', '.join(containers)}) to say which layers to adapt")
+    return names
+
+
+def _check_config(peft_config: object) -> None:
+    """Refuse anything but a deltatune config, naming the fix for a PEFT config passed by mistake."""
+    if not isinstance(peft_config, PeftConfig):
+        cls = type(peft_config)
+        library = cls.__module__.split(".")[0]
+        if library != "deltatune" and cls.__name__.endswith("Config"):  # e.g. peft.LoraConfig, half migrated
+            raise ConfigError(f"got {library}.{cls.__name__}; use deltatune.{cls.__name__} (same fields)")
+        raise ConfigError(f"peft_config must be a deltatune config (e.g. LoraConfig), got {type(peft_config).__name__}")
