@@ -516,6 +516,23 @@ class LoraLayer(AdapterLayer):
     def _forget_merge_state(self, adapter_name: str) -> None:
         self._dora_norms.pop(adapter_name, None)
 
+    def _take_out(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``weight`` with the merged adapter ``adapter_name`` taken out, out of place (LoRA: ``- ΔW``)."""
+        return weight - self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    def unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        new = self._take_out(weight, adapter_name)
+        self._dora_norms.pop(adapter_name, None)  # the merge is undone: its norm is no longer needed
+        return new
+
+    def _unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight (storage layout) as ``forward`` sees it: with every merged adapter taken out, last merged
+        first. DoRA's merge needs it, since after a first merge the base weight holds that adapter too."""
+        weight = self.read_base_weight()
+        for name in reversed(self.merged_adapters):
+            weight = self._take_out(weight, name)
+        return weight
+
     def _merge_bias(self, adapter_name: str, sign: int) -> None:
         if not self.lora_bias.get(adapter_name):
             return
@@ -609,17 +626,21 @@ class LoraLinear(LoraLayer):
         delta = self.get_delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora[adapter_name]:
             return weight + delta
-        new = weight + delta
-        norm = _row_norm(new.T if self.fan_in_fan_out else new)
+        # DoRA's norm is the one forward uses, ||W + s B A|| of the base *without* the adapters merged before
+        # this one (PEFT's rule); the row scale then applies to the current weight, which holds them, exactly as
+        # forward rescales the running output (base + earlier adapters) by m / n.
+        unmerged = self._unmerged_base_weight().to(weight.dtype) + delta
+        norm = _row_norm(unmerged.T if self.fan_in_fan_out else unmerged)
         self._dora_norms[adapter_name] = norm
         scale = self.lora_magnitude_vector[adapter_name].weight.to(weight.dtype) / norm
-        return new * (scale[None, :] if self.fan_in_fan_out else scale[:, None])
+        return (weight + delta) * (scale[None, :] if self.fan_in_fan_out else scale[:, None])
 
-    def unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def _take_out(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``weight`` with merged adapter ``adapter_name`` taken out (out of place; its merge norm is kept)."""
         delta = self.get_delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora[adapter_name]:
             return weight - delta
-        scale = self.lora_magnitude_vector[adapter_name].weight.to(weight.dtype) / self._dora_norms.pop(adapter_name)
+        scale = self.lora_magnitude_vector[adapter_name].weight.to(weight.dtype) / self._dora_norms[adapter_name]
         return weight / (scale[None, :] if self.fan_in_fan_out else scale[:, None]) - delta
 
     # ---- forward -----------------------------------------------------------------------------
@@ -844,20 +865,20 @@ class LoraConv(LoraLayer):
         return magnitude / norm.view(magnitude.shape).to(magnitude.dtype)  # (1, out, 1, ...)
 
     def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        new = weight + self.get_delta_weight(adapter_name).to(weight.dtype)
+        delta = self.get_delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora[adapter_name]:
-            return new
-        norm = _row_norm(new)
+            return weight + delta
+        norm = _row_norm(self._unmerged_base_weight().to(weight.dtype) + delta)  # as forward: see LoraLinear
         self._dora_norms[adapter_name] = norm
         scale = self.lora_magnitude_vector[adapter_name].weight.flatten().to(weight.dtype) / norm
-        return new * scale.view(-1, *([1] * (weight.dim() - 1)))
+        return (weight + delta) * scale.view(-1, *([1] * (weight.dim() - 1)))
 
-    def unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def _take_out(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         delta = self.get_delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora[adapter_name]:
             return weight - delta
-        norm = self._dora_norms.pop(adapter_name)
-        scale = self.lora_magnitude_vector[adapter_name].weight.flatten().to(weight.dtype) / norm
+        magnitude = self.lora_magnitude_vector[adapter_name].weight.flatten().to(weight.dtype)
+        scale = magnitude / self._dora_norms[adapter_name]
         return weight / scale.view(-1, *([1] * (weight.dim() - 1))) - delta
 
     def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
