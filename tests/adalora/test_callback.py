@@ -1,4 +1,4 @@
-"""AdaLoraCallback drives the allocation inside transformers.Trainer (no manual update_and_allocate)."""
+"""AdaLoraCallback drives the allocation inside a transformers Trainer (AdapterTrainer; no manual update_and_allocate)."""
 
 from __future__ import annotations
 
@@ -24,13 +24,15 @@ class _Data(torch.utils.data.Dataset):
 
 
 def _trainer(model, tmp_path, callbacks, max_steps=STEPS):
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
+
+    from deltatune.integrations.transformers import AdapterTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
                              learning_rate=5e-3, report_to=[], save_strategy="no", logging_strategy="no",
                              use_cpu=True, disable_tqdm=True, seed=0, data_seed=0,
                              remove_unused_columns=False)  # Trainer only inspects peft.PeftModel signatures
-    return Trainer(model=model, args=args, train_dataset=_Data(), callbacks=callbacks)
+    return AdapterTrainer(model=model, args=args, train_dataset=_Data(), callbacks=callbacks)
 
 
 def _model(total_step=STEPS):

@@ -1,4 +1,4 @@
-"""``AdaLoraCallback``: drives AdaLoRA's rank allocation inside ``transformers.Trainer``.
+"""``AdaLoraCallback``: drives AdaLoRA's rank allocation inside a ``transformers.Trainer`` (``AdapterTrainer``).
 
 ``Trainer`` runs ``optimizer.step()``, then ``on_optimizer_step``, then ``zero_grad()`` and only then
 ``global_step += 1`` and ``on_step_end``. The allocator reads the gradients, so it must run in
@@ -7,7 +7,8 @@ the optimizer steps taken including this one, the count ``total_step`` refers to
 
 Usage::
 
-    trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[AdaLoraCallback()])
+    from deltatune.integrations.transformers import AdapterTrainer
+    trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=ds, callbacks=[AdaLoraCallback()])
 """
 
 from __future__ import annotations
