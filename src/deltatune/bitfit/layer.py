@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer
-from deltatune.errors import MergeError
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -69,10 +68,10 @@ class BitFitLayer(AdapterLayer):
     def unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return weight
 
-    def check_merge(self, adapter_names: list[str] | None = None, where: str = "") -> None:
-        for name in self.active_adapters if adapter_names is None else adapter_names:
-            if name in self.bitfit_bias and not torch.isfinite(self.bitfit_bias[name]).all():
-                raise MergeError(f"adapter {name!r} at {where or 'a layer'} has NaN/Inf biases; nothing was merged")
+    def merged_bias(self, bias: torch.Tensor | None, adapter_name: str) -> torch.Tensor | None:
+        """``b + Δb`` (``Δb`` alone where the base has no bias): what ``safe_merge`` checks before writing it."""
+        delta = self.bitfit_bias[adapter_name].detach()
+        return delta.clone() if bias is None else bias + delta.to(bias.dtype)
 
     def _merge_bias(self, adapter_name: str, sign: int) -> None:
         base = self.base_layer

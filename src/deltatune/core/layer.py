@@ -219,19 +219,45 @@ class AdapterLayer(nn.Module):
         return self.base_layer
 
     def check_merge(self, adapter_names: list[str] | None = None, where: str = "") -> None:
-        """Raise :class:`MergeError` if merging would put NaN/Inf into the weight; changes nothing."""
-        names = self.active_adapters if adapter_names is None else adapter_names
-        for name in names:
-            if name in self.merged_adapters or name not in self.adapter_names():
-                continue
+        """Raise :class:`MergeError` (a ``ValueError``, as PEFT's) if merging would put NaN/Inf into the weight or
+        the bias; changes nothing.
+
+        The adapters are merged in turn on copies, as :meth:`merge` would merge them, so a sum that overflows only
+        once two adapters are in is caught too; every tensor the merge writes is checked (:meth:`merged_weight`
+        and :meth:`merged_bias`).
+        """
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
+                 if n not in self.merged_adapters and n in self.adapter_names()]
+        if not names:
+            return
+        base_bias = getattr(self.base_layer, "bias", None)
+        bias = None if base_bias is None else base_bias.detach()
+        try:
             with torch.no_grad():
-                new_weight = self.merged_weight(self.read_base_weight().clone(), name)
-            self._forget_merge_state(name)
-            if not torch.isfinite(new_weight).all():
-                raise MergeError(
-                    f"merging adapter {name!r} into {where or type(self.base_layer).__name__} would put NaN/Inf "
-                    "in the weight; the adapter's tensors are broken (check its training), nothing was merged"
-                )
+                weight = self.read_base_weight().clone()
+                for name in names:
+                    weight = self.merged_weight(weight, name)
+                    new_bias = self.merged_bias(bias, name)
+                    if not torch.isfinite(weight).all():
+                        what = "weight"
+                    elif new_bias is not None and not torch.isfinite(new_bias).all():
+                        what = "bias"
+                    else:
+                        bias = bias if new_bias is None else new_bias
+                        continue
+                    raise MergeError(
+                        f"merging adapter {name!r} into {where or type(self.base_layer).__name__} would put NaN/Inf "
+                        f"in the {what}; the adapter's tensors are broken (check its training), nothing was merged"
+                    )
+        finally:
+            for name in names:
+                self._forget_merge_state(name)
+
+    def merged_bias(self, bias: torch.Tensor | None, adapter_name: str) -> torch.Tensor | None:
+        """The base bias with ``adapter_name`` merged in, as a new tensor (``bias`` is not changed), or ``None`` when
+        merging it leaves the bias alone. Methods whose merge writes the bias override this, so that ``safe_merge``
+        checks what would be written."""
+        return None
 
     def _forget_merge_state(self, adapter_name: str) -> None:
         """Drop what :meth:`merged_weight` cached for an unmerge that will not happen."""

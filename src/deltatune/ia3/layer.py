@@ -109,6 +109,12 @@ class IA3Layer(AdapterLayer):
             return self._merge_cache[adapter_name][0]
         return weight / self._weight_scale(adapter_name).to(weight.dtype)
 
+    def merged_bias(self, bias: torch.Tensor | None, adapter_name: str) -> torch.Tensor | None:
+        """``b ⊙ l`` where the output is rescaled (``safe_merge`` checks it before it is written), else ``None``."""
+        if self.is_feedforward[adapter_name] or bias is None:
+            return None
+        return bias * self.ia3_l[adapter_name].detach().flatten().to(bias.dtype)
+
     def _merge_bias(self, adapter_name: str, sign: int) -> None:
         bias = self.bias
         if self.is_feedforward[adapter_name] or bias is None:

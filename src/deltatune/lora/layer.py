@@ -533,6 +533,14 @@ class LoraLayer(AdapterLayer):
             weight = self._take_out(weight, name)
         return weight
 
+    def merged_bias(self, bias: torch.Tensor | None, adapter_name: str) -> torch.Tensor | None:
+        """``b + s · b_B`` for a ``lora_bias`` adapter (a new tensor), else ``None``: the bias is not merged."""
+        if not self.lora_bias.get(adapter_name):
+            return None
+        if bias is None:
+            raise MergeError("lora_bias=True needs a base layer with a bias to merge into; use unmerged inference")
+        return bias + self.lora_B[adapter_name].bias.detach().to(bias.dtype) * self.scaling[adapter_name]
+
     def _merge_bias(self, adapter_name: str, sign: int) -> None:
         if not self.lora_bias.get(adapter_name):
             return
