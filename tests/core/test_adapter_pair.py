@@ -184,7 +184,6 @@ def test_sweep_completes_a_journal_before_deleting(tmp_path, monkeypatch, pair):
             raise Killed
         real_replace(src, dst)
 
-    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(Killed):
         new.save_pretrained(tmp_path)
     monkeypatch.undo()
@@ -210,16 +209,8 @@ def test_the_training_runs_sweep_completes_an_interrupted_save_before_deleting_t
 
     old, new, inputs, out_old, out_new = pair
     old.save_pretrained(tmp_path)
-    calls = {"n": 0}
-    real_replace = os.replace
+    _kill_between_the_pairs_renames(monkeypatch)
 
-    def replace(src, dst):
-        if calls["n"] == 1 and not str(dst).endswith(".deltatune-save.json"):
-            raise Killed
-        calls["n"] += 1
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(Killed):
         new.save_pretrained(tmp_path)
     monkeypatch.undo()
@@ -227,3 +218,34 @@ def test_the_training_runs_sweep_completes_an_interrupted_save_before_deleting_t
     runlock.sweep_temp_files(str(tmp_path))
     assert not list(tmp_path.glob(".tmp-*")) and not (tmp_path / ".deltatune-save.json").exists()
     assert _which(_load(tmp_path, inputs), out_old, out_new) == "new"
+
+
+def test_the_cli_reads_the_finished_pair_of_an_interrupted_save(tmp_path, monkeypatch, pair):
+    """``deltatune eval/generate/merge --adapter`` read adapter_config.json before loading: after a save killed between
+    its renames they see the new config, the one that goes with the weights the loader will roll forward."""
+    from deltatune.cli import common
+
+    old, new, inputs, out_old, out_new = pair
+    old.save_pretrained(tmp_path)
+    _kill_between_the_pairs_renames(monkeypatch)
+
+    with pytest.raises(Killed):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert common.check_adapter_dir(str(tmp_path))["lora_alpha"] == 32
+    assert _which(_load(tmp_path, inputs), out_old, out_new) == "new"
+
+
+def _kill_between_the_pairs_renames(monkeypatch) -> None:
+    """Make the next save die after renaming the first of its two adapter files into place, before the second."""
+    renamed = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) in ("adapter_model.safetensors", "adapter_config.json"):
+            if renamed:
+                raise Killed
+            renamed.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)

@@ -705,7 +705,7 @@ def check_adapter_dir(adapter_dir: str, flag: str | None = "--adapter") -> dict[
             ``adapter_config.json``, or one that names no ``peft_type`` (``{}``, say). ``flag`` is the option that
             gave the path, for the message.
     """
-    from deltatune.core.io import CONFIG_NAME
+    from deltatune.core.io import CONFIG_NAME, finish_interrupted_save
 
     what = f"{flag} {adapter_dir}" if flag else adapter_dir
     if not os.path.exists(adapter_dir):
@@ -714,6 +714,7 @@ def check_adapter_dir(adapter_dir: str, flag: str | None = "--adapter") -> dict[
     if not os.path.isdir(adapter_dir):
         raise UsageError(f"{what} is a file, not a directory; pass the directory that holds it "
                          f"({os.path.dirname(os.path.abspath(adapter_dir))})")
+    finish_interrupted_save(adapter_dir)  # a killed save_pretrained: read the finished pair, never a mix
     path = os.path.join(adapter_dir, CONFIG_NAME)
     if not os.path.exists(path):
         raise UsageError(f"{adapter_dir} has no {CONFIG_NAME}; is it an adapter directory?")
