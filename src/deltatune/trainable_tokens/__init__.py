@@ -18,7 +18,10 @@ from deltatune.trainable_tokens.layer import (
 
 
 def prepare_config(model: nn.Module, config: TrainableTokensConfig) -> None:
-    """``target_modules=None`` means the input embedding, written as its full name (as PEFT writes it)."""
+    """``target_modules=None`` means the input embedding, written as its full name (as PEFT writes it).
+
+    An empty ``token_indices`` (the config's default) is refused here, before the model changes."""
+    config.check_applicable()
     if config.target_modules is None:
         config.target_modules = input_embedding_name(model) or "embed_tokens"
 
