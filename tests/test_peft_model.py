@@ -212,7 +212,7 @@ def test_save_load_round_trip_all_adapters(tmp_path):
     pm.set_adapter("other")
     out_other = output(pm, inputs)
     pm.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "other"]
     assert sorted(os.listdir(tmp_path / "other")) == ["adapter_config.json", "adapter_model.safetensors"]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")], "no temp files may be left"
 
@@ -229,7 +229,7 @@ def test_save_load_round_trip_all_adapters(tmp_path):
 def test_save_selected_adapters(tmp_path):
     pm = _two_adapter_model()
     pm.save_pretrained(tmp_path, selected_adapters=["other"])
-    assert sorted(os.listdir(tmp_path)) == ["other"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "other"]
     cfg = PeftConfig.from_pretrained(tmp_path / "other")
     assert cfg.r == 3 and cfg.lora_alpha == 5
     with pytest.raises((ValueError, KeyError), match="nope"):

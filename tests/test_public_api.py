@@ -247,3 +247,104 @@ def test_status_functions_are_top_level_and_take_the_model() -> None:
     assert isinstance(ours.get_layer_status()[0], dt.TunerLayerStatus)
     with pytest.raises(dt.ConfigError, match="no adapter layers"):
         dt.get_layer_status(tiny_llama())
+
+
+# ---- model card, push_to_hub -------------------------------------------------------------------------
+def _named_llama():
+    model = tiny_llama()
+    model.config._name_or_path = "org/tiny-llama"  # as if loaded from the Hub
+    return model
+
+
+def _card(path) -> tuple[dict, str]:
+    from deltatune.model_card import split_card
+
+    return split_card((path / "README.md").read_text())
+
+
+def test_save_pretrained_writes_a_model_card_like_peft(tmp_path) -> None:
+    config = dict(task_type="CAUSAL_LM", target_modules=["q_proj"])
+    dt.get_peft_model(_named_llama(), dt.LoraConfig(**config)).save_pretrained(tmp_path / "ours")
+    peft.get_peft_model(_named_llama(), peft.LoraConfig(**config)).save_pretrained(tmp_path / "theirs")
+    ours, body = _card(tmp_path / "ours")
+    theirs, _ = _card(tmp_path / "theirs")
+    for key in ("library_name", "base_model", "pipeline_tag"):
+        assert ours[key] == theirs[key], key
+    assert ours["library_name"] == "peft" and ours["base_model"] == "org/tiny-llama"
+    # PEFT's tags, plus "deltatune" (PEFT 0.21.2 also writes an empty "base_model:adapter:", from its tuner's name)
+    assert {t for t in theirs["tags"] if not t.endswith(":")} <= set(ours["tags"])
+    assert "base_model:adapter:org/tiny-llama" in ours["tags"] and "deltatune" in ours["tags"]
+    assert f"### Framework versions\n\n- deltatune {dt.__version__}" in body
+    assert 'from_pretrained("org/tiny-llama")' in body
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))  # the card changes nothing else
+    assert loaded.peft_config["default"].base_model_name_or_path == "org/tiny-llama"
+
+
+def test_model_card_keeps_the_users_readme(tmp_path) -> None:
+    (tmp_path / "README.md").write_text("---\nlicense: mit\ntags: [mine]\npipeline_tag: summarization\n---\n\n"
+                                        "# My adapter\n\nHand-written notes.\n")
+    model = dt.get_peft_model(_named_llama(), dt.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # a second save adds nothing twice
+    meta, body = _card(tmp_path)
+    assert meta["license"] == "mit" and meta["pipeline_tag"] == "summarization"  # PEFT keeps an existing pipeline tag
+    assert "mine" in meta["tags"] and "lora" in meta["tags"] and meta["library_name"] == "peft"
+    assert body.startswith("\n# My adapter\n\nHand-written notes.\n")
+    assert body.count(f"- deltatune {dt.__version__}") == 1
+
+
+def test_model_card_leaves_a_local_base_path_out_of_the_metadata(tmp_path) -> None:
+    base = tiny_llama()
+    base.config._name_or_path = str(tmp_path)  # a local directory: not a Hub id
+    dt.get_peft_model(base, dt.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    meta, _ = _card(tmp_path / "a")
+    assert "base_model" not in meta and meta["library_name"] == "peft"
+
+
+def test_push_to_hub_saves_and_uploads_one_folder(tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+
+    calls: list[tuple[str, dict]] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kwargs):
+        folder = kwargs["folder_path"]
+        files = sorted(p.relative_to(folder).as_posix() for p in __import__("pathlib").Path(folder).rglob("*"))
+        calls.append(("upload_folder", {**kwargs, "files": files,
+                                        "card": (__import__("pathlib").Path(folder) / "README.md").read_text()}))
+        return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    model = dt.get_peft_model(_named_llama(), dt.LoraConfig(target_modules=["q_proj"]))
+    model.add_adapter("second", dt.LoraConfig(target_modules=["v_proj"]))
+    assert model.push_to_hub("me/my-adapter", private=True, tags=["chat"]) == "commit-info"
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1]["private"] is True and calls[0][1]["exist_ok"] is True
+    upload = calls[1][1]
+    assert upload["repo_id"] == "me/my-adapter" and upload["commit_message"] == "Upload model"
+    assert upload["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors", "second",
+                               "second/adapter_config.json", "second/adapter_model.safetensors"]
+    assert "- chat" in upload["card"] and "library_name: peft" in upload["card"]
+
+
+def test_push_to_hub_offline_is_one_clear_error(monkeypatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(dt.ConfigError, match="huggingface_hub is offline .HF_HUB_OFFLINE=1.; unset it"):
+        model.push_to_hub("me/my-adapter")
+
+
+def test_model_card_leaves_a_non_utf8_readme_alone(tmp_path) -> None:
+    (tmp_path / "README.md").write_bytes(b"caf\xe9 notes in latin-1\n")
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"]))
+    with pytest.warns(dt.PeftWarning, match="not UTF-8; the model card was not updated"):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_bytes() == b"caf\xe9 notes in latin-1\n"
+    assert (tmp_path / "adapter_model.safetensors").exists()

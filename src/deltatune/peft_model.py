@@ -479,6 +479,60 @@ class PeftModel(nn.Module):
             # Weights and config replaced as one pair (a reader never sees one file of each save).
             save_adapter_files(out_dir, state, data, safe_serialization=safe_serialization)
             sweep_stale_temp_files(out_dir)  # leftovers of saves killed over an hour ago
+        # PEFT writes README.md too; after the adapters, so that a crash or a full disk here costs the card only.
+        os.makedirs(save_directory, exist_ok=True)
+        self.create_or_update_model_card(save_directory)
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Write ``output_dir/README.md`` (or update the user's) by PEFT's rules: ``library_name: peft``,
+        ``base_model`` and tags in the metadata, a ``- deltatune <version>`` framework line (see
+        :mod:`deltatune.model_card`)."""
+        from deltatune import __version__
+        from deltatune.model_card import hub_base_model, update_model_card
+
+        base = self.get_base_model()
+        configs = list(self.peft_config.values())
+        name = next((c.base_model_name_or_path for c in configs if c.base_model_name_or_path), None)
+        base_model = hub_base_model(name or _model_name_or_path(base))
+        tags = {"deltatune", *(getattr(base, "model_tags", None) or [])}
+        tags.update(str(c.peft_type).lower() for c in configs)
+        if type(base).__module__.startswith("transformers."):
+            tags.add("transformers")
+        if base_model:
+            tags.add(f"base_model:adapter:{base_model}")  # the Hub lists the adapter under its base model
+        update_model_card(output_dir, base_model=base_model, tags=sorted(tags),
+                          peft_types=[str(c.peft_type) for c in configs],
+                          causal_lm=isinstance(self, PeftModelForCausalLM), version=__version__)
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, create_pr: bool = False, revision: str | None = None,
+                    commit_description: str | None = None, tags: list[str] | None = None,
+                    safe_serialization: bool = True, **save_kwargs: Any) -> Any:
+        """Save the adapters (``save_pretrained``, model card included) to a temporary directory and upload it as one
+        commit to the Hub repository ``repo_id`` (created if missing), as PEFT's ``push_to_hub``. Returns
+        huggingface_hub's commit info.
+
+        Raises:
+            ConfigError: huggingface_hub is in offline mode (``HF_HUB_OFFLINE=1``), so nothing can be pushed.
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi, constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(f"cannot push to {repo_id!r}: huggingface_hub is offline (HF_HUB_OFFLINE=1); unset it, "
+                              "or save_pretrained(dir) now and upload the directory later")
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, **save_kwargs)
+            if tags:  # PEFT's push_to_hub(tags=...): added to the card's metadata
+                from deltatune.model_card import add_card_tags
+
+                add_card_tags(tmp, tags)
+            return api.upload_folder(repo_id=repo.repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or "Upload model",
+                                     commit_description=commit_description)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",

@@ -71,7 +71,7 @@ def test_absolute_name_cannot_escape_the_save_directory(tmp_path):
         pm.add_adapter(str(outside), _cfg())
     pm.save_pretrained(tmp_path / "out")
     assert not outside.exists()
-    assert sorted(os.listdir(tmp_path / "out")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_save_pretrained_refuses_a_bad_name_that_got_in(tmp_path):

@@ -109,7 +109,7 @@ def test_a_process_killed_between_the_renames(tmp_path, pair):
     assert proc.returncode == 9, proc.stderr[-2000:]
     assert (target / io.JOURNAL_NAME).exists()  # killed mid-way: the journal is there to be completed
     assert _which(_load(target, inputs), out_old, out_new) == "new"
-    assert sorted(os.listdir(target)) == [io.CONFIG_NAME, io.SAFETENSORS_NAME]
+    assert sorted(os.listdir(target)) == ["README.md", io.CONFIG_NAME, io.SAFETENSORS_NAME]
 
 
 def test_a_hand_mixed_pair_is_refused_in_one_line(tmp_path, pair):
@@ -148,7 +148,7 @@ def test_a_save_that_fails_before_the_journal_leaves_the_old_pair_and_no_tempora
     monkeypatch.setattr(io, "_write_temp", write_temp)
     with pytest.raises(OSError):
         new.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [io.CONFIG_NAME, io.SAFETENSORS_NAME]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", io.CONFIG_NAME, io.SAFETENSORS_NAME]
     monkeypatch.undo()
     torch.testing.assert_close(_load(tmp_path, inputs), out_old, atol=1e-6, rtol=0)
 
@@ -157,7 +157,7 @@ def test_bin_save_over_safetensors_replaces_what_readers_read(tmp_path, pair):
     old, new, inputs, _, out_new = pair
     old.save_pretrained(tmp_path)
     new.save_pretrained(tmp_path, safe_serialization=False)
-    assert sorted(os.listdir(tmp_path)) == [io.CONFIG_NAME, io.BIN_NAME]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", io.CONFIG_NAME, io.BIN_NAME]
     torch.testing.assert_close(_load(tmp_path, inputs), out_new, atol=1e-6, rtol=0)
 
 
@@ -188,7 +188,7 @@ def test_sweep_completes_a_journal_before_deleting(tmp_path, monkeypatch, pair):
         new.save_pretrained(tmp_path)
     monkeypatch.undo()
     io.sweep_stale_temp_files(tmp_path, min_age_s=0)
-    assert sorted(os.listdir(tmp_path)) == [io.CONFIG_NAME, io.SAFETENSORS_NAME]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", io.CONFIG_NAME, io.SAFETENSORS_NAME]
     assert _which(_load(tmp_path, inputs), out_old, out_new) == "new"
 
 
@@ -198,7 +198,7 @@ def test_other_files_in_the_directory_are_kept(tmp_path, pair):
     (tmp_path / "other").mkdir()
     old.save_pretrained(tmp_path)
     new.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [io.CONFIG_NAME, io.SAFETENSORS_NAME, "metrics.jsonl", "other"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", io.CONFIG_NAME, io.SAFETENSORS_NAME, "metrics.jsonl", "other"]
 
 
 def test_the_training_runs_sweep_completes_an_interrupted_save_before_deleting_temporaries(tmp_path, monkeypatch,
