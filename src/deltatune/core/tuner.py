@@ -18,7 +18,7 @@ from deltatune.config import PeftConfig
 from deltatune.core import targeting
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
-from deltatune.errors import AdapterNameError, MergeError, TargetModuleError
+from deltatune.errors import AdapterNameError, ConfigError, MergeError, TargetModuleError
 from deltatune.registry import Method, method_for
 
 RESERVED_NAMES = ("__base__",)  # "__base__" means "no adapter" in a mixed-adapter batch (adapter_names)
@@ -65,6 +65,18 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _matches_name(key: str, names) -> bool:
     return any(key == n or key.endswith("." + n) for n in names)
+
+
+def _check_single_bias_adapter(configs: dict[str, PeftConfig], adapter_name: str, config: PeftConfig) -> None:
+    """Refuse a second adapter with ``bias != "none"`` (PEFT's rule): the biases are base parameters, so two such
+    adapters would silently train (and save) the same tensors."""
+    with_bias = [n for n, c in configs.items() if getattr(c, "bias", "none") != "none"]
+    if with_bias and getattr(config, "bias", "none") != "none":
+        raise ConfigError(
+            f"adapter {adapter_name!r} has bias={config.bias!r} but adapter {with_bias[0]!r} already trains biases "
+            f"(bias={configs[with_bias[0]].bias!r}); only one adapter per model may train biases: set bias='none' "
+            "for the others"
+        )
 
 
 class AdapterModel(nn.Module):
@@ -150,6 +162,7 @@ class AdapterModel(nn.Module):
             raise AdapterNameError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
             )
+        _check_single_bias_adapter(self.peft_config, adapter_name, config)
         method = method_for(config.peft_type)
         if method.prepare_config is not None:
             method.prepare_config(self.model, config)

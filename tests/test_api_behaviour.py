@@ -1,0 +1,57 @@
+"""Layer/config-level behaviour that code written for Hugging Face PEFT relies on (issue 18): the exceptions PEFT
+raises, and the public attributes of its layers, compared with peft itself."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import tiny_llama  # noqa: E402
+
+from deltatune import LoraConfig, get_peft_model  # noqa: E402
+from deltatune.errors import ConfigError  # noqa: E402
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("first,second", [("all", "lora_only"), ("lora_only", "lora_only"), ("lora_only", "all")])
+def test_second_adapter_with_bias_refused_like_peft(first: str, second: str) -> None:
+    theirs = peft.get_peft_model(Two(), peft.LoraConfig(r=2, target_modules=["a"], bias=first))
+    with pytest.raises(ValueError, match="only 1 adapter with bias"):
+        theirs.add_adapter("two", peft.LoraConfig(r=2, target_modules=["b"], bias=second))
+
+    ours = get_peft_model(Two(), LoraConfig(r=2, target_modules=["a"], bias=first))
+    keys = set(ours.state_dict())
+    with pytest.raises(ConfigError, match=r"'two' has bias=.*only one adapter per model may train biases"):
+        ours.add_adapter("two", LoraConfig(r=2, target_modules=["b"], bias=second))
+    assert list(ours.peft_config) == ["default"] and set(ours.state_dict()) == keys
+
+
+def test_bias_none_beside_a_bias_adapter_accepted_like_peft() -> None:
+    theirs = peft.get_peft_model(Two(), peft.LoraConfig(r=2, target_modules=["a"], bias="all"))
+    theirs.add_adapter("two", peft.LoraConfig(r=2, target_modules=["b"]))
+    ours = get_peft_model(Two(), LoraConfig(r=2, target_modules=["a"], bias="all"))
+    ours.add_adapter("two", LoraConfig(r=2, target_modules=["b"]))
+    assert sorted(ours.peft_config) == ["default", "two"]
+
+
+def test_loading_a_second_bias_adapter_refused(tmp_path: Path) -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], bias="all"))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="only one adapter per model may train biases"):
+        model.load_adapter(str(tmp_path), adapter_name="again")
+    assert list(model.peft_config) == ["default"]
