@@ -9,7 +9,7 @@ from torch import nn
 
 from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
-from deltatune.errors import TargetModuleError
+from deltatune.errors import ConfigError, TargetModuleError
 from deltatune.registry import Method, register
 from deltatune.vera.config import VeraConfig
 from deltatune.vera.layer import (
@@ -21,10 +21,40 @@ from deltatune.vera.layer import (
 )
 
 
+def _check_compatible(adapter_model: nn.Module, adapter_name: str, config: VeraConfig) -> None:
+    """PEFT's rules for a further VeRA adapter on one model: its projections are the first adapter's (one shared
+    pair per model), so the seed and ``save_projection`` must match and ``r`` may not exceed the pair's rank.
+    Refusing here keeps every adapter loadable by PEFT with the same numbers."""
+    others = {n: c for n, c in adapter_model.peft_config.items()
+              if n != adapter_name and c.peft_type == config.peft_type}
+    if not others:
+        return
+    first, first_config = next(iter(others.items()))
+    if first_config.projection_prng_key != config.projection_prng_key:
+        raise ConfigError(
+            f"VeRA adapter {adapter_name!r} has projection_prng_key={config.projection_prng_key} but adapter "
+            f"{first!r} has {first_config.projection_prng_key}; all VeRA adapters of a model share one pair of "
+            f"projections: use projection_prng_key={first_config.projection_prng_key}"
+        )
+    if first_config.save_projection != config.save_projection:
+        raise ConfigError(
+            f"VeRA adapter {adapter_name!r} has save_projection={config.save_projection} but adapter {first!r} has "
+            f"{first_config.save_projection}; the shared projections are saved for all adapters or none"
+        )
+    container = adapter_model._modules.get("vera_A")
+    rank = container[first].shape[0] if container is not None and first in container else first_config.r
+    if config.r > rank:
+        raise ConfigError(
+            f"VeRA adapter {adapter_name!r} has r={config.r}, larger than the shared projections' rank {rank} (from "
+            f"adapter {first!r}); use r<={rank}, or add the adapter with the largest r first"
+        )
+
+
 def init_shared(adapter_model: nn.Module, adapter_name: str, config: VeraConfig,
                 target_names: list[str]) -> dict[str, ProjectionDict]:
     """Draw ``adapter_name``'s projections ``A: (r, in_max)``, ``B: (out_max, r)`` over all its targets and
     store them in the model's ``vera_A``/``vera_B`` (created on first use); returns them for the layers."""
+    _check_compatible(adapter_model, adapter_name, config)
     shapes = [base_features(adapter_model.model.get_submodule(n)) for n in target_names]
     if not shapes:
         raise TargetModuleError("VeRA found no linear layer to adapt; check target_modules")
