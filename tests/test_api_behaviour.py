@@ -55,3 +55,52 @@ def test_loading_a_second_bias_adapter_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="only one adapter per model may train biases"):
         model.load_adapter(str(tmp_path), adapter_name="again")
     assert list(model.peft_config) == ["default"]
+
+
+# ---- in_features / out_features on LN-tuning and trainable-token layers (PEFT's public attributes) ----------------
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed_tokens = nn.Embedding(10, 6)
+        self.ln = nn.LayerNorm(6)
+        self.lin = nn.Linear(6, 5)
+        self.conv = nn.Conv1d(5, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.lin(self.ln(self.embed_tokens(x))).transpose(1, 2))
+
+
+def _features(model: nn.Module, names: list[str]) -> dict[str, tuple]:
+    return {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names}
+
+
+@pytest.mark.filterwarnings("ignore:Unsupported layer type")
+def test_ln_tuning_layers_expose_features_like_peft() -> None:
+    from deltatune import LNTuningConfig
+
+    names = ["ln", "lin", "embed_tokens", "conv"]
+    theirs = peft.get_peft_model(Net(), peft.LNTuningConfig(target_modules=names)).base_model.model
+    ours = get_peft_model(Net(), LNTuningConfig(target_modules=names)).base_model.model
+    assert _features(ours, names) == _features(theirs, names) == {
+        "ln": (None, None), "lin": (6, 5), "embed_tokens": (10, 6), "conv": (5, 3)}
+
+
+def test_trainable_token_layers_expose_features_like_peft() -> None:
+    from deltatune import TrainableTokensConfig
+
+    theirs = peft.get_peft_model(Net(), peft.TrainableTokensConfig(token_indices=[1, 2])).base_model.model
+    ours = get_peft_model(Net(), TrainableTokensConfig(token_indices=[1, 2])).base_model.model
+    assert _features(ours, ["embed_tokens"]) == _features(theirs, ["embed_tokens"]) == {"embed_tokens": (10, 6)}
+    tied = get_peft_model(tiny_llama_tied(), TrainableTokensConfig(token_indices=[1, 2])).base_model.model
+    emb, head = tied.model.embed_tokens, tied.lm_head
+    assert (emb.in_features, emb.out_features) == (100, 32) and (head.in_features, head.out_features) == (32, 100)
+
+
+def tiny_llama_tied() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()

@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+from deltatune.core.features import in_out_features
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError, MergeError
 
@@ -31,6 +32,8 @@ class LNTuningLayer(AdapterLayer):
         self.ln_tuning_layers = nn.ModuleDict()
         self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self._originals: dict[str, torch.Tensor] = {}  # base parameters while a copy is merged in
+        # PEFT's public attributes: the base layer's features (None for a norm layer; see core.features)
+        self.in_features, self.out_features = in_out_features(base_layer)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.core.features import in_out_features
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError, MergeError
 
@@ -40,6 +41,8 @@ class TrainableTokensLayer(AdapterLayer):
         super().__init__(base_layer)
         self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self._tied = [tied_to] if tied_to is not None else []  # a list: not a submodule
+        # PEFT's public attributes: (num_embeddings, embedding_dim) for an embedding, (in, out) for a tied Linear
+        self.in_features, self.out_features = in_out_features(base_layer)
         if tied_to is None:
             self.trainable_tokens_delta = nn.ParameterDict()
             self.token_indices: dict[str, list[int]] = {}
