@@ -29,6 +29,7 @@ from deltatune.loha import LoHaConfig
 from deltatune.lokr import LoKrConfig
 from deltatune.lora import LoraConfig
 from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, get_peft_model, inject_adapter_in_model
+from deltatune.mixed_model import PeftMixedModel
 from deltatune.oft import OFTConfig
 from deltatune.optimizers import create_loraplus_optimizer
 from deltatune.peft_model import (
@@ -81,6 +82,7 @@ __all__ = [
     "MultitaskPromptTuningConfig",
     "OFTConfig",
     "PeftConfig",
+    "PeftMixedModel",
     "PeftModel",
     "TrainableTokensConfig",
     "TunerLayerStatus",

@@ -53,6 +53,10 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         peft_config.base_model_name_or_path = _model_name_or_path(model)
     if revision is not None:
         peft_config.revision = revision
+    if mixed:  # PEFT's: adapters of several methods on one model (LoRA, LoHa, LoKr, AdaLoRA, OFT)
+        from deltatune.mixed_model import PeftMixedModel
+
+        return PeftMixedModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
