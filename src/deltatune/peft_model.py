@@ -668,14 +668,17 @@ def _no_reinit(config: PeftConfig) -> Iterator[None]:
             yield
         return
     from deltatune.lora.conversion import mutates_base
+    from deltatune.lora.init import is_data_driven, rewrites_base
 
     init = getattr(config, "init_lora_weights", True)
-    if mutates_base(config):
-        warnings.warn(
-            f"adapter was initialised with {init!r}: it expects the residual base model saved at training "
-            "time, not the original one (save it with path_initial_model_for_weight_conversion to get a plain "
-            "LoRA for the original base)", stacklevel=3,
-        )
+    # EVA/CorDA/LoftQ/LoRA-GA/orthogonal only decide the starting A, B, which loading overwrites (issue 19).
+    if mutates_base(config) or is_data_driven(config) or init == "orthogonal":
+        if mutates_base(config) or rewrites_base(config):
+            warnings.warn(
+                f"adapter was initialised with {init!r}: it expects the residual base model saved at training "
+                "time, not the original one (save it with path_initial_model_for_weight_conversion to get a plain "
+                "LoRA for the original base)", stacklevel=3,
+            )
         config.init_lora_weights = True
         try:
             yield

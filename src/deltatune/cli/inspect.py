@@ -106,6 +106,7 @@ def describe(directory: str) -> dict[str, Any]:
         "r": config.get("r"),
         "num_virtual_tokens": config.get("num_virtual_tokens"),
         "lora_alpha": config.get("lora_alpha"),
+        "init_lora_weights": config.get("init_lora_weights"),
         "ranks_in_file": dict(sorted(ranks.items())),
         "modules_to_save": save_names,
         "parameters": n_params,
@@ -182,6 +183,8 @@ def main(args: argparse.Namespace) -> int:
     rank = f"r={info['r']}" if info["r"] is not None else ""
     if info["lora_alpha"] is not None:
         rank += f", lora_alpha={info['lora_alpha']}"
+    if info["init_lora_weights"] not in (None, True):  # how it started: not needed to load it (issue 19)
+        rank += f", init_lora_weights={info['init_lora_weights']}"
     if info["ranks_in_file"]:
         rank += "; in the file: " + ", ".join(f"r={r} x{n}" for r, n in info["ranks_in_file"].items())
     saved_note = ""

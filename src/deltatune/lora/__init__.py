@@ -9,6 +9,7 @@ from torch import nn
 from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.lora.config import LoraConfig
+from deltatune.lora.init import check_creatable
 from deltatune.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, make_lora_layer, supported_types
 from deltatune.registry import Method, register
 from deltatune.trainable_tokens import add_token_adapters
@@ -47,6 +48,7 @@ LORA = register(Method(
     default_targets=DEFAULT_LORA_TARGETS,
     file_suffixes={"lora_magnitude_vector.weight": "lora_magnitude_vector"},
     cli_names={"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}},
+    prepare_config=check_creatable,  # data-driven inits refused at creation (loading resets them first)
     after_inject=add_token_adapters,  # trainable_token_indices: chosen embedding rows train beside LoRA
     extra_containers=("trainable_tokens_delta",),
 ))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Literal
 
 from deltatune.config import PeftConfig, PeftType
 from deltatune.errors import ConfigError
 
-_INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+# Every value PEFT 0.21 accepts loads (issue 19); the data-driven ones are refused only when *creating* an adapter
+# (deltatune.lora.init.check_creatable), since after training they are plain A and B.
+_INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "orthogonal", "eva", "corda", "loftq", "lora_ga")
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -38,7 +40,9 @@ class LoraConfig(PeftConfig):
         modules_to_save: Modules trained in full and saved with the adapter (e.g. a classifier head).
         fan_in_fan_out: The base stores ``W`` as ``(in, out)`` (GPT-2's ``Conv1D``); set automatically.
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: the output is unchanged), ``False`` (both
-            random, for tests), ``"gaussian"``, ``"pissa"``/``"pissa_niter_N"`` or ``"olora"``.
+            random, for tests), ``"gaussian"``, ``"pissa"``/``"pissa_niter_N"``, ``"olora"`` or ``"orthogonal"``
+            (A, B non-zero with ``B A = 0``; even ``r``). ``"eva"``, ``"corda"``, ``"loftq"``, ``"lora_ga"`` need
+            calibration data: adapters made with them load (and train), creating one raises ``ConfigError``.
         use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski, 2023).
         use_dora: Weight-decomposed LoRA (Liu et al., 2024) on Linear and Conv layers.
         lora_bias: Give ``lora_B`` a trainable bias.
@@ -60,8 +64,8 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
-    # Written by PEFT 0.21 into every LoRA adapter_config.json; deltatune does not implement the
-    # features behind them and refuses non-default values rather than silently ignoring them.
+    # Written by PEFT 0.21 into every LoRA adapter_config.json. The init sub-configs (loftq/eva/corda/lora_ga) are
+    # kept and saved back as read; the others change the forward and are refused with the reason when set.
     megatron_config: dict | None = None
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
@@ -104,7 +108,7 @@ class LoraConfig(PeftConfig):
         if init not in _INIT_CHOICES and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
             raise ConfigError(
                 f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
-                "'pissa_niter_N' or 'olora'"
+                "'pissa_niter_N', 'olora', 'orthogonal', 'eva', 'corda', 'loftq' or 'lora_ga'"
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only makes sense with layers_to_transform; set both or neither")
@@ -113,23 +117,37 @@ class LoraConfig(PeftConfig):
                 "layers_to_transform cannot be combined with a regex target_modules; put the layer indices "
                 "into the regex, or pass target_modules as a list of names"
             )
+        # Each of these changes what the adapter computes (or its tensors' shapes), so loading one as plain LoRA
+        # would give another model: refused with the reason. eva/corda/lora_ga/loftq_config only describe how the
+        # adapter was initialised; they are kept and saved back unchanged.
         unsupported = {
-            "megatron_config": None, "eva_config": None, "corda_config": None,
-            "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
-            "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
-            "arrow_config": None, "kasa_config": None,
+            "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) applies the adapter only after the "
+                                       "invocation tokens; that forward is not implemented yet",
+            "target_parameters": "target_parameters (LoRA on nn.Parameter such as MoE expert weights) is not "
+                                 "implemented yet",
+            "megatron_config": "megatron_config (Megatron tensor-parallel LoRA layers) is not implemented",
+            "velora_config": "VeLoRA (velora_config) changes the backward/forward and is not implemented yet",
+            "use_qalora": "QA-LoRA (use_qalora) pools the adapter's input in groups; not implemented yet",
+            "monteclora_config": "MonteCLoRA (monteclora_config) samples the adapter; not implemented yet",
+            "layer_replication": "layer_replication (duplicated decoder layers) is not implemented yet",
+            "use_bdlora": "block-diagonal LoRA (use_bdlora) is not implemented yet",
+            "arrow_config": "Arrow routing (arrow_config) is not implemented yet",
+            "kasa_config": "KaSA (kasa_config) adds a singular-value diagonal; not implemented yet",
         }
-        for name, default in unsupported.items():
-            if getattr(self, name) not in (default, False, None):
-                raise ConfigError(f"LoraConfig.{name} is not supported by deltatune yet; remove it from the config")
+        for name, reason in unsupported.items():
+            if getattr(self, name) not in (None, False, [], {}, ()):
+                raise ConfigError(f"LoraConfig.{name}={getattr(self, name)!r}: {reason} in deltatune, so this "
+                                  "adapter cannot be loaded or created as plain LoRA; remove it or use PEFT")
+        for name in ("eva_config", "corda_config", "lora_ga_config", "loftq_config"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict) and not is_dataclass(value):
+                raise ConfigError(f"LoraConfig.{name} must be a dict (as PEFT saves it) or None, got {value!r}")
         if self.trainable_token_indices is not None:
             from deltatune.trainable_tokens.config import check_token_indices
 
             indices = self.trainable_token_indices
             for key, ids in (indices.items() if isinstance(indices, dict) else [("", indices)]):
                 check_token_indices(ids, f"LoraConfig.trainable_token_indices{f'[{key!r}]' if key else ''}")
-        if self.loftq_config:
-            raise ConfigError("LoftQ initialisation (loftq_config) is not supported by deltatune yet")
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)

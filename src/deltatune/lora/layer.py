@@ -429,6 +429,10 @@ class LoraLayer(AdapterLayer):
             return self._init_pissa(adapter_name, init)
         if init == "olora":
             return self._init_olora(adapter_name)
+        if init == "orthogonal":
+            from deltatune.lora.init import init_orthogonal
+
+            return init_orthogonal(self, adapter_name)
         if adapter_name in self.lora_A:
             a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
             if init == "gaussian":

@@ -1,0 +1,87 @@
+"""LoRA initialisations beyond Kaiming/Gaussian, and which ones deltatune can compute when it *creates* an adapter.
+
+Loading never depends on the initialisation: once trained, every LoRA adapter is ``A`` and ``B`` on top of the
+base, so a saved adapter loads whatever ``init_lora_weights`` it names (see ``peft_model._no_reinit``). Only
+creating a new adapter needs the initialisation itself; the data-driven ones (EVA, CorDA, LoRA-GA need
+activations or gradients of a calibration set, LoftQ quantises the base) are refused there with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltatune.errors import ConfigError
+
+# Initialisations computed from data (or, for LoftQ, from quantising the base) that deltatune cannot run yet.
+DATA_DRIVEN_INITS = ("eva", "corda", "loftq", "lora_ga")
+# Of those, the ones whose creation rewrote the base weights (a residual, or LoftQ's quantised base): an adapter
+# saved without path_initial_model_for_weight_conversion expects that rewritten base, as PiSSA/OLoRA do.
+RESIDUAL_BASE_INITS = ("corda", "loftq", "lora_ga")
+
+
+def is_data_driven(config: object) -> bool:
+    """Whether ``config`` is a LoRA config whose ``init_lora_weights`` deltatune cannot compute at creation."""
+    return getattr(config, "init_lora_weights", True) in DATA_DRIVEN_INITS
+
+
+def rewrites_base(config: object) -> bool:
+    """Whether creating ``config``'s adapter rewrote the base weights (CorDA, LoftQ, LoRA-GA)."""
+    return getattr(config, "init_lora_weights", True) in RESIDUAL_BASE_INITS
+
+
+def check_creatable(model: nn.Module, config: object) -> None:
+    """Refuse, before the model changes, to *create* an adapter whose initialisation deltatune cannot compute
+    (loading such an adapter does not come here: the loader builds it with the default init, then overwrites it),
+    and ``orthogonal`` with an odd rank (its A and B take half the rank each)."""
+    init = getattr(config, "init_lora_weights", True)
+    if init in DATA_DRIVEN_INITS:
+        what = {"eva": "activations of a calibration set (EVA)", "corda": "covariances of a calibration set (CorDA)",
+                "lora_ga": "gradients of a calibration batch (LoRA-GA)",
+                "loftq": "quantising the base weights (LoftQ)"}[init]
+        raise ConfigError(
+            f"init_lora_weights={init!r} is computed from {what}, which deltatune cannot do yet; create the adapter "
+            "with PEFT (or use init_lora_weights=True, 'gaussian', 'pissa', 'olora' or 'orthogonal'). Loading and "
+            "training adapters created with it works: PeftModel.from_pretrained / load_adapter / --adapter")
+    if init == "orthogonal":
+        ranks = {"r": config.r, **{f"rank_pattern[{k!r}]": v for k, v in (config.rank_pattern or {}).items()}}
+        odd = {k: v for k, v in ranks.items() if v % 2}
+        if odd:
+            name, value = next(iter(odd.items()))
+            raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank (A and B take half each), "
+                              f"got {name}={value}; use {value + 1}")
+
+
+@torch.no_grad()
+def orthogonal_factors(r: int, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A: (r, in)``, ``B: (out, r)`` with ``B A = 0`` exactly in exact arithmetic (the model is unchanged) but
+    both non-zero: the rows of one random orthogonal ``r x r`` matrix ``Q`` are split into odd (for ``A``) and even
+    (for ``B``) halves, which are orthogonal to each other (https://datta0.github.io/posts/rethink-lora-init/).
+    Draws ``Q``'s seed matrix, then ``A``'s, then ``B``'s Gaussian from torch's global generator in PEFT's order,
+    so the same ``torch.manual_seed`` gives PEFT's factors."""
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    q_odd, q_even = q[0::2, :], q[1::2, :]
+    a = torch.randn(in_features, r // 2).mm(q_odd).T / 10.0
+    b = torch.randn(r // 2, out_features).T.mm(q_even) / 10.0
+    return a.contiguous(), b.contiguous()
+
+
+def init_orthogonal(layer: nn.Module, adapter_name: str) -> None:
+    """``init_lora_weights='orthogonal'`` on a LoRA layer: Linear gets :func:`orthogonal_factors`; Embedding gets
+    the default embedding init (A zero, B normal), as PEFT; Conv is refused (PEFT raises too)."""
+    if adapter_name in layer.lora_embedding_A:
+        nn.init.zeros_(layer.lora_embedding_A[adapter_name])
+        nn.init.normal_(layer.lora_embedding_B[adapter_name])
+        return
+    a_mod, b_mod = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    if not isinstance(a_mod, nn.Linear):
+        raise ConfigError(f"init_lora_weights='orthogonal' is supported on Linear layers only, not "
+                          f"{type(layer.base_layer).__name__}; exclude it or use init_lora_weights=True")
+    r = layer.r[adapter_name]
+    if r % 2:
+        raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank (A and B take half each), got r={r}")
+    a, b = orthogonal_factors(r, layer.in_features, layer.out_features)
+    a_mod.weight.data = a.to(a_mod.weight.device, a_mod.weight.dtype)
+    b_mod.weight.data = b.to(b_mod.weight.device, b_mod.weight.dtype)
+    if b_mod.bias is not None:
+        nn.init.zeros_(b_mod.bias)
