@@ -166,8 +166,10 @@ def _write_dir(out: str, write: Callable[[str], None]) -> int:
         if not os.path.exists(out):
             os.replace(tmp, out)
             return size
+        # README.md: save_pretrained's model card, written over a copy of the one in ``out`` (see the combine's
+        # write), so replacing it keeps the user's text.
         clash = [f for f in written if os.path.isdir(os.path.join(out, f))
-                 or (os.path.exists(os.path.join(out, f)) and not _is_merge_output(f))]
+                 or (os.path.exists(os.path.join(out, f)) and not _is_merge_output(f) and f != "README.md")]
         if clash:  # e.g. a tokenizer file of a kind the list does not know, over a file of the user's
             raise UsageError(f"--output-dir {out} already holds {', '.join(clash)}, which this merge would write "
                              "over; choose an empty --output-dir")
@@ -284,6 +286,8 @@ def combine(args: argparse.Namespace) -> int:
         return _fold_and_write(model, tokenizer, out, args, base_quant, f"{what} into {spec.name}")
 
     def write(tmp: str) -> None:
+        if os.path.isfile(os.path.join(out, "README.md")):  # the model card updates the user's (PEFT's rules)
+            shutil.copyfile(os.path.join(out, "README.md"), os.path.join(tmp, "README.md"))
         model.save_pretrained(tmp, selected_adapters=[COMBINED])
         if run:  # keep what `deltatune eval/generate` read (base, labels, template), and say where it came from
             record = dict(run, combined_from={"adapters": [os.path.abspath(d) for d in dirs], "weights": weights,
