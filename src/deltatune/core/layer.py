@@ -40,6 +40,9 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.quantized = is_quantized_layer(base_layer)
+        # adapter -> names in adapter_layer_names that stay frozen even when it trains (MiCA's B; PEFT's
+        # frozen_peft_weight_names)
+        self.frozen_adapter_weights: dict[str, tuple[str, ...]] = {}
 
     # ---- bookkeeping -------------------------------------------------------------------------
     @property
@@ -66,12 +69,13 @@ class AdapterLayer(nn.Module):
     def set_adapter(self, adapter_names: str | list[str], trainable: bool = True) -> None:
         """Make ``adapter_names`` the active adapters; only those can get gradients."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        frozen = getattr(self, "frozen_adapter_weights", {})
         for attr in self.adapter_layer_names:
             container = getattr(self, attr)
             for key, item in container.items():
                 params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
                 for p in params:
-                    p.requires_grad_(trainable and key in names)
+                    p.requires_grad_(trainable and key in names and attr not in frozen.get(key, ()))
         self.active_adapters = names
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -88,6 +92,7 @@ class AdapterLayer(nn.Module):
             container = getattr(self, attr)
             if adapter_name in container:
                 del container[adapter_name]
+        getattr(self, "frozen_adapter_weights", {}).pop(adapter_name, None)
         if adapter_name in self.active_adapters:
             self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 

@@ -11,7 +11,8 @@ from deltatune.errors import ConfigError
 
 # Every value PEFT 0.21 accepts loads (issue 19); the data-driven ones are refused only when *creating* an adapter
 # (deltatune.lora.init.check_creatable), since after training they are plain A and B.
-_INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "orthogonal", "eva", "corda", "loftq", "lora_ga")
+_INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "orthogonal", "eva", "corda", "loftq", "lora_ga",
+                "mica")
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -41,7 +42,8 @@ class LoraConfig(PeftConfig):
         fan_in_fan_out: The base stores ``W`` as ``(in, out)`` (GPT-2's ``Conv1D``); set automatically.
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: the output is unchanged), ``False`` (both
             random, for tests), ``"gaussian"``, ``"pissa"``/``"pissa_niter_N"``, ``"olora"`` or ``"orthogonal"``
-            (A, B non-zero with ``B A = 0``; even ``r``). ``"eva"``, ``"corda"``, ``"loftq"``, ``"lora_ga"`` need
+            (A, B non-zero with ``B A = 0``; even ``r``), ``"mica"`` (B = the minor left singular vectors of the
+            base weight, frozen; A = 0; Linear and Embedding). ``"eva"``, ``"corda"``, ``"loftq"``, ``"lora_ga"`` need
             calibration data: adapters made with them load (and train), creating one raises ``ConfigError``.
         use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski, 2023).
         use_dora: Weight-decomposed LoRA (Liu et al., 2024) on Linear and Conv layers.
@@ -108,7 +110,7 @@ class LoraConfig(PeftConfig):
         if init not in _INIT_CHOICES and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
             raise ConfigError(
                 f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
-                "'pissa_niter_N', 'olora', 'orthogonal', 'eva', 'corda', 'loftq' or 'lora_ga'"
+                "'pissa_niter_N', 'olora', 'orthogonal', 'mica', 'eva', 'corda', 'loftq' or 'lora_ga'"
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only makes sense with layers_to_transform; set both or neither")

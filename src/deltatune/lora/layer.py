@@ -429,6 +429,10 @@ class LoraLayer(AdapterLayer):
             return self._init_pissa(adapter_name, init)
         if init == "olora":
             return self._init_olora(adapter_name)
+        if init == "mica":  # B = minor left singular vectors of W (frozen), A = 0
+            from deltatune.lora.mica import init_mica
+
+            return init_mica(self, adapter_name)
         if init == "orthogonal":
             from deltatune.lora.init import init_orthogonal
 
