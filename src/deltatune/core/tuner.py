@@ -205,11 +205,16 @@ class AdapterModel(nn.Module):
                 replace_module(self.model, key, ModulesToSaveWrapper(module, adapter_name))
 
     def _mark_trainable(self, adapter_name: str, config: PeftConfig) -> None:
-        """Freeze everything but the active adapters' tensors (and biases, per ``config.bias``)."""
-        method = method_for(config.peft_type)
-        keep = (method.prefix, ".modules_to_save.", *(f".{c}." for c in method.extra_containers))
-        for name, p in self.model.named_parameters():
-            if not any(k in name for k in keep):
+        """Freeze everything but the adapters' tensors (and biases, per ``config.bias``).
+
+        What is an adapter tensor is decided by identity, not by name: the parameters in the adapter layers' own
+        containers (``adapter_layer_names``) and the ``modules_to_save`` copies; their ``requires_grad`` stays as
+        ``set_adapter`` left it (the active adapters train). A base module merely *named* like an adapter
+        (``lora_foobar``) is frozen like any other base weight (it is never saved with the adapter either).
+        """
+        adapter_params = self._adapter_param_ids()
+        for p in self.model.parameters():
+            if id(p) not in adapter_params:
                 p.requires_grad_(False)
         bias = getattr(config, "bias", "none")
         if bias == "all":
@@ -221,6 +226,19 @@ class AdapterModel(nn.Module):
                 b = getattr(layer.base_layer, "bias", None)
                 if b is not None:
                     b.requires_grad_(True)
+
+    def _adapter_param_ids(self) -> set[int]:
+        """``id()`` of every adapter-owned parameter in the model (see :meth:`_mark_trainable`)."""
+        ids: set[int] = set()
+        for _, module in self._wrappers():
+            if isinstance(module, AdapterLayer):
+                for attr in module.adapter_layer_names:
+                    container = getattr(module, attr, None)  # a tied layer may hold none of its own
+                    if container is not None:
+                        ids.update(id(p) for p in container.parameters())
+            else:
+                ids.update(id(p) for p in module.modules_to_save.parameters())
+        return ids
 
     # ---- switching ---------------------------------------------------------------------------
     def set_adapter(self, adapter_name: str | list[str]) -> None:
