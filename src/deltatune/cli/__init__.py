@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from deltatune.cli import compare, evaluate, generate, inspect, merge, train
+    from deltatune.cli import compare, evaluate, export, generate, inspect, merge, serve, train
 
     parser = _Parser(prog="deltatune", description="Parameter-efficient fine-tuning: train an adapter, measure it, "
                                                    "use it. `deltatune train` with no options runs the demo job.")
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (train, evaluate, generate, merge, inspect, compare):
+    for module in (train, evaluate, generate, merge, export, inspect, compare, serve):
         module.register(sub)
     return parser
 
