@@ -23,6 +23,7 @@ from deltatune.errors import (
     MergeError,
     TargetModuleError,
 )
+from deltatune.export import ExportedLora, export_to_lora
 from deltatune.ia3 import IA3Config
 from deltatune.ln_tuning import LNTuningConfig
 from deltatune.loha import LoHaConfig
@@ -109,6 +110,8 @@ __all__ = [
     "get_peft_model",
     "inject_adapter_in_model",
     "get_peft_model_state_dict",
+    "ExportedLora",
+    "export_to_lora",
     "merge_and_report",
     "prepare_model_for_kbit_training",
     "quantize",
