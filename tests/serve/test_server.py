@@ -33,7 +33,7 @@ def test_models_lists_the_base_and_every_adapter_folder(http, files):
 
 def test_completions_equal_deltatune_generate_for_every_adapter_concurrently(client, files, capsys):
     base, _root, adapters, _extra, _ = files
-    jobs = [(p, a) for p in PROMPTS[:2] for a in [None, "lora-r4", "lora-r8", "dora", "ia3"]]
+    jobs = [(PROMPTS[0], a) for a in [None, "lora-r4", "lora-r8", "dora", "ia3"]] + [(PROMPTS[1], "lora-r4")]
     results: dict[int, object] = {}
 
     def ask(i, prompt, adapter):
