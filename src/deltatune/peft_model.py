@@ -562,6 +562,7 @@ class PeftModel(nn.Module):
             peft_model._load_weights(weights, adapter_name)
             if pair:  # after the shape checks, whose messages are more specific; catches what fits but differs
                 check_adapter_pair(directory)
+            _rebuild_residual(peft_model, adapter_name)  # last: it restores the base itself if it fails
         except BaseException:
             peft_model._remove_adapter(adapter_name)
             raise
@@ -594,6 +595,7 @@ class PeftModel(nn.Module):
             self._load_weights(weights, adapter_name)
             if pair:
                 check_adapter_pair(directory)
+            _rebuild_residual(self, adapter_name)  # last: it restores the base itself if it fails
         except BaseException:
             self._remove_adapter(adapter_name)
             raise
@@ -659,10 +661,21 @@ def _fit_config_to_file(config: PeftConfig, weights: dict[str, torch.Tensor], di
     check_config_fits_file(config, weights, directory)
 
 
+def _rebuild_residual(model: nn.Module, adapter_name: str) -> None:
+    """A PiSSA/OLoRA adapter loaded as saved (not converted): rewrite its layers' base weights into the residual
+    ``W - s B0 A0`` it was trained on, as PEFT's load does (:func:`deltatune.lora.conversion.rebuild_residual`)."""
+    from deltatune.lora.conversion import rebuild_residual
+
+    config = model.peft_config[adapter_name]
+    if getattr(config, "init_lora_weights", True) is not True:
+        rebuild_residual(model, adapter_name, config)
+
+
 @contextlib.contextmanager
 def _no_reinit(config: PeftConfig) -> Iterator[None]:
-    """Loading overwrites the adapter's tensors, so skip initialisations that would rewrite the base
-    weights (PiSSA/OLoRA keep a residual base that the saved adapter assumes; PEFT behaves the same)."""
+    """Loading overwrites the adapter's tensors, so skip initialisations while the adapter is built (nothing of the
+    base changes before the file is checked). PiSSA/OLoRA adapters get their residual base afterwards, rebuilt from the
+    base weights as PEFT does (:func:`_rebuild_residual`); CorDA/LoftQ/LoRA-GA cannot be rebuilt: a warning says so."""
     if config.is_prompt_learning:  # skip TEXT/SAMPLE_VOCAB/source-task prompt inits too
         with _prompt.no_init(config):
             yield
@@ -673,7 +686,7 @@ def _no_reinit(config: PeftConfig) -> Iterator[None]:
     init = getattr(config, "init_lora_weights", True)
     # EVA/CorDA/LoftQ/LoRA-GA/orthogonal only decide the starting A, B, which loading overwrites (issue 19).
     if mutates_base(config) or is_data_driven(config) or init == "orthogonal":
-        if mutates_base(config) or rewrites_base(config):
+        if rewrites_base(config) and not mutates_base(config):
             warnings.warn(
                 f"adapter was initialised with {init!r}: it expects the residual base model saved at training "
                 "time, not the original one (save it with path_initial_model_for_weight_conversion to get a plain "

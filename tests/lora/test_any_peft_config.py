@@ -37,6 +37,9 @@ PEFT_INITS: dict[object, dict] = {
 # PEFT's own from_pretrained leaves the base as given for these (it re-runs PiSSA/OLoRA on the base, needs
 # preprocess_corda's eigens for CorDA and scipy + a quantisation for LoftQ).
 PEFT_LOADS_PLAIN = (True, False, "gaussian", "orthogonal", "eva", "lora_ga")
+# PiSSA/OLoRA files saved as they are: both libraries rebuild the residual base W - s B0 A0 on load (issue 18), so
+# the logits are peft's (pissa_niter_N: each library's own randomised SVD draw, so close to peft's, not equal).
+PEFT_REBUILDS_RESIDUAL = ("pissa", "olora", "pissa_niter_4")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,16 @@ def test_every_peft_init_loads_with_equal_logits_and_saves_back_unchanged(plain,
         model = dt.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
     with torch.no_grad():
         ours = model(IDS).logits
-    torch.testing.assert_close(ours, logits, rtol=0, atol=1e-5)
+    if init in PEFT_REBUILDS_RESIDUAL:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
+        with torch.no_grad():
+            atol = 0.5 if init == "pissa_niter_4" else 1e-5
+            torch.testing.assert_close(ours, theirs(IDS).logits, rtol=0, atol=atol)
+        assert (ours - logits).abs().max() > 1e-3  # the residual was rebuilt: not the plain A, B on the given base
+    else:
+        torch.testing.assert_close(ours, logits, rtol=0, atol=1e-5)
     if init in PEFT_LOADS_PLAIN:
         theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
         with torch.no_grad():

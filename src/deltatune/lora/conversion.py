@@ -65,3 +65,43 @@ def to_plain_lora(state: dict[str, torch.Tensor], initial: dict[str, torch.Tenso
     plain.rank_pattern = {k: 2 * v for k, v in (config.rank_pattern or {}).items()}
     plain.alpha_pattern = {k: grow * v for k, v in (config.alpha_pattern or {}).items()}
     return out, plain
+
+
+def rebuild_residual(model: torch.nn.Module, adapter_name: str, config: LoraConfig) -> None:
+    """After loading a PiSSA/OLoRA adapter saved as it is (not converted), turn the original base weights of its
+    layers into the residual ``W - s B0 A0`` the adapter was trained on, as PEFT does on load (it re-runs the init on
+    the base it is given; the loaded ``A, B`` then replace ``A0, B0``). ``"pissa"`` and ``"olora"`` are deterministic,
+    so the reloaded model gives the saved model's outputs. ``"pissa_niter_N"`` starts from a randomised SVD, which
+    deltatune draws from a fixed seed: exact again for adapters deltatune created, only approximate for ones PEFT
+    created (PEFT draws from the global RNG, at training and at load alike), which a warning says;
+    ``path_initial_model_for_weight_conversion`` gives an exact file for either. On any error the base weights are
+    restored.
+
+    Only LoRA ``Linear``/``Conv1D`` layers are rebuilt: PEFT's PiSSA/OLoRA init leaves other layer types' bases as
+    they are (and deltatune refuses those inits there when creating an adapter).
+    """
+    import warnings
+
+    from deltatune.lora.layer import LoraLinear
+
+    init = config.init_lora_weights
+    if not mutates_base(config):
+        return
+    if init.startswith("pissa_niter_"):
+        warnings.warn(
+            f"adapter {adapter_name!r} was initialised with {init!r} (a randomised SVD): its residual base is rebuilt "
+            "with deltatune's fixed-seed draw, exact for adapters deltatune created but only approximate for ones "
+            "PEFT created (PEFT draws from the global RNG); save with path_initial_model_for_weight_conversion for "
+            "an exact plain-LoRA file", stacklevel=3)
+    done: list[tuple[LoraLinear, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, LoraLinear) and adapter_name in module.r:
+                    a, b = module.rebuild_residual(adapter_name, init)
+                    done.append((module, a, b))
+    except BaseException:
+        with torch.no_grad():
+            for module, a, b in reversed(done):
+                module.restore_base(adapter_name, a, b)
+        raise

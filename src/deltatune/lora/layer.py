@@ -24,6 +24,8 @@ from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError, MergeError
 from deltatune.quantization import dequantize_weight
 
+PISSA_NITER_SEED = 0  # the seed of pissa_niter_N's randomised SVD (see LoraLinear._initial_factors)
+
 
 def _conv1d_type() -> type | None:
     try:
@@ -596,31 +598,59 @@ class LoraLinear(LoraLayer):
     # ---- initialisations that move the principal part of W into the adapter ------------------
     def _set_residual(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Install ``A, B`` and leave ``W - s B A`` in the base, so the layer's output is unchanged."""
-        s = self.scaling[adapter_name]
-        weight = self.base_layer.weight
         self.lora_A[adapter_name].weight.data = a.contiguous().to(self.lora_A[adapter_name].weight.dtype)
         self.lora_B[adapter_name].weight.data = b.contiguous().to(self.lora_B[adapter_name].weight.dtype)
-        residual = self._base_weight().data.float() - s * (b @ a)
-        residual = residual.T if self.fan_in_fan_out else residual
-        self.write_base_weight(residual if self.quantized else residual.to(weight.dtype))
+        self._shift_base(adapter_name, a, b, sign=-1)
 
-    def _init_pissa(self, adapter_name: str, init: str) -> None:
-        """PiSSA (Meng et al., 2024): ``A, B`` from the top-``r`` singular triplets of ``W``."""
+    def _shift_base(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor, sign: int) -> None:
+        """Write ``W + sign · s B A`` into the base weight (computed in fp32, stored in the base's dtype)."""
+        s = self.scaling[adapter_name]
+        weight = self._base_weight().data.float() + (sign * s) * (b.float() @ a.float())
+        weight = weight.T if self.fan_in_fan_out else weight
+        self.write_base_weight(weight if self.quantized else weight.to(self.base_layer.weight.dtype))
+
+    def _initial_factors(self, adapter_name: str, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A0: (r, in), B0: (out, r)`` (fp32) that PiSSA (``"pissa"``, ``"pissa_niter_N"``) or OLoRA take out of the
+        current base weight."""
         r, s = self.r[adapter_name], self.scaling[adapter_name]
         w = self._base_weight().data.float()
+        if init == "olora":  # OLoRA (Büyükakyüz, 2024): B = Q[:, :r], A = R[:r] from the QR decomposition of W
+            q, rr = torch.linalg.qr(w)
+            return rr[:r], q[:, :r]
+        # PiSSA (Meng et al., 2024): A, B from the top-r singular triplets of W
         if init == "pissa":
             u, sv, vh = torch.linalg.svd(w, full_matrices=False)
         else:  # "pissa_niter_N": randomised SVD with N subspace iterations (fast on big matrices)
-            u, sv, v = torch.svd_lowrank(w, q=r, niter=int(init.rsplit("_", 1)[-1]))
+            # Drawn from a fixed seed in a forked RNG (PEFT draws from the global one): the same W gives the same
+            # factors, so the residual is rebuilt exactly when the adapter is loaded again, and creating an adapter
+            # leaves the caller's random stream alone.
+            fork = {"devices": []} if w.device.type == "cpu" else {"devices": [w.device], "device_type": w.device.type}
+            with torch.random.fork_rng(**fork):
+                torch.manual_seed(PISSA_NITER_SEED)
+                u, sv, v = torch.svd_lowrank(w, q=r, niter=int(init.rsplit("_", 1)[-1]))
             vh = v.T
         root = torch.sqrt(sv[:r] / s)
-        self._set_residual(adapter_name, a=root[:, None] * vh[:r], b=u[:, :r] * root[None, :])
+        return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+
+    def _init_pissa(self, adapter_name: str, init: str) -> None:
+        a, b = self._initial_factors(adapter_name, init)
+        self._set_residual(adapter_name, a=a, b=b)
 
     def _init_olora(self, adapter_name: str) -> None:
-        """OLoRA (Büyükakyüz, 2024): ``B = Q[:, :r]``, ``A = R[:r]`` from the QR decomposition of ``W``."""
-        r = self.r[adapter_name]
-        q, rr = torch.linalg.qr(self._base_weight().data.float())
-        self._set_residual(adapter_name, a=rr[:r], b=q[:, :r])
+        a, b = self._initial_factors(adapter_name, "olora")
+        self._set_residual(adapter_name, a=a, b=b)
+
+    def rebuild_residual(self, adapter_name: str, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Turn the (original) base weight into the PiSSA/OLoRA residual ``W - s B0 A0`` of ``adapter_name``, leaving
+        its (loaded) ``A, B`` alone; returns ``(A0, B0)``, which :meth:`restore_base` adds back. What PEFT's load
+        does (it re-runs the init on the base it is given, then loads ``A, B``)."""
+        a, b = self._initial_factors(adapter_name, init)
+        self._shift_base(adapter_name, a, b, sign=-1)
+        return a, b
+
+    def restore_base(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Undo :meth:`rebuild_residual` (up to rounding in the base's dtype)."""
+        self._shift_base(adapter_name, a, b, sign=+1)
 
     def _init_dora(self, adapter_name: str) -> None:
         with torch.no_grad():
