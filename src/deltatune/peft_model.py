@@ -325,7 +325,7 @@ class PeftModel(nn.Module):
         # As PEFT: the disabled adapters get no gradients inside the block (an optimizer step there must not move
         # them, e.g. a reference pass in DPO); each tensor's own flag comes back on exit, so a frozen
         # (inference-mode) adapter stays frozen.
-        frozen = [p for p in self._adapter_parameters() if p.requires_grad]
+        frozen = [p for p in self.base_model.adapter_parameters() if p.requires_grad]
         self.base_model.enable_adapter_layers(False)
         for p in frozen:
             p.requires_grad_(False)
@@ -335,19 +335,6 @@ class PeftModel(nn.Module):
             self.base_model.enable_adapter_layers(True)
             for p in frozen:
                 p.requires_grad_(True)
-
-    def _adapter_parameters(self) -> list[nn.Parameter]:
-        """Every adapter tensor of the weight adapters: the layers' per-adapter containers and the trained copies of
-        ``modules_to_save``."""
-        params: list[nn.Parameter] = []
-        for module in self.base_model.model.modules():
-            if isinstance(module, AdapterLayer):
-                for attr in module.adapter_layer_names:
-                    for item in getattr(module, attr).values():
-                        params += [item] if isinstance(item, nn.Parameter) else list(item.parameters())
-            elif isinstance(module, ModulesToSaveWrapper):
-                params += list(module.modules_to_save.parameters())
-        return params
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active adapters (or ``adapter_names``) into the base weights; unmerge_adapter() undoes it.

@@ -1,4 +1,4 @@
-"""AdaLoraCallback drives the allocation inside a transformers Trainer (AdapterTrainer; no manual update_and_allocate)."""
+"""AdaLoraCallback drives the allocation inside AdapterTrainer: no manual update_and_allocate."""
 
 from __future__ import annotations
 

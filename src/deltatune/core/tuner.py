@@ -227,18 +227,22 @@ class AdapterModel(nn.Module):
                 if b is not None:
                     b.requires_grad_(True)
 
-    def _adapter_param_ids(self) -> set[int]:
-        """``id()`` of every adapter-owned parameter in the model (see :meth:`_mark_trainable`)."""
-        ids: set[int] = set()
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every adapter-owned parameter: the adapter layers' per-adapter containers and the trained copies of
+        ``modules_to_save`` (see :meth:`_mark_trainable`); each once."""
+        params: dict[int, nn.Parameter] = {}
         for _, module in self._wrappers():
             if isinstance(module, AdapterLayer):
                 for attr in module.adapter_layer_names:
                     container = getattr(module, attr, None)  # a tied layer may hold none of its own
                     if container is not None:
-                        ids.update(id(p) for p in container.parameters())
+                        params.update((id(p), p) for p in container.parameters())
             else:
-                ids.update(id(p) for p in module.modules_to_save.parameters())
-        return ids
+                params.update((id(p), p) for p in module.modules_to_save.parameters())
+        return list(params.values())
+
+    def _adapter_param_ids(self) -> set[int]:
+        return {id(p) for p in self.adapter_parameters()}
 
     # ---- switching ---------------------------------------------------------------------------
     def set_adapter(self, adapter_name: str | list[str]) -> None:
