@@ -24,6 +24,7 @@ from deltatune.errors import (
     TargetModuleError,
 )
 from deltatune.export import ExportedLora, export_to_lora
+from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.ia3 import IA3Config
 from deltatune.ln_tuning import LNTuningConfig
 from deltatune.loha import LoHaConfig
@@ -110,6 +111,8 @@ __all__ = [
     "get_peft_model",
     "inject_adapter_in_model",
     "get_peft_model_state_dict",
+    "hotswap_adapter",
+    "prepare_model_for_compiled_hotswap",
     "ExportedLora",
     "export_to_lora",
     "merge_and_report",
