@@ -63,6 +63,15 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _holds(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether ``module`` is still at ``name`` (a wrapper inside another one, such as the LoRA layer on an
+    ``nn.MultiheadAttention``'s ``out_proj``, goes away with its parent, which unloads or deletes it)."""
+    try:
+        return model.get_submodule(name) is module
+    except AttributeError:
+        return False
+
+
 def _matches_name(key: str, names) -> bool:
     return any(key == n or key.endswith("." + n) for n in names)
 
@@ -279,6 +288,8 @@ class AdapterModel(nn.Module):
             if container is not None and adapter_name in container:
                 del container[adapter_name]
         for name, module in list(self._wrappers()):
+            if not _holds(self.model, name, module):  # nested in a wrapper already handled (MHA's out_proj)
+                continue
             module.delete_adapter(adapter_name)
             if not module.adapter_names():
                 original = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
@@ -331,6 +342,8 @@ class AdapterModel(nn.Module):
             for name, layer in self.adapter_layers():
                 layer.check_merge(adapter_names, where=name)
         for name, module in list(self._wrappers()):
+            if not _holds(self.model, name, module):  # nested in a wrapper already unloaded (MHA's out_proj)
+                continue
             if isinstance(module, AdapterLayer):
                 replace_module(self.model, name, module.unloaded(merge, adapter_names))
             else:

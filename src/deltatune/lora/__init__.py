@@ -11,12 +11,15 @@ from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.lora.config import LoraConfig
 from deltatune.lora.init import check_creatable
 from deltatune.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, make_lora_layer, supported_types
+from deltatune.lora.mha import LoraMultiheadAttention
 from deltatune.registry import Method, register
 from deltatune.trainable_tokens import add_token_adapters
 
 
 def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> LoraLayer | None:
     """Add adapter ``adapter_name`` to ``target`` (wrapping it first unless it is a LoRA layer already)."""
+    if isinstance(target, nn.MultiheadAttention):  # packed q/k/v + out_proj (PEFT's lora.MultiheadAttention)
+        target = LoraMultiheadAttention(target)
     layer = target if isinstance(target, LoraLayer) else make_lora_layer(target, config.fan_in_fan_out)
     if layer is None:
         return None
@@ -44,7 +47,7 @@ LORA = register(Method(
     prefix="lora_",
     layer_cls=LoraLayer,
     create_or_update=create_or_update,
-    supported_types=supported_types,
+    supported_types=lambda: (*supported_types(), nn.MultiheadAttention),
     default_targets=DEFAULT_LORA_TARGETS,
     file_suffixes={"lora_magnitude_vector.weight": "lora_magnitude_vector"},
     cli_names={"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}},
@@ -53,4 +56,4 @@ LORA = register(Method(
     extra_containers=("trainable_tokens_delta",),
 ))
 
-__all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LORA"]
+__all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraMultiheadAttention", "LORA"]
