@@ -12,6 +12,7 @@ from deltatune.lora.config import LoraConfig
 from deltatune.lora.init import check_creatable
 from deltatune.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, make_lora_layer, supported_types
 from deltatune.lora.mha import LoraMultiheadAttention
+from deltatune.lora.tying import tie_modules_to_save
 from deltatune.registry import Method, register
 from deltatune.trainable_tokens import add_token_adapters
 
@@ -41,6 +42,11 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, m
     return layer
 
 
+def _after_inject(adapter_model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
+    tie_modules_to_save(adapter_model, adapter_name, config)  # ensure_weight_tying: lm_head follows the embed copy
+    add_token_adapters(adapter_model, adapter_name, config)
+
+
 LORA = register(Method(
     peft_type=PeftType.LORA,
     config_cls=LoraConfig,
@@ -52,7 +58,7 @@ LORA = register(Method(
     file_suffixes={"lora_magnitude_vector.weight": "lora_magnitude_vector"},
     cli_names={"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}},
     prepare_config=check_creatable,  # data-driven inits refused at creation (loading resets them first)
-    after_inject=add_token_adapters,  # trainable_token_indices: chosen embedding rows train beside LoRA
+    after_inject=_after_inject,  # ensure_weight_tying; trainable_token_indices: embedding rows train beside LoRA
     extra_containers=("trainable_tokens_delta",),
 ))
 

@@ -105,6 +105,35 @@ def token_index_targets(model: nn.Module, indices) -> dict[str, list[int]]:
     return targets
 
 
+def _names(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def _tied_keys_that_follow(model: nn.Module, targets: dict[str, list[int]], ensure_tying: bool) -> set[str]:
+    """Keys of ``trainable_token_indices`` naming an output layer tied to the input embedding that is listed too
+    (PEFT's rules): with the same ids as the embedding they follow its rows (one tensor, no copy of their own);
+    with other ids they get rows of their own, unless ``ensure_weight_tying`` asks for the tie, which is refused."""
+    embed_name = input_embedding_name(model)
+    if len(targets) < 2 or embed_name is None:
+        return set()
+    embedding = model.get_submodule(embed_name)
+    tied = tied_output_names(model, embedding) if isinstance(embedding, nn.Embedding) else []
+    if not tied:
+        return set()
+    embed_keys = [k for k in targets if _names(embed_name, k)]
+    tied_keys = [k for k in targets if k not in embed_keys and any(_names(t, k) for t in tied)]
+    if not embed_keys or not tied_keys:
+        return set()
+    first = targets[embed_keys[0]]
+    mismatched = [k for k in tied_keys if list(targets[k]) != list(first)]
+    if mismatched and ensure_tying:
+        layers = ", ".join(f"{k}: {targets[k]}" for k in embed_keys[:1] + tied_keys)
+        raise ConfigError(f"ensure_weight_tying=True cannot keep tied layers tied when trainable_token_indices gives "
+                          f"them different token ids ({layers}); give them the same ids or set "
+                          "ensure_weight_tying=False")
+    return set() if mismatched else set(tied_keys)
+
+
 def add_token_adapters(adapter_model: nn.Module, adapter_name: str, config) -> None:
     """LoRA's ``after_inject``: wrap the layers named by ``config.trainable_token_indices`` (PEFT's rules)."""
     indices = getattr(config, "trainable_token_indices", None)
@@ -114,7 +143,11 @@ def add_token_adapters(adapter_model: nn.Module, adapter_name: str, config) -> N
 
     model = adapter_model.model
     saved = set(getattr(config, "modules_to_save", None) or [])
-    for key, ids in token_index_targets(model, indices).items():
+    targets = token_index_targets(model, indices)
+    followers = _tied_keys_that_follow(model, targets, getattr(config, "ensure_weight_tying", False))
+    for key, ids in targets.items():
+        if key in followers:  # a tied output layer with the embedding's ids: it follows the embedding's rows
+            continue
         if key in saved:
             raise ConfigError(f"{key!r} is both in modules_to_save (trained in full) and in trainable_token_indices; "
                               "pick one")
@@ -133,8 +166,8 @@ def add_token_adapters(adapter_model: nn.Module, adapter_name: str, config) -> N
             replace_module(model, name, TokenAdapterWrapper(layer))
             if not isinstance(module, nn.Embedding):
                 continue
-            explicit = [n for n, m in model.named_modules() if any(n == k or n.endswith("." + k) for k in indices)] \
-                if isinstance(indices, dict) else []
+            named = [k for k in indices if k not in followers] if isinstance(indices, dict) else []
+            explicit = [n for n, m in model.named_modules() if any(_names(n, k) for k in named)]
             for tied in tied_output_names(model, module):
                 if tied not in explicit:
                     follower = TrainableTokensLayer(model.get_submodule(tied), tied_to=layer, register_tied=False)
