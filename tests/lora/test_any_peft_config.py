@@ -4,7 +4,8 @@ Every ``init_lora_weights`` PEFT 0.21.2 accepts, with the sub-configs (eva/corda
 saves them, loads in deltatune (``PeftModel.from_pretrained``, ``load_adapter``) with the logits of the same A, B
 on the given base, and saves back the same ``adapter_config.json``. Data-driven inits are refused only at
 creation, with the reason; ``orthogonal`` is implemented and draws PEFT's factors under the same seed; fields that
-change the forward (aLoRA, target_parameters) are refused at load with the reason.
+change the forward (aLoRA) are refused at load with the reason (target_parameters is implemented:
+tests/lora/test_target_parameters.py).
 """
 
 from __future__ import annotations
@@ -159,7 +160,6 @@ def test_orthogonal_needs_an_even_rank():
 
 @pytest.mark.parametrize("field, value, reason", [
     ("alora_invocation_tokens", [5, 6], "aLoRA .* not implemented yet"),
-    ("target_parameters", ["mlp.experts.gate_up_proj"], "target_parameters .* not implemented yet"),
 ])
 def test_forward_changing_fields_are_refused_at_load_with_the_reason(plain, tmp_path, field, value, reason):
     as_peft_saved(plain[0], str(tmp_path / "a"), True, {field: value})

@@ -177,9 +177,12 @@ class AdapterModel(nn.Module):
             method.prepare_config(self.model, config)
         targeting.resolve_target_modules(self.model, config, method.default_targets)
         saved = getattr(config, "modules_to_save", None) or []
-        found = targeting.find_targets(self.model, config, (*method.supported_types(), method.layer_cls))
+        # LoRA's target_parameters alone (target_modules empty) adapts parameters, in method.after_inject
+        params_only = bool(getattr(config, "target_parameters", None)) and not config.target_modules
+        found = [] if params_only else targeting.find_targets(self.model, config,
+                                                              (*method.supported_types(), method.layer_cls))
         found = [n for n in found if not _matches_name(n, saved)]
-        if not found:
+        if not found and not params_only:
             raise TargetModuleError(
                 f"every module matched by target_modules is also in modules_to_save {saved}; nothing to adapt"
             )

@@ -12,6 +12,9 @@ from deltatune.lora.config import LoraConfig
 from deltatune.lora.init import check_creatable
 from deltatune.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, make_lora_layer, supported_types
 from deltatune.lora.mha import LoraMultiheadAttention
+from deltatune.lora.param import LoraParam
+from deltatune.lora.param import after_inject as _inject_parameters
+from deltatune.lora.param import prepare_config as _prepare_parameters
 from deltatune.lora.tying import tie_modules_to_save
 from deltatune.registry import Method, register
 from deltatune.trainable_tokens import add_token_adapters
@@ -42,7 +45,13 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, m
     return layer
 
 
+def _prepare_config(model: nn.Module, config: LoraConfig) -> None:
+    _prepare_parameters(model, config)  # target_parameters alone: no default target_modules
+    check_creatable(model, config)
+
+
 def _after_inject(adapter_model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
+    _inject_parameters(adapter_model, adapter_name, config)  # target_parameters (MoE experts): LoraParam
     tie_modules_to_save(adapter_model, adapter_name, config)  # ensure_weight_tying: lm_head follows the embed copy
     add_token_adapters(adapter_model, adapter_name, config)
 
@@ -57,9 +66,10 @@ LORA = register(Method(
     default_targets=DEFAULT_LORA_TARGETS,
     file_suffixes={"lora_magnitude_vector.weight": "lora_magnitude_vector"},
     cli_names={"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}},
-    prepare_config=check_creatable,  # data-driven inits refused at creation (loading resets them first)
-    after_inject=_after_inject,  # ensure_weight_tying; trainable_token_indices: embedding rows train beside LoRA
+    prepare_config=_prepare_config,  # data-driven inits refused at creation (loading resets them first)
+    after_inject=_after_inject,  # target_parameters; trainable_token_indices: embedding rows train beside LoRA
     extra_containers=("trainable_tokens_delta",),
 ))
 
-__all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraMultiheadAttention", "LORA"]
+__all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraMultiheadAttention", "LoraParam",
+           "LORA"]

@@ -81,7 +81,7 @@ class LoraConfig(PeftConfig):
     qalora_group_size: int = 16
     monteclora_config: Any = None
     layer_replication: Any = None
-    target_parameters: Any = None
+    target_parameters: list[str] | None = None  # LoRA on nn.Parameter (MoE experts): deltatune.lora.param
     use_bdlora: Any = None
     arrow_config: Any = None
     kasa_config: Any = None
@@ -125,8 +125,6 @@ class LoraConfig(PeftConfig):
         unsupported = {
             "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) applies the adapter only after the "
                                        "invocation tokens; that forward is not implemented yet",
-            "target_parameters": "target_parameters (LoRA on nn.Parameter such as MoE expert weights) is not "
-                                 "implemented yet",
             "megatron_config": "megatron_config (Megatron tensor-parallel LoRA layers) is not implemented",
             "velora_config": "VeLoRA (velora_config) changes the backward/forward and is not implemented yet",
             "use_qalora": "QA-LoRA (use_qalora) pools the adapter's input in groups; not implemented yet",
@@ -140,6 +138,14 @@ class LoraConfig(PeftConfig):
             if getattr(self, name) not in (None, False, [], {}, ()):
                 raise ConfigError(f"LoraConfig.{name}={getattr(self, name)!r}: {reason} in deltatune, so this "
                                   "adapter cannot be loaded or created as plain LoRA; remove it or use PEFT")
+        if self.target_parameters:
+            from deltatune.lora.param import check_target_parameters
+
+            if isinstance(self.target_parameters, str):
+                raise ConfigError(f"target_parameters must be a list of parameter names, got the string "
+                                  f"{self.target_parameters!r}; write [{self.target_parameters!r}]")
+            self.target_parameters = list(self.target_parameters)
+            check_target_parameters(self)
         for name in ("eva_config", "corda_config", "lora_ga_config", "loftq_config"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict) and not is_dataclass(value):
