@@ -112,3 +112,20 @@ def test_trainable_token_indices_on_both_tied_layers() -> None:
     untied = get_peft_model(tied_llama(), LoraConfig(r=2, target_modules=["q_proj"],
                                                      trainable_token_indices=different))
     assert len([n for n, p in untied.named_parameters() if p.requires_grad and "lora_" not in n]) == 2
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "embed_tokens"], ["q_proj", "lm_head"]])
+def test_lora_on_tied_embedding_with_ensure_weight_tying_refused(targets: list[str]) -> None:
+    base = tied_llama()
+    with pytest.raises(ConfigError, match="ensure_weight_tying=True with the embedding in target_modules"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=targets, ensure_weight_tying=True))
+    assert type(base.lm_head) is nn.Linear and type(base.model.embed_tokens) is nn.Embedding
+    assert type(base.model.layers[0].self_attn.q_proj) is nn.Linear  # the failed call left the model as it was
+
+
+def test_ensure_weight_tying_without_tied_layers_warns() -> None:
+    from helpers import tiny_llama  # tie_word_embeddings=False
+
+    with pytest.warns(UserWarning, match="nothing to tie"):
+        get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                                ensure_weight_tying=True))

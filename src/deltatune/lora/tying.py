@@ -18,7 +18,9 @@ import warnings
 
 from torch import nn
 
+from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
+from deltatune.errors import ConfigError
 from deltatune.trainable_tokens.layer import input_embedding_name
 
 # PEFT's EMBEDDING_LAYER_NAMES: a modules_to_save entry ending in one of these asks for the tie.
@@ -29,12 +31,19 @@ def _tied_outputs(model: nn.Module, weight: nn.Parameter) -> list[str]:
     """Names of the output layers whose weight is ``weight`` (plain, or a ``modules_to_save`` wrapper's original)."""
     out = []
     for name, module in model.named_modules():
-        if ".original_module" in name or ".modules_to_save." in name:
+        if ".original_module" in name or ".modules_to_save." in name or ".base_layer" in name:
             continue
-        inner = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        inner = _unwrapped(module)
         if isinstance(inner, nn.Linear) and inner.weight is weight:
             out.append(name)
     return out
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The base module under a ``modules_to_save`` or adapter-layer wrapper."""
+    if isinstance(module, ModulesToSaveWrapper):
+        return module.original_module
+    return module.base_layer if isinstance(module, AdapterLayer) else module
 
 
 def _tied_copy(original: nn.Module, weight: nn.Parameter) -> nn.Linear:
@@ -57,15 +66,21 @@ def tie_modules_to_save(adapter_model: nn.Module, adapter_name: str, config) -> 
     saved = list(getattr(config, "modules_to_save", None) or [])
     wants_tie = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in saved)
     embed = model.get_submodule(embed_name) if embed_name is not None else None
-    original = embed.original_module if isinstance(embed, ModulesToSaveWrapper) else embed
+    original = _unwrapped(embed) if embed is not None else None
     tied = _tied_outputs(model, original.weight) if isinstance(original, nn.Embedding) else []
     if not tied:
         if getattr(config, "trainable_token_indices", None) is None:
             warnings.warn("ensure_weight_tying=True, but no output layer of this model shares the input embedding's "
                           "weight (tie_word_embeddings=False?); nothing to tie", stacklevel=4)
         return
+    if not wants_tie and _embedding_targeted(config):
+        # PEFT ties lm_head's lora_A/B to the embedding's lora_embedding_B/A (and then merges the delta twice into the
+        # shared weight); not implemented here: refused rather than left silently untied.
+        raise ConfigError("ensure_weight_tying=True with the embedding in target_modules (LoRA factors shared by tied "
+                          "embeddings) is not supported by deltatune yet; train the embedding through modules_to_save "
+                          "or trainable_token_indices instead, or set ensure_weight_tying=False")
     if not wants_tie:
-        if getattr(config, "trainable_token_indices", None) is None and not _embedding_targeted(config):
+        if getattr(config, "trainable_token_indices", None) is None:
             warnings.warn("ensure_weight_tying=True, but neither the embedding nor a layer tied to it is in "
                           "modules_to_save or trainable_token_indices; nothing to tie", stacklevel=4)
         return
