@@ -156,3 +156,23 @@ def test_prepare_updates_the_given_config_as_peft():
     assert config.r == 16 and config.rank_pattern == {"q_proj": 16}
     assert model.peft_config["default"].r == 4  # the model's own config is left alone, as PEFT leaves it
     assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"], torch.Tensor)
+
+
+def test_target_parameters_hotswap_same_rank_and_other_rank_refused(tmp_path):
+    from lora.test_target_parameters import EXPERTS, tiny_qwen3_moe
+
+    def save(name, seed, r):
+        torch.manual_seed(seed)
+        model = dt.get_peft_model(tiny_qwen3_moe(), dt.LoraConfig(r=r, lora_alpha=2 * seed, target_parameters=EXPERTS,
+                                                                  init_lora_weights=False))
+        model.save_pretrained(str(tmp_path / name))
+        return str(tmp_path / name)
+
+    first, second, wider = save("a", 1, 2), save("b", 2, 2), save("c", 3, 4)
+    model = dt.PeftModel.from_pretrained(tiny_qwen3_moe(), first)
+    dt.hotswap_adapter(model, second, "default")
+    expected = _logits(dt.PeftModel.from_pretrained(tiny_qwen3_moe(), second))
+    torch.testing.assert_close(_logits(model), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(HotswapError, match="ranks differ on a LoraParam"):
+        dt.hotswap_adapter(model, wider, "default")
+    torch.testing.assert_close(_logits(model), expected, atol=0, rtol=0)

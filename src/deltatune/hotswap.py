@@ -252,6 +252,9 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
             layer = layers.get(f"base_model.model.{module}")
             if isinstance(layer, LoraConv) and layer.base_layer.groups > 1:
                 raise HotswapError(f"{module}: ranks differ on a grouped convolution, which cannot be padded")
+            if not isinstance(layer, (LoraLinear, LoraConv, LoraEmbedding)):  # e.g. target_parameters' experts
+                raise HotswapError(f"{module}: ranks differ on a {type(layer).__name__}, whose factors cannot be "
+                                   "zero-padded; hot-swap adapters of the same rank there")
         plan.append((key, old, value, axis))
     new_keys = set(state_dict)
     stale = [k for k in own if _belongs_to(k, adapter_name, containers) and k not in new_keys]
