@@ -183,14 +183,13 @@ class PeftModel(nn.Module):
                               "per batch")
         for layer in layers:
             layer.row_adapters = list(adapter_names)
-            getattr(layer, "_clear_row_cache", lambda: None)()
         try:
             yield
         finally:
+            # LoRA layers keep their adapter slots across calls (refilled when an adapter's tensors change, freed
+            # by delete_adapter), so repeated calls -- every decoding step of `deltatune serve` -- do not restack.
             for layer in layers:
                 layer.row_adapters = None
-                # What the call cached (stacked adapter weights) lives only as long as the call.
-                getattr(layer, "_clear_row_cache", lambda: None)()
 
     # ---- training hooks -------------------------------------------------------------------------
     def update_and_allocate(self, global_step: int) -> None:

@@ -126,6 +126,6 @@ def check_and_load(model: nn.Module, model_state: dict[str, torch.Tensor], adapt
             f"the adapter file lacks {len(missing)} tensor(s) its config implies, e.g. {missing[:3]}; "
             "the file is incomplete or belongs to another adapter_config.json"
         )
-    with torch.no_grad():
+    with torch.no_grad():  # not through `.data`: the copy must bump each tensor's version (adapter slots read it)
         for key, value in model_state.items():
-            own[key].data.copy_(value.to(own[key].dtype))
+            own[key].copy_(value.to(own[key].dtype))

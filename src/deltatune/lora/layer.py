@@ -340,25 +340,80 @@ def _row_norm(weight: torch.Tensor) -> torch.Tensor:
 BASE_ROW = "__base__"
 
 
-class _StackCache:
-    """The stacks of one mixed-adapter call and what they were computed from.
+class _SlotTable:
+    """Preallocated adapter slots of one LoRA layer for mixed-adapter batches (as Punica and S-LoRA keep them).
 
-    It holds the input tensors themselves (not their ``id()``, which a new tensor may reuse once the old one is
-    freed) with their ``_version`` (bumped by every in-place write through autograd-visible ops), and the
-    ``row_adapters`` list of the call it belongs to (``PeftModel`` makes a new list for every call).
+    ``a: (cap, r_max, in)``, ``b: (cap, out, r_max)`` (the scaling folded in), ``bias: (cap, out)`` and the DoRA
+    row ``scale: (cap, out)`` (ones where not DoRA). Slot 0 is the base model (zeros, scale 1) and is never given
+    out; ranks are zero-padded to ``r_max``, which leaves every product exact. An adapter keeps its slot across
+    calls, so a decoding step gathers rows by slot index instead of stacking every adapter again.
+
+    ``source[name]`` records what a slot was filled from: ``(r, scaling)``, the input tensors themselves (never
+    their ``id()``, which a new tensor may reuse once the old one is freed), their ``_version`` (bumped by every
+    in-place write autograd sees) and ``data_ptr()`` (changed by a ``.data =`` assignment). A call refills a slot
+    only when one of them differs, so an optimizer step, ``load_state_dict`` or a reload is seen; only an
+    in-place write through ``.data`` is invisible, which is why deltatune's own writers bump the version or
+    call ``_clear_row_cache``.
     """
 
-    def __init__(self, rows: list[str] | None, present: list[str], values: tuple,
-                 tensors: list[torch.Tensor], stacks: tuple[torch.Tensor, ...]) -> None:
-        self.rows, self.present, self.values = rows, list(present), values
-        self.tensors, self.versions = tensors, [t._version for t in tensors]
-        self.stacks = stacks
+    def __init__(self, cap: int, r_max: int, in_dim: int, out_dim: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.a = torch.zeros(cap, r_max, in_dim, device=device, dtype=dtype)
+        self.b = torch.zeros(cap, out_dim, r_max, device=device, dtype=dtype)
+        self.bias = torch.zeros(cap, out_dim, device=device, dtype=dtype)
+        self.scale = torch.ones(cap, out_dim, device=device, dtype=dtype)
+        self.slot: dict[str, int] = {}
+        self.source: dict[str, tuple] = {}
+        self.free = list(range(cap - 1, 0, -1))  # pop() hands out the lowest free slot first
 
-    def matches(self, rows: list[str] | None, present: list[str], values: tuple,
-                tensors: list[torch.Tensor]) -> bool:
-        return (rows is not None and rows is self.rows and present == self.present and values == self.values
-                and len(tensors) == len(self.tensors)
-                and all(t is c and t._version == v for t, c, v in zip(tensors, self.tensors, self.versions)))
+    @property
+    def cap(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def r_max(self) -> int:
+        return self.a.shape[1]
+
+    def fits(self, in_dim: int, out_dim: int, device: torch.device, dtype: torch.dtype) -> bool:
+        return (self.a.shape[2] == in_dim and self.b.shape[1] == out_dim and self.a.device == device
+                and self.a.dtype == dtype)
+
+    def grow(self, cap: int, r_max: int) -> None:
+        """Reallocate to at least ``cap`` slots of rank ``r_max``, keeping every filled slot."""
+        cap, r_max = max(cap, self.cap), max(r_max, self.r_max)
+        if cap == self.cap and r_max == self.r_max:
+            return
+        old_cap, old_r = self.cap, self.r_max
+        a, b, bias, scale = self.a, self.b, self.bias, self.scale
+        self.a = a.new_zeros(cap, r_max, a.shape[2])
+        self.b = b.new_zeros(cap, b.shape[1], r_max)
+        self.bias = bias.new_zeros(cap, bias.shape[1])
+        self.scale = scale.new_ones(cap, scale.shape[1])
+        self.a[:old_cap, :old_r] = a
+        self.b[:old_cap, :, :old_r] = b
+        self.bias[:old_cap] = bias
+        self.scale[:old_cap] = scale
+        self.free = list(range(cap - 1, old_cap - 1, -1)) + self.free
+
+    def release(self, name: str) -> None:
+        """Give ``name``'s slot back: zero it and drop the references to its tensors."""
+        self.source.pop(name, None)
+        i = self.slot.pop(name, None)
+        if i is None:
+            return
+        self.a[i].zero_()
+        self.b[i].zero_()
+        self.bias[i].zero_()
+        self.scale[i].fill_(1)
+        self.free.append(i)
+
+
+def _unchanged(source: tuple, values: tuple, tensors: list[torch.Tensor]) -> bool:
+    """Whether a slot filled from ``source`` still holds ``values``/``tensors`` (see :class:`_SlotTable`)."""
+    old_values, old_tensors, versions, pointers = source
+    return (old_values == values and len(old_tensors) == len(tensors)
+            and all(t is o and t._version == v and t.data_ptr() == p
+                    for t, o, v, p in zip(tensors, old_tensors, versions, pointers)))
 
 
 class LoraLayer(AdapterLayer):
@@ -382,8 +437,8 @@ class LoraLayer(AdapterLayer):
         self.lora_bias: dict[str, bool] = {}
         self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms at merge time, to unmerge exactly
         self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
-        # The stacked A/B of one mixed-adapter call (see _stacks); None outside such a call.
-        self._stack_cache: _StackCache | None = None
+        # The adapter slots of mixed-adapter batches (see _SlotTable); allocated at the first such batch.
+        self._slots: _SlotTable | None = None
 
     # ---- creating an adapter -----------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -394,7 +449,7 @@ class LoraLayer(AdapterLayer):
             raise ConfigError(f"rank must be positive, got r={r}")
         if use_dora and lora_bias:
             raise ConfigError("DoRA with lora_bias=True is not supported; drop one of them")
-        self._clear_row_cache()
+        self._release_slot(adapter_name)  # a re-created adapter refills its slot; the other slots stay valid
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -462,13 +517,11 @@ class LoraLayer(AdapterLayer):
         raise ConfigError(f"DoRA is supported on Linear and Conv layers, not on {type(self.base_layer).__name__}")
 
     # ---- mixed-adapter batches -----------------------------------------------------------------
-    def _row_index(self, batch: int, device: torch.device) -> tuple[list[str], torch.Tensor]:
-        """Adapters present in this batch (index 0 is the base) and each row's index into them."""
+    def _row_index(self, batch: int) -> tuple[list[str], list[str]]:
+        """Each row's adapter name (``"__base__"`` or an adapter this layer lacks: the base) and the adapters
+        present in this batch, sorted."""
         names = self._row_names(batch)
-        present = sorted({n for n in names if n in self.r})
-        slot = {n: i + 1 for i, n in enumerate(present)}
-        index = torch.tensor([slot.get(n, 0) for n in names], device=device)
-        return present, index
+        return names, sorted({n for n in names if n in self.r})
 
     def _stack_inputs(self, present: list[str], a_of, b_of) -> list[torch.Tensor]:
         """Every tensor the stacks are computed from: each adapter's A, B, bias and DoRA magnitude, and the base
@@ -482,42 +535,105 @@ class LoraLayer(AdapterLayer):
                 tensors += [self.lora_magnitude_vector[n].weight, self.base_layer.weight]
         return tensors
 
-    def _stacks(self, present: list[str], a_of, b_of, in_dim: int, out_dim: int, device, dtype):
-        """``A: (k+1, r_max, in)``, ``B: (k+1, out, r_max)`` (scaling folded in), ``bias: (k+1, out)`` and the
-        DoRA row scale ``(k+1, out)`` (ones where not DoRA); slot 0 is the base model (all zero).
+    def _stacks(self, batch: int, a_of, b_of, in_dim: int, out_dim: int, device: torch.device):
+        """The per-row weights of a mixed batch of ``batch`` rows, or ``None`` when no row has an adapter here.
 
-        Ranks are zero-padded to ``r_max``, which leaves each product exact. The stacks are kept for the rest of
-        one mixed-adapter call (``generate`` runs every decoding step on them) and dropped when it ends
-        (``PeftModel`` calls :meth:`_clear_row_cache`) and on any add/delete/load/merge. A cache that outlived
-        the call, keyed by ``id()`` of the tensors, once served a deleted adapter's weights to a new adapter of
-        the same name whose tensors reused the ids (and ``.data`` writes, as loading does, left it stale).
+        Returns ``(present, index, rank, (a, b, bias, scale))``: ``a: (k, r, in)``, ``b: (k, out, r)`` (scaling
+        folded in), ``bias: (k, out)`` and the DoRA row scale ``(k, out)``, and ``index: (batch,)`` the row of
+        each batch row in them (0 = the base: zeros, scale 1); only the first ``rank`` (the largest rank present)
+        columns of ``a``/``b`` matter.
+
+        For inference (grad disabled, or no present adapter's weights require grad) these are the layer's
+        persistent slots (:class:`_SlotTable`): no per-call restacking, so a decoding step costs the same for one
+        adapter or sixteen. When gradients are wanted the factors are stacked differentiably for this call,
+        so ``A``/``B``/bias/magnitude get the same gradients as running each row alone.
         """
-        tensors = self._stack_inputs(present, a_of, b_of)
-        values = tuple((self.r[n], self.scaling[n]) for n in present)
-        cache = self._stack_cache
-        if cache is not None and cache.matches(self.row_adapters, present, values, tensors):
-            return cache.stacks
-        r_max = max(self.r[n] for n in present)
-        k = len(present) + 1
-        a_all = torch.zeros(k, r_max, in_dim, device=device, dtype=dtype)
-        b_all = torch.zeros(k, out_dim, r_max, device=device, dtype=dtype)
-        bias_all = torch.zeros(k, out_dim, device=device, dtype=dtype)
-        scale_all = torch.ones(k, out_dim, device=device, dtype=dtype)
+        names, present = self._row_index(batch)
+        if not present:
+            return None
+        dtype = a_of(present[0]).dtype
+        rank = max(self.r[n] for n in present)
+        inputs = [self._stack_inputs([n], a_of, b_of) for n in present]
+        if torch.is_grad_enabled() and any(t.requires_grad for own in inputs for t in own):
+            slot = {n: i for i, n in enumerate(present, start=1)}
+            index = torch.tensor([slot.get(n, 0) for n in names], device=device)
+            return present, index, rank, self._grad_stacks(present, a_of, b_of, rank, in_dim, out_dim, device,
+                                                           dtype)
+        table = self._slots
+        if table is None or not table.fits(in_dim, out_dim, device, dtype):
+            table = self._slots = _SlotTable(len(self.r) + 1, max(self.r.values()), in_dim, out_dim, device, dtype)
+        if rank > table.r_max:
+            table.grow(table.cap, rank)
+        for n, own in zip(present, inputs):
+            values = (self.r[n], self.scaling[n], bool(self.lora_bias.get(n)), bool(self.use_dora.get(n)))
+            source = table.source.get(n)
+            if source is None or not _unchanged(source, values, own):
+                self._fill_slot(table, n, a_of, b_of, values, own)
+        slot = {n: table.slot[n] for n in present}
+        index = torch.tensor([slot.get(n, 0) for n in names], device=device)
+        return present, index, rank, (table.a, table.b, table.bias, table.scale)
+
+    def _fill_slot(self, table: _SlotTable, name: str, a_of, b_of, values: tuple,
+                   tensors: list[torch.Tensor]) -> None:
+        """(Re)write ``name``'s slot from its current weights, taking a free slot (growing the table) if needed."""
+        if name not in table.slot:
+            if not table.free:
+                table.grow(2 * table.cap, table.r_max)
+            table.slot[name] = table.free.pop()
+        i, r, s = table.slot[name], self.r[name], self.scaling[name]
         with torch.no_grad():
-            for i, n in enumerate(present, start=1):
-                r = self.r[n]
-                a_all[i, :r] = a_of(n)
-                b_all[i, :, :r] = b_of(n) * self.scaling[n]
-                if self.lora_bias.get(n):
-                    bias_all[i] = self.lora_B[n].bias * self.scaling[n]
-                if self.use_dora.get(n):
-                    scale_all[i] = self._dora_scale(n).flatten()
-        stacks = (a_all, b_all, bias_all, scale_all)
-        self._stack_cache = _StackCache(self.row_adapters, present, values, tensors, stacks)
-        return stacks
+            table.a[i].zero_()
+            table.b[i].zero_()
+            table.a[i, :r] = a_of(name)
+            table.b[i, :, :r] = b_of(name) * s
+            if self.lora_bias.get(name):
+                table.bias[i] = self.lora_B[name].bias * s
+            else:
+                table.bias[i].zero_()
+            if self.use_dora.get(name):
+                table.scale[i] = self._dora_scale(name).flatten()
+            else:
+                table.scale[i].fill_(1)
+        table.source[name] = (values, tensors, [t._version for t in tensors], [t.data_ptr() for t in tensors])
+
+    def _grad_stacks(self, present: list[str], a_of, b_of, rank: int, in_dim: int, out_dim: int,
+                     device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The stacks of one call built with autograd (row 0 the base), for mixed batches that need gradients."""
+        zero_out = torch.zeros(out_dim, device=device, dtype=dtype)
+        a = [torch.zeros(rank, in_dim, device=device, dtype=dtype)]
+        b = [torch.zeros(out_dim, rank, device=device, dtype=dtype)]
+        bias, scale = [zero_out], [torch.ones(out_dim, device=device, dtype=dtype)]
+        for n in present:
+            pad, s = rank - self.r[n], self.scaling[n]
+            a.append(F.pad(a_of(n).to(dtype), (0, 0, 0, pad)))
+            b.append(F.pad(b_of(n).to(dtype) * s, (0, pad)))
+            bias.append(self.lora_B[n].bias.to(dtype) * s if self.lora_bias.get(n) else zero_out)
+            scale.append(self._dora_scale(n).flatten().to(dtype) if self.use_dora.get(n) else scale[0])
+        return torch.stack(a), torch.stack(b), torch.stack(bias), torch.stack(scale)
+
+    def _release_slot(self, adapter_name: str) -> None:
+        """Free ``adapter_name``'s slot; with no slot left in use the whole table goes (its memory with it)."""
+        if self._slots is None:
+            return
+        self._slots.release(adapter_name)
+        if not self._slots.slot:
+            self._slots = None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._release_slot(adapter_name)
+        table = self._slots
+        kept = dict(table.source) if table is not None else {}
+        super().delete_adapter(adapter_name)
+        # The base class marks every slot stale; the other adapters' slots still hold their weights (a base
+        # weight changed by an unmerge shows in DoRA slots' sources anyway).
+        if table is not None and self._slots is table:
+            table.source.update(kept)
 
     def _clear_row_cache(self) -> None:
-        self._stack_cache = None
+        """Mark every slot stale (refilled at its next use; the memory stays allocated): called on loads and
+        base-weight writes, which may write through ``.data`` without bumping a tensor's version."""
+        if self._slots is not None:
+            self._slots.source.clear()
 
     # ---- helpers -----------------------------------------------------------------------------
     def _active_lora(self) -> list[str]:
@@ -794,15 +910,14 @@ class LoraLinear(LoraLayer):
         gathered per row from the zero-padded stacks, so there is no Python loop over adapters.
         """
         result = self.base_layer(x, *args, **kwargs)
-        present, index = self._row_index(x.shape[0], x.device)
-        if not present:
+        stacks = self._stacks(x.shape[0], lambda n: self.lora_A[n].weight, lambda n: self.lora_B[n].weight,
+                              self.in_features, self.out_features, x.device)
+        if stacks is None:
             return result
-        a_all, b_all, bias_all, scale_all = self._stacks(
-            present, lambda n: self.lora_A[n].weight, lambda n: self.lora_B[n].weight,
-            self.in_features, self.out_features, x.device, self.lora_A[present[0]].weight.dtype)
+        present, index, rank, (a_all, b_all, bias_all, scale_all) = stacks
         rows = x.to(a_all.dtype).reshape(x.shape[0], -1, x.shape[-1])               # (batch, T, in)
-        h = torch.bmm(rows, a_all[index].transpose(1, 2))                           # (batch, T, r_max)
-        b_rows = b_all[index].transpose(1, 2)                                       # (batch, r_max, out)
+        h = torch.bmm(rows, a_all[index, :rank].transpose(1, 2))                    # (batch, T, rank)
+        b_rows = b_all[index, :, :rank].transpose(1, 2)                             # (batch, rank, out)
         out = result.reshape(*rows.shape[:2], -1)                                   # (batch, T, out)
         has_bias = any(self.lora_bias.get(n) for n in present)
         if any(self.use_dora.get(n) for n in present):
@@ -850,16 +965,15 @@ class LoraEmbedding(LoraLayer):
     def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Per-row adapters: row ``i`` adds ``s_i · A_i^T[ids_i] B_i^T`` (``x: (batch, T)`` token ids)."""
         result = self.base_layer(x, *args, **kwargs)
-        present, index = self._row_index(x.shape[0], x.device)
-        if not present:
-            return result
         num, dim = self.base_layer.weight.shape
-        a_all, b_all, _, _ = self._stacks(present, lambda n: self.lora_embedding_A[n],
-                                          lambda n: self.lora_embedding_B[n], num, dim, x.device,
-                                          self.lora_embedding_A[present[0]].dtype)
+        stacks = self._stacks(x.shape[0], lambda n: self.lora_embedding_A[n], lambda n: self.lora_embedding_B[n],
+                              num, dim, x.device)
+        if stacks is None:
+            return result
+        _, index, rank, (a_all, b_all, _, _) = stacks
         ids = x.reshape(x.shape[0], -1)
-        h = a_all.transpose(1, 2)[index[:, None], ids]                              # (batch, T, r_max)
-        delta = torch.bmm(h, b_all[index].transpose(1, 2))                          # (batch, T, dim)
+        h = a_all[:, :rank].transpose(1, 2)[index[:, None], ids]                    # (batch, T, rank)
+        delta = torch.bmm(h, b_all[index, :, :rank].transpose(1, 2))                # (batch, T, dim)
         return result + delta.reshape(result.shape).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
