@@ -66,6 +66,10 @@ def test_energy_keeps_that_fraction_per_layer_and_one_rank_for_all():
     for info in ex.report["layers"].values():
         assert info["rel_error"] ** 2 <= 0.1 + 1e-9  # the dropped directions hold at most 10% of ‖ΔW‖²
     assert all(v.shape[0] == ex.config.r for k, v in ex.state.items() if k.endswith("lora_A.weight"))
+    for name, info in ex.report["layers"].items():  # the reported error is the stored factors' error
+        delta = model.base_model.model.get_submodule(name).get_delta_weight("default").detach()
+        ba = ex.state[f"base_model.model.{name}.lora_B.weight"] @ ex.state[f"base_model.model.{name}.lora_A.weight"]
+        assert abs(float((delta - ba).norm() / delta.norm()) - info["rel_error"]) < 1e-4
     exact = dt.export_to_lora(model, energy=1.0)
     torch.testing.assert_close(output(exact.to_peft_model(tiny_llama()).eval(), IN), output(model, IN),
                                rtol=0, atol=1e-5)

@@ -166,12 +166,15 @@ def export_to_lora(peft_model: Any, rank: int | None = None, energy: float | Non
             mat = delta.T  # LoRA's embedding ΔW is (B A)ᵀ with B: (dim, r), A: (r, num)
         else:
             mat = delta.reshape(shape[0], -1)
-        u, s, vh = torch.linalg.svd(mat.double(), full_matrices=False)
+        # fp32 SVD (1.5-2x faster than fp64 on CPU; its rounding, ~1e-7 of ‖ΔW‖, is far below any truncation).
+        # The truncation error of an SVD is the energy it drops: ‖ΔW - B A‖² = Σ_{i>k} s_i² (no extra matmul).
+        u, s, vh = torch.linalg.svd(mat.float(), full_matrices=False)
         k = _rank_for(s, rank, energy)
         root_s = torch.sqrt(s[:k])
         b, a = u[:, :k] * root_s, root_s[:, None] * vh[:k]
-        norm = float(torch.linalg.norm(mat.double()))
-        error = float(torch.linalg.norm(mat.double() - b @ a))
+        power = s.double() ** 2
+        norm = float(power.sum().sqrt())
+        error = float(power[k:].sum().sqrt())
         factors[module_name] = {"kind": kind, "a": a, "b": b, "k": k, "shape": shape, "bias": bias_delta,
                                 "rel_error": error / norm if norm > 0 else 0.0, "delta_norm": norm}
 
@@ -179,8 +182,8 @@ def export_to_lora(peft_model: Any, rank: int | None = None, energy: float | Non
     lora_bias = any(f["bias"] is not None for f in factors.values())
     state: dict[str, torch.Tensor] = {}
     for module_name, f in factors.items():
-        a = torch.zeros(r, f["a"].shape[1], dtype=torch.float64)
-        b = torch.zeros(f["b"].shape[0], r, dtype=torch.float64)
+        a = torch.zeros(r, f["a"].shape[1])
+        b = torch.zeros(f["b"].shape[0], r)
         a[: f["k"]], b[:, : f["k"]] = f["a"], f["b"]  # zero directions beyond this layer's rank: one r for all
         key = f"base_model.model.{module_name}"
         if f["kind"] == "embedding":
