@@ -3,11 +3,13 @@ and ranks saved next to it: what tests/serve and bench/serve start the server on
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 
+@functools.lru_cache(maxsize=1)
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
