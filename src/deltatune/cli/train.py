@@ -605,7 +605,7 @@ def register(subparsers) -> None:
                               usage="deltatune train [options] [method options]",
                               description="Fine-tune with any method the library has; evaluate before and after; "
                                           "save the adapter in PEFT's format. With no options: LoRA on "
-                                          "smollm2-135m learning BBC News topics (~5 minutes on 2 idle CPU cores).")
+                                          "smollm2-135m learning BBC News topics (under 5 minutes on 2 CPU cores).")
     add_train_arguments(p)
     p.set_defaults(handler=main)
 
