@@ -178,6 +178,10 @@ def test_freed_slots_are_reused_and_the_table_grows(monkeypatch):
     assert layer._slots.slot["y"] == x_slot  # the freed slot went to the first newcomer
     assert layer._slots.cap > cap and layer._slots.r_max == 8
     _assert_rows(pm, inputs, rows, mixed)
+    rows = ["y", "z0", "z2", "y"]  # every rank here (2) below the table's r_max (8): sliced columns
+    with torch.no_grad():
+        mixed = pm(**inputs, adapter_names=rows).logits
+    _assert_rows(pm, inputs, rows, mixed)
 
 
 def test_mixed_batch_gradients_equal_per_row_gradients():

@@ -408,6 +408,17 @@ class _SlotTable:
         self.free.append(i)
 
 
+def _gather_rows(a_all: torch.Tensor, b_all: torch.Tensor, index: torch.Tensor,
+                 rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``A: (batch, rank, in)`` and ``B^T: (batch, rank, out)`` from ``(k, r_max, in)``/``(k, out, r_max)``
+    stacks. ``index_select`` then a slice: advanced indexing combined with a slice (``b[index, :, :rank]``) runs a
+    generic gather some hundred times slower, which once cost more than the matmuls."""
+    a_rows, b_rows = a_all.index_select(0, index), b_all.index_select(0, index)
+    if rank < b_all.shape[2]:
+        a_rows, b_rows = a_rows[:, :rank], b_rows[:, :, :rank]
+    return a_rows, b_rows.transpose(1, 2)
+
+
 def _unchanged(source: tuple, values: tuple, tensors: list[torch.Tensor]) -> bool:
     """Whether a slot filled from ``source`` still holds ``values``/``tensors`` (see :class:`_SlotTable`)."""
     old_values, old_tensors, versions, pointers = source
@@ -915,9 +926,9 @@ class LoraLinear(LoraLayer):
         if stacks is None:
             return result
         present, index, rank, (a_all, b_all, bias_all, scale_all) = stacks
+        a_rows, b_rows = _gather_rows(a_all, b_all, index, rank)                    # (batch, rank, in/out)
         rows = x.to(a_all.dtype).reshape(x.shape[0], -1, x.shape[-1])               # (batch, T, in)
-        h = torch.bmm(rows, a_all[index, :rank].transpose(1, 2))                    # (batch, T, rank)
-        b_rows = b_all[index, :, :rank].transpose(1, 2)                             # (batch, rank, out)
+        h = torch.bmm(rows, a_rows.transpose(1, 2))                                 # (batch, T, rank)
         out = result.reshape(*rows.shape[:2], -1)                                   # (batch, T, out)
         has_bias = any(self.lora_bias.get(n) for n in present)
         if any(self.use_dora.get(n) for n in present):
@@ -973,7 +984,9 @@ class LoraEmbedding(LoraLayer):
         _, index, rank, (a_all, b_all, _, _) = stacks
         ids = x.reshape(x.shape[0], -1)
         h = a_all[:, :rank].transpose(1, 2)[index[:, None], ids]                    # (batch, T, rank)
-        delta = torch.bmm(h, b_all[index, :, :rank].transpose(1, 2))                # (batch, T, dim)
+        b_rows = b_all.index_select(0, index)                                       # (batch, dim, r_max)
+        b_rows = b_rows[:, :, :rank] if rank < b_rows.shape[2] else b_rows          # see _gather_rows
+        delta = torch.bmm(h, b_rows.transpose(1, 2))                                # (batch, T, dim)
         return result + delta.reshape(result.shape).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
