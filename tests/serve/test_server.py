@@ -248,3 +248,25 @@ def test_a_client_that_leaves_frees_its_row(server, stream, monkeypatch):
         time.sleep(0.05)
     assert engine.running_rows() == 0
     assert engine.metrics.generation_tokens - tokens_before < 64  # freed before it ran to max_tokens
+
+
+def test_decoding_steps_reuse_the_lora_slots(client, server, monkeypatch):
+    """Once an adapter's rows ran, later requests' prefill and decoding steps gather from the layers' adapter slots
+    without refilling them (no per-step restacking of the adapters' A/B)."""
+    from deltatune.lora.layer import LoraLayer
+
+    first = client.completions.create(model="lora-r4", prompt=PROMPTS[2], max_tokens=8, temperature=0)
+    fills: list[str] = []
+    real = LoraLayer._fill_slot
+
+    def counting(self, table, name, *args):
+        fills.append(name)
+        return real(self, table, name, *args)
+
+    monkeypatch.setattr(LoraLayer, "_fill_slot", counting)
+    again = client.completions.create(model="lora-r4", prompt=PROMPTS[2], max_tokens=8, temperature=0)
+    assert again.usage.completion_tokens == 8 and again.choices[0].text == first.choices[0].text
+    assert fills == []
+    key, internal = server.engine.loaded["lora-r4"]
+    layers = [m for m in server.engine.lanes[key].model.modules() if isinstance(m, LoraLayer) and internal in m.r]
+    assert layers and all(m._slots is not None and internal in m._slots.slot for m in layers)  # the slot path ran
