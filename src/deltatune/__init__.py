@@ -15,6 +15,7 @@ from deltatune.bitfit import BitFitConfig
 from deltatune.boft import BOFTConfig
 from deltatune.bottleneck import BottleneckConfig
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
+from deltatune.core.targeting import check_target_module_exists
 from deltatune.errors import (
     AdapterLoadError,
     AdapterNameError,
@@ -104,6 +105,7 @@ __all__ = [
     "TargetModuleError",
     "TaskType",
     "VeraConfig",
+    "check_target_module_exists",
     "create_loraplus_optimizer",
     "dequantize",
     "get_layer_status",

@@ -110,13 +110,15 @@ def _matches(key: str, pattern: str | Iterable[str]) -> bool:
 
 
 def _layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
-    if layers_pattern is None:
-        m = re.match(r".*\.[^.]*\.(\d+)\.", key)
+    if layers_pattern is None or len(layers_pattern) == 0:
+        # lazy: the first numbered segment is the layer; a greedy match would take a nested index instead
+        # (the expert in "layers.1.experts.0.w1")
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
         m = None
         for p in patterns:
-            m = re.match(rf".*\.{re.escape(p)}\.(\d+)\.", key) or re.match(rf"^{re.escape(p)}\.(\d+)\.", key)
+            m = re.match(rf".*?\.{re.escape(p)}\.(\d+)\.", key) or re.match(rf"^{re.escape(p)}\.(\d+)\.", key)
             if m:
                 break
     return int(m.group(1)) if m else None
@@ -127,15 +129,28 @@ def is_target(key: str, config) -> bool:
     target = config.target_modules
     if target is None or not _matches(key, target):
         return False
-    if config.exclude_modules and _matches(key, config.exclude_modules):
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude and _matches(key, exclude):
         return False
-    layers = config.layers_to_transform
+    layers = getattr(config, "layers_to_transform", None)
     if layers is not None and layers != []:
         layers = [layers] if isinstance(layers, int) else list(layers)
-        index = _layer_index(key, config.layers_pattern)
+        index = _layer_index(key, getattr(config, "layers_pattern", None))
         if index is None or index not in layers:
             return False
     return True
+
+
+def check_target_module_exists(config, key: str) -> bool:
+    """PEFT's name for :func:`is_target`: whether the module named ``key`` gets ``config``'s adapter.
+
+    As in PEFT, a module inside ``modules_to_save`` is never a target (it is trained in full already), and an
+    empty ``target_modules`` (prompt methods, ``target_parameters``) targets nothing.
+    """
+    keep = getattr(config, "modules_to_save", None)
+    if keep and any(f".{m}." in f".{key}." for m in keep):  # m names the module or one of its parents
+        return False
+    return getattr(config, "target_modules", None) is not None and is_target(key, config)
 
 
 def resolve_target_modules(model: nn.Module, config, defaults: dict[str, list[str]] | None = None) -> None:

@@ -1,0 +1,44 @@
+"""Small PEFT public names deltatune offers under the same name and meaning: targeting checks, the base model's
+state dict, the modules_to_save wrapper's attributes, ``get_base_layer`` and the features every layer carries."""
+
+from __future__ import annotations
+
+import torch
+from helpers import tiny_bert, tiny_llama
+from torch import nn
+
+import deltatune
+from deltatune import LoraConfig, OFTConfig, TaskType, get_peft_model
+from deltatune.core.layer import AdapterLayer
+from deltatune.core.modules_to_save import ModulesToSaveWrapper
+from deltatune.core.tuner import AdapterModel
+
+
+# ---- check_target_module_exists -----------------------------------------------------------------
+def test_check_target_module_exists_suffixes_layers_and_excludes():
+    check = deltatune.check_target_module_exists
+    cfg = LoraConfig(target_modules=["q_proj", "v_proj"])
+    assert check(cfg, "model.layers.0.self_attn.q_proj")
+    assert check(cfg, "q_proj")
+    assert not check(cfg, "model.layers.0.self_attn.k_proj")
+    assert not check(cfg, "model.layers.0.self_attn.xq_proj")  # a suffix is a whole name part
+    cfg = LoraConfig(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers")
+    assert check(cfg, "model.layers.1.self_attn.q_proj")
+    assert not check(cfg, "model.layers.0.self_attn.q_proj")
+    cfg = LoraConfig(target_modules=r".*\.(q|v)_proj", exclude_modules=["v_proj"])
+    assert check(cfg, "model.layers.0.self_attn.q_proj")
+    assert not check(cfg, "model.layers.0.self_attn.v_proj")
+
+
+def test_check_target_module_exists_never_inside_modules_to_save():
+    cfg = LoraConfig(target_modules=["dense"], modules_to_save=["classifier"])
+    assert deltatune.check_target_module_exists(cfg, "bert.pooler.dense")
+    assert not deltatune.check_target_module_exists(cfg, "classifier.dense")
+    assert not deltatune.check_target_module_exists(cfg, "head.classifier.dense")
+
+
+def test_layer_index_is_the_first_number_not_a_nested_expert():
+    # "layers.1.experts.0.w1" is in layer 1; the expert index 0 is not the layer (PEFT takes the first index too)
+    cfg = LoraConfig(target_modules=["w1"], layers_to_transform=[1])
+    assert deltatune.check_target_module_exists(cfg, "model.layers.1.experts.0.w1")
+    assert not deltatune.check_target_module_exists(cfg, "model.layers.0.experts.1.w1")
