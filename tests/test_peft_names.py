@@ -42,3 +42,18 @@ def test_layer_index_is_the_first_number_not_a_nested_expert():
     cfg = LoraConfig(target_modules=["w1"], layers_to_transform=[1])
     assert deltatune.check_target_module_exists(cfg, "model.layers.1.experts.0.w1")
     assert not deltatune.check_target_module_exists(cfg, "model.layers.0.experts.1.w1")
+
+
+# ---- get_base_model_state_dict ------------------------------------------------------------------
+def test_get_base_model_state_dict_has_the_plain_models_keys_and_tensors():
+    plain = tiny_bert().state_dict()
+    model = get_peft_model(tiny_bert(), LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=["query", "value"],
+                                                   init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)  # the trained copy
+    got = deltatune.get_base_model_state_dict(model)
+    assert sorted(got) == sorted(plain)
+    for key, value in plain.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+    assert not any("lora_" in k or "base_layer" in k or "modules_to_save" in k for k in got)
+    tiny_bert().load_state_dict(got, strict=True)

@@ -52,7 +52,7 @@ from deltatune.prompt import (
     PromptTuningConfig,
 )
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
-from deltatune.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
+from deltatune.save_and_load import get_base_model_state_dict, get_peft_model_state_dict, set_peft_model_state_dict
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from deltatune.trainable_tokens import TrainableTokensConfig
 from deltatune.vera import VeraConfig
@@ -108,6 +108,7 @@ __all__ = [
     "check_target_module_exists",
     "create_loraplus_optimizer",
     "dequantize",
+    "get_base_model_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
+from deltatune.core.layer import AdapterLayer
+from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.errors import AdapterNameError, ConfigError
 from deltatune.peft_model import PeftModel
 
@@ -96,4 +98,49 @@ def set_peft_model_state_dict(model: Any, peft_model_state_dict: dict[str, torch
     return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
 
-__all__ = ["get_peft_model_state_dict", "set_peft_model_state_dict"]
+def _base_key(root: torch.nn.Module, key: str) -> str | None:
+    """``key`` of ``root.state_dict()`` as the unadapted model names it, or ``None`` for an adapter's tensor.
+
+    Walks the key's path: inside an adapter layer only ``base_layer`` leads to the base model (and is dropped from
+    the name); inside a ``modules_to_save`` wrapper only ``original_module`` does; a wrapper that only holds an
+    adapter layer (``collapse_into``, e.g. trainable tokens beside LoRA) is dropped from the name too.
+    """
+    module = root
+    kept: list[str] = []
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if i == len(parts) - 1:  # the tensor's own name
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                return None  # a tensor the adapter layer itself holds
+            kept.append(part)
+            break
+        if isinstance(module, AdapterLayer):
+            if part != "base_layer":
+                return None
+        elif isinstance(module, ModulesToSaveWrapper):
+            if part != "original_module":
+                return None
+        elif part != getattr(module, "collapse_into", None):
+            kept.append(part)
+        module = getattr(module, part)
+    return ".".join(kept)
+
+
+def get_base_model_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The base model's tensors under the names the model had before adapters were added (PEFT's
+    ``get_base_model_state_dict``): adapter tensors and the trained ``modules_to_save`` copies are left out, and
+    ``base_layer`` / ``original_module`` are taken out of the names, so the dict loads into the plain model.
+
+    Merged adapters are in the base weights and so in this dict; unmerge first for the pre-training weights.
+    """
+    model = _peft_model(model)
+    root = model.get_base_model()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in root.state_dict().items():
+        base = _base_key(root, key)
+        if base is not None:
+            out[base] = value
+    return out
+
+
+__all__ = ["get_base_model_state_dict", "get_peft_model_state_dict", "set_peft_model_state_dict"]
