@@ -57,3 +57,20 @@ def test_get_base_model_state_dict_has_the_plain_models_keys_and_tensors():
         torch.testing.assert_close(got[key], value, rtol=0, atol=0)
     assert not any("lora_" in k or "base_layer" in k or "modules_to_save" in k for k in got)
     tiny_bert().load_state_dict(got, strict=True)
+
+
+# ---- ModulesToSaveWrapper -----------------------------------------------------------------------
+def test_modules_to_save_wrapper_attributes_follow_the_active_copy():
+    head = nn.Linear(4, 3)
+    wrapper = ModulesToSaveWrapper(head, "a")
+    assert wrapper.adapter_layer_names == ("modules_to_save",)
+    assert wrapper.active_adapters == ["a"]
+    assert wrapper.in_features == 4 and wrapper.out_features == 3
+    assert wrapper.bias is wrapper.modules_to_save["a"].bias
+    assert wrapper.weight is wrapper.modules_to_save["a"].weight
+    wrapper.enable_adapters(False)
+    assert wrapper.bias is head.bias and wrapper.weight is head.weight
+    wrapper.enable_adapters(True)
+    wrapper.delete_adapter("a")
+    assert wrapper.active_adapters == [] and wrapper.bias is head.bias
+    assert wrapper.get_base_layer() is head

@@ -11,9 +11,19 @@ import copy
 import torch
 from torch import nn
 
+# the wrapper's own state: never delegated, so a half-built wrapper (deepcopy, unpickling) cannot recurse
+_OWN = frozenset({"original_module", "modules_to_save", "active_adapter", "disable_adapters"})
+
 
 class ModulesToSaveWrapper(nn.Module):
-    """``original_module`` (frozen) and ``modules_to_save[adapter]`` copies; forward uses the active copy."""
+    """``original_module`` (frozen) and ``modules_to_save[adapter]`` copies; forward uses the active copy.
+
+    Attributes the wrapper lacks (``bias``, ``in_features``, ...) are read from the module forward would run (the
+    active copy, or the original when adapters are disabled), as PEFT's wrapper does, so code that inspects a
+    ``Linear`` head keeps working after the head is wrapped.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
 
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()
@@ -48,6 +58,14 @@ class ModulesToSaveWrapper(nn.Module):
         return list(self.modules_to_save.keys())
 
     @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's list form of ``active_adapter`` (the wrapper runs one copy at a time)."""
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    def get_base_layer(self) -> nn.Module:
+        return self.original_module
+
+    @property
     def weight(self) -> torch.Tensor:
         return self._current().weight
 
@@ -55,6 +73,14 @@ class ModulesToSaveWrapper(nn.Module):
         if self.disable_adapters or self.active_adapter is None:
             return self.original_module
         return self.modules_to_save[self.active_adapter]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules of the wrapper itself
+        except AttributeError:
+            if "_modules" not in self.__dict__ or name in _OWN:
+                raise
+        return getattr(self._current(), name)
 
     def forward(self, *args, **kwargs):
         return self._current()(*args, **kwargs)
