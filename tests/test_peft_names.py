@@ -74,3 +74,16 @@ def test_modules_to_save_wrapper_attributes_follow_the_active_copy():
     wrapper.delete_adapter("a")
     assert wrapper.active_adapters == [] and wrapper.bias is head.bias
     assert wrapper.get_base_layer() is head
+
+
+# ---- get_model_config ---------------------------------------------------------------------------
+def test_get_model_config():
+    llama = tiny_llama()
+    got = AdapterModel.get_model_config(llama)
+    assert got == llama.config.to_dict() and got["model_type"] == "llama"
+    first = AdapterModel.get_model_config(nn.Linear(2, 2))
+    assert first == {"model_type": "custom"}
+    first["model_type"] = "edited"
+    assert AdapterModel.get_model_config(nn.Linear(2, 2)) == {"model_type": "custom"}  # not a shared dict
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    assert model.base_model.get_model_config(model.get_base_model())["model_type"] == "llama"

@@ -7,6 +7,7 @@ Everything method-specific comes from the :class:`~deltatune.registry.Method` en
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -109,6 +110,19 @@ class AdapterModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict[str, Any]:
+        """``model.config`` as a dict (PEFT's ``BaseTuner.get_model_config``); ``{"model_type": "custom"}`` for a
+        model without one (a plain torch module)."""
+        config = getattr(model, "config", None)
+        if config is None:
+            return {"model_type": "custom"}  # a fresh dict each call: callers may edit it
+        if hasattr(config, "to_dict"):
+            return config.to_dict()
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            return dataclasses.asdict(config)
+        return config
 
     # ---- where adapters live -----------------------------------------------------------------
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
