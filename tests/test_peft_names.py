@@ -87,3 +87,22 @@ def test_get_model_config():
     assert AdapterModel.get_model_config(nn.Linear(2, 2)) == {"model_type": "custom"}  # not a shared dict
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     assert model.base_model.get_model_config(model.get_base_model())["model_type"] == "llama"
+
+
+# ---- get_base_layer and in/out features ---------------------------------------------------------
+def test_get_base_layer_and_features_on_every_layer():
+    model = get_peft_model(tiny_llama(), OFTConfig(target_modules=["q_proj", "down_proj"], r=0,
+                                                   oft_block_size=4))
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    down = model.base_model.model.model.layers[0].mlp.down_proj
+    assert isinstance(q, AdapterLayer)
+    assert q.get_base_layer() is q.base_layer and isinstance(q.base_layer, nn.Linear)
+    assert (q.in_features, q.out_features) == (32, 32)
+    assert (down.in_features, down.out_features) == (64, 32)
+    lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=["k_proj"]))
+    k = lora.base_model.model.model.layers[1].self_attn.k_proj
+    assert (k.in_features, k.out_features) == (32, 16)  # 2 kv heads of 8
+    # a layer stacked on another adapter layer reports the innermost base
+    stacked = AdapterLayer(k)
+    assert stacked.get_base_layer() is k.base_layer
+    assert (stacked.in_features, stacked.out_features) == (32, 16)

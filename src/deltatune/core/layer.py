@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltatune.core.features import in_out_features
 from deltatune.errors import ConfigError, MergeError
 from deltatune.quantization import dequantize_weight, is_quantized_layer, requantize_like
 
@@ -43,6 +44,9 @@ class AdapterLayer(nn.Module):
         # adapter -> names in adapter_layer_names that stay frozen even when it trains (MiCA's B; PEFT's
         # frozen_peft_weight_names)
         self.frozen_adapter_weights: dict[str, tuple[str, ...]] = {}
+        # PEFT's layers all carry their base layer's features (code inspects them generically); a method that
+        # reads its shapes another way sets its own after this
+        self.in_features, self.out_features = in_out_features(self.get_base_layer())
 
     # ---- bookkeeping -------------------------------------------------------------------------
     @property
@@ -57,6 +61,13 @@ class AdapterLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
+
+    def get_base_layer(self) -> nn.Module:
+        """The layer that was adapted, looking through adapter layers stacked on it (PEFT's ``get_base_layer``)."""
+        layer: nn.Module = self
+        while isinstance(getattr(layer, "base_layer", None), nn.Module):
+            layer = layer.base_layer
+        return layer
 
     def adapter_names(self) -> list[str]:
         names: list[str] = []
