@@ -84,7 +84,7 @@ def test_rank0_alone_writes_files(runs):
     assert (runs["base"] / "writes_rank1.txt").read_text() == ""
     for parallel in ("ddp", "fsdp"):
         files = sorted(os.listdir(runs["root"] / parallel))
-        assert files == ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl"], files
+        assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl"], files
 
 
 def test_fsdp_adapter_loads_in_a_fresh_process_in_deltatune_and_peft(runs):
