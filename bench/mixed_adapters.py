@@ -6,7 +6,10 @@ in one process (rotating order, median of ``--rounds`` timings):
 
 * ``single``    -- every row through one adapter (the ordinary case, the reference cost);
 * ``deltatune`` -- row ``i`` through adapter ``i % adapters`` with ``adapter_names=[...]``: each layer gathers
-                   the rows' zero-padded ``A``/``B`` and runs two batched matmuls (no Python loop over adapters);
+                   the rows' zero-padded ``A``/``B`` by slot index from its preallocated adapter slots (filled
+                   once, kept across calls) and runs two batched matmuls (no Python loop over adapters);
+* ``deltatune restack`` -- the same call with every slot marked stale first, so each call restacks all the
+                   adapters' ``A``/``B`` as deltatune did before the slots (the per-call cost the slots remove);
 * ``peft``      -- the same call on ``peft`` with the same adapter files (if ``peft`` is installed).
 
 It first checks that deltatune's mixed output equals running each row alone with its adapter, then prints
@@ -79,9 +82,17 @@ def main(argv: list[str] | None = None) -> None:
             torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-3, rtol=1e-3)
     ours.set_adapter("a0")
 
+    layers = [m for m in ours.modules() if hasattr(m, "_slots")]
+
+    def restacked():
+        for layer in layers:
+            layer._clear_row_cache()  # every slot stale: refilled in this call, as the per-call stacks were
+        return ours(ids, adapter_names=names)
+
     runs = {
         "single": lambda: ours(ids),
         "deltatune": lambda: ours(ids, adapter_names=names),
+        "deltatune restack": restacked,
     }
     if pristine is not None:
         import peft
@@ -109,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| library | single adapter (s) | mixed (s) | mixed / single |")
     print("|---|---|---|---|")
     print(f"| deltatune | {med['single']:.3f} | {med['deltatune']:.3f} | {med['deltatune'] / med['single']:.2f}x |")
+    print(f"| deltatune, restack per call (before slots) | {med['single']:.3f} | {med['deltatune restack']:.3f} | "
+          f"{med['deltatune restack'] / med['single']:.2f}x |")
     if "peft" in med:
         print(f"| peft | {med['peft single']:.3f} | {med['peft']:.3f} | {med['peft'] / med['peft single']:.2f}x |")
     print(f"\ncommand: python {shlex.join(['bench/mixed_adapters.py', *(argv or sys.argv[1:])])}")
