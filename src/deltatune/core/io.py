@@ -62,26 +62,12 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         DiskFullError: the device filled up (or a quota was hit) while writing; the temporary file is removed
             and ``path`` is unchanged.
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    tmp = _write_temp(os.path.dirname(os.path.abspath(path)), os.path.basename(path), write)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=directory)
-    except OSError as exc:  # no free inode/block even for an empty file
-        if is_disk_full(exc):
-            raise DiskFullError(path, exc.errno) from exc
-        raise
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates 0600 (and writers may recreate the file); give it the mode open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and is_disk_full(exc):
-            raise DiskFullError(path, getattr(exc, "errno", None)) from exc
         raise
 
 
@@ -233,6 +219,7 @@ def _write_temp(directory: str, final_name: str, write: Callable[[str], None]) -
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600 (and writers may recreate the file); give it the mode open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
