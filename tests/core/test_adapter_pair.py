@@ -208,13 +208,7 @@ def test_the_training_runs_sweep_completes_an_interrupted_save_before_deleting_t
     deleting those would lose the new adapter: the sweep rolls the save forward first."""
     from deltatune.training import runlock
 
-    old, new, inputs, out_old, out_new = pair
-    old.save_pretrained(tmp_path)
-    _kill_between_the_pairs_renames(monkeypatch)
-
-    with pytest.raises(Killed):
-        new.save_pretrained(tmp_path)
-    monkeypatch.undo()
+    inputs, out_old, out_new = _save_killed_between_the_pairs_renames(tmp_path, monkeypatch, pair)
     assert (tmp_path / ".deltatune-save.json").exists()
     runlock.sweep_temp_files(str(tmp_path))
     assert not list(tmp_path.glob(".tmp-*")) and not (tmp_path / ".deltatune-save.json").exists()
@@ -226,15 +220,20 @@ def test_the_cli_reads_the_finished_pair_of_an_interrupted_save(tmp_path, monkey
     its renames they see the new config, the one that goes with the weights the loader will roll forward."""
     from deltatune.cli import common
 
+    inputs, out_old, out_new = _save_killed_between_the_pairs_renames(tmp_path, monkeypatch, pair)
+    assert common.check_adapter_dir(str(tmp_path))["lora_alpha"] == 32
+    assert _which(_load(tmp_path, inputs), out_old, out_new) == "new"
+
+
+def _save_killed_between_the_pairs_renames(tmp_path, monkeypatch, pair):
+    """Save the old adapter, then the new one killed between its two renames; return inputs and both outputs."""
     old, new, inputs, out_old, out_new = pair
     old.save_pretrained(tmp_path)
     _kill_between_the_pairs_renames(monkeypatch)
-
     with pytest.raises(Killed):
         new.save_pretrained(tmp_path)
     monkeypatch.undo()
-    assert common.check_adapter_dir(str(tmp_path))["lora_alpha"] == 32
-    assert _which(_load(tmp_path, inputs), out_old, out_new) == "new"
+    return inputs, out_old, out_new
 
 
 def _kill_between_the_pairs_renames(monkeypatch) -> None:
