@@ -192,7 +192,7 @@ def test_lru_keeps_at_most_max_loaded_adapters_and_reloads_evicted_ones_equal(cl
 
 
 def test_metrics_count_requests_tokens_and_batches(http, client):
-    client.completions.create(model="base", prompt="hi", max_tokens=3, temperature=0)
+    client.completions.create(model="lora-r4", prompt="hi", max_tokens=3, temperature=0)
     text = http.get("/metrics").text
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
     assert values['deltatune_requests_total{status="ok"}'] >= 1

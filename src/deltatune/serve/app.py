@@ -301,7 +301,7 @@ class Handlers:
                           "# TYPE deltatune_batch_size histogram"])
             lines.extend(f"deltatune_batch_size{labels} {value}" for labels, value in buckets)
             lines += [f"deltatune_batch_size_sum {m.batch_sum}", f"deltatune_batch_size_count {m.batch_count}"]
-        metric("running_rows", "gauge", "Rows in the running batch.", [("", self.engine.running_rows())])
+        metric("running_rows", "gauge", "Rows in the running batch.", [("", self.engine.active_rows())])
         metric("queued_rows", "gauge", "Rows waiting to join.", [("", self.engine.queued_rows())])
         metric("adapters_loaded", "gauge", "Adapters in memory.", [("", len(self.engine.loaded))])
         return "\n".join(lines) + "\n"

@@ -230,7 +230,14 @@ class Engine:
             self._cv.notify_all()
 
     def running_rows(self) -> int:
+        """Rows held by the running batches, finished ones included until the next step drops them."""
         return sum(len(lane.rows) for lane in self.lanes.values())
+
+    def active_rows(self) -> int:
+        """Rows still generating (what /metrics reports): a finished row answered its client already, even if it
+        stays in its batch until the next step drops it."""
+        return sum(1 for lane in list(self.lanes.values()) for r in list(lane.rows)
+                   if not r.done and not r.request.cancelled)
 
     def queued_rows(self) -> int:
         with self._cv:
