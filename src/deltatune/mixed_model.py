@@ -118,23 +118,10 @@ class MixedAdapterModel(AdapterModel):
         for _, layer in reversed(layers):  # named_modules lists a chain outside-in
             layer.merge(safe_merge=False, adapter_names=adapter_names)
 
-    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        if merge:
-            self.check_mergeable(adapter_names)
-        if merge and safe_merge:
-            for name, layer in self.adapter_layers():
-                layer.check_merge(adapter_names, where=name)
-        # Inside out: the innermost layer becomes its plain module first, so each outer layer then merges into and
-        # hands back a plain module.
-        for name, module in reversed(list(self._wrappers())):
-            if isinstance(module, AdapterLayer):
-                replace_module(self.model, name, module.unloaded(merge, adapter_names))
-            else:
-                active = module.active_adapter
-                replace_module(self.model, name, module.modules_to_save[active] if active else module.original_module)
-        self._collapse_wrappers()
-        self.peft_config.clear()
-        return self.model
+    def _unload_order(self) -> list[tuple[str, nn.Module]]:
+        """Inside out: the innermost layer of a chain becomes its plain module first, so each outer layer then merges
+        into and hands back a plain module."""
+        return list(reversed(list(self._wrappers())))
 
 
 class PeftMixedModel(PeftModel):

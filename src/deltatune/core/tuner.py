@@ -358,7 +358,7 @@ class AdapterModel(nn.Module):
         if merge and safe_merge:
             for name, layer in self.adapter_layers():
                 layer.check_merge(adapter_names, where=name)
-        for name, module in list(self._wrappers()):
+        for name, module in self._unload_order():
             if not _holds(self.model, name, module):  # nested in a wrapper already unloaded (MHA's out_proj)
                 continue
             if isinstance(module, AdapterLayer):
@@ -369,6 +369,11 @@ class AdapterModel(nn.Module):
         self._collapse_wrappers()
         self.peft_config.clear()
         return self.model
+
+    def _unload_order(self) -> list[tuple[str, nn.Module]]:
+        """The wrappers in the order :meth:`_unload` hands them back (outside-in: a wrapper nested in another one
+        goes with its parent)."""
+        return list(self._wrappers())
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
