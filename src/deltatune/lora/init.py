@@ -1,17 +1,34 @@
-"""LoRA initialisations beyond Kaiming/Gaussian, and which ones deltatune can compute when it *creates* an adapter.
+"""LoRA initialisations beyond Kaiming/Gaussian, and the dispatch to the data-driven ones.
 
 Loading never depends on the initialisation: once trained, every LoRA adapter is ``A`` and ``B`` on top of the
 base, so a saved adapter loads whatever ``init_lora_weights`` it names (see ``peft_model._no_reinit``). Only
-creating a new adapter needs the initialisation itself; the data-driven ones (EVA, CorDA, LoRA-GA need
-activations or gradients of a calibration set, LoftQ quantises the base) are refused there with the reason.
+creating a new adapter needs the initialisation itself. The data-driven ones each live in their own module
+``deltatune.lora.<init>`` (EVA: activations of a calibration set; CorDA: their covariances; LoRA-GA: gradients;
+LoftQ: quantising the base), which provides
+
+* ``check_creatable(model, config)``: raise ``ConfigError`` (before the model changes) if the adapter cannot be
+  created as asked, e.g. CorDA without ``preprocess_corda`` having run;
+* ``init_layer(layer, adapter_name)``: initialise one ``LoraLayer``'s new adapter (called by
+  ``LoraLayer.update_layer``), from what the module's PEFT-named preprocessing stored;
+* ``get_peft_model_with_data(model, config, batches, adapter_name)``: the whole creation from an iterable of
+  batches (dicts of tensors, as the model's forward takes them), for the CLI and for users without PEFT's
+  preprocessing idioms.
 """
 
 from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from deltatune.peft_model import PeftModel
 
 # Initialisations computed from data (or, for LoftQ, from quantising the base) that deltatune cannot run yet.
 DATA_DRIVEN_INITS = ("eva", "corda", "loftq", "lora_ga")
@@ -30,12 +47,40 @@ def rewrites_base(config: object) -> bool:
     return getattr(config, "init_lora_weights", True) in RESIDUAL_BASE_INITS
 
 
+def init_module(init: object) -> ModuleType | None:
+    """``deltatune.lora.<init>`` for a data-driven ``init_lora_weights`` (None while that module is not built)."""
+    if init not in DATA_DRIVEN_INITS:
+        return None
+    try:
+        return importlib.import_module(f"deltatune.lora.{init}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"deltatune.lora.{init}":
+            raise
+        return None
+
+
+def get_peft_model_with_data(model: nn.Module, config: object, batches: Iterable[Mapping[str, torch.Tensor]],
+                             adapter_name: str = "default") -> PeftModel:
+    """Create ``config``'s adapter on ``model`` (frozen), computing a data-driven initialisation from ``batches``;
+    any other initialisation ignores the data and is plain ``get_peft_model``."""
+    module = init_module(getattr(config, "init_lora_weights", True))
+    if module is None:
+        check_creatable(model, config)
+        from deltatune.mapping import get_peft_model
+
+        return get_peft_model(model, config, adapter_name=adapter_name)
+    return module.get_peft_model_with_data(model, config, batches, adapter_name)
+
+
 def check_creatable(model: nn.Module, config: object) -> None:
-    """Refuse, before the model changes, to *create* an adapter whose initialisation deltatune cannot compute
+    """Refuse, before the model changes, to *create* an adapter whose initialisation cannot be computed as asked
     (loading such an adapter does not come here: the loader builds it with the default init, then overwrites it),
     and ``orthogonal`` with an odd rank (its A and B take half the rank each)."""
     init = getattr(config, "init_lora_weights", True)
-    if init in DATA_DRIVEN_INITS:
+    module = init_module(init)
+    if module is not None:
+        module.check_creatable(model, config)
+    elif init in DATA_DRIVEN_INITS:
         what = {"eva": "activations of a calibration set (EVA)", "corda": "covariances of a calibration set (CorDA)",
                 "lora_ga": "gradients of a calibration batch (LoRA-GA)",
                 "loftq": "quantising the base weights (LoftQ)"}[init]

@@ -505,6 +505,10 @@ class LoraLayer(AdapterLayer):
             from deltatune.lora.init import init_orthogonal
 
             return init_orthogonal(self, adapter_name)
+        if init in ("eva", "corda", "lora_ga", "loftq"):  # each in its own module (deltatune.lora.init)
+            from deltatune.lora.init import init_module
+
+            return init_module(init).init_layer(self, adapter_name)
         if adapter_name in self.lora_A:
             a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
             if init == "gaussian":
