@@ -31,6 +31,7 @@ from deltatune.ln_tuning import LNTuningConfig
 from deltatune.loha import LoHaConfig
 from deltatune.lokr import LoKrConfig
 from deltatune.lora import LoraConfig
+from deltatune.lora.lora_ga import LoraGAConfig, preprocess_loraga
 from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, get_peft_model, inject_adapter_in_model
 from deltatune.mixed_model import PeftMixedModel
 from deltatune.oft import OFTConfig
@@ -81,6 +82,7 @@ __all__ = [
     "LNTuningConfig",
     "LoKrConfig",
     "LoraConfig",
+    "LoraGAConfig",
     "MergeError",
     "MultitaskPromptTuningConfig",
     "OFTConfig",
@@ -120,6 +122,7 @@ __all__ = [
     "export_to_lora",
     "merge_and_report",
     "prepare_model_for_kbit_training",
+    "preprocess_loraga",
     "quantize",
     "set_peft_model_state_dict",
 ]
