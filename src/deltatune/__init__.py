@@ -31,6 +31,7 @@ from deltatune.ln_tuning import LNTuningConfig
 from deltatune.loha import LoHaConfig
 from deltatune.lokr import LoKrConfig
 from deltatune.lora import LoraConfig
+from deltatune.lora.corda import CordaConfig
 from deltatune.lora.lora_ga import LoraGAConfig, preprocess_loraga
 from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, get_peft_model, inject_adapter_in_model
 from deltatune.mixed_model import PeftMixedModel
@@ -76,6 +77,7 @@ __all__ = [
     "BitFitConfig",
     "BottleneckConfig",
     "ConfigError",
+    "CordaConfig",
     "DeltatuneError",
     "IA3Config",
     "LoHaConfig",

@@ -115,6 +115,8 @@ class PeftConfig:
                 value = value.value
             elif isinstance(value, (set, frozenset)):
                 value = sorted(value)
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # a sub-config (CordaConfig)
+                value = dataclasses.asdict(value)
             out[f.name] = value
         return out
 

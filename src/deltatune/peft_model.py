@@ -424,7 +424,7 @@ class PeftModel(nn.Module):
         works on the *original* base model (:mod:`deltatune.lora.conversion`), not only on the residual one.
         """
         from deltatune.distributed import full_state, is_dtensor
-        from deltatune.lora.conversion import mutates_base, to_plain_lora
+        from deltatune.lora.conversion import converts_to_plain_lora, to_plain_lora
 
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:  # each becomes a directory name below: nothing may point outside save_directory
@@ -433,9 +433,10 @@ class PeftModel(nn.Module):
         if unknown:
             raise AdapterNameError(f"cannot save adapters {unknown}: this model has {sorted(self.peft_config)}")
         initial_dir = path_initial_model_for_weight_conversion
-        if initial_dir is not None and not all(mutates_base(self.peft_config[n]) for n in names):
+        if initial_dir is not None and not all(converts_to_plain_lora(self.peft_config[n]) for n in names):
             raise ConfigError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters "
-                              "(init_lora_weights='pissa...' or 'olora'); the adapters saved here are not")
+                              "(init_lora_weights='pissa...' or 'olora') and CorDA/LoRA-GA ones ('corda', "
+                              "'lora_ga'); the adapters saved here are not")
         states: dict[str, dict[str, torch.Tensor]] = {}
         if any(is_dtensor(p) for p in self.parameters()):  # FSDP: a collective, so before the rank check
             for name in names:

@@ -150,6 +150,10 @@ class LoraConfig(PeftConfig):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict) and not is_dataclass(value):
                 raise ConfigError(f"LoraConfig.{name} must be a dict (as PEFT saves it) or None, got {value!r}")
+        if self.corda_config is not None or init == "corda":  # PEFT's CordaConfig from a dict, default if None
+            from deltatune.lora.corda import as_corda_config
+
+            self.corda_config = as_corda_config(self.corda_config, init)
         if self.trainable_token_indices is not None:
             from deltatune.trainable_tokens.config import check_token_indices
 

@@ -26,6 +26,12 @@ def mutates_base(config: object) -> bool:
     return isinstance(config, LoraConfig) and isinstance(init, str) and init.startswith(MUTATING_INITS)
 
 
+def converts_to_plain_lora(config: object) -> bool:
+    """Whether ``save_pretrained(path_initial_model_for_weight_conversion=...)`` can write ``config``'s adapter as
+    plain LoRA: every init that moved ``s B0 A0`` out of the base (PEFT's list: PiSSA, OLoRA, CorDA, LoRA-GA)."""
+    return mutates_base(config) or getattr(config, "init_lora_weights", True) in ("corda", "lora_ga")
+
+
 def _factor(key: str) -> str | None:
     """``"A"`` / ``"B"`` for a LoRA factor's key (Linear/Conv ``lora_A.weight``, Embedding ``lora_embedding_A``)."""
     for factor in ("A", "B"):
