@@ -32,6 +32,7 @@ from deltatune.loha import LoHaConfig
 from deltatune.lokr import LoKrConfig
 from deltatune.lora import LoraConfig
 from deltatune.lora.corda import CordaConfig
+from deltatune.lora.loftq import LoftQConfig, replace_lora_weights_loftq
 from deltatune.lora.lora_ga import LoraGAConfig, preprocess_loraga
 from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, get_peft_model, inject_adapter_in_model
 from deltatune.mixed_model import PeftMixedModel
@@ -83,6 +84,7 @@ __all__ = [
     "LoHaConfig",
     "LNTuningConfig",
     "LoKrConfig",
+    "LoftQConfig",
     "LoraConfig",
     "LoraGAConfig",
     "MergeError",
@@ -126,5 +128,6 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "preprocess_loraga",
     "quantize",
+    "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
 ]

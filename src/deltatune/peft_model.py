@@ -673,7 +673,13 @@ def _no_reinit(config: PeftConfig) -> Iterator[None]:
     init = getattr(config, "init_lora_weights", True)
     # EVA/CorDA/LoftQ/LoRA-GA/orthogonal only decide the starting A, B, which loading overwrites (issue 19).
     if mutates_base(config) or is_data_driven(config) or init == "orthogonal":
-        if rewrites_base(config) and not mutates_base(config):
+        if init == "loftq":  # PEFT's load re-runs LoftQ on the base it is given; deltatune keeps it as given
+            warnings.warn(
+                "adapter was initialised with 'loftq': it expects the LoftQ base (the residual base: the original "
+                "weights quantised at creation, e.g. saved from unload() and loaded in 4 bits), not the original "
+                "one; it is loaded onto the base as given", stacklevel=3,
+            )
+        elif rewrites_base(config) and not mutates_base(config):
             warnings.warn(
                 f"adapter was initialised with {init!r}: it expects the residual base model saved at training "
                 "time, not the original one (save it with path_initial_model_for_weight_conversion to get a plain "

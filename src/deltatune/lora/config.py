@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Literal
 
@@ -150,6 +151,11 @@ class LoraConfig(PeftConfig):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict) and not is_dataclass(value):
                 raise ConfigError(f"LoraConfig.{name} must be a dict (as PEFT saves it) or None, got {value!r}")
+        if is_dataclass(self.loftq_config):  # LoftQConfig(...) -> the dict PEFT keeps and saves (vars)
+            self.loftq_config = dict(vars(self.loftq_config))
+        if self.loftq_config and self.init_lora_weights != "loftq":
+            self.loftq_config = {}  # as PEFT: only init_lora_weights='loftq' reads it
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
         if self.corda_config is not None or init == "corda":  # PEFT's CordaConfig from a dict, default if None
             from deltatune.lora.corda import as_corda_config
 
