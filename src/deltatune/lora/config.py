@@ -160,6 +160,10 @@ class LoraConfig(PeftConfig):
             from deltatune.lora.corda import as_corda_config
 
             self.corda_config = as_corda_config(self.corda_config, init)
+        if self.eva_config is not None or init == "eva":  # PEFT's EvaConfig from a dict, default if None
+            from deltatune.lora.eva import as_eva_config
+
+            self.eva_config = as_eva_config(self.eva_config, init)
         if self.trainable_token_indices is not None:
             from deltatune.trainable_tokens.config import check_token_indices
 
