@@ -32,6 +32,7 @@ from deltatune.loha import LoHaConfig
 from deltatune.lokr import LoKrConfig
 from deltatune.lora import LoraConfig
 from deltatune.lora.corda import CordaConfig
+from deltatune.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from deltatune.lora.loftq import LoftQConfig, replace_lora_weights_loftq
 from deltatune.lora.lora_ga import LoraGAConfig, preprocess_loraga
 from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, get_peft_model, inject_adapter_in_model
@@ -80,6 +81,7 @@ __all__ = [
     "ConfigError",
     "CordaConfig",
     "DeltatuneError",
+    "EvaConfig",
     "IA3Config",
     "LoHaConfig",
     "LNTuningConfig",
@@ -115,12 +117,14 @@ __all__ = [
     "create_loraplus_optimizer",
     "dequantize",
     "get_base_model_state_dict",
+    "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
     "inject_adapter_in_model",
     "get_peft_model_state_dict",
     "hotswap_adapter",
+    "initialize_lora_eva_weights",
     "prepare_model_for_compiled_hotswap",
     "ExportedLora",
     "export_to_lora",

@@ -9,6 +9,7 @@ from torch import nn
 from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.lora.config import LoraConfig
+from deltatune.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from deltatune.lora.init import check_creatable
 from deltatune.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, make_lora_layer, supported_types
 from deltatune.lora.mha import LoraMultiheadAttention
@@ -72,4 +73,4 @@ LORA = register(Method(
 ))
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraMultiheadAttention", "LoraParam",
-           "LORA"]
+           "LORA", "EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights"]
