@@ -18,7 +18,7 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import VOCAB, output, perturb_trainable, tiny_llama
+from helpers import VOCAB, output, perturb_trainable, tiny_gpt2, tiny_llama
 
 if importlib.util.find_spec("attr") is None:  # peft's corda.py imports attrs' `dataclass` for CordaEigens only;
     sys.modules["attr"] = types.ModuleType("attr")  # attrs is not installed here: the stdlib one holds 3 fields
@@ -45,21 +45,21 @@ def runner(model):
 
 
 def kwargs(method: str, **extra) -> dict:
-    return dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda", **extra,
-                corda_config={"corda_method": method})
+    return {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "init_lora_weights": "corda",
+            "corda_config": {"corda_method": method}, **extra}
 
 
-def peft_corda(method: str, **extra):
+def peft_corda(method: str, make=tiny_llama, **extra):
     config = peft.LoraConfig(**{**kwargs(method, **extra),
                                 "corda_config": peft.tuners.lora.config.CordaConfig(corda_method=method)})
-    base = tiny_llama()
+    base = make()
     peft_preprocess(base, config, run_model=runner(base))
     return peft.get_peft_model(base, config)
 
 
-def ours_corda(method: str, **extra):
+def ours_corda(method: str, make=tiny_llama, **extra):
     config = dt.LoraConfig(**kwargs(method, **extra))
-    base = tiny_llama()
+    base = make()
     preprocess_corda(base, config, run_model=runner(base))
     return dt.get_peft_model(base, config)
 
@@ -113,6 +113,17 @@ def test_adapter_holds_the_largest_or_smallest_singular_values_of_w_c(method):
     want = spectrum[:4] if method == "ipm" else spectrum[-4:]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert spectrum[3] > 1.5 * spectrum[-4]  # the two ends differ: the test tells IPM from KPM
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_gpt2_conv1d_equals_peft(method):
+    """transformers' Conv1D stores W as (in, out): decomposed and rewritten transposed, as PEFT."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out set for Conv1D
+        extra = dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+        ours, theirs = ours_corda(method, tiny_gpt2, **extra), peft_corda(method, tiny_gpt2, **extra)
+    assert_same_state(ours, theirs)
+    torch.testing.assert_close(output(ours, INPUTS), output(tiny_gpt2(), INPUTS), rtol=0, atol=1e-4)
 
 
 def test_rank_pattern_and_rslora_equal_peft():
@@ -213,3 +224,18 @@ def test_get_peft_model_with_data_runs_each_sample_alone_without_padding():
         batches.append({"input_ids": ids, "attention_mask": mask})
     ours = get_peft_model_with_data(tiny_llama(), dt.LoraConfig(**kwargs("ipm")), batches)
     assert_same_state(ours, ours_corda("ipm"), atol=1e-5)
+
+
+def test_batched_run_model_and_hooked_model():
+    """A (batch, tokens, in) input counts each row as a sample (PEFT's hook takes batch 1 only), and
+    hooked_model collects the covariances on another copy of the model."""
+    equal_length = [s[:, :8] for s in samples()]
+    reference = tiny_llama()
+    config = dt.LoraConfig(**kwargs("kpm"))
+    preprocess_corda(reference, config, run_model=lambda: [reference(input_ids=s) for s in equal_length])
+    batched, hooked, copy = tiny_llama(), tiny_llama(), tiny_llama()
+    preprocess_corda(batched, config, run_model=lambda: batched(input_ids=torch.cat(equal_length)))
+    preprocess_corda(hooked, config, run_model=lambda: copy(input_ids=torch.cat(equal_length)), hooked_model=copy)
+    want = dt.get_peft_model(reference, config)
+    assert_same_state(dt.get_peft_model(batched, config), want)
+    assert_same_state(dt.get_peft_model(hooked, config), want)
