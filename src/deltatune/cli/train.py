@@ -23,7 +23,7 @@ from deltatune.cli.common import UsageError, human_bytes, human_time
 from deltatune.core.io import atomic_write_text, is_disk_full
 from deltatune.lora.conversion import mutates_base
 from deltatune.training import plots, runlock
-from deltatune.training.data import BUILTIN_DATASETS, describe_columns
+from deltatune.training.data import BUILTIN_DATASETS, SHAPE_BUCKET, collate, describe_columns
 from deltatune.training.trainer import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -39,6 +39,9 @@ from deltatune.training.trainer import (
 )
 
 INITIAL_ADAPTER_DIR = "initial_adapter"  # PiSSA/OLoRA: the adapter at initialisation, for the final conversion
+# Data-driven initialisations (EVA, CorDA, LoRA-GA) are computed from this many batches of --batch-size training
+# examples: enough tokens for stable principal directions on a small model, seconds of forward passes.
+CALIBRATION_BATCHES = 8
 SMALL_EVAL = 20  # fewer held-out records than this: the summary's metric is coarse, and the user is told
 OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", METRICS_NAME, CHECKPOINT_NAME, "loss.png",
                 common.SUMMARY_NAME, common.RUN_CONFIG_NAME)
@@ -332,6 +335,32 @@ def prepare(settings: dict[str, Any]):
     return spec, dataset, task, model, tokenizer, peft_config, train_examples, device
 
 
+def create_adapter(model: torch.nn.Module, peft_config: Any, train_examples: list[dict], task: Any, batch_size: int,
+                   device: str) -> Any:
+    """``get_peft_model``; for an initialisation computed from data (EVA, CorDA, LoRA-GA; LoftQ ignores the data)
+    the adapter is created from the first ``CALIBRATION_BATCHES`` batches of the training set, collated as the
+    trainer collates them (the same batches on every process, so every process gets the same adapter)."""
+    from deltatune.lora.init import get_peft_model_with_data, init_module
+
+    init = getattr(peft_config, "init_lora_weights", True)
+    if init_module(init) is None:  # not data-driven, or not built yet (check_creatable refuses with the reason)
+        from deltatune import get_peft_model
+
+        return get_peft_model(model, peft_config)
+    examples = train_examples[: CALIBRATION_BATCHES * batch_size]
+    batches = [{k: v.to(device) for k, v in collate(examples[i:i + batch_size], task.pad_id,
+                                                    left_pad=not task.sequence_classifier,
+                                                    multiple_of=SHAPE_BUCKET).items()}
+               for i in range(0, len(examples), batch_size)]
+    print(f"{init}: initialising the adapter from {len(batches)} training batches ({len(examples)} examples) ...",
+          flush=True)
+    t0 = time.perf_counter()
+    model = get_peft_model_with_data(model, peft_config, batches)
+    layers = sum(1 for _, m in model.base_model.adapter_layers())
+    print(f"{init}: {layers} layers initialised ({human_time(time.perf_counter() - t0)})", flush=True)
+    return model
+
+
 def world_size() -> int:
     return distributed.info().world_size
 
@@ -376,7 +405,6 @@ def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) 
     eval_kw = {"batch_size": int(settings["eval_batch_size"]), "device": device, "amp": amp}
     general_kw = {"batch_size": int(settings["eval_batch_size"]), "pad_id": task.pad_id, "device": device, "amp": amp}
 
-    from deltatune import get_peft_model
     from deltatune.quantization import weight_bytes
 
     base_bytes = weight_bytes(model)
@@ -384,7 +412,7 @@ def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) 
     # (targets that match nothing, ...) fails at once and leaves no output directory behind.
     torch.manual_seed(settings["seed"])  # the adapter's initialisation
     peft_config.base_model_name_or_path = spec.name
-    model = get_peft_model(model, peft_config)
+    model = create_adapter(model, peft_config, train_examples, task, int(settings["batch_size"]), device)
 
     # From here on the output directory is written, by this run alone: take its lock, then look again (another run
     # may have started or finished since prepare() looked), then sweep what killed saves left.

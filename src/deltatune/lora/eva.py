@@ -697,5 +697,7 @@ def get_peft_model_with_data(model: nn.Module, config: Any, batches: Iterable[Ma
     if not batches:
         raise ConfigError("init_lora_weights='eva' needs calibration batches; none were given")
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    initialize_lora_eva_weights(peft_model, batches, adapter_name=adapter_name, show_progress_bar=False)
+    # the caller's batches are the whole calibration set on every process: nothing to gather
+    initialize_lora_eva_weights(peft_model, batches, adapter_name=adapter_name, gather_distributed_inputs=False,
+                                show_progress_bar=False)
     return peft_model
