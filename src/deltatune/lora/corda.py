@@ -183,8 +183,8 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Calla
         hooked_model: Collect the covariances on this model instead (same module names), e.g. an inference copy.
 
     Raises:
-        ConfigError: no ``run_model`` and no file to read, an unknown ``corda_method``, or a target layer the
-            calibration never ran.
+        ConfigError: no ``run_model`` and no file to read, an unknown ``corda_method``, a target layer the
+            calibration never ran, or a ``cache_file`` without some target layer.
         ValueError: NaN/Inf in a layer's input or covariance.
     """
     corda = as_corda_config(lora_config.corda_config) or CordaConfig()
@@ -192,6 +192,10 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Calla
     device = _device(model)
     if _readable(corda.cache_file):
         cache = torch.load(corda.cache_file, map_location=device, weights_only=True)
+        missing = [name for name, _ in targets if f"{name}.eigens.S_WC" not in cache]
+        if missing:
+            raise ConfigError(f"cache_file {corda.cache_file} has no decomposition for {missing[:3]}: it was built "
+                              "for another model or target_modules; delete it or point cache_file elsewhere")
         for name, module in targets:
             module.eigens = CordaEigens(S_WC=cache[f"{name}.eigens.S_WC"], U_WC=cache[f"{name}.eigens.U_WC"],
                                         V_WC=cache[f"{name}.eigens.V_WC"])
@@ -200,7 +204,7 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Calla
         raise ConfigError(f"corda_config.corda_method={corda.corda_method!r}: use 'ipm' (adapter from the largest "
                           "singular directions of W C) or 'kpm' (from the smallest, preserving knowledge)")
     covariances = _covariances(model, lora_config, corda, targets, run_model, hooked_model)
-    layers = [(name, module) for name, module in targets]
+    layers = list(targets)
     if corda.verbose:
         from tqdm.auto import tqdm
 
