@@ -317,7 +317,9 @@ def init_layer(layer: nn.Module, adapter_name: str) -> None:
     g = grad.float()
     g = g.T if layer.fan_in_fan_out else g  # (out, in) whatever the storage layout
     weight = layer._base_weight().detach()
-    a, b = lora_ga_factors(g, layer.r[adapter_name], layer.scaling[adapter_name], settings, weight)
+    # PEFT's "stable" scale reads the stored weight's first dimension: ``out``, but ``in`` for a Conv1D's (in, out)
+    a, b = lora_ga_factors(g, layer.r[adapter_name], layer.scaling[adapter_name], settings, weight,
+                           stable_fan=base.weight.shape[0])
     # PEFT rounds A and B to the base's dtype before it computes the residual, so the residual matches the
     # adapter that is stored (bit-for-bit in bf16 too).
     a, b = a.to(weight.dtype), b.to(weight.dtype)
@@ -329,13 +331,15 @@ def init_layer(layer: nn.Module, adapter_name: str) -> None:
 
 @torch.no_grad()
 def lora_ga_factors(grad: torch.Tensor, r: int, scaling: float, settings: LoraGAConfig,
-                    weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    weight: torch.Tensor | None = None, stable_fan: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``A: (r, in)`` and ``B: (out, r)`` (fp32) from a gradient ``grad: (out, in)``.
 
     ``grad ≈ U diag(S) Vᵀ`` by ``torch.svd_lowrank`` (``q = min(4r, out, in)``, 4 subspace iterations; it draws
     its random projection from torch's global generator, as PEFT's). Of the top ``2r`` triplets, ``direction``
     picks index sets ``I_A`` and ``I_B`` of ``r`` each; ``A = V[:, I_A]ᵀ``, ``B = U[:, I_B] diag(S[I_B])``; then
-    ``scale`` (see :class:`LoraGAConfig`) rescales. ``weight: (out, in)`` is needed for ``scale="weight_svd"``.
+    ``scale`` (see :class:`LoraGAConfig`) rescales. ``weight: (out, in)`` is needed for ``scale="weight_svd"``;
+    ``stable_fan`` is the ``out`` of the ``"stable"`` factor ``out^(1/4) / sqrt(γ)`` (default ``grad``'s rows).
     """
     u, s, v = torch.svd_lowrank(grad, q=min(4 * r, *grad.shape), niter=4)
     u, s, v = u[:, :2 * r], s[:2 * r], v[:, :2 * r]
@@ -351,7 +355,7 @@ def lora_ga_factors(grad: torch.Tensor, r: int, scaling: float, settings: LoraGA
     s_b = s[cols_b]
     b = u[:, cols_b] * s_b[None, :]
     if settings.scale == "stable":
-        b = b * (grad.shape[0] ** 0.25 / settings.stable_gamma ** 0.5)
+        b = b * ((stable_fan or grad.shape[0]) ** 0.25 / settings.stable_gamma ** 0.5)
     elif settings.scale == "weight_svd":
         if weight is None:
             raise ConfigError("LoraGAConfig(scale='weight_svd') needs the base weight")
