@@ -34,6 +34,7 @@ from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.core.state_dict import adapter_state_dict, check_and_load, to_model_keys
 from deltatune.core.tuner import AdapterModel, validate_adapter_name
 from deltatune.errors import AdapterNameError, ConfigError
+from deltatune.lora import alora as _alora
 from deltatune.prompt import model as _prompt
 from deltatune.registry import method_for
 
@@ -149,7 +150,7 @@ class PeftModel(nn.Module):
             if task_ids is not None:
                 kwargs["task_ids"] = task_ids
             return _prompt.forward(self, args, kwargs)
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names), _alora.activated(self, args, kwargs, adapter_names):
             outputs = self.base_model.model(*args, **kwargs)
         return self.base_model.add_regularization(outputs)  # e.g. AdaLoRA's penalty, when a loss is returned
 
@@ -157,7 +158,7 @@ class PeftModel(nn.Module):
         if self._is_prompt_learning:
             self._no_mixed_prompt_batch(adapter_names)
             return _prompt.generate(self, args, kwargs)
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names), _alora.activated(self, args, kwargs, adapter_names):
             return self.base_model.model.generate(*args, **kwargs)
 
     @staticmethod

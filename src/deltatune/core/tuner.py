@@ -345,7 +345,8 @@ class AdapterModel(nn.Module):
         names = self.active_adapters if adapter_names is None else adapter_names
         for name in names:
             config = self.peft_config.get(name)
-            if config is not None and not method_for(config.peft_type).mergeable:
+            if config is not None and (not method_for(config.peft_type).mergeable
+                                       or getattr(config, "merge_refusal", None)):  # e.g. an aLoRA adapter
                 reason = getattr(config, "merge_refusal", None) or "its update is not a change of the base weights"
                 raise MergeError(
                     f"adapter {name!r} ({config.peft_type}) cannot be merged: {reason}. Keep it unmerged, or use "

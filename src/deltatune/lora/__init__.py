@@ -8,6 +8,7 @@ from torch import nn
 
 from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
+from deltatune.errors import ConfigError
 from deltatune.lora.config import LoraConfig
 from deltatune.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from deltatune.lora.init import check_creatable
@@ -33,6 +34,12 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, m
         # saved adapter_config.json says what the file holds.
         warnings.warn(f"{module_name} is a Conv1D: setting fan_in_fan_out=True", stacklevel=4)
         config.fan_in_fan_out = True
+    alora = {}
+    if config.alora_invocation_tokens:  # aLoRA: Linear layers only, as PEFT (deltatune.lora.alora)
+        if type(layer) is not LoraLinear:
+            raise ConfigError(f"aLoRA (alora_invocation_tokens) adapts Linear layers only, not {module_name} "
+                              f"({type(layer.get_base_layer()).__name__}); leave it out of target_modules")
+        alora = {"use_alora": True}
     layer.update_layer(
         adapter_name,
         r=config.rank_for(module_name),
@@ -42,6 +49,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, m
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
         lora_bias=config.lora_bias,
+        **alora,
     )
     return layer
 

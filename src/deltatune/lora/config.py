@@ -124,8 +124,6 @@ class LoraConfig(PeftConfig):
         # would give another model: refused with the reason. eva/corda/lora_ga/loftq_config only describe how the
         # adapter was initialised; they are kept and saved back unchanged.
         unsupported = {
-            "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) applies the adapter only after the "
-                                       "invocation tokens; that forward is not implemented yet",
             "megatron_config": "megatron_config (Megatron tensor-parallel LoRA layers) is not implemented",
             "velora_config": "VeLoRA (velora_config) changes the backward/forward and is not implemented yet",
             "use_qalora": "QA-LoRA (use_qalora) pools the adapter's input in groups; not implemented yet",
@@ -139,6 +137,10 @@ class LoraConfig(PeftConfig):
             if getattr(self, name) not in (None, False, [], {}, ()):
                 raise ConfigError(f"LoraConfig.{name}={getattr(self, name)!r}: {reason} in deltatune, so this "
                                   "adapter cannot be loaded or created as plain LoRA; remove it or use PEFT")
+        if self.alora_invocation_tokens is not None:  # aLoRA: the adapter acts from the invocation tokens on
+            from deltatune.lora.alora import check_config
+
+            check_config(self)
         if self.target_parameters:
             from deltatune.lora.param import check_target_parameters
 
@@ -170,6 +172,15 @@ class LoraConfig(PeftConfig):
             indices = self.trainable_token_indices
             for key, ids in (indices.items() if isinstance(indices, dict) else [("", indices)]):
                 check_token_indices(ids, f"LoraConfig.trainable_token_indices{f'[{key!r}]' if key else ''}")
+
+    @property
+    def merge_refusal(self) -> str | None:
+        """Why this adapter cannot be merged into the base weights (aLoRA), else ``None``."""
+        if self.alora_invocation_tokens:
+            from deltatune.lora.alora import MERGE_REFUSAL
+
+            return MERGE_REFUSAL
+        return None
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)

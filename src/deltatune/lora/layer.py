@@ -22,6 +22,7 @@ from torch import nn
 
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError, MergeError
+from deltatune.lora.alora import MERGE_REFUSAL, alora_forward
 from deltatune.quantization import dequantize_weight
 
 PISSA_NITER_SEED = 0  # the seed of pissa_niter_N's randomised SVD (see LoraLinear._initial_factors)
@@ -431,7 +432,7 @@ class LoraLayer(AdapterLayer):
     """Shared LoRA bookkeeping; :class:`LoraLinear`, :class:`LoraEmbedding`, :class:`LoraConv` add the math."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias", "use_alora")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -448,14 +449,18 @@ class LoraLayer(AdapterLayer):
         self.lora_bias: dict[str, bool] = {}
         self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms at merge time, to unmerge exactly
         self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
+        # aLoRA adapters (True only) and, during a PeftModel call, their offsets (deltatune.lora.alora)
+        self.use_alora: dict[str, bool] = {}
+        self.alora_offsets: dict | None = None
         # The adapter slots of mixed-adapter batches (see _SlotTable); allocated at the first such batch.
         self._slots: _SlotTable | None = None
 
     # ---- creating an adapter -----------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                     lora_bias: bool = False) -> None:
-        """Create adapter ``adapter_name`` with rank ``r`` and initialise it."""
+                     lora_bias: bool = False, use_alora: bool = False) -> None:
+        """Create adapter ``adapter_name`` with rank ``r`` and initialise it (``use_alora``: an aLoRA adapter, which
+        acts only from its invocation tokens on; Linear layers only, see :mod:`deltatune.lora.alora`)."""
         if r <= 0:
             raise ConfigError(f"rank must be positive, got r={r}")
         if use_dora and lora_bias:
@@ -467,6 +472,10 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.use_dora[adapter_name] = use_dora
         self.lora_bias[adapter_name] = lora_bias
+        if use_alora:
+            self.use_alora[adapter_name] = True
+        else:
+            self.use_alora.pop(adapter_name, None)
         self._create_adapter(adapter_name, r, lora_bias)
         self._place_adapter(adapter_name)
         self._init_weights(adapter_name, init_lora_weights)
@@ -800,6 +809,8 @@ class LoraLinear(LoraLayer):
         return magnitude / norm.to(magnitude.dtype)
 
     def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if self.use_alora.get(adapter_name):
+            raise MergeError(f"adapter {adapter_name!r} cannot be merged: {MERGE_REFUSAL}; keep it unmerged")
         delta = self.get_delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora[adapter_name]:
             return weight + delta
@@ -881,6 +892,8 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if (bypass := self._bypass(x, *args, **kwargs)) is not None:
             return bypass
+        if self.use_alora and not self.merged and (alora := [n for n in self.active_adapters if n in self.use_alora]):
+            return alora_forward(self, x, alora, *args, **kwargs)  # adapted from the invocation tokens on only
         if not self.merged and (p := self._fused_lora_p(x)) is not None:
             name = self._active_lora()[0]
             b = self.lora_B[name]
