@@ -21,7 +21,7 @@ from deltatune import distributed
 from deltatune.cli import common
 from deltatune.cli.common import UsageError, human_bytes, human_time
 from deltatune.core.io import atomic_write_text, is_disk_full
-from deltatune.lora.conversion import mutates_base
+from deltatune.lora.conversion import converts_to_plain_lora
 from deltatune.training import plots, runlock
 from deltatune.training.data import BUILTIN_DATASETS, SHAPE_BUCKET, collate, describe_columns
 from deltatune.training.trainer import (
@@ -452,9 +452,9 @@ def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) 
         chunked_loss=bool(settings["chunked_loss"]), compile=settings["compile"] or None,
         progress=False if settings.get("progress") is False else None)
 
-    # PiSSA/OLoRA move part of each weight into the adapter: without it the base is only the residual. Keep the
-    # initial adapter, so the one saved at the end is a plain LoRA for the original base (what eval loads).
-    initial_dir = os.path.join(out, INITIAL_ADAPTER_DIR) if mutates_base(peft_config) else None
+    # PiSSA/OLoRA/CorDA/LoRA-GA move part of each weight into the adapter: without it the base is only the residual.
+    # Keep the initial adapter, so the one saved at the end is a plain LoRA for the original base (what eval loads).
+    initial_dir = os.path.join(out, INITIAL_ADAPTER_DIR) if converts_to_plain_lora(peft_config) else None
     if initial_dir and not settings.get("resume"):
         model.save_pretrained(initial_dir, is_main_process=is_main)
     extra: dict[str, Any] = {}
