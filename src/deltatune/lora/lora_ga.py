@@ -277,10 +277,11 @@ def check_creatable(model: nn.Module, config: object) -> None:
     missing = [name for name, module in targets if not hasattr(module, GRAD_ATTR)]
     if len(missing) == len(targets):
         raise ConfigError(
-            "init_lora_weights='lora_ga' starts from the gradients of calibration batches, and this model has none: "
-            "call deltatune.preprocess_loraga(model, config, train_step) before get_peft_model (train_step runs "
-            "forward and loss.backward() on a few batches), or use "
-            "deltatune.lora.init.get_peft_model_with_data(model, config, batches)")
+            "init_lora_weights='lora_ga' is computed from the gradients of calibration batches, and this model has "
+            "none: call deltatune.preprocess_loraga(model, config, train_step) before get_peft_model (train_step "
+            "runs forward and loss.backward() on a few batches), or create the adapter with "
+            "deltatune.lora.init.get_peft_model_with_data(model, config, batches). Loading adapters created with "
+            "LoRA-GA works without them: PeftModel.from_pretrained / load_adapter / --adapter")
     if missing:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise ConfigError(f"LoRA-GA has no gradient for {len(missing)} targeted layer(s): {shown}. Run "
