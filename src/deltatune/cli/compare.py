@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import fields
 from typing import Any
 
 from deltatune.cli import common
@@ -61,10 +62,11 @@ def main(args: argparse.Namespace) -> int:
         methods = [m.strip() for m in methods_arg.split(",") if m.strip()]
     else:
         methods = list(table) + [v for v in VARIANTS if bnb_available() and "quantize" not in explicit]
-    unknown = [m for m in methods if m not in table and m not in VARIANTS]
+    unknown = [m for m in methods if row_flags(m) is None]
     if unknown:
         raise UsageError(f"--methods: unknown method(s) {unknown}; choose from: "
-                         f"{', '.join(sorted([*table, *VARIANTS]))}")
+                         f"{', '.join(sorted([*table, *VARIANTS]))}, or METHOD+INIT for a LoRA method with "
+                         "init_lora_weights=INIT (e.g. lora+eva, dora+pissa)")
     if any(m in VARIANTS for m in methods) and "quantize" in explicit:
         raise UsageError("--quantize applies to every method of the comparison; drop it to get a separate qlora row")
     if "method" in explicit:
@@ -93,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
             if resume and os.path.exists(summary_path):
                 print(f"[{i}/{len(methods)}] {method}: finished earlier, kept", flush=True)
             else:
-                how = VARIANTS.get(method, ["--method", method])
+                how = row_flags(method)
                 cmd = [sys.executable, "-m", "deltatune", "train", "--config", config_path, *how,
                        "--output-dir", run_dir]
                 if baseline is not None:  # the base model is the same for every method: evaluate it once
@@ -165,9 +167,24 @@ def child_settings(methods: list[str], settings: dict[str, Any], names: set[str]
     return {m: {**shared, **per_method[m]} for m in methods}
 
 
+def row_flags(row: str) -> list[str] | None:
+    """The ``deltatune train`` flags of a compare row: a method (``lora``), a :data:`VARIANTS` row (``qlora``), or
+    ``METHOD+INIT``, a method that has ``init_lora_weights`` started with that initialisation (``lora+eva``,
+    ``dora+pissa``); ``None`` for a row that is none of these."""
+    if row in VARIANTS:
+        return VARIANTS[row]
+    table = common.method_table()
+    if row in table:
+        return ["--method", row]
+    method, plus, init = row.partition("+")
+    if plus and init and method in table and "init_lora_weights" in {f.name for f in fields(table[method][0])}:
+        return ["--method", method, "--init-lora-weights", init]
+    return None
+
+
 def _method_of(row: str) -> str:
-    """The library method a compare row trains (``qlora`` -> ``lora``)."""
-    how = VARIANTS.get(row)
+    """The library method a compare row trains (``qlora`` -> ``lora``, ``lora+eva`` -> ``lora``)."""
+    how = row_flags(row)
     return how[how.index("--method") + 1] if how else row
 
 
