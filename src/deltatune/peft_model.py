@@ -434,10 +434,21 @@ class PeftModel(nn.Module):
         if unknown:
             raise AdapterNameError(f"cannot save adapters {unknown}: this model has {sorted(self.peft_config)}")
         initial_dir = path_initial_model_for_weight_conversion
-        if initial_dir is not None and not all(converts_to_plain_lora(self.peft_config[n]) for n in names):
-            raise ConfigError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters "
-                              "(init_lora_weights='pissa...' or 'olora') and CorDA/LoRA-GA ones ('corda', "
-                              "'lora_ga'); the adapters saved here are not")
+        if initial_dir is not None:
+            from deltatune.lora.config import LoraConfig
+
+            not_lora = [n for n in names if not isinstance(self.peft_config[n], LoraConfig)]
+            if not_lora:
+                raise ConfigError(f"path_initial_model_for_weight_conversion converts LoRA adapters (PiSSA, OLoRA, "
+                                  f"CorDA, LoRA-GA) to plain LoRA; {not_lora} are not LoRA adapters")
+            # PEFT's recipe sets init_lora_weights=True on the model before saving the initial adapter, so True
+            # converts too (the difference [B, -B0][A; A0] is exact for any LoRA); other inits get PEFT's warning.
+            odd = [n for n in names if not converts_to_plain_lora(self.peft_config[n])
+                   and self.peft_config[n].init_lora_weights is not True]
+            if odd:
+                warnings.warn(f"path_initial_model_for_weight_conversion only works for converting a PiSSA/CorDA/"
+                              f"OLoRA/LoRA-GA adapter to a LoRA adapter; {odd} have init_lora_weights="
+                              f"{self.peft_config[odd[0]].init_lora_weights!r}", stacklevel=2)
         states: dict[str, dict[str, torch.Tensor]] = {}
         if any(is_dtensor(p) for p in self.parameters()):  # FSDP: a collective, so before the rank check
             for name in names:

@@ -69,11 +69,32 @@ def test_converted_config_is_the_one_peft_writes(tmp_path, case):
     assert {k: p[k] for k in keys} == {k: d[k] for k in keys}
 
 
+def test_peft_recipe_init_lora_weights_true_before_saving_the_initial_adapter(tmp_path):
+    """PEFT's documented recipe sets ``init_lora_weights = True`` on the model's config before saving the initial
+    adapter (so that loading it does not subtract the factors again); the conversion must still happen."""
+    inputs = make_inputs("llama")
+    original = output(tiny_llama(), inputs)
+    model = dt.get_peft_model(tiny_llama(), config(dt, "pissa"))
+    model.peft_config["default"].init_lora_weights = True
+    model.save_pretrained(tmp_path / "init")
+    perturb_trainable(model, seed=3, std=0.05)
+    trained = output(model.eval(), inputs)
+    assert (trained - original).abs().max() > 1e-3
+    model.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init")
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["r"] == 8
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "plain")).eval()
+    torch.testing.assert_close(output(theirs, inputs), trained, atol=1e-5, rtol=0)
+
+
 def test_conversion_refuses_what_it_cannot_convert(tmp_path):
-    plain = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj"]))
+    plain = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     plain.save_pretrained(tmp_path / "init")
-    with pytest.raises(ConfigError, match="converts PiSSA/OLoRA adapters"):
+    with pytest.warns(UserWarning, match="only works for converting a PiSSA/CorDA/OLoRA/LoRA-GA adapter"):
         plain.save_pretrained(tmp_path / "x", path_initial_model_for_weight_conversion=tmp_path / "init")
+    ia3 = dt.get_peft_model(tiny_llama(), dt.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    ia3.save_pretrained(tmp_path / "ia3_init")
+    with pytest.raises(ConfigError, match="not LoRA adapters"):
+        ia3.save_pretrained(tmp_path / "w", path_initial_model_for_weight_conversion=tmp_path / "ia3_init")
     pissa = dt.get_peft_model(tiny_llama(), config(dt, "pissa"))
     with pytest.raises(AdapterLoadError, match="does not hold this adapter's initial state"):
         pissa.save_pretrained(tmp_path / "y", path_initial_model_for_weight_conversion=tmp_path / "init")
