@@ -260,3 +260,18 @@ def test_errors_say_what_to_change():
     with pytest.raises(ConfigError, match="calibration batches"):
         quiet(get_peft_model_with_data, tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"],
                                                                   init_lora_weights="eva"), [])
+
+
+def test_get_peft_model_alone_gives_peft_eva_adapter_before_the_data():
+    """As PEFT: creating an "eva" adapter is allowed without data (B = 0, A as nn.Linear made it, the same under
+    the same seed); initialize_lora_eva_weights then gives it A."""
+    kw = dict(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights="eva")
+    torch.manual_seed(7)
+    theirs = quiet(peft.get_peft_model, tiny_llama(), peft.LoraConfig(**kw))
+    torch.manual_seed(7)
+    ours = quiet(get_peft_model, tiny_llama(), LoraConfig(**kw))
+    a, b = lora_params(ours), lora_params(theirs)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+        assert (torch.count_nonzero(a[k]) == 0) == ("lora_B" in k)
