@@ -9,21 +9,14 @@ PEFT's cache/covariance files, and the refusal when ``preprocess_corda`` did not
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-import types
 import warnings
 
 import peft
 import pytest
 import torch
 from helpers import VOCAB, output, perturb_trainable, tiny_gpt2, tiny_llama
-
-if importlib.util.find_spec("attr") is None:  # peft's corda.py imports attrs' `dataclass` for CordaEigens only;
-    sys.modules["attr"] = types.ModuleType("attr")  # attrs is not installed here: the stdlib one holds 3 fields
-    sys.modules["attr"].dataclass = dataclasses.dataclass
-from peft.tuners.lora.corda import preprocess_corda as peft_preprocess  # noqa: E402
+from peft.tuners.lora.corda import preprocess_corda as peft_preprocess  # needs attrs (dev extra)
 
 import deltatune as dt
 from deltatune.errors import ConfigError
