@@ -282,3 +282,23 @@ def test_training_changes_only_post_invocation_behaviour():
         assert torch.equal(after[i, :stop], base[i, :stop])
         if start is not None:
             assert (after[i, start:] - before[i, start:]).abs().amax() > 1e-3
+
+
+def test_bf16_base_with_fp32_adapter():
+    """Over a bf16 base the fp32 update is added and rounded once, as PEFT does; the prefix stays the base's."""
+    model = _dt_model(0)
+    model.get_base_model().to(torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, LoraLinear):
+            m.lora_A.float(), m.lora_B.float()
+    ours = _logits(model)
+    with model.disable_adapter():
+        base = _logits(model)
+    assert ours.dtype == torch.bfloat16
+    for i, start in enumerate(STARTS):
+        stop = IDS.shape[1] if start is None else start
+        assert torch.equal(ours[i, :stop], base[i, :stop])
+    reference = reference_logits(_lora_weights(model), IDS, STARTS, MASK)  # fp32 all through
+    error = (_valid(ours).float() - _valid(reference)).abs().max()
+    effect = (_valid(base).float() - _valid(reference)).abs().max()  # what the adapter changes
+    assert error < 0.1 * effect, (error, effect)

@@ -133,14 +133,12 @@ def masked_delta(layer: nn.Module, name: str, x: torch.Tensor, result: torch.Ten
     tail = x3[:, length - n:].to(lora_a.weight.dtype)                      # (batch, n, in)
     delta = lora_b(lora_a(layer.lora_dropout[name](tail))) * layer.scaling[name]  # (batch, n, out)
     if offsets.shortest < n:  # some row starts later than the slice (or never): zero its earlier positions
-        start = n - _rows_for(offsets, batch).clamp(max=n)                 # (batch,) first adapted index
+        start = n - _rows_for(offsets, batch).to(x.device).clamp(max=n)    # (batch,) first adapted index
         keep = torch.arange(n, device=x.device)[None, :] >= start[:, None]  # (batch, n)
         delta = delta * keep[..., None].to(delta.dtype)
-    delta = delta.to(out3.dtype)
-    if n == length:
-        out3 = out3 + delta
-    else:
-        out3 = torch.cat([out3[:, :length - n], out3[:, length - n:] + delta], dim=1)
+    # added in the wider of the two dtypes, then rounded once to the base's (an fp32 adapter over a bf16 base)
+    tail_out = (out3[:, length - n:] + delta).to(out3.dtype)
+    out3 = tail_out if n == length else torch.cat([out3[:, :length - n], tail_out], dim=1)
     return out3.reshape(result.shape)
 
 
