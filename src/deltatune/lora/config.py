@@ -44,8 +44,10 @@ class LoraConfig(PeftConfig):
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: the output is unchanged), ``False`` (both
             random, for tests), ``"gaussian"``, ``"pissa"``/``"pissa_niter_N"``, ``"olora"`` or ``"orthogonal"``
             (A, B non-zero with ``B A = 0``; even ``r``), ``"mica"`` (B = the minor left singular vectors of the
-            base weight, frozen; A = 0; Linear and Embedding). ``"eva"``, ``"corda"``, ``"loftq"``, ``"lora_ga"`` need
-            calibration data: adapters made with them load (and train), creating one raises ``ConfigError``.
+            base weight, frozen; A = 0; Linear and Embedding). The data-driven ones, each in its module
+            ``deltatune.lora.<init>``: ``"eva"`` (after ``get_peft_model``: ``initialize_lora_eva_weights``),
+            ``"corda"`` (before: ``preprocess_corda``), ``"lora_ga"`` (before: ``preprocess_loraga``), ``"loftq"``
+            (with ``loftq_config``; quantises the base); ``deltatune.lora.init.get_peft_model_with_data`` runs any.
         use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski, 2023).
         use_dora: Weight-decomposed LoRA (Liu et al., 2024) on Linear and Conv layers.
         lora_bias: Give ``lora_B`` a trainable bias.
@@ -157,7 +159,8 @@ class LoraConfig(PeftConfig):
             self.loftq_config = dict(vars(self.loftq_config))
         if self.loftq_config and self.init_lora_weights != "loftq":
             self.loftq_config = {}  # as PEFT: only init_lora_weights='loftq' reads it
-            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                          stacklevel=3)
         if self.corda_config is not None or init == "corda":  # PEFT's CordaConfig from a dict, default if None
             from deltatune.lora.corda import as_corda_config
 

@@ -30,7 +30,7 @@ from deltatune.errors import ConfigError
 if TYPE_CHECKING:
     from deltatune.peft_model import PeftModel
 
-# Initialisations computed from data (or, for LoftQ, from quantising the base) that deltatune cannot run yet.
+# Initialisations computed from data (or, for LoftQ, from quantising the base): each in deltatune.lora.<init>.
 DATA_DRIVEN_INITS = ("eva", "corda", "loftq", "lora_ga")
 # Of those, the ones whose creation rewrote the base weights (a residual, or LoftQ's quantised base): an adapter
 # saved without path_initial_model_for_weight_conversion expects that rewritten base, as PiSSA/OLoRA do.
@@ -38,7 +38,8 @@ RESIDUAL_BASE_INITS = ("corda", "loftq", "lora_ga")
 
 
 def is_data_driven(config: object) -> bool:
-    """Whether ``config`` is a LoRA config whose ``init_lora_weights`` deltatune cannot compute at creation."""
+    """Whether ``config`` is a LoRA config whose ``init_lora_weights`` is computed from data (or the base's
+    quantisation) by its own module."""
     return getattr(config, "init_lora_weights", True) in DATA_DRIVEN_INITS
 
 
@@ -48,15 +49,9 @@ def rewrites_base(config: object) -> bool:
 
 
 def init_module(init: object) -> ModuleType | None:
-    """``deltatune.lora.<init>`` for a data-driven ``init_lora_weights`` (None while that module is not built)."""
-    if init not in DATA_DRIVEN_INITS:
-        return None
-    try:
-        return importlib.import_module(f"deltatune.lora.{init}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"deltatune.lora.{init}":
-            raise
-        return None
+    """``deltatune.lora.<init>`` for a data-driven ``init_lora_weights``, None for any other (imported on first use:
+    CorDA, LoRA-GA and LoftQ pull in machinery plain LoRA never needs)."""
+    return importlib.import_module(f"deltatune.lora.{init}") if init in DATA_DRIVEN_INITS else None
 
 
 def get_peft_model_with_data(model: nn.Module, config: object, batches: Iterable[Mapping[str, torch.Tensor]],
@@ -80,14 +75,6 @@ def check_creatable(model: nn.Module, config: object) -> None:
     module = init_module(init)
     if module is not None:
         module.check_creatable(model, config)
-    elif init in DATA_DRIVEN_INITS:
-        what = {"eva": "activations of a calibration set (EVA)", "corda": "covariances of a calibration set (CorDA)",
-                "lora_ga": "gradients of a calibration batch (LoRA-GA)",
-                "loftq": "quantising the base weights (LoftQ)"}[init]
-        raise ConfigError(
-            f"init_lora_weights={init!r} is computed from {what}, which deltatune cannot do yet; create the adapter "
-            "with PEFT (or use init_lora_weights=True, 'gaussian', 'pissa', 'olora' or 'orthogonal'). Loading and "
-            "training adapters created with it works: PeftModel.from_pretrained / load_adapter / --adapter")
     if init == "orthogonal":
         ranks = {"r": config.r, **{f"rank_pattern[{k!r}]": v for k, v in (config.rank_pattern or {}).items()}}
         odd = {k: v for k, v in ranks.items() if v % 2}
