@@ -664,17 +664,20 @@ def _rebuild_residual(model: nn.Module, adapter_name: str) -> None:
     """A PiSSA/OLoRA adapter loaded as saved (not converted): rewrite its layers' base weights into the residual
     ``W - s B0 A0`` it was trained on, as PEFT's load does (:func:`deltatune.lora.conversion.rebuild_residual`)."""
     from deltatune.lora.conversion import rebuild_residual
+    from deltatune.lora.init import rebuild_base
 
     config = model.peft_config[adapter_name]
     if getattr(config, "init_lora_weights", True) is not True:
         rebuild_residual(model, adapter_name, config)
+        rebuild_base(model, adapter_name, config)  # LoftQ: its quantised base Q from the weights given
 
 
 @contextlib.contextmanager
 def _no_reinit(config: PeftConfig) -> Iterator[None]:
     """Loading overwrites the adapter's tensors, so skip initialisations while the adapter is built (nothing of the
     base changes before the file is checked). PiSSA/OLoRA adapters get their residual base afterwards, rebuilt from the
-    base weights as PEFT does (:func:`_rebuild_residual`); CorDA/LoftQ/LoRA-GA cannot be rebuilt: a warning says so."""
+    base weights as PEFT does (:func:`_rebuild_residual`), and so do LoftQ adapters (their quantised base Q);
+    CorDA/LoRA-GA cannot be rebuilt: a warning says so."""
     if config.is_prompt_learning:  # skip TEXT/SAMPLE_VOCAB/source-task prompt inits too
         with _prompt.no_init(config):
             yield
@@ -685,13 +688,7 @@ def _no_reinit(config: PeftConfig) -> Iterator[None]:
     init = getattr(config, "init_lora_weights", True)
     # EVA/CorDA/LoftQ/LoRA-GA/orthogonal only decide the starting A, B, which loading overwrites (issue 19).
     if mutates_base(config) or is_data_driven(config) or init == "orthogonal":
-        if init == "loftq":  # PEFT's load re-runs LoftQ on the base it is given; deltatune keeps it as given
-            warnings.warn(
-                "adapter was initialised with 'loftq': it expects the LoftQ base (the residual base: the original "
-                "weights quantised at creation, e.g. saved from unload() and loaded in 4 bits), not the original "
-                "one; it is loaded onto the base as given", stacklevel=3,
-            )
-        elif rewrites_base(config) and not mutates_base(config):
+        if rewrites_base(config) and not mutates_base(config) and init != "loftq":  # LoftQ: _rebuild_residual
             warnings.warn(
                 f"adapter was initialised with {init!r}: it expects the residual base model saved at training "
                 "time, not the original one (save it with path_initial_model_for_weight_conversion to get a plain "

@@ -41,6 +41,8 @@ PEFT_LOADS_PLAIN = (True, False, "gaussian", "orthogonal", "eva", "lora_ga")
 # PiSSA/OLoRA files saved as they are: both libraries rebuild the residual base W - s B0 A0 on load (issue 18), so
 # the logits are peft's (pissa_niter_N: each library's own randomised SVD draw, so close to peft's, not equal).
 PEFT_REBUILDS_RESIDUAL = ("pissa", "olora", "pissa_niter_4")
+# LoftQ files: both libraries rebuild the quantised base Q on load (vs peft: tests/lora/test_loftq_load.py).
+REBUILDS_LOFTQ_BASE = ("loftq",)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,8 @@ def test_every_peft_init_loads_with_equal_logits_and_saves_back_unchanged(plain,
             atol = 0.5 if init == "pissa_niter_4" else 1e-5
             torch.testing.assert_close(ours, theirs(IDS).logits, rtol=0, atol=atol)
         assert (ours - logits).abs().max() > 1e-3  # the residual was rebuilt: not the plain A, B on the given base
+    elif init in REBUILDS_LOFTQ_BASE:
+        assert (ours - logits).abs().max() > 1e-3  # the base is LoftQ's Q now, not the given W
     else:
         torch.testing.assert_close(ours, logits, rtol=0, atol=1e-5)
     if init in PEFT_LOADS_PLAIN:
@@ -103,7 +107,7 @@ def test_every_peft_init_loads_with_equal_logits_and_saves_back_unchanged(plain,
         same_json(json.load(fh), written)
 
 
-@pytest.mark.parametrize("init", ["eva", "corda", "loftq", "lora_ga", "orthogonal"])
+@pytest.mark.parametrize("init", ["eva", "corda", "lora_ga", "orthogonal"])  # loftq: test_loftq_load.py
 def test_load_adapter_as_second_adapter(plain, tmp_path, init):
     plain_dir, logits = plain
     as_peft_saved(plain_dir, str(tmp_path / "a"), init, PEFT_INITS[init])
@@ -117,7 +121,7 @@ def test_load_adapter_as_second_adapter(plain, tmp_path, init):
     assert model.peft_config["other"].init_lora_weights == init  # restored after the load built it
 
 
-@pytest.mark.parametrize("init", ["corda", "loftq", "lora_ga"])
+@pytest.mark.parametrize("init", ["corda", "lora_ga"])  # LoftQ's base is rebuilt on load (test_loftq_load.py)
 def test_base_rewriting_inits_warn_about_the_residual_base(plain, tmp_path, init):
     as_peft_saved(plain[0], str(tmp_path / "a"), init, PEFT_INITS[init])
     with pytest.warns(UserWarning, match="residual base"):

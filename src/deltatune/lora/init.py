@@ -13,6 +13,12 @@ LoftQ: quantising the base), which provides
 * ``get_peft_model_with_data(model, config, batches, adapter_name)``: the whole creation from an iterable of
   batches (dicts of tensors, as the model's forward takes them), for the CLI and for users without PEFT's
   preprocessing idioms.
+
+and, where PEFT's load re-runs the init's change of the base (LoftQ: the quantised base ``Q``, computed from the
+base weights alone),
+
+* ``rebuild_base(model, adapter_name, config)``: after the adapter's tensors are loaded, rewrite its layers' base
+  as PEFT's load does (:func:`rebuild_base` below; on any error the base is restored).
 """
 
 from __future__ import annotations
@@ -65,6 +71,14 @@ def get_peft_model_with_data(model: nn.Module, config: object, batches: Iterable
 
         return get_peft_model(model, config, adapter_name=adapter_name)
     return module.get_peft_model_with_data(model, config, batches, adapter_name)
+
+
+def rebuild_base(model: nn.Module, adapter_name: str, config: object) -> None:
+    """After loading ``adapter_name`` as saved: the init module's ``rebuild_base`` where it has one (LoftQ), which
+    rewrites the base as PEFT's load does; nothing for the other inits (their A, B are all a load needs)."""
+    rebuild = getattr(init_module(getattr(config, "init_lora_weights", True)), "rebuild_base", None)
+    if rebuild is not None:
+        rebuild(model, adapter_name, config)
 
 
 def check_creatable(model: nn.Module, config: object) -> None:

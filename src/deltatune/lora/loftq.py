@@ -16,6 +16,10 @@ The factors approximate ``W - Q`` without the LoRA scaling ``s = lora_alpha / r`
 numbers are PEFT's): the model starts at ``Q + s B A``, which is LoftQ's approximation when ``s = 1``
 (``lora_alpha = r``, PEFT's default). Other scalings get a warning.
 
+Loading a LoftQ adapter saved as created rebuilds ``Q`` from the original float base, as PEFT's load does
+(:func:`rebuild_base`), so it loads onto the original model or onto ``Q`` alike; :func:`quantize_loftq_base` then
+puts that base in 4 bits (QLoRA on LoftQ's base).
+
 :func:`replace_lora_weights_loftq` does one step of the same (``T = 1``, the base unchanged) for a model that is
 already quantised with bitsandbytes NF4, reading the original weights from the model's safetensors file.
 """
@@ -175,6 +179,97 @@ def init_layer(layer: nn.Module, adapter_name: str) -> None:
     layer.write_base_weight(q.to(base.device, base.dtype))
 
 
+@torch.no_grad()
+def rebuild_base(model: nn.Module, adapter_name: str, config: object) -> None:
+    """After loading a LoftQ adapter saved as created (``init_lora_weights="loftq"``), make its layers' base
+    weights LoftQ's ``Q``, as PEFT 0.21.2's load does: it re-runs LoftQ on the base it is given while building the
+    adapter, then loads the file's ``A, B`` over the fitted factors. LoftQ is deterministic, so the original float
+    model ``W`` gets PEFT's ``Q`` bit for bit (same NF4/LLM.int8 rounding, same SVD), and a float base that already
+    is ``Q`` keeps it (quantising ``Q`` gives ``Q``; the SVD of ``Q - Q = 0`` gives ``B A = 0``).
+
+    A layer whose base is already bitsandbytes-quantised is left as given, with a warning: re-running LoftQ needs
+    the float weights, and on NF4 values it would change nothing anyway, so the base must already hold the LoftQ
+    base (``unload()`` of the created model, quantised; or ``quantize_loftq_base`` after a float load). PEFT cannot
+    load there: on a 4-bit base it runs LoftQ on the packed storage (a size-mismatch error), on an 8-bit base it
+    overwrites the int8 codes with wrapped-around values (silently).
+
+    Raises:
+        ConfigError: ``loftq_config`` missing or invalid, bitsandbytes missing, or a layer of the adapter that
+            LoftQ cannot rebuild (not ``nn.Linear``, ``fan_in_fan_out``, or with adapters merged into it):
+            before any weight changes. On any later error the original base weights are restored.
+    """
+    from deltatune.lora.layer import LoraLayer, LoraLinear
+
+    settings = _read_settings(getattr(config, "loftq_config", None))
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r]
+    for name, layer in layers:
+        if not isinstance(layer, LoraLinear) or adapter_name not in layer.lora_A or layer.fan_in_fan_out:
+            raise ConfigError(f"{name}: a LoftQ adapter's base is rebuilt on nn.Linear layers only (PEFT cannot load "
+                              f"it on {type(layer.base_layer).__name__} either); save the adapter with "
+                              "init_lora_weights=True onto its LoftQ base instead")
+        if layer.merged_adapters:
+            raise ConfigError(f"{name}: LoftQ's base is computed from the unmerged weight, but adapters "
+                              f"{layer.merged_adapters} are merged into it; unmerge_adapter() before loading")
+    quantised = [n for n, m in layers if m.quantized]
+    if quantised:
+        warnings.warn(f"adapter {adapter_name!r} was initialised with 'loftq' and the base of {len(quantised)} of its "
+                      f"layers (e.g. {quantised[0]}) is already quantised: loaded onto it as given, so that base must "
+                      "be the LoftQ base quantised (LoftQ is rebuilt from float weights; PEFT cannot load it here)",
+                      stacklevel=5)
+    floats = [m for _, m in layers if not m.quantized]
+    if not floats:
+        return
+    try:
+        require_bnb()
+    except Exception as exc:
+        raise ConfigError(f"loading a LoftQ adapter rebuilds its quantised base with bitsandbytes: {exc}") from None
+    saved: list[tuple[LoraLinear, torch.Tensor]] = []
+    try:
+        for layer in floats:
+            weight = layer.base_layer.weight
+            q, _, _ = loftq_factors(weight.data, settings.loftq_bits, layer.r[adapter_name], settings.loftq_iter)
+            # Only the rebuilt layers' originals are kept (off the accelerator) until every layer is done.
+            saved.append((layer, weight.data if weight.device.type == "cpu" else weight.data.to("cpu")))
+            layer.write_base_weight(q.to(weight.device, weight.dtype))
+    except BaseException:
+        for layer, original in reversed(saved):
+            layer.write_base_weight(original.to(layer.base_layer.weight.device))
+        raise
+
+
+def quantize_loftq_base(model: nn.Module, quant_type: str = "nf4") -> nn.Module:
+    """QLoRA after LoftQ: quantise the frozen base of ``model`` (a ``PeftModel`` whose LoftQ adapter made its base
+    ``Q``, at creation or by :func:`rebuild_base` at load) to bitsandbytes NF4 in place, blocks of 64 with fp32
+    scales (no double quantisation). NF4 of ``Q`` is ``Q`` exactly, so the model computes what it did in float,
+    with the base in 4 bits. The adapters' own layers (``lora_A``, ``lora_B``, ...), ``modules_to_save`` and
+    the output head stay in full precision; linear layers LoftQ did not touch get plain NF4 (QLoRA's base).
+
+    Raises:
+        ConfigError: ``quant_type`` other than ``"nf4"`` (LoftQ's 4-bit base is NF4; quantising it otherwise
+            would lose what LoftQ fitted the adapter to).
+    """
+    from deltatune.core.layer import AdapterLayer
+    from deltatune.core.modules_to_save import ModulesToSaveWrapper
+    from deltatune.quantization import quantize
+
+    if quant_type != "nf4":
+        raise ConfigError(f"a LoftQ base is quantised to NF4 (loftq_bits=4), not {quant_type!r}: quantise with 'nf4'")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    owned: set[str] = set()  # linear layers that are the adapters', not the base's
+    for name, module in base.named_modules():
+        if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
+            owned.update(f"{name}.{sub}" for sub, m in module.named_modules() if sub and isinstance(m, nn.Linear)
+                         and not (isinstance(module, AdapterLayer) and sub.split(".")[0] == "base_layer"))
+        elif isinstance(module, nn.Linear) and any(p.requires_grad for p in module.parameters()):
+            owned.add(name)
+    quantize(base, "nf4", double_quant=False, skip_modules=sorted(owned))
+    for module in base.modules():
+        if isinstance(module, AdapterLayer):
+            module.quantized = is_quantized_layer(module.base_layer)
+            module._clear_row_cache()
+    return model
+
+
 def get_peft_model_with_data(model: nn.Module, config: object, batches: Iterable[Mapping[str, torch.Tensor]],
                              adapter_name: str = "default") -> PeftModel:
     """LoftQ needs no data: ``get_peft_model(model, config)`` (``batches`` is ignored)."""
@@ -277,4 +372,4 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | os.PathL
 
 
 __all__ = ["LoftQConfig", "check_creatable", "get_peft_model_with_data", "init_layer", "loftq_factors",
-           "replace_lora_weights_loftq"]
+           "quantize_loftq_base", "rebuild_base", "replace_lora_weights_loftq"]
