@@ -171,7 +171,7 @@ def test_status_matches_peft_through_switch_merge_and_disable() -> None:
     assert status.num_adapter_layers == 5  # 2 q_proj + 2 v_proj + lm_head's modules_to_save wrapper
     assert status.requires_grad == {"default": True, "other": False}
     assert status.active_adapters == ["default"] and status.merged_adapters == [] and status.enabled is True
-    assert status.adapter_model_type == "AdapterModel"
+    assert status.adapter_model_type == "LoraModel"  # PEFT's tuner class name
     _same_status(ours, theirs)
     for model in (ours, theirs):
         model.set_adapter("other")
@@ -299,6 +299,19 @@ def test_model_card_leaves_a_local_base_path_out_of_the_metadata(tmp_path) -> No
     dt.get_peft_model(base, dt.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
     meta, _ = _card(tmp_path / "a")
     assert "base_model" not in meta and meta["library_name"] == "peft"
+
+
+def test_model_card_of_a_plain_torch_module_names_no_base_model(tmp_path) -> None:
+    """A custom module has no Hub identity: PEFT writes no ``base_model`` for it even when the config names one
+    (PEFT's own tests build configs with ``base_model_name_or_path="MLP"``); neither do we."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    for lib, out in ((dt, "ours"), (peft, "theirs")):
+        model = lib.get_peft_model(mlp if lib is dt else torch.nn.Sequential(torch.nn.Linear(4, 4)),
+                                   lib.LoraConfig(target_modules=["0"], base_model_name_or_path="MLP"))
+        model.save_pretrained(str(tmp_path / out))
+    ours, _ = _card(tmp_path / "ours")
+    theirs, _ = _card(tmp_path / "theirs")
+    assert "base_model" not in ours and "base_model" not in theirs and ours["library_name"] == "peft"
 
 
 def test_push_to_hub_saves_and_uploads_one_folder(tmp_path, monkeypatch) -> None:

@@ -492,7 +492,8 @@ class PeftModel(nn.Module):
         base = self.get_base_model()
         configs = list(self.peft_config.values())
         name = next((c.base_model_name_or_path for c in configs if c.base_model_name_or_path), None)
-        base_model = hub_base_model(name or _model_name_or_path(base))
+        # A plain torch module has no Hub identity (PEFT writes no base_model for it, whatever the config says).
+        base_model = hub_base_model(name or _model_name_or_path(base)) if getattr(base, "config", None) else None
         tags = {"deltatune", *(getattr(base, "model_tags", None) or [])}
         tags.update(str(c.peft_type).lower() for c in configs)
         if type(base).__module__.startswith("transformers."):
