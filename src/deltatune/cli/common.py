@@ -787,11 +787,27 @@ def load_with_adapter(adapter_dir: str | None, model_arg: str | None, device: to
         spec, labels, run = resolve_model(model_arg or DEFAULTS["model"]), None, {}
     quant_type = run_quantize(run, quantize)
     model, tokenizer = load_model(spec, labels=labels or run.get("labels"), device=device)
-    model = quantize_base(model, quant_type)
-    if adapter_dir:
-        model = attach_adapter(model, adapter_dir, model_arg, spec, run)
+    model = base_with_adapter(model, quant_type, adapter_dir, model_arg, spec, run)
     model.eval()
     return model, tokenizer, spec, labels, run
+
+
+def base_with_adapter(model: nn.Module, quant_type: str | None, adapter_dir: str | None, model_arg: str | None,
+                      spec: ModelSpec, run: dict) -> nn.Module:
+    """``model`` quantised as ``quant_type`` says, with the adapter (if any) on it. A LoftQ adapter goes on the
+    float model first (its load rebuilds LoftQ's base ``Q`` from the original weights) and the base is quantised
+    after, to NF4 of ``Q``, which is ``Q``: the model ``train --init-lora-weights loftq --quantize nf4`` trained."""
+    from deltatune.core.io import CONFIG_NAME
+
+    if not (adapter_dir and quant_type and
+            read_json(os.path.join(adapter_dir, CONFIG_NAME)).get("init_lora_weights") == "loftq"):
+        model = quantize_base(model, quant_type)
+        return attach_adapter(model, adapter_dir, model_arg, spec, run) if adapter_dir else model
+    from deltatune.lora.loftq import quantize_loftq_base
+    from deltatune.quantization import use_exact_cpu_kernels
+
+    model = attach_adapter(model, adapter_dir, model_arg, spec, run)
+    return use_exact_cpu_kernels(quantize_loftq_base(model, quant_type))
 
 
 def attach_adapter(model: nn.Module, adapter_dir: str, model_arg: str | None, spec: ModelSpec, run: dict):

@@ -63,9 +63,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         spec = common.resolve_model(args.model or common.DEFAULTS["model"])
     model, tokenizer = common.load_model(spec, labels=dataset.labels, device=device)
-    model = common.quantize_base(model, quant_type)
-    if args.adapter:
-        model = common.attach_adapter(model, args.adapter, args.model, spec, run)
+    model = common.base_with_adapter(model, quant_type, args.adapter, args.model, spec, run)
     task = common.make_task(dataset, spec, tokenizer, int(settings["max_length"]))
     records = getattr(dataset, args.split)
     examples = task.examples(records, settings["eval_samples"] or None)

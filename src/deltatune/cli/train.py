@@ -325,21 +325,45 @@ def prepare(settings: dict[str, Any]):
                        int(settings["batch_size"]), int(settings["grad_accum"]))
     options = common.fill_method_defaults(config_cls, options, total_steps=steps, model_path=spec.path,
                                            train_examples=train_examples)
+    options = _loftq_options(options, settings["quantize"])
     settings["method_options"] = options
     task_type = "CAUSAL_LM" if spec.kind == "causal" else "SEQ_CLS"
     peft_config = common.build_peft_config(method, options, task_type)
     _check_output_dir(settings)
     torch.manual_seed(settings["seed"])  # a fresh classification head is initialised on load
     model, tokenizer = common.load_model(spec, labels=dataset.labels, device=device, tokenizer=tokenizer)
-    model = common.quantize_base(model, settings["quantize"])
+    if options.get("init_lora_weights") != "loftq":  # LoftQ quantises the float model itself (create_adapter)
+        model = common.quantize_base(model, settings["quantize"])
     return spec, dataset, task, model, tokenizer, peft_config, train_examples, device
 
 
+def _loftq_options(options: dict[str, Any], quantize: str | None) -> dict[str, Any]:
+    """``--init-lora-weights loftq``: ``loftq_config`` completed with PEFT's ``LoftQConfig`` defaults (4 bits, one
+    alternation; said in one line when none is given), so the saved adapter_config.json is one PEFT loads; with
+    ``--quantize`` only NF4 of a 4-bit LoftQ base, which LoftQ makes exactly representable (anything else would
+    quantise away what the adapter was fitted to)."""
+    if options.get("init_lora_weights") != "loftq":
+        return options
+    given = options.get("loftq_config") or {}
+    if not isinstance(given, dict):
+        raise UsageError(f"--loftq-config takes JSON, e.g. '{{\"loftq_bits\": 4, \"loftq_iter\": 5}}', got {given!r}")
+    config = {"loftq_bits": 4, "loftq_iter": 1, **given}
+    if quantize is not None and (quantize != "nf4" or config["loftq_bits"] != 4):
+        raise UsageError(f"--init-lora-weights loftq with --quantize {quantize} and loftq_bits={config['loftq_bits']}: "
+                         "LoftQ's quantised base is exact only as NF4 of a 4-bit LoftQ base; use --quantize nf4 "
+                         "with loftq_bits 4, or --quantize none")
+    if not given:
+        common.err("note: --init-lora-weights loftq without --loftq-config: PEFT's defaults loftq_bits=4, "
+                   "loftq_iter=1 (e.g. --loftq-config '{\"loftq_iter\": 5}')")
+    return {**options, "loftq_config": config}
+
+
 def create_adapter(model: torch.nn.Module, peft_config: Any, train_examples: list[dict], task: Any, batch_size: int,
-                   device: str) -> Any:
+                   device: str, quantize: str | None = None) -> Any:
     """``get_peft_model``; for an initialisation computed from data (EVA, CorDA, LoRA-GA; LoftQ ignores the data)
     the adapter is created from the first ``CALIBRATION_BATCHES`` batches of the training set, collated as the
-    trainer collates them (the same batches on every process, so every process gets the same adapter)."""
+    trainer collates them (the same batches on every process, so every process gets the same adapter). LoftQ gets
+    the float model (``prepare`` leaves it unquantised) and ``quantize`` (NF4) applies to its base ``Q`` after."""
     from deltatune.lora.init import get_peft_model_with_data, init_module
 
     init = getattr(peft_config, "init_lora_weights", True)
@@ -347,17 +371,23 @@ def create_adapter(model: torch.nn.Module, peft_config: Any, train_examples: lis
         from deltatune import get_peft_model
 
         return get_peft_model(model, peft_config)
-    examples = train_examples[: CALIBRATION_BATCHES * batch_size]
+    examples = [] if init == "loftq" else train_examples[: CALIBRATION_BATCHES * batch_size]
     batches = [{k: v.to(device) for k, v in collate(examples[i:i + batch_size], task.pad_id,
                                                     left_pad=not task.sequence_classifier,
                                                     multiple_of=SHAPE_BUCKET).items()}
                for i in range(0, len(examples), batch_size)]
-    print(f"{init}: initialising the adapter from {len(batches)} training batches ({len(examples)} examples) ...",
+    print(f"{init}: quantising the base and fitting the adapter to the error ..." if init == "loftq" else
+          f"{init}: initialising the adapter from {len(batches)} training batches ({len(examples)} examples) ...",
           flush=True)
     t0 = time.perf_counter()
     model = get_peft_model_with_data(model, peft_config, batches)
     layers = sum(1 for _, m in model.base_model.adapter_layers())
     print(f"{init}: {layers} layers initialised ({human_time(time.perf_counter() - t0)})", flush=True)
+    if init == "loftq" and quantize:
+        from deltatune.lora.loftq import quantize_loftq_base
+        from deltatune.quantization import use_exact_cpu_kernels
+
+        model = use_exact_cpu_kernels(quantize_loftq_base(model, quantize))  # NF4 of Q is Q: the same model
     return model
 
 
@@ -412,7 +442,11 @@ def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) 
     # (targets that match nothing, ...) fails at once and leaves no output directory behind.
     torch.manual_seed(settings["seed"])  # the adapter's initialisation
     peft_config.base_model_name_or_path = spec.name
-    model = create_adapter(model, peft_config, train_examples, task, int(settings["batch_size"]), device)
+    model = create_adapter(model, peft_config, train_examples, task, int(settings["batch_size"]), device,
+                           settings.get("quantize"))
+    if settings.get("quantize") and getattr(peft_config, "init_lora_weights", True) == "loftq":
+        base_bytes = weight_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters()
+                                               if p.requires_grad)  # the base is quantised after LoftQ
 
     # From here on the output directory is written, by this run alone: take its lock, then look again (another run
     # may have started or finished since prepare() looked), then sweep what killed saves left.
