@@ -1,7 +1,7 @@
 """deltatune: parameter-efficient fine-tuning with Hugging Face PEFT's API and file format."""
 
 from deltatune import lora  # noqa: F401  (registers the method)
-from deltatune.adalora import AdaLoraConfig
+from deltatune.adalora import AdaLoraConfig, AdaLoraModel
 from deltatune.auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -11,9 +11,9 @@ from deltatune.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from deltatune.bitfit import BitFitConfig
-from deltatune.boft import BOFTConfig
-from deltatune.bottleneck import BottleneckConfig
+from deltatune.bitfit import BitFitConfig, BitFitModel
+from deltatune.boft import BOFTConfig, BOFTModel
+from deltatune.bottleneck import BottleneckConfig, BottleneckModel
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.targeting import check_target_module_exists
 from deltatune.errors import (
@@ -26,18 +26,26 @@ from deltatune.errors import (
 )
 from deltatune.export import ExportedLora, export_to_lora
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
-from deltatune.ia3 import IA3Config
-from deltatune.ln_tuning import LNTuningConfig
-from deltatune.loha import LoHaConfig
-from deltatune.lokr import LoKrConfig
-from deltatune.lora import LoraConfig
+from deltatune.ia3 import IA3Config, IA3Model
+from deltatune.ln_tuning import LNTuningConfig, LNTuningModel
+from deltatune.loha import LoHaConfig, LoHaModel
+from deltatune.lokr import LoKrConfig, LoKrModel
+from deltatune.lora import LoraConfig, LoraModel
 from deltatune.lora.corda import CordaConfig
 from deltatune.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from deltatune.lora.loftq import LoftQConfig, replace_lora_weights_loftq
 from deltatune.lora.lora_ga import LoraGAConfig, preprocess_loraga
-from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, get_peft_model, inject_adapter_in_model
+from deltatune.mapping import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    get_peft_config,
+    get_peft_model,
+    inject_adapter_in_model,
+)
 from deltatune.mixed_model import PeftMixedModel
-from deltatune.oft import OFTConfig
+from deltatune.oft import OFTConfig, OFTModel
 from deltatune.optimizers import create_loraplus_optimizer
 from deltatune.peft_model import (
     PeftModel,
@@ -58,13 +66,29 @@ from deltatune.prompt import (
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
 from deltatune.save_and_load import get_base_model_state_dict, get_peft_model_state_dict, set_peft_model_state_dict
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
-from deltatune.trainable_tokens import TrainableTokensConfig
-from deltatune.vera import VeraConfig
+from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
+from deltatune.vera import VeraConfig, VeraModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
+    "AdaLoraModel",
+    "BOFTModel",
+    "BitFitModel",
+    "BottleneckModel",
+    "IA3Model",
+    "LNTuningModel",
+    "LoHaModel",
+    "LoKrModel",
+    "LoraModel",
+    "OFTModel",
+    "TrainableTokensModel",
+    "VeraModel",
+    "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",
     "AdapterNameError",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftWarning, TaskType
+from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError
 from deltatune.peft_model import (
@@ -21,6 +23,7 @@ from deltatune.peft_model import (
     PeftModelForTokenClassification,
     _model_name_or_path,
 )
+from deltatune.registry import MethodTable
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {
     TaskType.CAUSAL_LM: PeftModelForCausalLM,
@@ -30,6 +33,26 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {
     TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
 }
+
+
+# PEFT's tables, as live views of the registry (deltatune.registry.METHODS): every registered method, no list here.
+PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[PeftType, type[PeftConfig]] = MethodTable(lambda m: m.config_cls)
+PEFT_TYPE_TO_TUNER_MAPPING: Mapping[PeftType, type[nn.Module]] = MethodTable(
+    lambda m: m.tuner_cls, include=lambda m: m.family == "weight")
+PEFT_TYPE_TO_MIXED_MODEL_MAPPING: Mapping[PeftType, type[nn.Module]] = MethodTable(
+    lambda m: m.tuner_cls, include=lambda m: _mixable(m.peft_type))
+
+
+def _mixable(peft_type: PeftType) -> bool:
+    from deltatune.mixed_model import COMPATIBLE_PEFT_TYPES  # mixed_model imports the PeftModel this module does
+
+    return str(peft_type) in COMPATIBLE_PEFT_TYPES
+
+
+def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
+    """PEFT's: the config ``config_dict`` describes (the class its ``peft_type`` names; see
+    :meth:`PeftConfig.from_dict`)."""
+    return PeftConfig.from_dict(config_dict)
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,

@@ -66,7 +66,8 @@ class PeftModel(nn.Module):
         if peft_config.is_prompt_learning:
             _prompt.init_model(self, model, peft_config, adapter_name)
             return
-        self.base_model = AdapterModel(model, peft_config, adapter_name)
+        # PEFT's per-method tuner class (LoraModel, IA3Model...: isinstance checks hold), from the registry
+        self.base_model = method_for(peft_config.peft_type).tuner_cls(model, peft_config, adapter_name)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         _warn_unmatched_patterns(self.base_model, adapter_name, peft_config)
 
@@ -122,6 +123,63 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model if self._is_prompt_learning else self.base_model.model
+
+    # ---- PEFT's PeftModel attributes (tuner-level API) -----------------------------------------
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the active adapter (the first one when several are active)."""
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether any adapter acts on the output now: one is active and adapters are not disabled
+        (``disable_adapter()``)."""
+        if self._is_prompt_learning:
+            return bool(self.active_adapters) and not self._prompt_disabled
+        layers = [m for _, m in self.base_model._wrappers()]
+        return bool(self.active_adapters) and any(not m.disable_adapters for m in layers)
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """Every adapter's ``modules_to_save`` names together; ``None`` when there are none (PEFT's)."""
+        names: set[str] = set()
+        for config in self.peft_config.values():
+            names.update(getattr(config, "modules_to_save", None) or ())
+        return names or None
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        """The wrapped model's ``dtype`` (a ``transformers`` model's attribute); ``None`` for a plain module."""
+        return getattr(self.get_base_model(), "dtype", None)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients on (or off) for exactly the tensors of ``adapter_names`` (see
+        ``AdapterModel.set_requires_grad``).
+
+        Raises:
+            TypeError: prompt-learning adapters (as PEFT; use ``set_adapter`` to choose the trained prompt).
+        """
+        if self._is_prompt_learning:
+            raise TypeError(f"Setting `requires_grad` is not supported for prompt learning methods like "
+                            f"{self.active_peft_config.peft_type}; set_adapter() chooses which prompt trains")
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether the adapter layers hold additive updates plain LoRA can write (``False`` for prompt learning)."""
+        return not self._is_prompt_learning and self.base_model.supports_lora_conversion(adapter_name)
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make the input embeddings' output require grad, so activation checkpointing of a frozen model has
+        something to backpropagate through (transformers' ``enable_input_require_grads`` when the model has it,
+        else a forward hook on ``get_input_embeddings()``). Quantised models are left as they are (their
+        preparation is ``prepare_model_for_kbit_training``). Returns ``model``."""
+        if any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            return model
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        elif hasattr(model, "get_input_embeddings"):
+            model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_())
+        return model
 
     # ``transformers.Trainer`` reads this in ``__init__``. Given the wrapper, Trainer would train it as an unknown
     # ``nn.Module`` and checkpoint a full ``model.safetensors`` of internal key names (or crash on tied
@@ -271,11 +329,12 @@ class PeftModel(nn.Module):
                 else:
                     item.to(weight.dtype)
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter; ``inference_mode=True`` (PEFT's flag) keeps it frozen."""
         if self._is_prompt_learning:
             _prompt.set_adapter(self, adapter_name)
             return
-        self.base_model.set_adapter(adapter_name)
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self._is_prompt_learning:
@@ -325,16 +384,17 @@ class PeftModel(nn.Module):
         # As PEFT: the disabled adapters get no gradients inside the block (an optimizer step there must not move
         # them, e.g. a reference pass in DPO); each tensor's own flag comes back on exit, so a frozen
         # (inference-mode) adapter stays frozen.
-        frozen = [p for p in self.base_model.adapter_parameters() if p.requires_grad]
-        self.base_model.enable_adapter_layers(False)
-        for p in frozen:
-            p.requires_grad_(False)
+        if not self.has_active_enabled_adapter and self.active_adapters:  # nested: the outer block re-enables
+            yield
+            return
+        flags = [(p, p.requires_grad) for p in self.base_model.adapter_parameters()]
+        self.base_model.enable_adapter_layers(False)  # freezes the adapter tensors
         try:
             yield
         finally:
             self.base_model.enable_adapter_layers(True)
-            for p in frozen:
-                p.requires_grad_(True)
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active adapters (or ``adapter_names``) into the base weights; unmerge_adapter() undoes it.

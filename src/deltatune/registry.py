@@ -6,7 +6,7 @@ and knows nothing else about them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,14 @@ class Method:
     fit_config_to_file: Callable[[PeftConfig, dict[str, Any]], None] | None = None
 
     @property
+    def tuner_cls(self) -> type[nn.Module]:
+        """PEFT's tuner class for this method (``LoraModel``...): ``PeftModel.base_model`` is one; made once from
+        this entry (:func:`deltatune.core.tuner.tuner_class`). Weight methods only."""
+        from deltatune.core.tuner import tuner_class  # core.tuner imports this module
+
+        return tuner_class(self)
+
+    @property
     def containers(self) -> tuple[str, ...]:
         """Every attribute name whose per-adapter entries are saved (layer tensors, then model-wide ones)."""
         layer_names = tuple(self.layer_cls.adapter_layer_names) if self.layer_cls is not None else ()
@@ -124,3 +132,40 @@ def method_for(peft_type: PeftType | str | None) -> Method:
 
 def config_class_for(peft_type: PeftType | str | None) -> type[PeftConfig]:
     return method_for(peft_type).config_cls
+
+
+class MethodTable(Mapping):
+    """A read-only ``{PeftType: value}`` view of the registered methods (PEFT's ``PEFT_TYPE_TO_*_MAPPING``
+    tables), read from :data:`METHODS` at each access, so it lists every method whatever the import order.
+
+    Args:
+        value: ``Method -> value`` (the config class, the tuner class...).
+        include: ``Method -> bool``: which methods the table lists.
+    """
+
+    def __init__(self, value: Callable[[Method], Any], include: Callable[[Method], bool] = lambda m: True) -> None:
+        self._value, self._include = value, include
+
+    def _methods(self) -> dict[PeftType, Method]:
+        import deltatune  # noqa: F401  (registers every built-in method)
+
+        return {t: m for t, m in METHODS.items() if self._include(m)}
+
+    def __getitem__(self, peft_type: PeftType | str) -> Any:
+        methods = self._methods()
+        try:
+            key = PeftType(str(peft_type).upper())
+        except ValueError:
+            key = None
+        if key not in methods:
+            raise KeyError(peft_type)
+        return self._value(methods[key])
+
+    def __iter__(self) -> Iterator[PeftType]:
+        return iter(self._methods())
+
+    def __len__(self) -> int:
+        return len(self._methods())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))

@@ -165,6 +165,7 @@ ADALORA = register(Method(
     step_hook=step_hook,
     save_hook=save_hook,
 ))
+AdaLoraModel = ADALORA.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
 
 
@@ -177,4 +178,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ADALORA", "AdaLoraCallback", "AdaLoraConfig", "AdaLoraLayer", "RankAllocator"]
+__all__ = ["ADALORA", "AdaLoraModel", "AdaLoraCallback", "AdaLoraConfig", "AdaLoraLayer", "RankAllocator"]

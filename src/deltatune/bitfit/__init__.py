@@ -41,5 +41,6 @@ BITFIT = register(Method(
     prepare_config=prepare_config,
     lr_scale=10.0,  # a few bias vectors, like prompt vectors, want larger steps than low-rank weight updates
 ))
+BitFitModel = BITFIT.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
-__all__ = ["BITFIT", "BitFitConfig", "BitFitLayer"]
+__all__ = ["BITFIT", "BitFitModel", "BitFitConfig", "BitFitLayer"]

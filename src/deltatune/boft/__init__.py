@@ -73,5 +73,6 @@ BOFT = register(Method(
     inspect_size=inspect_size,
     fit_config_to_file=fit_config_to_file,
 ))
+BOFTModel = BOFT.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
-__all__ = ["BOFT", "BOFTConfig", "BOFTLayer"]
+__all__ = ["BOFT", "BOFTModel", "BOFTConfig", "BOFTLayer"]

@@ -89,5 +89,6 @@ BOTTLENECK = register(Method(
     mergeable=False,
     cli_shared_skip=("target_modules",),  # the recipes' "all-linear" would override --locations
 ))
+BottleneckModel = BOTTLENECK.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
-__all__ = ["BOTTLENECK", "BottleneckConfig", "BottleneckLayer"]
+__all__ = ["BOTTLENECK", "BottleneckModel", "BottleneckConfig", "BottleneckLayer"]

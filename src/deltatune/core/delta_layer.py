@@ -55,6 +55,10 @@ class DeltaWeightLayer(AdapterLayer):
         self.delta_shape = (shape[1], shape[0]) if self.fan_in_fan_out else shape
         self.out_features, self.in_features = self.delta_shape[0], self.delta_shape[1]
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """LoHa's and LoKr's updates are additive (``W' = W + ΔW``), so plain LoRA can approximate them (PEFT's)."""
+        return True
+
     def _set_hyper(self, adapter_name: str, r: int, alpha: float, rank_dropout: float, module_dropout: float,
                    rank_dropout_scale: bool) -> None:
         self.r[adapter_name] = r

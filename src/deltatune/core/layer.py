@@ -69,6 +69,57 @@ class AdapterLayer(nn.Module):
             layer = layer.base_layer
         return layer
 
+    @property
+    def active_adapter(self) -> list[str]:
+        """PEFT's name for the active adapters (a list once ``set_adapter`` ran, as PEFT's layers hold it); change it
+        with ``set_adapter``."""
+        return self.active_adapters
+
+    @property
+    def frozen_peft_weight_names(self) -> dict[str, tuple[str, ...]]:
+        """PEFT's name for :attr:`frozen_adapter_weights`: adapter -> containers that stay frozen when it trains."""
+        return self.frozen_adapter_weights
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The base layer's weight as a dense tensor (dequantised for a 4/8-bit base), as PEFT's
+        ``get_base_weight``; ``(out, in)`` for ``nn.Linear``."""
+        return self.read_base_weight()
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        """Write ``weight`` (the layout :meth:`get_base_weight` returns) into the base layer; a quantised base is
+        requantised (lossy by its format's rounding)."""
+        self.write_base_weight(weight)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether this layer's adapter is an additive weight update ``W' = W + ΔW`` that plain LoRA can hold
+        (PEFT's check before converting an adapter to LoRA). Methods whose layers are so say ``True``."""
+        return False
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients on (or off) for the tensors of ``adapter_names`` on this layer, leaving the other adapters
+        alone; containers an adapter keeps frozen by design (:attr:`frozen_adapter_weights`) stay frozen."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr, None)
+            if container is None:
+                continue
+            for key, item in container.items():
+                if key not in names:
+                    continue
+                keep_frozen = requires_grad and attr in self.frozen_adapter_weights.get(key, ())
+                params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                for p in params:
+                    p.requires_grad_(requires_grad and not keep_frozen)
+
+    def _all_available_adapter_names(self) -> list[str]:
+        """Every adapter name this layer holds anything for (tensors or per-adapter settings), sorted (PEFT's)."""
+        names: set[str] = set()
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if hasattr(container, "keys"):
+                names.update(container.keys())
+        return sorted(names)
+
     def adapter_names(self) -> list[str]:
         names: list[str] = []
         for attr in self.adapter_layer_names:

@@ -7,15 +7,17 @@ Everything method-specific comes from the :class:`~deltatune.registry.Method` en
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig
+from deltatune.config import PeftConfig, PeftType, PeftWarning
 from deltatune.core import targeting
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
@@ -90,13 +92,34 @@ def _check_single_bias_adapter(configs: dict[str, PeftConfig], adapter_name: str
 
 
 class AdapterModel(nn.Module):
-    """Holds ``model`` with adapter layers injected, and the adapters' configs by name."""
+    """Holds ``model`` with adapter layers injected, and the adapters' configs by name (PEFT's ``BaseTuner``).
 
-    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+    ``PeftModel.base_model`` is an instance of the method's own subclass (:func:`tuner_class`: ``LoraModel``,
+    ``IA3Model``...), which only adds PEFT's class attributes; every method shares the code here.
+    """
+
+    def __init__(self, model: nn.Module, config: PeftConfig | dict[str, PeftConfig], adapter_name: str = "default",
+                 low_cpu_mem_usage: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Inject ``config``'s adapter into ``model`` (in place) as ``adapter_name`` and make it active.
+
+        Args:
+            config: The adapter's config, or PEFT's ``{adapter_name: config}`` form.
+            low_cpu_mem_usage: PEFT's flag, accepted for its signature: the adapter is created on the base
+                layers' devices either way (a load then overwrites it).
+            state_dict: When given, the layers to adapt are those its keys name (only the keys are read), as in
+                ``inject_adapter_in_model``.
+        """
         super().__init__()
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
+        if isinstance(config, dict):  # PEFT's BaseTuner also takes {adapter_name: config}
+            config = config[adapter_name]
+        if state_dict is not None:
+            from deltatune.mapping import _modules_named_in  # mapping imports this module
+
+            config = copy.copy(config)
+            config.target_modules = _modules_named_in(state_dict, method_for(config.peft_type).containers)
         self.inject_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -143,6 +166,61 @@ class AdapterModel(nn.Module):
     def active_adapters(self) -> list[str]:
         a = self.active_adapter
         return [a] if isinstance(a, str) else list(a)
+
+    # ---- PEFT's BaseTuner attributes -----------------------------------------------------------
+    # The per-method subclasses (tuner_class: LoraModel, ...) override these four with class attributes, as PEFT's
+    # tuner classes define them; on a bare AdapterModel (mixed models) they follow the active adapter's method.
+    @property
+    def prefix(self) -> str:
+        """The method's adapter-parameter name prefix (``"lora_"``)."""
+        return self.method().prefix
+
+    @property
+    def tuner_layer_cls(self) -> type[nn.Module]:
+        """The base class of the method's adapter layers (``LoraLayer``)."""
+        return self.method().layer_cls
+
+    @property
+    def target_module_mapping(self) -> dict[str, list[str]]:
+        """``model_type -> target_modules`` used when a config names no targets."""
+        return self.method().default_targets
+
+    @property
+    def uses_shared_state(self) -> bool:
+        """Whether the method keeps tensors shared by every layer on this object (VeRA's projections), which
+        ``inject_adapter_in_model`` cannot return."""
+        return bool(self.method().shared_containers)
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (within ``model``) of the layers that hold an adapter."""
+        return [name for name, _ in self.adapter_layers()]
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether every adapter layer can write ``adapter_name`` as a plain LoRA update (PEFT's check before
+        ``convert_to_lora``; deltatune's converter is :func:`deltatune.export_to_lora`)."""
+        return all(layer.supports_lora_conversion(adapter_name) for _, layer in self.adapter_layers())
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients on (or off) for exactly the tensors of ``adapter_names``: their layer tensors and their
+        ``modules_to_save`` copies; other adapters and the base stay as they are (PEFT's ``set_requires_grad``).
+        Tensors an adapter keeps frozen by design (MiCA's ``B``) stay frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for _, module in self._wrappers():
+            if isinstance(module, AdapterLayer):
+                module.set_requires_grad(names, requires_grad)
+            else:
+                for name in names:
+                    if name in module.modules_to_save:
+                        module.modules_to_save[name].requires_grad_(requires_grad)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs: Any) -> None:
+        """PEFT's ``LoraModel.add_weighted_adapter`` on the tuner: the same as ``PeftModel.add_weighted_adapter``
+        (see :mod:`deltatune.lora.arithmetic` for the combination types and keyword arguments)."""
+        from deltatune.lora.arithmetic import add_weighted_adapter
+
+        add_weighted_adapter(_TunerAsPeftModel(self), adapters, weights, adapter_name, combination_type, **kwargs)
 
     # ---- training hooks (methods that regularise or schedule, e.g. AdaLoRA) --------------------
     def _trainable_methods(self) -> list[Method]:
@@ -271,24 +349,55 @@ class AdapterModel(nn.Module):
         return {id(p) for p in self.adapter_parameters()}
 
     # ---- switching ---------------------------------------------------------------------------
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (one name or several) the active adapter(s); only they get gradients, unless
+        ``inference_mode`` (PEFT's flag) or their config's ``inference_mode`` freezes them."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             if n not in self.peft_config:
                 raise AdapterNameError(f"no adapter named {n!r}; this model has {sorted(self.peft_config)}")
-        trainable = not any(self.peft_config[n].inference_mode for n in names)
+        trainable = not inference_mode and not any(self.peft_config[n].inference_mode for n in names)
         for _, module in self._wrappers():
             module.set_adapter(names, trainable=trainable)
         self.active_adapter = adapter_name
 
     def enable_adapter_layers(self, enabled: bool = True) -> None:
+        """Switch every adapter layer on (or off, when ``enabled=False``), in place.
+
+        As PEFT: disabled adapters get no gradients (their tensors are frozen: an optimizer step meanwhile must not
+        move them), and enabling makes the active adapters trainable again unless their config is in
+        ``inference_mode``. Merged adapters are unmerged when disabled, so the output is the base model's.
+        """
         for _, module in self._wrappers():
             module.enable_adapters(enabled)
+        if enabled:
+            if self.active_adapters:
+                self.set_adapter(self.active_adapter)
+        else:
+            for p in self.adapter_parameters():
+                p.requires_grad_(False)
+
+    def disable_adapter_layers(self) -> None:
+        """PEFT's name for ``enable_adapter_layers(False)``: the output becomes the base model's.
+
+        Warns, as PEFT does, when an active adapter trains biases (``bias != "none"``): those are the base's own
+        tensors, changed in place, so disabling the adapter layers does not give the original model back."""
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config.get(name), "bias", "none")
+            if bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not "
+                              "produce the same output as the base model would without adaption.", PeftWarning,
+                              stacklevel=2)
+        self.enable_adapter_layers(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` everywhere; layers left with no adapter return to the plain base layer."""
         if adapter_name not in self.peft_config:
             raise AdapterNameError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
+        merged = [name for name, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
+        if merged:  # PEFT refuses too: its update is inside the base weights, which the deletion would keep
+            raise MergeError(f"cannot delete adapter {adapter_name!r} while it is merged (e.g. into {merged[0]}); "
+                             "call unmerge_adapter() first, or merge_and_unload() to keep it in the weights")
         self._remove_adapter(adapter_name)
         remaining = list(self.peft_config)
         if adapter_name in self.active_adapters:
@@ -383,3 +492,58 @@ class AdapterModel(nn.Module):
         """The base model with every adapter layer removed and nothing merged."""
         return self._unload(merge=False)
 
+
+
+class _TunerAsPeftModel:
+    """What :func:`deltatune.lora.arithmetic.add_weighted_adapter` reads of a ``PeftModel``, over a bare tuner (for
+    PEFT's ``base_model.add_weighted_adapter``): the configs, the modules, adding and removing an adapter."""
+
+    def __init__(self, tuner: AdapterModel) -> None:
+        self.base_model = tuner
+        self.peft_config = tuner.peft_config
+
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        return self.base_model.named_modules()
+
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        self.base_model.inject_adapter(adapter_name, config)
+        self.base_model.set_adapter(self.base_model.active_adapter)  # the new adapter is not made active
+
+    def _remove_adapter(self, adapter_name: str) -> None:
+        self.base_model._remove_adapter(adapter_name)
+
+
+_TUNER_CLASSES: dict[PeftType, type[AdapterModel]] = {}
+
+
+def tuner_class(method: Method) -> type[AdapterModel]:
+    """PEFT's per-method tuner class for a registered weight method (``LoraModel`` for LoRA, ``IA3Model``...).
+
+    Made once per method from its registry entry: an :class:`AdapterModel` subclass named after the config class
+    (``LoraConfig`` -> ``LoraModel``), living in the method's package (so it pickles by name), whose class
+    attributes are PEFT's (``prefix``, ``tuner_layer_cls``, ``target_module_mapping``, ``uses_shared_state``).
+    It adds no behaviour: ``LoraModel(model, config, "default")`` is PEFT's constructor, and
+    ``isinstance(peft_model.base_model, LoraModel)`` holds for a LoRA ``PeftModel``.
+
+    Raises:
+        ConfigError: ``method`` is a virtual-token method (it has no tuner: ``PeftModel`` feeds its prompts).
+    """
+    if method.family != "weight":
+        raise ConfigError(f"{method.peft_type} adapters are virtual tokens: they have no tuner class (PeftModel "
+                          "handles them itself)")
+    cls = _TUNER_CLASSES.get(method.peft_type)
+    if cls is None:
+        name = method.config_cls.__name__.removesuffix("Config") + "Model"
+        package = method.config_cls.__module__.removesuffix(".config")
+        cls = type(name, (AdapterModel,), {
+            "__module__": package,
+            "__qualname__": name,
+            "__doc__": f"PEFT's ``{name}``: an :class:`~deltatune.core.tuner.AdapterModel` holding "
+                       f"{method.peft_type} adapters (see :func:`~deltatune.core.tuner.tuner_class`).",
+            "prefix": method.prefix,
+            "tuner_layer_cls": method.layer_cls,
+            "target_module_mapping": method.default_targets,
+            "uses_shared_state": bool(method.shared_containers),
+        })
+        _TUNER_CLASSES[method.peft_type] = cls
+    return cls

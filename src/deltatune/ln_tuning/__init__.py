@@ -48,5 +48,6 @@ LN_TUNING = register(Method(
     lr_scale=1.0,
     cli_shared_skip=("target_modules",),  # the recipes' "all-linear" would copy linear layers, not norms
 ))
+LNTuningModel = LN_TUNING.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
-__all__ = ["LN_TUNING", "LNTuningConfig", "LNTuningLayer"]
+__all__ = ["LN_TUNING", "LNTuningModel", "LNTuningConfig", "LNTuningLayer"]

@@ -39,5 +39,6 @@ LOHA = register(Method(
     cli_names={"loha": {}},
     lr_scale=10.0,  # a product of two factors, one zero at init: small early gradients (measured, see README)
 ))
+LoHaModel = LOHA.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
-__all__ = ["LOHA", "LoHaConfig", "LoHaLayer"]
+__all__ = ["LOHA", "LoHaModel", "LoHaConfig", "LoHaLayer"]

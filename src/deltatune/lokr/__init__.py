@@ -47,5 +47,6 @@ LOKR = register(Method(
     cli_names={"lokr": {}},
     lr_scale=10.0,  # as LoHa: one Kronecker factor starts at zero (measured, see README)
 ))
+LoKrModel = LOKR.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
-__all__ = ["LOKR", "LoKrConfig", "LoKrLayer", "factorization"]
+__all__ = ["LOKR", "LoKrModel", "LoKrConfig", "LoKrLayer", "factorization"]

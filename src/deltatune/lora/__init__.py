@@ -79,6 +79,7 @@ LORA = register(Method(
     after_inject=_after_inject,  # target_parameters; trainable_token_indices: embedding rows train beside LoRA
     extra_containers=("trainable_tokens_delta",),
 ))
+LoraModel = LORA.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
-__all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraMultiheadAttention", "LoraParam",
-           "LORA", "EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights"]
+__all__ = ["LoraConfig", "LoraModel", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraMultiheadAttention",
+           "LoraParam", "LORA", "EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights"]

@@ -445,6 +445,7 @@ class LoraLayer(AdapterLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}  # to recompute the initial scaling (set_scale, unscale_layer)
         self.use_dora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
         self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms at merge time, to unmerge exactly
@@ -469,6 +470,7 @@ class LoraLayer(AdapterLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = use_rslora
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.use_dora[adapter_name] = use_dora
         self.lora_bias[adapter_name] = lora_bias
@@ -539,6 +541,57 @@ class LoraLayer(AdapterLayer):
 
     def _init_dora(self, adapter_name: str) -> None:
         raise ConfigError(f"DoRA is supported on Linear and Conv layers, not on {type(self.base_layer).__name__}")
+
+    # ---- PEFT's LoraLayer API: scaling and re-initialisation -----------------------------------
+    def _initial_scaling(self, adapter_name: str) -> float:
+        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA): the scaling the adapter was created with."""
+        r, alpha = self.r[adapter_name], self.lora_alpha[adapter_name]
+        return alpha / math.sqrt(r) if self.use_rslora.get(adapter_name) else alpha / r
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Set ``adapter``'s scaling to ``scale`` times its initial one (``s = scale · alpha / r``); an adapter
+        this layer does not hold is ignored (PEFT's)."""
+        if adapter in self.scaling:
+            self._clear_row_cache()  # mixed-adapter batches cache each adapter's scaling
+            self.scaling[adapter] = scale * self._initial_scaling(adapter)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the current scaling of every active adapter on this layer by ``scale``."""
+        if scale == 1:
+            return
+        self._clear_row_cache()
+        for name in self._active_lora():
+            self.scaling[name] *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide the current scaling of every active adapter on this layer by ``scale``; ``None`` restores the
+        initial scaling (``alpha / r``)."""
+        self._clear_row_cache()
+        for name in self._active_lora():
+            self.scaling[name] = self._initial_scaling(name) if scale is None else self.scaling[name] / scale
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        """Re-initialise ``adapter_name``'s factors in place as PEFT's ``reset_lora_parameters``: ``True``: ``A``
+        Kaiming-uniform, ``B = 0`` (embeddings: ``A = 0``, ``B`` normal); ``"gaussian"``: ``A ~ N(0, 1/r)``;
+        ``False``: unchanged.
+
+        Raises:
+            ConfigError: another ``init_lora_weights`` (PiSSA, OLoRA... rewrite the base: create the adapter
+                with that init instead).
+        """
+        if init_lora_weights is False:
+            return
+        if init_lora_weights is not True and str(init_lora_weights).lower() != "gaussian":
+            raise ConfigError(f"Unknown initialization init_lora_weights={init_lora_weights!r} for "
+                              "reset_lora_parameters: use True, 'gaussian' or False")
+        if adapter_name in self.r:
+            self._clear_row_cache()
+            with torch.no_grad():
+                self._init_weights(adapter_name, True if init_lora_weights is True else "gaussian")
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """LoRA is LoRA; DoRA and aLoRA adapters too, as PEFT says (their merged update is still a weight change)."""
+        return True
 
     # ---- mixed-adapter batches -----------------------------------------------------------------
     def _row_index(self, batch: int) -> tuple[list[str], list[str]]:

@@ -76,5 +76,6 @@ OFT = register(Method(
     cli_shared_skip=("r",),
     inspect_size=inspect_size,
 ))
+OFTModel = OFT.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
-__all__ = ["OFT", "OFTConfig", "OFTLayer"]
+__all__ = ["OFT", "OFTModel", "OFTConfig", "OFTLayer"]

@@ -69,6 +69,7 @@ TRAINABLE_TOKENS = register(Method(
     lr_scale=10.0,  # a few embedding rows want larger steps than low-rank weight updates
     cli_shared_skip=("target_modules",),  # the recipes' "all-linear" names linear layers, not the embedding
 ))
+TrainableTokensModel = TRAINABLE_TOKENS.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
 
 # ---- LoRA's trainable_token_indices: a token adapter beside the LoRA layers ---------------------------
@@ -175,5 +176,5 @@ def add_token_adapters(adapter_model: nn.Module, adapter_name: str, config) -> N
                     replace_module(model, tied, TokenAdapterWrapper(follower))
 
 
-__all__ = ["TRAINABLE_TOKENS", "TokenAdapterWrapper", "TrainableTokensConfig", "TrainableTokensLayer",
-           "add_token_adapters"]
+__all__ = ["TRAINABLE_TOKENS", "TrainableTokensModel", "TokenAdapterWrapper", "TrainableTokensConfig",
+           "TrainableTokensLayer", "add_token_adapters"]

@@ -106,5 +106,6 @@ VERA = register(Method(
     shared_containers=("vera_A", "vera_B"),
     init_shared=init_shared,
 ))
+VeraModel = VERA.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
-__all__ = ["VERA", "ProjectionDict", "VeraConfig", "VeraLayer"]
+__all__ = ["VERA", "VeraModel", "ProjectionDict", "VeraConfig", "VeraLayer"]

@@ -92,6 +92,10 @@ class VeraLayer(AdapterLayer):
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
     other_param_names = ("r", "vera_dropout")
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """VeRA's update ``Λ_b B Λ_d A`` is additive, so plain LoRA can hold it (PEFT's)."""
+        return True
+
     def __init__(self, base_layer: nn.Module, vera_A: ProjectionDict, vera_B: ProjectionDict) -> None:
         super().__init__(base_layer)
         self.vera_lambda_b = nn.ParameterDict()
