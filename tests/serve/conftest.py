@@ -58,6 +58,9 @@ def files(tmp_path_factory):
     from deltatune import LoraConfig
 
     tinyserve.save_adapter(other, str(root / "misfit"), LoraConfig(r=4, target_modules=["q_proj"]), seed=9)
+    # PiSSA saved as created: it needs its own residual base, which serving would have to write into the shared one
+    tinyserve.save_adapter(base, str(root / "pissa"), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                 init_lora_weights="pissa"), seed=10)
     shutil.copytree(adapters["ia3"], d / "outside")
     return base, str(root), adapters, str(extra), str(d / "outside")
 

@@ -170,6 +170,14 @@ def test_an_adapter_that_does_not_fit_is_refused_with_module_and_shapes_and_the_
     assert client.completions.create(model="lora-r4", prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_an_adapter_that_rewrites_the_base_is_refused_and_the_shared_base_is_untouched(client, http):
+    before = client.completions.create(model="base", prompt=PROMPTS[0], max_tokens=6, temperature=0).choices[0].text
+    err = error_of(http.post("/v1/completions", json={"model": "pissa", "prompt": "hi", "max_tokens": 2}), 400)
+    assert err["code"] == "adapter_not_servable" and "path_initial_model_for_weight_conversion" in err["message"]
+    after = client.completions.create(model="base", prompt=PROMPTS[0], max_tokens=6, temperature=0).choices[0].text
+    assert after == before
+
+
 def test_api_key_is_required(server):
     import httpx
 
