@@ -20,8 +20,11 @@ from deltatune.errors import (
     AdapterLoadError,
     AdapterNameError,
     ConfigError,
+    ConfigKeysError,
     DeltatuneError,
     MergeError,
+    NoMatchingPeftModuleError,
+    PeftError,
     TargetModuleError,
 )
 from deltatune.export import ExportedLora, export_to_lora
@@ -58,15 +61,28 @@ from deltatune.peft_model import (
 )
 from deltatune.prompt import (
     MultitaskPromptTuningConfig,
+    MultitaskPromptTuningInit,
+    PrefixEncoder,
     PrefixTuningConfig,
+    PromptEmbedding,
+    PromptEncoder,
     PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
     PromptLearningConfig,
     PromptTuningConfig,
+    PromptTuningInit,
 )
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
-from deltatune.save_and_load import get_base_model_state_dict, get_peft_model_state_dict, set_peft_model_state_dict
+from deltatune.save_and_load import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
+from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
 from deltatune.vera import VeraConfig, VeraModel
 
 __version__ = "0.1.0"
@@ -158,4 +174,19 @@ __all__ = [
     "quantize",
     "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
+    # PEFT's names beside deltatune's (same objects): see deltatune.utils, deltatune.errors, deltatune.prompt
+    "ConfigKeysError",
+    "MultitaskPromptTuningInit",
+    "NoMatchingPeftModuleError",
+    "PeftError",
+    "PrefixEncoder",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderReparameterizationType",
+    "PromptTuningInit",
+    "cast_mixed_precision_params",
+    "load_peft_weights",
+    "set_base_model_state_dict",
+    "shift_tokens_right",
+    "utils",
 ]

@@ -10,12 +10,26 @@ import dataclasses
 import enum
 import json
 import os
+import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from deltatune.core.io import CONFIG_NAME, atomic_write_text, resolve_adapter_dir
-from deltatune.errors import AdapterLoadError, ConfigError
+from deltatune.errors import AdapterLoadError, ConfigError, ConfigKeysError
+
+# The PEFT release whose adapter_config.json format (and math) deltatune follows. Every config records it as
+# ``peft_version``, as PEFT records its own version, so PEFT's version-dependent checks (e.g. OFT's Cayley-Neumann
+# change in 0.18) read deltatune's files as current ones. ``__version__`` is PEFT's name for it
+# (``peft.config.__version__``); it is read when a config is created, so patching it changes what is recorded.
+PEFT_FORMAT_VERSION = "0.21.2"
+__version__ = PEFT_FORMAT_VERSION
+
+# Keyword arguments of ``from_pretrained`` that say where to download from (``huggingface_hub.hf_hub_download``'s),
+# not what the config holds; PEFT sorts them out the same way (``revision`` is one, though also a config field).
+_HUB_KWARGS = frozenset({"revision", "cache_dir", "token", "use_auth_token", "force_download", "local_files_only",
+                         "proxies", "user_agent", "repo_type", "etag_timeout", "resume_download", "library_name",
+                         "library_version", "local_dir", "endpoint", "headers", "subfolder"})
 
 
 class PeftWarning(UserWarning):
@@ -69,7 +83,32 @@ def _enum_value(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:
         return enum_cls(str(value).upper())
     except ValueError:
         choices = ", ".join(m.value for m in enum_cls)
+        if enum_cls is TaskType:  # PEFT's message (code matches on it); it already lists the fix
+            raise ConfigError(f"Invalid task type: '{value}'. Must be one of the following task types: "
+                              f"{choices}.") from None
         raise ConfigError(f"{field_name}={value!r} is not known; use one of: {choices}") from None
+
+
+def _get_commit_hash(pkg_name: str) -> str | None:
+    """The commit a development build was installed from, recorded after ``@`` in ``peft_version`` (PEFT's
+    rule for dev versions). deltatune records a released PEFT format version, so there is none to find."""
+    del pkg_name
+    return None
+
+
+def _peft_version() -> str:
+    """What a new config records as ``peft_version``: :data:`__version__`, plus ``@<commit>`` (``@UNKNOWN`` when
+    it cannot be found) for a development version, as PEFT records it."""
+    version = __version__
+    if not re.search(r"dev\d*$", version):
+        return version
+    try:
+        commit = _get_commit_hash("peft")
+    except Exception:  # noqa: BLE001 (recording a version must never break creating a config)
+        warnings.warn("A dev version of PEFT is used but there was an error while trying to determine the commit "
+                      "hash; peft_version records it as @UNKNOWN.", PeftWarning, stacklevel=3)
+        commit = None
+    return f"{version}@{commit or 'UNKNOWN'}"
 
 
 @dataclass
@@ -83,6 +122,9 @@ class PeftConfig:
             and checked (as a hint in error messages) when loading.
         revision: The base model's revision, kept for PEFT compatibility.
         inference_mode: ``True`` once loaded for inference: adapter parameters are frozen.
+        auto_mapping: Which ``AutoModel`` class rebuilds the base (PEFT's field, kept as given).
+        peft_version: The PEFT file format the config was written in; a new config records
+            :data:`PEFT_FORMAT_VERSION` (a loaded one keeps the file's).
     """
 
     peft_type: PeftType | str | None = None
@@ -91,13 +133,13 @@ class PeftConfig:
     revision: str | None = None
     inference_mode: bool = False
     auto_mapping: dict | None = None
-
-    # Fields present in PEFT's files that this class reads but does not use; kept to write them back.
-    _extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    peft_version: str | None = None
 
     def __post_init__(self) -> None:
         self.peft_type = _enum_value(PeftType, self.peft_type, "peft_type")
         self.task_type = _enum_value(TaskType, self.task_type, "task_type")
+        if self.peft_version is None:
+            self.peft_version = _peft_version()
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -106,7 +148,7 @@ class PeftConfig:
     # ---- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The JSON object PEFT writes: public fields, enums as strings, sets as sorted lists."""
-        out: dict[str, Any] = dict(self._extra)
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             if f.name.startswith("_"):
                 continue
@@ -120,37 +162,89 @@ class PeftConfig:
             out[f.name] = value
         return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` into ``save_directory`` (atomically)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (atomically). ``kwargs``: PEFT's
+        ``auto_mapping_dict`` is recorded as ``auto_mapping``; the rest (PEFT passes hub options) are ignored."""
+        auto_mapping = kwargs.get("auto_mapping_dict")
+        data = self.to_dict()
+        if auto_mapping is not None:
+            data["auto_mapping"] = auto_mapping
         os.makedirs(save_directory, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+        text = json.dumps(data, indent=2, sort_keys=True, default=str)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text + "\n")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
-        """Build the config class that ``data["peft_type"]`` names (when called on ``PeftConfig``)."""
+        """Build a config from its JSON object: the class ``data["peft_type"]`` names (when called on
+        ``PeftConfig``), else ``cls``.
+
+        Keys the class does not have (fields of a newer PEFT) are dropped with one warning, PEFT's: the config
+        then holds, and saves, only what deltatune implements. A field deltatune does not implement may change
+        what the adapter computes, so the warning says to check.
+
+        Raises:
+            ConfigKeysError: ``data`` has unknown keys and no ``peft_type``: it is not an adapter config at all
+                (a ``TypeError`` too, as PEFT's).
+            ConfigError: ``peft_type`` names a method deltatune does not implement, or a value cannot work.
+        """
         data = dict(data)
         target_cls = cls
-        if cls is PeftConfig:
+        if cls is PeftConfig and data.get("peft_type") is not None:
             from deltatune.registry import config_class_for
 
-            target_cls = config_class_for(data.get("peft_type"))
+            target_cls = config_class_for(data["peft_type"])
             if target_cls.from_dict.__func__ is not PeftConfig.from_dict.__func__:
                 return target_cls.from_dict(data)  # a method with its own reading rules (e.g. old OFT files)
         names = {f.name for f in dataclasses.fields(target_cls) if f.init and not f.name.startswith("_")}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
-        # Fields newer/other PEFT versions add. We keep them so a re-save writes them back, and say so
-        # once, because a field we do not implement could change the adapter's meaning.
-        unused = {k: v for k, v in extra.items() if v not in (None, False, {}, [], "") and k != "peft_version"}
-        if unused:
+        unknown = sorted(k for k in data if k not in names)
+        if unknown:
+            if "peft_type" not in data:  # PEFT's minimum: any other JSON is not an adapter config
+                shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+                raise ConfigKeysError(
+                    f"The {cls.__name__} config that is trying to be loaded is missing required keys: "
+                    f"{{'peft_type'}}. It holds only keys no adapter config has ({shown}): pass the directory "
+                    "that save_pretrained wrote (its adapter_config.json names the method in peft_type)")
             warnings.warn(
-                f"{target_cls.__name__}: ignoring fields deltatune does not implement: {sorted(unused)}",
-                stacklevel=2,
+                f"Unexpected keyword arguments {unknown} for class {target_cls.__name__}, these are ignored. The "
+                f"file was probably written by a newer PEFT; deltatune reads the fields of PEFT "
+                f"{PEFT_FORMAT_VERSION}, and a newer field may change what the adapter computes: compare the "
+                "adapter's outputs with the library that wrote it before relying on them.",
+                PeftWarning, stacklevel=3,
             )
-        config = target_cls(**known)
-        config._extra = extra
-        return config
+        if cls is PeftConfig and data.get("peft_type") is None:
+            from deltatune.registry import config_class_for
+
+            config_class_for(None)  # raises: a bare PeftConfig describes no adapter
+        return target_cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
+        """PEFT's constructor from keyword arguments: the config class ``peft_type`` names (``cls`` without one),
+        unknown keys dropped with a warning. Same as :meth:`from_dict`."""
+        return cls.from_dict(kwargs)
+
+    @staticmethod
+    def _read_json(path: str | os.PathLike, missing_hint: str) -> dict[str, Any]:
+        """The JSON object in ``path``; a ``runtime_config`` entry (only meaningful at run time) is dropped with a
+        warning, as PEFT does.
+
+        Raises:
+            AdapterLoadError: the file is missing (``missing_hint`` says what to pass), not JSON, or not an object.
+        """
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise AdapterLoadError(missing_hint) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterLoadError(f"{os.fspath(path)} is not valid JSON ({exc}); re-save the adapter") from None
+        if not isinstance(data, dict):
+            raise AdapterLoadError(f"{os.fspath(path)} must hold a JSON object, found {type(data).__name__}")
+        if "runtime_config" in data:
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
+                          "configurations are only valid at runtime.", PeftWarning, stacklevel=3)
+            del data["runtime_config"]
+        return data
 
     @classmethod
     def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
@@ -161,46 +255,35 @@ class PeftConfig:
         Raises:
             AdapterLoadError: the file is missing, not JSON, or not a JSON object.
         """
-        try:
-            with open(path_json_file, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except FileNotFoundError:
-            raise AdapterLoadError(f"{os.fspath(path_json_file)} does not exist; pass the path of an "
-                                   f"{CONFIG_NAME}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AdapterLoadError(f"{os.fspath(path_json_file)} is not valid JSON ({exc}); re-save the "
-                                   "adapter") from None
-        if not isinstance(data, dict):
-            raise AdapterLoadError(f"{os.fspath(path_json_file)} must hold a JSON object, found {type(data).__name__}")
-        if "runtime_config" in data:
-            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
-                          "configurations are only valid at runtime.", PeftWarning, stacklevel=2)
-            del data["runtime_config"]
-        return data
+        return cls._read_json(path_json_file, f"{os.fspath(path_json_file)} does not exist; pass the path of an "
+                                              f"{CONFIG_NAME}")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
                         **kwargs: Any) -> PeftConfig:
-        """Read ``adapter_config.json`` from a directory (the method's config class is picked for you)."""
+        """Read ``adapter_config.json`` from a directory (the method's config class is picked for you).
+
+        ``kwargs``, as PEFT's: download options (``revision``, ``cache_dir``, ``token``, ...) are not config
+        fields and are ignored; a config field given here fills in a key the file lacks (the file's own values
+        win: change the returned config to override them).
+
+        Raises:
+            AdapterLoadError: no such directory or file, or it is not JSON; the file holds another method than
+                ``cls``.
+            ConfigKeysError: the JSON has no ``peft_type`` and keys no config has (some other JSON file).
+        """
         directory = resolve_adapter_dir(pretrained_model_name_or_path, subfolder)
         path = os.path.join(directory, CONFIG_NAME)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except FileNotFoundError:
-            raise AdapterLoadError(
-                f"{directory} has no {CONFIG_NAME}: is this an adapter directory written by save_pretrained?"
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise AdapterLoadError(f"{path} is not valid JSON ({exc}); re-save the adapter") from None
-        if not isinstance(data, dict):
-            raise AdapterLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
-        if not {**data, **kwargs}.get("peft_type") and cls is PeftConfig:  # the method decides everything else
+        data = cls._read_json(path, f"{directory} has no {CONFIG_NAME}: is this an adapter directory written by "
+                                    "save_pretrained?")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data = {**{k: v for k, v in kwargs.items() if k in fields and k not in _HUB_KWARGS}, **data}
+        if not data.get("peft_type") and cls is PeftConfig and set(data) <= fields:
             what = "is empty: it names no peft_type" if not data else "names no peft_type"
-            raise AdapterLoadError(f"{path} {what}, so it describes no adapter; re-save the adapter "
-                                   "(save_pretrained writes the whole config)")
-        data.update(kwargs)
+            raise ConfigKeysError(f"{path} {what}, so it describes no adapter; re-save the adapter "
+                                  "(save_pretrained writes the whole config)")
         config = cls.from_dict(data)
         if cls is not PeftConfig and not isinstance(config, cls):
             raise AdapterLoadError(f"{path} holds a {config.peft_type} adapter, not one for {cls.__name__}")
         return config
+

@@ -53,3 +53,14 @@ class DiskFullError(DeltatuneError, OSError):
 
 class MergeError(DeltatuneError, ValueError):
     """A merge that would break the model (NaN/Inf weights) or that the method's math does not allow."""
+
+
+class ConfigKeysError(AdapterLoadError, TypeError):
+    """An ``adapter_config.json`` without the keys every adapter config has (``peft_type``): some other JSON file,
+    not an adapter's. A ``TypeError`` too, because that is what PEFT raises there (``PeftConfig.from_peft_type``)."""
+
+
+# PEFT's names for the same classes (``peft.PeftError``, ``peft.NoMatchingPeftModuleError``), so that an
+# ``except`` clause written for PEFT catches deltatune's errors.
+PeftError = DeltatuneError
+NoMatchingPeftModuleError = TargetModuleError

@@ -247,7 +247,7 @@ def _combined_config(configs: dict[str, LoraConfig], first: str, new_rank: int,
         init = True
     return dataclasses.replace(
         source, r=new_rank, lora_alpha=new_rank, target_modules=targets, alpha_pattern={}, rank_pattern={},
-        use_rslora=False, init_lora_weights=init, _extra=dict(source._extra),
+        use_rslora=False, init_lora_weights=init,
     )
 
 
