@@ -144,3 +144,31 @@ def test_linear_needs_equal_ranks_and_flags_need_adapters(capsys, adapters, tmp_
     code, _, err = run(capsys, "merge", "--adapter", adapters[0], "--adapters", adapters[1], "--output-dir",
                        tmp_path / "z")
     assert code == 2 and "not allowed with" in err
+
+
+def test_adapters_saved_on_their_own_rewritten_base_are_not_combined(capsys, llama_dir, adapters, tmp_path):
+    """A PiSSA adapter saved as created rewrites the base when loaded; loading a second source onto that base (or a
+    second such adapter) would stack the rewrites, so combining refuses it and names the conversion."""
+    pissa = deltatune.get_peft_model(_base(llama_dir), deltatune.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                            init_lora_weights="pissa"))
+    pissa.save_pretrained(tmp_path / "pissa")
+    out = tmp_path / "never"
+    code, _, err = run(capsys, "merge", "--adapters", adapters[0], tmp_path / "pissa", "--output-dir", out)
+    assert code == 2 and "path_initial_model_for_weight_conversion" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_combining_keeps_no_base_rewriting_init_in_the_new_config(llama_dir):
+    """add_weighted_adapter overwrites the new adapter's factors, so its config must not re-run an init that
+    rewrites the base or needs data (LoftQ would quantise the base, CorDA would ask for preprocess_corda)."""
+    base_model = _base(llama_dir)
+    before = {k: v.clone() for k, v in base_model.state_dict().items()}
+    model = deltatune.get_peft_model(base_model, deltatune.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                      init_lora_weights=False), adapter_name="a")
+    model.peft_config["a"].init_lora_weights = "loftq"  # as a loaded LoftQ adapter's config reads
+    model.peft_config["a"].loftq_config = {"loftq_bits": 4, "loftq_iter": 1}
+    model.add_weighted_adapter(["a"], [1.0], "m", combination_type="svd")
+    assert model.peft_config["m"].init_lora_weights is True
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in model.state_dict().items()
+            if "lora_" not in k}
+    assert all(torch.equal(before[k], base[k]) for k in before)  # the base was not rewritten

@@ -262,9 +262,17 @@ def combine(args: argparse.Namespace) -> int:
                 raise UsageError(f"{dirs[0]} expects base {spec.name} but {d} expects {other.name}; combine "
                                  "adapters trained on the same base (or pass --model to force one)")
     for d in dirs:
-        peft_type = common.check_adapter_dir(d, "--adapters").get("peft_type")
+        config = common.check_adapter_dir(d, "--adapters")
+        peft_type = config.get("peft_type")
         if str(peft_type).upper() != "LORA":
             raise UsageError(f"{d} is a {peft_type} adapter; --adapters combines LoRA adapters only")
+        init = config.get("init_lora_weights")
+        if len(dirs) > 1 and init not in (True, False, None, "gaussian", "orthogonal", "mica", "eva"):
+            # Loading it rewrites the base (PiSSA/OLoRA residual, CorDA/LoRA-GA residual, LoftQ's Q): a second
+            # such load would rewrite the already rewritten base, and the sources would not share one base.
+            raise UsageError(f"{d} was initialised with init_lora_weights={init!r} and saved as created, so it works "
+                             "on its own rewritten base only; save it with path_initial_model_for_weight_conversion "
+                             "(a plain LoRA for the original base; deltatune train does) before combining it")
         common.check_adapter_weights(d)
     base, tokenizer = common.load_model(spec, labels=labels or run.get("labels"), device=torch.device("cpu"))
     base_quant = common.run_quantize(run, args.quantize) if args.merge_into_base else None

@@ -237,13 +237,13 @@ def _combined_config(configs: dict[str, LoraConfig], first: str, new_rank: int,
                      targets: set[str] | str) -> LoraConfig:
     """The first source's config with ``r = lora_alpha = new_rank`` (scaling 1) and the joined targets.
 
-    Unlike PEFT, rsLoRA is switched off (PEFT keeps it, which scales the result by ``sqrt(r)``) and a PiSSA/OLoRA
-    init becomes the plain one (the new adapter's factors are overwritten; re-running PiSSA would rewrite the
-    base weights).
+    Unlike PEFT, rsLoRA is switched off (PEFT keeps it, which scales the result by ``sqrt(r)``) and any init other
+    than the plain ones becomes ``True``: the new adapter's factors are overwritten anyway, and re-running PiSSA,
+    OLoRA, CorDA, LoRA-GA or LoftQ would rewrite the base weights (or, for the data-driven ones, need their data).
     """
     source = configs[first]
     init = source.init_lora_weights
-    if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+    if init not in (True, False, "gaussian"):
         init = True
     return dataclasses.replace(
         source, r=new_rank, lora_alpha=new_rank, target_modules=targets, alpha_pattern={}, rank_pattern={},
