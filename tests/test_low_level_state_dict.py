@@ -157,3 +157,13 @@ def test_fsdp_wrapped_model_round_trip():
             torch.testing.assert_close(wrapped_fresh(X), reference)
     finally:
         dist.destroy_process_group()
+
+
+def test_get_submodules_returns_parent_target_and_name_as_peft():
+    from peft.utils import _get_submodules as peft_get
+
+    from deltatune.utils import _get_submodules
+
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
+    ours, theirs = _get_submodules(model, "0.1"), peft_get(model, "0.1")
+    assert ours[0] is theirs[0] is model[0] and ours[1] is theirs[1] is model[0][1] and ours[2] == theirs[2] == "1"

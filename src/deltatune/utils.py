@@ -105,6 +105,15 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
+def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    """``(parent, target, target_name)`` of the submodule at dotted path ``key``: PEFT's helper (private by its
+    underscore, yet imported by code written against PEFT, its own tests included), kept under its name and order."""
+    from deltatune.core.tuner import get_submodule_parent
+
+    parent, name = get_submodule_parent(model, key)
+    return parent, model.get_submodule(key), name
+
+
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """``weight.T`` when the layer stores it as ``(in, out)`` (GPT-2's ``Conv1D``, ``fan_in_fan_out=True``)."""
     return weight.T if fan_in_fan_out else weight
