@@ -15,11 +15,13 @@ with the norm detached (the paper's section 4.3), which PEFT computes as
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.config import PeftWarning
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError, MergeError
 from deltatune.lora.alora import MERGE_REFUSAL, alora_forward
@@ -428,6 +430,14 @@ def _unchanged(source: tuple, values: tuple, tensors: list[torch.Tensor]) -> boo
                     for t, o, v, p in zip(tensors, old_tensors, versions, pointers)))
 
 
+class LoraBiasMergeError(MergeError, RuntimeError):
+    """Merging a ``lora_bias`` adapter into a base layer without a bias (a ``RuntimeError`` too, as PEFT raises)."""
+
+
+class GroupedConvMergeError(MergeError, NotImplementedError):
+    """Merging LoRA into a grouped convolution: not defined (a ``NotImplementedError`` too, as PEFT raises)."""
+
+
 class LoraLayer(AdapterLayer):
     """Shared LoRA bookkeeping; :class:`LoraLinear`, :class:`LoraEmbedding`, :class:`LoraConv` add the math."""
 
@@ -478,7 +488,11 @@ class LoraLayer(AdapterLayer):
             self.use_alora[adapter_name] = True
         else:
             self.use_alora.pop(adapter_name, None)
-        self._create_adapter(adapter_name, r, lora_bias)
+        self._create_adapter(adapter_name, r, lora_bias)  # refuses lora_bias where it cannot train (Embedding)
+        if lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(  # PEFT's warning (and category): the adapter trains, but cannot be merged
+                f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} has no "
+                "bias. This means that merging LoRA weights won't be possible.", PeftWarning, stacklevel=4)
         self._place_adapter(adapter_name)
         self._init_weights(adapter_name, init_lora_weights)
         if use_dora:
@@ -736,20 +750,25 @@ class LoraLayer(AdapterLayer):
             weight = self._take_out(weight, name)
         return weight
 
+    def _check_bias_mergeable(self, adapter_name: str) -> None:
+        """Refuse merging a ``lora_bias`` adapter into a base layer without a bias, before anything is written."""
+        if self.lora_bias.get(adapter_name) and getattr(self.base_layer, "bias", None) is None:
+            raise LoraBiasMergeError(
+                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias "
+                f"({type(self.base_layer).__name__}); keep adapter {adapter_name!r} unmerged")
+
     def merged_bias(self, bias: torch.Tensor | None, adapter_name: str) -> torch.Tensor | None:
         """``b + s · b_B`` for a ``lora_bias`` adapter (a new tensor), else ``None``: the bias is not merged."""
         if not self.lora_bias.get(adapter_name):
             return None
-        if bias is None:
-            raise MergeError("lora_bias=True needs a base layer with a bias to merge into; use unmerged inference")
+        self._check_bias_mergeable(adapter_name)
         return bias + self.lora_B[adapter_name].bias.detach().to(bias.dtype) * self.scaling[adapter_name]
 
     def _merge_bias(self, adapter_name: str, sign: int) -> None:
         if not self.lora_bias.get(adapter_name):
             return
-        base_bias = getattr(self.base_layer, "bias", None)
-        if base_bias is None:
-            raise MergeError("lora_bias=True needs a base layer with a bias to merge into; use unmerged inference")
+        self._check_bias_mergeable(adapter_name)
+        base_bias = self.base_layer.bias
         base_bias.data += sign * self.lora_B[adapter_name].bias.data * self.scaling[adapter_name]
 
 
@@ -864,6 +883,7 @@ class LoraLinear(LoraLayer):
     def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if self.use_alora.get(adapter_name):
             raise MergeError(f"adapter {adapter_name!r} cannot be merged: {MERGE_REFUSAL}; keep it unmerged")
+        self._check_bias_mergeable(adapter_name)  # before merge() writes the weight
         delta = self.get_delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora[adapter_name]:
             return weight + delta
@@ -1026,6 +1046,14 @@ class LoraEmbedding(LoraLayer):
 
     ``y = W[ids] + s · A^T[ids] B^T`` with ``lora_embedding_A: (r, num_embeddings)`` and
     ``lora_embedding_B: (dim, r)``: a row lookup in ``A^T`` then a rank-``r`` projection.
+
+    DoRA (as PEFT defines it for embeddings) normalises each embedding *dimension* (a column of ``W``, over the
+    whole vocabulary), so the magnitude ``m`` is ``(dim,)``::
+
+        y = m / ||W + ΔW||_col · (W + ΔW)[ids],   ΔW = s · (B A)^T: (num, dim),   ||·||_col: (dim,)
+
+    with the norm detached. A base that scales its output (Gemma's ``embed_scale``: ``y = c · W[ids]``) scales the
+    adapter's part by the same ``c``, so merged equals unmerged.
     """
 
     def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
@@ -1039,6 +1067,57 @@ class LoraEmbedding(LoraLayer):
         b, a = self.lora_embedding_B[adapter_name], self.lora_embedding_A[adapter_name]
         return (b @ a).T * self.scaling[adapter_name]
 
+    def _embed_scale(self) -> torch.Tensor | None:
+        """The scalar the base embedding multiplies its output by (``embed_scale``, e.g. Gemma 3's
+        ``TextScaledWordEmbedding``), or ``None``. A non-scalar ``embed_scale`` is not applied (PEFT's rule, with
+        its warning)."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if scale is None:
+            return None
+        if isinstance(scale, (int, float)):
+            w = self.base_layer.weight
+            return torch.tensor(scale, device=w.device, dtype=w.dtype)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return scale
+        if isinstance(scale, torch.Tensor):
+            from deltatune.config import PeftWarning
+
+            warnings.warn(f"Found embed_scale attribute with shape {tuple(scale.shape)}, expected scalar. Embedding "
+                          "scaling will not be applied to the adapter's output", PeftWarning, stacklevel=3)
+        return None
+
+    def _init_dora(self, adapter_name: str) -> None:
+        """``m = ||W + ΔW||_col: (dim,)``, so the new adapter starts as the identity."""
+        with torch.no_grad():
+            w = self.base_layer.weight.float() + self.get_delta_weight(adapter_name).float()   # (num, dim)
+            magnitude = w.norm(p=2, dim=0).to(self.lora_embedding_A[adapter_name].dtype)       # (dim,)
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
+
+    def _dora_scale(self, adapter_name: str) -> torch.Tensor:
+        """``m / ||W + ΔW||_col`` with the norm detached: ``(dim,)`` (computed in the wider of the base's and the
+        adapter's dtypes, as PEFT does)."""
+        with torch.no_grad():
+            norm = (self.base_layer.weight + self.get_delta_weight(adapter_name)).norm(p=2, dim=0)
+        magnitude = self.lora_magnitude_vector[adapter_name].weight
+        return magnitude / norm.to(magnitude.dtype)
+
+    def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter_name).to(weight.dtype)
+        if not self.use_dora[adapter_name]:
+            return weight + delta
+        # the norm forward uses: of the base without the adapters merged before this one (see LoraLinear)
+        norm = (self._unmerged_base_weight().to(weight.dtype) + delta).norm(p=2, dim=0)
+        self._dora_norms[adapter_name] = norm
+        scale = self.lora_magnitude_vector[adapter_name].weight.to(weight.dtype) / norm
+        return (weight + delta) * scale[None, :]
+
+    def _take_out(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter_name).to(weight.dtype)
+        if not self.use_dora[adapter_name]:
+            return weight - delta
+        scale = self.lora_magnitude_vector[adapter_name].weight.to(weight.dtype) / self._dora_norms[adapter_name]
+        return weight / scale[None, :] - delta
+
     def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         e = self.base_layer
         return F.embedding(ids, table, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
@@ -1051,12 +1130,17 @@ class LoraEmbedding(LoraLayer):
                               num, dim, x.device)
         if stacks is None:
             return result
-        _, index, rank, (a_all, b_all, _, _) = stacks
+        present, index, rank, (a_all, b_all, _, scale_all) = stacks
         ids = x.reshape(x.shape[0], -1)
         h = a_all[:, :rank].transpose(1, 2)[index[:, None], ids]                    # (batch, T, rank)
         b_rows = b_all.index_select(0, index)                                       # (batch, dim, r_max)
         b_rows = b_rows[:, :, :rank] if rank < b_rows.shape[2] else b_rows          # see _gather_rows
         delta = torch.bmm(h, b_rows.transpose(1, 2))                                # (batch, T, dim)
+        if (c := self._embed_scale()) is not None:
+            delta = delta * c.to(delta.dtype)
+        out = result.reshape(delta.shape)
+        if any(self.use_dora.get(n) for n in present):  # y_i = (m_i / n_i) ⊙ (c W[ids_i] + c ΔW_i[ids_i])
+            return (scale_all[index][:, None, :] * (out + delta)).reshape(result.shape).to(result.dtype)
         return result + delta.reshape(result.shape).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -1065,10 +1149,19 @@ class LoraEmbedding(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        out_dtype = result.dtype
+        embed_scale = self._embed_scale()
         for name in self._active_lora():
             a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            result = result + ((self._embed(x, a.T) @ b.T) * self.scaling[name]).to(result.dtype)
-        return result
+            delta = (self._embed(x, a.T) @ b.T) * self.scaling[name]                # (..., dim)
+            if embed_scale is not None:
+                delta = delta * embed_scale.to(delta.dtype)
+            if self.use_dora[name]:  # rescale the running output (base + earlier adapters), as PEFT does
+                scale = self._dora_scale(name)
+                result = scale * result + scale * delta
+            else:
+                result = result + delta.to(result.dtype)
+        return result.to(out_dtype)
 
 
 class LoraConv(LoraLayer):
@@ -1079,6 +1172,16 @@ class LoraConv(LoraLayer):
     def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         base = self.base_layer
         conv = type(base)
+        if base.groups > 1:
+            # B is a grouped 1x1 conv (r -> out in `groups` groups): r must split evenly, as in PEFT.
+            if r % base.groups:
+                raise ConfigError(
+                    f"Targeting a {conv.__name__} with groups={base.groups} and rank {r}. Currently, support is "
+                    "limited to conv layers where the rank is divisible by groups. Either choose a different rank "
+                    "or do not target this specific layer."
+                )
+            warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.",
+                          stacklevel=4)
         ones = (1,) * (base.weight.dim() - 2)
         self.lora_A[adapter_name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
                                          dilation=base.dilation, bias=False)
@@ -1086,15 +1189,32 @@ class LoraConv(LoraLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         if self.base_layer.groups > 1:
-            raise MergeError("merging LoRA into a grouped convolution (groups > 1) is not supported")
+            raise GroupedConvMergeError(
+                "merging LoRA into a grouped convolution (groups > 1) is not supported: A mixes every input channel, "
+                "which a grouped weight cannot hold; keep the adapter unmerged")
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
         return delta * self.scaling[adapter_name]
 
+    def _dora_delta(self, adapter_name: str) -> torch.Tensor:
+        """The ``ΔW: (out, in/groups, *kernel)`` whose ``||W + ΔW||_row`` DoRA divides by.
+
+        With ``groups == 1`` it is the update itself (:meth:`get_delta_weight`). A grouped base has no such update
+        (``A`` reads every input channel), so the norm takes PEFT's definition, which files trained there rely on:
+        ``s · B A`` with ``B: (out, r/groups)`` read row-major as ``(out/groups, r)``, ``A`` as ``(r, in·k)``, and
+        the ``(out/groups, in·k)`` product laid out as ``W``'s shape.
+        """
+        if self.base_layer.groups == 1:
+            return self.get_delta_weight(adapter_name)
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        r = a.shape[0]
+        product = b.reshape(-1, r) @ a.reshape(r, -1)                               # (out/groups, in·k)
+        return product.reshape(self.base_layer.weight.shape) * self.scaling[adapter_name]
+
     def _init_dora(self, adapter_name: str) -> None:
         with torch.no_grad():
             w = self.base_layer.weight.float()
-            norm = _row_norm(w + self.get_delta_weight(adapter_name).float())
+            norm = _row_norm(w + self._dora_delta(adapter_name).float())
         # PEFT keeps the conv magnitude shaped (1, out, 1, ...); the same shape keeps files compatible.
         shape = (1, -1) + (1,) * (w.dim() - 2)
         magnitude = norm.view(shape).to(self.lora_A[adapter_name].weight.dtype)
@@ -1103,11 +1223,12 @@ class LoraConv(LoraLayer):
     def _dora_scale(self, adapter_name: str) -> torch.Tensor:
         with torch.no_grad():
             w = self.base_layer.weight
-            norm = _row_norm(w + self.get_delta_weight(adapter_name).to(w.dtype))
+            norm = _row_norm(w + self._dora_delta(adapter_name).to(w.dtype))
         magnitude = self.lora_magnitude_vector[adapter_name].weight
         return magnitude / norm.view(magnitude.shape).to(magnitude.dtype)  # (1, out, 1, ...)
 
     def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        self._check_bias_mergeable(adapter_name)  # before merge() writes the weight
         delta = self.get_delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora[adapter_name]:
             return weight + delta
