@@ -68,13 +68,14 @@ def test_bad_config(kwargs, match):
 
 
 def test_r_is_not_used_and_says_so():
-    with pytest.warns(UserWarning, match="use init_r|set the starting rank with init_r"):
+    # PEFT's text (filters written for PEFT's warning catch it), naming the fix
+    with pytest.warns(UserWarning, match=r"^Note that `r` is not used in AdaLora and will be ignored\..*use `init_r`"):
         dt.AdaLoraConfig(total_step=10, r=4)
 
 
 def test_second_trainable_adapter_is_refused():
     model = adalora_model()
-    with pytest.raises(ConfigError, match="one adapter at a time.*inference_mode=True"):
+    with pytest.raises(ConfigError, match="AdaLoraModel supports only 1 trainable adapter.*inference_mode=True"):
         model.add_adapter("other", dt.AdaLoraConfig(total_step=15, target_modules=["branch.0"]))
     assert list(model.peft_config) == ["default"]  # nothing half-added
     assert not any("other" in n for n, _ in model.named_parameters())

@@ -72,7 +72,7 @@ def init_shared(adapter_model: nn.Module, adapter_name: str, config: AdaLoraConf
               if n != adapter_name and c.peft_type == PeftType.ADALORA and not c.inference_mode]
     if others:
         raise ConfigError(
-            f"AdaLoRA trains one adapter at a time and {others[0]!r} is already trainable; add {adapter_name!r} "
+            f"AdaLoraModel supports only 1 trainable adapter: {others[0]!r} is already trainable; add {adapter_name!r} "
             "with inference_mode=True (or load it with is_trainable=False), or delete_adapter() the other first"
         )
     return {"allocator": RankAllocator(adapter_name, config)}

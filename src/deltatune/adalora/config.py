@@ -120,8 +120,9 @@ class AdaLoraConfig(LoraConfig):
                 "small random P, Q (True), or all random for tests (False)"
             )
         if self.r != 8:  # LoraConfig's default
-            warnings.warn("AdaLoraConfig.r is not used by AdaLoRA; set the starting rank with init_r",
-                          stacklevel=6)
+            # PEFT's text, so filters and tests written for PEFT's warning catch this one
+            warnings.warn("Note that `r` is not used in AdaLora and will be ignored. If you intended to set the "
+                          "initial rank, use `init_r` instead.", stacklevel=6)
         ignored = [name for name, default in (("use_rslora", False), ("lora_bias", False))
                    if getattr(self, name) != default]
         if self.alpha_pattern:

@@ -11,8 +11,27 @@ import copy
 import torch
 from torch import nn
 
+from deltatune.errors import ConfigError, DeltatuneError
+
 # the wrapper's own state: never delegated, so a half-built wrapper (deepcopy, unpickling) cannot recurse
 _OWN = frozenset({"original_module", "modules_to_save", "active_adapter", "disable_adapters"})
+
+
+class ModulesToSaveTypeError(DeltatuneError, TypeError):
+    """``modules_to_save`` named a module it cannot train as a whole (a container, or an adapter layer)."""
+
+
+def _check_module(module: nn.Module) -> None:
+    """Refuse what a trained copy cannot stand in for, as PEFT does (``TypeError``): containers have no ``forward``
+    to run (``ModuleDict``/``ModuleList``/``ParameterDict``/``ParameterList``), and an adapter layer's copy would
+    train the frozen base weight beside the adapter."""
+    from deltatune.core.layer import AdapterLayer
+
+    containers = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+    if isinstance(module, (*containers, AdapterLayer)):
+        raise ModulesToSaveTypeError(
+            f"modules_to_save cannot be applied to modules of type {type(module)}: name the modules inside it "
+            "(e.g. 'layers.0'), or leave an adapted layer to its adapter")
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -27,6 +46,7 @@ class ModulesToSaveWrapper(nn.Module):
 
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()
+        _check_module(module)
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
@@ -38,8 +58,22 @@ class ModulesToSaveWrapper(nn.Module):
     def update(self, adapter_name: str) -> None:
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
 
+    def check_set_adapter(self, adapter_names: str | list[str]) -> str | None:
+        """The copy ``set_adapter(adapter_names)`` would run (``None``: the original), or a ``ValueError`` (PEFT's
+        text) when two of the names have a copy here: copies replace the module, they do not add up, so two
+        adapters cannot be active on one module at once."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        here = [n for n in names if n in self.modules_to_save]
+        if len(here) > 1:
+            raise ConfigError(
+                f"Only one adapter can be set at a time for {type(self).__name__}, got {len(here)} ({here}): their "
+                "modules_to_save copies of the same module cannot run together; activate one of them, or give the "
+                "adapters different modules_to_save")
+        return here[0] if here else None
+
     def set_adapter(self, adapter_names: str | list[str], trainable: bool = True) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.check_set_adapter(names)  # before anything changes
         active = [n for n in names if n in self.modules_to_save]
         for name, module in self.modules_to_save.items():
             module.requires_grad_(trainable and name in active)
