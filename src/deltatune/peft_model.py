@@ -300,10 +300,15 @@ class PeftModel(nn.Module):
         if self._is_prompt_learning or peft_config.is_prompt_learning:
             _prompt.add_adapter(self, adapter_name, peft_config)  # refuses to mix the two families
             return
+        # As PEFT: adding an adapter leaves every existing tensor's requires_grad as it was (a base weight the user
+        # unfroze, an adapter tensor they froze); the new, inactive adapter starts frozen.
+        existing = [(p, p.requires_grad) for p in self.parameters()]
         self.base_model.inject_adapter(adapter_name, peft_config)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         _warn_unmatched_patterns(self.base_model, adapter_name, peft_config)
         self.base_model.set_adapter(self.active_adapter)
+        for p, flag in existing:
+            p.requires_grad_(flag)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
         """With ``autocast_adapter_dtype=False`` put ``adapter_name``'s layer tensors in their base layer's dtype.
@@ -659,7 +664,10 @@ class PeftModel(nn.Module):
         except BaseException:
             self._remove_adapter(adapter_name)
             raise
-        self.set_adapter(self.active_adapter)
+        # As PEFT: the other tensors keep their requires_grad (add_adapter keeps them), and the new adapter, not
+        # made active, trains only when asked to (is_trainable=True).
+        if is_trainable and not self._is_prompt_learning:
+            self.set_requires_grad(adapter_name, True)
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     def _load_weights(self, weights: dict[str, torch.Tensor], adapter_name: str) -> None:
