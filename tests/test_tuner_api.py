@@ -213,14 +213,31 @@ def test_set_adapter_inference_mode_freezes_as_peft():
     assert ours.active_adapter == "other"
 
 
+def test_set_adapter_trains_an_inference_mode_adapter_as_peft():
+    """PEFT's ``set_adapter`` makes the adapter trainable whatever its config's ``inference_mode`` (the AdaLoRA
+    recipe: a second adapter added with ``inference_mode=True``, trained later); adding it leaves it frozen."""
+    frozen = {**LORA, "inference_mode": True}
+    ours, theirs = _pair(LORA, second=frozen, cls="LoraConfig")
+    assert _grad_flags(ours) == _grad_flags(theirs)
+    assert not any(".other." in n for n, f in _grad_flags(ours).items() if f)
+    for model in (ours, theirs):
+        model.set_adapter("other")
+    assert _grad_flags(ours) == _grad_flags(theirs)
+    assert {n for n, f in _grad_flags(ours).items() if f} == {
+        f"base_model.model.{layer}.lora_{ab}.other.weight" for layer in ("lin0", "lin1") for ab in "AB"}
+
+
 def test_delete_merged_adapter_refused_as_peft():
     ours, theirs = _pair(LORA, second=LORA)
     for model in (ours, theirs):
         model.merge_adapter()
-    with pytest.raises(ValueError, match="merged"):
+    words = r"Cannot delete adapter\(s\) \['default'\] while they are merged\. Please unmerge them first"
+    with pytest.raises(ValueError, match=words):
         theirs.delete_adapter("default")
-    with pytest.raises(ValueError, match="merged"):
+    with pytest.raises(ValueError, match=words):
         ours.delete_adapter("default")
+    with pytest.raises(ValueError, match="Adapter nope does not exist"):
+        ours.delete_adapter("nope")
     assert set(ours.peft_config) == {"default", "other"}  # nothing changed
     merged = ours(X)
     ours.unmerge_adapter()

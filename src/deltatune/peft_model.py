@@ -335,7 +335,8 @@ class PeftModel(nn.Module):
                     item.to(weight.dtype)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
-        """Make ``adapter_name`` the active adapter; ``inference_mode=True`` (PEFT's flag) keeps it frozen."""
+        """Make ``adapter_name`` the active adapter and trainable, as PEFT's (even if its config is in inference
+        mode); ``inference_mode=True`` keeps it frozen."""
         if self._is_prompt_learning:
             _prompt.set_adapter(self, adapter_name)
             return
@@ -631,7 +632,7 @@ class PeftModel(nn.Module):
         except BaseException:
             peft_model._remove_adapter(adapter_name)
             raise
-        peft_model.set_adapter(adapter_name)
+        peft_model.set_adapter(adapter_name, inference_mode=not is_trainable)
         if not is_trainable:
             peft_model.eval()
         return peft_model

@@ -349,14 +349,20 @@ class AdapterModel(nn.Module):
         return {id(p) for p in self.adapter_parameters()}
 
     # ---- switching ---------------------------------------------------------------------------
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Make ``adapter_name`` (one name or several) the active adapter(s); only they get gradients, unless
-        ``inference_mode`` (PEFT's flag) or their config's ``inference_mode`` freezes them."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:
+        """Make ``adapter_name`` (one name or several) the active adapter(s); only they can get gradients.
+
+        ``inference_mode`` (PEFT's flag): ``True`` freezes them, ``False`` makes them trainable (what PEFT's
+        ``set_adapter`` does, whatever their configs say); ``None`` (the internal switches: adding, deleting,
+        re-enabling) leaves adapters whose config is in ``inference_mode`` frozen.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             if n not in self.peft_config:
-                raise AdapterNameError(f"no adapter named {n!r}; this model has {sorted(self.peft_config)}")
-        trainable = not inference_mode and not any(self.peft_config[n].inference_mode for n in names)
+                raise AdapterNameError(f"Adapter {n} does not exist; this model has {sorted(self.peft_config)}")
+        if inference_mode is None:
+            inference_mode = any(self.peft_config[n].inference_mode for n in names)
+        trainable = not inference_mode
         for _, module in self._wrappers():
             module.set_adapter(names, trainable=trainable)
         self.active_adapter = adapter_name
@@ -393,11 +399,12 @@ class AdapterModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` everywhere; layers left with no adapter return to the plain base layer."""
         if adapter_name not in self.peft_config:
-            raise AdapterNameError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
+            raise AdapterNameError(f"Adapter {adapter_name} does not exist; this model has {sorted(self.peft_config)}")
         merged = [name for name, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
-        if merged:  # PEFT refuses too: its update is inside the base weights, which the deletion would keep
-            raise MergeError(f"cannot delete adapter {adapter_name!r} while it is merged (e.g. into {merged[0]}); "
-                             "call unmerge_adapter() first, or merge_and_unload() to keep it in the weights")
+        if merged:  # PEFT refuses too (same words): its update is inside the base weights, which deletion would keep
+            raise MergeError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             f"first (merged into {merged[0]}...: unmerge_adapter(), or merge_and_unload() to keep "
+                             "it in the weights).")
         self._remove_adapter(adapter_name)
         remaining = list(self.peft_config)
         if adapter_name in self.active_adapters:
