@@ -231,7 +231,7 @@ def test_delete_merged_adapter_refused_as_peft():
     ours, theirs = _pair(LORA, second=LORA)
     for model in (ours, theirs):
         model.merge_adapter()
-    words = r"Cannot delete adapter\(s\) \['default'\] while they are merged\. Please unmerge them first"
+    words = r"Cannot delete adapter\(s\) \['default'\] while they are merged\. Please unmerge them first\."
     with pytest.raises(ValueError, match=words):
         theirs.delete_adapter("default")
     with pytest.raises(ValueError, match=words):

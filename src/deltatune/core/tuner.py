@@ -403,8 +403,8 @@ class AdapterModel(nn.Module):
         merged = [name for name, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
         if merged:  # PEFT refuses too (same words): its update is inside the base weights, which deletion would keep
             raise MergeError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
-                             f"first (merged into {merged[0]}...: unmerge_adapter(), or merge_and_unload() to keep "
-                             "it in the weights).")
+                             f"first. (It is merged into {merged[0]}...: call unmerge_adapter(), or merge_and_unload() "
+                             "to keep it in the weights.)")
         self._remove_adapter(adapter_name)
         remaining = list(self.peft_config)
         if adapter_name in self.active_adapters:
