@@ -133,14 +133,15 @@ class PromptEncoderConfig(PromptLearningConfig):
     """P-tuning (Liu et al., 2021): virtual tokens ``h: (n, d)`` pass through a small network ``f`` while
     training, ``P = f(h)``; only ``P`` is saved, so a loaded adapter is plain prompt tuning.
 
-    ``f`` is an MLP ``d -> H -> ... -> H -> d`` with ReLUs and ``encoder_num_layers`` hidden linear maps
-    (PEFT's network for the default 2), or a bidirectional LSTM followed by an MLP ``2H -> 2H -> d``.
+    ``f`` is PEFT's network: an MLP ``d -> H -> H -> d`` with ReLUs, or a bidirectional LSTM followed by an
+    MLP ``2H -> 2H -> d``.
 
     Args:
         encoder_reparameterization_type: ``MLP`` or ``LSTM``.
         encoder_hidden_size: ``H``; ``None`` uses ``token_dim``.
-        encoder_num_layers: Hidden layers of the MLP / stacked layers of the LSTM.
-        encoder_dropout: Dropout inside ``f`` (between LSTM layers; after each MLP hidden activation).
+        encoder_num_layers: Stacked layers of the LSTM. The MLP always has 2 hidden layers (as in PEFT, which
+            warns when this is not 2 for ``MLP``).
+        encoder_dropout: Dropout between the LSTM's layers (the MLP has none, as in PEFT).
     """
 
     encoder_reparameterization_type: PromptEncoderReparameterizationType | str = PromptEncoderReparameterizationType.MLP

@@ -1,15 +1,22 @@
 """The trainable parts of the virtual-token methods: modules that produce the prompt.
 
-Each encoder's ``forward`` returns the whole prompt table at once (no token indices: virtual token ``i`` is
-row ``i``). What a file stores is that table, the encoder's *output* (PEFT's ``prompt_embeddings``), so a
-loaded adapter needs no reparameterisation network: :meth:`load_prompt_embeddings` turns any encoder into
-a plain table holding the file's values.
+Each encoder is called as PEFT's is, ``enc(indices)``: ``indices: (B, n)`` (or ``(n,)``) of virtual-token ids
+give ``(B, n, width)`` (or ``(n, width)``), the rows of the prompt table picked by ``indices`` (P-tuning's
+LSTM reads them as a sequence). ``enc()`` with no indices returns the whole table ``(n, width)``: row ``i``
+is virtual token ``i`` (the same as ``enc(torch.arange(n))``), which is what deltatune's model code uses.
+
+What a file stores is that table, the encoder's *output* (PEFT's ``prompt_embeddings``), so a loaded adapter
+needs no reparameterisation network: :meth:`load_prompt_embeddings` turns any encoder into a plain table
+holding the file's values. As in PEFT, an encoder built from a config with ``inference_mode=True`` has no
+network at all (only ``embedding``, already the output's shape), and skips TEXT/SAMPLE_VOCAB initialisation.
+Parameter names are PEFT's (``embedding``, ``mlp_head``, ``lstm_head``, ``transform``), so state dicts match.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -23,19 +30,46 @@ from deltatune.prompt.config import (
     PromptTuningConfig,
 )
 
+# P-tuning's MLP always has this many hidden linear maps (PEFT's network, whatever encoder_num_layers says).
+MLP_HIDDEN_LAYERS = 2
+
+
+def _required(config: PromptLearningConfig, *names: str) -> None:
+    """An encoder built by hand (not by ``get_peft_model``, which fills these from the model) needs them set."""
+    missing = [n for n in names if getattr(config, n, None) is None]
+    if missing:
+        raise ConfigError(
+            f"{type(config).__name__} has {', '.join(f'{n}=None' for n in missing)}; an encoder built directly "
+            "needs them: pass them to the config (token_dim is the model's hidden size, num_layers its layer "
+            "count), or let get_peft_model() fill them from the model"
+        )
+
+
+def _total_virtual_tokens(config: PromptLearningConfig) -> int:
+    return config.num_virtual_tokens * (config.num_transformer_submodules or 1)
+
 
 class PromptTable(nn.Module):
-    """Base: ``n`` rows of width ``dim`` in ``embedding.weight``; ``forward()`` returns them, ``(n, dim)``.
+    """Base: ``n`` rows of width ``dim`` in ``embedding.weight``, and an optional network on top.
 
-    Subclasses may put a network on top while training; :meth:`load_prompt_embeddings` drops it.
+    ``forward(indices)`` looks rows up and runs them through :meth:`encode`; ``forward()`` does the same for
+    every row in order. Subclasses may put a network on top while training; :meth:`load_prompt_embeddings`
+    drops it.
     """
 
     def __init__(self, rows: int, dim: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(rows, dim)
 
-    def forward(self) -> torch.Tensor:
-        return self.embedding.weight
+    def forward(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """``indices: (B, n)`` or ``(n,)`` -> ``(B, n, width)`` or ``(n, width)``;
+        ``None``: all rows, ``(n, width)``."""
+        rows = self.embedding.weight if indices is None else self.embedding(indices)
+        return self.encode(rows)
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """The reparameterisation network, ``(..., n, dim) -> (..., n, width)``; the identity here."""
+        return rows
 
     def prompt_embeddings(self) -> torch.Tensor:
         """The tensor PEFT files as ``prompt_embeddings`` (detached, on the CPU)."""
@@ -61,17 +95,26 @@ class PromptTable(nn.Module):
 class PromptEmbedding(PromptTable):
     """Prompt tuning's table ``P: (total_virtual_tokens, token_dim)``, initialised per ``prompt_tuning_init``.
 
+    ``forward(indices: (B, n)) -> P[indices]: (B, n, token_dim)``.
+
     Args:
-        config: A filled :class:`PromptTuningConfig` (or its multitask subclass).
+        config: A :class:`PromptTuningConfig` (or its multitask subclass) with ``token_dim`` set.
         word_embeddings: The model's input embedding, ``E: (vocab, token_dim)`` (used by TEXT and SAMPLE_VOCAB).
+
+    Raises:
+        ConfigError: ``num_virtual_tokens``/``token_dim`` unset; a TEXT init whose tokenizer cannot load.
     """
 
     def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Module) -> None:
-        total = config.total_virtual_tokens
+        _required(config, "num_virtual_tokens", "token_dim")
+        total = _total_virtual_tokens(config)
         super().__init__(total, config.token_dim)
         init = config.prompt_tuning_init
+        if config.inference_mode:
+            return  # PEFT skips the init here: the weights come from a file
         if init == "SAMPLE_VOCAB":
-            ids = torch.randint(0, word_embeddings.weight.shape[0], (total,), device=word_embeddings.weight.device)
+            # drawn on the CPU generator, as PEFT does, so a seed picks PEFT's rows on any device
+            ids = torch.randint(0, word_embeddings.weight.shape[0], (total,)).to(word_embeddings.weight.device)
             self._copy_rows(word_embeddings, ids)
         elif init == "TEXT":
             ids = _text_token_ids(config)
@@ -108,30 +151,53 @@ def _text_token_ids(config: PromptTuningConfig) -> list[int]:
 
 
 class PromptEncoder(PromptTable):
-    """P-tuning: ``P = f(h)`` with trained inputs ``h: (total_virtual_tokens, token_dim)`` and ``f`` an MLP or a
-    bidirectional LSTM + MLP (see :class:`PromptEncoderConfig`). Shapes: ``f: (n, d) -> (n, d)``."""
+    """P-tuning: ``P = f(h)`` with trained inputs ``h: (total_virtual_tokens, token_dim)`` and ``f`` PEFT's network:
+
+    * ``MLP``: ``d -> H -> H -> d`` with ReLUs, ``mlp_head = [Linear, ReLU, Linear, ReLU, Linear]``. Exactly two
+      hidden maps: ``encoder_num_layers`` is ignored (with PEFT's warning) and so is ``encoder_dropout``.
+    * ``LSTM``: a bidirectional ``encoder_num_layers``-layer LSTM ``d -> 2H`` (``lstm_head``, dropout
+      ``encoder_dropout`` between its layers), then ``mlp_head = [Linear(2H, 2H), ReLU, Linear(2H, d)]``.
+
+    ``forward(indices: (B, n)) -> f(h[indices]): (B, n, d)``; the LSTM reads each row of ``indices`` as one
+    sequence, so ``forward()`` (all rows, in order) equals ``forward(torch.arange(n))``.
+
+    Args:
+        config: A :class:`PromptEncoderConfig` with ``token_dim`` set (``encoder_hidden_size`` ``None`` means
+            ``token_dim``). With ``inference_mode=True`` no network is built (PEFT's rule).
+        word_embeddings: Unused (deltatune's encoders share one signature); PEFT's takes only ``config``.
+    """
 
     def __init__(self, config: PromptEncoderConfig, word_embeddings: nn.Module | None = None) -> None:
-        super().__init__(config.total_virtual_tokens, config.token_dim)
-        d, hidden, p = config.token_dim, config.encoder_hidden_size, float(config.encoder_dropout)
+        _required(config, "num_virtual_tokens", "token_dim")
+        super().__init__(_total_virtual_tokens(config), config.token_dim)
+        # PEFT's attribute names, for code that reads them.
+        self.token_dim = self.input_size = self.output_size = config.token_dim
+        self.hidden_size = config.encoder_hidden_size or config.token_dim
+        self.total_virtual_tokens = _total_virtual_tokens(config)
+        self.encoder_type = config.encoder_reparameterization_type
+        d, hidden = self.token_dim, self.hidden_size
         self.lstm_head: nn.LSTM | None = None
-        if config.encoder_reparameterization_type == "LSTM":
-            self.lstm_head = nn.LSTM(input_size=d, hidden_size=hidden, num_layers=config.encoder_num_layers,
-                                     dropout=p if config.encoder_num_layers > 1 else 0.0,
+        self.mlp_head: nn.Sequential | None = None
+        if config.inference_mode:
+            return  # the file holds f's output; nothing to reparameterise
+        if self.encoder_type == "LSTM":
+            layers = config.encoder_num_layers
+            # torch applies LSTM dropout between layers only; 0 for one layer spares its "no effect" warning.
+            self.lstm_head = nn.LSTM(input_size=d, hidden_size=hidden, num_layers=layers,
+                                     dropout=float(config.encoder_dropout) if layers > 1 else 0.0,
                                      bidirectional=True, batch_first=True)
-            self.mlp_head: nn.Sequential | None = nn.Sequential(
-                nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, d))
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, d))
         else:
-            widths = [d] + [hidden] * config.encoder_num_layers
-            layers: list[nn.Module] = []
-            for w_in, w_out in zip(widths[:-1], widths[1:]):
-                layers += [nn.Linear(w_in, w_out), nn.ReLU()] + ([nn.Dropout(p)] if p > 0 else [])
-            self.mlp_head = nn.Sequential(*layers, nn.Linear(hidden, d))
+            if config.encoder_num_layers != MLP_HIDDEN_LAYERS:
+                warnings.warn(f"for MLP, the argument `encoder_num_layers` is ignored. Exactly {MLP_HIDDEN_LAYERS} "
+                              "MLP layers are used.", UserWarning, stacklevel=2)
+            self.mlp_head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                          nn.Linear(hidden, d))
 
-    def forward(self) -> torch.Tensor:
-        h = self.embedding.weight                              # (n, d)
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        h = rows                                  # (B, n, d), or (n, d): an unbatched sequence for the LSTM
         if self.lstm_head is not None:
-            h = self.lstm_head(h.unsqueeze(0))[0].squeeze(0)   # (n, 2H): both directions
+            h = self.lstm_head(h)[0]              # (B, n, 2H): both directions
         return self.mlp_head(h) if self.mlp_head is not None else h
 
     def _drop_network(self) -> None:
@@ -143,16 +209,26 @@ class PrefixEncoder(PromptTable):
     """Prefix tuning's keys and values, ``(num_virtual_tokens, num_layers * 2 * token_dim)``: row ``i`` holds
     virtual token ``i``'s key and value for every layer, in the order ``[K_0, V_0, K_1, V_1, ...]``, each
     ``token_dim = heads_kv * head_dim`` wide. With ``prefix_projection`` they are ``W_2 tanh(W_1 e)`` of trained
-    ``e: (n, token_dim)``."""
+    ``e: (n, token_dim)`` (``transform = [Linear(d, H), Tanh, Linear(H, 2 L d)]``).
+
+    ``forward(prefix: (B, n)) -> (B, n, num_layers * 2 * token_dim)``.
+
+    Args:
+        config: A :class:`PrefixTuningConfig` with ``token_dim`` and ``num_layers`` set. With
+            ``inference_mode=True`` there is no ``transform`` (PEFT's rule): ``embedding`` holds the keys
+            and values themselves.
+        word_embeddings: Unused (deltatune's encoders share one signature); PEFT's takes only ``config``.
+    """
 
     def __init__(self, config: PrefixTuningConfig, word_embeddings: nn.Module | None = None) -> None:
+        _required(config, "num_virtual_tokens", "token_dim", "num_layers")
         out = config.num_layers * 2 * config.token_dim
         self.prefix_projection = bool(config.prefix_projection)
-        if self.prefix_projection:
+        if self.prefix_projection and not config.inference_mode:
+            hidden = config.encoder_hidden_size or config.token_dim
             super().__init__(config.num_virtual_tokens, config.token_dim)
             self.transform: nn.Sequential | None = nn.Sequential(
-                nn.Linear(config.token_dim, config.encoder_hidden_size), nn.Tanh(),
-                nn.Linear(config.encoder_hidden_size, out))
+                nn.Linear(config.token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
             last = self.transform[-1]
         else:
             super().__init__(config.num_virtual_tokens, out)
@@ -163,9 +239,8 @@ class PrefixEncoder(PromptTable):
                 nn.init.zeros_(p)
         self._out_shape = (config.num_virtual_tokens, out)
 
-    def forward(self) -> torch.Tensor:
-        e = self.embedding.weight
-        return self.transform(e) if self.transform is not None else e
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.transform(rows) if self.transform is not None else rows
 
     def _drop_network(self) -> None:
         if self.transform is not None:
@@ -177,7 +252,8 @@ class MultitaskPromptEmbedding(PromptEmbedding):
     """Multitask prompt tuning: ``P_t = P ⊙ (u_t v_t)`` for each row's task ``t``.
 
     Shapes: ``P: (n_total, d)``, ``prefix_task_cols: (T, n_total, r)``, ``prefix_task_rows: (T, r, d)``;
-    ``forward(task_ids: (B,)) -> (B, n_total, d)``. Its files hold ``P`` itself (not a product) plus both
+    ``forward(indices: (B, n), task_ids: (B,)) -> P[indices] ⊙ (u_t v_t): (B, n, d)`` (PEFT's call);
+    ``forward(task_ids=...)`` uses all rows. Its files hold ``P`` itself (not a product) plus both
     factor tensors.
     """
 
@@ -185,17 +261,20 @@ class MultitaskPromptEmbedding(PromptEmbedding):
         super().__init__(config, word_embeddings)
         self.num_tasks = config.num_tasks
         total = config.total_virtual_tokens
-        self.prefix_task_cols = nn.Parameter(torch.randn(config.num_tasks, total, config.num_ranks) * 0.02)
-        self.prefix_task_rows = nn.Parameter(torch.randn(config.num_tasks, config.num_ranks, config.token_dim) * 0.02)
+        # torch.normal as PEFT draws them, so a seed gives PEFT's factors.
+        self.prefix_task_cols = nn.Parameter(torch.normal(0.0, 0.02, size=(config.num_tasks, total, config.num_ranks)))
+        self.prefix_task_rows = nn.Parameter(
+            torch.normal(0.0, 0.02, size=(config.num_tasks, config.num_ranks, config.token_dim)))
         if config.prompt_tuning_init in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"):
             self._init_from_source(config)
 
-    def forward(self, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, indices: torch.Tensor | None = None, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         if task_ids is None:
             raise ConfigError("multitask prompt tuning needs task_ids: pass task_ids=torch.tensor([...]) with one "
                               f"task index in [0, {self.num_tasks}) per batch row to forward() / generate()")
+        rows = self.embedding.weight.unsqueeze(0) if indices is None else self.embedding(indices)  # (1|B, n, d)
         task_matrix = self.prefix_task_cols[task_ids] @ self.prefix_task_rows[task_ids]  # (B, n, r) @ (B, r, d)
-        return self.embedding.weight.unsqueeze(0) * task_matrix                          # (B, n, d)
+        return rows * task_matrix                                                        # (B, n, d)
 
     def prompt_embeddings(self) -> torch.Tensor:
         return self.embedding.weight.detach().cpu()  # the shared prompt; the task factors are filed beside it

@@ -299,7 +299,7 @@ def _task_ids(task_ids: Any, encoder: PromptTable, batch: int, device: torch.dev
     if not isinstance(encoder, MultitaskPromptEmbedding):
         return None
     if task_ids is None:
-        return encoder(None)  # raises the "needs task_ids" error
+        return encoder(task_ids=None)  # raises the "needs task_ids" error
     ids = torch.as_tensor(task_ids, device=device).long().reshape(-1)
     if ids.numel() == 0 or batch % ids.numel():
         raise ConfigError(f"task_ids has {ids.numel()} entries for a batch of {batch} rows; give one task id per row")
@@ -313,7 +313,7 @@ def _task_ids(task_ids: Any, encoder: PromptTable, batch: int, device: torch.dev
 def soft_prompt(encoder: PromptTable, batch: int, task_ids: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """The prompt rows for a batch, ``(B, total_virtual_tokens, d)``, in the model's dtype."""
     if isinstance(encoder, MultitaskPromptEmbedding):
-        return encoder(task_ids).to(dtype)
+        return encoder(task_ids=task_ids).to(dtype)
     return encoder().to(dtype).unsqueeze(0).expand(batch, -1, -1)
 
 
