@@ -17,7 +17,7 @@ from deltatune.lora.mha import LoraMultiheadAttention
 from deltatune.lora.param import LoraParam
 from deltatune.lora.param import after_inject as _inject_parameters
 from deltatune.lora.param import prepare_config as _prepare_parameters
-from deltatune.lora.tying import tie_modules_to_save
+from deltatune.lora.tying import prepare_tied_targets, tie_lora_targets, tie_modules_to_save
 from deltatune.registry import Method, register
 from deltatune.trainable_tokens import add_token_adapters
 
@@ -57,10 +57,12 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, m
 def _prepare_config(model: nn.Module, config: LoraConfig) -> None:
     _prepare_parameters(model, config)  # target_parameters alone: no default target_modules
     check_creatable(model, config)
+    prepare_tied_targets(model, config)  # ensure_weight_tying: LoRA on the embedding, lm_head tied to it
 
 
 def _after_inject(adapter_model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
     _inject_parameters(adapter_model, adapter_name, config)  # target_parameters (MoE experts): LoraParam
+    tie_lora_targets(adapter_model, adapter_name, config)  # ensure_weight_tying: lm_head shares the embed's A/B
     tie_modules_to_save(adapter_model, adapter_name, config)  # ensure_weight_tying: lm_head follows the embed copy
     add_token_adapters(adapter_model, adapter_name, config)
 
