@@ -442,7 +442,8 @@ class LoraLayer(AdapterLayer):
     """Shared LoRA bookkeeping; :class:`LoraLinear`, :class:`LoraEmbedding`, :class:`LoraConv` add the math."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias", "use_alora")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias", "use_alora",
+                         "use_rslora")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
