@@ -80,7 +80,8 @@ def test_modules_to_save_keeps_lm_head_tied_like_peft(saved: list[str], tmp_path
 
 def test_without_ensure_weight_tying_the_copy_is_untied_like_peft() -> None:
     kw = dict(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
-    ours = get_peft_model(tied_llama(), LoraConfig(**kw))
+    with pytest.warns(UserWarning, match="a tied layer is part of the adapter, but `ensure_weight_tying` is not set"):
+        ours = get_peft_model(tied_llama(), LoraConfig(**kw))
     _train(ours)
     head, emb = _head_and_embedding(ours)
     assert head is not emb and torch.equal(head, tied_llama().lm_head.weight)
@@ -281,3 +282,28 @@ def test_ensure_weight_tying_without_tied_layers_warns() -> None:
     with pytest.warns(UserWarning, match="nothing to tie"):
         get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
                                                 ensure_weight_tying=True))
+
+
+def test_tied_lora_factors_survive_copies_and_second_adapter() -> None:
+    model = get_peft_model(tied_llama(), LoraConfig(r=2, target_modules=["lm_head"], ensure_weight_tying=True))
+    model.add_adapter("two", LoraConfig(r=4, target_modules=["lm_head"], ensure_weight_tying=True))
+    emb, head = _embedding_pair(model)
+    assert head.lora_A["two"].weight.shape == (4, 32) and head.lora_A["two"].weight.data_ptr() == \
+        emb.lora_embedding_B["two"].data_ptr()
+    with torch.no_grad():
+        for name in ("default", "two"):
+            emb.lora_embedding_A[name].normal_(std=0.5)
+    expected = model(input_ids=IDS).logits
+    model.set_adapter("two")
+    assert (model(input_ids=IDS).logits - expected).abs().max() > 1e-2  # each adapter its own tied pair
+    model.set_adapter("default")
+    import copy
+
+    twin = copy.deepcopy(model)  # deepcopy (and .to(dtype)) give each parameter its own tensor: re-tied on use
+    torch.testing.assert_close(twin(input_ids=IDS).logits, expected)
+    _assert_factors_tied(twin)
+    twin.double()
+    torch.testing.assert_close(twin(input_ids=IDS.clone()).logits.float(), expected, atol=1e-4, rtol=1e-4)
+    _assert_factors_tied(twin)
+    model.delete_adapter("two")
+    assert list(head.lora_A) == ["default"] and head.tied_adapters == {"default"}

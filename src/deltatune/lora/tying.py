@@ -242,6 +242,27 @@ class TiedLoraLinear(LoraLinear):
     def _tied(self, adapter_name: str) -> bool:
         return adapter_name in self.__dict__.get("tied_adapters", ())
 
+    def _keep_tied(self) -> None:
+        """Re-point the tied factors at the embedding's storage where a copy split them (``copy.deepcopy``,
+        ``model.to(dtype)`` and ``half()`` give every parameter its own tensor; the values are still equal). The
+        ``nn.Parameter`` objects stay, so an optimizer holding them keeps working."""
+        embedding = self.__dict__.get("tied_embedding")
+        for name in self.__dict__.get("tied_adapters", ()):
+            if embedding is None or name not in self.lora_A or name not in embedding.lora_embedding_A:
+                continue
+            for factor, source in ((self.lora_A[name].weight, embedding.lora_embedding_B[name]),
+                                   (self.lora_B[name].weight, embedding.lora_embedding_A[name])):
+                if factor.data_ptr() != source.data_ptr():
+                    factor.data = source.data.t()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._keep_tied()
+        return super().forward(x, *args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.__dict__.get("tied_adapters", set()).discard(adapter_name)
+
     def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if self._tied(adapter_name):
             return weight  # the embedding's merge wrote the one shared delta
@@ -253,6 +274,7 @@ class TiedLoraLinear(LoraLinear):
         return super().unmerged_weight(weight, adapter_name)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        self._keep_tied()
         names = self.active_adapters if adapter_names is None else adapter_names
         tied = [n for n in names if self._tied(n) and n in self.adapter_names()]
         if tied:  # the shared weight must hold the delta before this layer stops adding it
