@@ -307,3 +307,25 @@ def test_tied_lora_factors_survive_copies_and_second_adapter() -> None:
     _assert_factors_tied(twin)
     model.delete_adapter("two")
     assert list(head.lora_A) == ["default"] and head.tied_adapters == {"default"}
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "embed_tokens", "lm_head"]])
+def test_config_tie_word_embeddings_false_is_not_tied_like_peft(targets: list[str]) -> None:
+    """PEFT's rule (its issue #2944): ``config.tie_word_embeddings=False`` means no tie, even if the tensors are one."""
+    def base() -> nn.Module:
+        model = tied_llama()
+        model.config.tie_word_embeddings = False
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        return model
+
+    kw = dict(r=2, target_modules=list(targets), ensure_weight_tying=True)
+    with pytest.warns(UserWarning, match="no tied modules were found in the model"):
+        theirs = peft.get_peft_model(base(), peft.LoraConfig(**kw))
+    with pytest.warns(UserWarning, match="no tied modules were found in the model"):
+        ours = get_peft_model(base(), LoraConfig(**kw))
+    assert set(ours.peft_config["default"].target_modules) == set(theirs.peft_config["default"].target_modules)
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    emb, head = _embedding_pair(ours)
+    assert type(head).__name__ == "LoraLinear" and head.lora_A["default"].weight.shape == (2, 32)
+    if "embed_tokens" in targets:
+        assert head.lora_B["default"].weight.data_ptr() != emb.lora_embedding_A["default"].data_ptr()

@@ -34,7 +34,12 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 def _tied_outputs(model: nn.Module, weight: nn.Parameter) -> list[str]:
-    """Names of the output layers whose weight is ``weight`` (plain, or a ``modules_to_save`` wrapper's original)."""
+    """Names of the output layers whose weight is ``weight`` (plain, or a ``modules_to_save`` wrapper's original).
+
+    None where the model's config says ``tie_word_embeddings=False`` (PEFT's rule: the checkpoint disabled tying, even
+    if the tensors happen to be one)."""
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", None) is False:
+        return []
     out = []
     for name, module in model.named_modules():
         if ".original_module" in name or ".modules_to_save." in name or ".base_layer" in name:
@@ -76,15 +81,17 @@ def tie_modules_to_save(adapter_model: nn.Module, adapter_name: str, config) -> 
     tied = _tied_outputs(model, original.weight) if isinstance(original, nn.Embedding) else []
     if not tied:
         if getattr(config, "trainable_token_indices", None) is None:
-            warnings.warn("ensure_weight_tying=True, but no output layer of this model shares the input embedding's "
-                          "weight (tie_word_embeddings=False?); nothing to tie", stacklevel=4)
+            warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model (no "
+                          "output layer shares the input embedding's weight, or tie_word_embeddings=False); nothing "
+                          "to tie", stacklevel=4)
         return
     if not wants_tie and getattr(config, "target_modules_to_tie", None):
         return  # the LoRA factors were tied by tie_lora_targets
     if not wants_tie:
         if getattr(config, "trainable_token_indices", None) is None:
-            warnings.warn("ensure_weight_tying=True, but neither the embedding nor a layer tied to it is in "
-                          "modules_to_save or trainable_token_indices; nothing to tie", stacklevel=4)
+            warnings.warn("You have requested `ensure_weight_tying`, but no tied modules are added in either "
+                          "`modules_to_save` or `target_modules` (nor trainable_token_indices); nothing to tie",
+                          stacklevel=4)
         return
     if not isinstance(embed, ModulesToSaveWrapper):  # only the tied output layer was named: train the embedding
         adapter_model._wrap_modules_to_save(adapter_name, [embed_name])
