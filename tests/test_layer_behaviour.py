@@ -129,13 +129,20 @@ def test_two_active_adapters_with_copies_of_one_module_refused(overlap):
     second = ["layers.0.lin1"] if overlap == "same" else ["layers.2.lin1", "layers.1.lin1"]
     first = ["layers.0.lin1"] if overlap == "same" else ["layers.0.lin1", "layers.1.lin1"]
     errors = []
+    def state(model):
+        return {n: list(m.active_adapters) for n, m in model.named_modules()
+                if hasattr(m, "active_adapters") and m is not model and m is not model.base_model}
+
     for lib in (peft, dt):
         model = lib.get_peft_model(_base(), lib.LoraConfig(target_modules=["layers.0.lin0"], modules_to_save=first))
         model.add_adapter("other", lib.LoraConfig(target_modules=["layers.0.lin0"], modules_to_save=second))
+        before = state(model)
         with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper") as err:
             model.base_model.set_adapter(["default", "other"])
         errors.append(err.value)
     assert isinstance(errors[1], dt.errors.ConfigError)
+    # the refusal changed nothing: no layer was switched before the overlap was found (PEFT switches some first)
+    assert model.active_adapters == ["default"] and state(model) == before
     # distinct modules_to_save may be active together
     config = dt.LoraConfig(target_modules=["layers.0.lin0"], modules_to_save=["layers.0.lin1"])
     model = dt.get_peft_model(_base(), config)

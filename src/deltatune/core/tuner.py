@@ -261,7 +261,7 @@ class AdapterModel(nn.Module):
         validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterNameError(
-                f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
+                f"Adapter with name '{adapter_name}' already exists. Pick another name or delete_adapter() it first"
             )
         _check_single_bias_adapter(self.peft_config, adapter_name, config)
         method = method_for(config.peft_type)
@@ -363,7 +363,11 @@ class AdapterModel(nn.Module):
         if inference_mode is None:
             inference_mode = any(self.peft_config[n].inference_mode for n in names)
         trainable = not inference_mode
-        for _, module in self._wrappers():
+        wrappers = [module for _, module in self._wrappers()]
+        for module in wrappers:  # every refusal before any wrapper switches: no half-switched model
+            if isinstance(module, ModulesToSaveWrapper):
+                module.check_set_adapter(names)
+        for module in wrappers:
             module.set_adapter(names, trainable=trainable)
         self.active_adapter = adapter_name
 
