@@ -59,7 +59,7 @@ class MixedAdapterModel(AdapterModel):
         validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterNameError(
-                f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
+                f"Adapter with name '{adapter_name}' already exists. Pick another name or delete_adapter() it first"
             )
         method = method_for(config.peft_type)
         if method.prepare_config is not None:

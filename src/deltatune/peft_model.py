@@ -231,11 +231,12 @@ class PeftModel(nn.Module):
             yield
             return
         if self.training:
-            raise ConfigError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first")
+            raise ConfigError("Cannot pass `adapter_names` when the model is in training mode. (Mixed-adapter "
+                              "batches are for inference: call model.eval() first.)")
         unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
         if unknown:
-            raise AdapterNameError(f"adapter_names mentions {unknown}; this model has {sorted(self.peft_config)} "
-                                   "(use '__base__' for rows without an adapter)")
+            raise AdapterNameError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. This model "
+                                   f"has {sorted(self.peft_config)}; use '__base__' for rows without an adapter")
         layers = [m for m in self.modules() if hasattr(m, "row_adapters")]
         if any(isinstance(m, ModulesToSaveWrapper) for m in self.modules()):
             raise ConfigError("adapter_names does not support models with modules_to_save yet; run one adapter "

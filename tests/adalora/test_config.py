@@ -45,20 +45,20 @@ def test_file_round_trip_with_a_rank_pattern(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(), "total_step is required"),
-    (dict(total_step=0), "total_step must be a positive integer"),
+    (dict(), "`total_step` is None.*number of optimizer steps you will train"),
+    (dict(total_step=0), "supply a value > 0. .*total_step must be a positive integer"),
     (dict(total_step=-5), "total_step must be a positive integer"),
     (dict(total_step=10.5), "total_step must be a positive integer"),
     (dict(total_step=100, init_r=4, target_r=8), "target_r=8 is larger than init_r=4"),
-    (dict(total_step=100, tinit=60, tfinal=40), "leaves no budgeting phase"),
-    (dict(total_step=100, tinit=99, tfinal=5), "leaves no budgeting phase"),
+    (dict(total_step=100, tinit=60, tfinal=40), "budgeting phase.*tinit=60 \\+ tfinal=40 >= total_step=100"),
+    (dict(total_step=100, tinit=99, tfinal=5), "don't allow for a budgeting phase"),
     (dict(total_step=100, init_r=0), "init_r must be a positive integer"),
     (dict(total_step=100, deltaT=0), "deltaT must be a positive integer"),
     (dict(total_step=100, beta1=1.0), "beta1 must lie strictly between 0 and 1"),
     (dict(total_step=100, beta2=0.0), "beta2 must lie strictly between 0 and 1"),
-    (dict(total_step=100, orth_reg_weight=-0.1), "orth_reg_weight must be >= 0"),
+    (dict(total_step=100, orth_reg_weight=-0.1), "`orth_reg_weight` should be greater than or equal to 0"),
     (dict(total_step=100, tinit=-1), "tinit must be an integer >= 0"),
-    (dict(total_step=100, use_dora=True), "does not support DoRA"),
+    (dict(total_step=100, use_dora=True), "does not support DoRA.*use_dora=False"),
     (dict(total_step=100, init_lora_weights="pissa"), "init_lora_weights"),
     (dict(total_step=100, rank_pattern={"a.lora_E": [2, 3]}), "list of booleans"),
 ])

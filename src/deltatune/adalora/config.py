@@ -76,12 +76,15 @@ class AdaLoraConfig(LoraConfig):
     def _validate_schedule(self) -> None:
         if self.total_step is None:
             raise ConfigError(
-                "AdaLoraConfig.total_step is required: the number of optimizer steps you will train "
+                "AdaLoRA does not work when `total_step` is None, supply a value > 0. "
+                "AdaLoraConfig.total_step is the number of optimizer steps you will train "
                 "(e.g. len(train_dataloader) * epochs // grad_accum, or the trainer's max_steps); the rank "
                 "budget schedule runs from tinit to total_step - tfinal"
             )
         if not _is_int(self.total_step) or self.total_step <= 0:
-            raise ConfigError(f"AdaLoraConfig.total_step must be a positive integer, got {self.total_step!r}")
+            # PEFT's sentence for total_step <= 0; a non-integer is refused too (PEFT would fail later)
+            raise ConfigError("AdaLoRA does not work when `total_step` is None, supply a value > 0. "
+                              f"AdaLoraConfig.total_step must be a positive integer, got {self.total_step!r}")
         if not _is_int(self.init_r) or self.init_r <= 0:
             raise ConfigError(f"AdaLoraConfig.init_r must be a positive integer, got {self.init_r!r}; 12 is usual")
         if not _is_int(self.target_r) or self.target_r < 0:
@@ -97,8 +100,9 @@ class AdaLoraConfig(LoraConfig):
                 raise ConfigError(f"AdaLoraConfig.{name} must be an integer >= 0, got {value!r}")
         if self.tinit + self.tfinal >= self.total_step:
             raise ConfigError(
-                f"AdaLoraConfig: tinit={self.tinit} + tfinal={self.tfinal} >= total_step={self.total_step} "
-                "leaves no budgeting phase; decrease tinit/tfinal or increase total_step"
+                "The supplied schedule values don't allow for a budgeting phase. Decrease `tfinal`/`tinit` or "
+                f"increase `total_step`. (AdaLoraConfig: tinit={self.tinit} + tfinal={self.tfinal} >= "
+                f"total_step={self.total_step})"
             )
         if not _is_int(self.deltaT) or self.deltaT < 1:
             raise ConfigError(f"AdaLoraConfig.deltaT must be a positive integer (steps between re-masking), "
@@ -109,11 +113,13 @@ class AdaLoraConfig(LoraConfig):
                 raise ConfigError(f"AdaLoraConfig.{name} must lie strictly between 0 and 1, got {value!r}; "
                                   "0.85 is usual")
         if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
-            raise ConfigError(f"AdaLoraConfig.orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+            raise ConfigError("`orth_reg_weight` should be greater than or equal to 0, but the value passed is "
+                              f"{self.orth_reg_weight}")
 
     def _validate_layer_options(self) -> None:
         if self.use_dora:
-            raise ConfigError("AdaLoRA does not support DoRA (use_dora=True); use LoraConfig(use_dora=True)")
+            raise ConfigError("PeftType.ADALORA does not support DoRA. Set use_dora=False, or use "
+                              "LoraConfig(use_dora=True)")
         if self.init_lora_weights not in (True, False):
             raise ConfigError(
                 f"AdaLoraConfig.init_lora_weights={self.init_lora_weights!r}: AdaLoRA starts from Λ = 0 with "

@@ -33,6 +33,8 @@ class AdapterLayer(nn.Module):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    # What PEFT's safe_merge message calls a non-finite merged bias: "weights" (LoRA) or "bias" (IA3)
+    nan_bias_noun: str = "weights"
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -190,8 +192,8 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
             if self.merged:  # merged weights would run every row through the merged adapters
-                raise ConfigError("mixed-adapter batches (adapter_names) need unmerged adapters; call "
-                                  "unmerge_adapter() first")
+                raise ConfigError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                                  "`unmerge_adapter` first. (Mixed-adapter batches need unmerged adapters.)")
             return self._forward_rows(x, *args, **kwargs)
         return None
 
@@ -222,7 +224,9 @@ class AdapterLayer(nn.Module):
         where ``generate()`` expanded every input row (``num_beams``, ``num_return_sequences``)."""
         names = self.row_adapters
         if batch % len(names):
-            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
+            raise ConfigError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                              f"{len(names)} and {batch} respectively. (Or a divisor of it, as generate() expands "
+                              "each input row: give one adapter name per input row.)")
         repeat = batch // len(names)
         return [n for n in names for _ in range(repeat)]
 
@@ -312,9 +316,12 @@ class AdapterLayer(nn.Module):
                     else:
                         bias = bias if new_bias is None else new_bias
                         continue
+                    # PEFT's sentence first (code written for PEFT matches it); IA3 names the bias, LoRA does not
+                    noun = "bias" if what == "bias" and self.nan_bias_noun == "bias" else "weights"
                     raise MergeError(
-                        f"merging adapter {name!r} into {where or type(self.base_layer).__name__} would put NaN/Inf "
-                        f"in the {what}; the adapter's tensors are broken (check its training), nothing was merged"
+                        f"NaNs detected in the merged {noun}. The adapter {name} seems to be broken: merging it into "
+                        f"{where or type(self.base_layer).__name__} would put NaN/Inf in the {what}; check its "
+                        "training, nothing was merged"
                     )
         finally:
             for name in names:

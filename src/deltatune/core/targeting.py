@@ -161,7 +161,8 @@ def resolve_target_modules(model: nn.Module, config, defaults: dict[str, list[st
         if defaults is None or model_type not in defaults:
             known = ", ".join(sorted(defaults or {}))
             raise TargetModuleError(
-                f"no default target_modules for model_type={model_type!r}; pass target_modules=[...] "
+                "Please specify `target_modules` in `peft_config`: there is no default target_modules for "
+                f"model_type={model_type!r}; pass target_modules=[...] "
                 f"(module names or suffixes), a regex string, or 'all-linear'. Defaults exist for: {known}"
             )
         config.target_modules = set(defaults[model_type])
@@ -184,6 +185,10 @@ def find_targets(model: nn.Module, config, supported: tuple[type, ...] | None = 
     target = config.target_modules
     if not found:
         raise TargetModuleError(_no_match_message(names, config))
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude and not any(_matches(n, exclude) for n in names):  # likely a typo; PEFT's words
+        warnings.warn(f"You have passed exclude_modules={exclude} but no modules were excluded. Please check that "
+                      "exclude_modules was set correctly.", stacklevel=3)
     if not isinstance(target, str):
         unmatched = [t for t in sorted(target) if not any(n == t or n.endswith("." + t) for n in found)]
         if unmatched:
@@ -203,7 +208,33 @@ def find_targets(model: nn.Module, config, supported: tuple[type, ...] | None = 
 
 
 def _no_match_message(names: list[str], config) -> str:
+    """Why nothing matched: PEFT's sentence for its case (code written for PEFT matches it), then our hint.
+
+    PEFT tells four cases apart by the modules ``exclude_modules`` or ``modules_to_save`` took out
+    ("excluded") and the ones no pattern matched ("unmatched").
+    """
     target = config.target_modules
+    exclude, keep = getattr(config, "exclude_modules", None), getattr(config, "modules_to_save", None) or []
+    excluded = [n for n in names if (exclude and _matches(n, exclude)) or any(f".{m}." in f".{n}." for m in keep)]
+    if excluded and len(excluded) == len(names):
+        peft = ("All modules were excluded. This is likely unintended. Check your `target_modules`, "
+                "`exclude_modules` and `modules_to_save` configuration.")
+    elif excluded:
+        peft = ("No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+                "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                "configuration. You may also have only targeted modules that are marked to be saved "
+                "(`modules_to_save`).")
+    elif not target:
+        peft = ("No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+                "these arguments.")
+    else:
+        # a long list (PEFT saves "all-linear" as every module path) is shortened here, as in our hint below
+        listed = target if isinstance(target, str) or len(target) <= 8 else "{...}"
+        peft = f"Target modules {listed} not found in the base model. Please check the target modules and try again."
+    if not target:
+        return peft
+    if excluded:
+        return f"{peft} Excluded: {excluded[:8]}{' ...' if len(excluded) > 8 else ''}"
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     wanted = [target] if isinstance(target, str) else sorted(target)
     close: list[str] = []
@@ -215,4 +246,4 @@ def _no_match_message(names: list[str], config) -> str:
         extra = f" with layers_to_transform={config.layers_to_transform} (layers_pattern={config.layers_pattern})"
     hint = f"closest module names: {close}" if close else f"module names in this model: {suffixes[:30]}"
     shown = wanted if len(wanted) <= 8 else [*wanted[:5], f"... {len(wanted)} names in all"]
-    return f"target_modules={shown}{extra} matched no module in the model; {hint}"
+    return f"{peft} target_modules={shown}{extra} matched no module in the model; {hint}"

@@ -106,8 +106,9 @@ class IA3Config(PeftConfig):
         ff, targets = self.feedforward_modules, self.target_modules
         if isinstance(ff, set) and isinstance(targets, set) and not ff <= targets:
             raise ConfigError(
-                f"IA3Config.feedforward_modules {sorted(ff - targets)} are not in target_modules {sorted(targets)}; "
-                "every feedforward module must also be a target"
+                "`feedforward_modules` should be a subset of `target_modules`: IA3Config.feedforward_modules "
+                f"{sorted(ff - targets)} are not in target_modules {sorted(targets)}; every feedforward module must "
+                "also be a target"
             )
         if not isinstance(self.init_ia3_weights, bool):
             raise ConfigError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")

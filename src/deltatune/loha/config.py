@@ -21,11 +21,12 @@ def check_lycoris_fields(config: PeftConfig, cls_name: str) -> None:
         if not 0.0 <= float(value) < 1.0:
             raise ConfigError(f"{cls_name}.{name} must be in [0, 1), got {value!r}")
     if config.layers_pattern and config.layers_to_transform is None:
-        raise ConfigError("layers_pattern only makes sense with layers_to_transform; set both or neither")
+        raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
+                          "(layers_pattern only names where the layer index is; set both or neither)")
     if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
         raise ConfigError(
-            "layers_to_transform cannot be combined with a regex target_modules; put the layer indices into the "
-            "regex, or pass target_modules as a list of names"
+            "`layers_to_transform` cannot be used when `target_modules` is a str. Put the layer indices "
+            "into the regex, or pass target_modules as a list of names"
         )
 
 

@@ -118,8 +118,9 @@ def _check_modules_to_save(peft_model: PeftModel, adapters: Sequence[str]) -> No
     clashes = [name for name, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)
                and sum(a in m.modules_to_save for a in adapters) > 1]
     if clashes:
-        raise ConfigError(f"adapters {list(adapters)} each train their own copy of {clashes[:3]} "
-                          "(modules_to_save), which cannot be combined; combine adapters without shared "
+        raise ConfigError("Cannot add weighted adapters if they target the same module with modules_to_save, but "
+                          f"found {len(clashes)} such instance(s). Adapters {list(adapters)} each train their own "
+                          f"copy of {clashes[:3]}, which cannot be combined; combine adapters without shared "
                           "modules_to_save")
 
 

@@ -115,11 +115,15 @@ class LoraConfig(PeftConfig):
                 f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
                 "'pissa_niter_N', 'olora', 'orthogonal', 'mica', 'eva', 'corda', 'loftq' or 'lora_ga'"
             )
+        if isinstance(self.target_modules, str) and self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str. Put the layer "
+                              "indices into the regex, or pass target_modules as a list of names")
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern only makes sense with layers_to_transform; set both or neither")
+            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
+                              "(layers_pattern only names where the layer index is; set both or neither)")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError(
-                "layers_to_transform cannot be combined with a regex target_modules; put the layer indices "
+                "`layers_to_transform` cannot be used when `target_modules` is a str. Put the layer indices "
                 "into the regex, or pass target_modules as a list of names"
             )
         # Each of these changes what the adapter computes (or its tensors' shapes), so loading one as plain LoRA

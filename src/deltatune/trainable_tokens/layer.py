@@ -140,7 +140,8 @@ class TrainableTokensLayer(AdapterLayer):
         self._check_disjoint(names)
         for name in names:
             if not torch.isfinite(self._deltas()[name]).all():
-                raise MergeError(f"adapter {name!r} at {where or 'an embedding'} has NaN/Inf rows; nothing was merged")
+                raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken: its "
+                                 f"rows at {where or 'an embedding'} hold NaN/Inf; nothing was merged")
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         if safe_merge:

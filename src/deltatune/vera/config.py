@@ -67,11 +67,12 @@ class VeraConfig(PeftConfig):
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
             raise ConfigError(f"projection_prng_key must be an integer seed, got {self.projection_prng_key!r}")
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern only makes sense with layers_to_transform; set both or neither")
+            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
+                              "(layers_pattern only names where the layer index is; set both or neither)")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError(
-                "layers_to_transform cannot be combined with a regex target_modules; put the layer indices into the "
-                "regex, or pass target_modules as a list of names"
+                "`layers_to_transform` cannot be used when `target_modules` is a str. Put the layer indices "
+                "into the regex, or pass target_modules as a list of names"
             )
         if not self.save_projection:
             warnings.warn(
