@@ -95,7 +95,12 @@ def _set_module_rank(layer: LoraLayer, adapter_name: str, rank: int) -> None:
 
 def _check_paddable(name: str, layer: LoraLayer, adapter_name: str, rank: int) -> None:
     if isinstance(layer, LoraConv) and layer.base_layer.groups > 1:
-        raise ConfigError(f"{name}: LoRA on a grouped convolution (groups={layer.base_layer.groups}) cannot be "
+        groups = layer.base_layer.groups
+        # PEFT's sentence first where PEFT refuses too (a rank not divisible by groups)
+        peft = ("" if rank % groups == 0 else f"Trying to pad a Conv2d LoRA adapter with groups={groups} to target "
+                f"rank {rank}, but the target rank is not divisible by {groups}. Please choose a target rank that is "
+                f"divisible by {groups}. ")
+        raise ConfigError(f"{peft}{name}: LoRA on a grouped convolution (groups={groups}) cannot be "
                           "padded to another rank in deltatune; hot-swap only adapters of the same rank there")
     if not isinstance(layer, (LoraLinear, LoraConv, LoraEmbedding)):
         raise ConfigError(f"{name}: {type(layer).__name__} cannot be padded for hot-swapping (Linear, Conv, "
@@ -131,7 +136,9 @@ def prepare_model_for_compiled_hotswap(
             ``target_rank`` or an adapter whose rank exceeds it. Nothing is changed then.
     """
     if check_compiled not in ("error", "warn", "ignore"):
-        raise ConfigError(f"check_compiled must be 'error', 'warn' or 'ignore', got {check_compiled!r}")
+        # PEFT's text first (its typo "check_compiles" included), so PEFT's regexes match
+        raise ConfigError(f"check_compiles should be one of 'error', 'warn', or 'ignore', got '{check_compiled}' "
+                          "instead. Pass check_compiled='error', 'warn' or 'ignore'")
     if _is_compiled(model):
         message = ("prepare_model_for_compiled_hotswap was called on a compiled model; call it before torch.compile "
                    "(compiling afterwards avoids a recompilation)")

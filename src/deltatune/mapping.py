@@ -109,8 +109,9 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
                           "tokens, which need the wrapper: use get_peft_model")
     method = method_for(peft_config.peft_type)
     if method.shared_containers:
-        raise ConfigError(f"inject_adapter_in_model does not support {peft_config.peft_type}: its tensors are shared "
-                          "by every layer and kept on the wrapper; use get_peft_model")
+        raise ConfigError(f"`inject_adapter_in_model` does not support PeftType.{peft_config.peft_type} because it "
+                          "uses shared state stored on the tuner. Please use `get_peft_model` instead. (Its tensors "
+                          "are shared by every layer and kept on the wrapper.)")
     if state_dict is not None:
         peft_config = copy.copy(peft_config)
         peft_config.target_modules = _modules_named_in(state_dict, method.containers)

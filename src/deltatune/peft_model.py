@@ -456,6 +456,9 @@ class PeftModel(nn.Module):
             tokens = config.peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None)
             save_embedding_layers = targeted and not tokens
         base = self.get_base_model()
+        if save_embedding_layers and not hasattr(base, "get_input_embeddings"):  # PEFT's warning, verbatim
+            warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
+                          stacklevel=3)
         if not save_embedding_layers or not hasattr(base, "get_input_embeddings"):
             return {}
         out: dict[str, torch.Tensor] = {}

@@ -126,6 +126,12 @@ class LoraConfig(PeftConfig):
                 "`layers_to_transform` cannot be used when `target_modules` is a str. Put the layer indices "
                 "into the regex, or pass target_modules as a list of names"
             )
+        if self.lora_bias and self.init_lora_weights not in (True, False):  # PEFT refuses both at config time
+            raise ConfigError("The argument lora_bias=True is only supported with init_lora_weights=True or False, "
+                              f"got init_lora_weights={self.init_lora_weights} instead. (Set lora_bias=False, or "
+                              "init_lora_weights=True or False.)")
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         # Each of these changes what the adapter computes (or its tensors' shapes), so loading one as plain LoRA
         # would give another model: refused with the reason. eva/corda/lora_ga/loftq_config only describe how the
         # adapter was initialised; they are kept and saved back unchanged.

@@ -1059,7 +1059,8 @@ class LoraEmbedding(LoraLayer):
 
     def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         if lora_bias:
-            raise ConfigError("lora_bias=True is not supported on Embedding layers")
+            raise ConfigError("lora_bias=True is not supported for Embedding. (Set lora_bias=False or leave the "
+                              "embedding out of target_modules.)")
         num, dim = self.base_layer.weight.shape
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, num))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(dim, r))

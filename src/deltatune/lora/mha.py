@@ -83,8 +83,8 @@ class LoraMultiheadAttention(LoraLayer):
                      lora_bias: bool = False) -> None:
         """Create ``adapter_name`` on the packed projection and on ``out_proj`` (PEFT adapts both, always)."""
         if use_dora:
-            raise ConfigError("DoRA is not supported on nn.MultiheadAttention (nor in PEFT); set use_dora=False or "
-                              "leave this layer out of target_modules")
+            raise ConfigError("MultiheadAttention does not support DoRA (yet), please set use_dora to False. (Or "
+                              "leave this layer out of target_modules.)")
         if lora_bias:
             raise ConfigError("lora_bias is not supported on nn.MultiheadAttention; set lora_bias=False or leave "
                               "this layer out of target_modules")

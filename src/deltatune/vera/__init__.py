@@ -32,12 +32,18 @@ def _check_compatible(adapter_model: nn.Module, adapter_name: str, config: VeraC
     first, first_config = next(iter(others.items()))
     if first_config.projection_prng_key != config.projection_prng_key:
         raise ConfigError(
+            "Vera PRNG initialisation key must be the same for all adapters. Got "
+            f"config.projection_prng_key={config.projection_prng_key} but previous config had "
+            f"{first_config.projection_prng_key}. "
             f"VeRA adapter {adapter_name!r} has projection_prng_key={config.projection_prng_key} but adapter "
             f"{first!r} has {first_config.projection_prng_key}; all VeRA adapters of a model share one pair of "
             f"projections: use projection_prng_key={first_config.projection_prng_key}"
         )
     if first_config.save_projection != config.save_projection:
+        values = sorted({config.save_projection, first_config.save_projection})
         raise ConfigError(
+            "VeRA projection weights must be saved for all adapters or none, but got multiple different values: "
+            f"{values}. "
             f"VeRA adapter {adapter_name!r} has save_projection={config.save_projection} but adapter {first!r} has "
             f"{first_config.save_projection}; the shared projections are saved for all adapters or none"
         )
@@ -45,7 +51,10 @@ def _check_compatible(adapter_model: nn.Module, adapter_name: str, config: VeraC
     rank = container[first].shape[0] if container is not None and first in container else first_config.r
     if config.r > rank:
         raise ConfigError(
-            f"VeRA adapter {adapter_name!r} has r={config.r}, larger than the shared projections' rank {rank} (from "
+            f"vera_A has a size of {rank} but {config.r} or greater is required; this probably happened because an "
+            "additional VeRA adapter with a lower rank was added after the first one; loading the adapters in reverse "
+            f"order may solve this. VeRA adapter {adapter_name!r} has r={config.r}, larger than the shared "
+            f"projections' rank {rank} (from "
             f"adapter {first!r}); use r<={rank}, or add the adapter with the largest r first"
         )
 
