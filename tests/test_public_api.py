@@ -208,7 +208,7 @@ def test_targeted_module_names_match_peft() -> None:
 
 def test_status_of_a_prompt_model_is_a_clear_error() -> None:
     model = dt.get_peft_model(tiny_llama(), dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
-    with pytest.raises(dt.ConfigError, match="prompt-learning adapters .* have none"):
+    with pytest.raises(TypeError, match="(?s)invalid PeftModel instance.*prompt-learning adapters .* have none"):
         model.get_model_status()
     assert model.targeted_module_names == []
 
@@ -245,7 +245,7 @@ def test_status_functions_are_top_level_and_take_the_model() -> None:
     assert dt.get_model_status(ours) == ours.get_model_status()
     assert [s.name for s in dt.get_layer_status(ours)] == [s.name for s in ours.get_layer_status()]
     assert isinstance(ours.get_layer_status()[0], dt.TunerLayerStatus)
-    with pytest.raises(dt.ConfigError, match="no adapter layers"):
+    with pytest.raises(dt.ConfigError, match="No adapter layers found in the model"):
         dt.get_layer_status(tiny_llama())
 
 

@@ -90,7 +90,10 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     """PEFT's low-level API: put the adapter layers ``peft_config`` describes into ``model`` in place and return
     ``model`` itself (no ``PeftModel`` wrapper; the layers' keys then read ``<module>.lora_A.<adapter>.weight``).
 
-    Everything but the new adapter is frozen, as with ``get_peft_model``. ``state_dict``: when given, the layers to
+    Everything but the new adapter is frozen, as with ``get_peft_model``. The model gets PEFT's ``peft_config``
+    attribute, ``{adapter_name: peft_config}`` (a later injection adds its entry, with PEFT's warning).
+    ``low_cpu_mem_usage=True`` (PEFT's): the new adapter's tensors are created empty, on the meta device; load its
+    weights with ``set_peft_model_state_dict`` before using the model. ``state_dict``: when given, the layers to
     adapt are those its keys name (only the keys are read, not the values), for checkpoints whose config does not
     say which modules were targeted. Load weights afterwards with ``model.load_state_dict(..., strict=False)``.
 
@@ -112,11 +115,42 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         raise ConfigError(f"`inject_adapter_in_model` does not support PeftType.{peft_config.peft_type} because it "
                           "uses shared state stored on the tuner. Please use `get_peft_model` instead. (Its tensors "
                           "are shared by every layer and kept on the wrapper.)")
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict):  # PEFT's words: a second injection adds to the model's configs
+        warnings.warn("Already found a `peft_config` attribute in the model. This will lead to having multiple "
+                      "adapters in the model. Make sure to know what you are doing!", PeftWarning, stacklevel=2)
+    else:
+        configs = {}
+    config = peft_config
     if state_dict is not None:
-        peft_config = copy.copy(peft_config)
-        peft_config.target_modules = _modules_named_in(state_dict, method.containers)
-    AdapterModel(model, peft_config, adapter_name)  # replaces the targets inside ``model``; the wrapper is dropped
+        config = copy.copy(peft_config)
+        config.target_modules = _modules_named_in(state_dict, method.containers)
+    tuner = AdapterModel(model, config, adapter_name)  # replaces the targets inside ``model``; the wrapper is dropped
+    if low_cpu_mem_usage:
+        _make_empty(tuner, adapter_name)
+    # As PEFT, the model keeps its adapters' configs (the user's config objects): save_and_load's functions and
+    # get_model_status read them there.
+    configs[adapter_name] = peft_config
+    model.peft_config = configs
     return model
+
+
+def _make_empty(tuner: nn.Module, adapter_name: str) -> None:
+    """PEFT's ``low_cpu_mem_usage``: the new adapter's parameters go to the meta device (no memory, no values), to
+    be filled by loading its weights (``set_peft_model_state_dict`` puts the file's tensors in their place)."""
+    for _, layer in tuner.adapter_layers():
+        for attr in layer.adapter_layer_names:
+            container = getattr(layer, attr, None)
+            if container is None or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                container[adapter_name] = nn.Parameter(item.to("meta"), requires_grad=item.requires_grad)
+                continue
+            for module in item.modules():  # parameters only: buffers (index tables, ...) are not in the file
+                for name, param in list(module._parameters.items()):
+                    if param is not None:
+                        module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
 
 def _modules_named_in(state_dict: dict[str, torch.Tensor], containers: tuple[str, ...]) -> list[str]:

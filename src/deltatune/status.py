@@ -16,9 +16,14 @@ from torch import nn
 
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, DeltatuneError
 
 Irregular = Literal["irregular"]
+
+
+class NoAdapterLayersError(DeltatuneError, TypeError):
+    """The ``PeftModel``'s adapter is a prompt-learning one (virtual tokens), which has no layers to describe
+    (PEFT raises ``TypeError`` here too)."""
 
 
 @dataclass
@@ -80,14 +85,16 @@ def _quantization_backend(module: nn.Module) -> str | None:
     return "bnb 4bit" if "4bit" in name else "bnb 8bit" if "8bit" in name else name  # PEFT's backend names
 
 
-def _tuner_root(model: nn.Module) -> nn.Module:
+def _tuner_root(model: nn.Module, caller: str = "get_layer_status") -> nn.Module:
     """What to walk: ``PeftModel.base_model`` (so names match PEFT's) or a model adapted in place."""
     from deltatune.peft_model import PeftModel
 
     if isinstance(model, PeftModel):
         if model._is_prompt_learning:
-            raise ConfigError("get_layer_status()/get_model_status() describe adapter layers; prompt-learning "
-                              "adapters (prompt/prefix tuning, p-tuning) have none")
+            raise NoAdapterLayersError(
+                f"{caller}() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported. "
+                "(It describes adapter layers; prompt-learning adapters (prompt/prefix tuning, p-tuning) have none: "
+                "read model.peft_config instead.)")
         return model.base_model
     return model
 
@@ -97,7 +104,8 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     by :func:`deltatune.inject_adapter_in_model`).
 
     Raises:
-        ConfigError: the model holds no adapter layers, or its adapters are prompt-learning ones.
+        ConfigError: the model holds no adapter layers (a ``ValueError``, as PEFT's).
+        NoAdapterLayersError: its adapters are prompt-learning ones (a ``TypeError``, as PEFT's).
     """
     statuses: list[TunerLayerStatus] = []
     for name, module in _tuner_root(model).named_modules():
@@ -123,7 +131,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
             available.sort()
         statuses.append(TunerLayerStatus(
             name=name,
-            module_type=repr(module).partition("(")[0],
+            module_type=repr(module).partition("(")[0],  # PEFT's: "lora.Linear" (AdapterLayer._get_name)
             enabled=not module.disable_adapters,
             active_adapters=active,
             merged_adapters=merged,
@@ -133,7 +141,8 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
             quantization_backend=_quantization_backend(module),
         ))
     if not statuses:
-        raise ConfigError("the model holds no adapter layers: pass a PeftModel (get_peft_model / "
+        raise ConfigError("No adapter layers found in the model, please ensure that it's a PEFT model or that you have "
+                          "PEFT adapters injected in the model: pass a PeftModel (get_peft_model / "
                           "PeftModel.from_pretrained) or a model adapted by inject_adapter_in_model")
     return statuses
 
@@ -142,6 +151,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     """The model's :class:`TunerModelStatus`: PEFT's summary of :func:`get_layer_status` plus parameter counts."""
     from deltatune.peft_model import PeftModel
 
+    _tuner_root(model, caller="get_model_status")  # a prompt-learning PeftModel is refused in this function's name
     layers = get_layer_status(model)
     if isinstance(model, PeftModel):
         base_model_type = type(model.get_base_model()).__name__

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer
+from deltatune.core.layer import AdapterLayer, peft_layer_type
 from deltatune.errors import ConfigError
 from deltatune.quantization import dense_weight_shape
 
@@ -57,6 +57,10 @@ class AdaLoraLayer(AdapterLayer):
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_E")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "ranknum", "allocator", "init_r", "slots")
+
+    def _get_name(self) -> str:
+        """PEFT's class names: ``adalora.SVDLinear``, ``adalora.SVDConv2d``, ``adalora.SVDLinear4bit``, ..."""
+        return "adalora.SVD" + peft_layer_type(self.get_base_layer())
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)

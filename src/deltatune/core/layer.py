@@ -17,6 +17,14 @@ from deltatune.errors import ConfigError, MergeError
 from deltatune.quantization import dequantize_weight, is_quantized_layer, requantize_like
 
 
+def peft_layer_type(base: nn.Module) -> str:
+    """PEFT's layer class for an adapter over ``base``: the base's own type name (``Linear``, ``Embedding``,
+    ``Conv2d``, bitsandbytes' ``Linear4bit``/``Linear8bitLt``, ...), except transformers' ``Conv1D`` (GPT-2's
+    linear layer with a transposed weight), which PEFT adapts with its ``Linear`` class."""
+    name = type(base).__name__
+    return "Linear" if name == "Conv1D" else name
+
+
 class AdapterLayer(nn.Module):
     """Wraps ``base_layer`` (frozen) and holds any number of named adapters for it.
 
@@ -33,6 +41,12 @@ class AdapterLayer(nn.Module):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    # How PEFT names this layer in ``repr`` (and so in ``get_layer_status``' ``module_type``): "<package>.<class>",
+    # e.g. "lora.Linear". ``peft_package`` None: the method's room (``deltatune.<package>...``), as PEFT's
+    # packages are named alike; "" for methods whose PEFT layers print bare (IA3). ``peft_class_name`` None: PEFT's
+    # class for the base layer's type (Linear, Embedding, Conv2d, Linear4bit, ...).
+    peft_package: str | None = None
+    peft_class_name: str | None = None
     # What PEFT's safe_merge message calls a non-finite merged bias: "weights" (LoRA) or "bias" (IA3)
     nan_bias_noun: str = "weights"
 
@@ -51,6 +65,16 @@ class AdapterLayer(nn.Module):
         self.in_features, self.out_features = in_out_features(self.get_base_layer())
 
     # ---- bookkeeping -------------------------------------------------------------------------
+    def _get_name(self) -> str:
+        """The name ``repr`` prints for this module: PEFT's ("lora.Linear"), so printed models and
+        ``get_layer_status``' ``module_type`` read as PEFT's."""
+        package = self.peft_package
+        if package is None:  # the method's room, deltatune.<package>.<file>; a layer class defined elsewhere: bare
+            parts = type(self).__module__.split(".")
+            package = parts[1] if parts[0] == "deltatune" and len(parts) > 2 else ""
+        name = self.peft_class_name or peft_layer_type(self.get_base_layer())
+        return f"{package}.{name}" if package else name
+
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
@@ -76,6 +100,15 @@ class AdapterLayer(nn.Module):
         """PEFT's name for the active adapters (a list once ``set_adapter`` ran, as PEFT's layers hold it); change it
         with ``set_adapter``."""
         return self.active_adapters
+
+    @property
+    def _active_adapter(self) -> list[str]:
+        """PEFT's storage name for the active adapters (its tests set it to fake an inconsistent layer)."""
+        return self.active_adapters
+
+    @_active_adapter.setter
+    def _active_adapter(self, value: str | list[str]) -> None:
+        self.active_adapters = [value] if isinstance(value, str) else list(value)
 
     @property
     def frozen_peft_weight_names(self) -> dict[str, tuple[str, ...]]:
@@ -143,8 +176,14 @@ class AdapterLayer(nn.Module):
         self.active_adapters = names
 
     def enable_adapters(self, enabled: bool) -> None:
+        """Switch this layer's adapters on or off. As PEFT's layers: off freezes their tensors (no step may move an
+        adapter that does not run), on makes the active adapters trainable again."""
         if not enabled and self.merged:
             self.unmerge()
+        if enabled:
+            self.set_adapter(self.active_adapters)
+        else:
+            self.set_requires_grad(self.adapter_names(), False)
         self.disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:

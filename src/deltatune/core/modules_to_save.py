@@ -43,6 +43,7 @@ class ModulesToSaveWrapper(nn.Module):
     """
 
     adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+    other_param_names: tuple[str, ...] = ()  # PEFT's: no per-adapter settings beside the copies
 
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()
@@ -56,7 +57,18 @@ class ModulesToSaveWrapper(nn.Module):
         self.set_adapter(adapter_name)
 
     def update(self, adapter_name: str) -> None:
-        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        """Give ``adapter_name`` its own trainable copy of the original module (kept if it has one already)."""
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+
+    def check_module(self) -> None:
+        """PEFT's check: raise ``TypeError`` if the wrapped module is a container or an adapter layer."""
+        _check_module(self.original_module)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Always empty: a copy replaces the module, there is nothing to merge (PEFT's attribute)."""
+        return []
 
     def check_set_adapter(self, adapter_names: str | list[str]) -> str | None:
         """The copy ``set_adapter(adapter_names)`` would run (``None``: the original), or a ``ValueError`` (PEFT's
@@ -71,22 +83,67 @@ class ModulesToSaveWrapper(nn.Module):
                 "adapters different modules_to_save")
         return here[0] if here else None
 
-    def set_adapter(self, adapter_names: str | list[str], trainable: bool = True) -> None:
+    def set_adapter(self, adapter_names: str | list[str], trainable: bool = True,
+                    inference_mode: bool | None = None) -> None:
+        """Run the copy of the one name in ``adapter_names`` that has a copy here (none: the original); it trains
+        unless ``trainable=False`` (or PEFT's ``inference_mode=True``), every other copy is frozen."""
+        if inference_mode is not None:
+            trainable = not inference_mode
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self.check_set_adapter(names)  # before anything changes
         active = [n for n in names if n in self.modules_to_save]
         for name, module in self.modules_to_save.items():
             module.requires_grad_(trainable and name in active)
         self.active_adapter = active[0] if active else None
+        self._trainable = trainable
 
     def enable_adapters(self, enabled: bool) -> None:
+        """As PEFT's wrapper: off freezes every copy, on makes the active copy trainable again (unless the last
+        ``set_adapter`` froze it: an adapter in inference mode stays frozen)."""
         self.disable_adapters = not enabled
+        trainable = enabled and self.__dict__.get("_trainable", True)
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(trainable and name == self.active_adapter)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.modules_to_save:
-            del self.modules_to_save[adapter_name]
-        if self.active_adapter == adapter_name:
+    def delete_adapter(self, adapter_name: str, new_active_adapters: list[str] | None = None) -> None:
+        """Drop ``adapter_name``'s copy. If it was the active one, the next copy becomes active, or, when the caller
+        chooses (PEFT's ``new_active_adapters``), that adapter's copy (none: the original runs)."""
+        if adapter_name not in self.modules_to_save:
+            return
+        del self.modules_to_save[adapter_name]
+        if new_active_adapters is not None:
+            chosen = self.check_set_adapter(list(new_active_adapters)) if new_active_adapters else None
+            self.set_adapter([chosen] if chosen else [])
+        elif self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.modules_to_save.keys()), None)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients on (or off) for the copies of ``adapter_names``, leaving the others as they are."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name, module in self.modules_to_save.items():
+            if name in names:
+                module.requires_grad_(requires_grad)
+
+    def unload_and_optionally_merge_module(self, merge: bool = False, safe_merge: bool = False,
+                                           adapter_names: list[str] | None = None) -> nn.Module:
+        """What unloading leaves in the wrapper's place (PEFT's hook): the active copy, or the original module
+        when no copy is active. ``merge``/``safe_merge``/``adapter_names`` have nothing to act on here (a copy
+        replaces the module whole), they are PEFT's signature."""
+        return self.original_module if self.active_adapter is None else self.modules_to_save[self.active_adapter]
+
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        """``{key in a file: key in this wrapper's state_dict}`` for ``adapter_name``'s copy ({} without one)."""
+        if adapter_name not in self.modules_to_save:
+            return {}
+        return {k: f"modules_to_save.{adapter_name}.{k}" for k in self.modules_to_save[adapter_name].state_dict()}
+
+    def adapter_state_dict(self, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``adapter_name``'s tensors out of this wrapper's ``state_dict``, under the file's keys (the module's own)."""
+        return {key: state_dict[ours] for key, ours in self.adapter_state_dict_load_map(adapter_name).items()}
+
+    def _get_available_adapters(self) -> set[str]:
+        """The adapters with a copy here (PEFT's name)."""
+        return set(self.modules_to_save.keys())
 
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())

@@ -128,4 +128,18 @@ def check_and_load(model: nn.Module, model_state: dict[str, torch.Tensor], adapt
         )
     with torch.no_grad():  # not through `.data`: the copy must bump each tensor's version (adapter slots read it)
         for key, value in model_state.items():
-            own[key].copy_(value.to(own[key].dtype))
+            if own[key].is_meta:  # created empty (inject_adapter_in_model(low_cpu_mem_usage=True)): take the file's
+                _assign(model, key, own[key], value.to(own[key].dtype))
+            else:
+                own[key].copy_(value.to(own[key].dtype))
+
+
+def _assign(model: nn.Module, key: str, old: torch.Tensor, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the (meta) tensor ``key`` of ``model``: a new parameter with the old one's
+    ``requires_grad``, or a buffer."""
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))

@@ -84,8 +84,9 @@ def expand_all_linear(model: nn.Module, task_type=None) -> set[str]:
     """
     linear = _linear_types()
     # A layer that already carries an adapter counts by its base layer, so a second adapter finds it.
+    internal = adapter_internal_names(model)
     names = {n for n, m in model.named_modules()
-             if isinstance(getattr(m, "base_layer", m), linear) and not _is_adapter_internal(n)}
+             if isinstance(getattr(m, "base_layer", m), linear) and not _is_adapter_internal(n) and n not in internal}
     head = output_head_name(model)
     if head is None and str(task_type) == "SEQ_CLS":
         for attr in ("score", "classifier"):
@@ -95,6 +96,25 @@ def expand_all_linear(model: nn.Module, task_type=None) -> set[str]:
                 break
     names.discard(head)
     return names
+
+
+def adapter_internal_names(model: nn.Module) -> set[str]:
+    """Names of the modules inside adapter layers and ``modules_to_save`` wrappers (their base layer, the
+    containers of their tensors, dropout, copies...): never targets of a further adapter, whatever its regex or
+    ``all-linear`` matches, as in PEFT. Found by the wrappers' types, so every method's internals count, whatever
+    their names (``vera_lambda_b``, ``boft_R``, ``hada_w1_a``, ...)."""
+    from deltatune.core.layer import AdapterLayer
+    from deltatune.core.modules_to_save import ModulesToSaveWrapper
+
+    owners: set[str] = set()
+    internal: set[str] = set()
+    for name, module in model.named_modules():  # parents come before their children
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in owners for i in range(1, len(parts))):
+            internal.add(name)
+        if name and isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            owners.add(name)
+    return internal
 
 
 def _is_adapter_internal(name: str) -> bool:
@@ -179,7 +199,8 @@ def find_targets(model: nn.Module, config, supported: tuple[type, ...] | None = 
         TargetModuleError: nothing matched (the message lists the closest real module names), or a
             matched module is of a type the method cannot adapt.
     """
-    names = [n for n, _ in model.named_modules() if n and not _is_adapter_internal(n)]
+    internal = adapter_internal_names(model)
+    names = [n for n, _ in model.named_modules() if n and not _is_adapter_internal(n) and n not in internal]
     modules = dict(model.named_modules())
     found = [n for n in names if is_target(n, config)]
     target = config.target_modules

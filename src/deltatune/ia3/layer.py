@@ -39,6 +39,7 @@ class IA3Layer(AdapterLayer):
 
     adapter_layer_names = ("ia3_l",)
     other_param_names = ("is_feedforward",)
+    peft_package = ""  # PEFT's IA3 layers print bare ("Linear", "Conv2d")
     nan_bias_noun = "bias"  # PEFT's IA3 says "NaNs detected in the merged bias"
 
     def __init__(self, base_layer: nn.Module) -> None:

@@ -26,6 +26,7 @@ class LNTuningLayer(AdapterLayer):
     """
 
     adapter_layer_names = ("ln_tuning_layers",)
+    peft_class_name = "LNTuningLayer"  # PEFT has one LN-tuning class for every base type
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)

@@ -38,6 +38,8 @@ def _innermost(module: nn.Module) -> nn.Module:
 class LoraParam(LoraLayer):
     """LoRA on the parameter ``parameter_name`` of ``base_layer``'s innermost module (see the module docstring)."""
 
+    peft_class_name = "ParamWrapper"  # PEFT's name for LoRA on a parameter (target_parameters)
+
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
         super().__init__(base_layer)
         self.parameter_name = parameter_name

@@ -78,6 +78,9 @@ class TokenAdapterWrapper(nn.Module):
     ``<embedding>.token_adapter.trainable_tokens_delta``) for a LoRA adapter's ``trainable_token_indices``."""
 
     collapse_into = "token_adapter"  # the tuner puts the child back once it holds no adapter
+    # PEFT's TrainableTokensWrapper names (dotted: code reads them with operator.attrgetter)
+    adapter_layer_names: tuple[str, ...] = ("token_adapter.trainable_tokens_delta",)
+    other_param_names: tuple[str, ...] = ("token_adapter.token_indices", "token_adapter.trainable_tokens_original")
 
     def __init__(self, token_adapter: TrainableTokensLayer) -> None:
         super().__init__()
@@ -86,6 +89,71 @@ class TokenAdapterWrapper(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.token_adapter.base_layer.weight
+
+    # ---- PEFT's wrapper API: each call is the token layer's ------------------------------------
+    @property
+    def original_module(self) -> nn.Module:
+        """The wrapped embedding (or tied output layer)."""
+        return self.token_adapter.base_layer
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [a for a in self.token_adapter.active_adapters if a in self.token_adapter.adapter_names()]
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self.active_adapters
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return self.token_adapter.merged_adapters
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.token_adapter.disable_adapters
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.token_adapter.enable_adapters(enabled)
+
+    def check_set_adapter(self, adapter_names: str | list[str]) -> str | None:
+        """The one adapter of ``adapter_names`` with rows here (``None``: none has), or a ``ValueError`` in PEFT's
+        words when two of them have rows here that overlap (both would write the same embedding rows; adapters
+        with disjoint rows may be active together, which PEFT does not allow)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if not names:
+            raise ConfigError("Please specify at least one adapter to set")
+        here = [n for n in names if n in self.token_adapter.adapter_names()]
+        rows = [set(self.token_adapter.leader.token_indices[n]) for n in here]
+        if any(rows[i] & rows[j] for i in range(len(rows)) for j in range(i)):
+            raise ConfigError(f"Only one adapter can be set at a time for TrainableTokensWrapper, got {len(here)} "
+                              f"({here}): their trainable_token_indices overlap; activate one of them, or give them "
+                              "disjoint token ids")
+        return here[0] if here else None
+
+    def set_adapter(self, adapter_names: str | list[str], trainable: bool = True,
+                    inference_mode: bool | None = None) -> None:
+        """Make ``adapter_names`` active on the token layer; their rows train unless ``trainable=False`` (PEFT:
+        ``inference_mode=True``)."""
+        self.token_adapter.set_adapter(adapter_names, trainable if inference_mode is None else not inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        self.token_adapter.set_requires_grad(adapter_names, requires_grad)
+
+    def delete_adapter(self, adapter_name: str, new_active_adapters: list[str] | None = None) -> None:
+        """Drop ``adapter_name``'s rows; with PEFT's ``new_active_adapters``, those become the active ones."""
+        self.token_adapter.delete_adapter(adapter_name)
+        if new_active_adapters is not None:
+            self.token_adapter.set_adapter([n for n in new_active_adapters if n in self.token_adapter.adapter_names()])
+
+    def unload_and_optionally_merge_module(self, merge: bool = False, safe_merge: bool = False,
+                                           adapter_names: list[str] | None = None) -> nn.Module:
+        """The wrapped layer, with the adapters' rows written in when ``merge`` (PEFT's hook)."""
+        if merge:
+            self.token_adapter.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.token_adapter.get_base_layer()
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.token_adapter.adapter_names())
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.token_adapter(x, *args, **kwargs)

@@ -31,10 +31,14 @@ class TrainableTokensLayer(AdapterLayer):
     Attributes:
         trainable_tokens_delta: ``adapter -> D: (k, dim)``.
         token_indices: ``adapter -> I`` (``k`` ints).
+        trainable_tokens_original: ``adapter -> E[I]: (k, dim)``, the rows before training (unmerge writes them
+            back). A tied layer shares both with the layer it follows.
     """
 
     adapter_layer_names = ("trainable_tokens_delta",)
-    other_param_names = ("token_indices",)
+    other_param_names = ("token_indices", "trainable_tokens_original")
+    peft_package = ""  # PEFT's TrainableTokensLayer prints bare
+    peft_class_name = "TrainableTokensLayer"
 
     def __init__(self, base_layer: nn.Module, tied_to: TrainableTokensLayer | None = None,
                  register_tied: bool = True) -> None:
@@ -47,8 +51,10 @@ class TrainableTokensLayer(AdapterLayer):
             self.trainable_tokens_delta = nn.ParameterDict()
             self.token_indices: dict[str, list[int]] = {}
             self.originals: dict[str, torch.Tensor] = {}
-        elif register_tied:
-            self.trainable_tokens_delta = tied_to.trainable_tokens_delta
+        else:  # PEFT's tied layers read the leader's settings under the same names
+            self.token_indices = tied_to.token_indices
+            if register_tied:
+                self.trainable_tokens_delta = tied_to.trainable_tokens_delta
         if not isinstance(base_layer, (nn.Embedding, nn.Linear)):
             raise ConfigError(f"trainable tokens adapt nn.Embedding (or a tied nn.Linear output layer), not "
                               f"{type(base_layer).__name__}")
@@ -57,6 +63,11 @@ class TrainableTokensLayer(AdapterLayer):
     def leader(self) -> TrainableTokensLayer:
         """The layer that owns the rows (``self`` unless tied to the input embedding)."""
         return self._tied[0] if self._tied else self
+
+    @property
+    def trainable_tokens_original(self) -> dict[str, torch.Tensor]:
+        """PEFT's name for the original rows (``adapter -> E[I]: (k, dim)``), kept by the leader."""
+        return self.leader.originals
 
     def _deltas(self) -> nn.ParameterDict:
         return self.leader.trainable_tokens_delta
