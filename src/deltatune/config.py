@@ -202,8 +202,8 @@ class PeftConfig:
                 shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
                 raise ConfigKeysError(
                     f"The {cls.__name__} config that is trying to be loaded is missing required keys: "
-                    f"{{'peft_type'}}. It holds only keys no adapter config has ({shown}): pass the directory "
-                    "that save_pretrained wrote (its adapter_config.json names the method in peft_type)")
+                    f"{{'peft_type'}}. It names no peft_type, so no method can read its keys ({shown}): pass the "
+                    "directory that save_pretrained wrote (its adapter_config.json names the method in peft_type)")
             warnings.warn(
                 f"Unexpected keyword arguments {unknown} for class {target_cls.__name__}, these are ignored. The "
                 f"file was probably written by a newer PEFT; deltatune reads the fields of PEFT "
