@@ -1,10 +1,16 @@
-"""Suite-wide settings: nothing may reach a model hub, and the ``slow`` marker is known.
+"""Suite-wide settings and fixtures: nothing may reach a model hub, the ``slow`` marker is known, and the
+real SmolLM2-135M / BBC News fixtures (``smollm2``, ``bbc``; skipped where not installed) are shared.
+
+Shared test code lives in the package ``tests/support`` (``from support import tiny_llama``): pyproject's
+``pythonpath = ["tests"]`` puts ``tests/`` on ``sys.path``, so no folder needs a conftest.py of its own for it.
 
 The environment variables are set at import, before any test module imports ``transformers``
 (which reads them once) or ``torch`` (which reads ``OMP_NUM_THREADS`` once).
 """
 
 import os
+
+import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -40,3 +46,19 @@ _import_pandas_past_the_bottleneck_tests()
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads a real model (seconds to a minute); still runs in CI")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """``(model, tokenizer)`` of the real SmolLM2-135M, shared by a module's tests (restore what you change)."""
+    from support.smollm2 import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="module")
+def bbc():
+    """BBC News ``(train, validation)``, each shuffled by a fixed seed."""
+    from support.smollm2 import load_bbc
+
+    return load_bbc()

@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from helpers import tiny_bert, tiny_llama
+from support import tiny_bert, tiny_llama
 
 import deltatune as dt
 

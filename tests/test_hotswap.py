@@ -11,7 +11,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from helpers import tiny_llama
+from support import tiny_llama
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import deltatune as dt

@@ -8,10 +8,9 @@ same held-out loss, and unloading gives back the plain model (whose loss the ada
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from support.smollm2 import headline_topic_batch
 
 import deltatune as dt
 
@@ -29,53 +28,12 @@ HELD_OUT = 8
 STEPS, BATCH = 4, 4
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from deltatune.builtin import BuiltinNotInstalledError
-    from deltatune.builtin.models import load_builtin_model
-
-    try:
-        return load_builtin_model("smollm2-135m")
-    except BuiltinNotInstalledError as exc:
-        pytest.skip(f"SmolLM2-135M is not installed ({exc})")
-
-
-@pytest.fixture(scope="module")
-def bbc():
-    from deltatune.builtin import BuiltinNotInstalledError
-    from deltatune.builtin.datasets import load_bbc_news
-
-    try:
-        train, val = load_bbc_news("train"), load_bbc_news("validation")
-    except BuiltinNotInstalledError as exc:
-        pytest.skip(f"the BBC News corpus is not installed ({exc})")
-    random.Random(0).shuffle(train)
-    random.Random(1).shuffle(val)
-    return train, val
-
-
-def _batch(tokenizer, examples) -> dict[str, torch.Tensor]:
-    """Right-padded ids, mask and labels (-100 everywhere but the topic and the end-of-turn token)."""
-    rows, labels = [], []
-    for ex in examples:
-        prompt = tokenizer(f"Headline: {ex['text'].splitlines()[0]}\nTopic:")["input_ids"]
-        answer = tokenizer(f" {ex['label']}")["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
-    width = max(map(len, rows))
-    return {
-        "input_ids": torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
-    }
-
-
 @pytest.mark.parametrize("method", list(METHODS))
 def test_short_training_lowers_held_out_loss_on_smollm2(method, smollm2, bbc):
     model, tokenizer = smollm2
     train, val = bbc
     make_config, lr = METHODS[method]
-    held_out = _batch(tokenizer, val[:HELD_OUT])
+    held_out = headline_topic_batch(tokenizer, val[:HELD_OUT])
     torch.manual_seed(0)
     peft_model = dt.get_peft_model(model, make_config())
     try:
@@ -88,7 +46,7 @@ def test_short_training_lowers_held_out_loss_on_smollm2(method, smollm2, bbc):
         optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
         peft_model.train()
         for step in range(STEPS):
-            loss = peft_model(**_batch(tokenizer, train[BATCH * step : BATCH * (step + 1)])).loss
+            loss = peft_model(**headline_topic_batch(tokenizer, train[BATCH * step : BATCH * (step + 1)])).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

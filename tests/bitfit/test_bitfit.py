@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from family_checks import check_model_contract, check_two_adapters
-from helpers import Holder, tiny_bert, tiny_gpt2, tiny_llama
+from support import Holder, check_model_contract, check_two_adapters, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 from deltatune import BitFitConfig, get_peft_model

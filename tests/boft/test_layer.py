@@ -13,9 +13,19 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from family_checks import check_model_contract, check_two_adapters
-from helpers import Holder, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 from peft.tuners.boft import layer as peft_boft
+from support import (
+    Holder,
+    check_model_contract,
+    check_two_adapters,
+    layer_and_input,
+    make_inputs,
+    output,
+    perturb_trainable,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -28,17 +38,9 @@ ATOL = 1e-5
 
 
 def _layer_and_input(kind: str) -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    if kind == "linear":
-        layer, x = nn.Linear(16, 12), torch.randn(3, 5, 16)
-    elif kind == "conv1D":
-        layer, x = Conv1D(12, 16), torch.randn(3, 5, 16)
-        nn.init.normal_(layer.bias, std=0.2)
-    elif kind == "conv2d":
-        layer, x = nn.Conv2d(4, 6, kernel_size=2, padding=1, stride=2), torch.randn(2, 4, 7, 7)
-    else:
-        raise ValueError(kind)
-    return Holder(layer).eval(), x
+    # A 2x2 conv2d on 4 channels (BOFT's blocks); Conv1D keeps transformers' weight init.
+    geometry = {"conv2d": {"dims": (4, 6), "kernel_size": 2, "size": (7, 7)}}.get(kind, {})
+    return layer_and_input(kind, conv1D_weight_std=None, **geometry)
 
 
 def _adapt(kind: str, **config):

@@ -1,7 +1,6 @@
 """Fixtures for CLI tests: a tiny random Llama and BERT saved as model directories, and small data files."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,12 +8,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-_TRAINING_TESTS = str(Path(__file__).resolve().parents[1] / "training")
-if _TRAINING_TESTS not in sys.path:
-    sys.path.insert(0, _TRAINING_TESTS)
 torch.set_num_threads(1)
 
-import tinymodels  # noqa: E402
+from support import tinymodels  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -153,7 +153,7 @@ def test_targets_that_match_nothing_fail_before_anything_is_evaluated_or_written
 
 
 def test_an_adapter_on_a_model_it_was_not_trained_on_names_its_base(capsys, tmp_path, llama_dir, data_dir):
-    import tinymodels
+    from support import tinymodels
 
     code = main([str(a) for a in train(llama_dir, data_dir / "pc.jsonl", "--output-dir", tmp_path / "a")])
     assert code == 0

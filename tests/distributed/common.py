@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-_TRAINING_TESTS = str(Path(__file__).resolve().parents[1] / "training")
-if _TRAINING_TESTS not in sys.path:
-    sys.path.insert(0, _TRAINING_TESTS)
+# torchrun runs worker.py as a script, without pytest's pythonpath: put tests/ last on the path (last, so its
+# folders named like packages, tests/bottleneck, shadow nothing).
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)
 
-import tinymodels  # noqa: E402
+from support import tinymodels  # noqa: E402
 
 from deltatune import LoraConfig, get_peft_model  # noqa: E402
 from deltatune.training.data import Encoder  # noqa: E402

@@ -11,8 +11,17 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from family_checks import check_model_contract, check_two_adapters
-from helpers import Holder, make_inputs, output, tiny_bert, tiny_gpt2, tiny_llama
+from support import (
+    Holder,
+    check_model_contract,
+    check_two_adapters,
+    layer_and_input,
+    make_inputs,
+    output,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -25,24 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*fan_in_fan_out")
 
 
 def _layer_and_input(kind: str) -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    if kind == "linear":
-        layer, x = nn.Linear(16, 12), torch.randn(3, 5, 16)
-    elif kind == "conv1D":  # GPT-2's Conv1D: W (in, out)
-        layer, x = Conv1D(12, 16), torch.randn(3, 5, 16)
-        nn.init.normal_(layer.weight, std=0.2)
-        nn.init.normal_(layer.bias, std=0.2)
-    elif kind == "conv1d":
-        layer, x = nn.Conv1d(4, 6, kernel_size=3, padding=1), torch.randn(2, 4, 9)
-    elif kind == "conv2d":
-        layer, x = nn.Conv2d(3, 5, kernel_size=3, padding=1, stride=2), torch.randn(2, 3, 8, 8)
-    elif kind == "conv2d_groups":
-        layer, x = nn.Conv2d(4, 6, kernel_size=3, padding=1, groups=2), torch.randn(2, 4, 6, 6)
-    elif kind == "conv3d":
-        layer, x = nn.Conv3d(2, 4, kernel_size=3, padding=1), torch.randn(2, 2, 4, 5, 5)
-    else:
-        raise ValueError(kind)
-    return Holder(layer).eval(), x
+    return layer_and_input(kind)
 
 
 def _adapt(kind: str, feedforward: bool, **config):

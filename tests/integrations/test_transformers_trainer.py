@@ -214,8 +214,8 @@ def test_adapter_trainer_and_sft_run_without_peft_installed(tmp_path):
             import datasets
             from deltatune.integrations.trl import SFTTrainer
             from trl import SFTConfig
-            sys.path.insert(0, {os.path.join(os.path.dirname(os.path.dirname(__file__)), "training")!r})
-            import tinymodels
+            sys.path.append({os.path.dirname(os.path.dirname(__file__))!r})
+            from support import tinymodels
             lora = deltatune.LoraConfig(r=4, target_modules=["q_proj"])
             tok = tinymodels.make_tokenizer()
             sft = SFTTrainer(model=LlamaForCausalLM(cfg), processing_class=tok, peft_config=lora,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -13,10 +12,9 @@ import deltatune
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from deltatune.integrations.trl import AdapterDisabledReference, DPOTrainer, SFTTrainer  # noqa: E402
+from support import tinymodels  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "training"))
-import tinymodels  # noqa: E402
+from deltatune.integrations.trl import AdapterDisabledReference, DPOTrainer, SFTTrainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import peft
 import pytest
 import torch
-from helpers import kind_of, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_net
 from safetensors.torch import load_file
+from support import kind_of, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_net
 
 import deltatune
 

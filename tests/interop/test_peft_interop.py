@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import peft
 import pytest
 import torch
-from helpers import (
+from safetensors.torch import load_file
+from support import (
     kind_of,
     make_inputs,
     output,
@@ -37,7 +38,6 @@ from helpers import (
     tiny_net,
     tiny_t5,
 )
-from safetensors.torch import load_file
 
 import deltatune
 

@@ -11,8 +11,15 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from family_checks import check_model_contract, check_two_adapters
-from helpers import Holder, output, tiny_bert, tiny_gpt2, tiny_llama
+from support import (
+    check_model_contract,
+    check_two_adapters,
+    layer_and_input,
+    output,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -23,23 +30,9 @@ ATOL = 1e-5
 
 
 def _layer_and_input(kind: str) -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    if kind == "linear":
-        layer, x = nn.Linear(16, 12), torch.randn(3, 5, 16)
-    elif kind == "conv1D":
-        layer, x = Conv1D(12, 16), torch.randn(3, 5, 16)
-        nn.init.normal_(layer.bias, std=0.2)
-    elif kind == "conv1d":
-        layer, x = nn.Conv1d(4, 6, kernel_size=3, padding=1), torch.randn(2, 4, 9)
-    elif kind == "conv2d":
-        layer, x = nn.Conv2d(4, 6, kernel_size=3, padding=1, stride=2), torch.randn(2, 4, 8, 8)
-    elif kind == "conv2d_groups":
-        layer, x = nn.Conv2d(4, 6, kernel_size=3, padding=1, groups=2), torch.randn(2, 4, 6, 6)
-    elif kind == "conv2d_1x1":
-        layer, x = nn.Conv2d(4, 6, kernel_size=1), torch.randn(2, 4, 5, 5)
-    else:
-        raise ValueError(kind)
-    return Holder(layer).eval(), x
+    # conv2d: 4 -> 6 channels (not the default 3 -> 5); Conv1D keeps transformers' weight init.
+    geometry = {"conv2d": {"dims": (4, 6)}}.get(kind, {})
+    return layer_and_input(kind, conv1D_weight_std=None, **geometry)
 
 
 def _adapt(kind: str, **config):

@@ -11,9 +11,16 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from family_checks import check_model_contract, check_two_adapters
-from helpers import Holder, output, tiny_bert, tiny_gpt2, tiny_llama
 from peft.tuners.lokr.layer import factorization as peft_factorization
+from support import (
+    check_model_contract,
+    check_two_adapters,
+    layer_and_input,
+    output,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -25,21 +32,9 @@ ATOL = 1e-5
 
 
 def _layer_and_input(kind: str) -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    if kind == "linear":
-        layer, x = nn.Linear(16, 12), torch.randn(3, 5, 16)
-    elif kind == "conv1D":
-        layer, x = Conv1D(12, 16), torch.randn(3, 5, 16)
-        nn.init.normal_(layer.bias, std=0.2)
-    elif kind == "conv2d":
-        layer, x = nn.Conv2d(8, 12, kernel_size=3, padding=1, stride=2), torch.randn(2, 8, 8, 8)
-    elif kind == "conv2d_groups":
-        layer, x = nn.Conv2d(8, 12, kernel_size=3, padding=1, groups=2), torch.randn(2, 8, 6, 6)
-    elif kind == "conv1d":
-        layer, x = nn.Conv1d(8, 12, kernel_size=3, padding=1), torch.randn(2, 8, 9)
-    else:
-        raise ValueError(kind)
-    return Holder(layer).eval(), x
+    # Convs 8 -> 12 channels: both sides have several Kronecker factorisations. Conv1D keeps transformers' init.
+    geometry = {"dims": (8, 12)} if kind.startswith("conv") and kind != "conv1D" else {}
+    return layer_and_input(kind, conv1D_weight_std=None, **geometry)
 
 
 def _adapt(kind: str, **config):

@@ -14,9 +14,8 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Holder, make_inputs, output, tiny_gpt2, tiny_llama, tiny_net
+from support import Holder, layer_and_input, make_inputs, output, tiny_gpt2, tiny_llama, tiny_net
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import deltatune
 from deltatune import LoraConfig, get_peft_model
@@ -24,33 +23,9 @@ from deltatune import LoraConfig, get_peft_model
 ATOL = 1e-5
 
 
-def _layer_and_input(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    """A base layer of ``kind`` with a non-zero bias, and an input for it."""
-    torch.manual_seed(seed)
-    if kind == "linear":
-        layer, x = nn.Linear(16, 12), torch.randn(3, 5, 16)
-    elif kind == "linear_nobias":
-        layer, x = nn.Linear(16, 12, bias=False), torch.randn(3, 5, 16)
-    elif kind == "conv1D":  # transformers' GPT-2 Conv1D: weight (in, out)
-        layer, x = Conv1D(12, 16), torch.randn(3, 5, 16)
-        nn.init.normal_(layer.weight, std=0.2)
-        nn.init.normal_(layer.bias, std=0.2)
-    elif kind == "embedding":
-        layer, x = nn.Embedding(30, 12), torch.randint(0, 30, (3, 5))
-    elif kind == "conv1d":
-        layer, x = nn.Conv1d(4, 6, kernel_size=3, padding=1, stride=1), torch.randn(2, 4, 9)
-    elif kind == "conv2d":
-        layer, x = nn.Conv2d(3, 5, kernel_size=3, padding=1, stride=2), torch.randn(2, 3, 8, 8)
-    elif kind == "conv3d":
-        layer, x = nn.Conv3d(2, 4, kernel_size=(3, 3, 3), padding=1), torch.randn(2, 2, 4, 5, 5)
-    else:
-        raise ValueError(kind)
-    return Holder(layer).eval(), x
-
-
 def _adapt(kind: str, **config) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """(peft model, its adapted layer, input) with a non-trivial adapter."""
-    model, x = _layer_and_input(kind)
+    model, x = layer_and_input(kind)
     config.setdefault("init_lora_weights", False)
     config.setdefault("r", 3)
     config.setdefault("lora_alpha", 6)
@@ -205,7 +180,7 @@ ALL_KINDS = ["linear", "conv1D", "embedding", "conv1d", "conv2d", "conv3d"]
 @pytest.mark.parametrize("init", [True, "gaussian"])
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_default_inits_are_identity(kind, init):
-    model, x = _layer_and_input(kind)
+    model, x = layer_and_input(kind)
     before = output(model, {"x": x})
     pm = get_peft_model(model, LoraConfig(target_modules=["layer"], r=4, init_lora_weights=init,
                                           fan_in_fan_out=kind == "conv1D"))
@@ -219,7 +194,7 @@ def test_default_inits_are_identity(kind, init):
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_init_false_is_not_identity(kind):
-    model, x = _layer_and_input(kind)
+    model, x = layer_and_input(kind)
     before = output(model, {"x": x})
     pm = get_peft_model(model, LoraConfig(target_modules=["layer"], r=4, init_lora_weights=False,
                                           fan_in_fan_out=kind == "conv1D"))
@@ -323,7 +298,7 @@ def test_merge_matches_peft_merge():
     ("linear", {}), ("embedding", {}), ("conv2d", {}), ("linear", {"use_dora": True}), ("conv1D", {}),
 ])
 def test_disable_adapter_gives_base_output(kind, extra):
-    model, x = _layer_and_input(kind)
+    model, x = layer_and_input(kind)
     base_out = output(model, {"x": x})
     pm, _layer, _ = _adapt(kind, **extra)
     adapted = output(pm, {"x": x})
@@ -335,7 +310,7 @@ def test_disable_adapter_gives_base_output(kind, extra):
 
 def test_disable_adapter_while_merged():
     pm, _layer, x = _adapt("linear")
-    model, _ = _layer_and_input("linear")
+    model, _ = layer_and_input("linear")
     base_out = output(model, {"x": x})
     adapted = output(pm, {"x": x})
     pm.merge_adapter()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import peft
 import pytest
@@ -186,10 +184,7 @@ def test_bad_configs_are_refused_with_the_fix():
 
 
 def test_cli_trains_target_parameters_and_peft_loads_it(tmp_path, capsys):
-    tests = str(Path(__file__).resolve().parents[1] / "training")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import tinymodels
+    from support import tinymodels
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from deltatune.cli import main

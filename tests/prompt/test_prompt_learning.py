@@ -12,8 +12,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from safetensors.torch import load_file
+from support import perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from torch import nn
 
 import deltatune as dt

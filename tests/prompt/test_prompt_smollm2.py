@@ -7,10 +7,9 @@ below both the adapter's starting point and the plain model's, each by more than
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from support.smollm2 import headline_topic_batch
 
 import deltatune as dt
 
@@ -25,48 +24,7 @@ METHODS = {
 }
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from deltatune.builtin import BuiltinNotInstalledError
-    from deltatune.builtin.models import load_builtin_model
-
-    try:
-        return load_builtin_model("smollm2-135m")
-    except BuiltinNotInstalledError as exc:
-        pytest.skip(f"SmolLM2-135M is not installed ({exc})")
-
-
-@pytest.fixture(scope="module")
-def bbc():
-    from deltatune.builtin import BuiltinNotInstalledError
-    from deltatune.builtin.datasets import load_bbc_news
-
-    try:
-        train, val = load_bbc_news("train"), load_bbc_news("validation")
-    except BuiltinNotInstalledError as exc:
-        pytest.skip(f"the BBC News corpus is not installed ({exc})")
-    random.Random(0).shuffle(train)
-    random.Random(1).shuffle(val)
-    return train, val
-
-
 HELD_OUT = 12
-
-
-def _batch(tokenizer, examples) -> dict[str, torch.Tensor]:
-    """Right-padded ids, mask and labels (-100 everywhere but the topic and the end-of-turn token)."""
-    rows, labels = [], []
-    for ex in examples:
-        prompt = tokenizer(f"Headline: {ex['text'].splitlines()[0]}\nTopic:")["input_ids"]
-        answer = tokenizer(f" {ex['label']}")["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
-    width = max(map(len, rows))
-    return {
-        "input_ids": torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +32,7 @@ def plain_loss(smollm2, bbc) -> float:
     """The held-out loss of SmolLM2 itself."""
     model, tokenizer = smollm2
     with torch.no_grad():
-        return model.eval()(**_batch(tokenizer, bbc[1][:HELD_OUT])).loss.item()
+        return model.eval()(**headline_topic_batch(tokenizer, bbc[1][:HELD_OUT])).loss.item()
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -85,7 +43,7 @@ def test_short_training_lowers_held_out_loss_on_smollm2(method, smollm2, bbc, pl
     torch.manual_seed(0)
     peft_model = dt.get_peft_model(model, cls(task_type="CAUSAL_LM", num_virtual_tokens=8, **kwargs))
     try:
-        held_out = _batch(tokenizer, val[:HELD_OUT])
+        held_out = headline_topic_batch(tokenizer, val[:HELD_OUT])
         tasks = {"task_ids": torch.zeros(HELD_OUT, dtype=torch.long)} if method == "multitask_prompt_tuning" else {}
 
         def held_out_loss() -> float:
@@ -97,7 +55,7 @@ def test_short_training_lowers_held_out_loss_on_smollm2(method, smollm2, bbc, pl
         optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
         peft_model.train()
         for step in range(6):
-            batch = _batch(tokenizer, train[6 * step : 6 * step + 6])
+            batch = headline_topic_batch(tokenizer, train[6 * step : 6 * step + 6])
             step_tasks = {"task_ids": torch.zeros(6, dtype=torch.long)} if tasks else {}
             loss = peft_model(**batch, **step_tasks).loss
             optimizer.zero_grad()

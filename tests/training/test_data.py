@@ -3,8 +3,8 @@
 import json
 
 import pytest
-import tinymodels
 import torch
+from support import tinymodels
 
 from deltatune.errors import DeltatuneError
 from deltatune.training.data import (

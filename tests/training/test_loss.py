@@ -4,9 +4,9 @@ import json
 import os
 
 import pytest
-import tinymodels
 import torch
 import torch.nn.functional as F
+from support import tinymodels
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.errors import DeltatuneError

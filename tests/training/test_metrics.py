@@ -1,9 +1,9 @@
 """Loss, label scoring and accuracy against direct computations on a tiny random Llama."""
 
 import pytest
-import tinymodels
 import torch
 import torch.nn.functional as F
+from support import tinymodels
 from torch import nn
 
 from deltatune import LoraConfig, get_peft_model

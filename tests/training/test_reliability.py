@@ -5,8 +5,8 @@ import os
 import pathlib
 
 import pytest
-import tinymodels
 import torch
+from support import tinymodels
 
 from deltatune import AdaLoraConfig, LoraConfig, get_peft_model
 from deltatune.training.data import Encoder

@@ -6,8 +6,8 @@ import os
 import signal
 
 import pytest
-import tinymodels
 import torch
+from support import tinymodels
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.training.data import Encoder

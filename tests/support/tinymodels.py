@@ -1,6 +1,6 @@
 """Tiny random models, a tokenizer trained in-process, and small data files: no downloads.
 
-Shared by tests/training and tests/cli (loaded by path, as ``tiny``).
+Shared by tests/training, tests/cli, tests/distributed and tests/integrations (``from support import tinymodels``).
 """
 
 from __future__ import annotations
