@@ -1,0 +1,79 @@
+"""The one table ``tests/test_contract.py`` needs beyond the registry: each method's small config on the tiny
+Llama (:func:`support.models.tiny_llama`: hidden 32, 2 layers, vocab 100).
+
+Everything else the contract checks is read from ``deltatune.registry.METHODS`` (the family, ``mergeable``)
+and from ``peft`` (whether it has the method). A method registered without a row here fails the contract
+suite with a message saying to add one, so a new method is tested the moment it registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import deltatune
+from deltatune.registry import method_for
+
+
+@dataclass(frozen=True)
+class ContractCase:
+    """How one method runs on the tiny Llama.
+
+    Attributes:
+        config: Keyword arguments of the method's config class beside ``task_type="CAUSAL_LM"`` (only what
+            the defaults do not give: default targets come from the registry's ``default_targets``).
+        forward: Extra keyword arguments of every forward call (multitask prompt tuning's ``task_ids``),
+            as lists with one entry per row of :func:`support.models.make_inputs`'s batch of 2.
+        identity_at_init: Whether a fresh adapter leaves the logits as they were; ``None``: the family's rule
+            (weight adapters start as the identity, virtual tokens change the input and do not).
+    """
+
+    config: dict = field(default_factory=dict)
+    forward: dict = field(default_factory=dict)
+    identity_at_init: bool | None = None
+
+
+CASES: dict[str, ContractCase] = {
+    "LORA": ContractCase({"r": 4}),
+    "ADALORA": ContractCase({"init_r": 4, "target_r": 2, "total_step": 10}),  # AdaLoRA's schedule needs its length
+    "LOHA": ContractCase({"r": 4}),
+    "LOKR": ContractCase({"r": 4}),
+    "VERA": ContractCase({"r": 4}),  # the shared projection is (r, 32): the default r=256 would be 8x the model
+    "IA3": ContractCase(),  # the registry's feedforward_modules for Llama (down_proj scales its input)
+    "OFT": ContractCase(),
+    "BOFT": ContractCase(),
+    "LN_TUNING": ContractCase(),
+    "BITFIT": ContractCase(),
+    "BOTTLENECK": ContractCase(),
+    # Ids present in make_inputs("llama")'s rows (27, 48 in the first, 70 in the second), so the rows see them.
+    "TRAINABLE_TOKENS": ContractCase({"token_indices": [27, 48, 70]}),
+    "PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4}),
+    "P_TUNING": ContractCase({"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
+    "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
+    "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
+}
+
+
+def case_for(peft_type: str) -> ContractCase:
+    """The method's row, or fail the test naming the fix (a registered method must have one)."""
+    if peft_type not in CASES:
+        pytest.fail(f"{peft_type} is registered but has no row in tests/support/contract.py CASES: add "
+                    f"ContractCase(<its config kwargs for the tiny Llama>) so the contract suite covers it")
+    return CASES[peft_type]
+
+
+def config_for(peft_type: str) -> deltatune.PeftConfig:
+    """A fresh config of the method for the tiny Llama."""
+    return method_for(peft_type).config_cls(task_type="CAUSAL_LM", **case_for(peft_type).config)
+
+
+def forward_kwargs(peft_type: str) -> dict[str, torch.Tensor]:
+    """The extra forward arguments of the method, as tensors."""
+    return {k: torch.tensor(v) for k, v in case_for(peft_type).forward.items()}
+
+
+def starts_as_identity(peft_type: str) -> bool:
+    explicit = case_for(peft_type).identity_at_init
+    return explicit if explicit is not None else method_for(peft_type).family == "weight"
