@@ -138,15 +138,6 @@ def test_status_refusals_are_peft_types():
     with pytest.raises(ValueError, match="No adapter layers found in the model"):
         dt.get_model_status(nn.Linear(2, 2))
 
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = type("C", (), {"model_type": "x", "to_dict": lambda self: {}})()
-            self.emb = nn.Embedding(10, 4)
-
-        def get_input_embeddings(self):
-            return self.emb
-
     from transformers import LlamaConfig, LlamaForCausalLM
 
     base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -295,3 +286,29 @@ def test_second_adapter_regex_skips_adapter_internals(cls, kwargs, target):
     theirs, ours = _both(build)
     assert ours == theirs
     assert ours[0] == ["head", "lin0", "lin1"]
+
+
+@pytest.mark.parametrize("cls,prefix", [("LoraConfig", "lora_"), ("LoKrConfig", "lokr_")])
+def test_base_module_named_like_an_adapter_stays_the_models(cls, prefix):
+    """A base module called ``lora_head`` is the model's: frozen, out of the adapter file, and trainable in full
+    through modules_to_save (PEFT decides by structure, not by name)."""
+
+    class MyModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0 = nn.Linear(5, 5)
+            setattr(self, f"{prefix}head", nn.Linear(5, 5))
+
+        def forward(self, x):
+            return getattr(self, f"{prefix}head")(self.lin0(x))
+
+    def build(lib):
+        plain = lib.get_peft_model(MyModel(), getattr(lib, cls)(target_modules=["lin0"]))
+        saved = lib.get_peft_model(MyModel(), getattr(lib, cls)(target_modules=["lin0"],
+                                                                 modules_to_save=[f"{prefix}head"]))
+        return (getattr(plain.base_model.model, f"{prefix}head").weight.requires_grad,
+                sorted(lib.get_peft_model_state_dict(plain)), sorted(lib.get_peft_model_state_dict(saved)))
+
+    theirs, ours = _both(build)
+    assert ours == theirs
+    assert f"base_model.model.{prefix}head.weight" in ours[2]

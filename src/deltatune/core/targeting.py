@@ -86,7 +86,7 @@ def expand_all_linear(model: nn.Module, task_type=None) -> set[str]:
     # A layer that already carries an adapter counts by its base layer, so a second adapter finds it.
     internal = adapter_internal_names(model)
     names = {n for n, m in model.named_modules()
-             if isinstance(getattr(m, "base_layer", m), linear) and not _is_adapter_internal(n) and n not in internal}
+             if isinstance(getattr(m, "base_layer", m), linear) and n not in internal}
     head = output_head_name(model)
     if head is None and str(task_type) == "SEQ_CLS":
         for attr in ("score", "classifier"):
@@ -102,7 +102,9 @@ def adapter_internal_names(model: nn.Module) -> set[str]:
     """Names of the modules inside adapter layers and ``modules_to_save`` wrappers (their base layer, the
     containers of their tensors, dropout, copies...): never targets of a further adapter, whatever its regex or
     ``all-linear`` matches, as in PEFT. Found by the wrappers' types, so every method's internals count, whatever
-    their names (``vera_lambda_b``, ``boft_R``, ``hada_w1_a``, ...)."""
+    their names (``vera_lambda_b``, ``boft_R``, ``hada_w1_a``, ...), and a base module whose name merely looks like
+    an adapter's (``lora_head``) stays the model's, as in PEFT. A companion wrapper (``collapse_into``: LoRA's
+    trainable-token ``token_adapter``) owns its child too."""
     from deltatune.core.layer import AdapterLayer
     from deltatune.core.modules_to_save import ModulesToSaveWrapper
 
@@ -112,7 +114,7 @@ def adapter_internal_names(model: nn.Module) -> set[str]:
         parts = name.split(".")
         if any(".".join(parts[:i]) in owners for i in range(1, len(parts))):
             internal.add(name)
-        if name and isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+        if name and (isinstance(module, (AdapterLayer, ModulesToSaveWrapper)) or hasattr(module, "collapse_into")):
             owners.add(name)
     return internal
 
@@ -200,7 +202,7 @@ def find_targets(model: nn.Module, config, supported: tuple[type, ...] | None = 
             matched module is of a type the method cannot adapt.
     """
     internal = adapter_internal_names(model)
-    names = [n for n, _ in model.named_modules() if n and not _is_adapter_internal(n) and n not in internal]
+    names = [n for n, _ in model.named_modules() if n and n not in internal]
     modules = dict(model.named_modules())
     found = [n for n in names if is_target(n, config)]
     target = config.target_modules

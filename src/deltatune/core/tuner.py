@@ -300,12 +300,13 @@ class AdapterModel(nn.Module):
     def _wrap_modules_to_save(self, adapter_name: str, names) -> None:
         if not names:
             return
+        internal = targeting.adapter_internal_names(self.model)  # by structure: a base "lora_head" is the model's
         for key, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):
                 if _matches_name(key, names):
                     module.update(adapter_name)
                 continue
-            if key and _matches_name(key, names) and not targeting._is_adapter_internal(key):
+            if key and _matches_name(key, names) and key not in internal:
                 replace_module(self.model, key, ModulesToSaveWrapper(module, adapter_name))
 
     def _mark_trainable(self, adapter_name: str, config: PeftConfig) -> None:
