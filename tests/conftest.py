@@ -1,7 +1,7 @@
 """Suite-wide settings and fixtures: nothing may reach a model hub, the ``slow`` marker is known, and the
 real SmolLM2-135M / BBC News fixtures (``smollm2``, ``bbc``; skipped where not installed) are shared.
 
-Shared test code lives in the package ``tests/support`` (``from support import tiny_llama``): pyproject's
+Shared test code lives in the package ``tests/support`` (``from support.models import tiny_llama``): pyproject's
 ``pythonpath = ["tests"]`` puts ``tests/`` on ``sys.path``, so no folder needs a conftest.py of its own for it.
 
 The environment variables are set at import, before any test module imports ``transformers``

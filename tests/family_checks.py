@@ -1,4 +1,4 @@
 """Old import path of :mod:`support.family_checks`, kept for tests written before ``tests/support``; new tests
-import from ``support``."""
+import from ``support.family_checks``."""
 
-from support.family_checks import ATOL, check_model_contract, check_two_adapters, weights_of  # noqa: F401
+from support.family_checks import *  # noqa: F401,F403

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from support import tiny_llama  # noqa: E402
+from support.models import tiny_llama  # noqa: E402
 
 from deltatune import LoraConfig, get_peft_model  # noqa: E402
 from deltatune.errors import ConfigError  # noqa: E402

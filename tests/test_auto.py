@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from support import tiny_bert, tiny_llama
+from support.models import tiny_bert, tiny_llama
 
 import deltatune as dt
 

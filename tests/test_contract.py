@@ -28,8 +28,8 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import make_inputs, output, perturb_trainable, tiny_llama
 from support.contract import CASES, case_for, config_for, forward_kwargs, starts_as_identity
+from support.models import make_inputs, output, perturb_trainable, tiny_llama
 
 import deltatune
 from deltatune.core.layer import AdapterLayer

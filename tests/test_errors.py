@@ -14,7 +14,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from support import assert_same_state, params_snapshot, tiny_gpt2, tiny_llama, tiny_net
+from support.models import assert_same_state, params_snapshot, tiny_gpt2, tiny_llama, tiny_net
 from torch import nn
 
 import deltatune

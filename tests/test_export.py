@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from support import make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_net  # noqa: E402
+from support.models import make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_net  # noqa: E402
 
 import deltatune as dt  # noqa: E402
 from deltatune.errors import ConfigError  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from support import tiny_llama
+from support.models import tiny_llama
 
 import deltatune as dt
 

@@ -152,6 +152,15 @@ def _config_with_pattern_only(cls: str, lib):
     return getattr(lib, cls)(target_modules=["lin0"], layers_pattern="layers")
 
 
+def _hotswap(lib):
+    return deltatune.hotswap if lib is dt else peft.utils.hotswap
+
+
+def _hotswap_rank_too_small(lib):
+    model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"], r=10))
+    _hotswap(lib).prepare_model_for_compiled_hotswap(model, target_rank=9)
+
+
 # (id, the call with lib = peft or deltatune, a fragment of deltatune's hint that must stay after PEFT's sentence)
 CASES: list[tuple[str, Callable, str]] = [
     ("safe_merge NaN weight (LoRA)", _nan_lora_weight, "nothing was merged"),
@@ -212,6 +221,16 @@ CASES: list[tuple[str, Callable, str]] = [
      lambda L: L.get_peft_model(Emb(), L.LoraConfig(target_modules=["emb"], lora_bias=True)), "Set lora_bias=False"),
     ("hotswap check_compiled unknown", _hotswap_unknown_check, ""),
     ("hotswap grouped conv rank", _hotswap_grouped_conv, "hot-swap only adapters of the same rank"),
+    ("hotswap preparing a compiled model",
+     lambda L: _hotswap(L).prepare_model_for_compiled_hotswap(
+         torch.compile(L.get_peft_model(MLP(), L.LoraConfig(target_modules=["lin0"])))), "check_compiled='warn'"),
+    ("hotswap preparing a model without adapters", lambda L: _hotswap(L).prepare_model_for_compiled_hotswap(MLP()),
+     "No LoRA layers"),
+    ("hotswap target_rank below a rank", _hotswap_rank_too_small, "target_rank must be the largest rank"),
+    ("hotswap configs of two methods",
+     lambda L: _hotswap(L).check_hotswap_configs_compatible(L.LoraConfig(), L.IA3Config()), "load_adapter instead"),
+    ("hotswap configs of another method",
+     lambda L: _hotswap(L).check_hotswap_configs_compatible(L.IA3Config(), L.IA3Config()), "LoRA adapters only"),
 ]
 
 

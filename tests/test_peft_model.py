@@ -15,7 +15,7 @@ import warnings
 import peft
 import pytest
 import torch
-from support import make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_net, tiny_t5
+from support.models import make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_net, tiny_t5
 from torch import nn
 
 import deltatune

@@ -4,7 +4,7 @@ state dict, the modules_to_save wrapper's attributes, ``get_base_layer`` and the
 from __future__ import annotations
 
 import torch
-from support import tiny_bert, tiny_llama
+from support.models import tiny_bert, tiny_llama
 from torch import nn
 
 import deltatune

@@ -399,7 +399,7 @@ def test_family_methods_on_a_quantized_base_compute_the_dequantized_function(tmp
     """LoHa, LoKr, VeRA, OFT and BOFT over bitsandbytes layers: shapes from the dense (out, in), not the packed
     storage; outputs equal the same adapter on a float model holding the dequantised weights; gradients reach the
     adapter only; files as on a float base; merge_and_unload equals the unmerged model."""
-    from support import perturb_trainable
+    from support.models import perturb_trainable
 
     quantized = quantize(tiny_llama(), quant_type)
     dense = dense_copy_of(quantized)

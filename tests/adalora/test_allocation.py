@@ -165,7 +165,7 @@ def test_regularization_loss_value():
 
 
 def test_forward_adds_the_penalty_to_a_returned_loss_in_training_mode_only():
-    from support import tiny_llama
+    from support.models import tiny_llama
 
     model = dt.get_peft_model(tiny_llama(), dt.AdaLoraConfig(total_step=10, init_r=4, target_r=2,
                                                              init_lora_weights=False, task_type="CAUSAL_LM"))

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from support import tiny_llama
+from support.models import tiny_llama
 
 import deltatune as dt
 from deltatune.adalora import adalora_layers

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support import Holder, check_model_contract, check_two_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from support.family_checks import check_model_contract, check_two_adapters
+from support.models import Holder, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 from deltatune import BitFitConfig, get_peft_model

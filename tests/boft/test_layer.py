@@ -14,18 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft.tuners.boft import layer as peft_boft
-from support import (
-    Holder,
-    check_model_contract,
-    check_two_adapters,
-    layer_and_input,
-    make_inputs,
-    output,
-    perturb_trainable,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-)
+from support.family_checks import check_model_contract, check_two_adapters
+from support.layers import layer_and_input
+from support.models import Holder, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

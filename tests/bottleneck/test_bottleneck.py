@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support import Holder, check_two_adapters, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
+from support.family_checks import check_two_adapters
+from support.models import Holder, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import deltatune

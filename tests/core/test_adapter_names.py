@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from support import tiny_llama
+from support.models import tiny_llama
 
 from deltatune import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from deltatune.core.tuner import validate_adapter_name

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from support import make_inputs, output, perturb_trainable, tiny_llama
+from support.models import make_inputs, output, perturb_trainable, tiny_llama
 
 import deltatune.core.io as io
 from deltatune import LoraConfig, PeftModel, get_peft_model
@@ -93,7 +93,7 @@ def test_a_process_killed_between_the_renames(tmp_path, pair):
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
-        from support import tiny_llama
+        from support.models import tiny_llama
         from deltatune import PeftModel
         model = PeftModel.from_pretrained(tiny_llama(0), {str(new_dir)!r})
         real, seen = os.replace, []

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from support import tiny_llama
+from support.models import tiny_llama
 
 from deltatune import LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, get_peft_model
 from deltatune.core.checks import check_config_fits_file, check_finite, first_non_finite

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
-from support import make_inputs, output, perturb_trainable, tiny_llama
+from support.models import make_inputs, output, perturb_trainable, tiny_llama
 
 import deltatune.core.io as io
 from deltatune import LoraConfig, PeftModel, get_peft_model

@@ -30,7 +30,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import kind_of, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_net
+from support.models import kind_of, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_net
 
 import deltatune
 

@@ -27,7 +27,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import (
+from support.models import (
     kind_of,
     make_inputs,
     output,

@@ -12,15 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft.tuners.lokr.layer import factorization as peft_factorization
-from support import (
-    check_model_contract,
-    check_two_adapters,
-    layer_and_input,
-    output,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-)
+from support.family_checks import check_model_contract, check_two_adapters
+from support.layers import layer_and_input
+from support.models import output, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

@@ -16,7 +16,7 @@ import warnings
 import peft
 import pytest
 import torch
-from support import assert_same_state, make_inputs, output, params_snapshot, tiny_gpt2, tiny_llama, tiny_net
+from support.models import assert_same_state, make_inputs, output, params_snapshot, tiny_gpt2, tiny_llama, tiny_net
 
 import deltatune
 from deltatune.core import merge_utils

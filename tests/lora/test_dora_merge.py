@@ -12,7 +12,7 @@ import warnings
 import peft
 import pytest
 import torch
-from support import make_inputs, output, params_snapshot, tiny_gpt2, tiny_llama
+from support.models import make_inputs, output, params_snapshot, tiny_gpt2, tiny_llama
 from torch import nn
 
 import deltatune as dt

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support import Holder
+from support.models import Holder
 from torch import nn
 
 from deltatune import LoraConfig, get_peft_model

@@ -14,7 +14,8 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from support import Holder, layer_and_input, make_inputs, output, tiny_gpt2, tiny_llama, tiny_net
+from support.layers import layer_and_input
+from support.models import Holder, make_inputs, output, tiny_gpt2, tiny_llama, tiny_net
 from torch import nn
 
 import deltatune

@@ -6,7 +6,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from support import make_inputs, output, tiny_gpt2, tiny_llama
+from support.models import make_inputs, output, tiny_gpt2, tiny_llama
 
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.errors import ConfigError

@@ -11,7 +11,7 @@ import warnings
 import peft
 import pytest
 import torch
-from support import assert_same_state, make_inputs, output, params_snapshot, tiny_gpt2, tiny_llama
+from support.models import assert_same_state, make_inputs, output, params_snapshot, tiny_gpt2, tiny_llama
 from torch import nn
 
 import deltatune as dt

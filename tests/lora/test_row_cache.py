@@ -10,7 +10,7 @@ and ``delete_adapter`` frees the slot.
 from __future__ import annotations
 
 import torch
-from support import make_inputs, output, tiny_llama
+from support.models import make_inputs, output, tiny_llama
 
 from deltatune import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from deltatune.lora.layer import LoraLayer

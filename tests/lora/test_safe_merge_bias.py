@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_same_state, params_snapshot
+from support.models import assert_same_state, params_snapshot
 from torch import nn
 
 import deltatune as dt

@@ -15,16 +15,9 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from support import (
-    Holder,
-    check_model_contract,
-    check_two_adapters,
-    layer_and_input,
-    output,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-)
+from support.family_checks import check_model_contract, check_two_adapters
+from support.layers import layer_and_input
+from support.models import Holder, output, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

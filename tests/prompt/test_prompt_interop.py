@@ -26,7 +26,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from support.models import perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
 import deltatune
 

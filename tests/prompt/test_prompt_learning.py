@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from support.models import perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from torch import nn
 
 import deltatune as dt

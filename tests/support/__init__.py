@@ -1,4 +1,4 @@
-"""What the tests share, in one package (``tests/`` is on ``sys.path``: ``from support import tiny_llama``).
+"""What the tests share, in one package (``tests/`` is on ``sys.path``: ``from support.models import tiny_llama``).
 
 - :mod:`support.models`: tiny seeded Llama / GPT-2 / BERT / T5 from ``transformers`` config classes, the plain
   torch :class:`~support.models.TinyNet` and :class:`~support.models.Holder`, fixed inputs, logits, seeded noise
@@ -11,29 +11,3 @@
   and small data files (the CLI, training, distributed and integration tests).
 - :mod:`support.smollm2`: the real SmolLM2-135M and BBC News for the slow tests (fixtures in tests/conftest.py).
 """
-
-from .family_checks import check_model_contract, check_two_adapters, weights_of
-from .layers import layer_and_input
-from .models import (
-    FACTORIES,
-    VOCAB,
-    Holder,
-    TinyNet,
-    assert_same_state,
-    kind_of,
-    make_inputs,
-    output,
-    params_snapshot,
-    perturb_trainable,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_net,
-    tiny_t5,
-)
-
-__all__ = [
-    "FACTORIES", "VOCAB", "Holder", "TinyNet", "assert_same_state", "check_model_contract", "check_two_adapters",
-    "kind_of", "layer_and_input", "make_inputs", "output", "params_snapshot", "perturb_trainable", "tiny_bert",
-    "tiny_gpt2", "tiny_llama", "tiny_net", "tiny_t5", "weights_of",
-]

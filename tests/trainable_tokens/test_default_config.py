@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import tiny_llama
+from support.models import tiny_llama
 
 from deltatune import LoraConfig, TrainableTokensConfig, get_peft_model
 from deltatune.errors import ConfigError

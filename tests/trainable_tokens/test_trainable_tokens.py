@@ -5,16 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import (
-    check_model_contract,
-    check_two_adapters,
-    make_inputs,
-    output,
-    perturb_trainable,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-)
+from support.family_checks import check_model_contract, check_two_adapters
+from support.models import make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 
 import deltatune
 from deltatune import LoraConfig, TrainableTokensConfig, get_peft_model

@@ -14,16 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from support import (
-    check_model_contract,
-    check_two_adapters,
-    make_inputs,
-    output,
-    perturb_trainable,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-)
+from support.family_checks import check_model_contract, check_two_adapters
+from support.models import make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
