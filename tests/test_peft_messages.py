@@ -136,14 +136,14 @@ def _vera_pair(lib, **second):
 
 
 def _hotswap_unknown_check(lib):
-    module = deltatune.hotswap if lib is dt else peft.utils.hotswap
+    module = _hotswap(lib)
     model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]))
     # PEFT reads check_compiled only for a compiled model; compiling is lazy, nothing runs here
     module.prepare_model_for_compiled_hotswap(torch.compile(model), target_rank=8, check_compiled="wrong-option")
 
 
 def _hotswap_grouped_conv(lib):
-    module = deltatune.hotswap if lib is dt else peft.utils.hotswap
+    module = _hotswap(lib)
     model = lib.get_peft_model(GroupedConv(), lib.LoraConfig(target_modules=["conv"], r=2))
     module.prepare_model_for_compiled_hotswap(model, target_rank=3)
 

@@ -107,7 +107,9 @@ def _check_paddable(name: str, layer: LoraLayer, adapter_name: str, rank: int) -
                           "Embedding can)")
     current = layer.r[adapter_name]
     if current > rank:
-        raise ConfigError(f"{name}: adapter {adapter_name!r} has rank {current}, above target_rank={rank}; "
+        raise ConfigError(f"Trying to pad the adapter to the target rank {rank}, but the original rank is larger "
+                          f"({current}). This is not possible. "
+                          f"{name}: adapter {adapter_name!r} has rank {current}, above target_rank={rank}; "
                           f"target_rank must be the largest rank of all adapters to swap in (>= {current})")
 
 
@@ -143,13 +145,15 @@ def prepare_model_for_compiled_hotswap(
         message = ("prepare_model_for_compiled_hotswap was called on a compiled model; call it before torch.compile "
                    "(compiling afterwards avoids a recompilation)")
         if check_compiled == "error":
-            raise ConfigError(message + ", or pass check_compiled='warn'/'ignore'")
+            raise ConfigError("Call prepare_model_for_compiled_hotswap *before* compiling the model. " + message
+                              + ", or pass check_compiled='warn'/'ignore'")
         if check_compiled == "warn":
             warnings.warn(message, stacklevel=2)
     layers = list(_lora_layers(model))
     if not layers:
-        raise ConfigError("no LoRA layers found in the model; call prepare_model_for_compiled_hotswap after loading "
-                          "the first adapter (and before compiling)")
+        raise ConfigError("No adapter layers found on the model, make sure call `prepare_model_for_compiled_hotswap` "
+                          "after loading the first adapter and before loading the second adapter. (No LoRA layers: "
+                          "call it after loading the first adapter, and before compiling.)")
     if target_rank is not None:
         if not isinstance(target_rank, int) or isinstance(target_rank, bool) or target_rank <= 0:
             raise ConfigError(f"target_rank must be a positive integer, got {target_rank!r}")
@@ -183,10 +187,12 @@ def check_hotswap_configs_compatible(config0: PeftConfig, config1: PeftConfig) -
     change the forward beyond the tensors and ``alpha``/``r`` (``use_rslora``, ``lora_dropout``, ``alpha_pattern``,
     ``use_dora``), as PEFT's check."""
     if config0.peft_type != config1.peft_type:
-        raise HotswapError(f"cannot hot-swap a {config1.peft_type} adapter into a {config0.peft_type} one; load it "
-                           "with load_adapter instead")
+        raise HotswapError(f"Incompatible PEFT types found: {config0.peft_type} and {config1.peft_type}. Cannot "
+                           f"hot-swap a {config1.peft_type} adapter into a {config0.peft_type} one; load it with "
+                           "load_adapter instead")
     if str(config0.peft_type) != "LORA":
-        raise HotswapError(f"hot-swapping supports LoRA adapters only, got {config0.peft_type}")
+        raise HotswapError(f"Hotswapping only supports LORA but {config0.peft_type} was passed. (Hot-swapping "
+                           "supports LoRA adapters only.)")
     for key in _MUST_MATCH:
         a, b = getattr(config0, key, None), getattr(config1, key, None)
         if a != b:
@@ -233,7 +239,8 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
     if unexpected:
         modules = sorted({k.split(f".{adapter_name}.")[0].rsplit(".", 1)[0].removeprefix("base_model.model.")
                           for k in unexpected})
-        raise HotswapError(f"the new adapter targets modules the loaded adapter {adapter_name!r} does not: "
+        raise HotswapError(f"Hot swapping the adapter did not succeed, unexpected keys found: {', '.join(unexpected)}. "
+                           f"The new adapter targets modules the loaded adapter {adapter_name!r} does not: "
                            f"{modules[:5]}{' ...' if len(modules) > 5 else ''}; hot-swapping needs the same (or "
                            "fewer) target modules: load it with load_adapter instead")
     prepared = _is_compiled(model) or any(isinstance(s, torch.Tensor)
