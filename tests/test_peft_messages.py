@@ -152,6 +152,17 @@ def _config_with_pattern_only(cls: str, lib):
     return getattr(lib, cls)(target_modules=["lin0"], layers_pattern="layers")
 
 
+class Kdim(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+
+
+def _two_bias_adapters(lib):
+    model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"], bias="all"))
+    model.add_adapter("other", lib.LoraConfig(target_modules=["lin1"], bias="lora_only"))
+
+
 def _hotswap(lib):
     return deltatune.hotswap if lib is dt else peft.utils.hotswap
 
@@ -221,6 +232,17 @@ CASES: list[tuple[str, Callable, str]] = [
      lambda L: L.get_peft_model(Emb(), L.LoraConfig(target_modules=["emb"], lora_bias=True)), "Set lora_bias=False"),
     ("hotswap check_compiled unknown", _hotswap_unknown_check, ""),
     ("hotswap grouped conv rank", _hotswap_grouped_conv, "hot-swap only adapters of the same rank"),
+    ("orthogonal init with an odd rank",
+     lambda L: L.get_peft_model(MLP(), L.LoraConfig(target_modules=["lin0"], r=7, init_lora_weights="orthogonal")),
+     "use 8"),
+    ("MiCA rank above the layer's", lambda L: L.get_peft_model(
+        MLP(), L.LoraConfig(target_modules=["lin1"], r=3, init_lora_weights="mica")), "lower r"),
+    ("MultiheadAttention with separate q/k/v",
+     lambda L: L.get_peft_model(Kdim(), L.LoraConfig(target_modules=["mha"])), "packed q/k/v"),
+    ("second adapter with bias", _two_bias_adapters, "only one adapter per model may train biases"),
+    ("only modules_to_save among the targets",
+     lambda L: L.get_peft_model(MLP(), L.LoraConfig(target_modules=["lin0"], modules_to_save=["lin0"])),
+     "nothing to adapt"),
     ("hotswap preparing a compiled model",
      lambda L: _hotswap(L).prepare_model_for_compiled_hotswap(
          torch.compile(L.get_peft_model(MLP(), L.LoraConfig(target_modules=["lin0"])))), "check_compiled='warn'"),
@@ -260,6 +282,15 @@ def test_message_starts_with_peft_sentence_and_keeps_the_hint(call: Callable, hi
     peft_sentence = str(theirs).rstrip()
     assert re.match(re.escape(peft_sentence), str(ours)), f"\npeft:      {theirs}\ndeltatune: {ours}"
     assert hint in str(ours)[len(peft_sentence):], str(ours)
+
+
+def test_adalora_loftq_as_peft_writes_it() -> None:
+    # Real peft cannot be asked here: its LoraConfig wants scipy for LoftQ first (ImportError in this venv), so the
+    # sentence is PEFT's f-string over real peft's PeftType (adalora/config.py) and PEFT's own test's regex.
+    with pytest.raises(ValueError) as info:
+        dt.AdaLoraConfig(init_lora_weights="loftq", loftq_config={"loftq": "config"}, total_step=1)
+    assert re.match(re.escape(f"{peft.PeftType.ADALORA} does not support LOFTQ."), str(info.value))
+    assert re.search("ADALORA does not support LOFTQ", str(info.value)) and "use LoraConfig" in str(info.value)
 
 
 WARN_CASES: list[tuple[str, Callable]] = [

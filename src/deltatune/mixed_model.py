@@ -71,7 +71,11 @@ class MixedAdapterModel(AdapterModel):
         found = [n for n in found if not _matches_name(n, saved)]
         if not found:
             raise TargetModuleError(
-                f"every module matched by target_modules is also in modules_to_save {saved}; nothing to adapt"
+                "No modules were targeted for adaptation. This might be caused by a combination of mismatched target "
+                "modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                "configuration. You may also have only targeted modules that are marked to be saved "
+                f"(`modules_to_save`). Every module matched by target_modules is also in modules_to_save {saved}; "
+                "nothing to adapt"
             )
         self.peft_config[adapter_name] = config
         try:

@@ -156,7 +156,7 @@ def test_orthogonal_init_equals_peft_under_the_same_seed():
 
 
 def test_orthogonal_needs_an_even_rank():
-    with pytest.raises(ConfigError, match=r"even rank .* r=3; use 4"):
+    with pytest.raises(ConfigError, match=r"^Orthogonal initialization requires the LoRA rank to be even.* r=3; use 4"):
         dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=3, init_lora_weights="orthogonal"))
     with pytest.raises(ConfigError, match=r"rank_pattern\['q_proj'\]=5"):
         dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, rank_pattern={"q_proj": 5}, init_lora_weights="orthogonal"))

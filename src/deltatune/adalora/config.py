@@ -120,6 +120,9 @@ class AdaLoraConfig(LoraConfig):
         if self.use_dora:
             raise ConfigError("PeftType.ADALORA does not support DoRA. Set use_dora=False, or use "
                               "LoraConfig(use_dora=True)")
+        if self.loftq_config and self.init_lora_weights == "loftq":  # otherwise loftq_config is ignored, as in PEFT
+            raise ConfigError("PeftType.ADALORA does not support LOFTQ. Drop loftq_config (and "
+                              "init_lora_weights='loftq'), or use LoraConfig for LoftQ")
         if self.init_lora_weights not in (True, False):
             raise ConfigError(
                 f"AdaLoraConfig.init_lora_weights={self.init_lora_weights!r}: AdaLoRA starts from Λ = 0 with "

@@ -79,13 +79,16 @@ def _matches_name(key: str, names) -> bool:
     return any(key == n or key.endswith("." + n) for n in names)
 
 
-def _check_single_bias_adapter(configs: dict[str, PeftConfig], adapter_name: str, config: PeftConfig) -> None:
+def _check_single_bias_adapter(configs: dict[str, PeftConfig], adapter_name: str, config: PeftConfig,
+                               owner: str = "AdapterModel") -> None:
     """Refuse a second adapter with ``bias != "none"`` (PEFT's rule): the biases are base parameters, so two such
     adapters would silently train (and save) the same tensors."""
     with_bias = [n for n, c in configs.items() if getattr(c, "bias", "none") != "none"]
     if with_bias and getattr(config, "bias", "none") != "none":
-        raise ConfigError(
-            f"adapter {adapter_name!r} has bias={config.bias!r} but adapter {with_bias[0]!r} already trains biases "
+        raise ConfigError(  # PEFT's sentence first (owner: PEFT's class name, LoraModel...)
+            f"{owner} supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' for all "
+            f"adapters. Adapter {adapter_name!r} has bias={config.bias!r} but adapter {with_bias[0]!r} already trains "
+            "biases "
             f"(bias={configs[with_bias[0]].bias!r}); only one adapter per model may train biases: set bias='none' "
             "for the others"
         )
@@ -263,7 +266,7 @@ class AdapterModel(nn.Module):
             raise AdapterNameError(
                 f"Adapter with name '{adapter_name}' already exists. Pick another name or delete_adapter() it first"
             )
-        _check_single_bias_adapter(self.peft_config, adapter_name, config)
+        _check_single_bias_adapter(self.peft_config, adapter_name, config, type(self).__name__)
         method = method_for(config.peft_type)
         if method.prepare_config is not None:
             method.prepare_config(self.model, config)
@@ -276,7 +279,11 @@ class AdapterModel(nn.Module):
         found = [n for n in found if not _matches_name(n, saved)]
         if not found and not params_only:
             raise TargetModuleError(
-                f"every module matched by target_modules is also in modules_to_save {saved}; nothing to adapt"
+                "No modules were targeted for adaptation. This might be caused by a combination of mismatched target "
+                "modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                "configuration. You may also have only targeted modules that are marked to be saved "
+                f"(`modules_to_save`). Every module matched by target_modules is also in modules_to_save {saved}; "
+                "nothing to adapt"
             )
         self.peft_config[adapter_name] = config
         try:

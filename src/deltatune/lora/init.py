@@ -94,8 +94,9 @@ def check_creatable(model: nn.Module, config: object) -> None:
         odd = {k: v for k, v in ranks.items() if v % 2}
         if odd:
             name, value = next(iter(odd.items()))
-            raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank (A and B take half each), "
-                              f"got {name}={value}; use {value + 1}")
+            raise ConfigError(f"Orthogonal initialization requires the LoRA rank to be even, got {value} instead. "
+                              f"init_lora_weights='orthogonal' gives A and B half each: {name}={value}; use "
+                              f"{value + 1}")
 
 
 @torch.no_grad()
@@ -125,7 +126,8 @@ def init_orthogonal(layer: nn.Module, adapter_name: str) -> None:
                           f"{type(layer.base_layer).__name__}; exclude it or use init_lora_weights=True")
     r = layer.r[adapter_name]
     if r % 2:
-        raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank (A and B take half each), got r={r}")
+        raise ConfigError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead. "
+                          "(init_lora_weights='orthogonal' gives A and B half each.)")
     a, b = orthogonal_factors(r, layer.in_features, layer.out_features)
     a_mod.weight.data = a.to(a_mod.weight.device, a_mod.weight.dtype)
     b_mod.weight.data = b.to(b_mod.weight.device, b_mod.weight.dtype)

@@ -36,7 +36,8 @@ class LoraMultiheadAttention(LoraLayer):
 
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:
         if not base_layer._qkv_same_embed_dim:
-            raise ConfigError("LoRA on nn.MultiheadAttention needs one packed q/k/v projection (kdim == vdim == "
+            raise ConfigError("Only same embed for query/key/value is supported as of now for MultiheadAttention. "
+                              "LoRA on nn.MultiheadAttention needs one packed q/k/v projection (kdim == vdim == "
                               "embed_dim); this layer has separate q/k/v weights")
         if not isinstance(base_layer.out_proj, nn.Linear):
             raise ConfigError(f"LoRA on nn.MultiheadAttention needs out_proj to be an nn.Linear, got "

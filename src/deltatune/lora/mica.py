@@ -27,7 +27,11 @@ def minor_left_vectors(weight: torch.Tensor, r: int) -> torch.Tensor:
 
 def _check_rank(r: int, shape: tuple[int, ...], where: str) -> None:
     if r > min(shape):
-        raise ConfigError(f"init_lora_weights='mica' needs r <= min(in, out) of every adapted layer; {where} has "
+        dims = "num_embeddings, embedding_dim" if where == "the embedding" else "in_features, out_features"
+        layer = "an embedding layer" if where == "the embedding" else "a layer"
+        raise ConfigError(f"MiCA requires `r` <= min({dims}) but got r={r} for {layer} with weight shape "
+                          f"{tuple(shape)} (max usable r is {min(shape)}). "
+                          f"init_lora_weights='mica' needs r <= min(in, out) of every adapted layer; {where} has "
                           f"weight {tuple(shape)} and r={r}; lower r (or rank_pattern for that layer) to "
                           f"<= {min(shape)}")
 
