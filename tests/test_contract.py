@@ -10,6 +10,8 @@ For each method:
 - merge == unmerged for mergeable methods (``merge_adapter``, ``unmerge_adapter`` restores the base weights,
   ``merge_and_unload`` gives the plain model computing the adapted function); ``MergeError`` with nothing
   changed for the others (virtual tokens, ``mergeable=False``);
+- a backward pass puts gradients on the method's own tensors only (names with the registry's ``prefix``, or
+  the prompt encoder), and on every one of them;
 - save -> load into a fresh base gives the same logits; a re-save writes bit-identical tensors and the same
   config; the loaded adapter is frozen;
 - a mixed batch (``adapter_names``) runs each row through its own adapter (or none) exactly as a model
@@ -85,6 +87,24 @@ def test_adapter_changes_output_and_disable_adapter_gives_the_base(peft_type):
     with model.disable_adapter():
         torch.testing.assert_close(output(model, inputs), base, atol=ATOL, rtol=0)
     torch.testing.assert_close(output(model, inputs), adapted, atol=ATOL, rtol=0)
+
+
+def test_gradients_reach_only_adapter_tensors(peft_type):
+    method = method_for(peft_type)
+    model = deltatune.get_peft_model(tiny_llama(), config_for(peft_type))
+    perturb_trainable(model, std=0.2)  # some factors start at zero: their partners would get no gradient
+    model.train()
+    model(**_inputs(peft_type)).logits.float().pow(2).mean().backward()
+    mark = method.prefix if method.family == "weight" else "prompt_encoder"
+    trainable = []
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (mark in name), f"{name}: requires_grad={p.requires_grad}"
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+            trainable.append(name)
+        else:
+            assert p.grad is None, f"base parameter {name} got a gradient"
+    assert trainable, "nothing is trainable"
 
 
 def test_merge_equals_unmerged_or_refuses(peft_type):
