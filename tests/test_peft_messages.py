@@ -243,6 +243,8 @@ CASES: list[tuple[str, Callable, str]] = [
     ("only modules_to_save among the targets",
      lambda L: L.get_peft_model(MLP(), L.LoraConfig(target_modules=["lin0"], modules_to_save=["lin0"])),
      "nothing to adapt"),
+    ("target_parameters matching nothing",
+     lambda L: L.get_peft_model(MLP(), L.LoraConfig(target_parameters=["foobar.weight"])), "module path suffix"),
     ("hotswap preparing a compiled model",
      lambda L: _hotswap(L).prepare_model_for_compiled_hotswap(
          torch.compile(L.get_peft_model(MLP(), L.LoraConfig(target_modules=["lin0"])))), "check_compiled='warn'"),

@@ -231,7 +231,7 @@ class PeftModel(nn.Module):
             yield
             return
         if self.training:
-            raise ConfigError("Cannot pass `adapter_names` when the model is in training mode. (Mixed-adapter "
+            raise ConfigError("Cannot pass `adapter_names` when the model is in training mode. (mixed-adapter "
                               "batches are for inference: call model.eval() first.)")
         unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
         if unknown:

@@ -232,7 +232,7 @@ class AdapterLayer(nn.Module):
         if self.row_adapters is not None:
             if self.merged:  # merged weights would run every row through the merged adapters
                 raise ConfigError("Cannot pass `adapter_names` when there are merged adapters, please call "
-                                  "`unmerge_adapter` first. (Mixed-adapter batches need unmerged adapters.)")
+                                  "`unmerge_adapter` first. (mixed-adapter batches need unmerged adapters.)")
             return self._forward_rows(x, *args, **kwargs)
         return None
 

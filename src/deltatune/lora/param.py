@@ -202,7 +202,10 @@ def inject_parameters(adapter_model: nn.Module, adapter_name: str, config) -> li
                 replace_module(model, holder_name, layer)
             matched.append(key)
     if not matched:
-        raise TargetModuleError(f"target_parameters={targets} matched no parameter; give the parameter's name "
+        # PEFT's sentence first where PEFT refuses too (no target_modules either; with them it only warns)
+        peft = ("" if config.target_modules else "No `target_modules` passed but also no `target_parameters` found. "
+                "Please check the values for these arguments. ")
+        raise TargetModuleError(f"{peft}target_parameters={targets} matched no parameter; give the parameter's name "
                                 "with its module path suffix, e.g. 'mlp.experts.gate_up_proj'")
     return matched
 
