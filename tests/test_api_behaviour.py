@@ -12,29 +12,19 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from support.models import tiny_llama  # noqa: E402
+from support.models import TwoLinear, tiny_llama  # noqa: E402
 
 from deltatune import LoraConfig, get_peft_model  # noqa: E402
 from deltatune.errors import ConfigError  # noqa: E402
 
 
-class Two(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x))
-
-
 @pytest.mark.parametrize("first,second", [("all", "lora_only"), ("lora_only", "lora_only"), ("lora_only", "all")])
 def test_second_adapter_with_bias_refused_like_peft(first: str, second: str) -> None:
-    theirs = peft.get_peft_model(Two(), peft.LoraConfig(r=2, target_modules=["a"], bias=first))
+    theirs = peft.get_peft_model(TwoLinear(), peft.LoraConfig(r=2, target_modules=["a"], bias=first))
     with pytest.raises(ValueError, match="only 1 adapter with bias"):
         theirs.add_adapter("two", peft.LoraConfig(r=2, target_modules=["b"], bias=second))
 
-    ours = get_peft_model(Two(), LoraConfig(r=2, target_modules=["a"], bias=first))
+    ours = get_peft_model(TwoLinear(), LoraConfig(r=2, target_modules=["a"], bias=first))
     keys = set(ours.state_dict())
     with pytest.raises(ConfigError, match=r"'two' has bias=.*only one adapter per model may train biases"):
         ours.add_adapter("two", LoraConfig(r=2, target_modules=["b"], bias=second))
@@ -42,9 +32,9 @@ def test_second_adapter_with_bias_refused_like_peft(first: str, second: str) -> 
 
 
 def test_bias_none_beside_a_bias_adapter_accepted_like_peft() -> None:
-    theirs = peft.get_peft_model(Two(), peft.LoraConfig(r=2, target_modules=["a"], bias="all"))
+    theirs = peft.get_peft_model(TwoLinear(), peft.LoraConfig(r=2, target_modules=["a"], bias="all"))
     theirs.add_adapter("two", peft.LoraConfig(r=2, target_modules=["b"]))
-    ours = get_peft_model(Two(), LoraConfig(r=2, target_modules=["a"], bias="all"))
+    ours = get_peft_model(TwoLinear(), LoraConfig(r=2, target_modules=["a"], bias="all"))
     ours.add_adapter("two", LoraConfig(r=2, target_modules=["b"]))
     assert sorted(ours.peft_config) == ["default", "two"]
 

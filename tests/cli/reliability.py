@@ -1,5 +1,6 @@
-"""Shared by the issue-16 reliability tests (test_merge_output_dir, test_non_finite_adapters,
-test_bad_adapter_files): a saved tiny LoRA adapter and a one-line-error check."""
+"""What the CLI tests share: ``run`` (``main(argv)`` with its exit code and captured output), ``read_json``, a
+saved tiny LoRA adapter and the one-line-error check of the reliability tests (test_merge_output_dir,
+test_non_finite_adapters, test_bad_adapter_files)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def read_json(path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def one_line_error(capsys, *argv) -> str:

@@ -11,18 +11,9 @@ import torch
 from deltatune.cli import main
 from deltatune.cli.common import UsageError
 
+from .reliability import read_json, run
+
 FAST = ["--precision", "fp32", "--no-progress", "--batch-size", "4", "--eval-batch-size", "4"]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def read_json(path):
-    with open(path) as fh:
-        return json.load(fh)
 
 
 def metrics(path):

@@ -8,20 +8,11 @@ import warnings
 import pytest
 import torch
 
-from deltatune.cli import common, main
+from deltatune.cli import common
+
+from .reliability import read_json, run
 
 FAST = ["--precision", "fp32", "--no-progress", "--batch-size", "4", "--eval-batch-size", "4"]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def read_json(path):
-    with open(path) as fh:
-        return json.load(fh)
 
 
 def test_shared_options_reach_only_the_methods_that_take_them():

@@ -7,24 +7,13 @@ import warnings
 import pytest
 import torch
 
-from deltatune.cli import main
+from .reliability import read_json, run
 
 bnb = pytest.importorskip("bitsandbytes")
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 FAST = ["--precision", "fp32", "--no-progress", "--batch-size", "4", "--eval-batch-size", "4", "--max-length", "64",
         "--eval-samples", "8", "--forgetting-tokens", "0"]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def read_json(path):
-    with open(path) as fh:
-        return json.load(fh)
 
 
 def train(capsys, llama_dir, data_dir, out, method, quant_type, *extra):

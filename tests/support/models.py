@@ -75,6 +75,21 @@ class Holder(nn.Module):
         return self.layer(x)
 
 
+class TwoLinear(nn.Module):
+    """Two seeded ``nn.Linear(8, 8)`` in a row, ``a`` then ``b``: the smallest model with two targets.
+
+    ``forward(x: (..., 8)) -> (..., 8)``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
 class TinyNet(nn.Module):
     """A plain ``nn.Module`` (no transformers) with every layer type LoRA supports.
 

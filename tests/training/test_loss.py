@@ -85,18 +85,6 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_autocast_loss():
 
 
 # ---- through a model --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return tinymodels.make_llama(str(tmp_path_factory.mktemp("m") / "llama"))
-
-
-@pytest.fixture(scope="module")
-def tok(llama_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(llama_dir)
-
-
 def _lora(llama_dir, **kw):
     from transformers import AutoModelForCausalLM
 

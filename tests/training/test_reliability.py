@@ -19,18 +19,6 @@ from deltatune.training.trainer import (
 )
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return tinymodels.make_llama(str(tmp_path_factory.mktemp("m") / "llama"))
-
-
-@pytest.fixture(scope="module")
-def tok(llama_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(llama_dir)
-
-
 def _peft_model(llama_dir, config=None, seed=0):
     from transformers import AutoModelForCausalLM
 

@@ -6,23 +6,12 @@ from __future__ import annotations
 
 import peft
 import pytest
-import torch
-from torch import nn
+from support.models import TwoLinear
 
 from deltatune import VeraConfig, get_peft_model
 from deltatune.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(fan_in_fan_out|save_projection)")
-
-
-class Two(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x))
 
 
 BAD = [
@@ -34,11 +23,11 @@ BAD = [
 
 @pytest.mark.parametrize("kwargs,message", BAD, ids=[next(iter(k)) for k, _ in BAD])
 def test_incompatible_second_adapter_refused_like_peft(kwargs: dict, message: str) -> None:
-    theirs = peft.get_peft_model(Two(), peft.VeraConfig(r=4, target_modules=["a", "b"]))
+    theirs = peft.get_peft_model(TwoLinear(), peft.VeraConfig(r=4, target_modules=["a", "b"]))
     with pytest.raises(ValueError):
         theirs.add_adapter("two", peft.VeraConfig(target_modules=["a", "b"], **{"r": 4, **kwargs}))
 
-    ours = get_peft_model(Two(), VeraConfig(r=4, target_modules=["a", "b"]))
+    ours = get_peft_model(TwoLinear(), VeraConfig(r=4, target_modules=["a", "b"]))
     keys = set(ours.state_dict())
     with pytest.raises(ConfigError, match=message):
         ours.add_adapter("two", VeraConfig(target_modules=["a", "b"], **{"r": 4, **kwargs}))
@@ -46,6 +35,6 @@ def test_incompatible_second_adapter_refused_like_peft(kwargs: dict, message: st
 
 
 def test_compatible_second_adapter_accepted() -> None:
-    ours = get_peft_model(Two(), VeraConfig(r=4, target_modules=["a", "b"]))
+    ours = get_peft_model(TwoLinear(), VeraConfig(r=4, target_modules=["a", "b"]))
     ours.add_adapter("two", VeraConfig(r=4, target_modules=["a"]))
     assert ours.base_model.vera_A["two"].shape[0] == 4
