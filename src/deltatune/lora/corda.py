@@ -24,9 +24,7 @@ becomes a plain LoRA of rank ``2r`` for the original base (:mod:`deltatune.lora.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -86,23 +84,9 @@ def as_corda_config(value: object, init_lora_weights: object = "corda") -> Corda
     """``LoraConfig.corda_config`` as a :class:`CordaConfig`: a dict (as ``adapter_config.json`` holds it; keys
     PEFT does not accept are dropped, as PEFT does), the dataclass, or ``None`` (the default config when the init
     is ``"corda"``, with PEFT's warning)."""
-    if value is None:
-        if init_lora_weights != "corda":
-            return None
-        warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA "
-                      "config.", stacklevel=5)
-        return CordaConfig()
-    if init_lora_weights != "corda":
-        warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.",
-                      stacklevel=5)
-    if isinstance(value, CordaConfig):
-        return value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. peft's own CordaConfig
-        value = dataclasses.asdict(value)
-    if isinstance(value, Mapping):
-        known = {f.name for f in dataclasses.fields(CordaConfig)}
-        return CordaConfig(**{k: v for k, v in value.items() if k in known})
-    raise ConfigError(f"LoraConfig.corda_config must be a CordaConfig, a dict or None, got {value!r}")
+    from deltatune.lora.init import as_init_config
+
+    return as_init_config(value, init_lora_weights, "corda", CordaConfig, "CorDA")
 
 
 # ---- which modules ------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from copy import deepcopy
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -86,22 +86,9 @@ def as_eva_config(value: Any, init_lora_weights: Any = "eva") -> EvaConfig | Non
     Raises:
         ConfigError: a value that is none of these, or one EvaConfig rejects (``rho < 1``, ``tau`` outside [0, 1]).
     """
-    if value is None:
-        if init_lora_weights != "eva":
-            return None
-        warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.",
-                      stacklevel=5)
-        return EvaConfig()
-    if init_lora_weights != "eva":
-        warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.",
-                      stacklevel=5)
-    if isinstance(value, EvaConfig):
-        return value
-    if is_dataclass(value) and not isinstance(value, type):  # e.g. peft.EvaConfig
-        value = asdict(value)
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"LoraConfig.eva_config must be an EvaConfig or a dict, got {value!r}")
-    return EvaConfig(**{k: v for k, v in value.items() if k in EvaConfig.__dataclass_fields__})
+    from deltatune.lora.init import as_init_config
+
+    return as_init_config(value, init_lora_weights, "eva", EvaConfig, "EVA")
 
 
 def eva_config_of(config: Any) -> EvaConfig:

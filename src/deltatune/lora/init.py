@@ -23,7 +23,9 @@ base weights alone),
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import warnings
 from collections.abc import Iterable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -58,6 +60,35 @@ def init_module(init: object) -> ModuleType | None:
     """``deltatune.lora.<init>`` for a data-driven ``init_lora_weights``, None for any other (imported on first use:
     CorDA, LoRA-GA and LoftQ pull in machinery plain LoRA never needs)."""
     return importlib.import_module(f"deltatune.lora.{init}") if init in DATA_DRIVEN_INITS else None
+
+
+def as_init_config(value: object, init_lora_weights: object, init: str, config_cls: type, label: str) -> object:
+    """A LoRA init's sub-config (``eva_config``, ``corda_config``, ...) as ``config_cls``, as PEFT converts it: a dict
+    (as ``adapter_config.json`` holds it; keys ``config_cls`` does not take are dropped, as PEFT does), a dataclass
+    (ours, or PEFT's own class), or ``None`` (the default config, with PEFT's warning, when ``init_lora_weights`` is
+    ``init``; else ``None``). A sub-config given with another init is kept, with PEFT's "will be ignored" warning.
+
+    Raises:
+        ConfigError: a value that is none of these (or one ``config_cls`` rejects).
+    """
+    field = f"{init}_config"
+    if value is None:
+        if init_lora_weights != init:
+            return None
+        warnings.warn(f"`init_lora_weights` is '{init}' but `{field}` is not specified. Using default {label} config.",
+                      stacklevel=5)
+        return config_cls()
+    if init_lora_weights != init:
+        warnings.warn(f"`{field}` specified but will be ignored when `init_lora_weights` is not '{init}'.",
+                      stacklevel=5)
+    if isinstance(value, config_cls):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. PEFT's own class
+        value = dataclasses.asdict(value)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"LoraConfig.{field} must be a {config_cls.__name__}, a dict or None, got {value!r}")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in value.items() if k in known})
 
 
 def get_peft_model_with_data(model: nn.Module, config: object, batches: Iterable[Mapping[str, torch.Tensor]],
