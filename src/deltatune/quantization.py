@@ -332,12 +332,16 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> nn.Module:
+                                    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+                                    auto_clear_cache: bool = True) -> nn.Module:
     """Get a quantised model ready for adapter training (PEFT's meaning).
 
     Freezes every parameter, upcasts fp16/bf16 parameters that are not quantised (norms, embeddings,
     head) to fp32 for stable training, and with gradient checkpointing makes the input embeddings' output
     require grad so checkpointed blocks over a frozen base still backpropagate into the adapters.
+    ``auto_clear_cache`` (PEFT's default ``True``): after the upcasts, hand the CUDA allocator's cached blocks
+    back (``torch.cuda.empty_cache()``), so the fp16 copies the casts freed do not stay reserved; ``False``
+    leaves the cache alone.
     """
     kwargs = {"use_reentrant": True, **(gradient_checkpointing_kwargs or {})}  # PEFT's default, said explicitly
     for p in model.parameters():
@@ -345,6 +349,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     for p in model.parameters():
         if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ not in ("Params4bit", "Int8Params"):
             p.data = p.data.to(torch.float32)
+    if auto_clear_cache and torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if use_gradient_checkpointing:
         if kwargs["use_reentrant"]:
             if hasattr(model, "enable_input_require_grads"):

@@ -49,6 +49,9 @@ class AdapterLayer(nn.Module):
     peft_class_name: str | None = None
     # What PEFT's safe_merge message calls a non-finite merged bias: "weights" (LoRA) or "bias" (IA3)
     nan_bias_noun: str = "weights"
+    # False inside ``deltatune.helpers.disable_input_dtype_casting``: the adapter's input keeps its dtype (for
+    # forward hooks that cast the weights themselves, as diffusers' layerwise casting does)
+    cast_input_dtype_enabled: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

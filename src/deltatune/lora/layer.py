@@ -986,7 +986,8 @@ class LoraLinear(LoraLayer):
         for name in self._active_lora():
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             dropout, s = self.lora_dropout[name], self.scaling[name]
-            h = x.to(lora_a.weight.dtype)
+            # the adapter's own dtype, unless disable_input_dtype_casting asked to leave x alone (hooks cast)
+            h = x.to(lora_a.weight.dtype) if self.cast_input_dtype_enabled else x
             if not self.use_dora[name]:
                 if self.training and isinstance(dropout, nn.Dropout) and torch.is_grad_enabled():
                     branch = _LoraDropoutBranch.apply(h, lora_a.weight, lora_b.weight, lora_b.bias, dropout.p, s)

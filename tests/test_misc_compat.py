@@ -1,0 +1,99 @@
+"""Small PEFT APIs (issue 18, misc share), each checked against real ``peft`` 0.21.2 doing the same thing."""
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune
+from deltatune.helpers import check_if_peft_model, disable_input_dtype_casting
+from deltatune.quantization import prepare_model_for_kbit_training
+
+peft = pytest.importorskip("peft")
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.lin0(x))
+
+
+def test_check_if_peft_model_matches_peft(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = deltatune.get_peft_model(MLP(), deltatune.LoraConfig(target_modules=["lin0"]))
+    model.save_pretrained(tmp_path / "ok")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text('{"foo": "bar"}')
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "ok", tmp_path / "broken", tmp_path / "empty", tmp_path / "missing"):
+        assert check_if_peft_model(path) == peft.helpers.check_if_peft_model(str(path)), path
+    assert check_if_peft_model(tmp_path / "ok") is True
+    assert check_if_peft_model(tmp_path / "broken") is False
+
+
+def _hooked_fp16(model: nn.Module, dtypes: list[torch.dtype], lora_layer: type) -> nn.Module:
+    """fp16 storage, fp32 compute through hooks (diffusers' layerwise casting), as PEFT's test builds it."""
+    model = model.to(torch.float16)
+
+    def up(module, args):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.float()
+
+    def down(module, args, out):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.half()
+
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(up)
+            module.register_forward_hook(down)
+        if isinstance(module, lora_layer):
+            module.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    return model
+
+
+@pytest.mark.parametrize("lib", ["deltatune", "peft"])
+def test_disable_input_dtype_casting(lib: str) -> None:
+    if lib == "deltatune":
+        from deltatune.lora.layer import LoraLayer
+        get, config, ctx = deltatune.get_peft_model, deltatune.LoraConfig, disable_input_dtype_casting
+    else:
+        from peft.tuners.lora.layer import LoraLayer
+        get, config, ctx = peft.get_peft_model, peft.LoraConfig, peft.helpers.disable_input_dtype_casting
+    dtypes: list[torch.dtype] = []
+
+    def fresh() -> nn.Module:  # a failed forward leaves a weight upcast, so each check starts anew
+        torch.manual_seed(0)
+        return _hooked_fp16(get(MLP(), config(target_modules=["lin0"])), dtypes, LoraLayer)
+
+    x = torch.randn(4, 10)
+    with pytest.raises(RuntimeError, match="same dtype"):  # the cast input meets the hook's fp32 weight
+        fresh()(x)
+    with pytest.raises(RuntimeError, match="same dtype"), ctx(model := fresh(), active=False):
+        model(x)
+    model = fresh()
+    dtypes.clear()
+    with ctx(model):
+        out = model(x)
+    assert dtypes == [torch.float32] and out.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="same dtype"):  # the setting comes back on exit
+        model(x)
+
+
+@pytest.mark.parametrize("clear", [True, False])
+def test_prepare_model_for_kbit_training_auto_clear_cache(clear: bool) -> None:
+    calls = []
+    for prepare in (prepare_model_for_kbit_training, peft.prepare_model_for_kbit_training):
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)).to(torch.float16)
+        with mock.patch("torch.cuda.is_available", return_value=True), \
+                mock.patch("torch.cuda.empty_cache") as empty:
+            prepare(model, use_gradient_checkpointing=False, auto_clear_cache=clear)
+        calls.append(empty.call_count)
+        assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
+    assert calls[0] == calls[1] == int(clear)
