@@ -60,6 +60,12 @@ class Method:
             this method alone (``deltatune train --method oft --r 8 --oft-block-size 0``) they still apply.
         inspect_size: ``(adapter_config, {file key: shape}) -> text``: the "size" line of ``deltatune inspect`` for
             methods whose size is not a LoRA-style ``r`` (OFT's block size, BOFT's butterfly factors).
+        rank_container: The container whose tensors' first dimension is the rank (LoRA's ``lora_A``: ``(r, in)``);
+            ``deltatune inspect`` counts the ranks in a file from it ("in the file: r=8 x12"). Empty: no such count.
+        nested_containers: Dotted paths below an adapted module that hold this method's tensors besides
+            ``containers``, when a companion layer sits one module down (LoRA's ``trainable_token_indices``:
+            ``token_adapter.trainable_tokens_delta``, PEFT's layout), so ``deltatune inspect`` names the module
+            adapted (the embedding), not the companion.
         fit_config_to_file: ``(config, file tensors) -> None``: before an adapter is loaded, correct config
             fields the file contradicts (BOFT files from PEFT without its CUDA kernel hold one butterfly factor
             whatever their config says).
@@ -94,6 +100,8 @@ class Method:
     mergeable: bool = True
     cli_shared_skip: tuple[str, ...] = ()
     inspect_size: Callable[[dict[str, Any], dict[str, list[int]]], str] | None = None
+    rank_container: str = ""
+    nested_containers: tuple[str, ...] = ()
     fit_config_to_file: Callable[[PeftConfig, dict[str, Any]], None] | None = None
 
     @property

@@ -164,6 +164,7 @@ ADALORA = register(Method(
     loss_hook=loss_hook,
     step_hook=step_hook,
     save_hook=save_hook,
+    rank_container="lora_A",
 ))
 AdaLoraModel = ADALORA.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import struct
 import sys
 import types
 import typing
@@ -761,10 +762,42 @@ def adapter_base_and_labels(adapter_dir: str, model_arg: str | None) -> tuple[Mo
     return spec, labels, run
 
 
+def read_safetensors_header(path: str) -> dict[str, dict[str, Any]]:
+    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors file's JSON header.
+
+    The format is an 8-byte little-endian header length, the JSON header, then the raw bytes; reading
+    the header costs nothing however large the file is. The header is checked as safetensors itself checks it
+    (every entry a dtype, a shape and offsets that fit the file), so a truncated or corrupt file is one line.
+
+    Raises:
+        UsageError: the file is not a readable, complete safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    def broken(reason: str) -> UsageError:
+        return UsageError(f"{path} is not a readable safetensors file ({reason}): it is truncated or corrupt; "
+                          "re-save or re-download the adapter")
+
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(fh.read(n))
+        with safe_open(path, "pt"):  # validates the header against the file: offsets, sizes, dtypes
+            pass
+    except SafetensorError as exc:
+        raise broken(str(exc).splitlines()[0][:200]) from None
+    except (OSError, ValueError, struct.error) as exc:
+        raise broken(type(exc).__name__) from None
+    if not isinstance(header, dict):
+        raise broken("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header
+
+
 def _head_size(adapter_dir: str) -> int | None:
     """Rows of a saved classification head (``...classifier...weight``), read from the file header."""
-    from deltatune.cli.inspect import read_safetensors_header
-
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.exists(path):
         return None

@@ -10,48 +10,14 @@ import json
 import math
 import os
 import re
-import struct
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deltatune.cli.common import UsageError, check_adapter_dir, human_bytes
+# read_safetensors_header lives in common (which reads heads' sizes too), so common never imports this module
+from deltatune.cli.common import UsageError, check_adapter_dir, human_bytes, read_safetensors_header
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def read_safetensors_header(path: str) -> dict[str, dict[str, Any]]:
-    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors file's JSON header.
-
-    The format is an 8-byte little-endian header length, the JSON header, then the raw bytes; reading
-    the header costs nothing however large the file is. The header is checked as safetensors itself checks it
-    (every entry a dtype, a shape and offsets that fit the file), so a truncated or corrupt file is one line.
-
-    Raises:
-        UsageError: the file is not a readable, complete safetensors file.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    def broken(reason: str) -> UsageError:
-        return UsageError(f"{path} is not a readable safetensors file ({reason}): it is truncated or corrupt; "
-                          "re-save or re-download the adapter")
-
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(fh.read(n))
-        with safe_open(path, "pt"):  # validates the header against the file: offsets, sizes, dtypes
-            pass
-    except SafetensorError as exc:
-        raise broken(str(exc).splitlines()[0][:200]) from None
-    except (OSError, ValueError, struct.error) as exc:
-        raise broken(type(exc).__name__) from None
-    if not isinstance(header, dict):
-        raise broken("its header is not a JSON object")
-    header.pop("__metadata__", None)
-    return header
+if TYPE_CHECKING:
+    from deltatune.registry import Method
 
 
 def describe(directory: str) -> dict[str, Any]:
@@ -66,7 +32,7 @@ def describe(directory: str) -> dict[str, Any]:
 
     config = check_adapter_dir(directory, None)
     try:
-        method_for(config.get("peft_type"))
+        method = method_for(config.get("peft_type"))
     except ConfigError as exc:
         raise UsageError(f"{os.path.join(directory, 'adapter_config.json')}: {exc}") from None
     st_path = os.path.join(directory, "adapter_model.safetensors")
@@ -90,9 +56,10 @@ def describe(directory: str) -> dict[str, Any]:
     # Per-layer tensors live under base_model.model.<layer>; model-wide ones (VeRA's shared projections,
     # a soft prompt) do not.
     layer_keys = [k for k in tensors if k not in saved and k.startswith("base_model.model.")]
-    modules = sorted({_module_of(k) for k in layer_keys})
-    ranks = Counter(v["shape"][0] for k, v in tensors.items() if re.search(r"\.lora_A(\.weight)?$", k)
-                    and v["shape"])
+    split = {k: _split_key(k, method) for k in layer_keys}  # (module, container), None for a full weight
+    modules = sorted({hit[0] for hit in split.values() if hit})
+    ranks = Counter(tensors[k]["shape"][0] for k, hit in split.items()
+                    if hit and method.rank_container and hit[1] == method.rank_container and tensors[k]["shape"])
     n_params = sum(math.prod(v["shape"]) for v in tensors.values())
     n_saved = sum(math.prod(tensors[k]["shape"]) for k in saved)
     info = {
@@ -103,6 +70,7 @@ def describe(directory: str) -> dict[str, Any]:
         "target_modules": config.get("target_modules"),
         "adapted_modules": len(modules),
         "module_suffixes": sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        "module_names": modules,
         "r": config.get("r"),
         "num_virtual_tokens": config.get("num_virtual_tokens"),
         "lora_alpha": config.get("lora_alpha"),
@@ -118,7 +86,8 @@ def describe(directory: str) -> dict[str, Any]:
         "written_by": "deltatune" if os.path.exists(os.path.join(directory, "run_config.json"))
         else ("peft " + str(config["peft_version"]) if config.get("peft_version") else "unknown"),
     }
-    info["size"] = _method_size(config, {k: v["shape"] for k, v in tensors.items()})
+    shapes = {k: v["shape"] for k, v in tensors.items()}
+    info["size"] = method.inspect_size(config, shapes) if method.inspect_size is not None else None
     others = sorted(d for d in os.listdir(directory)
                     if os.path.isfile(os.path.join(directory, d, "adapter_config.json")))
     if others:
@@ -126,26 +95,29 @@ def describe(directory: str) -> dict[str, Any]:
     return info
 
 
-def _method_size(config: dict[str, Any], shapes: dict[str, list[int]]) -> str | None:
-    """The method's own size line (registry ``inspect_size``), for methods whose size is not a rank."""
-    from deltatune.errors import ConfigError
-    from deltatune.registry import method_for
+def _container_names(method: Method) -> list[list[str]]:
+    """The method's container paths as they appear in file keys, split at the dots: its layers' containers,
+    the file names PEFT gives some of them (``file_suffixes``) and the ones nested a module down."""
+    names = {*method.containers, *method.nested_containers,
+             *(suffix.split(".")[0] for suffix in method.file_suffixes.values())}
+    return [name.split(".") for name in sorted(names)]
 
-    try:
-        method = method_for(config.get("peft_type"))
-    except ConfigError:
+
+def _split_key(key: str, method: Method) -> tuple[str, str] | None:
+    """``(module, container)`` of a file key: ``base_model.model.x.q_proj.lora_A.weight`` -> ``("x.q_proj",
+    "lora_A")``, at the earliest container of ``method`` in the key; ``None`` for a key that holds none (a full
+    weight saved beside the adapter, e.g. an embedding PEFT saves when it is a target)."""
+    parts = key.removeprefix("base_model.model.").split(".")
+    hits = [(i, name) for name in _container_names(method) for i in range(1, len(parts) - len(name) + 1)
+            if parts[i:i + len(name)] == name]
+    if not hits:
         return None
-    return method.inspect_size(config, shapes) if method.inspect_size is not None else None
+    i, name = min(hits, key=lambda hit: (hit[0], -len(hit[1])))
+    return ".".join(parts[:i]), ".".join(name)
 
 
-def _module_of(key: str) -> str:
-    """``base_model.model.x.q_proj.lora_A.weight`` -> ``x.q_proj``: the layer that holds the tensor."""
-    key = re.sub(r"^base_model\.model\.", "", key)
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if re.match(r"(lora_|hada_|lokr_|ia3_|vera_|oft_|boft_|ln_tuning|magnitude)", part):
-            return ".".join(parts[:i])
-    return ".".join(parts[:-1])
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def register(subparsers) -> None:
@@ -177,7 +149,8 @@ def main(args: argparse.Namespace) -> int:
         # "all-linear" is saved expanded to every full module name (PEFT's format): hundreds of names.
         targets = ", ".join(sorted(targets)) if len(targets) <= 8 else f"{len(targets)} module names"
     if info["adapted_modules"]:
-        targets = f"{targets} ({info['adapted_modules']} layers: {', '.join(info['module_suffixes'])})"
+        targets = (f"{targets} ({_plural(info['adapted_modules'], 'layer')}: "
+                   f"{', '.join(info['module_suffixes'])})")
     elif info["num_virtual_tokens"]:
         targets = "no layer: the adapter is virtual tokens fed to the model"
     rank = f"r={info['r']}" if info["r"] is not None else ""

@@ -80,6 +80,8 @@ LORA = register(Method(
     prepare_config=_prepare_config,  # data-driven inits refused at creation (loading resets them first)
     after_inject=_after_inject,  # target_parameters; trainable_token_indices: embedding rows train beside LoRA
     extra_containers=("trainable_tokens_delta",),
+    rank_container="lora_A",
+    nested_containers=("token_adapter.trainable_tokens_delta",),  # trainable_token_indices
 ))
 LoraModel = LORA.tuner_cls  # PEFT's tuner class (isinstance of base_model)
 
