@@ -231,7 +231,7 @@ CASES: list[tuple[str, Callable, str]] = [
     ("lora_bias on Embedding",
      lambda L: L.get_peft_model(Emb(), L.LoraConfig(target_modules=["emb"], lora_bias=True)), "Set lora_bias=False"),
     ("hotswap check_compiled unknown", _hotswap_unknown_check, ""),
-    ("hotswap grouped conv rank", _hotswap_grouped_conv, "hot-swap only adapters of the same rank"),
+    ("hotswap grouped conv rank", _hotswap_grouped_conv, "pass a target_rank divisible by 2"),
     ("orthogonal init with an odd rank",
      lambda L: L.get_peft_model(MLP(), L.LoraConfig(target_modules=["lin0"], r=7, init_lora_weights="orthogonal")),
      "use 8"),

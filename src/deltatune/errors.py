@@ -16,6 +16,11 @@ class ConfigError(DeltatuneError, ValueError):
     """An adapter config holds a value that cannot work (``r <= 0``, an unknown ``peft_type``...)."""
 
 
+class MixedBatchTypeError(ConfigError, TypeError):
+    """A mixed-adapter batch (``adapter_names``) reached a module that cannot run one adapter per row (LoRA on
+    ``nn.MultiheadAttention``, a ``modules_to_save`` copy of a GRU...). A ``TypeError`` too, as PEFT raises."""
+
+
 class TargetModuleError(DeltatuneError, ValueError):
     """``target_modules`` matched nothing, or matched a layer type the method cannot adapt."""
 

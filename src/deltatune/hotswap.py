@@ -72,13 +72,38 @@ def _factor_tensors(layer: LoraLayer, adapter_name: str) -> list[tuple[str, nn.P
     return [("lora_A", layer.lora_A[adapter_name].weight), ("lora_B", layer.lora_B[adapter_name].weight)]
 
 
-def _pad_rank(param: nn.Parameter, axis: int, rank: int) -> None:
-    """Grow ``param``'s rank axis to ``rank`` with zeros, in place (the Parameter object stays the same)."""
+def _rank_blocks(layer: LoraLayer, container: str) -> int:
+    """In how many blocks the rank axis of ``container``'s tensors is laid out: ``groups`` for ``A`` of LoRA on a
+    grouped convolution, else 1.
+
+    There ``B`` is a grouped 1x1 conv, so group ``j`` of the output reads ``A``'s rows ``[j r/g, (j+1) r/g)``, and
+    ``B``'s weight ``(out, r/g, 1...)`` holds each group's own columns. Padding ``r -> R`` must keep every group's
+    ``r/g`` rows of ``A`` at the start of its new block ``[j R/g, (j+1) R/g)`` (PEFT pads the same way); ``B``'s
+    columns are local to a group, so padding its axis 1 from ``r/g`` to ``R/g`` at the end is already right.
+    """
+    base = layer.base_layer
+    if isinstance(layer, LoraConv) and base.groups > 1 and container == "lora_A":
+        return base.groups
+    return 1
+
+
+def _copy_rank(dst: torch.Tensor, src: torch.Tensor, axis: int, blocks: int = 1) -> None:
+    """Zero ``dst`` and copy ``src`` (a smaller or equal size on ``axis``) into the start of each of its ``blocks``
+    equal blocks along ``axis``; the padded slots then add nothing (``B[:, pad] A[pad, :] = 0``)."""
+    dst.zero_()
+    dst_step, src_step = dst.shape[axis] // blocks, src.shape[axis] // blocks
+    for j in range(blocks):
+        dst.narrow(axis, j * dst_step, src_step).copy_(src.narrow(axis, j * src_step, src_step))
+
+
+def _pad_rank(param: nn.Parameter, axis: int, rank: int, blocks: int = 1) -> None:
+    """Grow ``param``'s rank axis to ``rank`` with zeros, in place (the Parameter object stays the same);
+    ``blocks`` as in :func:`_rank_blocks`."""
     shape = list(param.shape)
     if shape[axis] == rank:
         return
     padded = param.data.new_zeros([*shape[:axis], rank, *shape[axis + 1:]])
-    padded.narrow(axis, 0, shape[axis]).copy_(param.data)
+    _copy_rank(padded, param.data, axis, blocks)
     param.data = padded
 
 
@@ -94,14 +119,12 @@ def _set_module_rank(layer: LoraLayer, adapter_name: str, rank: int) -> None:
 
 
 def _check_paddable(name: str, layer: LoraLayer, adapter_name: str, rank: int) -> None:
-    if isinstance(layer, LoraConv) and layer.base_layer.groups > 1:
+    if isinstance(layer, LoraConv) and rank % layer.base_layer.groups:  # B splits the rank into `groups` blocks
         groups = layer.base_layer.groups
-        # PEFT's sentence first where PEFT refuses too (a rank not divisible by groups)
-        peft = ("" if rank % groups == 0 else f"Trying to pad a Conv2d LoRA adapter with groups={groups} to target "
-                f"rank {rank}, but the target rank is not divisible by {groups}. Please choose a target rank that is "
-                f"divisible by {groups}. ")
-        raise ConfigError(f"{peft}{name}: LoRA on a grouped convolution (groups={groups}) cannot be "
-                          "padded to another rank in deltatune; hot-swap only adapters of the same rank there")
+        raise ConfigError(f"Trying to pad a Conv2d LoRA adapter with groups={groups} to target rank {rank}, but the "
+                          f"target rank is not divisible by {groups}. Please choose a target rank that is divisible "
+                          f"by {groups}. ({name}: LoRA on a grouped convolution splits the rank into {groups} blocks; "
+                          f"pass a target_rank divisible by {groups}.)")
     if not isinstance(layer, (LoraLinear, LoraConv, LoraEmbedding)):
         raise ConfigError(f"{name}: {type(layer).__name__} cannot be padded for hot-swapping (Linear, Conv, "
                           "Embedding can)")
@@ -170,7 +193,11 @@ def prepare_model_for_compiled_hotswap(
             for adapter_name in list(layer.r):
                 with torch.no_grad():
                     for container, param in _factor_tensors(layer, adapter_name):
-                        _pad_rank(param, _rank_axis(container), target_rank)
+                        axis = _rank_axis(container)
+                        # grouped conv: B's weight holds rank/groups columns per group (see _rank_blocks)
+                        size = target_rank // layer.base_layer.groups if isinstance(layer, LoraConv) and axis else \
+                            target_rank
+                        _pad_rank(param, axis, size, _rank_blocks(layer, container))
                 _set_module_rank(layer, adapter_name, target_rank)
         layer._clear_row_cache()
     if not config or target_rank is None:
@@ -245,12 +272,14 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
                            "fewer) target modules: load it with load_adapter instead")
     prepared = _is_compiled(model) or any(isinstance(s, torch.Tensor)
                                           for layer in layers.values() for s in layer.scaling.values())
-    plan: list[tuple[str, torch.Tensor, torch.Tensor, int | None]] = []  # key, target, value, rank axis
+    # key, target, value, rank axis, rank blocks (_rank_blocks)
+    plan: list[tuple[str, torch.Tensor, torch.Tensor, int | None, int]] = []
     for key, value in state_dict.items():
         old = own[key]
         container = next((p for p in key.split(".") if p in containers), None)
         axis = _rank_axis(container) if container in ("lora_A", "lora_B", "lora_embedding_A",
                                                       "lora_embedding_B") and old.dim() >= 2 else None
+        blocks = 1
         if old.shape != value.shape:
             other_dims_equal = axis is not None and old.dim() == value.dim() and all(
                 o == n for i, (o, n) in enumerate(zip(old.shape, value.shape)) if i != axis)
@@ -264,12 +293,11 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
                     f"{old.shape[axis]}; call prepare_model_for_compiled_hotswap(model, target_rank=<largest rank, "
                     f">= {value.shape[axis]}>) before compiling")
             layer = layers.get(f"base_model.model.{module}")
-            if isinstance(layer, LoraConv) and layer.base_layer.groups > 1:
-                raise HotswapError(f"{module}: ranks differ on a grouped convolution, which cannot be padded")
             if not isinstance(layer, (LoraLinear, LoraConv, LoraEmbedding)):  # e.g. target_parameters' experts
                 raise HotswapError(f"{module}: ranks differ on a {type(layer).__name__}, whose factors cannot be "
                                    "zero-padded; hot-swap adapters of the same rank there")
-        plan.append((key, old, value, axis))
+            blocks = _rank_blocks(layer, container)
+        plan.append((key, old, value, axis, blocks))
     new_keys = set(state_dict)
     stale = [k for k in own if _belongs_to(k, adapter_name, containers) and k not in new_keys]
     for key in stale:
@@ -281,13 +309,12 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
     with torch.no_grad():
         for key in stale:  # the new adapter leaves this layer alone: zero factors add nothing
             own[key].zero_()
-        for _key, old, value, axis in plan:
+        for _key, old, value, axis, blocks in plan:
             value = value.to(device=old.device, dtype=old.dtype)
             if old.shape == value.shape:
                 old.copy_(value)
             elif value.shape[axis] < old.shape[axis]:
-                old.zero_()
-                old.narrow(axis, 0, value.shape[axis]).copy_(value)
+                _copy_rank(old, value, axis, blocks)
             else:  # a larger rank on an unprepared, uncompiled model: the tensor changes shape
                 old.data = value.clone()
         for name, layer in layers.items():

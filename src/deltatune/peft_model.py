@@ -30,7 +30,6 @@ from deltatune.core.io import (
     sweep_stale_temp_files,
 )
 from deltatune.core.layer import AdapterLayer
-from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.core.state_dict import adapter_state_dict, check_and_load, to_model_keys
 from deltatune.core.tuner import AdapterModel, validate_adapter_name
 from deltatune.errors import AdapterNameError, ConfigError
@@ -238,9 +237,6 @@ class PeftModel(nn.Module):
             raise AdapterNameError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. This model "
                                    f"has {sorted(self.peft_config)}; use '__base__' for rows without an adapter")
         layers = [m for m in self.modules() if hasattr(m, "row_adapters")]
-        if any(isinstance(m, ModulesToSaveWrapper) for m in self.modules()):
-            raise ConfigError("adapter_names does not support models with modules_to_save yet; run one adapter "
-                              "per batch")
         for layer in layers:
             layer.row_adapters = list(adapter_names)
         try:

@@ -11,10 +11,14 @@ import copy
 import torch
 from torch import nn
 
-from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.errors import ConfigError, DeltatuneError, MixedBatchTypeError
 
 # the wrapper's own state: never delegated, so a half-built wrapper (deepcopy, unpickling) cannot recurse
-_OWN = frozenset({"original_module", "modules_to_save", "active_adapter", "disable_adapters"})
+_OWN = frozenset({"original_module", "modules_to_save", "active_adapter", "disable_adapters", "row_adapters"})
+
+# What a mixed-adapter batch can split by rows: modules whose input and output both lead with the batch axis (PEFT's
+# list; a GRU returns a tuple, attention mixes rows through its masks).
+_ROW_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class ModulesToSaveTypeError(DeltatuneError, TypeError):
@@ -52,6 +56,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.original_module.requires_grad_(False)
         self.update(adapter_name)
         self.set_adapter(adapter_name)
@@ -174,4 +179,33 @@ class ModulesToSaveWrapper(nn.Module):
         return getattr(self._current(), name)
 
     def forward(self, *args, **kwargs):
+        if self.row_adapters is not None and not self.disable_adapters:
+            return self._forward_rows(*args, **kwargs)
         return self._current()(*args, **kwargs)
+
+    def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Mixed-adapter batch: row ``i`` of ``x: (batch, ...)`` runs the copy of its adapter ``row_adapters[i]``
+        (the original module for ``"__base__"`` or an adapter without a copy here), exactly what that adapter run
+        alone gives the row; one call per distinct name, the rows put back in order.
+
+        Raises:
+            MixedBatchTypeError: the wrapped module is not one whose rows can be split (PEFT's list, its ``TypeError``).
+        """
+        from deltatune.core.layer import AdapterLayer
+
+        if not isinstance(self.original_module, _ROW_MODULES):
+            supported = ", ".join(t.__name__ for t in _ROW_MODULES)
+            raise MixedBatchTypeError(
+                f"Mixed batching is only supported for the following modules: {supported}. This modules_to_save "
+                f"module is a {type(self.original_module).__name__}: run one adapter per batch (set_adapter), or "
+                "leave it out of modules_to_save")
+        names = AdapterLayer._row_names(self, x.shape[0])  # the adapter layers' rule (generate() repeats rows)
+        out = None
+        for name in dict.fromkeys(names):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module  # noqa: SIM401 (ModuleDict has no .get)
+            y = module(x.index_select(0, rows), *args, **kwargs)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[rows] = y
+        return out

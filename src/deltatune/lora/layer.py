@@ -1249,8 +1249,32 @@ class LoraConv(LoraLayer):
         return weight / scale.view(-1, *([1] * (weight.dim() - 1))) - delta
 
     def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        raise ConfigError("mixed-adapter batches (adapter_names) support Linear and Embedding LoRA layers, "
-                          "not convolutions; run one adapter per batch")
+        """Each row ``i`` of the batch through its own adapter ``a``: ``y_i = W ⋆ x_i + b + s_a B_a(A_a(x_i))``
+        (DoRA: ``m_a/||W + ΔW_a|| ⊙ (W ⋆ x_i + s_a B_a(A_a(x_i))) + b``), ``x: (batch, C_in, *spatial)``.
+
+        The base convolution runs once on the whole batch; each adapter's two small convolutions run once on its
+        rows (one group per distinct name, as PEFT's), added back with ``index_add`` (out of place, so autograd
+        still works). Rows named ``"__base__"`` or an adapter without factors here keep the base output.
+        """
+        result = self.base_layer(x, *args, **kwargs)
+        names = self._row_names(x.shape[0])
+        out_dtype = result.dtype
+        for name in dict.fromkeys(names):
+            if name not in self.r:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.index_select(0, rows).to(lora_a.weight.dtype))  # eval: identity
+            delta = lora_b(lora_a(h)) * self.scaling[name]
+            if self.use_dora[name]:
+                base_out = result.index_select(0, rows)
+                if self.bias is not None:
+                    base_out = base_out - self.bias.view((1, -1) + (1,) * (result.dim() - 2))
+                scale = self._dora_scale(name)
+                delta = (scale - 1) * base_out + scale * delta
+            result = result.index_add(0, rows, delta.to(out_dtype))
+        return result
+
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if (bypass := self._bypass(x, *args, **kwargs)) is not None:

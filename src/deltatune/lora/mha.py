@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from deltatune.errors import ConfigError, TargetModuleError
+from deltatune.errors import ConfigError, MixedBatchTypeError, TargetModuleError
 from deltatune.lora.layer import LoraLayer, LoraLinear
 
 
@@ -147,8 +147,9 @@ class LoraMultiheadAttention(LoraLayer):
     def forward(self, query: torch.Tensor, *args, **kwargs):
         """``nn.MultiheadAttention``'s forward (same arguments and outputs) with ``W_in'``, ``W_out'``."""
         if self.row_adapters is not None:
-            raise ConfigError("mixed-adapter batches (adapter_names) are not supported on nn.MultiheadAttention "
-                              "(nor in PEFT); run one adapter per batch")
+            raise MixedBatchTypeError("lora.MultiheadAttention does not support mixed adapter batches. Run one "
+                                      "adapter per batch (set_adapter), or leave the attention out of "
+                                      "target_modules")
         base = self.base_layer
         if self.disable_adapters:
             if self.merged:
