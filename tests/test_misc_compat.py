@@ -97,3 +97,24 @@ def test_prepare_model_for_kbit_training_auto_clear_cache(clear: bool) -> None:
         calls.append(empty.call_count)
         assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
     assert calls[0] == calls[1] == int(clear)
+
+
+def test_calculate_alora_offsets_matches_peft() -> None:
+    from peft.tuners.lora.variants import calculate_alora_offsets as peft_offsets
+
+    from deltatune.lora.alora import calculate_alora_offsets
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 4, (6, 12))
+    ids[0, -3:] = torch.tensor([1, 2, 3])
+    tokens = {"a1": [1, 2], "a2": [3], "plain": None, "long": list(range(20))}
+    ours = {n: deltatune.LoraConfig(alora_invocation_tokens=t) for n, t in tokens.items()}
+    theirs = {n: peft.LoraConfig(alora_invocation_tokens=t) for n, t in tokens.items()}
+    for names in (None, ["a1", "a2", "__base__", "plain", "long", "a2"], ["a2", "a1"]):
+        got = calculate_alora_offsets(ours, "a1", ids, adapter_names=names)
+        assert got == peft_offsets(theirs, "a1", ids, adapter_names=names)
+        assert any(o is not None for o in got)
+    assert calculate_alora_offsets(ours, "a1", torch.tensor([[5, 1, 2, 1, 2, 0]])) == [3]  # the last occurrence
+    with pytest.warns(UserWarning, match="'nope' not found"):
+        assert calculate_alora_offsets(ours, "nope", ids[:1]) == [None]
+    assert calculate_alora_offsets(ours, "a1", None) == []

@@ -101,6 +101,38 @@ def invocation_offsets(input_ids: torch.Tensor, tokens: Sequence[int]) -> list[i
     return [length - int(s) if f else None for s, f in zip(last.tolist(), found.tolist())]
 
 
+def calculate_alora_offsets(peft_config: dict[str, Any], active_adapter: str, input_ids: torch.Tensor | None,
+                            adapter_names: Sequence[str] | None = None) -> list[int | None]:
+    """PEFT's ``calculate_alora_offsets``: per row of ``input_ids: (batch, T)``, ``T - start`` of the last
+    occurrence of its adapter's ``alora_invocation_tokens`` (``None`` where it does not occur).
+
+    Row ``i`` uses ``adapter_names[i]`` when given (rows past its end, or all rows without it, use
+    ``active_adapter``); ``"__base__"``, an adapter whose config has no invocation tokens (plain LoRA), and a
+    name ``peft_config`` lacks (a warning, as PEFT's) give ``None``: that row is not aLoRA-masked. Rows that
+    share an adapter are searched together. ``input_ids=None`` gives ``[]``.
+    """
+    if input_ids is None:
+        return []
+    batch = input_ids.shape[0]
+    offsets: list[int | None] = [None] * batch
+    rows_of: dict[str, list[int]] = {}
+    for i in range(batch):
+        name = adapter_names[i] if adapter_names and i < len(adapter_names) else active_adapter
+        if name == "__base__":
+            continue
+        if name not in peft_config:
+            warnings.warn(f"Adapter '{name}' not found in peft_config. Using base model for row {i}.",
+                          PeftWarning, stacklevel=2)
+            continue
+        if getattr(peft_config[name], "alora_invocation_tokens", None) is not None:
+            rows_of.setdefault(name, []).append(i)
+    for name, rows in rows_of.items():
+        found = invocation_offsets(input_ids[rows], peft_config[name].alora_invocation_tokens)
+        for i, offset in zip(rows, found):
+            offsets[i] = offset
+    return offsets
+
+
 def _rows_for(offsets: Offsets, batch: int) -> torch.Tensor:
     """The offsets of ``batch`` rows: ``generate()`` expands each input row ``batch / n`` times in place
     (``num_beams``, ``num_return_sequences``), so each offset is repeated the same way."""
