@@ -37,6 +37,11 @@ class PeftWarning(UserWarning):
     ``rank_pattern`` key that matches nothing): catch or filter them by this class, as ``peft.PeftWarning``."""
 
 
+class PeftRuntimeWarning(PeftWarning, RuntimeWarning):
+    """A :class:`PeftWarning` where PEFT warns with ``RuntimeWarning`` (a ``rank_pattern`` key or a
+    ``target_modules``/``target_parameters`` entry that matched nothing): both ``except``/filter clauses catch it."""
+
+
 class PeftType(enum.StrEnum):
     """The method names as PEFT writes them into ``adapter_config.json``."""
 

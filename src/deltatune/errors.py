@@ -21,6 +21,10 @@ class MixedBatchTypeError(ConfigError, TypeError):
     ``nn.MultiheadAttention``, a ``modules_to_save`` copy of a GRU...). A ``TypeError`` too, as PEFT raises."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A config field of the wrong type (a string where a list is needed); a ``TypeError`` too, as PEFT raises."""
+
+
 class TargetModuleError(DeltatuneError, ValueError):
     """``target_modules`` matched nothing, or matched a layer type the method cannot adapt."""
 

@@ -61,19 +61,24 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """Freeze ``model``, add the adapter ``peft_config`` describes, and return the ``PeftModel``.
 
     Raises:
-        ConfigError: ``peft_config`` is not a config, or ``model`` already is a ``PeftModel``.
+        ConfigError: ``peft_config`` is not a config.
         TargetModuleError: the targets match nothing (with the closest module names) or an
             unsupported layer type.
     """
     _check_config(peft_config)
-    if isinstance(model, PeftModel):
-        raise ConfigError("model already is a PeftModel; use model.add_adapter(name, config) for another adapter")
+    # A model that already holds adapter layers (a PeftModel too, which PEFT then wraps once more): PEFT's warning
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         warnings.warn("You are trying to modify a model with PEFT for a second time: it already holds adapter layers "
                       "from an earlier get_peft_model. To start over with a different config, call .unload() on the "
                       "first PeftModel before.", PeftWarning, stacklevel=2)
-    if peft_config.base_model_name_or_path is None:
-        peft_config.base_model_name_or_path = _model_name_or_path(model)
+    # The config records the model it was made on (PEFT's rule): the model's own name wins, with a warning when
+    # the config named another one, since loading the adapter later would fetch that other base model.
+    old_name, new_name = peft_config.base_model_name_or_path, _model_name_or_path(model)
+    if old_name is not None and old_name != new_name:
+        warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+                      "Please ensure that the correct base model is loaded when loading this checkpoint.",
+                      PeftWarning, stacklevel=2)
+    peft_config.base_model_name_or_path = new_name
     if revision is not None:
         peft_config.revision = revision
     if mixed:  # PEFT's: adapters of several methods on one model (LoRA, LoHa, LoKr, AdaLoRA, OFT)

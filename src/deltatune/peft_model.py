@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from deltatune.config import PeftConfig, PeftWarning, TaskType
+from deltatune.config import PeftConfig, PeftRuntimeWarning, PeftWarning, TaskType
 from deltatune.core.io import (
     check_adapter_pair,
     load_adapter_weights,
@@ -105,8 +105,9 @@ class PeftModel(nn.Module):
     @property
     def targeted_module_names(self) -> list[str]:
         """Names (within the user's model, e.g. ``model.layers.0.self_attn.q_proj``) of the modules that got adapter
-        layers, in model order; PEFT's attribute of the same name. Empty for prompt-learning adapters."""
-        return [] if self._is_prompt_learning else _adapted_module_names(self.base_model)
+        layers, in the order adapters first adapted them; PEFT's attribute of the same name. Empty for
+        prompt-learning adapters."""
+        return [] if self._is_prompt_learning else list(self.base_model.targeted_module_names)
 
     def get_layer_status(self) -> list[Any]:
         """PEFT's ``TunerLayerStatus`` of every adapter layer (see :func:`deltatune.status.get_layer_status`)."""
@@ -387,6 +388,10 @@ class PeftModel(nn.Module):
         # As PEFT: the disabled adapters get no gradients inside the block (an optimizer step there must not move
         # them, e.g. a reference pass in DPO); each tensor's own flag comes back on exit, so a frozen
         # (inference-mode) adapter stays frozen.
+        if len({layer.disable_adapters for _, layer in self.base_model.adapter_layers()}) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all adapters "
+                          "will be enabled", PeftWarning, stacklevel=3)
         if not self.has_active_enabled_adapter and self.active_adapters:  # nested: the outer block re-enables
             yield
             return
@@ -699,7 +704,7 @@ def _warn_unmatched_patterns(adapter_model: AdapterModel, adapter_name: str, con
         unmatched = sorted(k for k in patterns if not any(re.match(rf"(.*\.)?({k})$", n) for n in names))
         if unmatched:
             warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
-                          f"{unmatched}.", PeftWarning, stacklevel=4)
+                          f"{unmatched}.", PeftRuntimeWarning, stacklevel=4)
 
 
 def _warn_already_merged(adapter_model: AdapterModel, adapter_names: list[str] | None) -> None:

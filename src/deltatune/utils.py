@@ -22,6 +22,7 @@ from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.core.targeting import ALL_LINEAR
 from deltatune.errors import NoMatchingPeftModuleError, PeftError
 from deltatune.ia3.config import DEFAULT_IA3_FEEDFORWARD
+from deltatune.lora.eva import MIN_TARGETS_TO_CONDENSE
 from deltatune.lora.loftq import replace_lora_weights_loftq
 from deltatune.quantization import prepare_model_for_kbit_training
 from deltatune.registry import METHODS
@@ -38,6 +39,8 @@ from deltatune.trainable_tokens import TokenAdapterWrapper
 SAFETENSORS_WEIGHTS_NAME = SAFETENSORS_NAME
 WEIGHTS_NAME = BIN_NAME
 INCLUDE_LINEAR_LAYERS_SHORTHAND = ALL_LINEAR
+# PEFT's name for the count of adapted modules from which a saved target_modules is shortened to suffixes.
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = MIN_TARGETS_TO_CONDENSE
 
 # PEFT's name for the wrapper that holds a LoRA adapter's ``trainable_token_indices`` layer.
 TrainableTokensWrapper = TokenAdapterWrapper
@@ -122,6 +125,7 @@ def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 __all__ = [
     "CONFIG_NAME",
     "INCLUDE_LINEAR_LAYERS_SHORTHAND",
+    "MIN_TARGET_MODULES_FOR_OPTIMIZATION",
     "SAFETENSORS_WEIGHTS_NAME",
     "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING",

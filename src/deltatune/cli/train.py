@@ -441,9 +441,10 @@ def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) 
     # The adapter goes on before anything is evaluated or written: a config that does not fit the model
     # (targets that match nothing, ...) fails at once and leaves no output directory behind.
     torch.manual_seed(settings["seed"])  # the adapter's initialisation
-    peft_config.base_model_name_or_path = spec.name
     model = create_adapter(model, peft_config, train_examples, task, int(settings["batch_size"]), device,
                            settings.get("quantize"))
+    # after get_peft_model, which records the loaded model's own name (a local directory here)
+    model.peft_config["default"].base_model_name_or_path = spec.name
     if settings.get("quantize") and getattr(peft_config, "init_lora_weights", True) == "loftq":
         base_bytes = weight_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters()
                                                if p.requires_grad)  # the base is quantised after LoftQ

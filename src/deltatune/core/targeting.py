@@ -137,10 +137,12 @@ def _layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None
         # (the expert in "layers.1.experts.0.w1")
         m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
     else:
+        # Each pattern is a regex (as in PEFT, e.g. r"\d+\.layers"), matched at the start of the name or after a
+        # dot; lazily, so "layers.1.layers.0.up_proj" is in layer 1 (the outer index), not 0.
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
         m = None
         for p in patterns:
-            m = re.match(rf".*?\.{re.escape(p)}\.(\d+)\.", key) or re.match(rf"^{re.escape(p)}\.(\d+)\.", key)
+            m = re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", key)
             if m:
                 break
     return int(m.group(1)) if m else None
@@ -194,8 +196,12 @@ def resolve_target_modules(model: nn.Module, config, defaults: dict[str, list[st
         config.target_modules = set(target)
 
 
-def find_targets(model: nn.Module, config, supported: tuple[type, ...] | None = None) -> list[str]:
+def find_targets(model: nn.Module, config, supported: tuple[type, ...] | None = None,
+                 allow_none: bool = False) -> list[str]:
     """Module names that ``config`` targets, checked against what the method supports.
+
+    ``allow_none``: return ``[]`` when nothing matched (LoRA's ``target_parameters`` may still match; the caller
+    decides) instead of raising.
 
     Raises:
         TargetModuleError: nothing matched (the message lists the closest real module names), or a
@@ -207,6 +213,8 @@ def find_targets(model: nn.Module, config, supported: tuple[type, ...] | None = 
     found = [n for n in names if is_target(n, config)]
     target = config.target_modules
     if not found:
+        if allow_none:
+            return []
         raise TargetModuleError(_no_match_message(names, config))
     exclude = getattr(config, "exclude_modules", None)
     if exclude and not any(_matches(n, exclude) for n in names):  # likely a typo; PEFT's words

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftType, PeftWarning
+from deltatune.config import PeftConfig, PeftRuntimeWarning, PeftType, PeftWarning
 from deltatune.core import targeting
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
@@ -79,6 +80,69 @@ def _matches_name(key: str, names) -> bool:
     return any(key == n or key.endswith("." + n) for n in names)
 
 
+def _check_same_target_parameters(configs: dict[str, PeftConfig], config: PeftConfig) -> None:
+    """PEFT's rule: adapters with ``target_parameters`` on one model all target the same parameters, because which
+    parameter a nested ``ParamWrapper`` adapts is encoded by its nesting depth, not by its state-dict key.
+
+    Raises:
+        ConfigError: (a ``ValueError``) another adapter targets a different set of parameters.
+    """
+    new = getattr(config, "target_parameters", None)
+    if not new:
+        return
+    for name, other in configs.items():
+        theirs = getattr(other, "target_parameters", None)
+        if theirs and set(theirs) != set(new):
+            raise ConfigError(f"When using multiple adapters with `target_parameters`, all adapters must target the "
+                              f"same set of parameters, but got {sorted(set(new))} for the new adapter and "
+                              f"{sorted(set(theirs))} for adapter '{name}'. Give this adapter the same "
+                              "target_parameters, or put it on a fresh copy of the model")
+
+
+def _nothing_to_adapt(saved: list[str]) -> TargetModuleError:
+    """PEFT's error when every module ``target_modules`` matched is excluded or in ``modules_to_save``."""
+    return TargetModuleError(
+        "No modules were targeted for adaptation. This might be caused by a combination of mismatched target "
+        "modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+        "configuration. You may also have only targeted modules that are marked to be saved "
+        f"(`modules_to_save`). Every module matched by target_modules is also in modules_to_save {saved}; "
+        "nothing to adapt"
+    )
+
+
+# PEFT's EMBEDDING_LAYER_NAMES: a target_modules/modules_to_save entry ending in one of these is a tied layer.
+_TIED_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _warn_untied_adapter(model: nn.Module, config: PeftConfig) -> None:
+    """PEFT's warning for a method that cannot tie adapters (every method without LoRA's ``ensure_weight_tying``,
+    which :mod:`deltatune.lora.tying` handles): an adapter on ``embed_tokens`` or ``lm_head`` of a model whose output
+    layer shares the input embedding's weight trains one side only, so the two layers drift apart."""
+    if hasattr(config, "ensure_weight_tying"):
+        return
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", None) is False:  # the checkpoint unties them
+        return
+    targets = config.target_modules
+    saved = getattr(config, "modules_to_save", None) or []
+    if isinstance(targets, str):
+        named = any(re.fullmatch(targets, n) for n in _TIED_LAYER_NAMES)
+    else:
+        named = any(str(m).split(".")[-1] in _TIED_LAYER_NAMES for m in (targets or ()))
+    named = named or any(str(m).split(".")[-1] in _TIED_LAYER_NAMES for m in saved)
+    if not named:
+        return
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    tied = any(not isinstance(m, nn.Embedding) and id(getattr(m, "weight", None)) in embedding_weights
+               for m in model.modules())
+    if tied:
+        warnings.warn("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but no "
+                      "implementation exists to tie the adapters. This can lead to complications, for example when "
+                      "merging the adapter or converting your model to formats other than safetensors. Check the "
+                      f"discussion here: https://github.com/huggingface/peft/issues/2777 ({config.peft_type} trains "
+                      "its own copy of each layer; use LoRA with ensure_weight_tying=True to keep them tied)",
+                      PeftWarning, stacklevel=4)
+
+
 def _check_single_bias_adapter(configs: dict[str, PeftConfig], adapter_name: str, config: PeftConfig,
                                owner: str = "AdapterModel") -> None:
     """Refuse a second adapter with ``bias != "none"`` (PEFT's rule): the biases are base parameters, so two such
@@ -116,6 +180,9 @@ class AdapterModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
+        # PEFT's bookkeeping: each name once, in the order the adapters first adapted it (never shrinks)
+        self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []
         if isinstance(config, dict):  # PEFT's BaseTuner also takes {adapter_name: config}
             config = config[adapter_name]
         if state_dict is not None:
@@ -194,11 +261,6 @@ class AdapterModel(nn.Module):
         ``inject_adapter_in_model`` cannot return."""
         return bool(self.method().shared_containers)
 
-    @property
-    def targeted_module_names(self) -> list[str]:
-        """Names (within ``model``) of the layers that hold an adapter."""
-        return [name for name, _ in self.adapter_layers()]
-
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Whether every adapter layer can write ``adapter_name`` as a plain LoRA update (PEFT's check before
         ``convert_to_lora``; deltatune's converter is :func:`deltatune.export_to_lora`)."""
@@ -270,21 +332,20 @@ class AdapterModel(nn.Module):
         method = method_for(config.peft_type)
         if method.prepare_config is not None:
             method.prepare_config(self.model, config)
+        _check_same_target_parameters(self.peft_config, config)
+        _warn_untied_adapter(self.model, config)
         targeting.resolve_target_modules(self.model, config, method.default_targets)
         saved = getattr(config, "modules_to_save", None) or []
-        # LoRA's target_parameters alone (target_modules empty) adapts parameters, in method.after_inject
-        params_only = bool(getattr(config, "target_parameters", None)) and not config.target_modules
+        # LoRA's target_parameters alone (target_modules empty) adapts parameters, in method.after_inject; with
+        # both, either one may match nothing (PEFT warns then, below), but not both.
+        target_parameters = getattr(config, "target_parameters", None) or []
+        params_only = bool(target_parameters) and not config.target_modules
         found = [] if params_only else targeting.find_targets(self.model, config,
-                                                              (*method.supported_types(), method.layer_cls))
+                                                              (*method.supported_types(), method.layer_cls),
+                                                              allow_none=bool(target_parameters))
         found = [n for n in found if not _matches_name(n, saved)]
-        if not found and not params_only:
-            raise TargetModuleError(
-                "No modules were targeted for adaptation. This might be caused by a combination of mismatched target "
-                "modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
-                "configuration. You may also have only targeted modules that are marked to be saved "
-                f"(`modules_to_save`). Every module matched by target_modules is also in modules_to_save {saved}; "
-                "nothing to adapt"
-            )
+        if not found and not target_parameters:
+            raise _nothing_to_adapt(saved)
         self.peft_config[adapter_name] = config
         try:
             # Model-wide tensors (e.g. VeRA's shared projections) exist before the layers that use them.
@@ -299,10 +360,32 @@ class AdapterModel(nn.Module):
             self._wrap_modules_to_save(adapter_name, saved)
             if method.after_inject is not None:  # e.g. the output layer tied to a wrapped input embedding
                 method.after_inject(self, adapter_name, config)
+            params = self._parameter_targets(adapter_name)
+            if target_parameters and not found and not params:  # neither matched: the modules' error
+                targeting.find_targets(self.model, config)  # raises when no module name matched at all
+                raise _nothing_to_adapt(saved)
         except BaseException:
             self._remove_adapter(adapter_name)
             raise
+        if target_parameters and config.target_modules and not found:
+            warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.",
+                          PeftRuntimeWarning, stacklevel=3)
+        elif target_parameters and not params and found:
+            warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was matched.",
+                          PeftRuntimeWarning, stacklevel=3)
+        self.targeted_module_names += [n for n in found if n not in self.targeted_module_names]
+        self.targeted_parameter_names += [n for n in params if n not in self.targeted_parameter_names]
         self._mark_trainable(adapter_name, config)
+
+    def _parameter_targets(self, adapter_name: str) -> list[str]:
+        """``<module>.<parameter>`` for each parameter (not module) that ``adapter_name`` adapts, in model order;
+        the layers that adapt a single parameter say which by ``parameter_name`` (LoRA's ``target_parameters``)."""
+        names = []
+        for name, layer in self.adapter_layers():
+            parameter = getattr(layer, "parameter_name", None)
+            if parameter is not None and adapter_name in layer.adapter_names():
+                names.append(f"{name.replace('.base_layer', '')}.{parameter}")
+        return names
 
     def _wrap_modules_to_save(self, adapter_name: str, names) -> None:
         if not names:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Literal
 
 from deltatune.config import PeftConfig, PeftType
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, ConfigTypeError
 
 # Every value PEFT 0.21 accepts loads (issue 19); the data-driven ones are refused only when *creating* an adapter
 # (deltatune.lora.init.check_creatable), since after training they are plain A and B.
@@ -157,8 +157,8 @@ class LoraConfig(PeftConfig):
             from deltatune.lora.param import check_target_parameters
 
             if isinstance(self.target_parameters, str):
-                raise ConfigError(f"target_parameters must be a list of parameter names, got the string "
-                                  f"{self.target_parameters!r}; write [{self.target_parameters!r}]")
+                raise ConfigTypeError(f"`target_parameters` must be a list of strings or None. Got the string "
+                                      f"{self.target_parameters!r}; write [{self.target_parameters!r}]")
             self.target_parameters = list(self.target_parameters)
             check_target_parameters(self)
         for name in ("eva_config", "corda_config", "lora_ga_config", "loftq_config"):

@@ -265,7 +265,8 @@ class _DoraLinear(torch.autograd.Function):
 
     ``z = W x + s · B (A x)``, ``y = (m / n) ⊙ z + b`` with ``n = ||W + s B A||_row`` detached. PEFT's
     composition of ``(m/n - 1) ⊙ W x + (m/n) ⊙ s B A x`` on top of the base output keeps two ``(..., out)``
-    tensors per layer for backward. Here ``z`` is rescaled in place into the output and the node keeps the
+    tensors per layer for backward. Here ``z`` is rescaled into the output (in place without a bias; with one,
+    through a transient ``z - b``, so that ``m = n`` returns the base layer's output bit for bit) and the node keeps the
     output itself (which the next layer usually keeps too: SiLU, the gate product), plus the shared ``x`` and
     ``A x``. The magnitude's gradient needs ``z`` only through ``Σ g ⊙ z / n``, which is
     ``Σ g ⊙ (y - b) / m``; where some ``m`` is exactly 0 that quotient is undefined, so such a layer keeps ``z``
@@ -286,17 +287,21 @@ class _DoraLinear(torch.autograd.Function):
                 x, weight, bias, a, b = _cast(compute_dtype, x, weight, bias, a, b)
                 return _DoraLinear.forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling)
         h = torch.matmul(x, a.T)                                   # (..., r)
-        z = F.linear(x, weight)                                    # (..., out)
+        # With a bias, z_b = W x + b is the base layer's own output (one addmm, as nn.Linear rounds it), and
+        # y = z_b + (m/n - 1) ⊙ (z_b - b): where m = n (DoRA at init) that is the base output bit for bit.
+        z = F.linear(x, weight, bias)                              # (..., out)
         z.view(-1, z.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.T, alpha=scaling)
         scale = magnitude / norm                                   # (out,)
         ctx.keeps_z = magnitude.device.type != "cpu" or bool((magnitude == 0).any())
+        if bias is None:
+            y = torch.mul(z, scale, out=torch.empty_like(z)) if ctx.keeps_z else z.mul_(scale)
+        else:
+            z_nob = z - bias                                       # W x + s B A x
+            y = torch.mul(z_nob, scale - 1, out=torch.empty_like(z) if ctx.keeps_z else z_nob).add_(z)
+            z = z_nob if ctx.keeps_z else None
         if ctx.keeps_z:
-            y = torch.mul(z, scale, out=torch.empty_like(z))       # in z's dtype, computed in scale's
-            if bias is not None:
-                y.add_(bias)
             ctx.save_for_backward(x, weight, a, b, h, z, scale, norm, None)
         else:
-            y = z.mul_(scale) if bias is None else z.mul_(scale).add_(bias)
             ctx.save_for_backward(x, weight, a, b, h, y, scale, magnitude, bias)
         ctx.scaling, ctx.has_bias = scaling, bias is not None
         return y

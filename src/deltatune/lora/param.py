@@ -167,8 +167,8 @@ def inject_parameters(adapter_model: nn.Module, adapter_name: str, config) -> li
     matches them) and add adapter ``adapter_name`` to it. Returns the matched parameter names.
 
     Raises:
-        TargetModuleError: nothing matched, a parameter of the model's top module, or a module that is already a
-            ``target_modules`` layer.
+        TargetModuleError: nothing matched and ``target_modules`` is empty (with modules too, the tuner decides),
+            a parameter of the model's top module, or a module that is already a ``target_modules`` layer.
     """
     from deltatune.core.tuner import replace_module
 
@@ -201,12 +201,11 @@ def inject_parameters(adapter_model: nn.Module, adapter_name: str, config) -> li
             if layer is not existing:
                 replace_module(model, holder_name, layer)
             matched.append(key)
-    if not matched:
-        # PEFT's sentence first where PEFT refuses too (no target_modules either; with them it only warns)
-        peft = ("" if config.target_modules else "No `target_modules` passed but also no `target_parameters` found. "
-                "Please check the values for these arguments. ")
-        raise TargetModuleError(f"{peft}target_parameters={targets} matched no parameter; give the parameter's name "
-                                "with its module path suffix, e.g. 'mlp.experts.gate_up_proj'")
+    if not matched and not config.target_modules:
+        # With target_modules too, PEFT only warns (the tuner does, once it knows whether a module matched)
+        raise TargetModuleError("No `target_modules` passed but also no `target_parameters` found. Please check the "
+                                f"values for these arguments. target_parameters={targets} matched no parameter; give "
+                                "the parameter's name with its module path suffix, e.g. 'mlp.experts.gate_up_proj'")
     return matched
 
 
