@@ -118,3 +118,43 @@ def test_calculate_alora_offsets_matches_peft() -> None:
     with pytest.warns(UserWarning, match="'nope' not found"):
         assert calculate_alora_offsets(ours, "nope", ids[:1]) == [None]
     assert calculate_alora_offsets(ours, "a1", None) == []
+
+
+class FourLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.lin1, self.lin2, self.lin3 = nn.Linear(10, 20), nn.Linear(20, 20), nn.Linear(20, 20), \
+            nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin3(self.lin2(self.lin1(self.lin0(x))))
+
+
+def test_vera_second_adapter_shares_the_first_projections_as_peft() -> None:
+    x = torch.randn(3, 10)
+    outs = {}
+    for lib in (deltatune, peft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(FourLinear(), lib.VeraConfig(target_modules=["lin1", "lin2"], init_weights=False))
+        model.add_adapter("other", lib.VeraConfig(target_modules=["lin1", "lin3"], init_weights=False))
+        vera_a, vera_b = model.base_model.vera_A, model.base_model.vera_B
+        assert vera_a["other"] is vera_a["default"] and vera_b["other"] is vera_b["default"]
+        assert model.base_model.model.lin1.vera_A["other"] is model.base_model.model.lin1.vera_A["default"]
+        torch.manual_seed(1)
+        for name, p in sorted(model.named_parameters()):
+            if "vera_lambda" in name:
+                p.data = torch.randn_like(p)
+        model.base_model.set_adapter("other")
+        outs[lib.__name__] = (model(x), vera_a["default"].clone())
+    torch.testing.assert_close(outs["deltatune"][1], outs["peft"][1], rtol=0, atol=0)
+    torch.testing.assert_close(outs["deltatune"][0], outs["peft"][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lib", [deltatune, peft], ids=["deltatune", "peft"])
+def test_vera_second_adapter_too_wide_names_the_shapes(lib) -> None:
+    model = lib.get_peft_model(FourLinear(), lib.VeraConfig(target_modules=["lin0"], r=8))
+    with pytest.raises(ValueError, match="vera_A has a size of 10 but 20 or greater is required"):
+        model.add_adapter("other", lib.VeraConfig(target_modules=["lin1"]))
+    model = lib.get_peft_model(FourLinear(), lib.VeraConfig(target_modules=["lin3"]))
+    with pytest.raises(ValueError, match="vera_B has a size of 2 but 20 or greater is required"):
+        model.add_adapter("other", lib.VeraConfig(target_modules=["lin1"]))

@@ -21,10 +21,13 @@ from deltatune.vera.layer import (
 )
 
 
-def _check_compatible(adapter_model: nn.Module, adapter_name: str, config: VeraConfig) -> None:
+def _check_compatible(adapter_model: nn.Module, adapter_name: str, config: VeraConfig,
+                      shapes: list[tuple[int, int]]) -> None:
     """PEFT's rules for a further VeRA adapter on one model: its projections are the first adapter's (one shared
-    pair per model), so the seed and ``save_projection`` must match and ``r`` may not exceed the pair's rank.
-    Refusing here keeps every adapter loadable by PEFT with the same numbers."""
+    pair per model), so the seed and ``save_projection`` must match, each target's ``(out, in)`` in ``shapes``
+    must fit the pair (``A: (r0, in_max)``, ``B: (out_max, r0)``) and ``r`` may not exceed its rank ``r0``
+    (checked in that order, as PEFT does). Refusing here keeps every adapter loadable by PEFT with the same
+    numbers."""
     others = {n: c for n, c in adapter_model.peft_config.items()
               if n != adapter_name and c.peft_type == config.peft_type}
     if not others:
@@ -48,6 +51,18 @@ def _check_compatible(adapter_model: nn.Module, adapter_name: str, config: VeraC
             f"{first_config.save_projection}; the shared projections are saved for all adapters or none"
         )
     container = adapter_model._modules.get("vera_A")
+    if container is not None and first in container:
+        in_max, out_max = container[first].shape[1], adapter_model.vera_B[first].shape[0]
+        for name, size, need in (("vera_A", in_max, max(s[1] for s in shapes)),
+                                 ("vera_B", out_max, max(s[0] for s in shapes))):
+            if need > size:
+                raise ConfigError(
+                    f"{name} has a size of {size} but {need} or greater is required; this probably happened because "
+                    "an additional VeRA adapter was added after the first one with incompatible shapes. VeRA adapter "
+                    f"{adapter_name!r} targets a layer with {need} {'out' if name == 'vera_B' else 'in'} features but "
+                    f"the projections shared with adapter {first!r} cover {size}: add the adapter with the largest "
+                    "layers first"
+                )
     rank = container[first].shape[0] if container is not None and first in container else first_config.r
     if config.r > rank:
         raise ConfigError(
@@ -63,21 +78,28 @@ def init_shared(adapter_model: nn.Module, adapter_name: str, config: VeraConfig,
                 target_names: list[str]) -> dict[str, ProjectionDict]:
     """Draw ``adapter_name``'s projections ``A: (r, in_max)``, ``B: (out_max, r)`` over all its targets and
     store them in the model's ``vera_A``/``vera_B`` (created on first use); returns them for the layers."""
-    _check_compatible(adapter_model, adapter_name, config)
     shapes = [base_features(adapter_model.model.get_submodule(n)) for n in target_names]
     if not shapes:
         raise TargetModuleError("VeRA found no linear layer to adapt; check target_modules")
-    out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
-    vera_a, vera_b = make_projections(config.r, in_max, out_max, config.projection_prng_key)
-    param = next(adapter_model.model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    _check_compatible(adapter_model, adapter_name, config, shapes)
+    existing = adapter_model._modules.get("vera_A")
+    first = next((n for n in existing if n != adapter_name), None) if existing is not None else None
+    if first is not None:
+        # A further adapter shares the first one's projections, the very tensors (as PEFT: same seed, so the same
+        # numbers, and one copy in memory); its own r uses their first r rows / columns.
+        pair = (existing[first], adapter_model.vera_B[first])
+    else:
+        out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        param = next(adapter_model.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        pair = tuple(t.to(device) for t in make_projections(config.r, in_max, out_max, config.projection_prng_key))
     shared = {}
-    for attr, tensor in (("vera_A", vera_a), ("vera_B", vera_b)):
+    for attr, tensor in zip(("vera_A", "vera_B"), pair):
         container = adapter_model._modules.get(attr)
         if container is None:
             container = ProjectionDict()
             setattr(adapter_model, attr, container)
-        container.add(adapter_name, tensor.to(device), persistent=config.save_projection)
+        container.add(adapter_name, tensor, persistent=config.save_projection)
         shared[attr] = container
     return shared
 

@@ -117,7 +117,7 @@ class VeraLayer(AdapterLayer):
             raise ConfigError(f"VeRA adapter {adapter_name!r} has no shared projections; add it through the model")
         a_rows, a_cols = self.vera_A[adapter_name].shape
         b_rows = self.vera_B[adapter_name].shape[0]
-        if a_rows != r or a_cols < self.in_features or b_rows < self.out_features:
+        if a_rows < r or a_cols < self.in_features or b_rows < self.out_features:
             raise ConfigError(
                 f"VeRA projections of {adapter_name!r} are (r={a_rows}, in={a_cols}) / (out={b_rows}), too small for "
                 f"this layer (r={r}, in={self.in_features}, out={self.out_features})"
@@ -134,9 +134,13 @@ class VeraLayer(AdapterLayer):
         self.set_adapter(self.active_adapters or [adapter_name])
 
     def _projections(self, adapter_name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A[:, :in]: (r, in)`` and ``B[:out]: (out, r)`` on ``like``'s device and dtype."""
-        a = self.vera_A[adapter_name][:, : self.in_features]
-        b = self.vera_B[adapter_name][: self.out_features]
+        """``A[:r, :in]: (r, in)`` and ``B[:out, :r]: (out, r)`` on ``like``'s device and dtype.
+
+        The pair is shared by all the model's VeRA adapters and sized for the first one (rank ``r0 >= r``), so a
+        further adapter with a smaller ``r`` uses its first ``r`` rows / columns."""
+        r = self.r[adapter_name]
+        a = self.vera_A[adapter_name][:r, : self.in_features]
+        b = self.vera_B[adapter_name][: self.out_features, :r]
         return a.to(like.device, like.dtype), b.to(like.device, like.dtype)
 
     # ---- merging -----------------------------------------------------------------------------
