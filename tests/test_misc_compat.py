@@ -158,3 +158,48 @@ def test_vera_second_adapter_too_wide_names_the_shapes(lib) -> None:
     model = lib.get_peft_model(FourLinear(), lib.VeraConfig(target_modules=["lin3"]))
     with pytest.raises(ValueError, match="vera_B has a size of 2 but 20 or greater is required"):
         model.add_adapter("other", lib.VeraConfig(target_modules=["lin1"]))
+
+
+class EmbNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 10)
+        self.lin0 = nn.Linear(10, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin0(self.emb(x))
+
+
+@pytest.mark.parametrize("aux", ["modules_to_save", "trainable_tokens"])
+def test_mixed_delete_list_of_adapters(aux: str) -> None:
+    x = torch.tensor([[0, 1, 2, 3]])
+    extra = {"modules_to_save": ["emb"]} if aux == "modules_to_save" else {"trainable_token_indices": {"emb": [0, 1]}}
+    for names in (["a0", "a1"], ["a1", "a0"]):
+        torch.manual_seed(0)
+        base = EmbNet()
+        ref = base(x)
+        model = deltatune.get_peft_model(base, deltatune.LoraConfig(target_modules=["lin0"], **extra), "a0",
+                                         mixed=True)
+        second = (deltatune.LoHaConfig(target_modules=["lin0"], init_weights=False, **extra) if aux == "modules_to_save"
+                  else deltatune.LoraConfig(target_modules=["lin0"], init_lora_weights=False, **extra))
+        model.add_adapter("a1", second)
+        with pytest.raises(ValueError, match=r"Adapter\(s\) \['nope'\] not found"):
+            model.delete_adapter(["a0", "nope"])
+        assert set(model.peft_config) == {"a0", "a1"}  # nothing deleted when a name is unknown
+        model.delete_adapter(names)
+        assert not model.peft_config
+        torch.testing.assert_close(model(x), ref)
+
+
+@pytest.mark.parametrize("lib", [deltatune, peft], ids=["deltatune", "peft"])
+def test_messages_begin_with_peft_sentence(lib) -> None:
+    model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]), "a0", mixed=True)
+    with pytest.raises(ValueError, match="The provided `peft_type` 'PREFIX_TUNING' is not compatible with the "
+                                         "`PeftMixedModel`."):
+        model.add_adapter("a1", lib.PrefixTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="^`feedforward_modules` should be a subset of `target_modules`$"):
+        lib.IA3Config(target_modules=["k", "v"], feedforward_modules=["q"])
+    with pytest.raises(ValueError, match="When prompt_tuning_init='TEXT', tokenizer_name_or_path can't be None"):
+        lib.PromptTuningConfig(prompt_tuning_init="TEXT", prompt_tuning_init_text="some text")
+    with pytest.raises(ValueError, match="When prompt_tuning_init='TEXT', prompt_tuning_init_text can't be None"):
+        lib.PromptTuningConfig(prompt_tuning_init="TEXT", tokenizer_name_or_path="t5-base")

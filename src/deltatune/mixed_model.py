@@ -37,8 +37,9 @@ def check_mixed_config(config: PeftConfig) -> None:
     if not isinstance(config, PeftConfig):
         raise ConfigError(f"peft_config must be a deltatune config (e.g. LoraConfig), got {type(config).__name__}")
     if str(config.peft_type) not in COMPATIBLE_PEFT_TYPES:
-        raise ConfigError(f"a mixed model (mixed=True) holds {', '.join(COMPATIBLE_PEFT_TYPES)} adapters, not "
-                          f"{config.peft_type}; use get_peft_model without mixed=True for it")
+        raise ConfigError(f"The provided `peft_type` '{config.peft_type}' is not compatible with the "
+                          f"`PeftMixedModel`. A mixed model (mixed=True) holds {', '.join(COMPATIBLE_PEFT_TYPES)} "
+                          "adapters: use get_peft_model without mixed=True for it")
     if getattr(config, "use_dora", False):
         # DoRA rescales by the norm of the layer's own base weight, which in a chain leaves out the other
         # methods' updates: the result would depend on the order the adapters were added.

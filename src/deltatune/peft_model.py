@@ -340,7 +340,16 @@ class PeftModel(nn.Module):
             return
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
-    def delete_adapter(self, adapter_name: str) -> None:
+    def delete_adapter(self, adapter_name: str | list[str]) -> None:
+        """Delete ``adapter_name``, or each of a list of names (PEFT's mixed model takes a list: all names are
+        checked first, so an unknown one deletes nothing)."""
+        if not isinstance(adapter_name, str):
+            names = list(adapter_name)
+            if missing := sorted(set(names) - set(self.peft_config)):
+                raise ValueError(f"Adapter(s) {missing} not found, available adapters: {sorted(self.peft_config)}")
+            for name in names:
+                self.delete_adapter(name)
+            return
         if self._is_prompt_learning:
             _prompt.delete_adapter(self, adapter_name)
             return

@@ -191,7 +191,7 @@ def test_config_fields_and_defaults_match_peft():
 
 
 def test_feedforward_must_be_a_target():
-    with pytest.raises(ConfigError, match="not in target_modules"):
+    with pytest.raises(ConfigError, match="^`feedforward_modules` should be a subset of `target_modules`$"):
         IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"])
 
 

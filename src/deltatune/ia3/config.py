@@ -105,11 +105,9 @@ class IA3Config(PeftConfig):
     def _validate(self) -> None:
         ff, targets = self.feedforward_modules, self.target_modules
         if isinstance(ff, set) and isinstance(targets, set) and not ff <= targets:
-            raise ConfigError(
-                "`feedforward_modules` should be a subset of `target_modules`: IA3Config.feedforward_modules "
-                f"{sorted(ff - targets)} are not in target_modules {sorted(targets)}; every feedforward module must "
-                "also be a target"
-            )
+            # PEFT's exact sentence, nothing after it: PEFT's tests match it whole (pytest reads notes too), and
+            # it names the fix
+            raise ConfigError("`feedforward_modules` should be a subset of `target_modules`")
         if not isinstance(self.init_ia3_weights, bool):
             raise ConfigError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
 

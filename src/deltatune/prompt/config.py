@@ -119,11 +119,12 @@ class PromptTuningConfig(PromptLearningConfig):
         self.prompt_tuning_init = _enum_value(self._init_enum, self.prompt_tuning_init, "prompt_tuning_init")
         if self.prompt_tuning_init == "TEXT":
             if not self.tokenizer_name_or_path:
-                raise ConfigError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a tokenizer directory "
-                                  "or hub id) to split prompt_tuning_init_text")
+                raise ConfigError("When prompt_tuning_init='TEXT', tokenizer_name_or_path can't be None: pass "
+                                  "tokenizer_name_or_path (a tokenizer directory or hub id) to split "
+                                  "prompt_tuning_init_text")
             if not self.prompt_tuning_init_text:
-                raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text, e.g. "
-                                  "'Classify the topic of this article:'")
+                raise ConfigError("When prompt_tuning_init='TEXT', prompt_tuning_init_text can't be None: pass the "
+                                  "text the virtual tokens start from, e.g. 'Classify the topic of this article:'")
         if self.tokenizer_kwargs and self.prompt_tuning_init != "TEXT":
             raise ConfigError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it")
 

@@ -153,7 +153,9 @@ class TokenAdapterWrapper(nn.Module):
         return self.token_adapter.get_base_layer()
 
     def _get_available_adapters(self) -> set[str]:
-        return set(self.token_adapter.adapter_names())
+        # once its last adapter is deleted the token layer is the plain embedding again: no adapters
+        names = getattr(self.token_adapter, "adapter_names", None)
+        return set(names()) if callable(names) else set()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.token_adapter(x, *args, **kwargs)
