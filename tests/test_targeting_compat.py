@@ -7,6 +7,7 @@ warning's category and the start of its text, the exception type, the names the 
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Callable
 
@@ -243,3 +244,10 @@ def test_dora_linear_with_bias_is_exactly_the_base_at_init_and_trains_as_peft(ze
     assert grads[dt].keys() == grads[peft].keys()
     for name in grads[peft]:
         torch.testing.assert_close(grads[dt][name], grads[peft][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_target_parameter_of_a_target_module_is_refused_with_peft_sentence() -> None:
+    msg = "Trying to wrap an `nn.Parameter` of layer 'lin0' of type Linear, which is not a valid target."
+    for lib in LIBS:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"], target_parameters=["lin0.weight"]))

@@ -192,8 +192,10 @@ def inject_parameters(adapter_model: nn.Module, adapter_name: str, config) -> li
             while isinstance(existing, LoraParam) and existing.parameter_name != param_name:
                 existing = existing.base_layer
             if isinstance(existing, AdapterLayer) and not isinstance(existing, LoraParam):
-                raise TargetModuleError(f"target_parameters: {holder_name} is also targeted by target_modules; "
-                                        "target it one way only")
+                kind = type(getattr(existing, "base_layer", existing)).__name__
+                raise TargetModuleError(f"Trying to wrap an `nn.Parameter` of layer '{holder_name}' of type {kind}, "
+                                        "which is not a valid target. target_parameters: it is also targeted by "
+                                        "target_modules; target it one way only")
             layer = existing if isinstance(existing, LoraParam) else LoraParam(holder, param_name)
             layer.update_layer(adapter_name, r=config.rank_for(key), lora_alpha=config.alpha_for(key),
                                lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
