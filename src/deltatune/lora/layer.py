@@ -297,7 +297,7 @@ class _DoraLinear(torch.autograd.Function):
             y = torch.mul(z, scale, out=torch.empty_like(z)) if ctx.keeps_z else z.mul_(scale)
         else:
             z_nob = z - bias                                       # W x + s B A x
-            y = torch.mul(z_nob, scale - 1, out=torch.empty_like(z) if ctx.keeps_z else z_nob).add_(z)
+            y = torch.addcmul(z, z_nob, scale - 1, out=torch.empty_like(z) if ctx.keeps_z else z_nob)  # one pass
             z = z_nob if ctx.keeps_z else None
         if ctx.keeps_z:
             ctx.save_for_backward(x, weight, a, b, h, z, scale, norm, None)
