@@ -203,3 +203,18 @@ def test_messages_begin_with_peft_sentence(lib) -> None:
         lib.PromptTuningConfig(prompt_tuning_init="TEXT", prompt_tuning_init_text="some text")
     with pytest.raises(ValueError, match="When prompt_tuning_init='TEXT', prompt_tuning_init_text can't be None"):
         lib.PromptTuningConfig(prompt_tuning_init="TEXT", tokenizer_name_or_path="t5-base")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_oft_half_precision_on_cpu_matches_peft(dtype: torch.dtype) -> None:
+    outs = []
+    x = torch.randn(4, 10)
+    for lib in (deltatune, peft):
+        torch.manual_seed(0)
+        config = lib.OFTConfig(target_modules=["lin0"], r=2, oft_block_size=0, init_weights=False,
+                              use_cayley_neumann=False)
+        model = lib.get_peft_model(MLP(), config).to(dtype)
+        out = model(x.to(dtype))  # the Cayley solve has no half-precision LU on CPU: it runs in fp32
+        assert out.dtype == dtype
+        outs.append(out.float())
+    torch.testing.assert_close(outs[0], outs[1], rtol=0.02, atol=0.02)

@@ -117,7 +117,11 @@ class OFTRotation(nn.Module):
         q = self._skew(self.weight)
         eye = torch.eye(self.block_size, device=q.device, dtype=q.dtype).expand_as(q)
         if not self.use_cayley_neumann:
-            return torch.linalg.solve(eye + q, eye - q)  # (I + Q)⁻¹(I - Q) = (I - Q)(I + Q)⁻¹: they commute
+            # (I + Q)⁻¹(I - Q) = (I - Q)(I + Q)⁻¹: they commute. The LU solve runs in fp32 at least, as PEFT's:
+            # torch has no half-precision LU on CPU, and fp16 would lose the orthogonality anyway.
+            wide = torch.promote_types(q.dtype, torch.float32)
+            qw, ew = q.to(wide), eye.to(wide)
+            return torch.linalg.solve(ew + qw, ew - qw).to(q.dtype)
         n = self.num_terms
         if n == 1:
             return eye.clone()
