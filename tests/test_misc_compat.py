@@ -218,3 +218,14 @@ def test_oft_half_precision_on_cpu_matches_peft(dtype: torch.dtype) -> None:
         assert out.dtype == dtype
         outs.append(out.float())
     torch.testing.assert_close(outs[0], outs[1], rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("lib", [deltatune, peft], ids=["deltatune", "peft"])
+def test_save_warns_for_ungathered_lora_shard(lib, tmp_path) -> None:
+    model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"], r=4))
+    model.save_pretrained(tmp_path / "ok")  # no warning for whole factors (filterwarnings=error would raise)
+    model.base_model.model.lin0.lora_A["default"].weight.data = torch.zeros(40)  # a flat ZeRO-3 shard
+    with pytest.warns(lib.PeftWarning if lib is deltatune else peft.utils.PeftWarning,
+                      match=r"1 LoRA tensor\(s\) have invalid shape: .*lin0\.lora_A.*\(40,\).*DeepSpeed ZeRO-3 / FSDP"):
+        model.save_pretrained(tmp_path / "broken")
+    assert (tmp_path / "broken" / "adapter_config.json").exists()

@@ -38,6 +38,22 @@ from deltatune.prompt import model as _prompt
 from deltatune.registry import method_for
 
 
+def _warn_if_ungathered(state: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """PEFT's warning for LoRA factors that are not matrices: ``lora_A: (r, in)`` / ``lora_B: (out, r)`` saved
+    1-D or empty mean DeepSpeed ZeRO-3 / FSDP left each rank its flat shard (the gather was forgotten). The file
+    is still written, as PEFT's: a caller may skip the gather on purpose."""
+    bad = [(k, tuple(v.shape)) for k, v in state.items() if isinstance(v, torch.Tensor)
+           and (".lora_A" in k or ".lora_B" in k) and (v.dim() < 2 or v.numel() == 0)]
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        warnings.warn(
+            f"Adapter {adapter_name!r}: {len(bad)} LoRA tensor(s) have invalid shape: "
+            f"{', '.join(f'{k}:{shape}' for k, shape in bad[:3])}{more}. A 1-D or zero-sized lora_A / lora_B tensor "
+            "indicates that DeepSpeed ZeRO-3 / FSDP shards were not gathered before save_pretrained() and are "
+            "therefore incomplete. Save inside deepspeed.zero.GatheredParameters([...], modifier_rank=None) "
+            "(ZeRO-3) or FullyShardedDataParallel.summon_full_params(model) (FSDP).", PeftWarning, stacklevel=3)
+
+
 def _model_name_or_path(model: nn.Module) -> str | None:
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     return name or None
@@ -553,6 +569,7 @@ class PeftModel(nn.Module):
                 # Without a task type, PEFT records which class to rebuild the base model with.
                 cls = type(self.get_base_model())
                 config.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+            _warn_if_ungathered(state, name)
             data = config.to_dict()
             data["inference_mode"] = True  # PEFT's files say so; loading decides trainability
             # Weights and config replaced as one pair (a reader never sees one file of each save).
