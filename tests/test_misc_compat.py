@@ -229,3 +229,37 @@ def test_save_warns_for_ungathered_lora_shard(lib, tmp_path) -> None:
                       match=r"1 LoRA tensor\(s\) have invalid shape: .*lin0\.lora_A.*\(40,\).*DeepSpeed ZeRO-3 / FSDP"):
         model.save_pretrained(tmp_path / "broken")
     assert (tmp_path / "broken" / "adapter_config.json").exists()
+
+
+class FakeConfig(dict):
+    def __getattr__(self, item: str):
+        try:
+            return self[item]
+        except KeyError as error:
+            raise AttributeError(item) from error
+
+
+class NoEmbeddings(nn.Module):
+    """A model with no token embedding and no forward of its own (PEFT's key-mapping fixture)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = FakeConfig(vocab_size=10)
+        self.device = "cpu"  # PEFT reads it when loading
+        self.lm_head = nn.Linear(10, 10)
+
+    def prepare_inputs_for_generation(self) -> None:  # PEFT's causal-LM wrapper reads it
+        return None
+
+
+def test_prefix_tuning_needs_no_word_embeddings(tmp_path) -> None:
+    config = dict(task_type="CAUSAL_LM", num_virtual_tokens=3, num_layers=2, token_dim=8, num_attention_heads=2)
+    states = []
+    for lib in (deltatune, peft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(NoEmbeddings(), lib.PrefixTuningConfig(**config))
+        model.save_pretrained(tmp_path / lib.__name__)
+        loaded = lib.PeftModel.from_pretrained(NoEmbeddings(), tmp_path / lib.__name__)
+        states.append({k: v.shape for k, v in lib.get_peft_model_state_dict(loaded).items()})
+        torch.testing.assert_close(lib.get_peft_model_state_dict(loaded), lib.get_peft_model_state_dict(model))
+    assert states[0] == states[1] == {"prompt_embeddings": torch.Size([3, 2 * 2 * 8])}

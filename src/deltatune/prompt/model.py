@@ -83,13 +83,18 @@ def add_adapter(peft_model: nn.Module, adapter_name: str, config: PeftConfig) ->
     fill_from_model(config, getattr(model, "config", None),
                     AdapterLoadError if getattr(config, "_loading", False) else ConfigError)
     method = method_for(config.peft_type)
-    word_embeddings = find_word_embeddings(model)
     if config.peft_type == PeftType.PREFIX_TUNING:
+        # prefix tuning feeds the attention cache, never the input embeddings: a model need not have any (PEFT)
         check_prefix_support(model, config, training=False)
+        word_embeddings = None
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
     else:
+        word_embeddings = find_word_embeddings(model)
         _check_takes(model, "inputs_embeds", "the virtual tokens are put in front of the input embeddings")
+        device = word_embeddings.weight.device
     encoder = method.make_prompt_encoder(config, word_embeddings)
-    encoder.to(device=word_embeddings.weight.device)
+    encoder.to(device=device)
     model.requires_grad_(False)
     peft_model._peft_config[adapter_name] = config
     try:
@@ -245,6 +250,11 @@ def check_prefix_support(model: nn.Module, config: PromptLearningConfig, trainin
         backbone = getattr(model, "base_model", None)
         takes = _accepts(backbone.forward, "cache") if isinstance(backbone, nn.Module) and backbone is not model \
             else None
+    # A module with no forward of its own (nn.Module's placeholder) cannot be judged until it runs: PEFT checks
+    # nothing here, so a prefix can be created, saved and loaded for it
+    no_forward = getattr(type(model).forward, "__name__", "") == "_forward_unimplemented"
+    if no_forward:
+        return
     if not takes:
         raise ConfigError(
             f"prefix tuning needs a model whose forward() takes a key/value `cache` (transformers >= 5), and "
