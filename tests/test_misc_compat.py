@@ -263,3 +263,17 @@ def test_prefix_tuning_needs_no_word_embeddings(tmp_path) -> None:
         states.append({k: v.shape for k, v in lib.get_peft_model_state_dict(loaded).items()})
         torch.testing.assert_close(lib.get_peft_model_state_dict(loaded), lib.get_peft_model_state_dict(model))
     assert states[0] == states[1] == {"prompt_embeddings": torch.Size([3, 2 * 2 * 8])}
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_trainable_tokens_autocast_adapter_dtype_as_peft(autocast: bool) -> None:
+    dtypes = []
+    for lib in (deltatune, peft):
+        model = EmbNet().to(torch.bfloat16)
+        config = lib.TrainableTokensConfig(target_modules=["emb"], token_indices=[0, 1, 3])
+        model = lib.get_peft_model(model, config, autocast_adapter_dtype=autocast)
+        model.add_adapter("other", config, autocast_adapter_dtype=autocast)
+        dtypes.append({n: p.dtype for n, p in model.named_parameters() if "trainable_tokens_delta" in n})
+        assert model(torch.tensor([[0, 1, 2]])).dtype == torch.bfloat16
+    assert dtypes[0] == dtypes[1] and len(dtypes[0]) == 2
+    assert set(dtypes[0].values()) == {torch.float32 if autocast else torch.bfloat16}

@@ -105,6 +105,7 @@ class TrainableTokensLayer(AdapterLayer):
         originals = weight.detach().index_select(0, index).clone()
         values = originals.clone() if init_weights else torch.randn_like(originals)
         self.trainable_tokens_delta[adapter_name] = nn.Parameter(values)
+        self._place_adapter(adapter_name)  # fp32 rows over a half-precision embedding (PEFT's autocast)
         self.token_indices[adapter_name] = list(token_indices)
         self.originals[adapter_name] = originals
         self.set_adapter(self.active_adapters or [adapter_name])
