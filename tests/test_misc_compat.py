@@ -277,3 +277,16 @@ def test_trainable_tokens_autocast_adapter_dtype_as_peft(autocast: bool) -> None
         assert model(torch.tensor([[0, 1, 2]])).dtype == torch.bfloat16
     assert dtypes[0] == dtypes[1] and len(dtypes[0]) == 2
     assert set(dtypes[0].values()) == {torch.float32 if autocast else torch.bfloat16}
+
+
+@pytest.mark.parametrize("lib", [deltatune, peft], ids=["deltatune", "peft"])
+def test_trainable_token_key_inside_lora_layer_is_refused(lib) -> None:
+    config = lib.LoraConfig(target_modules=["emb"], trainable_token_indices={"foobar": [1, 2, 3]})
+    msg = ("You are trying to target a module with <class 'peft.utils.other.TrainableTokensWrapper'> that is a child "
+           "of <class 'peft.tuners.lora.layer.Embedding'>. This is almost certainly not the intended behavior. Please "
+           "ensure that the adapter name, 'foobar', does not conflict with any of the targeted modules.")
+    with pytest.raises(ValueError, match=msg):
+        lib.get_peft_model(EmbNet(), config, adapter_name="foobar")
+    model = lib.get_peft_model(EmbNet(), lib.LoraConfig(target_modules=["lin0"],  # no clash: the embedding
+                                                        trainable_token_indices={"emb": [1, 2]}), adapter_name="foobar")
+    assert any("trainable_tokens_delta" in n for n, _ in model.named_parameters())

@@ -205,6 +205,27 @@ def _tied_keys_that_follow(model: nn.Module, targets: dict[str, list[int]], ensu
     return set() if mismatched else set(tied_keys)
 
 
+def _refuse_inside_adapter_layer(model: nn.Module, name: str, adapter_name: str) -> None:
+    """A key that matches a module *inside* an adapter layer (``emb.lora_dropout.foobar`` when the adapter is
+    named ``foobar``) is a name clash, never a token embedding to adapt: refuse it with PEFT's sentence, which
+    names the classes as PEFT calls them."""
+    from deltatune.core.layer import AdapterLayer
+
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = model.get_submodule(".".join(parts[:i]))
+        if isinstance(parent, AdapterLayer):
+            package, _, cls = parent._get_name().rpartition(".")
+            where = f"peft.tuners.{package}.layer.{cls}" if package else f"peft.tuners.{cls}"
+            raise ConfigError(
+                "You are trying to target a module with <class 'peft.utils.other.TrainableTokensWrapper'> that is "
+                f"a child of <class '{where}'>. This is almost certainly not the intended behavior. Please ensure "
+                f"that the adapter name, {adapter_name!r}, does not conflict with any of the targeted modules. "
+                f"({name!r} is inside the adapter layer {'.'.join(parts[:i])!r}: rename the adapter or the "
+                "trainable_token_indices key)"
+            )
+
+
 def add_token_adapters(adapter_model: nn.Module, adapter_name: str, config) -> None:
     """LoRA's ``after_inject``: wrap the layers named by ``config.trainable_token_indices`` (PEFT's rules)."""
     indices = getattr(config, "trainable_token_indices", None)
@@ -228,6 +249,7 @@ def add_token_adapters(adapter_model: nn.Module, adapter_name: str, config) -> N
             raise ConfigError(f"trainable_token_indices names {key!r}, which matches no module of the model")
         for name in matches:
             module = model.get_submodule(name)
+            _refuse_inside_adapter_layer(model, name, adapter_name)
             if isinstance(module, TokenAdapterWrapper):
                 if not module.token_adapter._tied:
                     module.token_adapter.update_layer(adapter_name, list(ids))
