@@ -207,8 +207,9 @@ CASES: list[tuple[str, Callable, str]] = [
      lambda L: L.AdaLoraConfig(target_modules=["lin0"], total_step=10, tinit=1, tfinal=1, orth_reg_weight=-1), ""),
     ("AdaLoRA DoRA", lambda L: L.AdaLoraConfig(target_modules=["lin0"], total_step=10, use_dora=True),
      "LoraConfig(use_dora=True)"),
+    # PEFT's own test matches this sentence whole (^...$), so no hint follows it
     ("IA3 feedforward not a subset",
-     lambda L: L.IA3Config(target_modules=["lin0"], feedforward_modules=["lin1"]), "['lin1'] are not in"),
+     lambda L: L.IA3Config(target_modules=["lin0"], feedforward_modules=["lin1"]), ""),
     ("LoRA layers_to_transform with regex",
      lambda L: L.LoraConfig(target_modules=".*lin0", layers_to_transform=[0]), "into the regex"),
     ("LoRA layers_pattern with regex",
