@@ -1280,7 +1280,6 @@ class LoraConv(LoraLayer):
             result = result.index_add(0, rows, delta.to(out_dtype))
         return result
 
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if (bypass := self._bypass(x, *args, **kwargs)) is not None:
             return bypass
