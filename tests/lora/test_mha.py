@@ -171,7 +171,8 @@ def test_peft_0_21_doubles_the_out_proj_update(tmp_path) -> None:
 
 
 def test_unsupported_forms_refused_and_model_untouched() -> None:
-    with pytest.raises(ConfigError, match=r"^MultiheadAttention does not support DoRA \(yet\), please set use_dora to False.*out of target_modules"):
+    with pytest.raises(ConfigError, match=r"^MultiheadAttention does not support DoRA \(yet\), please set use_dora to "
+                                          r"False.*out of target_modules"):
         get_peft_model(net := Net(), LoraConfig(r=2, target_modules=["mha"], use_dora=True))
     assert type(net.mha.out_proj).__name__ == "NonDynamicallyQuantizableLinear"  # nothing left half-wrapped
     with pytest.raises(ConfigError, match="packed q/k/v"):
