@@ -26,6 +26,22 @@ def read_json(path) -> dict:
         return json.load(fh)
 
 
+def assert_peft_loads_it_equal(base_dir, adapter_dir, atol: float = 1e-5) -> None:
+    """deltatune and peft load the adapter onto fresh copies of the base in ``base_dir``: equal logits."""
+    import warnings
+
+    from peft import PeftModel as HFPeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 9, 13, 17, 21]])
+    ours = deltatune.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dir)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = HFPeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dir)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=atol, rtol=atol)
+
+
 def one_line_error(capsys, *argv) -> str:
     """Run the CLI, check it failed with exit 2 and one ``deltatune: error:`` line; return that line."""
     code, _, err = run(capsys, *argv)

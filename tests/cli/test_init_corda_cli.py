@@ -6,29 +6,14 @@ import json
 import warnings
 
 import pytest
-import torch
 
-from deltatune.cli import main
+from .reliability import assert_peft_loads_it_equal, read_json, run
 
 FAST = ["--precision", "fp32", "--no-progress", "--batch-size", "4", "--eval-batch-size", "4"]
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def read_json(path):
-    with open(path) as fh:
-        return json.load(fh)
-
-
 def test_corda_run_saves_a_lora_for_the_original_base(capsys, llama_dir, data_dir, tmp_path):
-    from peft import PeftModel as HFPeftModel
-    from transformers import AutoModelForCausalLM
 
-    from deltatune import PeftModel
 
     out = tmp_path / "run"
     with warnings.catch_warnings():
@@ -53,10 +38,4 @@ def test_corda_run_saves_a_lora_for_the_original_base(capsys, llama_dir, data_di
                           "fp32", "--json", "--batch-size", 4, "--eval-samples", 8)
     assert json.loads(stdout)["loss"] == pytest.approx(summary["eval_before"]["loss"], rel=1e-4)
 
-    ids = torch.tensor([[5, 9, 13, 17, 21]])
-    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(out)).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = HFPeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(out)).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert_peft_loads_it_equal(llama_dir, out)

@@ -3,14 +3,12 @@ it takes (OFT's ``r`` counts blocks, so a LoRA ``--r`` must not reach it), inspe
 
 import json
 import os
-import warnings
 
 import pytest
-import torch
 
 from deltatune.cli import common
 
-from .reliability import read_json, run
+from .reliability import assert_peft_loads_it_equal, read_json, run
 
 FAST = ["--precision", "fp32", "--no-progress", "--batch-size", "4", "--eval-batch-size", "4"]
 
@@ -31,10 +29,7 @@ def test_shared_options_reach_only_the_methods_that_take_them():
                                                                          "boft_n_butterfly_factor": 2}),
 ])
 def test_train_inspect_and_peft_loads_the_result(capsys, llama_dir, data_dir, tmp_path, method, flags, expect):
-    from peft import PeftModel as HFPeftModel
-    from transformers import AutoModelForCausalLM
 
-    from deltatune import PeftModel
 
     out = tmp_path / method
     code, stdout, err = run(capsys, "train", "--method", method, "--model", llama_dir, "--data", data_dir / "pc.jsonl",
@@ -57,13 +52,7 @@ def test_train_inspect_and_peft_loads_the_result(capsys, llama_dir, data_dir, tm
 
     if method == "boft":  # peft runs several butterfly factors only with its CUDA kernel (tests/boft emulates it)
         return
-    ids = torch.tensor([[5, 9, 13, 17, 21]])
-    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(out)).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = HFPeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(out)).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert_peft_loads_it_equal(llama_dir, out)
 
 
 def _child_settings(*argv):
