@@ -241,6 +241,7 @@ def _fold_and_write(model, tokenizer, out: str, args: argparse.Namespace, base_q
 def combine(args: argparse.Namespace) -> int:
     """``--adapters``: load every adapter onto one base, ``add_weighted_adapter``, save the result."""
     from deltatune import PeftModel
+    from deltatune.lora.conversion import expects_rewritten_base
 
     dirs = list(args.adapters)
     weights = args.weights if args.weights is not None else [1.0 / len(dirs)] * len(dirs)
@@ -267,9 +268,9 @@ def combine(args: argparse.Namespace) -> int:
         if str(peft_type).upper() != "LORA":
             raise UsageError(f"{d} is a {peft_type} adapter; --adapters combines LoRA adapters only")
         init = config.get("init_lora_weights")
-        if len(dirs) > 1 and init not in (True, False, None, "gaussian", "orthogonal", "mica", "eva"):
-            # Loading it rewrites the base (PiSSA/OLoRA residual, CorDA/LoRA-GA residual, LoftQ's Q): a second
-            # such load would rewrite the already rewritten base, and the sources would not share one base.
+        if len(dirs) > 1 and expects_rewritten_base(init):
+            # Loading it rewrites the base: a second load would rewrite the already rewritten base, and the sources
+            # would not share one base.
             raise UsageError(f"{d} was initialised with init_lora_weights={init!r} and saved as created, so it works "
                              "on its own rewritten base only; save it with path_initial_model_for_weight_conversion "
                              "(a plain LoRA for the original base; deltatune train does) before combining it")

@@ -26,6 +26,15 @@ def mutates_base(config: object) -> bool:
     return isinstance(config, LoraConfig) and isinstance(init, str) and init.startswith(MUTATING_INITS)
 
 
+def expects_rewritten_base(init: object) -> bool:
+    """Whether an adapter saved as created with this ``init_lora_weights`` works only on the base its initialisation
+    rewrote: PiSSA/OLoRA/CorDA/LoRA-GA (the residual ``W - s B0 A0``) and LoftQ (its quantised ``Q``). Loading one
+    rewrites the base it is loaded onto, so it cannot share a base with other adapters."""
+    from deltatune.lora.init import RESIDUAL_BASE_INITS
+
+    return init in RESIDUAL_BASE_INITS or (isinstance(init, str) and init.startswith(MUTATING_INITS))
+
+
 def converts_to_plain_lora(config: object) -> bool:
     """Whether ``save_pretrained(path_initial_model_for_weight_conversion=...)`` can write ``config``'s adapter as
     plain LoRA: every init that moved ``s B0 A0`` out of the base (PEFT's list: PiSSA, OLoRA, CorDA, LoRA-GA)."""

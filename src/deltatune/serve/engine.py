@@ -361,10 +361,9 @@ class Engine:
             raise ServeError(f"{where} is {config.peft_type} (prompt learning): it adds virtual tokens rather than "
                              "changing weights, and deltatune serve does not batch those yet; use `deltatune "
                              "generate --adapter` for it", code="adapter_not_servable")
-        from deltatune.lora.conversion import mutates_base
-        from deltatune.lora.init import rewrites_base
+        from deltatune.lora.conversion import expects_rewritten_base
 
-        if mutates_base(config) or rewrites_base(config):  # PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ saved as created
+        if expects_rewritten_base(getattr(config, "init_lora_weights", True)):  # PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ
             raise ServeError(f"{where} was initialised with init_lora_weights={config.init_lora_weights!r} and saved "
                              "as created, so it works on its own rewritten base weights only (loading it would "
                              "rewrite the base every other adapter shares); save it with "
