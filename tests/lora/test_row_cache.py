@@ -10,6 +10,7 @@ and ``delete_adapter`` frees the slot.
 from __future__ import annotations
 
 import torch
+from support.layers import count_slot_fills
 from support.models import make_inputs, output, tiny_llama
 
 from deltatune import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -59,17 +60,6 @@ def _slot_tensors(pm) -> list[torch.Tensor]:
     return out
 
 
-def _count_fills(monkeypatch) -> list[str]:
-    """Names of the adapters whose slots get (re)filled from here on."""
-    fills: list[str] = []
-    real = LoraLayer._fill_slot
-
-    def counting(self, table, name, *args):
-        fills.append(name)
-        return real(self, table, name, *args)
-
-    monkeypatch.setattr(LoraLayer, "_fill_slot", counting)
-    return fills
 
 
 def test_delete_then_add_same_name_uses_new_weights(monkeypatch):
@@ -132,7 +122,7 @@ def test_slots_persist_across_calls_and_are_freed_on_delete(monkeypatch):
     (zeroed, no reference to its tensors) and the last delete drops the table."""
     pm = _model()
     inputs = make_inputs("llama", batch=2)
-    fills = _count_fills(monkeypatch)
+    fills = count_slot_fills(monkeypatch)
     with torch.no_grad():
         pm(**inputs, adapter_names=["x", "default"])
         assert sorted(set(fills)) == ["default", "x"]

@@ -261,17 +261,12 @@ def test_a_client_that_leaves_frees_its_row(server, stream, monkeypatch):
 def test_decoding_steps_reuse_the_lora_slots(client, server, monkeypatch):
     """Once an adapter's rows ran, later requests' prefill and decoding steps gather from the layers' adapter slots
     without refilling them (no per-step restacking of the adapters' A/B)."""
+    from support.layers import count_slot_fills
+
     from deltatune.lora.layer import LoraLayer
 
     first = client.completions.create(model="lora-r4", prompt=PROMPTS[2], max_tokens=8, temperature=0)
-    fills: list[str] = []
-    real = LoraLayer._fill_slot
-
-    def counting(self, table, name, *args):
-        fills.append(name)
-        return real(self, table, name, *args)
-
-    monkeypatch.setattr(LoraLayer, "_fill_slot", counting)
+    fills = count_slot_fills(monkeypatch)
     again = client.completions.create(model="lora-r4", prompt=PROMPTS[2], max_tokens=8, temperature=0)
     assert again.usage.completion_tokens == 8 and again.choices[0].text == first.choices[0].text
     assert fills == []

@@ -72,3 +72,18 @@ def layer_and_input(kind: str, seed: int = 0, *, conv1D_weight_std: float | None
     else:
         raise ValueError(f"unknown layer kind {kind!r}; known: {', '.join(KINDS)}")
     return Holder(layer).eval(), x
+
+
+def count_slot_fills(monkeypatch) -> list[str]:
+    """Names of the adapters whose mixed-batch slots (``LoraLayer._fill_slot``) get (re)filled from here on."""
+    from deltatune.lora.layer import LoraLayer
+
+    fills: list[str] = []
+    real = LoraLayer._fill_slot
+
+    def counting(self, table, name, *args):
+        fills.append(name)
+        return real(self, table, name, *args)
+
+    monkeypatch.setattr(LoraLayer, "_fill_slot", counting)
+    return fills
