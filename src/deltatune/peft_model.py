@@ -784,12 +784,13 @@ def _no_reinit(config: PeftConfig) -> Iterator[None]:
             yield
         return
     from deltatune.lora.conversion import mutates_base
-    from deltatune.lora.init import is_data_driven, rewrites_base
+    from deltatune.lora.init import init_module, is_data_driven, rewrites_base
 
     init = getattr(config, "init_lora_weights", True)
     # EVA/CorDA/LoftQ/LoRA-GA/orthogonal only decide the starting A, B, which loading overwrites (issue 19).
     if mutates_base(config) or is_data_driven(config) or init == "orthogonal":
-        if rewrites_base(config) and not mutates_base(config) and init != "loftq":  # LoftQ: _rebuild_residual
+        # a base-rewriting init whose module cannot rebuild that base on load (LoftQ's can: _rebuild_residual)
+        if rewrites_base(config) and getattr(init_module(init), "rebuild_base", None) is None:
             warnings.warn(
                 f"adapter was initialised with {init!r}: it expects the residual base model saved at training "
                 "time, not the original one (save it with path_initial_model_for_weight_conversion to get a plain "
