@@ -38,7 +38,6 @@ class BitFitLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.bitfit_bias = nn.ParameterDict()
-        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.out_features = _out_features(base_layer)
         self._created_bias = False  # merge added a bias the base layer did not have
 
@@ -49,13 +48,9 @@ class BitFitLayer(AdapterLayer):
         self._place_adapter(adapter_name)
         self.set_adapter(self.active_adapters or [adapter_name])
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x) + Σ Δb`` over the active adapters."""
-        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
-            return bypass
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         for name in self.active_adapters:
             if name in self.bitfit_bias:
                 result = result + self.bitfit_bias[name].to(result.dtype)

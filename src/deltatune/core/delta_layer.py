@@ -48,7 +48,6 @@ class DeltaWeightLayer(AdapterLayer):
         self.rank_dropout: dict[str, float] = {}
         self.rank_dropout_scale: dict[str, bool] = {}
         self.module_dropout: dict[str, float] = {}
-        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.is_conv = isinstance(base_layer, self.conv_types)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
         shape = tuple(dense_weight_shape(base_layer))  # (out, in) for a bitsandbytes layer, not its packed storage
@@ -102,12 +101,8 @@ class DeltaWeightLayer(AdapterLayer):
             return self.base_layer._conv_forward(x, delta, None)  # the base's stride/padding/dilation/groups
         return F.linear(x, delta)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
-            return bypass
+    def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         out_dtype = result.dtype
         for name in self.active_adapters:
             if not self._has(name):

@@ -59,6 +59,7 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        self.row_adapters: list[str] | None = None  # set by PeftModel for one mixed-adapter batch
         self.quantized = is_quantized_layer(base_layer)
         # adapter -> names in adapter_layer_names that stay frozen even when it trains (MiCA's B; PEFT's
         # frozen_peft_weight_names)
@@ -224,6 +225,29 @@ class AdapterLayer(nn.Module):
                                                            requires_grad=item.requires_grad)
                 else:
                     item.to(weight.device, dtype)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Pick the path, run it: the base alone (adapters disabled; merged ones are unmerged first), each row
+        through its own adapter (a mixed-adapter batch, ``row_adapters``), the base whose weight already holds
+        the merged adapters, or :meth:`forward_adapters` (the method's math). ``x: (batch, ...)``."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            if self.merged:  # merged weights would run every row through the merged adapters
+                raise ConfigError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                                  "`unmerge_adapter` first. (mixed-adapter batches need unmerged adapters.)")
+            return self._forward_rows(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self.forward_adapters(x, *args, **kwargs)
+
+    def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output with every active (unmerged, enabled) adapter applied: the method's equation.
+        :meth:`forward` has already handled disabled adapters, mixed-adapter batches and merged weights."""
+        raise NotImplementedError
 
     def _bypass(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
         """What ``forward`` returns when the adapters do not run the usual way, else ``None``: adapters disabled

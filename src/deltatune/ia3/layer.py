@@ -46,7 +46,6 @@ class IA3Layer(AdapterLayer):
         super().__init__(base_layer)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
-        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.is_conv = isinstance(base_layer, _CONV_TYPES)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
         if self.is_conv:
@@ -135,12 +134,8 @@ class IA3Layer(AdapterLayer):
         self._merge_cache.clear()  # feedforward entries (no bias to restore) are done with too
 
     # ---- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x ⊙ Π l_ff) ⊙ Π l_out`` over the active adapters (``x: (..., in)`` or ``(B, C, ...)``)."""
-        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
-            return bypass
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
         in_scale = out_scale = None
         for name in self.active_adapters:
             if name not in self.ia3_l:

@@ -102,7 +102,6 @@ class VeraLayer(AdapterLayer):
         self.vera_lambda_d = nn.ParameterDict()
         self.vera_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
-        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
         self.out_features, self.in_features = base_features(base_layer)
         # Plain attributes (bypassing nn.Module registration): the model owns the projections.
@@ -152,13 +151,9 @@ class VeraLayer(AdapterLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     # ---- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x) + λ_b ⊙ (B (λ_d ⊙ (A dropout(x))))`` for each active adapter; ``x: (..., in)``."""
-        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
-            return bypass
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         out_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.vera_lambda_d:
