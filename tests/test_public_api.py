@@ -7,7 +7,7 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import tiny_llama
+from support.models import tiny_llama
 
 import deltatune as dt
 

@@ -16,8 +16,8 @@ import peft
 import pytest
 import torch
 from adalora_helpers import layers
-from helpers import make_inputs, output, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
+from support.models import make_inputs, output, tiny_gpt2, tiny_llama
 from torch import nn
 
 import deltatune as dt

@@ -19,8 +19,8 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import tiny_llama
 from peft.tuners.lora.config import CordaConfig, EvaConfig, LoftQConfig, LoraGAConfig
+from support.models import tiny_llama
 
 import deltatune as dt
 from deltatune.errors import ConfigError

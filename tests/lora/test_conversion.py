@@ -8,7 +8,7 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import make_inputs, output, perturb_trainable, tiny_llama
+from support.models import make_inputs, output, perturb_trainable, tiny_llama
 
 import deltatune as dt
 from deltatune.errors import AdapterLoadError, ConfigError

@@ -15,8 +15,8 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import VOCAB, output, perturb_trainable, tiny_gpt2, tiny_llama
 from peft.tuners.lora.corda import preprocess_corda as peft_preprocess  # needs attrs (dev extra)
+from support.models import VOCAB, output, perturb_trainable, tiny_gpt2, tiny_llama
 
 import deltatune as dt
 from deltatune.errors import ConfigError

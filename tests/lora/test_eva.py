@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_llama
+from support.models import tiny_llama
 
 import deltatune
 from deltatune import (

@@ -18,7 +18,7 @@ import bitsandbytes as bnb
 import peft
 import pytest
 import torch
-from helpers import tiny_gpt2, tiny_llama
+from support.models import tiny_gpt2, tiny_llama
 
 import deltatune as dt
 from deltatune.errors import ConfigError

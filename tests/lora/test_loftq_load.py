@@ -13,7 +13,7 @@ import peft
 import pytest
 import test_loftq
 import torch
-from helpers import tiny_gpt2, tiny_llama
+from support.models import tiny_gpt2, tiny_llama
 
 import deltatune as dt
 from deltatune.errors import ConfigError

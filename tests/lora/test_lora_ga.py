@@ -12,7 +12,15 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import assert_same_state, make_inputs, output, params_snapshot, perturb_trainable, tiny_gpt2, tiny_llama
+from support.models import (
+    assert_same_state,
+    make_inputs,
+    output,
+    params_snapshot,
+    perturb_trainable,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 import deltatune as dt
 from deltatune.lora.init import get_peft_model_with_data
