@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.boft import layer as peft_boft
 from support.family_checks import check_model_contract, check_two_adapters
-from support.layers import layer_and_input
+from support.layers import assert_merge_round_trip, layer_and_input
 from support.models import Holder, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -106,11 +106,7 @@ def test_identity_at_init_then_merge_equals_unmerged(kind):
         layer.boft_s["default"].normal_(mean=1.0, std=0.2)
     expected = output(pm, {"x": x})
     assert (expected - base).abs().max() > 1e-3
-    w0 = layer.base_layer.weight.detach().clone()
-    pm.merge_adapter()
-    torch.testing.assert_close(output(pm, {"x": x}), expected, atol=ATOL, rtol=1e-5)
-    pm.unmerge_adapter()
-    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=1e-6)
+    assert_merge_round_trip(pm, layer, x, expected, atol=ATOL)
 
 
 def test_two_active_adapters_compose_as_peft_and_merge_to_the_same():

@@ -83,12 +83,5 @@ def own_adapter(adapter, tmp_path) -> str:
     return str(d)
 
 
-def edit_config(directory: str, **changes) -> None:
-    path = os.path.join(directory, "adapter_config.json")
-    with open(path) as fh:
-        config = json.load(fh)
-    config.update(changes)
-    with open(path, "w") as fh:
-        json.dump(config, fh)
 
 

@@ -7,9 +7,10 @@ import os
 
 import pytest
 import torch
+from support.adapters import edit_adapter_config
 
 from . import reliability
-from .reliability import edit_config, one_line_error, run
+from .reliability import one_line_error, run
 
 adapter, own_adapter = reliability.adapter, reliability.own_adapter  # fixtures
 
@@ -49,7 +50,7 @@ def test_an_adapter_config_that_is_not_an_object(capsys, own_adapter):
 
 
 def test_inspect_refuses_an_unknown_peft_type(capsys, own_adapter):
-    edit_config(own_adapter, peft_type="SUPERLORA")
+    edit_adapter_config(own_adapter, peft_type="SUPERLORA")
     line = one_line_error(capsys, "inspect", own_adapter)
     assert "SUPERLORA" in line, line
 
@@ -97,6 +98,6 @@ def test_an_adapter_config_with_a_huge_rank_is_refused_before_building(capsys, o
         raise AssertionError("the adapter was built from the config before it was checked against the file")
 
     monkeypatch.setattr(LoraLayer, "update_layer", no_build)
-    edit_config(own_adapter, r=1_000_000_000)
+    edit_adapter_config(own_adapter, r=1_000_000_000)
     line = one_line_error(capsys, "eval", "--adapter", own_adapter, "--data", data_dir / "pc.jsonl")
     assert "r=1000000000" in line and "lora_A.weight has shape (4, 32)" in line, line

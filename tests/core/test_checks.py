@@ -3,11 +3,9 @@ non-finite tensors are found by key; an empty adapter_config.json is called empt
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
+from support.adapters import edit_adapter_config
 from support.models import tiny_llama
 
 from deltatune import LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, get_peft_model
@@ -23,13 +21,6 @@ def _save(tmp_path, config, name="a") -> str:
     return out
 
 
-def _edit(directory: str, **changes) -> None:
-    path = os.path.join(directory, "adapter_config.json")
-    with open(path) as fh:
-        config = json.load(fh)
-    config.update(changes)
-    with open(path, "w") as fh:
-        json.dump(config, fh)
 
 
 def forbid_building(monkeypatch) -> None:
@@ -51,7 +42,7 @@ def forbid_building(monkeypatch) -> None:
 def test_a_lora_config_larger_than_its_file_is_refused_before_building(tmp_path, monkeypatch, changes, field):
     directory = _save(tmp_path, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     forbid_building(monkeypatch)
-    _edit(directory, **changes)
+    edit_adapter_config(directory, **changes)
     with pytest.raises(AdapterLoadError) as caught:
         PeftModel.from_pretrained(tiny_llama(), directory)
     message = str(caught.value)
@@ -61,7 +52,7 @@ def test_a_lora_config_larger_than_its_file_is_refused_before_building(tmp_path,
 def test_a_prompt_config_larger_than_its_file_is_refused_before_building(tmp_path, monkeypatch):
     directory = _save(tmp_path, PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
     forbid_building(monkeypatch)
-    _edit(directory, num_virtual_tokens=10**8)
+    edit_adapter_config(directory, num_virtual_tokens=10**8)
     with pytest.raises(AdapterLoadError, match="num_virtual_tokens=100000000"):
         PeftModel.from_pretrained(tiny_llama(), directory)
 

@@ -20,16 +20,15 @@ merged one; tests/oft checks deltatune against PEFT's merged layer) and BOFT wit
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import warnings
 from dataclasses import dataclass
 
 import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.adapters import adapter_dir, quiet
 from support.models import kind_of, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_net
 
 import deltatune
@@ -124,16 +123,6 @@ CASES = [
 CASE_IDS = [c[0] for c in CASES]
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Both libraries warn about fan_in_fan_out on Conv1D and save_projection=False; not what is tested."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _adapter_dir(root, adapter_name: str) -> str:
-    return str(root) if adapter_name == "default" else os.path.join(str(root), adapter_name)
 
 
 def _build(lib, factory, method, kwargs, adapter_name):
@@ -169,7 +158,7 @@ def row(request, tmp_path_factory):
     if case_id not in _CACHE:
         inputs = make_inputs(kind_of(factory))
         root = tmp_path_factory.mktemp(case_id)
-        with _quiet():
+        with quiet():
             src_peft = _build(peft, factory, method, kwargs, name)
             src_peft.save_pretrained(root / "peft")
             src_dt = _build(deltatune, factory, method, kwargs, name)
@@ -181,8 +170,8 @@ def row(request, tmp_path_factory):
 
 def test_peft_to_deltatune(row):
     _, factory, _method, _kwargs, name, saved = row
-    with _quiet():
-        loaded = deltatune.PeftModel.from_pretrained(factory(0), _adapter_dir(saved.peft_root, name),
+    with quiet():
+        loaded = deltatune.PeftModel.from_pretrained(factory(0), adapter_dir(saved.peft_root, name),
                                                      adapter_name=name)
     assert loaded.active_adapter == name
     assert not torch.allclose(saved.peft_out, saved.base_out, atol=1e-4), "the perturbed adapter must change the output"
@@ -191,8 +180,8 @@ def test_peft_to_deltatune(row):
 
 def test_deltatune_to_peft(row):
     _, factory, _method, _kwargs, name, saved = row
-    with _quiet():
-        loaded = peft.PeftModel.from_pretrained(factory(0), _adapter_dir(saved.dt_root, name), adapter_name=name)
+    with quiet():
+        loaded = peft.PeftModel.from_pretrained(factory(0), adapter_dir(saved.dt_root, name), adapter_name=name)
     assert not torch.allclose(saved.dt_out, saved.base_out, atol=1e-4), "the perturbed adapter must change the output"
     torch.testing.assert_close(output(loaded.eval(), saved.inputs), saved.dt_out, atol=ATOL, rtol=RTOL)
 
@@ -201,7 +190,7 @@ def test_same_file_keys_shapes_dtypes(row):
     _, _factory, _method, _kwargs, name, saved = row
 
     def shapes(root):
-        tensors = load_file(os.path.join(_adapter_dir(root, name), "adapter_model.safetensors"))
+        tensors = load_file(os.path.join(adapter_dir(root, name), "adapter_model.safetensors"))
         return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
 
     ours, theirs = shapes(saved.dt_root), shapes(saved.peft_root)
@@ -219,9 +208,9 @@ def test_same_trainable_parameters(row):
 
 def test_config_json_is_peft_s(row):
     _, _factory, method, _kwargs, name, saved = row
-    with open(os.path.join(_adapter_dir(saved.dt_root, name), "adapter_config.json")) as fh:
+    with open(os.path.join(adapter_dir(saved.dt_root, name), "adapter_config.json")) as fh:
         ours = json.load(fh)
-    with open(os.path.join(_adapter_dir(saved.peft_root, name), "adapter_config.json")) as fh:
+    with open(os.path.join(adapter_dir(saved.peft_root, name), "adapter_config.json")) as fh:
         theirs = json.load(fh)
     assert set(ours) | {"peft_version"} == set(theirs)
     for key in ("peft_type", "r", "alpha", "feedforward_modules", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
@@ -235,6 +224,6 @@ def test_config_json_is_peft_s(row):
             if isinstance(a, list) and isinstance(b, list):
                 a, b = sorted(a), sorted(b)
             assert a == b, f"{key}: deltatune {ours[key]!r}, peft {theirs[key]!r}"
-    with _quiet():
-        config = peft.PeftConfig.from_pretrained(_adapter_dir(saved.dt_root, name))
+    with quiet():
+        config = peft.PeftConfig.from_pretrained(adapter_dir(saved.dt_root, name))
     assert type(config).__name__ == CONFIG_NAMES[method]

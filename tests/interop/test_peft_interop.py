@@ -16,17 +16,16 @@ adapter that loaded partially or into the wrong place changes the logits.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import warnings
 from dataclasses import dataclass
 
 import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.adapters import adapter_dir, quiet
 from support.models import (
     kind_of,
     make_inputs,
@@ -100,17 +99,6 @@ CASES = [
 CASE_IDS = [c[0] for c in CASES]
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Both libraries warn about e.g. fan_in_fan_out on Conv1D; that is not what these tests check."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _adapter_dir(root, adapter_name: str) -> str:
-    """Where save_pretrained puts an adapter: the root for "default", a sub-folder otherwise (PEFT's rule)."""
-    return str(root) if adapter_name == "default" else os.path.join(str(root), adapter_name)
 
 
 def _build(lib, factory, kwargs, adapter_name):
@@ -148,7 +136,7 @@ def row(request, tmp_path_factory):
     if case_id not in _CACHE:
         inputs = make_inputs(kind_of(factory))
         root = tmp_path_factory.mktemp(case_id)
-        with _quiet():
+        with quiet():
             src_peft = _build(peft, factory, kwargs, name)
             src_peft.save_pretrained(root / "peft")
             src_dt = _build(deltatune, factory, kwargs, name)
@@ -160,8 +148,8 @@ def row(request, tmp_path_factory):
 
 def test_peft_to_deltatune(row):
     _, factory, _kwargs, name, saved = row
-    with _quiet():
-        loaded = deltatune.PeftModel.from_pretrained(factory(0), _adapter_dir(saved.peft_root, name),
+    with quiet():
+        loaded = deltatune.PeftModel.from_pretrained(factory(0), adapter_dir(saved.peft_root, name),
                                                      adapter_name=name)
     assert isinstance(loaded, deltatune.PeftModel)
     assert loaded.active_adapter == name
@@ -171,8 +159,8 @@ def test_peft_to_deltatune(row):
 
 def test_deltatune_to_peft(row):
     _, factory, _kwargs, name, saved = row
-    with _quiet():
-        loaded = peft.PeftModel.from_pretrained(factory(0), _adapter_dir(saved.dt_root, name), adapter_name=name)
+    with quiet():
+        loaded = peft.PeftModel.from_pretrained(factory(0), adapter_dir(saved.dt_root, name), adapter_name=name)
     assert not torch.allclose(saved.dt_out, saved.base_out, atol=1e-4), "the perturbed adapter must change the output"
     torch.testing.assert_close(output(loaded.eval(), saved.inputs), saved.dt_out, atol=ATOL, rtol=RTOL)
 
@@ -196,14 +184,14 @@ def _file_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], torch.dtype
 def test_same_file_keys_shapes_and_location(row):
     _, _factory, _kwargs, name, saved = row
     for lib, root in (("peft", saved.peft_root), ("deltatune", saved.dt_root)):
-        d = _adapter_dir(root, name)
+        d = adapter_dir(root, name)
         assert os.path.isfile(os.path.join(d, "adapter_model.safetensors")), f"{lib}: no safetensors in {d}"
         assert os.path.isfile(os.path.join(d, "adapter_config.json")), f"{lib}: no config in {d}"
         if name != "default":
             assert not os.path.exists(os.path.join(root, "adapter_model.safetensors")), (
                 f"{lib}: a non-default adapter must go into its sub-folder only")
-    peft_files = _file_shapes(_adapter_dir(saved.peft_root, name))
-    dt_files = _file_shapes(_adapter_dir(saved.dt_root, name))
+    peft_files = _file_shapes(adapter_dir(saved.peft_root, name))
+    dt_files = _file_shapes(adapter_dir(saved.dt_root, name))
     assert sorted(dt_files) == sorted(peft_files), (
         f"only in deltatune: {sorted(set(dt_files) - set(peft_files))}; "
         f"only in peft: {sorted(set(peft_files) - set(dt_files))}")
@@ -226,17 +214,17 @@ def _norm(value):
 
 
 def _configs(saved, name) -> tuple[dict, dict]:
-    with open(os.path.join(_adapter_dir(saved.peft_root, name), "adapter_config.json")) as fh:
+    with open(os.path.join(adapter_dir(saved.peft_root, name), "adapter_config.json")) as fh:
         peft_json = json.load(fh)
-    with open(os.path.join(_adapter_dir(saved.dt_root, name), "adapter_config.json")) as fh:
+    with open(os.path.join(adapter_dir(saved.dt_root, name), "adapter_config.json")) as fh:
         dt_json = json.load(fh)
     return peft_json, dt_json
 
 
 def test_config_json_reads_in_peft(row):
     _, _factory, kwargs, name, saved = row
-    with _quiet():
-        cfg = peft.PeftConfig.from_pretrained(_adapter_dir(saved.dt_root, name))
+    with quiet():
+        cfg = peft.PeftConfig.from_pretrained(adapter_dir(saved.dt_root, name))
     assert isinstance(cfg, peft.LoraConfig)
     peft_json, dt_json = _configs(saved, name)
     for field in CONFIG_FIELDS:
@@ -267,19 +255,19 @@ def test_config_json_identical_to_peft(row):
 
 def test_deltatune_roundtrip_is_exact(row, tmp_path):
     _, factory, _kwargs, name, saved = row
-    with _quiet():
-        loaded = deltatune.PeftModel.from_pretrained(factory(0), _adapter_dir(saved.dt_root, name), adapter_name=name)
+    with quiet():
+        loaded = deltatune.PeftModel.from_pretrained(factory(0), adapter_dir(saved.dt_root, name), adapter_name=name)
         loaded.save_pretrained(tmp_path)
     # Bitwise: the same weights, the same computation.
     assert torch.equal(output(loaded.eval(), saved.inputs), saved.dt_out)
-    a = load_file(os.path.join(_adapter_dir(saved.dt_root, name), "adapter_model.safetensors"))
-    b = load_file(os.path.join(_adapter_dir(tmp_path, name), "adapter_model.safetensors"))
+    a = load_file(os.path.join(adapter_dir(saved.dt_root, name), "adapter_model.safetensors"))
+    b = load_file(os.path.join(adapter_dir(tmp_path, name), "adapter_model.safetensors"))
     assert sorted(a) == sorted(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    with open(os.path.join(_adapter_dir(saved.dt_root, name), "adapter_config.json")) as fh:
+    with open(os.path.join(adapter_dir(saved.dt_root, name), "adapter_config.json")) as fh:
         ja = json.load(fh)
-    with open(os.path.join(_adapter_dir(tmp_path, name), "adapter_config.json")) as fh:
+    with open(os.path.join(adapter_dir(tmp_path, name), "adapter_config.json")) as fh:
         jb = json.load(fh)
     assert ja == jb
 
@@ -292,11 +280,11 @@ BIN_CASES = [c for c in CASES if c[0] in ("llama-lora", "gpt2-conv1d", "bert-seq
 def test_deltatune_reads_peft_bin(row, tmp_path):
     _, factory, kwargs, name = row
     inputs = make_inputs(kind_of(factory))
-    with _quiet():
+    with quiet():
         src = _build(peft, factory, kwargs, name)
         expected = output(src, inputs)
         src.save_pretrained(tmp_path, safe_serialization=False)
-        d = _adapter_dir(tmp_path, name)
+        d = adapter_dir(tmp_path, name)
         assert os.path.isfile(os.path.join(d, "adapter_model.bin"))
         assert not os.path.exists(os.path.join(d, "adapter_model.safetensors"))
         loaded = deltatune.PeftModel.from_pretrained(factory(0), d, adapter_name=name)
@@ -318,7 +306,7 @@ def test_peft_reads_deltatune_bin(tmp_path):
 def test_peft_multi_adapter_dir_loads_each_adapter(tmp_path):
     """PEFT's multi-adapter save (default at the root, others in sub-folders) loads adapter by adapter."""
     inputs = make_inputs("llama")
-    with _quiet():
+    with quiet():
         src = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=2, target_modules=QV))
         src.add_adapter("second", peft.LoraConfig(r=3, target_modules=["k_proj"]))
         perturb_trainable(src)  # only "default" is trainable; perturb "second" explicitly
@@ -350,7 +338,7 @@ def test_half_precision_base_keeps_fp32_adapter_like_peft(tmp_path, cfg):
     the base dtype; deltatune does the same and loads PEFT's file to the same logits."""
     inputs = make_inputs("llama")
     cfg = {"r": 4, **cfg}
-    with _quiet():
+    with quiet():
         dt = deltatune.get_peft_model(tiny_llama(0).to(torch.bfloat16), deltatune.LoraConfig(**cfg))
         pf = peft.get_peft_model(tiny_llama(0).to(torch.bfloat16), peft.LoraConfig(**cfg))
     dt_types = {k: v.dtype for k, v in dt.state_dict().items()}
@@ -358,7 +346,7 @@ def test_half_precision_base_keeps_fp32_adapter_like_peft(tmp_path, cfg):
     assert dt_types == pf_types
     assert any(t == torch.float32 for k, t in dt_types.items() if "lora_" in k)
     perturb_trainable(pf)
-    with _quiet():
+    with quiet():
         pf.save_pretrained(tmp_path)
         loaded = deltatune.PeftModel.from_pretrained(tiny_llama(0).to(torch.bfloat16), tmp_path)
     torch.testing.assert_close(output(loaded.eval(), inputs), output(pf.eval(), inputs), atol=1e-2, rtol=1e-2)

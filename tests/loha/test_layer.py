@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support.family_checks import check_model_contract, check_two_adapters
-from support.layers import layer_and_input
+from support.layers import assert_merge_round_trip, base_output, layer_and_input
 from support.models import output, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -55,15 +55,6 @@ def _delta_reference(layer: nn.Module, name: str = "default") -> torch.Tensor:
     return layer.scaling[name] * factors[0] * factors[1]
 
 
-def _base_out(layer: nn.Module, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-    base = layer.base_layer
-    if isinstance(base, Conv1D):
-        w = base.weight.T if extra is None else base.weight.T + extra
-        return F.linear(x, w, base.bias)
-    w = base.weight if extra is None else base.weight + extra
-    if isinstance(base, nn.Linear):
-        return F.linear(x, w, base.bias)
-    return base._conv_forward(x, w, base.bias)
 
 
 KINDS = ["linear", "conv1D", "conv1d", "conv2d", "conv2d_groups", "conv2d_1x1"]
@@ -77,7 +68,7 @@ def test_matches_reference(kind, effective):
     assert ("default" in layer.hada_t1) == uses_core
     if kind == "linear":
         assert layer.hada_w1_a["default"].shape == (12, 3) and layer.hada_w1_b["default"].shape == (3, 16)
-    expected = _base_out(layer, x, _delta_reference(layer))
+    expected = base_output(layer, x, _delta_reference(layer))
     torch.testing.assert_close(output(pm, {"x": x}), expected, atol=ATOL, rtol=1e-5)
 
 
@@ -87,16 +78,12 @@ def test_identity_at_init_and_merge(kind, effective):
     pm, layer, x = _adapt(kind, use_effective_conv2d=effective, init_weights=True)
     assert torch.count_nonzero(layer.hada_w2_b["default"]) == 0
     assert torch.count_nonzero(layer.hada_w1_a["default"]) > 0
-    torch.testing.assert_close(output(pm, {"x": x}), _base_out(layer, x), atol=0, rtol=0)
+    torch.testing.assert_close(output(pm, {"x": x}), base_output(layer, x), atol=0, rtol=0)
     # then a non-zero adapter: merged == unmerged, and unmerge restores W
     with torch.no_grad():
         layer.hada_w2_b["default"].normal_(std=0.5)
     expected = output(pm, {"x": x})
-    w0 = layer.base_layer.weight.detach().clone()
-    pm.merge_adapter()
-    torch.testing.assert_close(output(pm, {"x": x}), expected, atol=ATOL, rtol=1e-5)
-    pm.unmerge_adapter()
-    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=1e-6)
+    assert_merge_round_trip(pm, layer, x, expected, atol=ATOL)
 
 
 def test_two_active_adapters_add():
@@ -104,7 +91,7 @@ def test_two_active_adapters_add():
     pm.add_adapter("other", LoHaConfig(target_modules=["layer"], r=2, alpha=1, init_weights=False))
     pm.base_model.set_adapter(["default", "other"])
     delta = _delta_reference(layer, "default") + _delta_reference(layer, "other")
-    torch.testing.assert_close(output(pm, {"x": x}), _base_out(layer, x, delta), atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(output(pm, {"x": x}), base_output(layer, x, delta), atol=ATOL, rtol=1e-5)
 
 
 def test_rank_dropout_drops_output_rows_and_rescales():
@@ -113,7 +100,7 @@ def test_rank_dropout_drops_output_rows_and_rescales():
     pm.train()
     full = F.linear(x, _delta_reference(layer))               # (..., out) contribution without dropout
     torch.manual_seed(3)
-    got = output(pm, {"x": x}) - _base_out(layer, x)
+    got = output(pm, {"x": x}) - base_output(layer, x)
     kept = [(got[..., o] - 0).abs().max() > 1e-6 for o in range(12)]
     assert 0 < sum(kept) < 12, "with p=0.5 over 12 rows some rows must be kept and some dropped"
     scale = 12 / sum(kept)
@@ -121,12 +108,12 @@ def test_rank_dropout_drops_output_rows_and_rescales():
         want = full[..., o] * scale if kept[o] else torch.zeros_like(full[..., o])
         torch.testing.assert_close(got[..., o], want, atol=ATOL, rtol=1e-5)
     pm.eval()  # no dropout at inference
-    torch.testing.assert_close(output(pm, {"x": x}) - _base_out(layer, x), full, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(output(pm, {"x": x}) - base_output(layer, x), full, atol=ATOL, rtol=1e-5)
 
 
 def test_module_dropout_skips_the_adapter_at_its_rate():
     pm, layer, x = _adapt("linear", module_dropout=0.3)
-    base = _base_out(layer, x)
+    base = base_output(layer, x)
     pm.train()
     torch.manual_seed(0)
     skipped = sum(bool(torch.equal(output(pm, {"x": x}), base)) for _ in range(400))
@@ -195,7 +182,7 @@ def test_gradients_match_plain_autograd_of_the_reference(kind):
     x_ref = x.detach().clone().requires_grad_()
     shape = layer.base_layer.weight.shape[::-1] if kind == "conv1D" else layer.base_layer.weight.shape
     delta = layer.scaling["default"] * (refs[0] @ refs[1]) * (refs[2] @ refs[3])
-    (_base_out(layer, x_ref, delta.reshape(shape)) * weight).sum().backward()
+    (base_output(layer, x_ref, delta.reshape(shape)) * weight).sum().backward()
     for g, ref in zip(got, [r.grad for r in refs] + [x_ref.grad]):
         torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-5)
     assert torch.autograd.gradcheck(
@@ -221,7 +208,7 @@ def test_trains_under_bf16_autocast():
         for j in "ab":
             grad = getattr(layer, f"hada_w{i}_{j}")["default"].grad
             assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all()
-    want = _base_out(layer, x, _delta_reference(layer)).detach()
+    want = base_output(layer, x, _delta_reference(layer)).detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = pm(x=x).float()
     torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lokr.layer import factorization as peft_factorization
 from support.family_checks import check_model_contract, check_two_adapters
-from support.layers import layer_and_input
+from support.layers import assert_merge_round_trip, base_output, layer_and_input
 from support.models import output, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -70,15 +70,6 @@ def _delta_reference(layer: nn.Module, name: str = "default") -> torch.Tensor:
     return layer.scaling[name] * delta.reshape(shape)
 
 
-def _base_out(layer: nn.Module, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-    base = layer.base_layer
-    if isinstance(base, Conv1D):
-        w = base.weight.T if extra is None else base.weight.T + extra
-        return F.linear(x, w, base.bias)
-    w = base.weight if extra is None else base.weight + extra
-    if isinstance(base, nn.Linear):
-        return F.linear(x, w, base.bias)
-    return base._conv_forward(x, w, base.bias)
 
 
 def test_factorization_matches_peft_and_examples():
@@ -114,7 +105,7 @@ def test_matches_reference(kind, config, tensors):
     pm, layer, x = _adapt(kind, **config)
     present = {n for n in layer.adapter_layer_names if "default" in getattr(layer, n)}
     assert present == tensors
-    expected = _base_out(layer, x, _delta_reference(layer))
+    expected = base_output(layer, x, _delta_reference(layer))
     torch.testing.assert_close(output(pm, {"x": x}), expected, atol=ATOL, rtol=1e-5)
 
 
@@ -125,7 +116,7 @@ def test_conv1d_whole_w2_uses_peft_layout():
     w1, w2 = layer.lokr_w1["default"], layer.lokr_w2["default"]
     assert w2.dim() == 3
     delta = (torch.kron(w1[None], w2) * layer.scaling["default"]).reshape(layer.base_layer.weight.shape)
-    torch.testing.assert_close(output(pm, {"x": x}), _base_out(layer, x, delta), atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(output(pm, {"x": x}), base_output(layer, x, delta), atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("init,zeroed", [(True, "lokr_w1"), ("lycoris", "lokr_w2")])
@@ -134,16 +125,12 @@ def test_identity_at_init_then_merge(kind, config, tensors, init, zeroed):
     pm, layer, x = _adapt(kind, init_weights=init, **config)
     key = zeroed if zeroed in tensors else (f"{zeroed}_a" if init is True else f"{zeroed}_b")
     assert torch.count_nonzero(getattr(layer, key)["default"]) == 0
-    torch.testing.assert_close(output(pm, {"x": x}), _base_out(layer, x), atol=0, rtol=0)
+    torch.testing.assert_close(output(pm, {"x": x}), base_output(layer, x), atol=0, rtol=0)
     with torch.no_grad():
         getattr(layer, key)["default"].normal_(std=0.5)
     expected = output(pm, {"x": x})
-    assert (expected - _base_out(layer, x)).abs().max() > 1e-4
-    w0 = layer.base_layer.weight.detach().clone()
-    pm.merge_adapter()
-    torch.testing.assert_close(output(pm, {"x": x}), expected, atol=ATOL, rtol=1e-5)
-    pm.unmerge_adapter()
-    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=1e-6)
+    assert (expected - base_output(layer, x)).abs().max() > 1e-4
+    assert_merge_round_trip(pm, layer, x, expected, atol=ATOL)
 
 
 @pytest.mark.parametrize("scale", [False, True])
@@ -152,7 +139,7 @@ def test_rank_dropout(scale):
     pm.train()
     full = F.linear(x, _delta_reference(layer))
     torch.manual_seed(5)
-    got = output(pm, {"x": x}) - _base_out(layer, x)
+    got = output(pm, {"x": x}) - base_output(layer, x)
     kept = [got[..., o].abs().max() > 1e-6 for o in range(12)]
     assert 0 < sum(kept) < 12
     factor = 12 / sum(kept) if scale else 1.0
@@ -166,7 +153,7 @@ def test_two_active_adapters_add():
     pm.add_adapter("other", LoKrConfig(target_modules=["layer"], r=1, alpha=3, init_weights=False))
     pm.base_model.set_adapter(["default", "other"])
     delta = _delta_reference(layer, "default") + _delta_reference(layer, "other")
-    torch.testing.assert_close(output(pm, {"x": x}), _base_out(layer, x, delta), atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(output(pm, {"x": x}), base_output(layer, x, delta), atol=ATOL, rtol=1e-5)
 
 
 def test_config_fields_and_defaults_match_peft():

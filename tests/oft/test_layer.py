@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support.family_checks import check_model_contract, check_two_adapters
-from support.layers import layer_and_input
+from support.layers import assert_merge_round_trip, layer_and_input
 from support.models import Holder, output, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -105,11 +105,7 @@ def test_identity_at_init_then_merge_equals_unmerged(kind):
         container["default"].weight.normal_(std=0.2)
     expected = output(pm, {"x": x})
     assert (expected - base).abs().max() > 1e-3
-    w0 = layer.base_layer.weight.detach().clone()
-    pm.merge_adapter()
-    torch.testing.assert_close(output(pm, {"x": x}), expected, atol=ATOL, rtol=1e-5)
-    pm.unmerge_adapter()
-    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=1e-6)
+    assert_merge_round_trip(pm, layer, x, expected, atol=ATOL)
 
 
 def test_exact_cayley_is_orthogonal_and_neumann_nearly():

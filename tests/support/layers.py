@@ -9,7 +9,9 @@ always did, from the same seed, with the same random draws in the same order.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .models import Holder
 
@@ -87,3 +89,30 @@ def count_slot_fills(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(LoraLayer, "_fill_slot", counting)
     return fills
+
+
+def base_output(layer: nn.Module, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """The wrapped base layer's output with ``extra`` added to its weight (``W + extra``; ``extra`` shaped
+    like ``W`` as ``F.linear``/the conv read it, so ``(out, in)`` for GPT-2's transposed ``Conv1D``): the
+    reference a weight-delta method's forward must equal."""
+    base = layer.base_layer
+    if isinstance(base, Conv1D):
+        w = base.weight.T if extra is None else base.weight.T + extra
+        return F.linear(x, w, base.bias)
+    w = base.weight if extra is None else base.weight + extra
+    if isinstance(base, nn.Linear):
+        return F.linear(x, w, base.bias)
+    return base._conv_forward(x, w, base.bias)
+
+
+def assert_merge_round_trip(pm: nn.Module, layer: nn.Module, x: torch.Tensor, expected: torch.Tensor,
+                            atol: float) -> None:
+    """Merging gives the unmerged output ``expected`` (to ``atol``, rtol 1e-5), and unmerging restores the base
+    weight (1e-6)."""
+    from .models import output
+
+    w0 = layer.base_layer.weight.detach().clone()
+    pm.merge_adapter()
+    torch.testing.assert_close(output(pm, {"x": x}), expected, atol=atol, rtol=1e-5)
+    pm.unmerge_adapter()
+    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=1e-6)
