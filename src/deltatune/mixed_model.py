@@ -63,8 +63,8 @@ class MixedAdapterModel(AdapterModel):
                 f"Adapter with name '{adapter_name}' already exists. Pick another name or delete_adapter() it first"
             )
         method = method_for(config.peft_type)
-        if method.prepare_config is not None:
-            method.prepare_config(self.model, config)
+        if method.hooks.prepare_config is not None:
+            method.hooks.prepare_config(self.model, config)
         targeting.resolve_target_modules(self.model, config, method.default_targets)
         saved = getattr(config, "modules_to_save", None) or []
         # Another method's layer is a valid target here: the new adapter goes into its chain.
@@ -83,8 +83,8 @@ class MixedAdapterModel(AdapterModel):
             for name in found:
                 self._add_to_chain(name, adapter_name, config, method)
             self._wrap_modules_to_save(adapter_name, saved)
-            if method.after_inject is not None:
-                method.after_inject(self, adapter_name, config)
+            if method.hooks.after_inject is not None:
+                method.hooks.after_inject(self, adapter_name, config)
         except BaseException:
             self._remove_adapter(adapter_name)
             raise

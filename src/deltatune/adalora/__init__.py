@@ -20,8 +20,9 @@ from deltatune.adalora.allocator import (
 from deltatune.adalora.config import AdaLoraConfig
 from deltatune.adalora.layer import AdaLoraLayer, make_adalora_layer, supported_types
 from deltatune.config import PeftType
+from deltatune.core.tuner import tuner_class
 from deltatune.errors import ConfigError
-from deltatune.registry import Method, register
+from deltatune.registry import Hooks, Method
 
 # PEFT's AdaLoRA defaults (they differ from LoRA's for t5, bart, opt, roberta, deberta-v2).
 DEFAULT_ADALORA_TARGETS: dict[str, list[str]] = {
@@ -151,7 +152,7 @@ def save_hook(peft_model: nn.Module, adapter_name: str, state: dict[str, torch.T
     return state
 
 
-ADALORA = register(Method(
+ADALORA = Method(
     peft_type=PeftType.ADALORA,
     config_cls=AdaLoraConfig,
     prefix="lora_",
@@ -160,13 +161,15 @@ ADALORA = register(Method(
     supported_types=supported_types,
     default_targets=DEFAULT_ADALORA_TARGETS,
     cli_names={"adalora": {}},
-    init_shared=init_shared,
-    loss_hook=loss_hook,
-    step_hook=step_hook,
-    save_hook=save_hook,
-    rank_container="lora_A",
-))
-AdaLoraModel = ADALORA.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+    hooks=Hooks(
+        init_shared=init_shared,
+        regulariser=loss_hook,
+        step=step_hook,
+        before_save=save_hook,
+        rank_container="lora_A",
+    ),
+)
+AdaLoraModel = tuner_class(ADALORA)  # PEFT's tuner class (isinstance of base_model)
 
 
 

@@ -17,9 +17,10 @@ import re
 import warnings
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
-from deltatune.errors import TargetModuleError
+from deltatune.errors import ConfigError, TargetModuleError
 
 ALL_LINEAR = "all-linear"
 
@@ -278,3 +279,19 @@ def _no_match_message(names: list[str], config) -> str:
     hint = f"closest module names: {close}" if close else f"module names in this model: {suffixes[:30]}"
     shown = wanted if len(wanted) <= 8 else [*wanted[:5], f"... {len(wanted)} names in all"]
     return f"{peft} target_modules={shown}{extra} matched no module in the model; {hint}"
+
+
+def modules_named_in(state_dict: dict[str, torch.Tensor], containers: tuple[str, ...]) -> list[str]:
+    """The module names in an adapter state dict's keys (``<module>.lora_A[.<adapter>].weight``), without PEFT's
+    ``base_model.model.`` prefix."""
+    names: list[str] = []
+    for key in state_dict:
+        parts = key.removeprefix("base_model.model.").split(".")
+        hit = next((i for i, part in enumerate(parts) if part in containers), None)
+        if hit:
+            name = ".".join(parts[:hit])
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ConfigError(f"state_dict has no adapter tensors ({', '.join(containers)}) to say which layers to adapt")
+    return names
