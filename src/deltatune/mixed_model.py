@@ -22,6 +22,7 @@ from torch import nn
 
 from deltatune.config import PeftConfig
 from deltatune.core import targeting
+from deltatune.core.features import Conv1D
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.state_dict import check_and_load, to_model_keys
 from deltatune.core.tuner import AdapterModel, _matches_name, replace_module, validate_adapter_name
@@ -47,9 +48,7 @@ def check_mixed_config(config: PeftConfig) -> None:
 
 
 def _dense_base(module: nn.Module) -> bool:
-    from deltatune.lora.layer import _conv1d_type
-
-    return type(module) in (nn.Linear, _conv1d_type())
+    return type(module) in (nn.Linear, Conv1D)  # Conv1D: None without transformers
 
 
 class MixedAdapterModel(AdapterModel):

@@ -11,7 +11,7 @@ name, in one place: :func:`load_builtins`).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,6 +218,20 @@ def method_for(peft_type: PeftType | str | None) -> Method:
     return METHODS[PeftType(str(peft_type).upper())]
 
 
+def hook_for(name: str, peft_types: Iterable[PeftType | str]) -> Callable[..., Any] | None:
+    """The :class:`Hooks` entry ``name`` of the first of ``peft_types``' methods that has one, else of the first
+    registered method that has one (it then validates the request, and its error names what is wrong with these
+    adapters: e.g. LoRA's ``add_weighted_adapter`` refusing a LoHa adapter), else ``None``. Unknown names in
+    ``peft_types`` are skipped."""
+    load_builtins()
+    for peft_type in peft_types:
+        method = METHODS.get(peft_type)  # PeftType is a str enum: "LORA" finds PeftType.LORA
+        hook = getattr(method.hooks, name) if method is not None else None
+        if hook is not None:
+            return hook
+    return next((getattr(m.hooks, name) for m in METHODS.values() if getattr(m.hooks, name) is not None), None)
+
+
 class MethodTable(Mapping):
     """A read-only ``{PeftType: value}`` view of the registered methods (PEFT's ``PEFT_TYPE_TO_*_MAPPING``
     tables), read from :data:`METHODS` at each access, so it lists every method registered so far.
@@ -254,5 +268,5 @@ class MethodTable(Mapping):
         return repr(dict(self))
 
 
-__all__ = ["BUILTIN", "METHODS", "Hooks", "Method", "MethodTable", "config_class_for", "load_builtins", "method_for",
-           "register"]
+__all__ = ["BUILTIN", "METHODS", "Hooks", "Method", "MethodTable", "config_class_for", "hook_for", "load_builtins",
+           "method_for", "register"]

@@ -105,17 +105,15 @@ def adapter_internal_names(model: nn.Module) -> set[str]:
     ``all-linear`` matches, as in PEFT. Found by the wrappers' types, so every method's internals count, whatever
     their names (``vera_lambda_b``, ``boft_R``, ``hada_w1_a``, ...), and a base module whose name merely looks like
     an adapter's (``lora_head``) stays the model's, as in PEFT. A companion wrapper (``collapse_into``: LoRA's
-    trainable-token ``token_adapter``) owns its child too."""
-    from deltatune.core.layer import AdapterLayer
-    from deltatune.core.modules_to_save import ModulesToSaveWrapper
-
+    trainable-token ``token_adapter``) owns its child too. Wrappers are told by their ``owns_children`` class
+    attribute (``AdapterLayer``, ``ModulesToSaveWrapper``), so this module stays below the layers."""
     owners: set[str] = set()
     internal: set[str] = set()
     for name, module in model.named_modules():  # parents come before their children
         parts = name.split(".")
         if any(".".join(parts[:i]) in owners for i in range(1, len(parts))):
             internal.add(name)
-        if name and (isinstance(module, (AdapterLayer, ModulesToSaveWrapper)) or hasattr(module, "collapse_into")):
+        if name and (getattr(module, "owns_children", False) or hasattr(module, "collapse_into")):
             owners.add(name)
     return internal
 

@@ -23,7 +23,7 @@ from deltatune.core import targeting
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.errors import AdapterNameError, ConfigError, MergeError, TargetModuleError
-from deltatune.registry import Method, method_for
+from deltatune.registry import Method, hook_for, method_for
 
 RESERVED_NAMES = ("__base__",)  # "__base__" means "no adapter" in a mixed-adapter batch (adapter_names)
 
@@ -279,11 +279,18 @@ class AdapterModel(nn.Module):
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", **kwargs: Any) -> None:
-        """PEFT's ``LoraModel.add_weighted_adapter`` on the tuner: the same as ``PeftModel.add_weighted_adapter``
-        (see :mod:`deltatune.lora.arithmetic` for the combination types and keyword arguments)."""
-        from deltatune.lora.arithmetic import add_weighted_adapter
+        """PEFT's ``LoraModel.add_weighted_adapter`` on the tuner: the same as ``PeftModel.add_weighted_adapter``,
+        done by the sources' method's ``add_weighted_adapter`` hook (LoRA's: :mod:`deltatune.lora.arithmetic` has
+        the combination types and keyword arguments).
 
-        add_weighted_adapter(_TunerAsPeftModel(self), adapters, weights, adapter_name, combination_type, **kwargs)
+        Raises:
+            ConfigError: no registered method combines adapters.
+        """
+        combine = hook_for("add_weighted_adapter",
+                           [self.peft_config[n].peft_type for n in adapters if n in self.peft_config])
+        if combine is None:
+            raise ConfigError("add_weighted_adapter: no registered method combines adapters")
+        combine(_TunerAsPeftModel(self), adapters, weights, adapter_name, combination_type, **kwargs)
 
     # ---- training hooks (methods that regularise or schedule, e.g. AdaLoRA) --------------------
     def _trainable_methods(self) -> list[Method]:
@@ -595,8 +602,9 @@ class AdapterModel(nn.Module):
 
 
 class _TunerAsPeftModel:
-    """What :func:`deltatune.lora.arithmetic.add_weighted_adapter` reads of a ``PeftModel``, over a bare tuner (for
-    PEFT's ``base_model.add_weighted_adapter``): the configs, the modules, adding and removing an adapter."""
+    """What an ``add_weighted_adapter`` hook (LoRA's :mod:`deltatune.lora.arithmetic`) reads of a ``PeftModel``,
+    over a bare tuner (for PEFT's ``base_model.add_weighted_adapter``): the configs, the modules, adding and
+    removing an adapter."""
 
     def __init__(self, tuner: AdapterModel) -> None:
         self.base_model = tuner

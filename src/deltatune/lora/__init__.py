@@ -10,6 +10,7 @@ from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.core.tuner import tuner_class
 from deltatune.errors import ConfigError
+from deltatune.lora import hooks
 from deltatune.lora.config import LoraConfig
 from deltatune.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from deltatune.lora.init import check_creatable
@@ -82,6 +83,13 @@ LORA = Method(
         prepare_config=_prepare_config,  # data-driven inits refused at creation (loading resets them first)
         after_inject=_after_inject,  # target_parameters; trainable_token_indices: embedding rows train beside LoRA
         extra_containers=("trainable_tokens_delta",),
+        # what PeftModel asks of LoRA (lora/hooks.py): aLoRA, arithmetic, PiSSA & co. conversion and reloading
+        activate=hooks.activate,
+        add_weighted_adapter=hooks.add_weighted_adapter,
+        convert_on_save=hooks.convert_on_save,
+        loading=hooks.loading,
+        after_load=hooks.after_load,
+        create_with_data=hooks.create_with_data,
         rank_container="lora_A",
         nested_containers=("token_adapter.trainable_tokens_delta",),  # trainable_token_indices
     ),
