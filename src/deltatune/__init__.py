@@ -1,6 +1,5 @@
 """deltatune: parameter-efficient fine-tuning with Hugging Face PEFT's API and file format."""
 
-from deltatune import lora  # noqa: F401  (registers the method)
 from deltatune.adalora import AdaLoraConfig, AdaLoraModel
 from deltatune.auto import (
     AutoPeftModel,
@@ -73,6 +72,7 @@ from deltatune.prompt import (
     PromptTuningInit,
 )
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
+from deltatune.registry import load_builtins
 from deltatune.save_and_load import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -84,6 +84,8 @@ from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_statu
 from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
 from deltatune.vera import VeraConfig, VeraModel
+
+load_builtins()  # the methods of registry.BUILTIN, registered in that order
 
 __version__ = "0.1.0"
 

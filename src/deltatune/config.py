@@ -81,6 +81,27 @@ class TaskType(enum.StrEnum):
         return self.value
 
 
+# ``peft_type -> config class`` of every registered method, filled by ``deltatune.registry.register`` (this
+# module is below the registry: it reads the table, never imports the methods).
+CONFIG_CLASSES: dict[PeftType, type[PeftConfig]] = {}
+
+
+def config_class_for(peft_type: PeftType | str | None) -> type[PeftConfig]:
+    """The config class of the registered method ``peft_type``.
+
+    Raises:
+        ConfigError: no registered method has that name (the message lists the known ones).
+    """
+    try:
+        key = PeftType(str(peft_type).upper())
+    except ValueError:
+        key = None
+    if key not in CONFIG_CLASSES:
+        known = ", ".join(sorted(m.value for m in CONFIG_CLASSES))
+        raise ConfigError(f"peft_type={peft_type!r} is not a method deltatune implements; known: {known}")
+    return CONFIG_CLASSES[key]
+
+
 def _enum_value(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:
     if value is None or isinstance(value, enum_cls):
         return value
@@ -195,8 +216,6 @@ class PeftConfig:
         data = dict(data)
         target_cls = cls
         if cls is PeftConfig and data.get("peft_type") is not None:
-            from deltatune.registry import config_class_for
-
             target_cls = config_class_for(data["peft_type"])
             if target_cls.from_dict.__func__ is not PeftConfig.from_dict.__func__:
                 return target_cls.from_dict(data)  # a method with its own reading rules (e.g. old OFT files)
@@ -217,8 +236,6 @@ class PeftConfig:
                 PeftWarning, stacklevel=3,
             )
         if cls is PeftConfig and data.get("peft_type") is None:
-            from deltatune.registry import config_class_for
-
             config_class_for(None)  # raises: a bare PeftConfig describes no adapter
         return target_cls(**{k: v for k, v in data.items() if k in names})
 

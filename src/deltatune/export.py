@@ -140,7 +140,7 @@ def export_to_lora(peft_model: Any, rank: int | None = None, energy: float | Non
         raise ConfigError(f"no adapter named {name!r}; the model has {sorted(peft_model.peft_config)}")
     source = peft_model.peft_config[name]
     method = method_for(source.peft_type)
-    if method.family != "weight" or not method.mergeable:
+    if method.layer_cls is None or not method.mergeable:
         raise ConfigError(f"a {source.peft_type} adapter has no weight delta (it adds virtual tokens or modules), so "
                           "it cannot be written as LoRA; serve it with deltatune or PEFT")
     if source.peft_type == PeftType.TRAINABLE_TOKENS or getattr(source, "trainable_token_indices", None):

@@ -12,6 +12,8 @@ from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.layer import AdapterLayer
+from deltatune.core.targeting import modules_named_in
+from deltatune.core.tuner import AdapterModel, tuner_class, validate_adapter_name
 from deltatune.errors import ConfigError
 from deltatune.peft_model import (
     PeftModel,
@@ -23,7 +25,7 @@ from deltatune.peft_model import (
     PeftModelForTokenClassification,
     _model_name_or_path,
 )
-from deltatune.registry import MethodTable
+from deltatune.registry import MethodTable, method_for
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {
     TaskType.CAUSAL_LM: PeftModelForCausalLM,
@@ -38,9 +40,9 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {
 # PEFT's tables, as live views of the registry (deltatune.registry.METHODS): every registered method, no list here.
 PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[PeftType, type[PeftConfig]] = MethodTable(lambda m: m.config_cls)
 PEFT_TYPE_TO_TUNER_MAPPING: Mapping[PeftType, type[nn.Module]] = MethodTable(
-    lambda m: m.tuner_cls, include=lambda m: m.family == "weight")
+    tuner_class, include=lambda m: m.layer_cls is not None)
 PEFT_TYPE_TO_MIXED_MODEL_MAPPING: Mapping[PeftType, type[nn.Module]] = MethodTable(
-    lambda m: m.tuner_cls, include=lambda m: _mixable(m.peft_type))
+    tuner_class, include=lambda m: _mixable(m.peft_type))
 
 
 def _mixable(peft_type: PeftType) -> bool:
@@ -107,16 +109,13 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
             tensors are shared model-wide (VeRA: they live on the wrapper), as PEFT refuses both.
         TargetModuleError: the targets match nothing.
     """
-    from deltatune.core.tuner import AdapterModel, validate_adapter_name
-    from deltatune.registry import method_for
-
     _check_config(peft_config)
     validate_adapter_name(adapter_name)
     if peft_config.is_prompt_learning:
         raise ConfigError(f"inject_adapter_in_model adds adapter layers; {peft_config.peft_type} adapters are virtual "
                           "tokens, which need the wrapper: use get_peft_model")
     method = method_for(peft_config.peft_type)
-    if method.shared_containers:
+    if method.hooks.shared_containers:
         raise ConfigError(f"`inject_adapter_in_model` does not support PeftType.{peft_config.peft_type} because it "
                           "uses shared state stored on the tuner. Please use `get_peft_model` instead. (Its tensors "
                           "are shared by every layer and kept on the wrapper.)")
@@ -129,7 +128,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     config = peft_config
     if state_dict is not None:
         config = copy.copy(peft_config)
-        config.target_modules = _modules_named_in(state_dict, method.containers)
+        config.target_modules = modules_named_in(state_dict, method.containers)
     tuner = AdapterModel(model, config, adapter_name)  # replaces the targets inside ``model``; the wrapper is dropped
     if low_cpu_mem_usage:
         _make_empty(tuner, adapter_name)
@@ -156,22 +155,6 @@ def _make_empty(tuner: nn.Module, adapter_name: str) -> None:
                 for name, param in list(module._parameters.items()):
                     if param is not None:
                         module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-
-def _modules_named_in(state_dict: dict[str, torch.Tensor], containers: tuple[str, ...]) -> list[str]:
-    """The module names in an adapter state dict's keys (``<module>.lora_A[.<adapter>].weight``), without PEFT's
-    ``base_model.model.`` prefix."""
-    names: list[str] = []
-    for key in state_dict:
-        parts = key.removeprefix("base_model.model.").split(".")
-        hit = next((i for i, part in enumerate(parts) if part in containers), None)
-        if hit:
-            name = ".".join(parts[:hit])
-            if name not in names:
-                names.append(name)
-    if not names:
-        raise ConfigError(f"state_dict has no adapter tensors ({', '.join(containers)}) to say which layers to adapt")
-    return names
 
 
 def _check_config(peft_config: object) -> None:

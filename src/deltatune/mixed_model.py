@@ -22,6 +22,7 @@ from torch import nn
 
 from deltatune.config import PeftConfig
 from deltatune.core import targeting
+from deltatune.core.features import Conv1D
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.state_dict import check_and_load, to_model_keys
 from deltatune.core.tuner import AdapterModel, _matches_name, replace_module, validate_adapter_name
@@ -47,9 +48,7 @@ def check_mixed_config(config: PeftConfig) -> None:
 
 
 def _dense_base(module: nn.Module) -> bool:
-    from deltatune.lora.layer import _conv1d_type
-
-    return type(module) in (nn.Linear, _conv1d_type())
+    return type(module) in (nn.Linear, Conv1D)  # Conv1D: None without transformers
 
 
 class MixedAdapterModel(AdapterModel):
@@ -63,8 +62,8 @@ class MixedAdapterModel(AdapterModel):
                 f"Adapter with name '{adapter_name}' already exists. Pick another name or delete_adapter() it first"
             )
         method = method_for(config.peft_type)
-        if method.prepare_config is not None:
-            method.prepare_config(self.model, config)
+        if method.hooks.prepare_config is not None:
+            method.hooks.prepare_config(self.model, config)
         targeting.resolve_target_modules(self.model, config, method.default_targets)
         saved = getattr(config, "modules_to_save", None) or []
         # Another method's layer is a valid target here: the new adapter goes into its chain.
@@ -83,8 +82,8 @@ class MixedAdapterModel(AdapterModel):
             for name in found:
                 self._add_to_chain(name, adapter_name, config, method)
             self._wrap_modules_to_save(adapter_name, saved)
-            if method.after_inject is not None:
-                method.after_inject(self, adapter_name, config)
+            if method.hooks.after_inject is not None:
+                method.hooks.after_inject(self, adapter_name, config)
         except BaseException:
             self._remove_adapter(adapter_name)
             raise

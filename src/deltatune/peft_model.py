@@ -31,7 +31,7 @@ from deltatune.core.io import (
 )
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.state_dict import adapter_state_dict, check_and_load, to_model_keys
-from deltatune.core.tuner import AdapterModel, validate_adapter_name
+from deltatune.core.tuner import AdapterModel, tuner_class, validate_adapter_name
 from deltatune.errors import AdapterNameError, ConfigError
 from deltatune.lora import alora as _alora
 from deltatune.prompt import model as _prompt
@@ -82,7 +82,7 @@ class PeftModel(nn.Module):
             _prompt.init_model(self, model, peft_config, adapter_name)
             return
         # PEFT's per-method tuner class (LoraModel, IA3Model...: isinstance checks hold), from the registry
-        self.base_model = method_for(peft_config.peft_type).tuner_cls(model, peft_config, adapter_name)
+        self.base_model = tuner_class(method_for(peft_config.peft_type))(model, peft_config, adapter_name)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         _warn_unmatched_patterns(self.base_model, adapter_name, peft_config)
 
@@ -472,7 +472,7 @@ class PeftModel(nn.Module):
         state = adapter_state_dict(self, name, method.containers, getattr(config, "bias", "none"),
                                    method.file_suffixes)
         state.update(self._embedding_state(config, save_embedding_layers))
-        return method.save_hook(self, name, state) if method.save_hook is not None else state
+        return method.hooks.before_save(self, name, state) if method.hooks.before_save is not None else state
 
     def _embedding_state(self, config: PeftConfig, save_embedding_layers: bool | str) -> dict[str, torch.Tensor]:
         targets = getattr(config, "target_modules", None) or ()
@@ -755,7 +755,7 @@ def _fit_config_to_file(config: PeftConfig, weights: dict[str, torch.Tensor], di
     allocate its tensors before the mismatch is found)."""
     from deltatune.core.checks import check_config_fits_file
 
-    fit = method_for(config.peft_type).fit_config_to_file
+    fit = method_for(config.peft_type).hooks.fit_config_to_file
     if fit is not None:
         fit(config, weights)
     check_config_fits_file(config, weights, directory)

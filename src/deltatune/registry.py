@@ -1,84 +1,159 @@
-"""The table of methods: adding a method means adding one :class:`Method` entry here (from its module).
+"""The table of methods: which methods exist (:data:`BUILTIN`), and how each plugs into the shared machinery.
 
-The rest of the library (``get_peft_model``, loading files, the CLI, ``compare``) looks methods up here
-and knows nothing else about them.
+A method lives in its own package and describes itself with one :class:`Method` (a small core every weight
+method fills in) plus an optional :class:`Hooks` (the extension points only some methods need). Adding a
+method means adding its package and one line in :data:`BUILTIN` (or one :func:`register` call for a method
+defined outside deltatune). The rest of the library (``get_peft_model``, loading files, the CLI, ``compare``)
+looks methods up here and knows nothing else about them; this module imports no method (they are loaded by
+name, in one place: :func:`load_builtins`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import importlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftType
-from deltatune.errors import ConfigError
+from deltatune.config import CONFIG_CLASSES, PeftConfig, PeftType, config_class_for
+
+# The built-in methods, by package; each package defines its Method entries (module attributes) and registers
+# nothing itself. The order is the registry's order (tests parametrised over METHODS, ``deltatune --help``).
+BUILTIN: tuple[str, ...] = (
+    "deltatune.trainable_tokens",
+    "deltatune.lora",
+    "deltatune.adalora",
+    "deltatune.prompt",
+    "deltatune.bitfit",
+    "deltatune.oft",
+    "deltatune.boft",
+    "deltatune.bottleneck",
+    "deltatune.ia3",
+    "deltatune.ln_tuning",
+    "deltatune.loha",
+    "deltatune.lokr",
+    "deltatune.vera",
+)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Optional extension points of a method; every one defaults to "nothing to do".
+
+    Building an adapter (``AdapterModel.inject_adapter``, in this order):
+        prepare_config: ``(model, config) -> None``: fill config defaults that depend on the model (run before
+            targeting), e.g. IA3's ``feedforward_modules`` per architecture.
+        init_shared: ``(adapter_model, adapter_name, config, target_names) -> kwargs``: create the adapter's
+            entries in ``shared_containers`` before any layer is wrapped; the returned keyword arguments are
+            passed on to every ``create_or_update`` call of that injection.
+        after_inject: ``(adapter_model, adapter_name, config) -> None``: work once every target is wrapped, e.g.
+            trainable tokens also wrap the output layer tied to the wrapped input embedding.
+
+    Where tensors live besides the layers' own containers (saved, loaded and deleted with the adapter):
+        shared_containers: Per-adapter containers held once per model (on the ``AdapterModel``, so their keys
+            read ``base_model.<name>.<adapter>``), e.g. VeRA's frozen shared projections.
+        extra_containers: Containers of companion layers a config may add beside the method's own layers (LoRA's
+            ``trainable_tokens_delta``).
+        nested_containers: Dotted paths below an adapted module that hold such companion tensors (LoRA's
+            ``token_adapter.trainable_tokens_delta``, PEFT's layout), so ``deltatune inspect`` names the module
+            adapted, not the companion.
+
+    Training (``AdapterModel.regularization_loss`` / ``update_and_allocate``; the trainer's checkpoints):
+        regulariser: ``(adapter_model) -> Tensor | None``: a term added to the training loss while an adapter of
+            this method is trainable (AdaLoRA's orthogonality penalty ``orth_reg_weight · R``).
+        step: ``(adapter_model, global_step) -> None``: per-optimizer-step work for a trainable adapter (AdaLoRA's
+            rank allocation).
+        training_state: ``(adapter_model) -> dict``: state a resumed run needs that is not in the adapter's
+            tensors (AdaLoRA's allocator: importance averages); ``restore_training_state``:
+            ``(adapter_model, dict) -> None`` puts it back.
+
+    Files:
+        before_save: ``(peft_model, adapter_name, file_state) -> file_state``: last change to the tensors before
+            they are written (AdaLoRA slices them to the kept ranks).
+        convert_on_save: ``(state, initial_state, config, initial_dir) -> (state, config)``: PEFT's
+            ``path_initial_model_for_weight_conversion`` (LoRA: PiSSA/OLoRA/CorDA/LoRA-GA to a plain LoRA).
+        fit_config_to_file: ``(config, file tensors) -> None``: before an adapter is loaded, correct config
+            fields the file contradicts (BOFT files from PEFT without its CUDA kernel).
+        loading: ``(config) -> context manager``: held while a saved adapter is built, before its tensors are
+            loaded (LoRA: skip initialisations the file overwrites).
+        after_load: ``(model, adapter_name) -> None``: once the tensors are loaded (LoRA: rebuild the residual
+            base PiSSA/OLoRA/LoftQ adapters were trained on).
+
+    Running and combining:
+        activate: ``(peft_model, args, kwargs, adapter_names) -> context manager``: held around each forward and
+            generate call (LoRA's aLoRA: where each row's invocation sequence starts).
+        add_weighted_adapter: ``(peft_model, adapters, weights, adapter_name, combination_type, **kwargs) ->
+            None``: a new adapter, a weighted combination of existing ones (LoRA's ``add_weighted_adapter``).
+        create_with_data: ``(model, config, batches, adapter_name) -> PeftModel``: creation with a data-driven
+            initialisation (LoRA's EVA, CorDA, LoRA-GA, LoftQ).
+        make_prompt_encoder: ``(config, word_embeddings) -> nn.Module``: a virtual-token method's trainable
+            encoder.
+
+    Inspecting and the CLI:
+        inspect_size: ``(adapter_config, {file key: shape}) -> text``: the "size" line of ``deltatune inspect``
+            for methods whose size is not a LoRA-style ``r`` (OFT's block size, BOFT's butterfly factors).
+        rank_container: The container whose tensors' first dimension is the rank (LoRA's ``lora_A``:
+            ``(r, in)``); ``deltatune inspect`` counts the ranks in a file from it. Empty: no such count.
+        cli_shared_skip: Config fields that settings meant for every method (a built-in data set's recipe,
+            ``deltatune compare``'s options) do not pass to this method, because the name means something else
+            here (OFT's ``r`` counts blocks). Set on the command line for this method alone they still apply.
+    """
+
+    prepare_config: Callable[[nn.Module, PeftConfig], None] | None = None
+    init_shared: Callable[..., dict[str, Any]] | None = None
+    after_inject: Callable[[nn.Module, str, PeftConfig], None] | None = None
+    shared_containers: tuple[str, ...] = ()
+    extra_containers: tuple[str, ...] = ()
+    nested_containers: tuple[str, ...] = ()
+    regulariser: Callable[[nn.Module], Any] | None = None
+    step: Callable[[nn.Module, int], None] | None = None
+    training_state: Callable[[nn.Module], dict[str, Any]] | None = None
+    restore_training_state: Callable[[nn.Module, dict[str, Any]], None] | None = None
+    before_save: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
+    convert_on_save: Callable[..., tuple[dict[str, Any], PeftConfig]] | None = None
+    fit_config_to_file: Callable[[PeftConfig, dict[str, Any]], None] | None = None
+    loading: Callable[[PeftConfig], Any] | None = None
+    after_load: Callable[[nn.Module, str], None] | None = None
+    activate: Callable[..., Any] | None = None
+    add_weighted_adapter: Callable[..., None] | None = None
+    create_with_data: Callable[..., nn.Module] | None = None
+    make_prompt_encoder: Callable[[PeftConfig, nn.Module], nn.Module] | None = None
+    inspect_size: Callable[[dict[str, Any], dict[str, list[int]]], str] | None = None
+    rank_container: str = ""
+    cli_shared_skip: tuple[str, ...] = ()
+
+
+NO_HOOKS = Hooks()
 
 
 @dataclass(frozen=True)
 class Method:
-    """How one weight-adapter method plugs into the shared machinery.
+    """How one method plugs into the shared machinery: what every weight method gives, plus its :class:`Hooks`.
 
     Attributes:
         peft_type: The name in ``adapter_config.json``.
         config_cls: Its config dataclass.
         prefix: Substring of every trainable adapter parameter name (``"lora_"``).
-        layer_cls: Base class of its wrapper layers (to find them in a model).
-        create_or_update: ``(target, adapter_name, config, module_name) -> wrapper``: wrap ``target`` (or
+        layer_cls: Base class of its wrapper layers (to find them in a model); ``None`` for a virtual-token method
+            (prompt tuning & co.: ``PeftModel`` feeds its vectors to the inputs or the key/value cache).
+        create_or_update: ``(target, adapter_name, config, module_name, **shared) -> wrapper``: wrap ``target`` (or
             add an adapter to an existing wrapper of this method). Returns ``None`` if the type is unsupported.
-        supported_types: Layer types the method can adapt (for error messages and target checks).
+        supported_types: ``() -> types``: layer types the method can adapt (targeting and error messages).
         default_targets: ``model_type -> target_modules`` used when the config gives none.
         file_suffixes: ``{internal suffix: file suffix}`` for keys PEFT renames in files.
         cli_names: Names the CLI accepts for ``--method``, with fixed config overrides.
-        prepare_config: ``(model, config) -> None``: fill config defaults that depend on the model (run
-            before targeting), e.g. IA3's ``feedforward_modules`` per architecture.
-        shared_containers: Attribute names of per-adapter containers held once per model (on the
-            ``AdapterModel``, so their keys read ``base_model.<name>.<adapter>``), e.g. VeRA's frozen shared
-            projections. Saved and loaded like layer tensors; deleted with the adapter.
-        init_shared: ``(adapter_model, adapter_name, config, target_names) -> kwargs``: create the adapter's
-            entries in ``shared_containers`` before any layer is wrapped; the returned keyword arguments are
-            passed on to every ``create_or_update`` call of that injection.
-        loss_hook: ``(adapter_model) -> Tensor | None``: a regulariser added to the training loss while an
-            adapter of this method is trainable (AdaLoRA's orthogonality penalty); see
-            ``PeftModel.regularization_loss``.
-        step_hook: ``(adapter_model, global_step) -> None``: per-optimizer-step work for a trainable adapter
-            of this method (AdaLoRA's rank allocation); see ``PeftModel.update_and_allocate``.
-        save_hook: ``(peft_model, adapter_name, file_state) -> file_state``: last change to the tensors
-            before they are written (AdaLoRA slices them to the kept ranks).
-        family: ``"weight"`` (wraps layers; ``core/tuner.py``) or ``"prompt"`` (virtual tokens fed to the
-            inputs or the key/value cache; ``deltatune/prompt``, which ``PeftModel`` hands such adapters to).
-        make_prompt_encoder: ``(config, word_embeddings) -> nn.Module``: a prompt method's trainable encoder.
-        after_inject: ``(adapter_model, adapter_name, config) -> None``: work once every target is wrapped, e.g.
-            trainable tokens also wrap the output layer tied to the wrapped input embedding, and LoRA's
-            ``trainable_token_indices`` adds a trainable-tokens layer beside its own.
-        extra_containers: Containers of companion layers a config may add beside the method's own layers (LoRA's
-            ``trainable_tokens_delta``); saved, loaded and deleted with the adapter.
-        cli_shared_skip: Config fields that settings meant for every method (a built-in data set's recipe,
-            ``deltatune compare``'s options) do not pass to this method, because the name means something else
-            here (OFT's ``r`` counts blocks, while the recipes mean LoRA's rank). Set on the command line for
-            this method alone (``deltatune train --method oft --r 8 --oft-block-size 0``) they still apply.
-        inspect_size: ``(adapter_config, {file key: shape}) -> text``: the "size" line of ``deltatune inspect`` for
-            methods whose size is not a LoRA-style ``r`` (OFT's block size, BOFT's butterfly factors).
-        rank_container: The container whose tensors' first dimension is the rank (LoRA's ``lora_A``: ``(r, in)``);
-            ``deltatune inspect`` counts the ranks in a file from it ("in the file: r=8 x12"). Empty: no such count.
-        nested_containers: Dotted paths below an adapted module that hold this method's tensors besides
-            ``containers``, when a companion layer sits one module down (LoRA's ``trainable_token_indices``:
-            ``token_adapter.trainable_tokens_delta``, PEFT's layout), so ``deltatune inspect`` names the module
-            adapted (the embedding), not the companion.
-        fit_config_to_file: ``(config, file tensors) -> None``: before an adapter is loaded, correct config
-            fields the file contradicts (BOFT files from PEFT without its CUDA kernel hold one butterfly factor
-            whatever their config says).
         mergeable: ``False`` for methods whose update cannot be folded into the weights (bottleneck adapters add a
             non-linear path); ``merge_adapter``/``merge_and_unload`` then refuse before changing anything.
         lr_scale: The CLI multiplies its default learning rate by this when the user sets none: methods that
-            move a few input vectors want a larger step than weight adapters (PEFT's examples: 3e-2 for
-            prompt tuning, 1e-3 for LoRA).
+            move a few vectors want a larger step than weight adapters (PEFT's examples: 3e-2 for prompt tuning,
+            1e-3 for LoRA).
+        hooks: The optional extension points (:class:`Hooks`).
     """
 
     peft_type: PeftType
     config_cls: type[PeftConfig]
-    # Weight adapters need these four; virtual-token methods (family "prompt") leave them unset.
     prefix: str = ""
     layer_cls: type[nn.Module] | None = None
     create_or_update: Callable[..., nn.Module | None] | None = None
@@ -86,65 +161,80 @@ class Method:
     default_targets: dict[str, list[str]] = field(default_factory=dict)
     file_suffixes: dict[str, str] = field(default_factory=dict)
     cli_names: dict[str, dict] = field(default_factory=dict)
-    prepare_config: Callable[[nn.Module, PeftConfig], None] | None = None
-    shared_containers: tuple[str, ...] = ()
-    init_shared: Callable[..., dict[str, Any]] | None = None
-    loss_hook: Callable[[nn.Module], Any] | None = None
-    step_hook: Callable[[nn.Module, int], None] | None = None
-    save_hook: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
-    family: str = "weight"
-    make_prompt_encoder: Callable[[PeftConfig, nn.Module], nn.Module] | None = None
-    lr_scale: float = 1.0
-    after_inject: Callable[[nn.Module, str, PeftConfig], None] | None = None
-    extra_containers: tuple[str, ...] = ()
     mergeable: bool = True
-    cli_shared_skip: tuple[str, ...] = ()
-    inspect_size: Callable[[dict[str, Any], dict[str, list[int]]], str] | None = None
-    rank_container: str = ""
-    nested_containers: tuple[str, ...] = ()
-    fit_config_to_file: Callable[[PeftConfig, dict[str, Any]], None] | None = None
+    lr_scale: float = 1.0
+    hooks: Hooks = NO_HOOKS
 
     @property
-    def tuner_cls(self) -> type[nn.Module]:
-        """PEFT's tuner class for this method (``LoraModel``...): ``PeftModel.base_model`` is one; made once from
-        this entry (:func:`deltatune.core.tuner.tuner_class`). Weight methods only."""
-        from deltatune.core.tuner import tuner_class  # core.tuner imports this module
-
-        return tuner_class(self)
+    def family(self) -> str:
+        """``"weight"`` (wraps layers; ``core/tuner.py``) or ``"prompt"`` (virtual tokens; ``deltatune/prompt``),
+        read off ``layer_cls``."""
+        return "weight" if self.layer_cls is not None else "prompt"
 
     @property
     def containers(self) -> tuple[str, ...]:
         """Every attribute name whose per-adapter entries are saved (layer tensors, then model-wide ones)."""
         layer_names = tuple(self.layer_cls.adapter_layer_names) if self.layer_cls is not None else ()
-        return layer_names + self.shared_containers + self.extra_containers
+        return layer_names + self.hooks.shared_containers + self.hooks.extra_containers
 
 
 METHODS: dict[PeftType, Method] = {}
 
 
 def register(method: Method) -> Method:
+    """Add ``method`` to the table (and its config class to :data:`deltatune.config.CONFIG_CLASSES`, which
+    ``PeftConfig.from_dict`` reads); returns it. A later entry for the same ``peft_type`` replaces the earlier."""
     METHODS[method.peft_type] = method
+    CONFIG_CLASSES[method.peft_type] = method.config_cls
     return method
 
 
+_loaded = False
+
+
+def load_builtins() -> None:
+    """Import each package of :data:`BUILTIN` and register the :class:`Method` entries it defines (module
+    attributes, in definition order). Runs once; ``import deltatune`` calls it."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name in BUILTIN:
+        module = importlib.import_module(name)
+        seen: set[int] = set()
+        for value in vars(module).values():
+            if isinstance(value, Method) and id(value) not in seen:
+                seen.add(id(value))
+                register(value)
+
+
 def method_for(peft_type: PeftType | str | None) -> Method:
-    try:
-        key = PeftType(str(peft_type).upper())
-    except ValueError:
-        key = None
-    if key not in METHODS:
-        known = ", ".join(sorted(m.value for m in METHODS))
-        raise ConfigError(f"peft_type={peft_type!r} is not a method deltatune implements; known: {known}")
-    return METHODS[key]
+    """The registered method named ``peft_type``.
+
+    Raises:
+        ConfigError: no such method (the message lists the known ones).
+    """
+    config_class_for(peft_type)  # raises ConfigError naming the known methods
+    return METHODS[PeftType(str(peft_type).upper())]
 
 
-def config_class_for(peft_type: PeftType | str | None) -> type[PeftConfig]:
-    return method_for(peft_type).config_cls
+def hook_for(name: str, peft_types: Iterable[PeftType | str]) -> Callable[..., Any] | None:
+    """The :class:`Hooks` entry ``name`` of the first of ``peft_types``' methods that has one, else of the first
+    registered method that has one (it then validates the request, and its error names what is wrong with these
+    adapters: e.g. LoRA's ``add_weighted_adapter`` refusing a LoHa adapter), else ``None``. Unknown names in
+    ``peft_types`` are skipped."""
+    load_builtins()
+    for peft_type in peft_types:
+        method = METHODS.get(peft_type)  # PeftType is a str enum: "LORA" finds PeftType.LORA
+        hook = getattr(method.hooks, name) if method is not None else None
+        if hook is not None:
+            return hook
+    return next((getattr(m.hooks, name) for m in METHODS.values() if getattr(m.hooks, name) is not None), None)
 
 
 class MethodTable(Mapping):
     """A read-only ``{PeftType: value}`` view of the registered methods (PEFT's ``PEFT_TYPE_TO_*_MAPPING``
-    tables), read from :data:`METHODS` at each access, so it lists every method whatever the import order.
+    tables), read from :data:`METHODS` at each access, so it lists every method registered so far.
 
     Args:
         value: ``Method -> value`` (the config class, the tuner class...).
@@ -155,8 +245,7 @@ class MethodTable(Mapping):
         self._value, self._include = value, include
 
     def _methods(self) -> dict[PeftType, Method]:
-        import deltatune  # noqa: F401  (registers every built-in method)
-
+        load_builtins()
         return {t: m for t, m in METHODS.items() if self._include(m)}
 
     def __getitem__(self, peft_type: PeftType | str) -> Any:
@@ -177,3 +266,7 @@ class MethodTable(Mapping):
 
     def __repr__(self) -> str:
         return repr(dict(self))
+
+
+__all__ = ["BUILTIN", "METHODS", "Hooks", "Method", "MethodTable", "config_class_for", "hook_for", "load_builtins",
+           "method_for", "register"]

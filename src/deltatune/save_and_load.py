@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from deltatune.config import PeftConfig
-from deltatune.core.io import load_adapter_weights, resolve_adapter_dir
+from deltatune.core.io import infer_device, load_adapter_weights, resolve_adapter_dir
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.core.state_dict import adapter_state_dict, check_and_load, to_model_keys
@@ -101,7 +101,8 @@ def _adapter_source(model: Any, adapter_name: str) -> tuple[nn.Module, PeftConfi
     methods = [m for m in METHODS.values() if m.layer_cls is not None and any(isinstance(layer, m.layer_cls)
                                                                            for layer in holding)]
     # A layer of a companion method (trainable tokens beside LoRA) belongs to the method that lists it as extra.
-    main = [m for m in methods if not any(set(m.containers) <= set(o.extra_containers) for o in methods if o is not m)]
+    main = [m for m in methods
+            if not any(set(m.containers) <= set(o.hooks.extra_containers) for o in methods if o is not m)]
     if len(main) != 1:
         found = sorted(m.peft_type.value for m in (main or methods)) or ["none (only modules_to_save)"]
         raise ConfigError(f"cannot tell which method adapter {adapter_name!r} uses (layers of: {', '.join(found)}); "
@@ -285,7 +286,7 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | torch.device | 
 
     Args:
         model_id: The adapter directory (or a hub id, downloaded when online).
-        device: Where the tensors go; ``None``: the accelerator if there is one (``deltatune.utils.infer_device``).
+        device: Where the tensors go; ``None``: the accelerator if there is one (``deltatune.core.io.infer_device``).
         key_mapping: ``{regex: replacement}`` applied to each key without its ``base_model.model.`` prefix (the
             first pattern that matches wins; the prefix is put back), for checkpoints whose module names changed.
         hf_hub_download_kwargs: ``subfolder`` is used; the other download options are accepted and ignored.
@@ -294,8 +295,6 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | torch.device | 
         AdapterFileNotFoundError: no such directory, or it has no adapter weights.
         AdapterLoadError: a corrupt file.
     """
-    from deltatune.utils import infer_device
-
     directory = resolve_adapter_dir(model_id, hf_hub_download_kwargs.get("subfolder"))
     weights = load_adapter_weights(directory, device or infer_device())
     if not key_mapping:

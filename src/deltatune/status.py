@@ -85,12 +85,37 @@ def _quantization_backend(module: nn.Module) -> str | None:
     return "bnb 4bit" if "4bit" in name else "bnb 8bit" if "8bit" in name else name  # PEFT's backend names
 
 
+def _is_peft_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``PeftModel`` (or a wrapper written like one): it has ``get_base_model`` and
+    ``base_model`` and a ``{name: config}`` ``peft_config``. Read by its surface, so this module stays below
+    ``peft_model`` (which imports it); a transformers model has ``base_model`` but no ``get_base_model``, a model
+    adapted in place (``inject_adapter_in_model``) ``peft_config`` but neither."""
+    return (callable(getattr(model, "get_base_model", None)) and hasattr(model, "base_model")
+            and isinstance(getattr(model, "peft_config", None), dict))
+
+
+def _is_prompt_learning(model: nn.Module) -> bool:
+    """A wrapper whose adapters are virtual tokens (they have no layers)."""
+    return any(getattr(config, "is_prompt_learning", False) for config in model.peft_config.values())
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts of ``model`` as ``PeftModel.get_nb_trainable_parameters`` gives
+    them: tied parameters once, a 4-bit parameter as two values per stored byte."""
+    trainable = total = 0
+    for p in model.parameters():  # .parameters() already de-duplicates shared tensors
+        n = p.numel()
+        if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
 def _tuner_root(model: nn.Module, caller: str = "get_layer_status") -> nn.Module:
     """What to walk: ``PeftModel.base_model`` (so names match PEFT's) or a model adapted in place."""
-    from deltatune.peft_model import PeftModel
-
-    if isinstance(model, PeftModel):
-        if model._is_prompt_learning:
+    if _is_peft_wrapper(model):
+        if _is_prompt_learning(model):
             raise NoAdapterLayersError(
                 f"{caller}() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported. "
                 "(It describes adapter layers; prompt-learning adapters (prompt/prefix tuning, p-tuning) have none: "
@@ -149,11 +174,9 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
 
 def get_model_status(model: nn.Module) -> TunerModelStatus:
     """The model's :class:`TunerModelStatus`: PEFT's summary of :func:`get_layer_status` plus parameter counts."""
-    from deltatune.peft_model import PeftModel
-
     _tuner_root(model, caller="get_model_status")  # a prompt-learning PeftModel is refused in this function's name
     layers = get_layer_status(model)
-    if isinstance(model, PeftModel):
+    if _is_peft_wrapper(model):
         base_model_type = type(model.get_base_model()).__name__
         trainable, total = model.get_nb_trainable_parameters()
         peft_types = {name: str(config.peft_type) for name, config in model.peft_config.items()}
@@ -162,7 +185,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         from transformers import PreTrainedModel
 
         base_model_type = type(model).__name__ if isinstance(model, PreTrainedModel) else "other"
-        trainable, total = PeftModel.get_nb_trainable_parameters(model)
+        trainable, total = parameter_counts(model)
         peft_types, adapter_model_type = {}, "None"
 
     enabled = {s.enabled for s in layers}

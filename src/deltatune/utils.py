@@ -14,10 +14,8 @@ import abc
 import torch
 from torch import nn
 
-# The methods whose default-target tables are read below (importing a method registers it).
-from deltatune import adalora, boft, ia3, ln_tuning, loha, lokr, lora, oft, vera  # noqa: F401
 from deltatune.config import PeftType, PeftWarning, TaskType
-from deltatune.core.io import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from deltatune.core.io import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, infer_device
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.core.targeting import ALL_LINEAR
 from deltatune.errors import NoMatchingPeftModuleError, PeftError
@@ -25,7 +23,7 @@ from deltatune.ia3.config import DEFAULT_IA3_FEEDFORWARD
 from deltatune.lora.eva import MIN_TARGETS_TO_CONDENSE
 from deltatune.lora.loftq import replace_lora_weights_loftq
 from deltatune.quantization import prepare_model_for_kbit_training
-from deltatune.registry import METHODS
+from deltatune.registry import METHODS, load_builtins
 from deltatune.save_and_load import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -47,6 +45,7 @@ TrainableTokensWrapper = TokenAdapterWrapper
 
 
 def _targets(peft_type: str) -> dict[str, list[str]]:
+    load_builtins()  # the tables below are the registered methods' own
     return METHODS[PeftType(peft_type)].default_targets
 
 
@@ -70,17 +69,6 @@ class AuxiliaryTrainingWrapper(abc.ABC):  # noqa: B024 (no abstract methods: it 
 
 AuxiliaryTrainingWrapper.register(ModulesToSaveWrapper)
 AuxiliaryTrainingWrapper.register(TokenAdapterWrapper)
-
-
-def infer_device() -> str:
-    """The accelerator torch sees (``"cuda"``, ``"xpu"``, ``"mps"``...), else ``"cpu"``: PEFT's default device."""
-    if torch.cuda.is_available():
-        return "cuda"
-    for name in ("xpu", "mps", "npu", "mlu"):
-        backend = getattr(torch, name, None)
-        if backend is not None and getattr(backend, "is_available", lambda: False)():
-            return name
-    return "cpu"
 
 
 def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:

@@ -82,7 +82,7 @@ def test_inspect_names_the_adapted_modules(capsys, saved, peft_type):
     method = METHODS[peft_type]
     if config.get("num_virtual_tokens"):
         assert size_rows[0].split()[-1] == str(config["num_virtual_tokens"])
-    elif method.inspect_size is not None:
+    elif method.hooks.inspect_size is not None:
         assert info["size"] and size_rows[0].startswith("size") and size_rows[0].endswith(info["size"])
     elif config.get("r") is not None:
         assert f"r={config['r']}" in size_rows[0]

@@ -25,9 +25,9 @@ from deltatune import (
 from deltatune.lora.eva import (
     IncrementalSVD,
     _redistribute,
-    get_peft_model_with_data,
     prepare_model_inputs_fn_language_modeling,
 )
+from deltatune.lora.init import get_peft_model_with_data
 
 peft = pytest.importorskip("peft")
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -8,6 +8,7 @@ Training drives the allocation: call ``model.update_and_allocate(step)`` after e
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,8 +21,9 @@ from deltatune.adalora.allocator import (
 from deltatune.adalora.config import AdaLoraConfig
 from deltatune.adalora.layer import AdaLoraLayer, make_adalora_layer, supported_types
 from deltatune.config import PeftType
+from deltatune.core.tuner import tuner_class
 from deltatune.errors import ConfigError
-from deltatune.registry import Method, register
+from deltatune.registry import Hooks, Method
 
 # PEFT's AdaLoRA defaults (they differ from LoRA's for t5, bart, opt, roberta, deberta-v2).
 DEFAULT_ADALORA_TARGETS: dict[str, list[str]] = {
@@ -151,7 +153,43 @@ def save_hook(peft_model: nn.Module, adapter_name: str, state: dict[str, torch.T
     return state
 
 
-ADALORA = register(Method(
+def training_state(model: nn.Module) -> dict[str, Any]:
+    """What an exact resume needs beyond the tensors, for AdaLoRA adapters of ``model`` (a ``PeftModel`` or its
+    tuner): the ``rank_pattern`` the allocator writes into each config, and each trainable adapter's allocator
+    (importance averages, the schedule's step), public attributes only (private ones hold object ids of this
+    process's layers). The trainer's checkpoint form: ``{"configs": {name: {"rank_pattern": ...}}, "allocators":
+    {name: {...}}}``."""
+    state: dict[str, Any] = {"configs": {}, "allocators": {}}
+    for name, config in (getattr(model, "peft_config", None) or {}).items():
+        if config.peft_type == PeftType.ADALORA and config.rank_pattern is not None:
+            state["configs"][name] = {"rank_pattern": config.rank_pattern}
+    for module in model.modules():
+        if isinstance(module, AdaLoraLayer):
+            for adapter, allocator in module.allocator.items():
+                if allocator is not None and adapter not in state["allocators"]:
+                    state["allocators"][adapter] = {k: v for k, v in vars(allocator).items()
+                                                    if k != "config" and not k.startswith("_")}
+    return state
+
+
+def restore_training_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Put back what :func:`training_state` took: the configs' ``rank_pattern`` and the allocators' attributes
+    (each shared allocator once)."""
+    configs = getattr(model, "peft_config", None) or {}
+    for name, values in state.get("configs", {}).items():
+        if name in configs:
+            for key, value in values.items():
+                setattr(configs[name], key, value)
+    done: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, AdaLoraLayer):
+            for adapter, allocator in module.allocator.items():
+                if allocator is not None and adapter in state.get("allocators", {}) and id(allocator) not in done:
+                    vars(allocator).update(state["allocators"][adapter])
+                    done.add(id(allocator))
+
+
+ADALORA = Method(
     peft_type=PeftType.ADALORA,
     config_cls=AdaLoraConfig,
     prefix="lora_",
@@ -160,13 +198,17 @@ ADALORA = register(Method(
     supported_types=supported_types,
     default_targets=DEFAULT_ADALORA_TARGETS,
     cli_names={"adalora": {}},
-    init_shared=init_shared,
-    loss_hook=loss_hook,
-    step_hook=step_hook,
-    save_hook=save_hook,
-    rank_container="lora_A",
-))
-AdaLoraModel = ADALORA.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+    hooks=Hooks(
+        init_shared=init_shared,
+        regulariser=loss_hook,
+        step=step_hook,
+        before_save=save_hook,
+        training_state=training_state,  # the trainer's exact resume (was its duck-typed ``allocator`` walk)
+        restore_training_state=restore_training_state,
+        rank_container="lora_A",
+    ),
+)
+AdaLoraModel = tuner_class(ADALORA)  # PEFT's tuner class (isinstance of base_model)
 
 
 

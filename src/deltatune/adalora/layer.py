@@ -88,7 +88,6 @@ class AdaLoraLayer(AdapterLayer):
         self.allocator: dict[str, RankAllocator] = {}
         self.init_r: dict[str, int] = {}
         self.slots: dict[str, list[int]] = {}
-        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
 
     # ---- creating an adapter -----------------------------------------------------------------
     def update_layer(self, adapter_name: str, init_r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -171,12 +170,9 @@ class AdaLoraLayer(AdapterLayer):
         # (..., in) -> (..., r) -> (..., out); ΔW itself is never formed
         return (x @ (a * e).T @ b.T) * self.scaling[adapter_name] / self._denominator(adapter_name)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
-            return bypass
+    def forward_adapters(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``W x + Σ s / (ranknum + ε) · P (Λ ⊙ Q x)`` over the active adapters (``x: (..., in)``)."""
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         if self.training and torch.is_grad_enabled():
             for name in self.active_adapters:
                 if name in self.allocator:

@@ -8,7 +8,8 @@ from deltatune.bitfit.config import BitFitConfig
 from deltatune.bitfit.layer import BitFitLayer, supported_types
 from deltatune.config import PeftType
 from deltatune.core.targeting import ALL_LINEAR
-from deltatune.registry import Method, register
+from deltatune.core.tuner import tuner_class
+from deltatune.registry import Hooks, Method
 
 
 def prepare_config(model: nn.Module, config: BitFitConfig) -> None:
@@ -30,7 +31,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: BitFitConfig,
     return layer
 
 
-BITFIT = register(Method(
+BITFIT = Method(
     peft_type=PeftType.BITFIT,
     config_cls=BitFitConfig,
     prefix="bitfit_",
@@ -38,9 +39,11 @@ BITFIT = register(Method(
     create_or_update=create_or_update,
     supported_types=supported_types,
     cli_names={"bitfit": {}},
-    prepare_config=prepare_config,
     lr_scale=10.0,  # a few bias vectors, like prompt vectors, want larger steps than low-rank weight updates
-))
-BitFitModel = BITFIT.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+    hooks=Hooks(
+        prepare_config=prepare_config,
+    ),
+)
+BitFitModel = tuner_class(BITFIT)  # PEFT's tuner class (isinstance of base_model)
 
 __all__ = ["BITFIT", "BitFitModel", "BitFitConfig", "BitFitLayer"]

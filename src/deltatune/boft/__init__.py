@@ -11,8 +11,9 @@ from deltatune.boft.config import BOFTConfig
 from deltatune.boft.layer import BOFTLayer, make_boft_layer, supported_types
 from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
+from deltatune.core.tuner import tuner_class
 from deltatune.oft import sync_fan_in_fan_out
-from deltatune.registry import Method, register
+from deltatune.registry import Hooks, Method
 
 
 def create_or_update(target: nn.Module, adapter_name: str, config: BOFTConfig, module_name: str) -> BOFTLayer | None:
@@ -61,7 +62,7 @@ def fit_config_to_file(config: BOFTConfig, weights: dict) -> None:
         config.boft_n_butterfly_factor = 1
 
 
-BOFT = register(Method(
+BOFT = Method(
     peft_type=PeftType.BOFT,
     config_cls=BOFTConfig,
     prefix="boft_",
@@ -70,9 +71,11 @@ BOFT = register(Method(
     supported_types=supported_types,
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for BOFT
     cli_names={"boft": {}},
-    inspect_size=inspect_size,
-    fit_config_to_file=fit_config_to_file,
-))
-BOFTModel = BOFT.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+    hooks=Hooks(
+        inspect_size=inspect_size,
+        fit_config_to_file=fit_config_to_file,
+    ),
+)
+BOFTModel = tuner_class(BOFT)  # PEFT's tuner class (isinstance of base_model)
 
 __all__ = ["BOFT", "BOFTModel", "BOFTConfig", "BOFTLayer"]

@@ -97,7 +97,6 @@ class BOFTLayer(AdapterLayer):
         self.boft_block_num: dict[str, int] = {}
         self.boft_dropout: dict[str, float] = {}
         self._perms: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
-        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.is_conv = isinstance(base_layer, nn.Conv2d)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
         shape = dense_weight_shape(base_layer)  # (out, in) for a bitsandbytes layer, not its packed storage
@@ -184,12 +183,10 @@ class BOFTLayer(AdapterLayer):
         return rows
 
     # ---- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``s ⊙ ((x R) Wᵀ) + b`` (``Conv2d``: ``conv(x, diag(s) W Rᵀ) + b``)."""
-        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
-            return bypass
         names = [n for n in self.active_adapters if n in self.boft_R]
-        if self.merged or not names:
+        if not names:
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
         dtype = self.boft_R[names[0]].dtype

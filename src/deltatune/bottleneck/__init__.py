@@ -10,8 +10,9 @@ from torch import nn
 from deltatune.bottleneck.config import DEFAULT_BOTTLENECK_TARGETS, BottleneckConfig
 from deltatune.bottleneck.layer import BottleneckLayer
 from deltatune.config import PeftType
+from deltatune.core.tuner import tuner_class
 from deltatune.errors import TargetModuleError
-from deltatune.registry import Method, register
+from deltatune.registry import Hooks, Method
 
 # Where an architecture without a table entry keeps the two sub-layers, by the names transformers' decoders use
 # (GPT-NeoX, Phi-3, OPT, Falcon, ...): tried in order, and used only when one module per block matches.
@@ -75,7 +76,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: BottleneckCon
     return layer
 
 
-BOTTLENECK = register(Method(
+BOTTLENECK = Method(
     peft_type=PeftType.BOTTLENECK,
     config_cls=BottleneckConfig,
     prefix="bottleneck_",
@@ -84,11 +85,13 @@ BOTTLENECK = register(Method(
     supported_types=lambda: (nn.Module,),
     cli_names={"bottleneck": {}, "houlsby": {"locations": ["attn", "ffn"]},
                "parallel_adapter": {"parallel": True, "scaling": 4.0}},
-    prepare_config=prepare_config,
-    init_shared=init_shared,
     mergeable=False,
-    cli_shared_skip=("target_modules",),  # the recipes' "all-linear" would override --locations
-))
-BottleneckModel = BOTTLENECK.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+    hooks=Hooks(
+        prepare_config=prepare_config,
+        init_shared=init_shared,
+        cli_shared_skip=("target_modules",),  # the recipes' "all-linear" would override --locations
+    ),
+)
+BottleneckModel = tuner_class(BOTTLENECK)  # PEFT's tuner class (isinstance of base_model)
 
 __all__ = ["BOTTLENECK", "BottleneckModel", "BottleneckConfig", "BottleneckLayer"]

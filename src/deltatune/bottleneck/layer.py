@@ -49,7 +49,6 @@ class BottleneckLayer(AdapterLayer):
         self.parallel: dict[str, bool] = {}
         self.scaling: dict[str, float] = {}
         self.non_linearity: dict[str, str] = {}
-        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.in_features, self.out_features = _features(base_layer, hidden_size)
 
     @property
@@ -85,13 +84,9 @@ class BottleneckLayer(AdapterLayer):
         z = z.to(down.weight.dtype)
         return self.scaling[name] * self.bottleneck_up[name](_ACTIVATIONS[self.non_linearity[name]](down(z)))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
+    def forward_adapters(self, x: torch.Tensor, *args, **kwargs):
         """Sequential ``h + A(h)`` or parallel ``h + A(x)`` per active adapter (a tuple output adapts its
-        first element)."""
-        if self.disable_adapters:
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, *args, **kwargs)
+        first element). Never merged (:meth:`merge` refuses), so ``forward``'s merged path never runs."""
         out = self.base_layer(x, *args, **kwargs)
         h, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
         y = h

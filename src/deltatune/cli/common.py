@@ -146,7 +146,7 @@ def shared_options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
     something else for it (the registry's ``cli_shared_skip``: OFT's ``r`` counts blocks, not a rank)."""
     config_cls, fixed = method_table()[method]
     fields = {f.name for f in dataclasses.fields(config_cls) if f.init} - _base_fields()
-    skip = set(fixed) | set(method_entry(method).cli_shared_skip)
+    skip = set(fixed) | set(method_entry(method).hooks.cli_shared_skip)
     return {k: v for k, v in options.items() if k in fields and k not in skip}
 
 

@@ -59,7 +59,7 @@ def describe(directory: str) -> dict[str, Any]:
     split = {k: _split_key(k, method) for k in layer_keys}  # (module, container), None for a full weight
     modules = sorted({hit[0] for hit in split.values() if hit})
     ranks = Counter(tensors[k]["shape"][0] for k, hit in split.items()
-                    if hit and method.rank_container and hit[1] == method.rank_container and tensors[k]["shape"])
+                    if hit and hit[1] == method.hooks.rank_container != "" and tensors[k]["shape"])
     n_params = sum(math.prod(v["shape"]) for v in tensors.values())
     n_saved = sum(math.prod(tensors[k]["shape"]) for k in saved)
     info = {
@@ -87,7 +87,7 @@ def describe(directory: str) -> dict[str, Any]:
         else ("peft " + str(config["peft_version"]) if config.get("peft_version") else "unknown"),
     }
     shapes = {k: v["shape"] for k, v in tensors.items()}
-    info["size"] = method.inspect_size(config, shapes) if method.inspect_size is not None else None
+    info["size"] = method.hooks.inspect_size(config, shapes) if method.hooks.inspect_size is not None else None
     others = sorted(d for d in os.listdir(directory)
                     if os.path.isfile(os.path.join(directory, d, "adapter_config.json")))
     if others:
@@ -98,7 +98,7 @@ def describe(directory: str) -> dict[str, Any]:
 def _container_names(method: Method) -> list[list[str]]:
     """The method's container paths as they appear in file keys, split at the dots: its layers' containers,
     the file names PEFT gives some of them (``file_suffixes``) and the ones nested a module down."""
-    names = {*method.containers, *method.nested_containers,
+    names = {*method.containers, *method.hooks.nested_containers,
              *(suffix.split(".")[0] for suffix in method.file_suffixes.values())}
     return [name.split(".") for name in sorted(names)]
 

@@ -400,3 +400,14 @@ def check_adapter_pair(directory: str) -> None:
         f"{directory}: {CONFIG_NAME} does not belong to {SAFETENSORS_NAME} ({'; '.join(diffs) or 'config differs'}); "
         "the two files come from different saves (a partial copy or a hand edit): restore the config they were "
         "saved with, or re-save the adapter")
+
+
+def infer_device() -> str:
+    """The accelerator torch sees (``"cuda"``, ``"xpu"``, ``"mps"``...), else ``"cpu"``: PEFT's default device."""
+    if torch.cuda.is_available():
+        return "cuda"
+    for name in ("xpu", "mps", "npu", "mlu"):
+        backend = getattr(torch, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return name
+    return "cpu"

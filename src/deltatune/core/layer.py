@@ -41,6 +41,7 @@ class AdapterLayer(nn.Module):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    owns_children = True  # its submodules are adapter internals, never targets (core.targeting reads this)
     # How PEFT names this layer in ``repr`` (and so in ``get_layer_status``' ``module_type``): "<package>.<class>",
     # e.g. "lora.Linear". ``peft_package`` None: the method's room (``deltatune.<package>...``), as PEFT's
     # packages are named alike; "" for methods whose PEFT layers print bare (IA3). ``peft_class_name`` None: PEFT's

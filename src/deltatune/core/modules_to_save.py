@@ -48,6 +48,7 @@ class ModulesToSaveWrapper(nn.Module):
 
     adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
     other_param_names: tuple[str, ...] = ()  # PEFT's: no per-adapter settings beside the copies
+    owns_children = True  # the original and its copies are never targets (core.targeting reads this)
 
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()

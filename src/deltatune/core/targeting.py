@@ -17,9 +17,10 @@ import re
 import warnings
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
-from deltatune.errors import TargetModuleError
+from deltatune.errors import ConfigError, TargetModuleError
 
 ALL_LINEAR = "all-linear"
 
@@ -104,17 +105,15 @@ def adapter_internal_names(model: nn.Module) -> set[str]:
     ``all-linear`` matches, as in PEFT. Found by the wrappers' types, so every method's internals count, whatever
     their names (``vera_lambda_b``, ``boft_R``, ``hada_w1_a``, ...), and a base module whose name merely looks like
     an adapter's (``lora_head``) stays the model's, as in PEFT. A companion wrapper (``collapse_into``: LoRA's
-    trainable-token ``token_adapter``) owns its child too."""
-    from deltatune.core.layer import AdapterLayer
-    from deltatune.core.modules_to_save import ModulesToSaveWrapper
-
+    trainable-token ``token_adapter``) owns its child too. Wrappers are told by their ``owns_children`` class
+    attribute (``AdapterLayer``, ``ModulesToSaveWrapper``), so this module stays below the layers."""
     owners: set[str] = set()
     internal: set[str] = set()
     for name, module in model.named_modules():  # parents come before their children
         parts = name.split(".")
         if any(".".join(parts[:i]) in owners for i in range(1, len(parts))):
             internal.add(name)
-        if name and (isinstance(module, (AdapterLayer, ModulesToSaveWrapper)) or hasattr(module, "collapse_into")):
+        if name and (getattr(module, "owns_children", False) or hasattr(module, "collapse_into")):
             owners.add(name)
     return internal
 
@@ -278,3 +277,19 @@ def _no_match_message(names: list[str], config) -> str:
     hint = f"closest module names: {close}" if close else f"module names in this model: {suffixes[:30]}"
     shown = wanted if len(wanted) <= 8 else [*wanted[:5], f"... {len(wanted)} names in all"]
     return f"{peft} target_modules={shown}{extra} matched no module in the model; {hint}"
+
+
+def modules_named_in(state_dict: dict[str, torch.Tensor], containers: tuple[str, ...]) -> list[str]:
+    """The module names in an adapter state dict's keys (``<module>.lora_A[.<adapter>].weight``), without PEFT's
+    ``base_model.model.`` prefix."""
+    names: list[str] = []
+    for key in state_dict:
+        parts = key.removeprefix("base_model.model.").split(".")
+        hit = next((i for i, part in enumerate(parts) if part in containers), None)
+        if hit:
+            name = ".".join(parts[:hit])
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ConfigError(f"state_dict has no adapter tensors ({', '.join(containers)}) to say which layers to adapt")
+    return names

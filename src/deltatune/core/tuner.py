@@ -23,7 +23,7 @@ from deltatune.core import targeting
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.errors import AdapterNameError, ConfigError, MergeError, TargetModuleError
-from deltatune.registry import Method, method_for
+from deltatune.registry import Method, hook_for, method_for
 
 RESERVED_NAMES = ("__base__",)  # "__base__" means "no adapter" in a mixed-adapter batch (adapter_names)
 
@@ -186,10 +186,8 @@ class AdapterModel(nn.Module):
         if isinstance(config, dict):  # PEFT's BaseTuner also takes {adapter_name: config}
             config = config[adapter_name]
         if state_dict is not None:
-            from deltatune.mapping import _modules_named_in  # mapping imports this module
-
             config = copy.copy(config)
-            config.target_modules = _modules_named_in(state_dict, method_for(config.peft_type).containers)
+            config.target_modules = targeting.modules_named_in(state_dict, method_for(config.peft_type).containers)
         self.inject_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -259,7 +257,7 @@ class AdapterModel(nn.Module):
     def uses_shared_state(self) -> bool:
         """Whether the method keeps tensors shared by every layer on this object (VeRA's projections), which
         ``inject_adapter_in_model`` cannot return."""
-        return bool(self.method().shared_containers)
+        return bool(self.method().hooks.shared_containers)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Whether every adapter layer can write ``adapter_name`` as a plain LoRA update (PEFT's check before
@@ -281,11 +279,18 @@ class AdapterModel(nn.Module):
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", **kwargs: Any) -> None:
-        """PEFT's ``LoraModel.add_weighted_adapter`` on the tuner: the same as ``PeftModel.add_weighted_adapter``
-        (see :mod:`deltatune.lora.arithmetic` for the combination types and keyword arguments)."""
-        from deltatune.lora.arithmetic import add_weighted_adapter
+        """PEFT's ``LoraModel.add_weighted_adapter`` on the tuner: the same as ``PeftModel.add_weighted_adapter``,
+        done by the sources' method's ``add_weighted_adapter`` hook (LoRA's: :mod:`deltatune.lora.arithmetic` has
+        the combination types and keyword arguments).
 
-        add_weighted_adapter(_TunerAsPeftModel(self), adapters, weights, adapter_name, combination_type, **kwargs)
+        Raises:
+            ConfigError: no registered method combines adapters.
+        """
+        combine = hook_for("add_weighted_adapter",
+                           [self.peft_config[n].peft_type for n in adapters if n in self.peft_config])
+        if combine is None:
+            raise ConfigError("add_weighted_adapter: no registered method combines adapters")
+        combine(_TunerAsPeftModel(self), adapters, weights, adapter_name, combination_type, **kwargs)
 
     # ---- training hooks (methods that regularise or schedule, e.g. AdaLoRA) --------------------
     def _trainable_methods(self) -> list[Method]:
@@ -300,7 +305,7 @@ class AdapterModel(nn.Module):
         """The sum of the trained methods' ``loss_hook`` terms; ``None`` when no method has one."""
         total = None
         for method in self._trainable_methods():
-            term = method.loss_hook(self) if method.loss_hook is not None else None
+            term = method.hooks.regulariser(self) if method.hooks.regulariser is not None else None
             if term is not None:
                 total = term if total is None else total + term
         return total
@@ -317,8 +322,8 @@ class AdapterModel(nn.Module):
     def update_and_allocate(self, global_step: int) -> None:
         """Run the trained methods' ``step_hook`` (AdaLoRA's rank allocation); a no-op for the others."""
         for method in self._trainable_methods():
-            if method.step_hook is not None:
-                method.step_hook(self, global_step)
+            if method.hooks.step is not None:
+                method.hooks.step(self, global_step)
 
     # ---- injection ---------------------------------------------------------------------------
     def inject_adapter(self, adapter_name: str, config: PeftConfig) -> None:
@@ -330,13 +335,13 @@ class AdapterModel(nn.Module):
             )
         _check_single_bias_adapter(self.peft_config, adapter_name, config, type(self).__name__)
         method = method_for(config.peft_type)
-        if method.prepare_config is not None:
-            method.prepare_config(self.model, config)
+        if method.hooks.prepare_config is not None:
+            method.hooks.prepare_config(self.model, config)
         _check_same_target_parameters(self.peft_config, config)
         _warn_untied_adapter(self.model, config)
         targeting.resolve_target_modules(self.model, config, method.default_targets)
         saved = getattr(config, "modules_to_save", None) or []
-        # LoRA's target_parameters alone (target_modules empty) adapts parameters, in method.after_inject; with
+        # LoRA's target_parameters alone (target_modules empty) adapts parameters, in hooks.after_inject; with
         # both, either one may match nothing (PEFT warns then, below), but not both.
         target_parameters = getattr(config, "target_parameters", None) or []
         params_only = bool(target_parameters) and not config.target_modules
@@ -349,7 +354,7 @@ class AdapterModel(nn.Module):
         self.peft_config[adapter_name] = config
         try:
             # Model-wide tensors (e.g. VeRA's shared projections) exist before the layers that use them.
-            shared = method.init_shared(self, adapter_name, config, found) if method.init_shared else {}
+            shared = method.hooks.init_shared(self, adapter_name, config, found) if method.hooks.init_shared else {}
             for name in found:
                 target = self.model.get_submodule(name)
                 wrapped = method.create_or_update(target, adapter_name, config, name, **shared)
@@ -358,8 +363,8 @@ class AdapterModel(nn.Module):
                 if wrapped is not target:
                     replace_module(self.model, name, wrapped)
             self._wrap_modules_to_save(adapter_name, saved)
-            if method.after_inject is not None:  # e.g. the output layer tied to a wrapped input embedding
-                method.after_inject(self, adapter_name, config)
+            if method.hooks.after_inject is not None:  # e.g. the output layer tied to a wrapped input embedding
+                method.hooks.after_inject(self, adapter_name, config)
             params = self._parameter_targets(adapter_name)
             if target_parameters and not found and not params:  # neither matched: the modules' error
                 targeting.find_targets(self.model, config)  # raises when no module name matched at all
@@ -511,7 +516,7 @@ class AdapterModel(nn.Module):
 
     def _remove_adapter(self, adapter_name: str) -> None:
         config = self.peft_config.pop(adapter_name, None)
-        for attr in method_for(config.peft_type).shared_containers if config is not None else ():
+        for attr in method_for(config.peft_type).hooks.shared_containers if config is not None else ():
             container = getattr(self, attr, None)
             if container is not None and adapter_name in container:
                 del container[adapter_name]
@@ -597,8 +602,9 @@ class AdapterModel(nn.Module):
 
 
 class _TunerAsPeftModel:
-    """What :func:`deltatune.lora.arithmetic.add_weighted_adapter` reads of a ``PeftModel``, over a bare tuner (for
-    PEFT's ``base_model.add_weighted_adapter``): the configs, the modules, adding and removing an adapter."""
+    """What an ``add_weighted_adapter`` hook (LoRA's :mod:`deltatune.lora.arithmetic`) reads of a ``PeftModel``,
+    over a bare tuner (for PEFT's ``base_model.add_weighted_adapter``): the configs, the modules, adding and
+    removing an adapter."""
 
     def __init__(self, tuner: AdapterModel) -> None:
         self.base_model = tuner
@@ -630,7 +636,7 @@ def tuner_class(method: Method) -> type[AdapterModel]:
     Raises:
         ConfigError: ``method`` is a virtual-token method (it has no tuner: ``PeftModel`` feeds its prompts).
     """
-    if method.family != "weight":
+    if method.layer_cls is None:
         raise ConfigError(f"{method.peft_type} adapters are virtual tokens: they have no tuner class (PeftModel "
                           "handles them itself)")
     cls = _TUNER_CLASSES.get(method.peft_type)
@@ -645,7 +651,7 @@ def tuner_class(method: Method) -> type[AdapterModel]:
             "prefix": method.prefix,
             "tuner_layer_cls": method.layer_cls,
             "target_module_mapping": method.default_targets,
-            "uses_shared_state": bool(method.shared_containers),
+            "uses_shared_state": bool(method.hooks.shared_containers),
         })
         _TUNER_CLASSES[method.peft_type] = cls
     return cls

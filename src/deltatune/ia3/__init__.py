@@ -7,10 +7,11 @@ import warnings
 from torch import nn
 
 from deltatune.config import PeftType
+from deltatune.core.tuner import tuner_class
 from deltatune.errors import ConfigError
 from deltatune.ia3.config import DEFAULT_IA3_FEEDFORWARD, DEFAULT_IA3_TARGETS, IA3Config
 from deltatune.ia3.layer import IA3Layer, make_ia3_layer, supported_types
-from deltatune.registry import Method, register
+from deltatune.registry import Hooks, Method
 
 
 def prepare_config(model: nn.Module, config: IA3Config) -> None:
@@ -42,7 +43,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: IA3Config, mo
     return layer
 
 
-IA3 = register(Method(
+IA3 = Method(
     peft_type=PeftType.IA3,
     config_cls=IA3Config,
     prefix="ia3_",
@@ -52,8 +53,10 @@ IA3 = register(Method(
     default_targets=DEFAULT_IA3_TARGETS,
     cli_names={"ia3": {}},
     lr_scale=3.0,  # measured: 12 bbc-news steps at 1e-3 learn nothing, at 3e-3 0.35 -> 0.78 accuracy
-    prepare_config=prepare_config,
-))
-IA3Model = IA3.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+    hooks=Hooks(
+        prepare_config=prepare_config,
+    ),
+)
+IA3Model = tuner_class(IA3)  # PEFT's tuner class (isinstance of base_model)
 
 __all__ = ["IA3", "IA3Model", "IA3Config", "IA3Layer"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from deltatune.config import PeftType
+from deltatune.core.tuner import tuner_class
 from deltatune.ln_tuning.config import DEFAULT_LN_TUNING_TARGETS, LNTuningConfig
 from deltatune.ln_tuning.layer import LNTuningLayer, supported_types
-from deltatune.registry import Method, register
+from deltatune.registry import Hooks, Method
 
 
 def create_or_update(target: nn.Module, adapter_name: str, config: LNTuningConfig,
@@ -35,7 +36,7 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or kind.endswith(("LayerNorm", "RMSNorm"))
 
 
-LN_TUNING = register(Method(
+LN_TUNING = Method(
     peft_type=PeftType.LN_TUNING,
     config_cls=LNTuningConfig,
     prefix="ln_tuning_",
@@ -43,11 +44,13 @@ LN_TUNING = register(Method(
     create_or_update=create_or_update,
     supported_types=supported_types,
     default_targets=DEFAULT_LN_TUNING_TARGETS,
-    prepare_config=prepare_config,
     cli_names={"ln_tuning": {}},
     lr_scale=1.0,
-    cli_shared_skip=("target_modules",),  # the recipes' "all-linear" would copy linear layers, not norms
-))
-LNTuningModel = LN_TUNING.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+    hooks=Hooks(
+        prepare_config=prepare_config,
+        cli_shared_skip=("target_modules",),  # the recipes' "all-linear" would copy linear layers, not norms
+    ),
+)
+LNTuningModel = tuner_class(LN_TUNING)  # PEFT's tuner class (isinstance of base_model)
 
 __all__ = ["LN_TUNING", "LNTuningModel", "LNTuningConfig", "LNTuningLayer"]

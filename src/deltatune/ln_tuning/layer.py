@@ -31,7 +31,6 @@ class LNTuningLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.ln_tuning_layers = nn.ModuleDict()
-        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self._originals: dict[str, torch.Tensor] = {}  # base parameters while a copy is merged in
         # PEFT's public attributes: the base layer's features (None for a norm layer; see core.features)
         self.in_features, self.out_features = in_out_features(base_layer)
@@ -54,12 +53,10 @@ class LNTuningLayer(AdapterLayer):
         self.ln_tuning_layers[adapter_name] = base
         self.set_adapter(self.active_adapters or [adapter_name])
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``copy[active](x)``; the base layer when disabled, merged or with no active adapter."""
-        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
-            return bypass
+    def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``copy[active](x)``; the base layer with no active adapter (disabled and merged: see ``forward``)."""
         active = [a for a in self.active_adapters if a in self.ln_tuning_layers]
-        if self.merged or not active:
+        if not active:
             return self.base_layer(x, *args, **kwargs)
         if len(active) > 1:
             raise ConfigError(f"LN tuning runs one adapter at a time, {active} are active; set_adapter() one of them")

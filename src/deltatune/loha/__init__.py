@@ -6,9 +6,10 @@ from torch import nn
 
 from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
+from deltatune.core.tuner import tuner_class
 from deltatune.loha.config import LoHaConfig
 from deltatune.loha.layer import LoHaLayer, make_loha_layer, supported_types
-from deltatune.registry import Method, register
+from deltatune.registry import Method
 
 
 def create_or_update(target: nn.Module, adapter_name: str, config: LoHaConfig, module_name: str) -> LoHaLayer | None:
@@ -28,7 +29,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LoHaConfig, m
     return layer
 
 
-LOHA = register(Method(
+LOHA = Method(
     peft_type=PeftType.LOHA,
     config_cls=LoHaConfig,
     prefix="hada_",
@@ -38,7 +39,7 @@ LOHA = register(Method(
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for LoHa
     cli_names={"loha": {}},
     lr_scale=10.0,  # a product of two factors, one zero at init: small early gradients (measured, see README)
-))
-LoHaModel = LOHA.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+)
+LoHaModel = tuner_class(LOHA)  # PEFT's tuner class (isinstance of base_model)
 
 __all__ = ["LOHA", "LoHaModel", "LoHaConfig", "LoHaLayer"]

@@ -6,6 +6,7 @@ from torch import nn
 
 from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
+from deltatune.core.tuner import tuner_class
 from deltatune.lokr.config import LoKrConfig
 from deltatune.lokr.layer import (
     LoKrLayer,
@@ -13,7 +14,7 @@ from deltatune.lokr.layer import (
     make_lokr_layer,
     supported_types,
 )
-from deltatune.registry import Method, register
+from deltatune.registry import Method
 
 
 def create_or_update(target: nn.Module, adapter_name: str, config: LoKrConfig, module_name: str) -> LoKrLayer | None:
@@ -36,7 +37,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LoKrConfig, m
     return layer
 
 
-LOKR = register(Method(
+LOKR = Method(
     peft_type=PeftType.LOKR,
     config_cls=LoKrConfig,
     prefix="lokr_",
@@ -46,7 +47,7 @@ LOKR = register(Method(
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for LoKr
     cli_names={"lokr": {}},
     lr_scale=10.0,  # as LoHa: one Kronecker factor starts at zero (measured, see README)
-))
-LoKrModel = LOKR.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+)
+LoKrModel = tuner_class(LOKR)  # PEFT's tuner class (isinstance of base_model)
 
 __all__ = ["LOKR", "LoKrModel", "LoKrConfig", "LoKrLayer", "factorization"]

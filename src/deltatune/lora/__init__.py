@@ -8,7 +8,9 @@ from torch import nn
 
 from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
+from deltatune.core.tuner import tuner_class
 from deltatune.errors import ConfigError
+from deltatune.lora import hooks
 from deltatune.lora.config import LoraConfig
 from deltatune.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from deltatune.lora.init import check_creatable
@@ -18,7 +20,7 @@ from deltatune.lora.param import LoraParam
 from deltatune.lora.param import after_inject as _inject_parameters
 from deltatune.lora.param import prepare_config as _prepare_parameters
 from deltatune.lora.tying import prepare_tied_targets, tie_lora_targets, tie_modules_to_save
-from deltatune.registry import Method, register
+from deltatune.registry import Hooks, Method
 from deltatune.trainable_tokens import add_token_adapters
 
 
@@ -67,7 +69,7 @@ def _after_inject(adapter_model: nn.Module, adapter_name: str, config: LoraConfi
     add_token_adapters(adapter_model, adapter_name, config)
 
 
-LORA = register(Method(
+LORA = Method(
     peft_type=PeftType.LORA,
     config_cls=LoraConfig,
     prefix="lora_",
@@ -77,13 +79,22 @@ LORA = register(Method(
     default_targets=DEFAULT_LORA_TARGETS,
     file_suffixes={"lora_magnitude_vector.weight": "lora_magnitude_vector"},
     cli_names={"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}},
-    prepare_config=_prepare_config,  # data-driven inits refused at creation (loading resets them first)
-    after_inject=_after_inject,  # target_parameters; trainable_token_indices: embedding rows train beside LoRA
-    extra_containers=("trainable_tokens_delta",),
-    rank_container="lora_A",
-    nested_containers=("token_adapter.trainable_tokens_delta",),  # trainable_token_indices
-))
-LoraModel = LORA.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+    hooks=Hooks(
+        prepare_config=_prepare_config,  # data-driven inits refused at creation (loading resets them first)
+        after_inject=_after_inject,  # target_parameters; trainable_token_indices: embedding rows train beside LoRA
+        extra_containers=("trainable_tokens_delta",),
+        # what PeftModel asks of LoRA (lora/hooks.py): aLoRA, arithmetic, PiSSA & co. conversion and reloading
+        activate=hooks.activate,
+        add_weighted_adapter=hooks.add_weighted_adapter,
+        convert_on_save=hooks.convert_on_save,
+        loading=hooks.loading,
+        after_load=hooks.after_load,
+        create_with_data=hooks.create_with_data,
+        rank_container="lora_A",
+        nested_containers=("token_adapter.trainable_tokens_delta",),  # trainable_token_indices
+    ),
+)
+LoraModel = tuner_class(LORA)  # PEFT's tuner class (isinstance of base_model)
 
 __all__ = ["LoraConfig", "LoraModel", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraMultiheadAttention",
            "LoraParam", "LORA", "EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights"]

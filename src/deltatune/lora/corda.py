@@ -368,11 +368,9 @@ def _one_sample_per_call(batch: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def get_peft_model_with_data(model: nn.Module, config: LoraConfig, batches: Iterable[Mapping[str, torch.Tensor]],
-                             adapter_name: str = "default") -> PeftModel:
+                             adapter_name: str = "default", *, create: Callable[..., PeftModel]) -> PeftModel:
     """:func:`preprocess_corda` with ``run_model`` running ``model`` on ``batches`` (one sample per call, padding
-    dropped; tensors moved to the model's device), then ``get_peft_model(model, config)``."""
-    from deltatune.mapping import get_peft_model
-
+    dropped; tensors moved to the model's device), then ``create(model, config)`` (``get_peft_model``)."""
     device = _device(model)
 
     def run_model() -> None:
@@ -381,4 +379,4 @@ def get_peft_model_with_data(model: nn.Module, config: LoraConfig, batches: Iter
                 model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in row.items()})
 
     preprocess_corda(model, config, run_model=run_model)
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    return create(model, config, adapter_name=adapter_name)

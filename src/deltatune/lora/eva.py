@@ -676,14 +676,13 @@ def init_layer(layer: nn.Module, adapter_name: str) -> None:
 
 
 def get_peft_model_with_data(model: nn.Module, config: Any, batches: Iterable[Mapping[str, torch.Tensor]],
-                             adapter_name: str = "default"):
-    """``get_peft_model`` then :func:`initialize_lora_eva_weights` on ``batches`` (PEFT's two steps as one)."""
-    from deltatune.mapping import get_peft_model
-
+                             adapter_name: str = "default", *, create: Callable[..., nn.Module]):
+    """``create`` (``get_peft_model``) then :func:`initialize_lora_eva_weights` on ``batches`` (PEFT's two steps
+    as one)."""
     batches = list(batches)
     if not batches:
         raise ConfigError("init_lora_weights='eva' needs calibration batches; none were given")
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    peft_model = create(model, config, adapter_name=adapter_name)
     # the caller's batches are the whole calibration set on every process: nothing to gather
     initialize_lora_eva_weights(peft_model, batches, adapter_name=adapter_name, gather_distributed_inputs=False,
                                 show_progress_bar=False)

@@ -10,9 +10,10 @@ LoftQ: quantising the base), which provides
   created as asked, e.g. CorDA without ``preprocess_corda`` having run;
 * ``init_layer(layer, adapter_name)``: initialise one ``LoraLayer``'s new adapter (called by
   ``LoraLayer.update_layer``), from what the module's PEFT-named preprocessing stored;
-* ``get_peft_model_with_data(model, config, batches, adapter_name)``: the whole creation from an iterable of
-  batches (dicts of tensors, as the model's forward takes them), for the CLI and for users without PEFT's
-  preprocessing idioms.
+* ``get_peft_model_with_data(model, config, batches, adapter_name, create)``: the whole creation from an
+  iterable of batches (dicts of tensors, as the model's forward takes them), for the CLI and for users without
+  PEFT's preprocessing idioms; ``create`` is ``get_peft_model`` (passed in by :func:`get_peft_model_with_data`
+  below, the one place of ``lora/`` that imports ``mapping``).
 
 and, where PEFT's load re-runs the init's change of the base (LoftQ: the quantised base ``Q``, computed from the
 base weights alone),
@@ -95,13 +96,13 @@ def get_peft_model_with_data(model: nn.Module, config: object, batches: Iterable
                              adapter_name: str = "default") -> PeftModel:
     """Create ``config``'s adapter on ``model`` (frozen), computing a data-driven initialisation from ``batches``;
     any other initialisation ignores the data and is plain ``get_peft_model``."""
+    from deltatune.mapping import get_peft_model  # the generic creation; the init modules get it from here
+
     module = init_module(getattr(config, "init_lora_weights", True))
     if module is None:
         check_creatable(model, config)
-        from deltatune.mapping import get_peft_model
-
         return get_peft_model(model, config, adapter_name=adapter_name)
-    return module.get_peft_model_with_data(model, config, batches, adapter_name)
+    return module.get_peft_model_with_data(model, config, batches, adapter_name, create=get_peft_model)
 
 
 def rebuild_base(model: nn.Module, adapter_name: str, config: object) -> None:

@@ -271,11 +271,9 @@ def quantize_loftq_base(model: nn.Module, quant_type: str = "nf4") -> nn.Module:
 
 
 def get_peft_model_with_data(model: nn.Module, config: object, batches: Iterable[Mapping[str, torch.Tensor]],
-                             adapter_name: str = "default") -> PeftModel:
-    """LoftQ needs no data: ``get_peft_model(model, config)`` (``batches`` is ignored)."""
-    from deltatune.mapping import get_peft_model
-
-    return get_peft_model(model, config, adapter_name=adapter_name)
+                             adapter_name: str = "default", *, create: Callable[..., PeftModel]) -> PeftModel:
+    """LoftQ needs no data: ``create(model, config)`` (``get_peft_model``; ``batches`` is ignored)."""
+    return create(model, config, adapter_name=adapter_name)
 
 
 # ---- replace_lora_weights_loftq: LoftQ on an already-quantised model -----------------------------------------

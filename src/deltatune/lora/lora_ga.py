@@ -369,16 +369,14 @@ def lora_ga_factors(grad: torch.Tensor, r: int, scaling: float, settings: LoraGA
 
 
 def get_peft_model_with_data(model: nn.Module, config: object, batches: Iterable[Mapping[str, torch.Tensor]],
-                             adapter_name: str = "default") -> PeftModel:
+                             adapter_name: str = "default", *, create: Callable[..., PeftModel]) -> PeftModel:
     """``preprocess_loraga`` with a ``train_step`` that runs forward and ``loss.backward()`` on each of ``batches``
-    (dicts of tensors with ``labels``, moved to the model's device), then ``get_peft_model``. An unset
+    (dicts of tensors with ``labels``, moved to the model's device), then ``create`` (``get_peft_model``). An unset
     ``lora_ga_config`` becomes ``LoraGAConfig()`` (the paper's defaults), saved with the adapter.
 
     Raises:
         ConfigError: a batch without ``labels`` (no loss to take the gradient of), or no batches at all.
     """
-    from deltatune.mapping import get_peft_model
-
     if getattr(config, "lora_ga_config", None) is None:
         config.lora_ga_config = LoraGAConfig()
     device = _device(model)
@@ -397,4 +395,4 @@ def get_peft_model_with_data(model: nn.Module, config: object, batches: Iterable
             raise ConfigError("LoRA-GA needs at least one calibration batch; the data gave none")
 
     preprocess_loraga(model, config, train_step)
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    return create(model, config, adapter_name=adapter_name)

@@ -11,9 +11,10 @@ from torch import nn
 
 from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
+from deltatune.core.tuner import tuner_class
 from deltatune.oft.config import OFTConfig
 from deltatune.oft.layer import OFTLayer, make_oft_layer, supported_types
-from deltatune.registry import Method, register
+from deltatune.registry import Hooks, Method
 
 
 def sync_fan_in_fan_out(layer: nn.Module, config, module_name: str) -> None:
@@ -63,7 +64,7 @@ def inspect_size(config: dict, shapes: dict[str, list[int]]) -> str:
     return text
 
 
-OFT = register(Method(
+OFT = Method(
     peft_type=PeftType.OFT,
     config_cls=OFTConfig,
     prefix="oft_",
@@ -73,9 +74,11 @@ OFT = register(Method(
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for OFT
     cli_names={"oft": {}},
     # OFT's r counts blocks, not a rank: a LoRA-style r from a recipe or `compare` must not reach it.
-    cli_shared_skip=("r",),
-    inspect_size=inspect_size,
-))
-OFTModel = OFT.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+    hooks=Hooks(
+        cli_shared_skip=("r",),
+        inspect_size=inspect_size,
+    ),
+)
+OFTModel = tuner_class(OFT)  # PEFT's tuner class (isinstance of base_model)
 
 __all__ = ["OFT", "OFTModel", "OFTConfig", "OFTLayer"]

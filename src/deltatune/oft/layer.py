@@ -156,7 +156,6 @@ class OFTLayer(AdapterLayer):
         self.r: dict[str, int] = {}
         self.oft_block_size: dict[str, int] = {}
         self.module_dropout: dict[str, float] = {}
-        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self.is_embedding = isinstance(base_layer, nn.Embedding)
         self.is_conv = isinstance(base_layer, nn.Conv2d)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
@@ -217,12 +216,10 @@ class OFTLayer(AdapterLayer):
         return blocks
 
     # ---- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x R_1 R_2 ...)`` (linear), ``conv(x, W (R_1 R_2 ...)ᵀ)`` (Conv2d), ``E[ids] R_1 R_2 ...``."""
-        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
-            return bypass
         names = [n for n in self.active_adapters if n in self._container]
-        if self.merged or not names:
+        if not names:
             return self.base_layer(x, *args, **kwargs)
         if self.is_embedding:
             result = self.base_layer(x, *args, **kwargs)

@@ -27,29 +27,29 @@ from deltatune.prompt.encoders import (
     PromptEmbedding,
     PromptEncoder,
 )
-from deltatune.registry import Method, register
+from deltatune.registry import Hooks, Method
 
 
 def _make_encoder(config: PromptLearningConfig, word_embeddings: nn.Module) -> nn.Module:
     return ENCODERS[type(config)](config, word_embeddings)
 
 
-PROMPT_TUNING = register(Method(
-    peft_type=PeftType.PROMPT_TUNING, config_cls=PromptTuningConfig, family="prompt", lr_scale=30.0,
-    make_prompt_encoder=_make_encoder, cli_names={"prompt_tuning": {}},
-))
-P_TUNING = register(Method(
-    peft_type=PeftType.P_TUNING, config_cls=PromptEncoderConfig, family="prompt", lr_scale=30.0,
-    make_prompt_encoder=_make_encoder, cli_names={"p_tuning": {}},
-))
-PREFIX_TUNING = register(Method(
-    peft_type=PeftType.PREFIX_TUNING, config_cls=PrefixTuningConfig, family="prompt", lr_scale=30.0,
-    make_prompt_encoder=_make_encoder, cli_names={"prefix_tuning": {}},
-))
-MULTITASK_PROMPT_TUNING = register(Method(
-    peft_type=PeftType.MULTITASK_PROMPT_TUNING, config_cls=MultitaskPromptTuningConfig, family="prompt", lr_scale=30.0,
-    make_prompt_encoder=_make_encoder, cli_names={"multitask_prompt_tuning": {}},
-))
+PROMPT_TUNING = Method(
+    peft_type=PeftType.PROMPT_TUNING, config_cls=PromptTuningConfig, lr_scale=30.0,
+    hooks=Hooks(make_prompt_encoder=_make_encoder), cli_names={"prompt_tuning": {}},
+)
+P_TUNING = Method(
+    peft_type=PeftType.P_TUNING, config_cls=PromptEncoderConfig, lr_scale=30.0,
+    hooks=Hooks(make_prompt_encoder=_make_encoder), cli_names={"p_tuning": {}},
+)
+PREFIX_TUNING = Method(
+    peft_type=PeftType.PREFIX_TUNING, config_cls=PrefixTuningConfig, lr_scale=30.0,
+    hooks=Hooks(make_prompt_encoder=_make_encoder), cli_names={"prefix_tuning": {}},
+)
+MULTITASK_PROMPT_TUNING = Method(
+    peft_type=PeftType.MULTITASK_PROMPT_TUNING, config_cls=MultitaskPromptTuningConfig, lr_scale=30.0,
+    hooks=Hooks(make_prompt_encoder=_make_encoder), cli_names={"multitask_prompt_tuning": {}},
+)
 
 __all__ = [
     "MultitaskPromptEmbedding", "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit", "PrefixEncoder",

@@ -93,7 +93,7 @@ def add_adapter(peft_model: nn.Module, adapter_name: str, config: PeftConfig) ->
         word_embeddings = find_word_embeddings(model)
         _check_takes(model, "inputs_embeds", "the virtual tokens are put in front of the input embeddings")
         device = word_embeddings.weight.device
-    encoder = method.make_prompt_encoder(config, word_embeddings)
+    encoder = method.hooks.make_prompt_encoder(config, word_embeddings)
     encoder.to(device=device)
     model.requires_grad_(False)
     peft_model._peft_config[adapter_name] = config

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftType
+from deltatune.core.tuner import tuner_class
 from deltatune.errors import ConfigError
-from deltatune.registry import Method, register
+from deltatune.registry import Hooks, Method
 from deltatune.trainable_tokens.config import TrainableTokensConfig, check_token_indices
 from deltatune.trainable_tokens.layer import (
     TrainableTokensLayer,
@@ -56,7 +57,7 @@ def after_inject(adapter_model: nn.Module, adapter_name: str, config: TrainableT
             _tie_output_layers(adapter_model.model, module, register_tied=True)
 
 
-TRAINABLE_TOKENS = register(Method(
+TRAINABLE_TOKENS = Method(
     peft_type=PeftType.TRAINABLE_TOKENS,
     config_cls=TrainableTokensConfig,
     prefix="trainable_tokens_",
@@ -64,12 +65,14 @@ TRAINABLE_TOKENS = register(Method(
     create_or_update=create_or_update,
     supported_types=supported_types,
     cli_names={"trainable_tokens": {}},
-    prepare_config=prepare_config,
-    after_inject=after_inject,
     lr_scale=10.0,  # a few embedding rows want larger steps than low-rank weight updates
-    cli_shared_skip=("target_modules",),  # the recipes' "all-linear" names linear layers, not the embedding
-))
-TrainableTokensModel = TRAINABLE_TOKENS.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+    hooks=Hooks(
+        prepare_config=prepare_config,
+        after_inject=after_inject,
+        cli_shared_skip=("target_modules",),  # the recipes' "all-linear" names linear layers, not the embedding
+    ),
+)
+TrainableTokensModel = tuner_class(TRAINABLE_TOKENS)  # PEFT's tuner class (isinstance of base_model)
 
 
 # ---- LoRA's trainable_token_indices: a token adapter beside the LoRA layers ---------------------------

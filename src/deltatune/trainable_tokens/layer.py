@@ -43,7 +43,6 @@ class TrainableTokensLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, tied_to: TrainableTokensLayer | None = None,
                  register_tied: bool = True) -> None:
         super().__init__(base_layer)
-        self.row_adapters: list[str] | None = None  # set by PeftModel for mixed-adapter batches
         self._tied = [tied_to] if tied_to is not None else []  # a list: not a submodule
         # PEFT's public attributes: (num_embeddings, embedding_dim) for an embedding, (in, out) for a tied Linear
         self.in_features, self.out_features = in_out_features(base_layer)
@@ -128,12 +127,10 @@ class TrainableTokensLayer(AdapterLayer):
             w = w.index_copy(0, index, self._deltas()[name].to(w.dtype))
         return w
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``E'[x]`` for an embedding (``x: (..., )`` ids -> ``(..., dim)``), ``x E'^T + b`` for an output layer."""
-        if (bypass := self._bypass(x, *args, **kwargs)) is not None:
-            return bypass
         active = [a for a in self.active_adapters if a in self._deltas()]
-        if self.merged or not active:
+        if not active:
             return self.base_layer(x, *args, **kwargs)
         self._check_disjoint(active)
         w = self.weight_with(active)

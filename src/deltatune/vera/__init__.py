@@ -9,8 +9,9 @@ from torch import nn
 
 from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
+from deltatune.core.tuner import tuner_class
 from deltatune.errors import ConfigError, TargetModuleError
-from deltatune.registry import Method, register
+from deltatune.registry import Hooks, Method
 from deltatune.vera.config import VeraConfig
 from deltatune.vera.layer import (
     ProjectionDict,
@@ -123,7 +124,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: VeraConfig, m
     return layer
 
 
-VERA = register(Method(
+VERA = Method(
     peft_type=PeftType.VERA,
     config_cls=VeraConfig,
     prefix="vera_lambda_",
@@ -133,10 +134,12 @@ VERA = register(Method(
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT's VeRA table is LoRA's (phi: q_proj, v_proj, as ours)
     cli_names={"vera": {}},
     lr_scale=30.0,  # only per-layer scaling vectors train (measured, see README)
-    cli_shared_skip=("r",),  # the recipes' r=8 is a LoRA rank; VeRA's r sizes the shared projections (256)
-    shared_containers=("vera_A", "vera_B"),
-    init_shared=init_shared,
-))
-VeraModel = VERA.tuner_cls  # PEFT's tuner class (isinstance of base_model)
+    hooks=Hooks(
+        cli_shared_skip=("r",),  # the recipes' r=8 is a LoRA rank; VeRA's r sizes the shared projections (256)
+        shared_containers=("vera_A", "vera_B"),
+        init_shared=init_shared,
+    ),
+)
+VeraModel = tuner_class(VERA)  # PEFT's tuner class (isinstance of base_model)
 
 __all__ = ["VERA", "VeraModel", "ProjectionDict", "VeraConfig", "VeraLayer"]
