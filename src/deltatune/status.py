@@ -90,7 +90,9 @@ def _tuner_root(model: nn.Module, caller: str = "get_layer_status") -> nn.Module
     from deltatune.peft_model import PeftModel
 
     if isinstance(model, PeftModel):
-        if model._is_prompt_learning:
+        from deltatune.prompt.tuner import PromptTuner
+
+        if isinstance(model._tuner, PromptTuner):
             raise NoAdapterLayersError(
                 f"{caller}() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported. "
                 "(It describes adapter layers; prompt-learning adapters (prompt/prefix tuning, p-tuning) have none: "
