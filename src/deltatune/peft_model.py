@@ -118,6 +118,12 @@ class PeftModel(nn.Module):
         return self._tuner.active_adapters
 
     @property
+    def _is_prompt_learning(self) -> bool:
+        """PEFT's attribute, which its utilities (and ``deltatune.status``) read: whether the adapters are virtual
+        tokens. ``PeftModel`` itself never asks; its tuner knows."""
+        return isinstance(self._tuner, PromptTuner)
+
+    @property
     def targeted_module_names(self) -> list[str]:
         """Names (within the user's model, e.g. ``model.layers.0.self_attn.q_proj``) of the modules that got adapter
         layers, in the order adapters first adapted them; PEFT's attribute of the same name. Empty for

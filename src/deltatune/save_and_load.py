@@ -80,9 +80,7 @@ def _adapter_source(model: Any, adapter_name: str) -> tuple[nn.Module, PeftConfi
         if adapter_name not in model.peft_config:
             raise AdapterNameError(f"no adapter named {adapter_name!r}; this model has {sorted(model.peft_config)}")
         config = model.peft_config[adapter_name]
-        from deltatune.prompt.tuner import PromptTuner
-
-        return model, config, (None if isinstance(model._tuner, PromptTuner) else method_for(config.peft_type))
+        return model, config, (None if model._is_prompt_learning else method_for(config.peft_type))
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch model holding deltatune adapters, got {type(model).__name__}")
     if type(model).__module__.split(".")[0] == "peft":

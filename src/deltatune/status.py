@@ -90,9 +90,7 @@ def _tuner_root(model: nn.Module, caller: str = "get_layer_status") -> nn.Module
     from deltatune.peft_model import PeftModel
 
     if isinstance(model, PeftModel):
-        from deltatune.prompt.tuner import PromptTuner
-
-        if isinstance(model._tuner, PromptTuner):
+        if model._is_prompt_learning:
             raise NoAdapterLayersError(
                 f"{caller}() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported. "
                 "(It describes adapter layers; prompt-learning adapters (prompt/prefix tuning, p-tuning) have none: "

@@ -62,10 +62,7 @@ def foreign_config_error(config: object) -> ConfigError | None:
 
 def needs_wrapper_forward(model: PeftModel) -> bool:
     """True when training must call the wrapper's forward: virtual tokens, or AdaLoRA's loss penalty."""
-    from deltatune.prompt.tuner import PromptTuner
-
-    return isinstance(model._tuner, PromptTuner) or any(c.peft_type == PeftType.ADALORA
-                                                        for c in model.peft_config.values())
+    return model._is_prompt_learning or any(c.peft_type == PeftType.ADALORA for c in model.peft_config.values())
 
 
 @contextlib.contextmanager

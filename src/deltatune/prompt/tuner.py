@@ -76,8 +76,8 @@ class PromptTuner(nn.Module):
     @staticmethod
     def build(peft_model: nn.Module, model: nn.Module, config: PromptLearningConfig, adapter_name: str,
               autocast_adapter_dtype: bool = True) -> PromptTuner:
-        """The tuner of a new ``PeftModel`` (``WeightTuner.build``'s signature; an encoder is created in float32
-        whatever ``autocast_adapter_dtype`` says, and the tuner needs nothing of ``peft_model``)."""
+        """The tuner of a new ``PeftModel`` (``WeightTuner.build``'s signature; the tuner needs nothing of
+        ``peft_model``, and ``autocast_adapter_dtype`` does not apply to prompt encoders, as in PEFT)."""
         return PromptTuner(model, config, adapter_name)
 
     # ---- what it holds -------------------------------------------------------------------------
@@ -118,7 +118,7 @@ class PromptTuner(nn.Module):
     # ---- adapters ------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
         """``PeftModel.add_adapter``: the adapter is created, not made active (the active one keeps training).
-        ``autocast_adapter_dtype`` is accepted for the common signature: an encoder is created in float32."""
+        ``autocast_adapter_dtype`` is accepted for the common signature (see :meth:`cast_adapter_dtype`)."""
         self.inject_adapter(adapter_name, config)
 
     def inject_adapter(self, adapter_name: str, config: PeftConfig) -> None:
@@ -154,6 +154,10 @@ class PromptTuner(nn.Module):
             self._remove_adapter(adapter_name)
             raise
         self._refresh()
+
+    def cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+        """Nothing to cast: the flag does not apply to prompt encoders (as in PEFT); their output is cast to the
+        model's dtype on every call."""
 
     def _wrap_modules_to_save(self, adapter_name: str, names: list[str]) -> None:
         model = self.base_model
