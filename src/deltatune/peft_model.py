@@ -3,7 +3,14 @@
 The attribute layout is PEFT's (``peft_model.base_model.model`` is the user's model), so the
 state-dict keys, and with them the files, are the same in both libraries. Prompt-learning adapters
 (virtual tokens) keep PEFT's other layout: ``base_model`` is the user's model itself and
-``prompt_encoder[name]`` the adapters; ``deltatune.prompt.model`` does their work.
+``prompt_encoder[name]`` the adapters.
+
+``PeftModel`` does no adapter work itself: it delegates every operation (add, switch, delete, disable, merge,
+unload, forward, generate, state dict, load) to one tuner, ``_tuner``, and never asks which kind it holds:
+:class:`WeightTuner` (the method's ``AdapterModel`` in ``base_model``, plus the per-call work around it:
+mixed-adapter batches, aLoRA offsets, embedding layers in files) or
+:class:`deltatune.prompt.tuner.PromptTuner` (virtual tokens). What is left here is the shared part: files and
+directories, the Hub, the model card, parameter counts.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from deltatune.core.state_dict import adapter_state_dict, check_and_load, to_mod
 from deltatune.core.tuner import AdapterModel, tuner_class, validate_adapter_name
 from deltatune.errors import AdapterNameError, ConfigError
 from deltatune.lora import alora as _alora
-from deltatune.prompt import model as _prompt
+from deltatune.prompt.tuner import PromptTuner
 from deltatune.registry import method_for
 
 
@@ -70,21 +77,16 @@ class PeftModel(nn.Module):
 
     # Heads that classification task types train in full (added to ``modules_to_save``).
     default_modules_to_save: tuple[str, ...] = ()
-    # True when the adapters are virtual tokens (prompt/prefix tuning); set by ``_prompt.init_model``.
-    _is_prompt_learning: bool = False
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, **kwargs: Any) -> None:
         super().__init__()
         validate_adapter_name(adapter_name)
         self._add_task_heads(peft_config)
-        if peft_config.is_prompt_learning:
-            _prompt.init_model(self, model, peft_config, adapter_name)
-            return
-        # PEFT's per-method tuner class (LoraModel, IA3Model...: isinstance checks hold), from the registry
-        self.base_model = tuner_class(method_for(peft_config.peft_type))(model, peft_config, adapter_name)
-        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
-        _warn_unmatched_patterns(self.base_model, adapter_name, peft_config)
+        tuner = tuner_cls_for(peft_config).build(self, model, peft_config, adapter_name, autocast_adapter_dtype)
+        for name, module in tuner.peft_modules().items():  # PEFT's attribute layout (base_model, prompt_encoder)
+            setattr(self, name, module)
+        self.__dict__["_tuner"] = tuner  # not a submodule: its modules are registered above, under PEFT's names
 
     def _add_task_heads(self, config: PeftConfig) -> None:
         if self.default_modules_to_save and hasattr(config, "modules_to_save"):
@@ -97,33 +99,36 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name == "_tuner":  # a subclass that built base_model itself (PeftMixedModel): weight adapters
+                tuner = self.__dict__["_tuner"] = WeightTuner(self, self.base_model)
+                return tuner
             return getattr(self.base_model, name)
 
     # ---- what it holds -----------------------------------------------------------------------
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
-        if self._is_prompt_learning:
-            return self._peft_config
-        return self.base_model.peft_config
+        return self._tuner.peft_config
 
     @property
     def active_adapter(self) -> str | list[str]:
-        if self._is_prompt_learning:
-            return self._active_prompt
-        return self.base_model.active_adapter
+        return self._tuner.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
-        if self._is_prompt_learning:
-            return [self._active_prompt] if self._active_prompt else []
-        return self.base_model.active_adapters
+        return self._tuner.active_adapters
+
+    @property
+    def _is_prompt_learning(self) -> bool:
+        """PEFT's attribute, which its utilities (and ``deltatune.status``) read: whether the adapters are virtual
+        tokens. ``PeftModel`` itself never asks; its tuner knows."""
+        return isinstance(self._tuner, PromptTuner)
 
     @property
     def targeted_module_names(self) -> list[str]:
         """Names (within the user's model, e.g. ``model.layers.0.self_attn.q_proj``) of the modules that got adapter
         layers, in the order adapters first adapted them; PEFT's attribute of the same name. Empty for
         prompt-learning adapters."""
-        return [] if self._is_prompt_learning else list(self.base_model.targeted_module_names)
+        return list(self._tuner.targeted_module_names)
 
     def get_layer_status(self) -> list[Any]:
         """PEFT's ``TunerLayerStatus`` of every adapter layer (see :func:`deltatune.status.get_layer_status`)."""
@@ -138,7 +143,7 @@ class PeftModel(nn.Module):
         return get_model_status(self)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model if self._is_prompt_learning else self.base_model.model
+        return self._tuner.model
 
     # ---- PEFT's PeftModel attributes (tuner-level API) -----------------------------------------
     @property
@@ -150,10 +155,7 @@ class PeftModel(nn.Module):
     def has_active_enabled_adapter(self) -> bool:
         """Whether any adapter acts on the output now: one is active and adapters are not disabled
         (``disable_adapter()``)."""
-        if self._is_prompt_learning:
-            return bool(self.active_adapters) and not self._prompt_disabled
-        layers = [m for _, m in self.base_model._wrappers()]
-        return bool(self.active_adapters) and any(not m.disable_adapters for m in layers)
+        return bool(self.active_adapters) and self._tuner.adapters_enabled
 
     @property
     def modules_to_save(self) -> set[str] | None:
@@ -175,14 +177,11 @@ class PeftModel(nn.Module):
         Raises:
             TypeError: prompt-learning adapters (as PEFT; use ``set_adapter`` to choose the trained prompt).
         """
-        if self._is_prompt_learning:
-            raise TypeError(f"Setting `requires_grad` is not supported for prompt learning methods like "
-                            f"{self.active_peft_config.peft_type}; set_adapter() chooses which prompt trains")
-        self.base_model.set_requires_grad(adapter_names, requires_grad)
+        self._tuner.set_requires_grad(adapter_names, requires_grad)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Whether the adapter layers hold additive updates plain LoRA can write (``False`` for prompt learning)."""
-        return not self._is_prompt_learning and self.base_model.supports_lora_conversion(adapter_name)
+        return self._tuner.supports_lora_conversion(adapter_name)
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
         """Make the input embeddings' output require grad, so activation checkpointing of a frozen model has
@@ -219,50 +218,10 @@ class PeftModel(nn.Module):
         so one training loop can feed every method the same batch. ``adapter_names`` (one per batch row,
         ``"__base__"`` for none) runs each row through its own adapter in one batched pass (inference only).
         """
-        if self._is_prompt_learning:
-            self._no_mixed_prompt_batch(adapter_names)
-            if task_ids is not None:
-                kwargs["task_ids"] = task_ids
-            return _prompt.forward(self, args, kwargs)
-        with self._mixed_batch(adapter_names), _alora.activated(self, args, kwargs, adapter_names):
-            outputs = self.base_model.model(*args, **kwargs)
-        return self.base_model.add_regularization(outputs)  # e.g. AdaLoRA's penalty, when a loss is returned
+        return self._tuner.forward(args, kwargs, task_ids=task_ids, adapter_names=adapter_names)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        if self._is_prompt_learning:
-            self._no_mixed_prompt_batch(adapter_names)
-            return _prompt.generate(self, args, kwargs)
-        with self._mixed_batch(adapter_names), _alora.activated(self, args, kwargs, adapter_names):
-            return self.base_model.model.generate(*args, **kwargs)
-
-    @staticmethod
-    def _no_mixed_prompt_batch(adapter_names: list[str] | None) -> None:
-        if adapter_names is not None:
-            raise ConfigError("adapter_names (mixed-adapter batches) is not supported for prompt-learning "
-                              "adapters; run one adapter per batch (set_adapter)")
-
-    @contextlib.contextmanager
-    def _mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
-        if adapter_names is None:
-            yield
-            return
-        if self.training:
-            raise ConfigError("Cannot pass `adapter_names` when the model is in training mode. (mixed-adapter "
-                              "batches are for inference: call model.eval() first.)")
-        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
-        if unknown:
-            raise AdapterNameError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. This model "
-                                   f"has {sorted(self.peft_config)}; use '__base__' for rows without an adapter")
-        layers = [m for m in self.modules() if hasattr(m, "row_adapters")]
-        for layer in layers:
-            layer.row_adapters = list(adapter_names)
-        try:
-            yield
-        finally:
-            # LoRA layers keep their adapter slots across calls (refilled when an adapter's tensors change, freed
-            # by delete_adapter), so repeated calls -- every decoding step of `deltatune serve` -- do not restack.
-            for layer in layers:
-                layer.row_adapters = None
+        return self._tuner.generate(args, kwargs, adapter_names=adapter_names)
 
     # ---- training hooks -------------------------------------------------------------------------
     def update_and_allocate(self, global_step: int) -> None:
@@ -271,8 +230,7 @@ class PeftModel(nn.Module):
         Call it after ``optimizer.step()`` and before ``optimizer.zero_grad()`` (AdaLoRA reads the
         gradients), with ``global_step`` = optimizer steps taken so far, this one included.
         """
-        if not self._is_prompt_learning:
-            self.base_model.update_and_allocate(global_step)
+        self._tuner.update_and_allocate(global_step)
 
     def regularization_loss(self) -> torch.Tensor | None:
         """The trained method's regulariser (AdaLoRA's orthogonality penalty), or ``None``.
@@ -280,7 +238,7 @@ class PeftModel(nn.Module):
         ``forward`` already adds it to ``outputs.loss`` in training mode; a training loop that computes
         its own loss from the logits adds this instead.
         """
-        return None if self._is_prompt_learning else self.base_model.regularization_loss()
+        return self._tuner.regularization_loss()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts; tied parameters are counted once."""
@@ -306,55 +264,24 @@ class PeftModel(nn.Module):
         ``autocast_adapter_dtype`` (PEFT's flag): ``True`` keeps the new adapter's tensors in float32 over a
         float16/bfloat16 base (small adapters train badly in half precision); ``False`` stores them in the base
         layer's dtype.
+
+        Raises:
+            ConfigError: an adapter of the other family (virtual tokens beside weight adapters, or the reverse).
         """
         validate_adapter_name(adapter_name)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _model_name_or_path(self.get_base_model())
         self._add_task_heads(peft_config)
-        if self._is_prompt_learning or peft_config.is_prompt_learning:
-            _prompt.add_adapter(self, adapter_name, peft_config)  # refuses to mix the two families
-            return
-        # As PEFT: adding an adapter leaves every existing tensor's requires_grad as it was (a base weight the user
-        # unfroze, an adapter tensor they froze); the new, inactive adapter starts frozen.
-        existing = [(p, p.requires_grad) for p in self.parameters()]
-        self.base_model.inject_adapter(adapter_name, peft_config)
-        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
-        _warn_unmatched_patterns(self.base_model, adapter_name, peft_config)
-        self.base_model.set_adapter(self.active_adapter)
-        for p, flag in existing:
-            p.requires_grad_(flag)
+        self._tuner.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
-        """With ``autocast_adapter_dtype=False`` put ``adapter_name``'s layer tensors in their base layer's dtype.
-
-        The layers create adapters in float32 over a half-precision base (``AdapterLayer._place_adapter``), which
-        is PEFT's ``True``; PEFT's ``False`` leaves them in the base weight's dtype, so this casts them down.
-        """
-        if autocast_adapter_dtype:
-            return
-        for module in self.base_model.model.modules():
-            if not isinstance(module, AdapterLayer) or module.quantized:  # a 4/8-bit base has no float dtype
-                continue
-            weight = getattr(module.base_layer, "weight", None)
-            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-                continue
-            for attr in module.adapter_layer_names:
-                container = getattr(module, attr)
-                if adapter_name not in container:
-                    continue
-                item = container[adapter_name]
-                if isinstance(item, nn.Parameter):
-                    container[adapter_name] = nn.Parameter(item.data.to(weight.dtype), requires_grad=item.requires_grad)
-                else:
-                    item.to(weight.dtype)
+        """See :meth:`WeightTuner.cast_adapter_dtype` (``PeftMixedModel`` calls it after building its tuner)."""
+        self._tuner.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter and trainable, as PEFT's (even if its config is in inference
         mode); ``inference_mode=True`` keeps it frozen."""
-        if self._is_prompt_learning:
-            _prompt.set_adapter(self, adapter_name)
-            return
-        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+        self._tuner.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str | list[str]) -> None:
         """Delete ``adapter_name``, or each of a list of names (PEFT's mixed model takes a list: all names are
@@ -366,10 +293,7 @@ class PeftModel(nn.Module):
             for name in names:
                 self.delete_adapter(name)
             return
-        if self._is_prompt_learning:
-            _prompt.delete_adapter(self, adapter_name)
-            return
-        self.base_model.delete_adapter(adapter_name)
+        self._tuner.delete_adapter(adapter_name)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None,
@@ -383,78 +307,41 @@ class PeftModel(nn.Module):
         the math is in :mod:`deltatune.lora.arithmetic`. ``svd_from_factors`` (deltatune only): for ``svd``, the SVD
         of the stacked factors instead of the dense update (same result up to rounding, much faster).
         """
-        if self._is_prompt_learning:
-            raise ConfigError("add_weighted_adapter combines LoRA adapters; prompt-learning adapters have no "
-                              "weight deltas to combine")
-        from deltatune.lora.arithmetic import add_weighted_adapter
-
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
-                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
-                             density=density, majority_sign_method=majority_sign_method,
-                             svd_from_factors=svd_from_factors)
+        self._tuner.add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
+                                         svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                                         svd_driver=svd_driver, density=density,
+                                         majority_sign_method=majority_sign_method, svd_from_factors=svd_from_factors)
 
     def _remove_adapter(self, adapter_name: str) -> None:
         """Undo a half-done add/load of ``adapter_name``."""
-        if self._is_prompt_learning:
-            _prompt.remove_adapter(self, adapter_name)
-        else:
-            self.base_model._remove_adapter(adapter_name)
+        self._tuner._remove_adapter(adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within this block the model computes exactly the base model's output."""
-        if self._is_prompt_learning:
-            _prompt.set_enabled(self, False)
-            try:
-                yield
-            finally:
-                _prompt.set_enabled(self, True)
-            return
-        # As PEFT: the disabled adapters get no gradients inside the block (an optimizer step there must not move
-        # them, e.g. a reference pass in DPO); each tensor's own flag comes back on exit, so a frozen
-        # (inference-mode) adapter stays frozen.
-        if len({layer.disable_adapters for _, layer in self.base_model.adapter_layers()}) > 1:
-            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
-                          "This is most likely unintentional. After exiting the disable_adapter context, all adapters "
-                          "will be enabled", PeftWarning, stacklevel=3)
-        if not self.has_active_enabled_adapter and self.active_adapters:  # nested: the outer block re-enables
+        with self._tuner.disable_adapter():
             yield
-            return
-        flags = [(p, p.requires_grad) for p in self.base_model.adapter_parameters()]
-        self.base_model.enable_adapter_layers(False)  # freezes the adapter tensors
-        try:
-            yield
-        finally:
-            self.base_model.enable_adapter_layers(True)
-            for p, flag in flags:
-                p.requires_grad_(flag)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active adapters (or ``adapter_names``) into the base weights; unmerge_adapter() undoes it.
 
         Adapters already merged are skipped with a :class:`PeftWarning`, as PEFT does.
+
+        Raises:
+            MergeError: prompt-learning adapters (nothing to merge).
         """
-        if self._is_prompt_learning:
-            _prompt.refuse_merge()
-        _warn_already_merged(self.base_model, adapter_names)
-        self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
+        self._tuner.merge_adapter(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        if not self._is_prompt_learning:  # virtual tokens are never merged
-            self.base_model.unmerge_adapter()
+        self._tuner.unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
         """Fold the adapters into the weights and return the plain base model (no adapter layers left)."""
-        if self._is_prompt_learning:
-            _prompt.refuse_merge()
-        _warn_already_merged(self.base_model, adapter_names)
-        return self.base_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self._tuner.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        if self._is_prompt_learning:
-            return _prompt.unload(self)
-        return self.base_model.unload()
+        return self._tuner.unload()
 
     # ---- files -------------------------------------------------------------------------------
     def get_adapter_state_dict(self, adapter_name: str | None = None,
@@ -464,44 +351,7 @@ class PeftModel(nn.Module):
         ``save_embedding_layers``: also file the full input/output embeddings (needed after resizing the
         vocabulary). ``"auto"`` does so when ``target_modules`` names ``embed_tokens`` or ``lm_head``, as PEFT.
         """
-        name = adapter_name or self.active_adapters[0]
-        if self._is_prompt_learning:
-            return _prompt.adapter_state_dict(self, name)
-        config = self.peft_config[name]
-        method = method_for(config.peft_type)
-        state = adapter_state_dict(self, name, method.containers, getattr(config, "bias", "none"),
-                                   method.file_suffixes)
-        state.update(self._embedding_state(config, save_embedding_layers))
-        return method.hooks.before_save(self, name, state) if method.hooks.before_save is not None else state
-
-    def _embedding_state(self, config: PeftConfig, save_embedding_layers: bool | str) -> dict[str, torch.Tensor]:
-        targets = getattr(config, "target_modules", None) or ()
-        targeted = any(k in targets for k in ("embed_tokens", "lm_head"))
-        if save_embedding_layers == "auto":
-            # Trainable tokens exist to avoid filing the whole embedding (PEFT's rule too).
-            tokens = config.peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None)
-            save_embedding_layers = targeted and not tokens
-        base = self.get_base_model()
-        if save_embedding_layers and not hasattr(base, "get_input_embeddings"):  # PEFT's warning, verbatim
-            warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
-                          stacklevel=3)
-        if not save_embedding_layers or not hasattr(base, "get_input_embeddings"):
-            return {}
-        out: dict[str, torch.Tensor] = {}
-        state = self.state_dict()
-        layers = [base.get_input_embeddings(), getattr(base, "get_output_embeddings", lambda: None)()]
-        for layer in [m for m in layers if m is not None]:
-            module_name = next((n for n, m in self.named_modules() if m is layer), None)
-            if module_name is None:
-                continue
-            # Within an adapted layer, the frozen weight is ``<name>.base_layer.weight``.
-            adapted = isinstance(layer, AdapterLayer) or module_name.endswith(".base_layer")
-            if targeted and not adapted:
-                continue  # with embeddings among the targets, PEFT files only the adapted ones
-            prefix = module_name.removesuffix(".base_layer")
-            out.update({k: v for k, v in state.items() if k.startswith(prefix + ".base_layer.")
-                        or k == prefix + ".weight"})
-        return out
+        return self._tuner.adapter_state_dict(adapter_name or self.active_adapters[0], save_embedding_layers)
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: list[str] | None = None, is_main_process: bool = True,
@@ -652,7 +502,7 @@ class PeftModel(nn.Module):
             from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
             target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type]
-        with _no_reinit(config):
+        with tuner_cls_for(config).loading(config):
             peft_model = target_cls(model, config, adapter_name,
                                     autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))
         try:
@@ -685,7 +535,7 @@ class PeftModel(nn.Module):
         weights = load_adapter_weights(directory, device=_device_of(self))
         _fit_config_to_file(config, weights, directory)
         config.inference_mode = not is_trainable
-        with _no_reinit(config):
+        with tuner_cls_for(config).loading(config):
             self.add_adapter(adapter_name, config,
                              autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))
         try:
@@ -698,19 +548,299 @@ class PeftModel(nn.Module):
             raise
         # As PEFT: the other tensors keep their requires_grad (add_adapter keeps them), and the new adapter, not
         # made active, trains only when asked to (is_trainable=True).
-        if is_trainable and not self._is_prompt_learning:
-            self.set_requires_grad(adapter_name, True)
+        if is_trainable:
+            self._tuner.mark_trainable(adapter_name)
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     def _load_weights(self, weights: dict[str, torch.Tensor], adapter_name: str) -> None:
-        if self._is_prompt_learning:
-            _prompt.load_weights(self, weights, adapter_name)
+        self._tuner.load_weights(weights, adapter_name)
+
+
+class WeightTuner:
+    """What ``PeftModel`` does with weight adapters (LoRA and kin): the method's ``AdapterModel`` (PEFT's
+    ``LoraModel``, ``IA3Model``..., which is ``peft_model.base_model``) plus the per-call work a ``PeftModel``
+    adds around it: mixed-adapter batches, aLoRA offsets, the ``autocast_adapter_dtype`` cast, PEFT's warnings,
+    and the file keys (which are ``PeftModel``'s state-dict keys, so it keeps the ``PeftModel`` it serves).
+
+    Its interface is :class:`deltatune.prompt.tuner.PromptTuner`'s: ``PeftModel`` calls one of the two and never
+    asks which.
+    """
+
+    def __init__(self, peft_model: PeftModel, adapter_model: AdapterModel) -> None:
+        self.peft_model = peft_model
+        self.adapter_model = adapter_model
+
+    @staticmethod
+    def build(peft_model: PeftModel, model: nn.Module, config: PeftConfig, adapter_name: str,
+              autocast_adapter_dtype: bool = True) -> WeightTuner:
+        """Inject ``config``'s adapter into ``model`` as ``adapter_name`` (active) with PEFT's per-method tuner class
+        (``LoraModel``, ``IA3Model``...: isinstance checks hold), from the registry."""
+        tuner = WeightTuner(peft_model, tuner_class(method_for(config.peft_type))(model, config, adapter_name))
+        tuner.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        _warn_unmatched_patterns(tuner.adapter_model, adapter_name, config)
+        return tuner
+
+    def peft_modules(self) -> dict[str, nn.Module]:
+        """The modules ``PeftModel`` shows as attributes: ``base_model``, the ``AdapterModel`` (PEFT's layout)."""
+        return {"base_model": self.adapter_model}
+
+    # ---- what it holds -------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self.adapter_model.model
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.adapter_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.adapter_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.adapter_model.active_adapters
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        return self.adapter_model.targeted_module_names
+
+    @property
+    def adapters_enabled(self) -> bool:
+        """Whether any adapter layer (or ``modules_to_save`` copy) is on, i.e. not inside ``disable_adapter()``."""
+        return any(not m.disable_adapters for _, m in self.adapter_model._wrappers())
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return self.adapter_model.supports_lora_conversion(adapter_name)
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
+        """Inject ``adapter_name`` (not made active).
+
+        Raises:
+            ConfigError: a prompt-learning config (PEFT keeps the two families apart too).
+        """
+        if config.is_prompt_learning:
+            raise ConfigError(
+                f"this PeftModel holds weight adapters (e.g. LoRA) and cannot also hold a {config.peft_type} adapter "
+                "(PEFT has the same rule); wrap a fresh base model for it"
+            )
+        # As PEFT: adding an adapter leaves every existing tensor's requires_grad as it was (a base weight the user
+        # unfroze, an adapter tensor they froze); the new, inactive adapter starts frozen.
+        existing = [(p, p.requires_grad) for p in self.peft_model.parameters()]
+        self.adapter_model.inject_adapter(adapter_name, config)
+        self.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        _warn_unmatched_patterns(self.adapter_model, adapter_name, config)
+        self.adapter_model.set_adapter(self.active_adapter)
+        for p, flag in existing:
+            p.requires_grad_(flag)
+
+    def cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+        """With ``autocast_adapter_dtype=False`` put ``adapter_name``'s layer tensors in their base layer's dtype.
+
+        The layers create adapters in float32 over a half-precision base (``AdapterLayer._place_adapter``), which
+        is PEFT's ``True``; PEFT's ``False`` leaves them in the base weight's dtype, so this casts them down.
+        """
+        if autocast_adapter_dtype:
             return
+        for module in self.adapter_model.model.modules():
+            if not isinstance(module, AdapterLayer) or module.quantized:  # a 4/8-bit base has no float dtype
+                continue
+            weight = getattr(module.base_layer, "weight", None)
+            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+                continue
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr)
+                if adapter_name not in container:
+                    continue
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    container[adapter_name] = nn.Parameter(item.data.to(weight.dtype), requires_grad=item.requires_grad)
+                else:
+                    item.to(weight.dtype)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        self.adapter_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        self.adapter_model.set_requires_grad(adapter_names, requires_grad)
+
+    def mark_trainable(self, adapter_name: str) -> None:
+        """A loaded (not active) adapter asked to be trainable: its tensors get gradients now."""
+        self.set_requires_grad(adapter_name, True)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.adapter_model.delete_adapter(adapter_name)
+
+    def _remove_adapter(self, adapter_name: str) -> None:
+        self.adapter_model._remove_adapter(adapter_name)
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """See ``PeftModel.add_weighted_adapter`` (:mod:`deltatune.lora.arithmetic` does the math)."""
+        from deltatune.lora.arithmetic import add_weighted_adapter
+
+        add_weighted_adapter(self.peft_model, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Every adapter layer off: the model computes exactly the base model's output."""
+        adapter_model = self.adapter_model
+        # As PEFT: the disabled adapters get no gradients inside the block (an optimizer step there must not move
+        # them, e.g. a reference pass in DPO); each tensor's own flag comes back on exit, so a frozen
+        # (inference-mode) adapter stays frozen.
+        if len({layer.disable_adapters for _, layer in adapter_model.adapter_layers()}) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all adapters "
+                          "will be enabled", PeftWarning, stacklevel=5)  # the caller of PeftModel.disable_adapter
+        if not self.adapters_enabled and self.active_adapters:  # nested: the outer block re-enables
+            yield
+            return
+        flags = [(p, p.requires_grad) for p in adapter_model.adapter_parameters()]
+        adapter_model.enable_adapter_layers(False)  # freezes the adapter tensors
+        try:
+            yield
+        finally:
+            adapter_model.enable_adapter_layers(True)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        _warn_already_merged(self.adapter_model, adapter_names)
+        self.adapter_model.merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.adapter_model.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        _warn_already_merged(self.adapter_model, adapter_names)
+        return self.adapter_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.adapter_model.unload()
+
+    def update_and_allocate(self, global_step: int) -> None:
+        self.adapter_model.update_and_allocate(global_step)
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        return self.adapter_model.regularization_loss()
+
+    # ---- running the model --------------------------------------------------------------------
+    def forward(self, args: tuple, kwargs: dict[str, Any], task_ids: torch.Tensor | None = None,
+                adapter_names: list[str] | None = None) -> Any:
+        """The model's forward through its adapter layers; ``task_ids`` are ignored (as PEFT)."""
+        with self._mixed_batch(adapter_names), _alora.activated(self.peft_model, args, kwargs, adapter_names):
+            outputs = self.adapter_model.model(*args, **kwargs)
+        return self.adapter_model.add_regularization(outputs)  # e.g. AdaLoRA's penalty, when a loss is returned
+
+    def generate(self, args: tuple, kwargs: dict[str, Any], adapter_names: list[str] | None = None) -> Any:
+        with self._mixed_batch(adapter_names), _alora.activated(self.peft_model, args, kwargs, adapter_names):
+            return self.adapter_model.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        if self.peft_model.training:
+            raise ConfigError("Cannot pass `adapter_names` when the model is in training mode. (mixed-adapter "
+                              "batches are for inference: call model.eval() first.)")
+        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
+        if unknown:
+            raise AdapterNameError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. This model "
+                                   f"has {sorted(self.peft_config)}; use '__base__' for rows without an adapter")
+        layers = [m for m in self.peft_model.modules() if hasattr(m, "row_adapters")]
+        for layer in layers:
+            layer.row_adapters = list(adapter_names)
+        try:
+            yield
+        finally:
+            # LoRA layers keep their adapter slots across calls (refilled when an adapter's tensors change, freed
+            # by delete_adapter), so repeated calls -- every decoding step of `deltatune serve` -- do not restack.
+            for layer in layers:
+                layer.row_adapters = None
+
+    # ---- files -----------------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str, save_embedding_layers: bool | str = "auto"
+                           ) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's file keys, with the embedding layers when asked (see
+        ``PeftModel.get_adapter_state_dict``) and the method's ``before_save`` hook applied."""
+        config = self.peft_config[adapter_name]
+        method = method_for(config.peft_type)
+        state = adapter_state_dict(self.peft_model, adapter_name, method.containers, getattr(config, "bias", "none"),
+                                   method.file_suffixes)
+        state.update(self._embedding_state(config, save_embedding_layers))
+        return method.hooks.before_save(self.peft_model, adapter_name, state) if method.hooks.before_save else state
+
+    def _embedding_state(self, config: PeftConfig, save_embedding_layers: bool | str) -> dict[str, torch.Tensor]:
+        targets = getattr(config, "target_modules", None) or ()
+        targeted = any(k in targets for k in ("embed_tokens", "lm_head"))
+        if save_embedding_layers == "auto":
+            # Trainable tokens exist to avoid filing the whole embedding (PEFT's rule too).
+            tokens = config.peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None)
+            save_embedding_layers = targeted and not tokens
+        base = self.model
+        if save_embedding_layers and not hasattr(base, "get_input_embeddings"):  # PEFT's warning, verbatim
+            warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
+                          stacklevel=4)
+        if not save_embedding_layers or not hasattr(base, "get_input_embeddings"):
+            return {}
+        out: dict[str, torch.Tensor] = {}
+        state = self.peft_model.state_dict()
+        layers = [base.get_input_embeddings(), getattr(base, "get_output_embeddings", lambda: None)()]
+        for layer in [m for m in layers if m is not None]:
+            module_name = next((n for n, m in self.peft_model.named_modules() if m is layer), None)
+            if module_name is None:
+                continue
+            # Within an adapted layer, the frozen weight is ``<name>.base_layer.weight``.
+            adapted = isinstance(layer, AdapterLayer) or module_name.endswith(".base_layer")
+            if targeted and not adapted:
+                continue  # with embeddings among the targets, PEFT files only the adapted ones
+            prefix = module_name.removesuffix(".base_layer")
+            out.update({k: v for k, v in state.items() if k.startswith(prefix + ".base_layer.")
+                        or k == prefix + ".weight"})
+        return out
+
+    def load_weights(self, weights: dict[str, torch.Tensor], adapter_name: str) -> None:
+        """Load a file's tensors (PEFT's keys) into ``adapter_name``; every key and shape is checked first."""
         config = self.peft_config[adapter_name]
         method = method_for(config.peft_type)
         containers = method.containers
-        model_state = to_model_keys(self, weights, adapter_name, containers, method.file_suffixes)
-        check_and_load(self, model_state, adapter_name, containers, config.base_model_name_or_path)
+        model_state = to_model_keys(self.peft_model, weights, adapter_name, containers, method.file_suffixes)
+        check_and_load(self.peft_model, model_state, adapter_name, containers, config.base_model_name_or_path)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def loading(config: PeftConfig) -> Iterator[None]:
+        """Loading overwrites the adapter's tensors, so skip initialisations while the adapter is built (nothing of
+        the base changes before the file is checked). PiSSA/OLoRA adapters get their residual base afterwards, rebuilt
+        from the base weights as PEFT does (:func:`_rebuild_residual`), and so do LoftQ adapters (their quantised base
+        Q); CorDA/LoRA-GA cannot be rebuilt: a warning says so."""
+        from deltatune.lora.conversion import mutates_base
+        from deltatune.lora.init import init_module, is_data_driven, rewrites_base
+
+        init = getattr(config, "init_lora_weights", True)
+        # EVA/CorDA/LoftQ/LoRA-GA/orthogonal only decide the starting A, B, which loading overwrites (issue 19).
+        if mutates_base(config) or is_data_driven(config) or init == "orthogonal":
+            # a base-rewriting init whose module cannot rebuild that base on load (LoftQ's can: _rebuild_residual)
+            if rewrites_base(config) and getattr(init_module(init), "rebuild_base", None) is None:
+                warnings.warn(
+                    f"adapter was initialised with {init!r}: it expects the residual base model saved at training "
+                    "time, not the original one (save it with path_initial_model_for_weight_conversion to get a plain "
+                    "LoRA for the original base)", stacklevel=3,
+                )
+            config.init_lora_weights = True
+            try:
+                yield
+            finally:
+                config.init_lora_weights = init
+        else:
+            yield
+
+
+def tuner_cls_for(config: PeftConfig) -> type[WeightTuner] | type[PromptTuner]:
+    """The tuner a ``PeftModel`` whose first adapter is ``config`` delegates to: the one choice of kind."""
+    return PromptTuner if config.is_prompt_learning else WeightTuner
 
 
 def _adapted_module_names(adapter_model: AdapterModel, adapter_name: str | None = None) -> list[str]:
@@ -730,7 +860,7 @@ def _warn_unmatched_patterns(adapter_model: AdapterModel, adapter_name: str, con
         unmatched = sorted(k for k in patterns if not any(re.match(rf"(.*\.)?({k})$", n) for n in names))
         if unmatched:
             warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
-                          f"{unmatched}.", PeftRuntimeWarning, stacklevel=4)
+                          f"{unmatched}.", PeftRuntimeWarning, stacklevel=5)
 
 
 def _warn_already_merged(adapter_model: AdapterModel, adapter_names: list[str] | None) -> None:
@@ -744,9 +874,9 @@ def _warn_already_merged(adapter_model: AdapterModel, adapter_names: list[str] |
     todo = [n for n in wanted if n not in merged]
     if todo:
         warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally "
-                      f"merging {','.join(todo)}.", PeftWarning, stacklevel=3)
+                      f"merging {','.join(todo)}.", PeftWarning, stacklevel=4)
     else:
-        warnings.warn("All adapters are already merged, nothing to do.", PeftWarning, stacklevel=3)
+        warnings.warn("All adapters are already merged, nothing to do.", PeftWarning, stacklevel=4)
 
 
 def _fit_config_to_file(config: PeftConfig, weights: dict[str, torch.Tensor], directory: str) -> None:
@@ -771,38 +901,6 @@ def _rebuild_residual(model: nn.Module, adapter_name: str) -> None:
     if getattr(config, "init_lora_weights", True) is not True:
         rebuild_residual(model, adapter_name, config)
         rebuild_base(model, adapter_name, config)  # LoftQ: its quantised base Q from the weights given
-
-
-@contextlib.contextmanager
-def _no_reinit(config: PeftConfig) -> Iterator[None]:
-    """Loading overwrites the adapter's tensors, so skip initialisations while the adapter is built (nothing of the
-    base changes before the file is checked). PiSSA/OLoRA adapters get their residual base afterwards, rebuilt from the
-    base weights as PEFT does (:func:`_rebuild_residual`), and so do LoftQ adapters (their quantised base Q);
-    CorDA/LoRA-GA cannot be rebuilt: a warning says so."""
-    if config.is_prompt_learning:  # skip TEXT/SAMPLE_VOCAB/source-task prompt inits too
-        with _prompt.no_init(config):
-            yield
-        return
-    from deltatune.lora.conversion import mutates_base
-    from deltatune.lora.init import init_module, is_data_driven, rewrites_base
-
-    init = getattr(config, "init_lora_weights", True)
-    # EVA/CorDA/LoftQ/LoRA-GA/orthogonal only decide the starting A, B, which loading overwrites (issue 19).
-    if mutates_base(config) or is_data_driven(config) or init == "orthogonal":
-        # a base-rewriting init whose module cannot rebuild that base on load (LoftQ's can: _rebuild_residual)
-        if rewrites_base(config) and getattr(init_module(init), "rebuild_base", None) is None:
-            warnings.warn(
-                f"adapter was initialised with {init!r}: it expects the residual base model saved at training "
-                "time, not the original one (save it with path_initial_model_for_weight_conversion to get a plain "
-                "LoRA for the original base)", stacklevel=3,
-            )
-        config.init_lora_weights = True
-        try:
-            yield
-        finally:
-            config.init_lora_weights = init
-    else:
-        yield
 
 
 def _device_of(model: nn.Module) -> torch.device:

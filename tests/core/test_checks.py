@@ -26,13 +26,13 @@ def _save(tmp_path, config, name="a") -> str:
 def forbid_building(monkeypatch) -> None:
     """From here on, building any adapter from a config fails the test: a refusal must come before it."""
     from deltatune.core.tuner import AdapterModel
-    from deltatune.prompt import model as prompt_model
+    from deltatune.prompt.tuner import PromptTuner
 
     def built(*args, **kwargs):
         raise AssertionError("the adapter was built before its config was checked against the file")
 
     monkeypatch.setattr(AdapterModel, "inject_adapter", built)
-    monkeypatch.setattr(prompt_model, "init_model", built)
+    monkeypatch.setattr(PromptTuner, "inject_adapter", built)
 
 
 @pytest.mark.parametrize("changes, field", [

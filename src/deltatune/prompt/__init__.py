@@ -2,7 +2,9 @@
 
 They train a few vectors instead of any weight: soft prompts in front of the input embeddings, or
 key/value prefixes in front of every attention layer's cache. ``config.py`` holds the configs,
-``encoders.py`` the trainable modules, ``model.py`` the forward/generate/file logic ``PeftModel`` uses.
+``encoders.py`` the trainable modules, ``tuner.py`` the ``PromptTuner`` a ``PeftModel`` delegates to (adapters,
+forward, generate, files), and how the tokens go in: ``soft.py`` (input embeddings) or ``prefix.py`` (the
+key/value cache), with ``inputs.py`` the bookkeeping both share.
 """
 
 from __future__ import annotations
