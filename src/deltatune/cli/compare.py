@@ -144,7 +144,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def child_settings(methods: list[str], settings: RunSettings, names: set[str]) -> dict[str, dict[str, Any]]:
+def child_settings(methods: list[str], settings: RunSettings | dict[str, Any],
+                   names: set[str]) -> dict[str, dict[str, Any]]:
     """The settings file each method's ``deltatune train`` child gets: the user's settings plus the shorter compare
     schedule where they set none, and of the method options only those the method takes
     (:func:`options_mod.shared_options_for`: OFT does not get LoRA's ``--r``).
@@ -152,6 +153,8 @@ def child_settings(methods: list[str], settings: RunSettings, names: set[str]) -
     Raises:
         UsageError: a method option that no method in ``methods`` takes.
     """
+    if not isinstance(settings, RunSettings):  # a dict of the same keys (``explicit`` for the flags)
+        settings = RunSettings.from_layer(settings)
     explicit = settings.flags
     shared = dict(COMPARE_RECIPES.get(settings.data, {}))
     shared.update({k: v for k, v in explicit.items()

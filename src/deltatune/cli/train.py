@@ -259,7 +259,7 @@ def world_size() -> int:
 
 def run_train(settings: RunSettings) -> int:
     """Train, evaluate, save. Under torchrun every rank runs this; only rank 0 prints and writes files."""
-    device = str(settings.device or "auto")
+    device = str(settings.device)
     joined_here = not distributed.info().world_size > 1
     info = distributed.init_from_env("cuda" if device.startswith("cuda") or
                                      (device == "auto" and torch.cuda.is_available()) else "cpu")
