@@ -19,7 +19,10 @@ from dataclasses import fields
 from typing import Any
 
 from deltatune.cli import common
+from deltatune.cli import options as options_mod
+from deltatune.cli import settings as settings_mod
 from deltatune.cli.common import UsageError, human_bytes, human_time
+from deltatune.cli.settings import RunSettings
 from deltatune.cli.train import add_train_arguments, settings_from_args
 from deltatune.core.io import atomic_write_text
 from deltatune.training import plots
@@ -57,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
 
     explicit = vars(args)
     methods_arg = explicit.pop("methods", None)
-    table = common.method_table()
+    table = options_mod.method_table()
     if methods_arg:
         methods = [m.strip() for m in methods_arg.split(",") if m.strip()]
     else:
@@ -71,16 +74,16 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--quantize applies to every method of the comparison; drop it to get a separate qlora row")
     if "method" in explicit:
         raise UsageError("compare takes --methods (a comma list), not --method")
-    names = set(common.method_fields())
+    names = set(options_mod.method_fields())
     settings = settings_from_args(args, names)
-    data, model = settings["data"], settings["model"]
-    if "output_dir" not in settings["explicit"]:
+    data, model = settings.data, settings.model
+    if "output_dir" not in settings.flags:
         stem = lambda s: os.path.splitext(os.path.basename(os.path.normpath(s)))[0]  # noqa: E731
-        settings["output_dir"] = os.path.join("runs", f"compare-{stem(data)}-{stem(model)}")
-    out = settings["output_dir"]
+        settings.output_dir = os.path.join("runs", f"compare-{stem(data)}-{stem(model)}")
+    out = settings.output_dir
     child_config = child_settings(methods, settings, names)
-    resume = bool(settings.get("resume"))
-    overwrite = bool(settings.get("overwrite"))
+    resume = bool(settings.resume)
+    overwrite = bool(settings.overwrite)
     rows = []
     t0 = 0.0
     baseline = None  # the base model's metric, from the first run that measured it
@@ -141,25 +144,28 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def child_settings(methods: list[str], settings: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:
+def child_settings(methods: list[str], settings: RunSettings | dict[str, Any],
+                   names: set[str]) -> dict[str, dict[str, Any]]:
     """The settings file each method's ``deltatune train`` child gets: the user's settings plus the shorter compare
     schedule where they set none, and of the method options only those the method takes
-    (:func:`common.shared_options_for`: OFT does not get LoRA's ``--r``).
+    (:func:`options_mod.shared_options_for`: OFT does not get LoRA's ``--r``).
 
     Raises:
         UsageError: a method option that no method in ``methods`` takes.
     """
-    explicit = settings["explicit"]
-    shared = dict(COMPARE_RECIPES.get(settings["data"], {}))
+    if not isinstance(settings, RunSettings):  # a dict of the same keys (``explicit`` for the flags)
+        settings = RunSettings.from_layer(settings)
+    explicit = settings.flags
+    shared = dict(COMPARE_RECIPES.get(settings.data, {}))
     shared.update({k: v for k, v in explicit.items()
                    if k not in ("output_dir", "resume", "overwrite", "config", "method_options", "method")})
     options: dict[str, Any] = {}
     if "config" in explicit:
-        from_file = common.load_config_file(explicit["config"])
+        from_file = settings_mod.load_config_file(explicit["config"])
         options.update({k: v for k, v in from_file.items() if k in names})
         shared.update({k: v for k, v in from_file.items() if k not in names and k != "method"})
     options.update(explicit.get("method_options", {}))
-    per_method = {m: common.shared_options_for(_method_of(m), options) for m in methods}
+    per_method = {m: options_mod.shared_options_for(_method_of(m), options) for m in methods}
     unused = sorted(k for k in options if not any(k in taken for taken in per_method.values()))
     if unused:
         flags = ", ".join("--" + u.replace("_", "-") for u in unused)
@@ -173,7 +179,7 @@ def row_flags(row: str) -> list[str] | None:
     ``dora+pissa``); ``None`` for a row that is none of these."""
     if row in VARIANTS:
         return VARIANTS[row]
-    table = common.method_table()
+    table = options_mod.method_table()
     if row in table:
         return ["--method", row]
     method, plus, init = row.partition("+")

@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 
-from deltatune.cli import common
+from deltatune.cli import common, evaluation, loading
+from deltatune.cli import options as options_mod
+from deltatune.cli import settings as settings_mod
 from deltatune.cli.common import UsageError
 from deltatune.training.trainer import resolve_precision
 
@@ -30,7 +32,7 @@ def register(subparsers) -> None:
         p.add_argument(f"--{role}-column")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--quantize", choices=[*common.QUANTIZE_CHOICES, "none"],
+    p.add_argument("--quantize", choices=[*options_mod.QUANTIZE_CHOICES, "none"],
                    help="hold the base in nf4/fp4/int8 via bitsandbytes (default: as the adapter was trained)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=main)
@@ -39,34 +41,30 @@ def register(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     run = {}
     if args.adapter:  # before the adapter's settings are read: a wrong path must not surface as a data error
-        common.check_adapter_dir(args.adapter)
+        loading.check_adapter_dir(args.adapter)
         run = common.read_json(os.path.join(args.adapter, common.RUN_CONFIG_NAME))
-    settings = {**common.DEFAULTS, **{k: v for k, v in run.items() if k in common.DEFAULTS}}
-    settings.update(common.recipe_for(args.data or settings["data"], args.model or settings["model"]))
-    if run and not args.data:  # the adapter's own run settings beat the recipe
-        settings.update({k: v for k, v in run.items() if k in common.DEFAULTS})
-    for key in ("data", "eval_data", "eval_samples", "max_length", "template", "format", "text_column",
-                "label_column", "prompt_column", "completion_column", "messages_column"):
-        value = getattr(args, key)
-        if value is not None:
-            settings[key] = value
+    flags = {key: getattr(args, key) for key in ("data", "eval_data", "eval_samples", "max_length", "template",
+                                                 "format", "text_column", "label_column", "prompt_column",
+                                                 "completion_column", "messages_column")
+             if getattr(args, key) is not None}
+    settings = settings_mod.for_evaluation(run, flags, args.model)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = common.pick_device(args.device)
+    device = loading.pick_device(args.device)
     amp = resolve_precision(args.precision, device)
-    quant_type = common.run_quantize(run, args.quantize)
-    dataset = common.load_data(settings)
+    quant_type = loading.run_quantize(run, args.quantize)
+    dataset = loading.load_data(settings)
     if args.adapter:
-        spec, labels, _ = common.adapter_base_and_labels(args.adapter, args.model)
+        spec, labels, _ = loading.adapter_base_and_labels(args.adapter, args.model)
         if run.get("labels") and dataset.labels and run["labels"] != dataset.labels:
             raise UsageError(f"the adapter was trained on labels {run['labels']}, the data has {dataset.labels}")
     else:
-        spec = common.resolve_model(args.model or common.DEFAULTS["model"])
-    model, tokenizer = common.load_model(spec, labels=dataset.labels, device=device)
-    model = common.base_with_adapter(model, quant_type, args.adapter, args.model, spec, run)
-    task = common.make_task(dataset, spec, tokenizer, int(settings["max_length"]))
+        spec = loading.resolve_model(args.model or settings_mod.DEFAULTS["model"])
+    model, tokenizer = loading.load_model(spec, labels=dataset.labels, device=device)
+    model = loading.base_with_adapter(model, quant_type, args.adapter, args.model, spec, run)
+    task = evaluation.make_task(dataset, spec, tokenizer, int(settings.max_length))
     records = getattr(dataset, args.split)
-    examples = task.examples(records, settings["eval_samples"] or None)
+    examples = task.examples(records, settings.eval_samples or None)
     result = task.evaluate(model, examples, batch_size=args.batch_size, device=device, amp=amp)
     report = {"model": spec.name, "adapter": args.adapter, "data": dataset.name, "split": args.split,
               "records": len(examples), "quantize": quant_type, **result}

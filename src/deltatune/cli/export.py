@@ -16,7 +16,7 @@ import tempfile
 
 import torch
 
-from deltatune.cli import common
+from deltatune.cli import common, loading
 from deltatune.cli.common import UsageError, human_bytes
 
 
@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--energy must be in (0, 1], got {args.energy}; 0.99 keeps 99% of each layer's ‖ΔW‖²")
     out = _check_output(args.output_dir, args.adapter)
     device = torch.device("cpu")
-    model, tokenizer, spec, labels, run = common.load_with_adapter(args.adapter, args.model, device, "none")
+    model, tokenizer, spec, labels, run = loading.load_with_adapter(args.adapter, args.model, device, "none")
     try:
         exported = export_to_lora(model, rank=args.rank, energy=args.energy)
     except ConfigError as exc:
@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     inputs = probe_inputs(tokenizer)
     with torch.no_grad():
         before = model(input_ids=inputs).logits.float()
-    base, _ = common.load_model(spec, labels=labels or run.get("labels"), device=device)
+    base, _ = loading.load_model(spec, labels=labels or run.get("labels"), device=device)
     lora = exported.to_peft_model(base).eval()
     with torch.no_grad():
         diff = (lora(input_ids=inputs).logits.float() - before).abs()

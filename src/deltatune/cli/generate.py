@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from deltatune.cli import common
+from deltatune.cli import loading
+from deltatune.cli import options as options_mod
 from deltatune.cli.common import UsageError
 
 
@@ -32,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task-id", type=int, default=None,
                    help="multitask prompt tuning: which task's prompt to use (default 0, the one `train` trains)")
-    p.add_argument("--quantize", choices=[*common.QUANTIZE_CHOICES, "none"],
+    p.add_argument("--quantize", choices=[*options_mod.QUANTIZE_CHOICES, "none"],
                    help="hold the base in nf4/fp4/int8 via bitsandbytes (default: as the adapter was trained)")
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=main)
@@ -61,8 +62,8 @@ def main(args: argparse.Namespace) -> int:
     if args.num_return_sequences > 1 and args.temperature == 0 and args.num_return_sequences > args.num_beams:
         raise UsageError(f"--num-return-sequences {args.num_return_sequences} needs sampling (--temperature > 0) "
                          f"or at least as many --num-beams; greedy decoding has one answer")
-    device = common.pick_device(args.device)
-    model, tokenizer, spec, _, run = common.load_with_adapter(args.adapter, args.model, device, args.quantize)
+    device = loading.pick_device(args.device)
+    model, tokenizer, spec, _, run = loading.load_with_adapter(args.adapter, args.model, device, args.quantize)
     template = run.get("template") or ""
     if run.get("data_format") == "prompt" and "{prompt}" in template and not (args.raw or args.chat):
         prompt = template.replace("{prompt}", prompt)  # e.g. "User: {prompt}\nBot:" for chatterbot

@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from deltatune.cli import common
+from deltatune.cli import common, loading
+from deltatune.cli import options as options_mod
 from deltatune.cli.common import UsageError, human_bytes
 from deltatune.core.io import is_disk_full
 from deltatune.errors import DiskFullError
@@ -57,9 +58,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the saved weights of a merged model (with --requantize: of the dense layers "
                         "and the compute)")
-    p.add_argument("--quantize", choices=[*common.QUANTIZE_CHOICES, "none"],
+    p.add_argument("--quantize", choices=[*options_mod.QUANTIZE_CHOICES, "none"],
                    help="the base the adapter was trained on (default: as its training run says)")
-    p.add_argument("--requantize", choices=common.QUANTIZE_CHOICES,
+    p.add_argument("--requantize", choices=options_mod.QUANTIZE_CHOICES,
                    help="--adapter: quantise the merged model again (bitsandbytes) and write it quantised; costs "
                         "that format's rounding of the merged weights, which the printed merge error includes")
     p.add_argument("--overwrite", action="store_true")
@@ -92,7 +93,7 @@ def probe_inputs(tokenizer, max_tokens: int = 24) -> torch.Tensor:
 def _check_output(args: argparse.Namespace) -> str:
     """The output directory, checked before any loading (and bitsandbytes, where ``--requantize`` needs it)."""
     out = os.path.abspath(args.output_dir)
-    common.check_quantize(args.requantize)  # bitsandbytes present for --requantize: known before any loading
+    loading.check_quantize(args.requantize)  # bitsandbytes present for --requantize: known before any loading
     _refuse_overlap(out, args)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--output-dir {args.output_dir} is a file; pass a directory")
@@ -110,7 +111,7 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
         found.append(("--model", args.model))
     else:
         for _, d in list(found):
-            base = common.recorded_base(d, common.read_json(os.path.join(d, common.RUN_CONFIG_NAME))) \
+            base = loading.recorded_base(d, common.read_json(os.path.join(d, common.RUN_CONFIG_NAME))) \
                 if os.path.isdir(d) else None
             if base and os.path.isdir(base):
                 found.append(("the base model", base))
@@ -208,9 +209,9 @@ def main(args: argparse.Namespace) -> int:
         flags = ", ".join("--" + f.replace("_", "-") for f in extra + (["merge_into_base"] * args.merge_into_base))
         raise UsageError(f"{flags} combine several adapters: use --adapters DIR1 DIR2 ... instead of --adapter")
     out = _check_output(args)
-    model, tokenizer, spec, _, run = common.load_with_adapter(args.adapter, args.model, torch.device("cpu"),
+    model, tokenizer, spec, _, run = loading.load_with_adapter(args.adapter, args.model, torch.device("cpu"),
                                                               args.quantize)
-    return _fold_and_write(model, tokenizer, out, args, common.run_quantize(run, args.quantize),
+    return _fold_and_write(model, tokenizer, out, args, loading.run_quantize(run, args.quantize),
                            f"{args.adapter} into {spec.name}")
 
 
@@ -255,15 +256,15 @@ def combine(args: argparse.Namespace) -> int:
             raise UsageError(f"{', '.join('--' + f for f in given)} apply to a merged model: add "
                              "--merge-into-base (the combined adapter itself does not depend on the base's format)")
     out = _check_output(args)
-    spec, labels, run = common.adapter_base_and_labels(dirs[0], args.model)
+    spec, labels, run = loading.adapter_base_and_labels(dirs[0], args.model)
     if args.model is None:  # every adapter must expect the same base, or the sum means nothing
         for d in dirs[1:]:
-            other, _, _ = common.adapter_base_and_labels(d, None)
+            other, _, _ = loading.adapter_base_and_labels(d, None)
             if other.name != spec.name:
                 raise UsageError(f"{dirs[0]} expects base {spec.name} but {d} expects {other.name}; combine "
                                  "adapters trained on the same base (or pass --model to force one)")
     for d in dirs:
-        config = common.check_adapter_dir(d, "--adapters")
+        config = loading.check_adapter_dir(d, "--adapters")
         peft_type = config.get("peft_type")
         if str(peft_type).upper() != "LORA":
             raise UsageError(f"{d} is a {peft_type} adapter; --adapters combines LoRA adapters only")
@@ -274,10 +275,10 @@ def combine(args: argparse.Namespace) -> int:
             raise UsageError(f"{d} was initialised with init_lora_weights={init!r} and saved as created, so it works "
                              "on its own rewritten base only; save it with path_initial_model_for_weight_conversion "
                              "(a plain LoRA for the original base; deltatune train does) before combining it")
-        common.check_adapter_weights(d)
-    base, tokenizer = common.load_model(spec, labels=labels or run.get("labels"), device=torch.device("cpu"))
-    base_quant = common.run_quantize(run, args.quantize) if args.merge_into_base else None
-    base = common.quantize_base(base, base_quant)  # the base the adapters were trained on (QLoRA), to fold into
+        loading.check_adapter_weights(d)
+    base, tokenizer = loading.load_model(spec, labels=labels or run.get("labels"), device=torch.device("cpu"))
+    base_quant = loading.run_quantize(run, args.quantize) if args.merge_into_base else None
+    base = loading.quantize_base(base, base_quant)  # the base the adapters were trained on (QLoRA), to fold into
     names = [f"source_{i}" for i in range(len(dirs))]
     model = PeftModel.from_pretrained(base, dirs[0], adapter_name=names[0])
     for name, d in zip(names[1:], dirs[1:]):

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from deltatune.cli import common
+from deltatune.cli import common, loading
+from deltatune.cli import options as options_mod
+from deltatune.cli import settings as settings_mod
 from deltatune.cli.common import UsageError
 
 
@@ -21,7 +23,7 @@ def register(subparsers) -> None:
                    help="a directory of adapter folders (or one adapter directory); repeat for more roots")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--quantize", choices=[*common.QUANTIZE_CHOICES, "none"], default=None,
+    p.add_argument("--quantize", choices=[*options_mod.QUANTIZE_CHOICES, "none"], default=None,
                    help="hold the base in nf4/fp4/int8 via bitsandbytes (default: none)")
     p.add_argument("--max-loaded", type=int, default=8, help="adapters kept in memory at once (LRU; default 8)")
     p.add_argument("--max-batch", type=int, default=32, help="rows decoded together at most (default 32)")
@@ -61,13 +63,13 @@ def build_server(model: str | None, adapters: list[str], *, quantize: str | None
         raise UsageError(str(exc)) from None
     for line in registry.skipped:
         common.err(f"note: not an adapter, skipped: {line}")
-    name = model or common.DEFAULTS["model"]
-    spec = common.resolve_model(name)
+    name = model or settings_mod.DEFAULTS["model"]
+    spec = loading.resolve_model(name)
     if spec.kind != "causal":
         raise UsageError(f"--model {name} is an encoder with a classification head; it cannot generate text")
-    torch_device = common.pick_device(device)
-    base, tokenizer = common.load_model(spec, device=torch_device)
-    base = common.quantize_base(base, quantize if quantize != "none" else None)
+    torch_device = loading.pick_device(device)
+    base, tokenizer = loading.load_model(spec, device=torch_device)
+    base = loading.quantize_base(base, quantize if quantize != "none" else None)
     try:
         engine = Engine(base, tokenizer, registry, max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue,
                         device=torch_device)

@@ -1,7 +1,8 @@
 """``deltatune train``: fine-tune, evaluate before and after, save the adapter.
 
 Everything that can be wrong with the input (options, data, model) is checked before anything is
-written, so a bad command leaves no half-made output directory.
+written, so a bad command leaves no half-made output directory. A run is a sequence of stages
+(:func:`_run_train`); its settings are one :class:`~deltatune.cli.settings.RunSettings`.
 """
 
 from __future__ import annotations
@@ -10,20 +11,24 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from deltatune import distributed
-from deltatune.cli import common
+from deltatune.cli import common, evaluation, loading
+from deltatune.cli import options as options_mod
+from deltatune.cli import settings as settings_mod
 from deltatune.cli.common import UsageError, human_bytes, human_time
+from deltatune.cli.options import add_train_arguments, learning_rate
+from deltatune.cli.settings import RunSettings
 from deltatune.core.io import atomic_write_text, is_disk_full
 from deltatune.lora.conversion import converts_to_plain_lora
 from deltatune.training import plots, runlock
-from deltatune.training.data import BUILTIN_DATASETS, SHAPE_BUCKET, collate, describe_columns
+from deltatune.training.data import SHAPE_BUCKET, collate, describe_columns
 from deltatune.training.trainer import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -31,6 +36,7 @@ from deltatune.training.trainer import (
     Trainer,
     TrainingDiverged,
     TrainingInterrupted,
+    TrainResult,
     capture_rng,
     disk_full,
     dumps_json,
@@ -47,240 +53,46 @@ OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", METRICS_NAME
                 common.SUMMARY_NAME, common.RUN_CONFIG_NAME)
 
 
-def learning_rate(value: str | float) -> float:
-    """``--lr``: a positive finite number (``nan``, ``inf`` and negatives parse as floats, and train nothing).
-
-    Raises:
-        argparse.ArgumentTypeError: the one-line reason (argparse's error names the flag).
-    """
-    lr = float(value)  # not a number: ValueError, which argparse reports as "invalid float value"
-    if not math.isfinite(lr) or lr <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a usable learning rate; pass a positive finite number "
-                                         "such as 2e-4")
-    return lr
-
-
-learning_rate.__name__ = "float"  # what argparse and --config name the expected type in their messages
-
-
-# Negative numbers in scientific notation (-1e-3) and -inf read as option names to argparse's own matcher (-1, -0.5
-# only): then `--lr -1e-3` fails with "expected one argument" instead of the real reason.
-_NEGATIVE_NUMBER = re.compile(r"^-((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``train`` (and ``compare``). Absent flags stay absent so settings can be layered."""
-    s = argparse.SUPPRESS
-    parser._negative_number_matcher = _NEGATIVE_NUMBER  # no option of these looks like a number
-    g = parser.add_argument_group("what to train")
-    g.add_argument("--model", default=s, help="built-in name (smollm2-135m, minilm-l6), model directory, or hub id "
-                                              "(default: smollm2-135m)")
-    g.add_argument("--data", default=s, help="built-in name (bbc-news, chatterbot) or a .jsonl/.csv/.txt file "
-                                             "(default: bbc-news)")
-    g.add_argument("--eval-data", default=s, help="separate evaluation file (default: 10%% of --data held out)")
-    g.add_argument("--method", default=s, help="adapter method (default: lora): "
-                                               + ", ".join(common.method_table()))
-    g.add_argument("--config", default=s, help="YAML/JSON file of these options (flags still win)")
-    g.add_argument("--output-dir", default=s, help="where the adapter, metrics.jsonl and loss.png go "
-                                                   "(default: runs/<data>-<model>-<method>)")
-    g = parser.add_argument_group("schedule")
-    g.add_argument("--max-steps", type=int, default=s, help="optimizer steps (default: --epochs over the data)")
-    g.add_argument("--epochs", type=float, default=s, help="passes over the data when --max-steps is not given")
-    g.add_argument("--batch-size", type=int, default=s, help="examples per micro-batch, per process (default 8)")
-    g.add_argument("--grad-accum", type=int, default=s, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=learning_rate, default=s, help="peak learning rate of AdamW")
-    g.add_argument("--weight-decay", type=float, default=s)
-    g.add_argument("--warmup-ratio", type=float, default=s, help="share of steps of linear warm-up (then cosine)")
-    g.add_argument("--max-grad-norm", type=float, default=s, help="gradient clipping (0: off)")
-    g.add_argument("--loraplus-lr-ratio", type=float, default=s, help="LoRA+: lora_B learns this many times faster")
-    g.add_argument("--seed", type=int, default=s)
-    g.add_argument("--resume", action="store_true", default=s, help="continue the run in --output-dir from its "
-                                                                     "checkpoint")
-    g.add_argument("--overwrite", action="store_true", default=s, help="replace a finished run in --output-dir")
-    g = parser.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-steps", type=int, default=s, help="evaluate on validation data every N steps (0: off)")
-    g.add_argument("--save-steps", type=int, default=s, help="resumable checkpoint every N steps (default 10)")
-    g.add_argument("--eval-samples", type=int, default=s, help="evaluate on a fixed sample of this many records")
-    g.add_argument("--eval-batch-size", type=int, default=s)
-    g.add_argument("--no-eval-before", dest="eval_before", action="store_false", default=s,
-                   help="skip the evaluation of the base model before training")
-    g.add_argument("--forgetting-tokens", type=int, default=s,
-                   help="tokens of general text for the forgetting measure (0: off; default 4096)")
-    g.add_argument("--forgetting-data", default=s, metavar="FILE",
-                   help="held-out general text (.txt, .jsonl, .csv) to measure forgetting on, instead of the "
-                        "built-in ChatterBot answers (package chatterbot-corpus)")
-    g = parser.add_argument_group("data format")
-    g.add_argument("--format", choices=["text", "prompt", "chat", "classification"], default=s,
-                   help="data format (default: recognised from the fields)")
-    g.add_argument("--max-length", type=int, default=s, help="longest example in tokens")
-    g.add_argument("--template", default=s, help="classification prompt for a causal LM, with {text} and {labels}")
-    for role in ("text", "label", "prompt", "completion", "messages"):
-        g.add_argument(f"--{role}-column", default=s, help=f"the column holding {role} (default: {role})")
-    g = parser.add_argument_group("hardware")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=s,
-                   help="auto: bf16 autocast where the hardware is fast at it")
-    g.add_argument("--gradient-checkpointing", action="store_true", default=s)
-    g.add_argument("--quantize", choices=[*common.QUANTIZE_CHOICES, "none"], default=s,
-                   help="QLoRA: hold the frozen base's linear layers in 4-bit NF4/FP4 (double quantisation) or "
-                        "8-bit int8 via bitsandbytes; the adapter trains in fp32 on top (default: none)")
-    g.add_argument("--no-chunked-loss", dest="chunked_loss", action="store_false", default=s,
-                   help="materialise the full (tokens, vocab) logits for the loss (default: chunked head + "
-                        "cross-entropy, same numbers, less memory)")
-    g.add_argument("--compile", nargs="?", const="inductor", default=s, metavar="BACKEND",
-                   help="torch.compile the model for the training steps (backend default: inductor)")
-    g.add_argument("--device", default=s, help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=s)
-    g.add_argument("--fsdp", action="store_true", default=s,
-                   help="under torchrun: shard the model with FSDP2 (for a base too big for one device) "
-                        "instead of replicating it (DDP)")
-    common.add_method_options(parser, taken={a.dest for a in parser._actions})
-
-
 def _records(n: int, kind: str) -> str:
+    """``"1 test record"``, ``"20 test records"``."""
     return f"{n} {kind} record{'s' * (n != 1)}"
 
 
-def _typed_file_settings(path: str, values: dict[str, Any]) -> dict[str, Any]:
-    """A config file's settings checked and converted as their flags would be (``lr: "3e-4"`` -> 3e-4).
-
-    Raises:
-        UsageError: a value its flag would refuse (``lr: fast``, ``data: [1, 2]``, ``precision: fp8``).
-    """
-    parser = argparse.ArgumentParser(add_help=False)
-    add_train_arguments(parser)
-    actions = {a.dest: a for a in parser._actions}
-    out = dict(values)
-    for key, value in values.items():
-        a = actions.get(key)
-        if a is None or key == "method_options" or value is None:
-            continue
-        where = f"--config {path}: {key}: "
-        if a.nargs == 0:  # an on/off flag (--resume, --no-progress ...): a yes/no setting in a file
-            if not isinstance(value, bool):
-                raise UsageError(where + f"{value!r} is not true or false")
-        elif a.nargs == "?" and isinstance(value, bool):  # --compile with no value
-            value = a.const if value else None
-        elif isinstance(value, str):
-            if a.type is not None:
-                try:
-                    value = a.type(value)
-                except argparse.ArgumentTypeError as exc:  # the type's own reason (--lr nan)
-                    raise UsageError(where + str(exc)) from None
-                except (ValueError, TypeError):
-                    raise UsageError(where + f"cannot read {value!r} as {a.type.__name__}") from None
-        elif a.type in (int, float, learning_rate) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if a.type is int and value != int(value):
-                raise UsageError(where + f"{value!r} is not a whole number")
-            try:
-                value = a.type(value)
-            except argparse.ArgumentTypeError as exc:  # lr: -1 or .nan in a YAML file
-                raise UsageError(where + str(exc)) from None
-        else:
-            raise UsageError(where + f"{value!r} is not a {a.type.__name__ if a.type else 'string'}")
-        if a.choices and value not in a.choices:
-            raise UsageError(where + f"{value!r} is not one of {', '.join(map(str, a.choices))}")
-        out[key] = value
-    return out
+def settings_from_args(args: argparse.Namespace, method_option_names: set[str]) -> RunSettings:
+    """Layer defaults, recipe, config file and flags into the run's settings (:func:`settings.layered`)."""
+    return settings_mod.layered(args, method_option_names)
 
 
-def settings_from_args(args: argparse.Namespace, method_option_names: set[str]) -> dict[str, Any]:
-    """Layer defaults, recipe, config file, resumed run and flags into one settings dict."""
-    explicit = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
-    options = {k: explicit.pop(k) for k in list(explicit) if k in method_option_names}
-    if options:
-        explicit["method_options"] = options
-    from_file = common.load_config_file(explicit["config"]) if "config" in explicit else {}
-    file_options = {k: from_file.pop(k) for k in list(from_file) if k in method_option_names}
-    from_file.setdefault("method_options", {}).update(file_options)
-    known = set(common.DEFAULTS) | {"progress", "resume", "overwrite", "config"}
-    unknown = sorted(set(from_file) - known)
-    if unknown:
-        raise UsageError(f"--config {explicit['config']}: unknown option(s) {unknown}")
-    from_file = _typed_file_settings(explicit["config"], from_file) if "config" in explicit else from_file
-    top = common.layer_settings([from_file, explicit])
-    data = top.get("data", common.DEFAULTS["data"])
-    model = top.get("model", common.DEFAULTS["model"])
-    recipe = common.recipe_for(data, model)
-    # The recipe's method options are LoRA-style (r, lora_alpha, ...): kept apart, and `prepare` gives each method
-    # only those it takes (common.shared_options_for), so `--method ia3` or `oft` on a built-in data set works.
-    recipe_options = recipe.pop("method_options", {})
-    settings = common.layer_settings([common.DEFAULTS, recipe, top])
-    settings["recipe_method_options"] = recipe_options
-    settings["lr_given"] = "lr" in top
-    settings["explicit"] = explicit
-    if settings.get("output_dir") is None:
-        stem = lambda s: os.path.splitext(os.path.basename(os.path.normpath(s)))[0]  # noqa: E731
-        settings["output_dir"] = os.path.join("runs", f"{stem(data)}-{stem(model)}-{settings['method']}")
-    return settings
+def _apply_resume(settings: RunSettings | dict[str, Any]) -> RunSettings:
+    """On ``--resume``, the saved settings are the base; a flag that would change the computation is refused
+    (:func:`settings.resumed`). Takes a dict of the same keys too (``explicit`` for the flags)."""
+    if not isinstance(settings, RunSettings):
+        settings = RunSettings.from_layer(settings)
+    return settings_mod.resumed(settings, world_size())
 
 
-# Settings naming files: run_config.json stores them absolute, so --resume works from any working directory.
-# A built-in name (and anything that is not an existing path, like a hub id) stays as it is.
-_PATH_SETTINGS = {"data": BUILTIN_DATASETS, "eval_data": (), "forgetting_data": (), "model": common.BUILTIN_MODELS,
-                  "model_path": ()}
-
-
-def _absolute(key: str, value: Any) -> Any:
-    if key in _PATH_SETTINGS and isinstance(value, str) and value not in _PATH_SETTINGS[key] \
-            and os.path.exists(value):
-        return os.path.abspath(value)
-    return value
-
-
-def _apply_resume(settings: dict[str, Any]) -> dict[str, Any]:
-    """On ``--resume``, the saved settings are the base; a flag that would change the computation is refused."""
-    runlock.check_free(settings["output_dir"])  # a live run may not have written its settings yet
-    saved = common.read_json(os.path.join(settings["output_dir"], common.RUN_CONFIG_NAME))
-    if not saved:
-        raise UsageError(f"--resume: {settings['output_dir']} holds no run to resume (no {common.RUN_CONFIG_NAME}); "
-                         "start without --resume")
-    explicit = settings["explicit"]
-    for key, value in explicit.items():
-        if key in common.HARMLESS:
-            continue
-        old = saved.get(key)
-        if key == "batch_size" and int(value) * world_size() == int(old) * int(saved.get("world_size", 1)):
-            continue  # another process count, the same global batch: the run computes the same steps
-        if key == "method_options":
-            changed = {k: v for k, v in value.items() if saved.get("method_options", {}).get(k) != v}
-            if changed:
-                raise UsageError(f"--resume: method options {changed} differ from the run's "
-                                 f"{saved.get('method_options')}; resume without them")
-        elif key == "quantize" and {value, old} <= {None, "none"}:
-            continue  # --quantize none is the default: no quantisation
-        elif old != value and _absolute(key, old) != _absolute(key, value):
-            raise UsageError(f"--resume: --{key.replace('_', '-')} {value!r} differs from the run's {old!r}; "
-                             "resume with the same options or train into a new --output-dir")
-    merged = dict(saved)
-    merged.update({k: v for k, v in explicit.items() if k in common.HARMLESS or k == "batch_size"})
-    merged["world_size"] = world_size()
-    merged["resume"] = True
-    merged["explicit"] = explicit
-    return merged
-
-
-def _check_output_dir(settings: dict[str, Any], locked: bool = False) -> None:
+def _check_output_dir(settings: RunSettings, locked: bool = False) -> None:
     """Refuse an output directory in use, or holding a run that this command would clobber.
 
     Args:
         locked: This process holds the directory's lock (the second look, just before writing).
     """
-    out = settings["output_dir"]
+    out = settings.output_dir
     if os.path.isfile(out):
         raise UsageError(f"--output-dir {out} is a file; pass a directory")
     if not locked:
         runlock.check_free(out)  # a live run's files say nothing about whether it finished
     present = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(out, f))]
-    if settings.get("resume"):
+    if settings.resume:
         if os.path.exists(os.path.join(out, common.SUMMARY_NAME)):
             raise UsageError(f"--resume: {out} already holds a finished run; start a new run with --overwrite or "
                              "another --output-dir")
         if not os.path.exists(os.path.join(out, CHECKPOINT_NAME)):
             # Stopped before its first checkpoint: nothing to restore, so start it again with its settings.
-            settings["resume"] = False
-            settings["overwrite"] = True
+            settings.resume = False
+            settings.overwrite = True
         return
-    if present and not settings.get("overwrite"):
+    if present and not settings.overwrite:
         if common.SUMMARY_NAME in present:
             what = "a finished run"
         elif CHECKPOINT_NAME in present:
@@ -291,51 +103,99 @@ def _check_output_dir(settings: dict[str, Any], locked: bool = False) -> None:
                          "another --output-dir")
 
 
-def prepare(settings: dict[str, Any]):
-    """Check everything and load model, tokenizer, data and adapter config. Writes nothing."""
-    table = common.method_table()
-    method = settings["method"]
-    if method not in table:
-        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(sorted(table))}")
-    config_cls = table[method][0]
-    options = dict(settings.get("method_options") or {})
-    if not settings.get("resume"):  # a built-in recipe's options, for the methods that take them
-        recipe = settings.pop("recipe_method_options", {})
-        options = {**common.shared_options_for(method, recipe), **options}
-    settings.pop("recipe_method_options", None)
-    if not settings.get("resume") and not settings.pop("lr_given", True):
-        settings["lr"] = common.default_lr(method, float(settings["lr"]))
-    settings.pop("lr_given", None)
-    device = common.pick_device(settings["device"])
-    resolve_precision(settings["precision"], device)
-    settings["quantize"] = common.check_quantize(settings.get("quantize"))  # before any loading: bitsandbytes?
-    for key in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
-        if int(settings[key]) < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {settings[key]}")
-    if settings["max_steps"] is not None and int(settings["max_steps"]) < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {settings['max_steps']}")
-    if settings["lr"] <= 0:
-        raise UsageError(f"--lr must be positive, got {settings['lr']}")
-    dataset = common.load_data(settings)
-    spec = common.resolve_model(settings["model"])
-    tokenizer = common.load_tokenizer(spec)
-    task = common.make_task(dataset, spec, tokenizer, int(settings["max_length"]))
-    train_examples = task.encoder(dataset.train)
-    steps = plan_steps(len(train_examples), settings["max_steps"], float(settings["epochs"]),
-                       int(settings["batch_size"]), int(settings["grad_accum"]))
-    options = common.fill_method_defaults(config_cls, options, total_steps=steps, model_path=spec.path,
-                                           train_examples=train_examples)
-    options = _loftq_options(options, settings["quantize"])
-    settings["method_options"] = options
-    task_type = "CAUSAL_LM" if spec.kind == "causal" else "SEQ_CLS"
-    peft_config = common.build_peft_config(method, options, task_type)
-    _check_output_dir(settings)
-    torch.manual_seed(settings["seed"])  # a fresh classification head is initialised on load
-    model, tokenizer = common.load_model(spec, labels=dataset.labels, device=device, tokenizer=tokenizer)
-    if options.get("init_lora_weights") != "loftq":  # LoftQ quantises the float model itself (create_adapter)
-        model = common.quantize_base(model, settings["quantize"])
-    return spec, dataset, task, model, tokenizer, peft_config, train_examples, device
+@dataclass
+class Prepared:
+    """What :func:`prepare` loads and checks before anything is written; the stages of a run fill in the rest.
 
+    Attributes:
+        test_examples, val_examples: Fixed samples of ``--eval-samples`` held-out records, encoded.
+        general: Blocks of general text for the forgetting measure; ``no_forgetting`` says why there are none.
+        base_bytes: The frozen base's weight bytes (quantised or not), for the summary.
+        eval_kw, general_kw: Keyword arguments of :meth:`Task.evaluate` and of ``metrics.evaluate_loss`` on the
+            general text.
+    """
+
+    spec: loading.ModelSpec
+    dataset: Any
+    task: evaluation.Task
+    model: torch.nn.Module
+    tokenizer: Any
+    peft_config: Any
+    train_examples: list[dict]
+    device: torch.device
+    amp: torch.dtype | None = None
+    test_examples: list[dict] | None = None
+    val_examples: list[dict] | None = None
+    general: list[dict] | None = None
+    no_forgetting: str | None = None
+    base_bytes: int | None = None
+    eval_kw: dict[str, Any] | None = None
+    general_kw: dict[str, Any] | None = None
+
+
+def prepare(settings: RunSettings) -> Prepared:
+    """Check everything and load model, tokenizer, data and adapter config. Writes nothing."""
+    config_cls = _check_method(settings)
+    _complete_schedule(settings)
+    device = loading.pick_device(settings.device)
+    resolve_precision(settings.precision, device)
+    settings.quantize = loading.check_quantize(settings.quantize)  # before any loading: bitsandbytes?
+    _check_sizes(settings)
+    dataset = loading.load_data(settings)
+    spec = loading.resolve_model(settings.model)
+    tokenizer = loading.load_tokenizer(spec)
+    task = evaluation.make_task(dataset, spec, tokenizer, int(settings.max_length))
+    train_examples = task.encoder(dataset.train)
+    steps = plan_steps(len(train_examples), settings.max_steps, float(settings.epochs), int(settings.batch_size),
+                       int(settings.grad_accum))
+    method_options = options_mod.fill_method_defaults(config_cls, settings.method_options or {}, total_steps=steps,
+                                                      model_path=spec.path, train_examples=train_examples)
+    settings.method_options = _loftq_options(method_options, settings.quantize)
+    task_type = "CAUSAL_LM" if spec.kind == "causal" else "SEQ_CLS"
+    peft_config = options_mod.build_peft_config(settings.method, settings.method_options, task_type)
+    _check_output_dir(settings)
+    torch.manual_seed(settings.seed)  # a fresh classification head is initialised on load
+    model, tokenizer = loading.load_model(spec, labels=dataset.labels, device=device, tokenizer=tokenizer)
+    if settings.method_options.get("init_lora_weights") != "loftq":  # LoftQ quantises the float model itself
+        model = loading.quantize_base(model, settings.quantize)
+    return Prepared(spec, dataset, task, model, tokenizer, peft_config, train_examples, device)
+
+
+def _check_method(settings: RunSettings) -> type:
+    """The method's config class; a fresh run's method options get the recipe's, for the methods that take them.
+
+    Raises:
+        UsageError: an unknown ``--method``.
+    """
+    table = options_mod.method_table()
+    if settings.method not in table:
+        raise UsageError(f"unknown method {settings.method!r}; choose one of: {', '.join(sorted(table))}")
+    if not settings.resume:  # a built-in recipe's options, for the methods that take them
+        recipe = options_mod.shared_options_for(settings.method, settings.recipe_method_options)
+        settings.method_options = {**recipe, **(settings.method_options or {})}
+    settings.recipe_method_options = {}
+    return table[settings.method][0]
+
+
+def _complete_schedule(settings: RunSettings) -> None:
+    """A fresh run without ``--lr`` gets the default learning rate scaled for its method."""
+    if not settings.resume and not settings.given("lr"):
+        settings.lr = options_mod.default_lr(settings.method, float(settings.lr))
+
+
+def _check_sizes(settings: RunSettings) -> None:
+    """Batch sizes, lengths, steps and learning rate that can train something.
+
+    Raises:
+        UsageError: one of them below 1 (the learning rate: not positive).
+    """
+    for key in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
+        if int(getattr(settings, key)) < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(settings, key)}")
+    if settings.max_steps is not None and int(settings.max_steps) < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {settings.max_steps}")
+    if settings.lr <= 0:
+        raise UsageError(f"--lr must be positive, got {settings.lr}")
 
 def _loftq_options(options: dict[str, Any], quantize: str | None) -> dict[str, Any]:
     """``--init-lora-weights loftq``: ``loftq_config`` completed with PEFT's ``LoftQConfig`` defaults (4 bits, one
@@ -395,9 +255,11 @@ def world_size() -> int:
     return distributed.info().world_size
 
 
-def run_train(settings: dict[str, Any]) -> int:
+
+
+def run_train(settings: RunSettings) -> int:
     """Train, evaluate, save. Under torchrun every rank runs this; only rank 0 prints and writes files."""
-    device = str(settings.get("device", "auto"))
+    device = str(settings.device)
     joined_here = not distributed.info().world_size > 1
     info = distributed.init_from_env("cuda" if device.startswith("cuda") or
                                      (device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -414,176 +276,268 @@ def run_train(settings: dict[str, Any]) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _run_train(settings: dict[str, Any], info: Any, lock: contextlib.ExitStack) -> int:
+def _run_train(settings: RunSettings, info: Any, lock: contextlib.ExitStack) -> int:
+    """The stages of a run, in order: settings, checks and loading (nothing written yet), the adapter, the output
+    directory, evaluation before, training, then evaluation after and the saved result."""
     started = time.perf_counter()
-    is_main = info.is_main
-    if settings.get("resume"):
+    settings = _final_settings(settings, info)
+    run = prepare(settings)
+    distributed.barrier()  # every rank checked --output-dir before rank 0 writes into it
+    _plan_evaluation(settings, run)
+    _attach_adapter(settings, run)
+    _claim_output_dir(settings, run, info, lock)
+    _announce(settings, run, info)
+    initial_dir = _keep_initial_adapter(settings, run, info)
+    extra = {} if settings.resume else _evaluate_before(settings, run, initial_dir, info)
+    trainable, total = _count_parameters(run.model)
+    trainer = _make_trainer(settings, run, info)
+    result = trainer.train(resume=bool(settings.resume), extra=extra)
+    # From here on, Ctrl-C and a full disk end with a true account of what is on disk and what to do.
+    with _after_training(trainer, settings.output_dir):
+        after, after_seconds = _evaluate_after(run, trainer, result, info)
+        forgetting, general_adapted = _forgetting(settings, run, result.extra)
+        _save_adapter(settings, run, trainer, result, initial_dir, info)
+        if not info.is_main:
+            distributed.barrier()  # rank 0 writes the rest; then all leave together
+            return 0
+        summary = _summary(settings, run, result, after, after_seconds, forgetting, general_adapted,
+                           trainable, total, started)
+        _write_results(settings, run, result, summary)
+        distributed.barrier()
+        return 0
+
+
+def _final_settings(settings: RunSettings, info: Any) -> RunSettings:
+    """The settings of this run: on ``--resume`` the saved run's (:func:`_apply_resume`); refuse FSDP over a
+    quantised base."""
+    if settings.resume:
         settings = _apply_resume(settings)
-    if settings.get("fsdp") and common.check_quantize(settings.get("quantize")) and info.world_size > 1:
+    if settings.fsdp and loading.check_quantize(settings.quantize) and info.world_size > 1:
         raise UsageError("--fsdp cannot shard a bitsandbytes-quantised base (--quantize): drop --fsdp to train it "
                          "data-parallel (DDP replicates the already small quantised base)")
-    spec, dataset, task, model, tokenizer, peft_config, train_examples, device = prepare(settings)
-    distributed.barrier()  # every rank checked --output-dir before rank 0 writes into it
-    out = settings["output_dir"]
-    amp = resolve_precision(settings["precision"], device)
-    limit = settings["eval_samples"]
-    test_examples = task.examples(dataset.test, limit)
-    val_examples = task.examples(dataset.validation, limit)
-    general, no_forgetting = common.general_text_examples(
-        tokenizer, int(settings["forgetting_tokens"]), path=settings.get("forgetting_data")) \
-        if spec.kind == "causal" else ([], "not measured: forgetting is measured for causal LMs only")
-    eval_kw = {"batch_size": int(settings["eval_batch_size"]), "device": device, "amp": amp}
-    general_kw = {"batch_size": int(settings["eval_batch_size"]), "pad_id": task.pad_id, "device": device, "amp": amp}
+    return settings
 
+
+def _plan_evaluation(settings: RunSettings, run: Prepared) -> None:
+    """The held-out samples (fixed, ``--eval-samples``), the autocast dtype, and the general text that measures
+    forgetting (causal LMs only)."""
+    run.amp = resolve_precision(settings.precision, run.device)
+    limit = settings.eval_samples
+    run.test_examples = run.task.examples(run.dataset.test, limit)
+    run.val_examples = run.task.examples(run.dataset.validation, limit)
+    run.general, run.no_forgetting = evaluation.general_text_examples(
+        run.tokenizer, int(settings.forgetting_tokens), path=settings.forgetting_data) \
+        if run.spec.kind == "causal" else ([], "not measured: forgetting is measured for causal LMs only")
+    run.eval_kw = {"batch_size": int(settings.eval_batch_size), "device": run.device, "amp": run.amp}
+    run.general_kw = {**run.eval_kw, "pad_id": run.task.pad_id}
+
+
+def _attach_adapter(settings: RunSettings, run: Prepared) -> None:
+    """The adapter goes on before anything is evaluated or written: a config that does not fit the model (targets
+    that match nothing, ...) fails at once and leaves no output directory behind."""
     from deltatune.quantization import weight_bytes
 
-    base_bytes = weight_bytes(model)
-    # The adapter goes on before anything is evaluated or written: a config that does not fit the model
-    # (targets that match nothing, ...) fails at once and leaves no output directory behind.
-    torch.manual_seed(settings["seed"])  # the adapter's initialisation
-    model = create_adapter(model, peft_config, train_examples, task, int(settings["batch_size"]), device,
-                           settings.get("quantize"))
+    run.base_bytes = weight_bytes(run.model)
+    torch.manual_seed(settings.seed)  # the adapter's initialisation
+    model = create_adapter(run.model, run.peft_config, run.train_examples, run.task, int(settings.batch_size),
+                           run.device, settings.quantize)
     # after get_peft_model, which records the loaded model's own name (a local directory here)
-    model.peft_config["default"].base_model_name_or_path = spec.name
-    if settings.get("quantize") and getattr(peft_config, "init_lora_weights", True) == "loftq":
-        base_bytes = weight_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters()
-                                               if p.requires_grad)  # the base is quantised after LoftQ
+    model.peft_config["default"].base_model_name_or_path = run.spec.name
+    if settings.quantize and getattr(run.peft_config, "init_lora_weights", True) == "loftq":
+        run.base_bytes = weight_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters()
+                                                   if p.requires_grad)  # the base is quantised after LoftQ
+    run.model = model
 
-    # From here on the output directory is written, by this run alone: take its lock, then look again (another run
-    # may have started or finished since prepare() looked), then sweep what killed saves left.
+
+def _claim_output_dir(settings: RunSettings, run: Prepared, info: Any, lock: contextlib.ExitStack) -> None:
+    """From here on the output directory is written, by this run alone: take its lock, then look again (another run
+    may have started or finished since :func:`prepare` looked), sweep what killed saves left, and (a fresh run)
+    replace the files an earlier run wrote and write ``run_config.json``."""
+    out = settings.output_dir
     os.makedirs(out, exist_ok=True)
-    if is_main:
-        lock.enter_context(runlock.RunLock(out))
-        _check_output_dir(settings, locked=True)
-        runlock.sweep_temp_files(out, os.path.join(out, INITIAL_ADAPTER_DIR))
-    if not settings.get("resume") and is_main:
-        for name in OUTPUT_FILES:  # --overwrite: only the files a run writes, never anything else
-            path = os.path.join(out, name)
-            if os.path.exists(path):
-                os.unlink(path)
-        record = {k: v for k, v in settings.items() if k not in ("explicit", "resume", "overwrite", "config")}
-        record.update(labels=dataset.labels, data_format=dataset.format, template=dataset.template,
-                      model_kind=spec.kind, model_path=spec.path, world_size=info.world_size)
-        record = {k: _absolute(k, v) for k, v in record.items()}
-        atomic_write_text(os.path.join(out, common.RUN_CONFIG_NAME), _json(record))
+    if not info.is_main:
+        return
+    lock.enter_context(runlock.RunLock(out))
+    _check_output_dir(settings, locked=True)
+    runlock.sweep_temp_files(out, os.path.join(out, INITIAL_ADAPTER_DIR))
+    if settings.resume:
+        return
+    for name in OUTPUT_FILES:  # --overwrite: only the files a run writes, never anything else
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.unlink(path)
+    record = settings.record()
+    record.update(labels=run.dataset.labels, data_format=run.dataset.format, template=run.dataset.template,
+                  model_kind=run.spec.kind, model_path=run.spec.path, world_size=info.world_size)
+    record = {k: settings_mod.absolute_path(k, v) for k, v in record.items()}
+    atomic_write_text(os.path.join(out, common.RUN_CONFIG_NAME), _json(record))
 
-    n_train = len(dataset.train)
-    quantized = f" in {settings['quantize']}" if settings.get("quantize") else ""
-    print(f"deltatune train: {settings['method']} on {settings['model']}{quantized} ({spec.kind}), data {dataset.name} "
-          f"({dataset.format}: {n_train} train, {len(test_examples)} eval records) -> {out}", flush=True)
-    if is_main and dataset.columns_read:  # e.g. an Alpaca or question/answer file
+
+def _announce(settings: RunSettings, run: Prepared, info: Any) -> None:
+    """One line on what is trained on what, and notes on columns read and a small evaluation set."""
+    dataset, n_test = run.dataset, len(run.test_examples)
+    quantized = f" in {settings.quantize}" if settings.quantize else ""
+    print(f"deltatune train: {settings.method} on {settings.model}{quantized} ({run.spec.kind}), data {dataset.name} "
+          f"({dataset.format}: {len(dataset.train)} train, {n_test} eval records) -> {settings.output_dir}",
+          flush=True)
+    if info.is_main and dataset.columns_read:  # e.g. an Alpaca or question/answer file
         common.err(f"note: reading {describe_columns(dataset.columns_read)} (name columns with --prompt-column, "
                    "--completion-column, ... to choose others)")
-    if is_main and 0 < len(test_examples) < SMALL_EVAL:
-        common.err(f"note: only {_records(len(test_examples), 'held-out')} to evaluate on, so one record moves the "
-                   f"metric by {1 / len(test_examples):.2g}; pass --eval-data FILE or more data for a finer measure")
-    trainer_cfg = TrainConfig(
-        output_dir=out, max_steps=settings["max_steps"], epochs=float(settings["epochs"]),
-        batch_size=int(settings["batch_size"]), grad_accum=int(settings["grad_accum"]), lr=float(settings["lr"]),
-        weight_decay=float(settings["weight_decay"]), warmup_ratio=float(settings["warmup_ratio"]),
-        max_grad_norm=float(settings["max_grad_norm"]), loraplus_lr_ratio=settings["loraplus_lr_ratio"],
-        eval_steps=int(settings["eval_steps"]), save_steps=int(settings["save_steps"]), seed=int(settings["seed"]),
-        precision=settings["precision"], gradient_checkpointing=bool(settings["gradient_checkpointing"]),
-        chunked_loss=bool(settings["chunked_loss"]), compile=settings["compile"] or None,
-        progress=False if settings.get("progress") is False else None)
+    if info.is_main and 0 < n_test < SMALL_EVAL:
+        common.err(f"note: only {_records(n_test, 'held-out')} to evaluate on, so one record moves the "
+                   f"metric by {1 / n_test:.2g}; pass --eval-data FILE or more data for a finer measure")
 
-    # PiSSA/OLoRA/CorDA/LoRA-GA move part of each weight into the adapter: without it the base is only the residual.
-    # Keep the initial adapter, so the one saved at the end is a plain LoRA for the original base (what eval loads).
-    initial_dir = os.path.join(out, INITIAL_ADAPTER_DIR) if converts_to_plain_lora(peft_config) else None
-    if initial_dir and not settings.get("resume"):
-        model.save_pretrained(initial_dir, is_main_process=is_main)
+
+def _keep_initial_adapter(settings: RunSettings, run: Prepared, info: Any) -> str | None:
+    """PiSSA/OLoRA/CorDA/LoRA-GA move part of each weight into the adapter: without it the base is only the residual.
+    Keep the initial adapter, so the one saved at the end is a plain LoRA for the original base (what eval loads).
+    Returns its directory, or ``None`` for the other methods."""
+    out = settings.output_dir
+    initial_dir = os.path.join(out, INITIAL_ADAPTER_DIR) if converts_to_plain_lora(run.peft_config) else None
+    if initial_dir and not settings.resume:
+        run.model.save_pretrained(initial_dir, is_main_process=info.is_main)
+    return initial_dir
+
+
+def _evaluate_before(settings: RunSettings, run: Prepared, initial_dir: str | None, info: Any) -> dict[str, Any]:
+    """A fresh run's measures of the base model: its test metric (unless ``--no-eval-before``) and its loss on the
+    general text. Returns them as the trainer's ``extra`` (kept in checkpoints, so a resume has them)."""
     extra: dict[str, Any] = {}
-    if not settings.get("resume"):
-        # "before" is the base model alone; for PiSSA/OLoRA that is the untrained adapter on the residual base
-        with contextlib.nullcontext() if initial_dir else model.disable_adapter():
-            if settings.get("eval_before", True):
-                print(f"evaluating the base model on {_records(len(test_examples), 'test')} ...", flush=True)
-                t0 = time.perf_counter()
-                extra["before"] = task.evaluate(model, test_examples, **eval_kw)
-                extra["before_seconds"] = time.perf_counter() - t0
-                if is_main:
-                    _log(out, {"step": 0, "split": "test", "event": "before", **extra["before"]})
-                print(f"  before: {_fmt(extra['before'])} ({human_time(extra['before_seconds'])})", flush=True)
-            if general:
-                from deltatune.training.metrics import evaluate_loss
+    # "before" is the base model alone; for PiSSA/OLoRA that is the untrained adapter on the residual base
+    with contextlib.nullcontext() if initial_dir else run.model.disable_adapter():
+        if settings.eval_before:
+            print(f"evaluating the base model on {_records(len(run.test_examples), 'test')} ...", flush=True)
+            t0 = time.perf_counter()
+            extra["before"] = run.task.evaluate(run.model, run.test_examples, **run.eval_kw)
+            extra["before_seconds"] = time.perf_counter() - t0
+            if info.is_main:
+                _log(settings.output_dir, {"step": 0, "split": "test", "event": "before", **extra["before"]})
+            print(f"  before: {_fmt(extra['before'])} ({human_time(extra['before_seconds'])})", flush=True)
+        if run.general:
+            from deltatune.training.metrics import evaluate_loss
 
-                extra["general_loss_base"] = evaluate_loss(model, general, **general_kw)
+            extra["general_loss_base"] = evaluate_loss(run.model, run.general, **run.general_kw)
+    return extra
+
+
+def _count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameters, printed as PEFT prints them."""
     trainable, total = model.get_nb_trainable_parameters()
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}",
           flush=True)
+    return trainable, total
+
+
+def _train_config(settings: RunSettings) -> TrainConfig:
+    """The trainer's settings, typed as it takes them."""
+    s = settings
+    return TrainConfig(
+        output_dir=s.output_dir, max_steps=s.max_steps, epochs=float(s.epochs), batch_size=int(s.batch_size),
+        grad_accum=int(s.grad_accum), lr=float(s.lr), weight_decay=float(s.weight_decay),
+        warmup_ratio=float(s.warmup_ratio), max_grad_norm=float(s.max_grad_norm),
+        loraplus_lr_ratio=s.loraplus_lr_ratio, eval_steps=int(s.eval_steps), save_steps=int(s.save_steps),
+        seed=int(s.seed), precision=s.precision, gradient_checkpointing=bool(s.gradient_checkpointing),
+        chunked_loss=bool(s.chunked_loss), compile=s.compile or None, progress=False if s.progress is False else None)
+
+
+def _make_trainer(settings: RunSettings, run: Prepared, info: Any) -> Trainer:
+    """The trainer (DDP or FSDP under torchrun), evaluating on the validation sample every ``--eval-steps``; says
+    what it will train."""
+    trainer_cfg = _train_config(settings)
 
     def evaluate(m):
-        return task.evaluate(m, val_examples, **eval_kw)
+        return run.task.evaluate(m, run.val_examples, **run.eval_kw)
 
-    parallel = ("fsdp" if settings.get("fsdp") else "ddp") if info.world_size > 1 else "none"
-    trainer = Trainer(model, train_examples, trainer_cfg, pad_id=task.pad_id,
-                      sequence_classifier=task.sequence_classifier, evaluate=evaluate, device=device,
+    parallel = ("fsdp" if settings.fsdp else "ddp") if info.world_size > 1 else "none"
+    trainer = Trainer(run.model, run.train_examples, trainer_cfg, pad_id=run.task.pad_id,
+                      sequence_classifier=run.task.sequence_classifier, evaluate=evaluate, device=run.device,
                       parallel=parallel)
     where = f"{info.world_size} processes ({parallel}, {info.backend}), " if info.world_size > 1 else ""
     print(f"training {trainer.total_steps} steps of {trainer.global_batch_size * trainer_cfg.grad_accum} examples "
-          f"({where}precision: {'bf16' if amp else 'fp32'}, device: {device})", flush=True)
-    result = trainer.train(resume=bool(settings.get("resume")), extra=extra)
-    extra = result.extra
+          f"({where}precision: {'bf16' if run.amp else 'fp32'}, device: {run.device})", flush=True)
+    return trainer
 
-    # From here on, Ctrl-C and a full disk end with a true account of what is on disk and what to do.
-    with _after_training(trainer, out):
-        print(f"evaluating the adapted model on {_records(len(test_examples), 'test')} ...", flush=True)
-        t0 = time.perf_counter()
-        after = task.evaluate(model, test_examples, **eval_kw)
-        after_seconds = time.perf_counter() - t0
-        broken = {k: v for k, v in after.items() if isinstance(v, float) and not math.isfinite(v)}
-        if broken:  # finite weights that still compute NaN/inf (a huge learning rate): not a result to save
-            raise TrainingDiverged(f"training diverged: the trained adapter's test {_fmt(broken)} is not finite"
-                                   f"{trainer._divergence_advice()}")
-        if is_main:
-            _log(out, {"step": result.steps, "split": "test", "event": "after", **after})
-        forgetting = general_adapted = None
-        if general and "general_loss_base" in extra:
-            from deltatune.training.metrics import evaluate_loss
 
-            general_adapted = evaluate_loss(model, general, **general_kw)
-            forgetting = general_adapted - extra["general_loss_base"]
+def _evaluate_after(run: Prepared, trainer: Trainer, result: TrainResult, info: Any) -> tuple[dict, float]:
+    """The trained model's test metric and the seconds it took.
 
-        if trainer_cfg.save_steps:
-            # A checkpoint of the finished training: Ctrl-C or a full disk while saving the result is then finished
-            # by --resume without training again. Deleted once summary.json is written.
-            extra["train_seconds"] = result.wall_time_s
-            trainer.save_checkpoint(trainer.step, capture_rng(), extra)
-        # FSDP: all ranks gather the shards, rank 0 writes
-        model.save_pretrained(out, is_main_process=is_main, path_initial_model_for_weight_conversion=initial_dir)
-        if not is_main:
-            distributed.barrier()  # rank 0 writes the rest; then all leave together
-            return 0
-        adapter_bytes = os.path.getsize(os.path.join(out, "adapter_model.safetensors"))
-        before = extra.get("before", {})
-        summary = {
-            "method": settings["method"], "model": settings["model"], "data": dataset.name, "format": dataset.format,
-            "metric": task.metric_name, "metric_before": before.get(task.metric_name),
-            "metric_after": after.get(task.metric_name), "eval_before": before, "eval_after": after,
-            "eval_records": len(test_examples), "forgetting": forgetting,
-            "forgetting_reason": None if forgetting is not None else no_forgetting or "not measured",
-            "forgetting_data": settings.get("forgetting_data"),
-            "general_loss_base": extra.get("general_loss_base"), "general_loss_adapted": general_adapted,
-            "trainable_params": trainable, "total_params": total, "adapter_bytes": adapter_bytes,
-            "peak_memory_bytes": result.peak_memory_bytes, "train_time_s": result.wall_time_s,
-            "time_per_step_s": result.time_per_step_s, "tokens_per_s": result.tokens_per_s, "steps": result.steps,
-            "final_train_loss": result.final_loss, "precision": "bf16" if amp else "fp32", "device": str(device),
-            "eval_seconds": extra.get("before_seconds", 0.0) + after_seconds,
-            "wall_time_s": time.perf_counter() - started,  # this command, model loading and evaluations included
-            "resumed": bool(settings.get("resume")), "quantize": settings.get("quantize"),
-            "base_weight_bytes": base_bytes,
-        }
-        _log(out, {"step": result.steps, "event": "end",
-                   **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
-        plots.plot_loss_curve(plots.read_metrics(os.path.join(out, METRICS_NAME)), os.path.join(out, "loss.png"),
-                              title=f"{settings['method']} on {settings['model']} / {dataset.name}")
-        atomic_write_text(os.path.join(out, common.SUMMARY_NAME), _json(summary))
-        ckpt = os.path.join(out, CHECKPOINT_NAME)
-        if os.path.exists(ckpt):
-            os.unlink(ckpt)  # the adapter is the result; a finished run has nothing to resume
-        print_summary(summary, out)
-        distributed.barrier()
-        return 0
+    Raises:
+        TrainingDiverged: finite weights that still compute NaN/inf (a huge learning rate): not a result to save.
+    """
+    print(f"evaluating the adapted model on {_records(len(run.test_examples), 'test')} ...", flush=True)
+    t0 = time.perf_counter()
+    after = run.task.evaluate(run.model, run.test_examples, **run.eval_kw)
+    after_seconds = time.perf_counter() - t0
+    broken = {k: v for k, v in after.items() if isinstance(v, float) and not math.isfinite(v)}
+    if broken:
+        raise TrainingDiverged(f"training diverged: the trained adapter's test {_fmt(broken)} is not finite"
+                               f"{trainer._divergence_advice()}")
+    if info.is_main:
+        _log(trainer.config.output_dir, {"step": result.steps, "split": "test", "event": "after", **after})
+    return after, after_seconds
+
+
+def _forgetting(settings: RunSettings, run: Prepared, extra: dict[str, Any]) -> tuple[float | None, float | None]:
+    """``(forgetting, general loss adapted)``: how much worse the adapted model predicts general text than the base
+    did (nats/token); ``(None, None)`` where it was not measured."""
+    if not (run.general and "general_loss_base" in extra):
+        return None, None
+    from deltatune.training.metrics import evaluate_loss
+
+    general_adapted = evaluate_loss(run.model, run.general, **run.general_kw)
+    return general_adapted - extra["general_loss_base"], general_adapted
+
+
+def _save_adapter(settings: RunSettings, run: Prepared, trainer: Trainer, result: TrainResult,
+                  initial_dir: str | None, info: Any) -> None:
+    """Write the trained adapter (FSDP: all ranks gather the shards, rank 0 writes), after a checkpoint of the
+    finished training: Ctrl-C or a full disk while saving the result is then finished by ``--resume`` without
+    training again (the checkpoint is deleted once ``summary.json`` is written)."""
+    if trainer.config.save_steps:
+        result.extra["train_seconds"] = result.wall_time_s
+        trainer.save_checkpoint(trainer.step, capture_rng(), result.extra)
+    run.model.save_pretrained(settings.output_dir, is_main_process=info.is_main,
+                              path_initial_model_for_weight_conversion=initial_dir)
+
+
+def _summary(settings: RunSettings, run: Prepared, result: TrainResult, after: dict[str, float],
+             after_seconds: float, forgetting: float | None, general_adapted: float | None, trainable: int,
+             total: int, started: float) -> dict[str, Any]:
+    """``summary.json``: what the run measured, before and after, and what it cost."""
+    extra, task = result.extra, run.task
+    before = extra.get("before", {})
+    return {
+        "method": settings.method, "model": settings.model, "data": run.dataset.name, "format": run.dataset.format,
+        "metric": task.metric_name, "metric_before": before.get(task.metric_name),
+        "metric_after": after.get(task.metric_name), "eval_before": before, "eval_after": after,
+        "eval_records": len(run.test_examples), "forgetting": forgetting,
+        "forgetting_reason": None if forgetting is not None else run.no_forgetting or "not measured",
+        "forgetting_data": settings.forgetting_data,
+        "general_loss_base": extra.get("general_loss_base"), "general_loss_adapted": general_adapted,
+        "trainable_params": trainable, "total_params": total,
+        "adapter_bytes": os.path.getsize(os.path.join(settings.output_dir, "adapter_model.safetensors")),
+        "peak_memory_bytes": result.peak_memory_bytes, "train_time_s": result.wall_time_s,
+        "time_per_step_s": result.time_per_step_s, "tokens_per_s": result.tokens_per_s, "steps": result.steps,
+        "final_train_loss": result.final_loss, "precision": "bf16" if run.amp else "fp32", "device": str(run.device),
+        "eval_seconds": extra.get("before_seconds", 0.0) + after_seconds,
+        "wall_time_s": time.perf_counter() - started,  # this command, model loading and evaluations included
+        "resumed": bool(settings.resume), "quantize": settings.quantize,
+        "base_weight_bytes": run.base_bytes,
+    }
+
+
+def _write_results(settings: RunSettings, run: Prepared, result: TrainResult, summary: dict[str, Any]) -> None:
+    """Rank 0: the "end" line of ``metrics.jsonl``, ``loss.png``, ``summary.json``; drop the checkpoint (the adapter
+    is the result; a finished run has nothing to resume) and print the summary."""
+    out = settings.output_dir
+    _log(out, {"step": result.steps, "event": "end", **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
+    plots.plot_loss_curve(plots.read_metrics(os.path.join(out, METRICS_NAME)), os.path.join(out, "loss.png"),
+                          title=f"{settings.method} on {settings.model} / {run.dataset.name}")
+    atomic_write_text(os.path.join(out, common.SUMMARY_NAME), _json(summary))
+    ckpt = os.path.join(out, CHECKPOINT_NAME)
+    if os.path.exists(ckpt):
+        os.unlink(ckpt)
+    print_summary(summary, out)
 
 
 @contextlib.contextmanager
@@ -663,6 +617,8 @@ def _json(obj: Any) -> str:
     return dumps_json(obj, indent=2, default=str) + "\n"  # NaN/inf as null: summary.json is always valid JSON
 
 
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="fine-tune a model with an adapter method, evaluate, save",
                               usage="deltatune train [options] [method options]",
@@ -674,9 +630,9 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    names = set(common.method_fields())
+    names = set(options_mod.method_fields())
     settings = settings_from_args(args, names)
     return run_train(settings)
 
 
-__all__ = ["register", "main", "add_train_arguments", "settings_from_args", "run_train"]
+__all__ = ["register", "main", "add_train_arguments", "learning_rate", "settings_from_args", "run_train"]

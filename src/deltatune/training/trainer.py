@@ -36,7 +36,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ from deltatune import distributed
 from deltatune.core.io import atomic_write, is_disk_full
 from deltatune.errors import DeltatuneError, DiskFullError
 from deltatune.training.data import SHAPE_BUCKET, collate, count_targets
+from deltatune.training.method_state import load_method_state, method_state
 from deltatune.training.metrics import autocast, loss_sum
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -156,6 +157,42 @@ class TrainResult:
     peak_memory_bytes: int
     final_loss: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Progress:
+    """The progress display of a run: the bar, and a plain line every ``plain_every`` steps (0: none)."""
+
+    bar: Any
+    plain_every: int
+
+
+@dataclass
+class _Clock:
+    """Time and tokens of a run's steps (this process's run; ``elapsed_before``: the runs before a resume)."""
+
+    elapsed_before: float
+    start: float = field(default_factory=time.perf_counter)
+    step_times: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+    last_loss: float = float("nan")
+
+    def add_step(self, seconds: float, tokens: int, loss: float) -> None:
+        self.step_times.append(seconds)
+        self.tokens_seen += tokens
+        self.last_loss = loss
+
+    def train_seconds(self) -> float:
+        """Training time of the whole run so far, the runs before a resume included."""
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def mean_step(self) -> float:
+        return sum(self.step_times) / len(self.step_times) if self.step_times else float("nan")
+
+    def result(self, steps: int, peak_memory: int, extra: dict[str, Any]) -> TrainResult:
+        return TrainResult(steps=steps, wall_time_s=self.train_seconds(), time_per_step_s=self.mean_step(),
+                           tokens_per_s=self.tokens_seen / max(sum(self.step_times), 1e-9),
+                           peak_memory_bytes=peak_memory, final_loss=self.last_loss, extra=extra)
 
 
 def fast_bf16_available(device: torch.device) -> bool:
@@ -481,27 +518,46 @@ class Trainer:
     def train(self, resume: bool = False, extra: dict[str, Any] | None = None) -> TrainResult:
         """Run to ``total_steps``. ``extra`` (JSON-able) is stored in checkpoints and returned on resume.
 
+        The stages: start (restore a checkpoint, or seed), then one :meth:`_train_step` per optimizer step under
+        Ctrl-C handling and a progress display, then the check that the last update left finite weights.
+
         Raises:
             TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is on disk.
+            TrainingDiverged: the loss, the gradients or the final weights are not finite.
         """
-        cfg = self.config
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        extra = dict(extra or {})
+        extra = self._start(resume, dict(extra or {}))
+        with self._stop_on_signals(), self._progress() as progress:
+            clock = _Clock(elapsed_before=float(extra.get("train_seconds", 0.0)))
+            while self.step < self.total_steps:
+                self._train_step(extra, clock, progress)
+        self._check_weights_finite()
+        return clock.result(self.step, peak_memory_bytes(self.device), extra)
+
+    def _start(self, resume: bool, extra: dict[str, Any]) -> dict[str, Any]:
+        """Restore the checkpoint (``resume``; its ``extra`` joins ``extra``) or seed a fresh run; switch on gradient
+        checkpointing if asked, and training mode. Returns ``extra``."""
+        os.makedirs(self.config.output_dir, exist_ok=True)
         if resume:
             extra.update(self.load_checkpoint())
             distributed.barrier()  # rank 0 rewinds metrics.jsonl before anyone appends to it
         else:
-            torch.manual_seed(cfg.seed)
-            random.seed(cfg.seed)
-        elapsed_before = float(extra.get("train_seconds", 0.0))
-        if cfg.gradient_checkpointing:
+            torch.manual_seed(self.config.seed)
+            random.seed(self.config.seed)
+        if self.config.gradient_checkpointing:
             _enable_gradient_checkpointing(self.model)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
+        return extra
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """The first Ctrl-C (SIGINT/SIGTERM) asks for a clean stop at the next micro-batch; a second one stops at once
+        (the previous handlers are back). Outside the main thread there is no signal handling; checkpoints still
+        happen."""
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-        def on_signal(signum, frame):  # first Ctrl-C: stop cleanly; a second one: stop now
+        def on_signal(signum, frame):
             self._stop_requested = True
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -509,112 +565,165 @@ class Trainer:
         try:
             for sig in previous:
                 signal.signal(sig, on_signal)
-        except ValueError:  # not the main thread: no signal handling, checkpoints still happen
+        except ValueError:  # not the main thread
             previous = {}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def _progress(self) -> Iterator[_Progress]:
+        """A progress bar on rank 0 (``config.progress``); without one and with ``progress=None``, a plain line every
+        tenth of the run."""
+        cfg = self.config
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=(None if cfg.progress is None else not cfg.progress) if self.dist.is_main else True)
         plain_every = max(1, self.total_steps // 10) \
             if bar.disable and cfg.progress is None and self.dist.is_main else 0
-        start = time.perf_counter()
-        step_times: list[float] = []
-        tokens_seen = 0
-        loss_value = float("nan")
         try:
-            while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                rng = capture_rng()  # the state at the step's start: what a checkpoint taken mid-step holds
-                micro = [self.micro_batch(m) for m in range(self.step * cfg.grad_accum,
-                                                            (self.step + 1) * cfg.grad_accum)]
-                n_targets = max(1, sum(count_targets(mb) for mb in micro))  # of the global step: all ranks agree
-                step_loss, step_tokens = 0.0, 0
-                for i, global_examples in enumerate(micro):
-                    examples = self.local_slice(global_examples)
-                    # A rank with no examples at an epoch's ragged end still joins the collectives: it runs
-                    # one example with weight 0 (zero gradient).
-                    weight = float(self.dist.world_size) if examples else 0.0
-                    batch = {k: v.to(self.device) for k, v in
-                             collate(examples or global_examples[:1], self.pad_id,
-                                     left_pad=not self.sequence_classifier, multiple_of=SHAPE_BUCKET).items()}
-                    with self._sync_context(last=i == len(micro) - 1):
-                        with autocast(self.device, self.amp):
-                            loss, _ = loss_sum(self.model, batch, self.sequence_classifier, chunked=self.chunked_loss,
-                                               forward_model=self.forward_model)
-                        (loss * (weight / n_targets)).backward()
-                    if examples:
-                        step_loss += float(loss.detach())
-                        step_tokens += int(batch["attention_mask"].sum())
-                    if self._any_rank_stopped():
-                        break
-                if not self._stop_requested:
-                    regulariser = _regularization_loss(self.model)  # e.g. AdaLoRA's orthogonality penalty
-                    if regulariser is not None:
-                        regulariser.backward()
-                if self._stop_requested:  # mid-step: drop the partial gradients, save the step's start
-                    self.optimizer.zero_grad(set_to_none=True)
-                    extra["train_seconds"] = elapsed_before + time.perf_counter() - start
-                    self.save_checkpoint(self.step, rng, extra)
-                    raise TrainingInterrupted(self.step, self.checkpoint_path)
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm
-                                                           if cfg.max_grad_norm > 0 else float("inf"))
-                grad_norm = distributed.full_tensor(grad_norm)  # FSDP: a DTensor over the shards
-                step_loss, step_tokens = distributed.all_reduce_sum([step_loss, step_tokens], self.device)
-                step_tokens = int(step_tokens)
-                if not (math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))):
-                    # Before the update: the weights are still those of the last finite step. Saving nothing more
-                    # keeps the last checkpoint (a finite state) and no NaN adapter is ever written.
-                    self.optimizer.zero_grad(set_to_none=True)
-                    what = "loss" if not math.isfinite(step_loss) else "gradient norm"
-                    value = step_loss / n_targets if what == "loss" else float(grad_norm)
-                    raise TrainingDiverged(f"training diverged at step {self.step + 1}: the {what} is {value}"
-                                           f"{self._divergence_advice()}")
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.step()
-                if hasattr(self.model, "update_and_allocate"):  # per-step method work (AdaLoRA's ranks), reads grads
-                    self.model.update_and_allocate(self.step + 1)
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                dt = time.perf_counter() - t0
-                step_times.append(dt)
-                tokens_seen += step_tokens
-                loss_value = step_loss / n_targets
-                self.log({"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens": step_tokens, "tokens_per_s": step_tokens / dt, "step_time_s": dt,
-                          "epoch": self.step * cfg.grad_accum / self.micro_per_epoch})
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{step_tokens / dt:.0f}")
-                bar.update(1)
-                if plain_every and (self.step % plain_every == 0 or self.step == self.total_steps):
-                    left = (self.total_steps - self.step) * sum(step_times) / len(step_times)
-                    print(f"step {self.step}/{self.total_steps}  loss {loss_value:.4f}  "
-                          f"{step_tokens / dt:.0f} tokens/s  {left:.0f}s left", file=sys.stderr, flush=True)
-                if cfg.eval_steps and self.evaluate and self.step % cfg.eval_steps == 0 \
-                        and self.step < self.total_steps:
-                    result = self.evaluate(self.model)
-                    self.log({"step": self.step, "split": "validation", **result})
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
-                if self.on_step_end is not None:
-                    self.on_step_end(self.step)
-                last = self.step == self.total_steps
-                if self._any_rank_stopped() or (cfg.save_steps and self.step % cfg.save_steps == 0 and not last):
-                    extra["train_seconds"] = elapsed_before + time.perf_counter() - start
-                    self.save_checkpoint(self.step, capture_rng(), extra)
-                    if self._stop_requested and not last:
-                        raise TrainingInterrupted(self.step, self.checkpoint_path)
+            yield _Progress(bar, plain_every)
         finally:
             bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        # The last update is checked by no later step's loss: a huge learning rate can leave inf/NaN weights.
+
+    def _train_step(self, extra: dict[str, Any], clock: _Clock, progress: _Progress) -> None:
+        """One optimizer step: the micro-batches' gradients and the method's regulariser, a stop if one was asked for
+        mid-step, clipping and the finiteness check, the update, then the step's log line, evaluation and
+        checkpoint."""
+        t0 = time.perf_counter()
+        rng = capture_rng()  # the state at the step's start: what a checkpoint taken mid-step holds
+        micro = [self.micro_batch(m) for m in range(self.step * self.config.grad_accum,
+                                                    (self.step + 1) * self.config.grad_accum)]
+        n_targets = max(1, sum(count_targets(mb) for mb in micro))  # of the global step: all ranks agree
+        step_loss, step_tokens = self._accumulate_gradients(micro, n_targets)
+        if not self._stop_requested:
+            self._add_regularization()
+        if self._stop_requested:  # mid-step: drop the partial gradients, save the step's start
+            self.optimizer.zero_grad(set_to_none=True)
+            extra["train_seconds"] = clock.train_seconds()
+            self.save_checkpoint(self.step, rng, extra)
+            raise TrainingInterrupted(self.step, self.checkpoint_path)
+        grad_norm, step_loss, step_tokens = self._clip_and_check(step_loss, step_tokens, n_targets)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._update()
+        dt = time.perf_counter() - t0
+        clock.add_step(dt, step_tokens, step_loss / n_targets)
+        self._report_step(progress, clock, {"step": self.step, "loss": clock.last_loss, "lr": lr,
+                                            "grad_norm": float(grad_norm), "tokens": step_tokens,
+                                            "tokens_per_s": step_tokens / dt, "step_time_s": dt,
+                                            "epoch": self.step * self.config.grad_accum / self.micro_per_epoch})
+        self._evaluate_if_due(progress)
+        if self.on_step_end is not None:
+            self.on_step_end(self.step)
+        self._checkpoint_if_due(extra, clock)
+
+    def _accumulate_gradients(self, micro: list[list[dict]], n_targets: int) -> tuple[float, int]:
+        """Forward and backward of the step's micro-batches (this rank's slice of each), the loss summed over tokens
+        and divided by the step's ``n_targets``. Returns this rank's ``(summed loss, tokens)``; stops early when a
+        stop was asked for."""
+        step_loss, step_tokens = 0.0, 0
+        for i, global_examples in enumerate(micro):
+            examples = self.local_slice(global_examples)
+            # A rank with no examples at an epoch's ragged end still joins the collectives: it runs
+            # one example with weight 0 (zero gradient).
+            weight = float(self.dist.world_size) if examples else 0.0
+            batch = {k: v.to(self.device) for k, v in
+                     collate(examples or global_examples[:1], self.pad_id,
+                             left_pad=not self.sequence_classifier, multiple_of=SHAPE_BUCKET).items()}
+            with self._sync_context(last=i == len(micro) - 1):
+                with autocast(self.device, self.amp):
+                    loss, _ = loss_sum(self.model, batch, self.sequence_classifier, chunked=self.chunked_loss,
+                                       forward_model=self.forward_model)
+                (loss * (weight / n_targets)).backward()
+            if examples:
+                step_loss += float(loss.detach())
+                step_tokens += int(batch["attention_mask"].sum())
+            if self._any_rank_stopped():
+                break
+        return step_loss, step_tokens
+
+    def _add_regularization(self) -> None:
+        """The trained method's regulariser (``PeftModel.regularization_loss``, e.g. AdaLoRA's orthogonality
+        penalty), added to the gradients; the trainer computes its loss from the logits, so ``forward`` does not."""
+        regulariser = _regularization_loss(self.model)
+        if regulariser is not None:
+            regulariser.backward()
+
+    def _clip_and_check(self, step_loss: float, step_tokens: int, n_targets: int) -> tuple[torch.Tensor, float, int]:
+        """Clip the gradients; the global step's loss and tokens summed over ranks.
+
+        Raises:
+            TrainingDiverged: the loss or the gradient norm is not finite. Before the update: the weights are still
+                those of the last finite step, so the last checkpoint (a finite state) is kept and no NaN adapter
+                is ever written.
+        """
+        cfg = self.config
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm
+                                                   if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = distributed.full_tensor(grad_norm)  # FSDP: a DTensor over the shards
+        step_loss, step_tokens = distributed.all_reduce_sum([step_loss, step_tokens], self.device)
+        if not (math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+            value = step_loss / n_targets if what == "loss" else float(grad_norm)
+            raise TrainingDiverged(f"training diverged at step {self.step + 1}: the {what} is {value}"
+                                   f"{self._divergence_advice()}")
+        return grad_norm, step_loss, int(step_tokens)
+
+    def _update(self) -> None:
+        """The optimizer step, then the trained method's per-step work (``PeftModel.update_and_allocate``, e.g.
+        AdaLoRA's rank allocation, which reads the gradients), the schedule, and the next step."""
+        self.optimizer.step()
+        _method_step(self.model, self.step + 1)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def _report_step(self, progress: _Progress, clock: _Clock, record: dict[str, Any]) -> None:
+        """The step's line in ``metrics.jsonl``, the progress bar, and the plain line every tenth of the run."""
+        self.log(record)
+        progress.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        progress.bar.update(1)
+        if progress.plain_every and (self.step % progress.plain_every == 0 or self.step == self.total_steps):
+            left = (self.total_steps - self.step) * clock.mean_step()
+            print(f"step {self.step}/{self.total_steps}  loss {record['loss']:.4f}  "
+                  f"{record['tokens_per_s']:.0f} tokens/s  {left:.0f}s left", file=sys.stderr, flush=True)
+
+    def _evaluate_if_due(self, progress: _Progress) -> None:
+        """Every ``eval_steps`` (but not at the end, which the caller evaluates): validation metrics, logged."""
+        cfg = self.config
+        if cfg.eval_steps and self.evaluate and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
+            result = self.evaluate(self.model)
+            self.log({"step": self.step, "split": "validation", **result})
+            progress.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+
+    def _checkpoint_if_due(self, extra: dict[str, Any], clock: _Clock) -> None:
+        """A checkpoint every ``save_steps`` (not after the last step: the caller saves the result) and when a stop
+        was asked for, which then ends the run.
+
+        Raises:
+            TrainingInterrupted: a stop was asked for and the checkpoint is on disk.
+        """
+        cfg = self.config
+        last = self.step == self.total_steps
+        if self._any_rank_stopped() or (cfg.save_steps and self.step % cfg.save_steps == 0 and not last):
+            extra["train_seconds"] = clock.train_seconds()
+            self.save_checkpoint(self.step, capture_rng(), extra)
+            if self._stop_requested and not last:
+                raise TrainingInterrupted(self.step, self.checkpoint_path)
+
+    def _check_weights_finite(self) -> None:
+        """The last update is checked by no later step's loss: a huge learning rate can leave inf/NaN weights.
+
+        Raises:
+            TrainingDiverged: naming the first parameter that is not finite.
+        """
         bad = next((n for n, p in self.params if not bool(torch.isfinite(distributed.full_tensor(p.detach())).all())),
                    None)
         if bad is not None:
             raise TrainingDiverged(f"training diverged: after step {self.step} the weights of {bad} are not finite"
                                    f"{self._divergence_advice()}")
-        wall = elapsed_before + time.perf_counter() - start
-        mean_step = sum(step_times) / len(step_times) if step_times else float("nan")
-        return TrainResult(steps=self.step, wall_time_s=wall, time_per_step_s=mean_step,
-                           tokens_per_s=tokens_seen / max(sum(step_times), 1e-9),
-                           peak_memory_bytes=peak_memory_bytes(self.device), final_loss=loss_value, extra=extra)
 
     def kept_checkpoint(self) -> str:
         """What resumable state is on disk, in words."""
@@ -661,41 +770,18 @@ def compile_model(model: nn.Module, backend: str) -> nn.Module:
 
 
 def _regularization_loss(model: nn.Module) -> torch.Tensor | None:
+    """``PeftModel.regularization_loss()``: the trained method's regulariser, or ``None`` (also for a model without
+    the hook, a plain ``nn.Module``)."""
     fn = getattr(model, "regularization_loss", None)
     return fn() if callable(fn) else None
 
 
-def method_state(model: nn.Module) -> dict[str, Any]:
-    """Training state a method keeps outside its parameters, for exact resume.
-
-    AdaLoRA's rank allocator holds importance averages (``allocator`` on its layers) and writes the
-    rank pattern into the adapter's config; both change every step. Other methods keep none.
-    """
-    state: dict[str, Any] = {"configs": {}, "allocators": {}}
-    for name, config in (getattr(model, "peft_config", None) or {}).items():
-        if getattr(config, "rank_pattern", None) is not None:
-            state["configs"][name] = {"rank_pattern": config.rank_pattern}
-    for module in model.modules():
-        for adapter, allocator in (getattr(module, "allocator", None) or {}).items():
-            if allocator is not None and adapter not in state["allocators"]:
-                # Public attributes only: private ones hold object ids of this process's layers.
-                state["allocators"][adapter] = {k: v for k, v in vars(allocator).items()
-                                                if k != "config" and not k.startswith("_")}
-    return state
-
-
-def load_method_state(model: nn.Module, state: dict[str, Any]) -> None:
-    configs = getattr(model, "peft_config", None) or {}
-    for name, values in state.get("configs", {}).items():
-        if name in configs:
-            for key, value in values.items():
-                setattr(configs[name], key, value)
-    done = set()
-    for module in model.modules():
-        for adapter, allocator in (getattr(module, "allocator", None) or {}).items():
-            if allocator is not None and adapter in state.get("allocators", {}) and id(allocator) not in done:
-                vars(allocator).update(state["allocators"][adapter])
-                done.add(id(allocator))
+def _method_step(model: nn.Module, global_step: int) -> None:
+    """``PeftModel.update_and_allocate(global_step)``: the trained method's per-step work after the update (AdaLoRA's
+    rank allocation); nothing for a model without the hook."""
+    fn = getattr(model, "update_and_allocate", None)
+    if callable(fn):
+        fn(global_step)
 
 
 def plan_steps(n_examples: int, max_steps: int | None, epochs: float, batch_size: int, grad_accum: int) -> int:
