@@ -10,8 +10,8 @@ from support.models import Holder
 from torch import nn
 
 from deltatune import LoraConfig, get_peft_model
-from deltatune.lora import layer as layer_module
-from deltatune.lora.layer import _LoraDropoutBranch, _LoraLinearNode, keep_mask
+from deltatune.lora import kernels
+from deltatune.lora.kernels import LoraDropoutBranch, LoraLinearNode, keep_mask
 
 
 def _count_forwards(monkeypatch, node: type) -> list:
@@ -34,7 +34,7 @@ def _adapted(p: float, bias: bool = True, lora_bias: bool = False, **kw):
 def test_fused_lora_layer_matches_reference_math_and_gradients(p, bias, lora_bias, monkeypatch):
     """Same seed, same mask: ``y = W x + b + s B A (k ⊙ x) / q (+ s b_B)`` and all its gradients."""
     pm, layer = _adapted(p, bias, lora_bias)
-    calls = _count_forwards(monkeypatch, _LoraLinearNode)
+    calls = _count_forwards(monkeypatch, LoraLinearNode)
     W, b = layer.base_layer.weight, layer.base_layer.bias
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     b_B = layer.lora_B["default"].bias
@@ -75,7 +75,7 @@ def test_fused_layer_gradcheck_in_double_with_a_fixed_mask():
 
     def f(x, w, bias, a, b):
         torch.manual_seed(7)
-        return _LoraLinearNode.apply(x, w, bias, a, b, None, 2.0, 0.5)
+        return LoraLinearNode.apply(x, w, bias, a, b, None, 2.0, 0.5)
 
     assert torch.autograd.gradcheck(f, (x, w, bias, a, b))
 
@@ -85,9 +85,9 @@ def test_dropout_branch_under_autocast_uses_the_same_mask_rule():
     x = torch.randn(4, 12)
     a, b = torch.randn(3, 12), torch.randn(7, 3)
     torch.manual_seed(5)
-    branch = _LoraDropoutBranch.apply(x, a, b, None, 0.25, 2.0)
+    branch = LoraDropoutBranch.apply(x, a, b, None, 0.25, 2.0)
     torch.manual_seed(5)
-    node = _LoraLinearNode.apply(x, torch.zeros(7, 12), None, a, b, None, 2.0, 0.25)
+    node = LoraLinearNode.apply(x, torch.zeros(7, 12), None, a, b, None, 2.0, 0.25)
     torch.testing.assert_close(branch, node)
 
 
@@ -95,7 +95,7 @@ def test_dropout_branch_under_autocast_uses_the_same_mask_rule():
 @pytest.mark.parametrize("margin", [6.0, -6.0])  # -6: too few draws per round, the loop must go on
 def test_keep_mask_is_bernoulli(p, margin, monkeypatch):
     """Every entry drops with rate p, independently of its neighbours, rows and columns alike."""
-    monkeypatch.setattr(layer_module, "_MARGIN_SIGMAS", margin)
+    monkeypatch.setattr(kernels, "_MARGIN_SIGMAS", margin)
     torch.manual_seed(0)
     keep, q = keep_mask((400, 1000), p, torch.device("cpu"))
     assert keep.shape == (400, 1000) and keep.dtype == torch.bool and q == 1 - p
@@ -157,7 +157,7 @@ def test_fused_layer_under_bf16_autocast_matches_bf16_reference_math(p, monkeypa
     once; output and gradients equal the same math done in bf16 by hand (same mask), and the parameters and
     the input get fp32 gradients."""
     pm, layer = _adapted(p, bias=True, lora_bias=True)
-    calls = _count_forwards(monkeypatch, _LoraLinearNode)
+    calls = _count_forwards(monkeypatch, LoraLinearNode)
     W, b = layer.base_layer.weight, layer.base_layer.bias
     A, B, b_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_B["default"].bias
     s = layer.scaling["default"]
@@ -196,7 +196,7 @@ def test_dropout_branch_trains_under_bf16_autocast():
     def grads(amp: bool):
         torch.manual_seed(3)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out = _LoraDropoutBranch.apply(x, a, b, None, 0.25, 2.0)
+            out = LoraDropoutBranch.apply(x, a, b, None, 0.25, 2.0)
         assert out.dtype == (torch.bfloat16 if amp else torch.float32)
         return torch.autograd.grad(out.float().square().sum(), [a, b, x])
 
@@ -264,12 +264,12 @@ def test_dropout_draw_is_kept_as_positions_and_equals_the_keep_mask():
     """On CPU the node keeps the dropped positions (int32, 4 bytes per dropped entry), not an (N, in) mask; the
     positions, the float keep-values and the bool keep-mask are one draw for one seed."""
     torch.manual_seed(1)
-    mask, q = layer_module.draw_dropout((64, 50), 0.05, torch.device("cpu"))
+    mask, q = kernels.draw_dropout((64, 50), 0.05, torch.device("cpu"))
     assert mask.dtype == torch.int32 and q == 0.95 and torch.all(mask[1:] > mask[:-1])
     torch.manual_seed(1)
     keep, _ = keep_mask((64, 50), 0.05, torch.device("cpu"))
     assert torch.equal((~keep).flatten().nonzero().flatten(), mask.long())
-    values = layer_module.keep_values(mask, (64, 50), torch.float32)
+    values = kernels.keep_values(mask, (64, 50), torch.float32)
     assert torch.equal(values, keep.float())
 
     pm, layer = _adapted(0.05, bias=False)
@@ -313,9 +313,9 @@ def test_gpt2_conv1d_layers_take_the_one_node_paths(use_dora, monkeypatch):
     the reference math with the same dropout mask (LoRA) or the row-normalised update (DoRA)."""
     from transformers.pytorch_utils import Conv1D
 
-    from deltatune.lora.layer import _DoraLinear
+    from deltatune.lora.kernels import DoraLinearNode
 
-    node = _DoraLinear if use_dora else _LoraLinearNode
+    node = DoraLinearNode if use_dora else LoraLinearNode
     calls = _count_forwards(monkeypatch, node)
     torch.manual_seed(0)
     p = 0.0 if use_dora else 0.3
@@ -351,7 +351,7 @@ def test_gpt2_conv1d_layers_take_the_one_node_paths(use_dora, monkeypatch):
 def test_fp32_adapter_over_a_bf16_base_takes_the_node_and_computes_the_update_in_fp32(p, monkeypatch):
     """A bf16 model with fp32 adapters (how both libraries place them), no autocast: the base runs in bf16, the
     update in fp32 on the input upcast, added with one rounding, as PEFT computes it; gradients likewise."""
-    calls = _count_forwards(monkeypatch, _LoraLinearNode)
+    calls = _count_forwards(monkeypatch, LoraLinearNode)
     torch.manual_seed(0)
     pm = get_peft_model(Holder(nn.Linear(12, 7).to(torch.bfloat16)), LoraConfig(
         target_modules=["layer"], r=3, lora_alpha=6, lora_dropout=p, init_lora_weights=False)).train()

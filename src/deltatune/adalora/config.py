@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from deltatune.config import PeftType
 from deltatune.errors import ConfigError
 from deltatune.lora.config import LoraConfig
+from deltatune.lora.variants import variants_of
 
 
 def _is_int(value: object) -> bool:
@@ -117,9 +118,10 @@ class AdaLoraConfig(LoraConfig):
                               f"{self.orth_reg_weight}")
 
     def _validate_layer_options(self) -> None:
-        if self.use_dora:
-            raise ConfigError("PeftType.ADALORA does not support DoRA. Set use_dora=False, or use "
-                              "LoraConfig(use_dora=True)")
+        for variant in variants_of(self):
+            if not variant.adalora:
+                raise ConfigError(f"PeftType.ADALORA does not support {variant.label}. Set {variant.flag}=False, or "
+                                  f"use LoraConfig({variant.flag}=True)")
         if self.loftq_config and self.init_lora_weights == "loftq":  # otherwise loftq_config is ignored, as in PEFT
             raise ConfigError("PeftType.ADALORA does not support LOFTQ. Drop loftq_config (and "
                               "init_lora_weights='loftq'), or use LoraConfig for LoftQ")

@@ -49,7 +49,8 @@ def describe(directory: str) -> dict[str, Any]:
     else:
         raise UsageError(f"{directory} has no adapter_model.safetensors or adapter_model.bin")
     peft_type = str(config.get("peft_type", "?"))
-    variants = [name for flag, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA")) if config.get(flag)]
+    labels = getattr(method.config_cls, "variant_labels", None)  # LoRA's: DoRA, rsLoRA (lora/variants.py)
+    variants = labels(config) if labels is not None else []
     save_names = config.get("modules_to_save") or []
     saved = {k for k in tensors if "modules_to_save" in k or any(re.search(rf"(^|\.){re.escape(m)}\.", k)
                                                                  for m in save_names)}

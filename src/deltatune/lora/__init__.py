@@ -20,6 +20,7 @@ from deltatune.lora.param import LoraParam
 from deltatune.lora.param import after_inject as _inject_parameters
 from deltatune.lora.param import prepare_config as _prepare_parameters
 from deltatune.lora.tying import prepare_tied_targets, tie_lora_targets, tie_modules_to_save
+from deltatune.lora.variants import variant_flags
 from deltatune.registry import Hooks, Method
 from deltatune.trainable_tokens import add_token_adapters
 
@@ -49,7 +50,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, m
         lora_dropout=config.lora_dropout,
         init_lora_weights=config.init_lora_weights,
         use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
+        **variant_flags(config),  # use_dora and any other variant's flag (deltatune.lora.variants)
         lora_bias=config.lora_bias,
         **alora,
     )

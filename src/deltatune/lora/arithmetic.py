@@ -33,6 +33,7 @@ from deltatune.core.modules_to_save import ModulesToSaveWrapper
 from deltatune.errors import AdapterNameError, ConfigError
 from deltatune.lora.config import LoraConfig
 from deltatune.lora.layer import LoraConv, LoraEmbedding, LoraLayer
+from deltatune.lora.variants import variants_of
 
 if TYPE_CHECKING:
     from deltatune.peft_model import PeftModel
@@ -70,9 +71,10 @@ def check_and_plan(configs: dict[str, LoraConfig], adapters: Sequence[str], weig
         config = configs[name]
         if config.peft_type != PeftType.LORA:
             raise ConfigError(f"adapter {name!r} is {config.peft_type}; add_weighted_adapter combines LoRA adapters")
-        if config.use_dora:
-            raise ConfigError(f"adapter {name!r} uses DoRA: its magnitude vector cannot be combined with other "
-                              "adapters; merge_and_unload() it, or combine plain LoRA adapters")
+        for variant in variants_of(config):
+            if variant.weighted_merge_refusal is not None:
+                raise ConfigError(f"adapter {name!r} uses {variant.label}: {variant.weighted_merge_refusal}; "
+                                  "merge_and_unload() it, or combine plain LoRA adapters")
         if config.lora_bias:
             raise ConfigError(f"adapter {name!r} has lora_bias=True: combined adapters carry no bias; combine "
                               "adapters trained without lora_bias")

@@ -195,6 +195,14 @@ class LoraConfig(PeftConfig):
             return MERGE_REFUSAL
         return None
 
+    @staticmethod
+    def variant_labels(saved: dict[str, Any]) -> list[str]:
+        """The LoRA variants a saved ``adapter_config.json`` uses (:mod:`deltatune.lora.variants`: DoRA...), then
+        ``rsLoRA`` where it scales by ``alpha / sqrt(r)``: what ``inspect`` shows beside the method's name."""
+        from deltatune.lora.variants import variants_of  # torch-side module: loaded when a file is inspected
+
+        return [v.label for v in variants_of(saved)] + (["rsLoRA"] if saved.get("use_rslora") else [])
+
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
 

@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from deltatune.errors import ConfigError, MixedBatchTypeError, TargetModuleError
 from deltatune.lora.layer import LoraLayer, LoraLinear
+from deltatune.lora.variants import variant_for
 
 
 class LoraMultiheadAttention(LoraLayer):
@@ -81,11 +82,15 @@ class LoraMultiheadAttention(LoraLayer):
     # ---- creating an adapter -----------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                     lora_bias: bool = False) -> None:
-        """Create ``adapter_name`` on the packed projection and on ``out_proj`` (PEFT adapts both, always)."""
+                     lora_bias: bool = False, **variant_flags: bool) -> None:
+        """Create ``adapter_name`` on the packed projection and on ``out_proj`` (PEFT adapts both, always); plain
+        LoRA only (no variant: ``use_dora`` and the other flags of :mod:`deltatune.lora.variants` are refused)."""
         if use_dora:
             raise ConfigError("MultiheadAttention does not support DoRA (yet), please set use_dora to False. (Or "
                               "leave this layer out of target_modules.)")
+        if variant := variant_for(variant_flags):
+            raise ConfigError(f"MultiheadAttention does not support {variant.label}; set {variant.flag}=False, or "
+                              "leave this layer out of target_modules")
         if lora_bias:
             raise ConfigError("lora_bias is not supported on nn.MultiheadAttention; set lora_bias=False or leave "
                               "this layer out of target_modules")
@@ -145,7 +150,11 @@ class LoraMultiheadAttention(LoraLayer):
 
         # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, query: torch.Tensor, *args, **kwargs):
-        """``nn.MultiheadAttention``'s forward (same arguments and outputs) with ``W_in'``, ``W_out'``."""
+        """``nn.MultiheadAttention``'s forward (same arguments and outputs) with ``W_in'``, ``W_out'``.
+
+        Not :meth:`AdapterLayer.forward`'s choice of path: mixed batches are refused even with adapters disabled,
+        and with some adapters merged the unmerged ones still apply (``out_proj`` is a LoRA layer of its own with
+        its own merge state, so "merged" is per projection and per adapter here)."""
         if self.row_adapters is not None:
             raise MixedBatchTypeError("lora.MultiheadAttention does not support mixed adapter batches. Run one "
                                       "adapter per batch (set_adapter), or leave the attention out of "

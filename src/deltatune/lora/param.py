@@ -115,14 +115,15 @@ class LoraParam(LoraLayer):
         return w if delta is None else w + delta.to(w.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # Refused before the usual choice of path (AdapterLayer.forward), so even with adapters disabled, as before.
         if self.row_adapters is not None:
             raise ConfigError("mixed-adapter batches (adapter_names) are not supported with target_parameters; run "
                               "one adapter per call (set_adapter)")
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged or not self._active_lora():
+        return super().forward(x, *args, **kwargs)
+
+    def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The wrapped module's forward with its parameter replaced by ``P + Σ ΔP`` of the active adapters."""
+        if not self._active_lora():
             return self.base_layer(x, *args, **kwargs)
         owner, name = _innermost(self.base_layer), self.parameter_name
         param = owner._parameters[name]
