@@ -210,7 +210,7 @@ def test_peft_suite_warning_test_passes_verbatim():
 
 
 def test_get_peft_model_warns_like_peft():
-    from helpers import tiny_llama
+    from support.models import tiny_llama
 
     config = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "encoder_num_layers": 4}
     with pytest.warns(UserWarning, match=r"^for MLP, the argument `encoder_num_layers` is ignored\."):
