@@ -117,7 +117,7 @@ def test_trainable_token_indices_on_both_tied_layers() -> None:
 
 
 def tied_gpt2() -> nn.Module:
-    from helpers import tiny_gpt2  # GPT-2 ties lm_head to transformer.wte by default
+    from support.models import tiny_gpt2  # GPT-2 ties lm_head to transformer.wte by default
 
     model = tiny_gpt2()
     for module in model.modules():  # no dropout: training steps comparable across libraries
@@ -277,7 +277,7 @@ def test_lora_on_tied_embedding_refusals(extra: dict, match: str) -> None:
 
 
 def test_ensure_weight_tying_without_tied_layers_warns() -> None:
-    from helpers import tiny_llama  # tie_word_embeddings=False
+    from support.models import tiny_llama  # tie_word_embeddings=False
 
     with pytest.warns(UserWarning, match="nothing to tie"):
         get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
