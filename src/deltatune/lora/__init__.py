@@ -9,7 +9,6 @@ from torch import nn
 from deltatune.config import PeftType
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.core.tuner import tuner_class
-from deltatune.errors import ConfigError
 from deltatune.lora import hooks
 from deltatune.lora.config import LoraConfig
 from deltatune.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
@@ -20,7 +19,7 @@ from deltatune.lora.param import LoraParam
 from deltatune.lora.param import after_inject as _inject_parameters
 from deltatune.lora.param import prepare_config as _prepare_parameters
 from deltatune.lora.tying import prepare_tied_targets, tie_lora_targets, tie_modules_to_save
-from deltatune.lora.variants import variant_flags
+from deltatune.lora.variants import variant_flags, variants_of
 from deltatune.registry import Hooks, Method
 from deltatune.trainable_tokens import add_token_adapters
 
@@ -37,12 +36,8 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, m
         # saved adapter_config.json says what the file holds.
         warnings.warn(f"{module_name} is a Conv1D: setting fan_in_fan_out=True", stacklevel=4)
         config.fan_in_fan_out = True
-    alora = {}
-    if config.alora_invocation_tokens:  # aLoRA: Linear layers only, as PEFT (deltatune.lora.alora)
-        if type(layer) is not LoraLinear:
-            raise ConfigError(f"aLoRA (alora_invocation_tokens) adapts Linear layers only, not {module_name} "
-                              f"({type(layer.get_base_layer()).__name__}); leave it out of target_modules")
-        alora = {"use_alora": True}
+    for variant in variants_of(config):  # a variant may refuse the module by name before the layer changes
+        variant.check_target(layer, module_name)
     layer.update_layer(
         adapter_name,
         r=config.rank_for(module_name),
@@ -50,9 +45,8 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, m
         lora_dropout=config.lora_dropout,
         init_lora_weights=config.init_lora_weights,
         use_rslora=config.use_rslora,
-        **variant_flags(config),  # use_dora and any other variant's flag (deltatune.lora.variants)
+        **variant_flags(config),  # use_dora, use_alora and any other variant's flag (deltatune.lora.variants)
         lora_bias=config.lora_bias,
-        **alora,
     )
     return layer
 

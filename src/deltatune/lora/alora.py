@@ -16,10 +16,12 @@ so the same offsets stay right when ``generate()`` feeds only the tokens the cac
 (``T' = 1``) adapts its token in every row that has the invocation, and a prefill that starts after a reused
 cache adapts what it should whether the invocation lies in the cached part or not.
 
-``PeftModel.forward``/``generate`` compute the offsets from ``input_ids`` (:func:`activated`) and leave them on
-every layer holding an aLoRA adapter (``LoraLayer.alora_offsets``) for the call; ``LoraLinear.forward`` hands
-active aLoRA adapters to :func:`alora_forward`. A layer called with no offsets (the inner model called directly)
-runs the base for its aLoRA adapters, as PEFT does.
+aLoRA is a LoRA variant (:class:`Alora`, :mod:`deltatune.lora.variants`; the layer flag ``use_alora``, asked for
+by a non-empty ``alora_invocation_tokens``). ``PeftModel.forward``/``generate`` compute the offsets from
+``input_ids`` (:func:`activated`) and leave them on every layer holding an aLoRA adapter (``layer.alora_offsets``)
+for the call; the layer runs its other active adapters first (``after_others``: a plain adapter keeps its fused
+node), then each aLoRA adapter adds its masked update (:func:`masked_delta`). A layer called with no offsets (the
+inner model called directly) runs the base for its aLoRA adapters, as PEFT does.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from deltatune.config import PeftWarning
 from deltatune.errors import ConfigError
+from deltatune.lora.layer import LoraLinear
+from deltatune.lora.variants import LoraVariant
 
 MERGE_REFUSAL = ("aLoRA (alora_invocation_tokens) adapts only the tokens from the invocation on, so it is not a "
                  "change of the base weights")
@@ -174,11 +178,41 @@ def masked_delta(layer: nn.Module, name: str, x: torch.Tensor, result: torch.Ten
     return out3.reshape(result.shape)
 
 
+class Alora(LoraVariant):
+    """aLoRA as a LoRA variant: plain ``A, B`` (no tensors of its own), applied after the layer's other adapters
+    and only from each row's invocation on (:func:`masked_delta`); never merged (:data:`MERGE_REFUSAL`)."""
+
+    flag: ClassVar[str] = "use_alora"
+    config_field: ClassVar[str] = "alora_invocation_tokens"
+    label: ClassVar[str] = "aLoRA"
+    merge_refusal: ClassVar[str | None] = MERGE_REFUSAL
+    after_others: ClassVar[bool] = True
+
+    @classmethod
+    def check_target(cls, layer: nn.Module, module_name: str) -> None:
+        """Linear layers only, as PEFT."""
+        if type(layer) is not LoraLinear:
+            raise ConfigError(f"aLoRA (alora_invocation_tokens) adapts Linear layers only, not {module_name} "
+                              f"({type(layer.get_base_layer()).__name__}); leave it out of target_modules")
+
+    @classmethod
+    def for_layer(cls, layer: nn.Module) -> LoraVariant:
+        cls.check_target(layer, "this layer")
+        return cls()
+
+    def forward(self, layer: nn.Module, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus the update of adapter ``name`` from each row's invocation on, with the offsets
+        :func:`activated` left on the layer (none: ``result`` unchanged). ``x: (batch, ..., in)`` raw."""
+        offsets = getattr(layer, "alora_offsets", None) or {}
+        return masked_delta(layer, name, x, result, offsets.get(name))
+
+
 def alora_forward(layer: nn.Module, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
     """A LoRA Linear layer's output with the active aLoRA adapters ``names`` masked to their invocations.
 
     The layer's own ``forward`` runs first with only its other active adapters (ordinary LoRA keeps its fused
-    path), then each aLoRA adapter adds its masked update (:func:`masked_delta`).
+    path), then each aLoRA adapter adds its masked update (:func:`masked_delta`). (The layer does this itself for
+    adapters whose variant is :class:`Alora`; kept for callers of this function.)
     """
     active = layer.active_adapters
     layer.active_adapters = [n for n in active if n not in names]
@@ -186,7 +220,7 @@ def alora_forward(layer: nn.Module, x: torch.Tensor, names: list[str], *args: An
         result = layer.forward(x, *args, **kwargs)
     finally:
         layer.active_adapters = active
-    offsets = layer.alora_offsets or {}
+    offsets = getattr(layer, "alora_offsets", None) or {}
     for name in names:
         result = masked_delta(layer, name, x, result, offsets.get(name))
     return result
@@ -240,7 +274,8 @@ def activated(model: nn.Module, args: tuple, kwargs: dict[str, Any], adapter_nam
     else:
         offsets = {n: Offsets.from_list(invocation_offsets(ids, configs[n].alora_invocation_tokens), device)
                    for n in names}
-    layers = [m for m in model.modules() if getattr(m, "use_alora", None)]
+    layers = [m for m in model.modules()
+              if any(isinstance(v, Alora) for v in getattr(m, "lora_variant", {}).values())]
     for layer in layers:
         layer.alora_offsets = offsets
     try:

@@ -188,12 +188,11 @@ class LoraConfig(PeftConfig):
 
     @property
     def merge_refusal(self) -> str | None:
-        """Why this adapter cannot be merged into the base weights (aLoRA), else ``None``."""
-        if self.alora_invocation_tokens:
-            from deltatune.lora.alora import MERGE_REFUSAL
+        """Why this adapter cannot be merged into the base weights (its variant's ``merge_refusal``, e.g. aLoRA's),
+        else ``None``."""
+        from deltatune.lora.variants import variants_of  # torch-side module: loaded when a model is merged
 
-            return MERGE_REFUSAL
-        return None
+        return next((v.merge_refusal for v in variants_of(self) if v.merge_refusal is not None), None)
 
     @staticmethod
     def variant_labels(saved: dict[str, Any]) -> list[str]:

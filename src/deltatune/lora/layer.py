@@ -5,9 +5,10 @@ Shapes: ``A: (r, in)``, ``B: (out, r)``, ``x: (..., in)``; the scaling ``s`` is 
 the dense ``ΔW`` is only formed to merge (or by a variant that needs it, such as DoRA's weight norm).
 
 An adapter that is not plain LoRA has a variant (:mod:`deltatune.lora.variants`; DoRA in
-:mod:`deltatune.lora.dora`), which the layer asks at each point where its math differs: creation, merge and
-unmerge, the composed forward, the fused single-node path and the row scale of mixed-adapter batches. The
-single-node kernels and the dropout sampling live in :mod:`deltatune.lora.kernels`.
+:mod:`deltatune.lora.dora`, for one), which the layer asks at each point where its math differs: creation,
+merge and unmerge, the composed forward (run after the other adapters where the variant asks), the fused
+single-node path and the row scale of mixed-adapter batches. The single-node kernels and the dropout sampling
+live in :mod:`deltatune.lora.kernels`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from deltatune.config import PeftWarning
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError, MergeError
 from deltatune.lora import dora
-from deltatune.lora.alora import MERGE_REFUSAL, alora_forward
 from deltatune.lora.kernels import LoraDropoutBranch, LoraLinearNode, autocast_dtype
 from deltatune.lora.variants import LoraVariant, variant_containers, variant_for
 from deltatune.quantization import dequantize_weight
@@ -157,8 +157,8 @@ class LoraLayer(AdapterLayer):
     """
 
     adapter_layer_names = _WithVariantContainers(("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"))
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias", "use_alora",
-                         "use_rslora", "lora_variant")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias", "use_rslora",
+                         "lora_variant")
     layer_kind: str | None = None
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -179,19 +179,15 @@ class LoraLayer(AdapterLayer):
         # adapter -> its variant (DoRA...), for adapters that are not plain LoRA (deltatune.lora.variants)
         self.lora_variant: dict[str, LoraVariant] = {}
         self._merge_state: dict[str, torch.Tensor] = {}  # what a variant's merge keeps to unmerge exactly
-        # aLoRA adapters (True only) and, during a PeftModel call, their offsets (deltatune.lora.alora)
-        self.use_alora: dict[str, bool] = {}
-        self.alora_offsets: dict | None = None
         # The adapter slots of mixed-adapter batches (see _SlotTable); allocated at the first such batch.
         self._slots: _SlotTable | None = None
 
     # ---- creating an adapter -----------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                     lora_bias: bool = False, use_alora: bool = False, **variant_flags: bool) -> None:
-        """Create adapter ``adapter_name`` with rank ``r`` and initialise it (``use_alora``: an aLoRA adapter, which
-        acts only from its invocation tokens on; Linear layers only, see :mod:`deltatune.lora.alora`).
-        ``use_dora`` and ``variant_flags`` (the flags of :mod:`deltatune.lora.variants`) choose the variant."""
+                     lora_bias: bool = False, **variant_flags: bool) -> None:
+        """Create adapter ``adapter_name`` with rank ``r`` and initialise it. ``use_dora`` and ``variant_flags``
+        (the other flags of :mod:`deltatune.lora.variants`) choose the variant."""
         if r <= 0:
             raise ConfigError(f"rank must be positive, got r={r}")
         variant_cls = variant_for({"use_dora": use_dora, **variant_flags})
@@ -205,10 +201,6 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.use_dora[adapter_name] = use_dora
         self.lora_bias[adapter_name] = lora_bias
-        if use_alora:
-            self.use_alora[adapter_name] = True
-        else:
-            self.use_alora.pop(adapter_name, None)
         self._create_adapter(adapter_name, r, lora_bias)  # refuses lora_bias where it cannot train (Embedding)
         if lora_bias and getattr(self.base_layer, "bias", None) is None:
             warnings.warn(  # PEFT's warning (and category): the adapter trains, but cannot be merged
@@ -328,7 +320,7 @@ class LoraLayer(AdapterLayer):
                 self._init_weights(adapter_name, True if init_lora_weights is True else "gaussian")
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """LoRA is LoRA; DoRA and aLoRA adapters too, as PEFT says (their merged update is still a weight change)."""
+        """LoRA is LoRA; so is every variant's adapter, as PEFT says (its update is still a weight change)."""
         return True
 
     # ---- mixed-adapter batches -----------------------------------------------------------------
@@ -464,11 +456,16 @@ class LoraLayer(AdapterLayer):
         self._merge_state.pop(adapter_name, None)
 
     def merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``W + ΔW``, or what the adapter's variant merges (DoRA: ``(W + ΔW)`` rescaled row by row)."""
-        if self.use_alora.get(adapter_name):
-            raise MergeError(f"adapter {adapter_name!r} cannot be merged: {MERGE_REFUSAL}; keep it unmerged")
-        self._check_bias_mergeable(adapter_name)  # before merge() writes the weight
+        """``W + ΔW``, or what the adapter's variant merges (DoRA: ``(W + ΔW)`` rescaled row by row).
+
+        Raises:
+            MergeError: the variant is not a weight change (its ``merge_refusal``), or see
+                :meth:`_check_bias_mergeable`; before anything is written.
+        """
         variant = self.lora_variant.get(adapter_name)
+        if variant is not None and variant.merge_refusal is not None:
+            raise MergeError(f"adapter {adapter_name!r} cannot be merged: {variant.merge_refusal}; keep it unmerged")
+        self._check_bias_mergeable(adapter_name)  # before merge() writes the weight
         if variant is None:
             return weight + self.get_delta_weight(adapter_name).to(weight.dtype)
         return variant.merged_weight(self, weight, adapter_name)
@@ -613,19 +610,24 @@ class LoraLinear(LoraLayer):
 
     # ---- forward -----------------------------------------------------------------------------
     def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Pick the path, run it: aLoRA adapters masked to their invocation tokens; one adapter over a plain dense
-        base as a single autograd node (:meth:`_fast_path`); else the base output, then each adapter's update."""
-        if alora := [n for n in self.active_adapters if n in self.use_alora]:
-            return alora_forward(self, x, alora, *args, **kwargs)  # adapted from the invocation tokens on only
-        if (fused := self._fast_path(x)) is not None:
-            return fused
-        return self._forward_composed(x, *args, **kwargs)
-
-    def _fast_path(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The whole layer as one autograd node when one adapter is active: its variant's kernel (DoRA's), or for
-        plain LoRA over a plain dense base :class:`LoraLinearNode` (dropout included); ``None`` where neither
-        applies."""
+        """Pick the path, run it: one adapter over a plain dense base as a single autograd node
+        (:meth:`_fast_path`); else the base output, then each adapter's update. Adapters whose variant runs
+        ``after_others`` are left out of that choice and applied last, each on the output so far."""
         active = self._active_lora()
+        last = [n for n in active if (v := self.lora_variant.get(n)) is not None and v.after_others]
+        if last:
+            active = [n for n in active if n not in last]
+        result = self._fast_path(x, active)
+        if result is None:
+            result = self._forward_composed(x, active, *args, **kwargs)
+        for name in last:  # on the raw input: such a variant casts (and slices) what it uses itself
+            result = self.lora_variant[name].forward(self, name, x, result)
+        return result
+
+    def _fast_path(self, x: torch.Tensor, active: list[str]) -> torch.Tensor | None:
+        """The whole layer as one autograd node when one adapter (``active``) is: its variant's kernel (DoRA's), or
+        for plain LoRA over a plain dense base :class:`LoraLinearNode` (dropout included); ``None`` where neither
+        applies."""
         if len(active) != 1:
             return None
         name = active[0]
@@ -638,11 +640,12 @@ class LoraLinear(LoraLayer):
         return LoraLinearNode.apply(x, self._base_weight(), self.base_layer.bias, self.lora_A[name].weight,
                                     b.weight, b.bias, self.scaling[name], p, autocast_dtype(x))
 
-    def _forward_composed(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``base(x)``, then each active adapter in turn: ``+ s · B A dropout(x)``, or its variant's ``forward``."""
+    def _forward_composed(self, x: torch.Tensor, active: list[str], *args, **kwargs) -> torch.Tensor:
+        """``base(x)``, then each adapter of ``active`` in turn: ``+ s · B A dropout(x)``, or its variant's
+        ``forward``."""
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
-        for name in self._active_lora():
+        for name in active:
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             dropout, s = self.lora_dropout[name], self.scaling[name]
             # the adapter's own dtype, unless disable_input_dtype_casting asked to leave x alone (hooks cast)
