@@ -250,20 +250,6 @@ class AdapterLayer(nn.Module):
         :meth:`forward` has already handled disabled adapters, mixed-adapter batches and merged weights."""
         raise NotImplementedError
 
-    def _bypass(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
-        """What ``forward`` returns when the adapters do not run the usual way, else ``None``: adapters disabled
-        (merged ones are unmerged first, so the base runs alone) or a mixed-adapter batch (``row_adapters``)."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            if self.merged:  # merged weights would run every row through the merged adapters
-                raise ConfigError("Cannot pass `adapter_names` when there are merged adapters, please call "
-                                  "`unmerge_adapter` first. (mixed-adapter batches need unmerged adapters.)")
-            return self._forward_rows(x, *args, **kwargs)
-        return None
-
     def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Mixed-adapter batch (``self.row_adapters``, one name per row of ``x``'s first axis, ``"__base__"``
         for none): each group of rows runs ``forward`` with only its adapter active, then rows are put back.
