@@ -72,8 +72,10 @@ class Hooks:
     Files:
         before_save: ``(peft_model, adapter_name, file_state) -> file_state``: last change to the tensors before
             they are written (AdaLoRA slices them to the kept ranks).
-        convert_on_save: ``(state, initial_state, config, initial_dir) -> (state, config)``: PEFT's
-            ``path_initial_model_for_weight_conversion`` (LoRA: PiSSA/OLoRA/CorDA/LoRA-GA to a plain LoRA).
+        convert_on_save: ``(configs, names, initial_dir) -> convert``: PEFT's
+            ``path_initial_model_for_weight_conversion`` (LoRA: PiSSA/OLoRA/CorDA/LoRA-GA to a plain LoRA). It checks
+            the adapters ``names`` of ``configs`` (warnings at ``stacklevel=3``: ``save_pretrained``'s caller) and
+            returns ``convert: (name, file_state, config) -> (file_state, config)``, applied to each before writing.
         fit_config_to_file: ``(config, file tensors) -> None``: before an adapter is loaded, correct config
             fields the file contradicts (BOFT files from PEFT without its CUDA kernel).
         loading: ``(config) -> context manager``: held while a saved adapter is built, before its tensors are
@@ -90,6 +92,10 @@ class Hooks:
             initialisation (LoRA's EVA, CorDA, LoRA-GA, LoftQ).
         make_prompt_encoder: ``(config, word_embeddings) -> nn.Module``: a virtual-token method's trainable
             encoder.
+        peft_tuner: The class a ``PeftModel`` whose first adapter is of this method delegates to, when it is not
+            the weight adapters' ``deltatune.core.weight_tuner.WeightTuner`` (the virtual-token methods'
+            ``PromptTuner``): ``build(peft_model, model, config, adapter_name, autocast_adapter_dtype)`` and
+            ``WeightTuner``'s interface.
 
     Inspecting and the CLI:
         inspect_size: ``(adapter_config, {file key: shape}) -> text``: the "size" line of ``deltatune inspect``
@@ -120,6 +126,7 @@ class Hooks:
     add_weighted_adapter: Callable[..., None] | None = None
     create_with_data: Callable[..., nn.Module] | None = None
     make_prompt_encoder: Callable[[PeftConfig, nn.Module], nn.Module] | None = None
+    peft_tuner: type | None = None
     inspect_size: Callable[[dict[str, Any], dict[str, list[int]]], str] | None = None
     rank_container: str = ""
     cli_shared_skip: tuple[str, ...] = ()
