@@ -1,12 +1,7 @@
-"""``WeightTuner``: what a ``PeftModel`` does with weight adapters (LoRA and kin) around the method's ``AdapterModel``.
+"""``WeightTuner``: what a ``PeftModel`` does with weight adapters (LoRA and kin), around the method's ``AdapterModel``.
 
-``PeftModel`` delegates every adapter operation to one tuner and never asks which kind: this one, or
-:class:`deltatune.prompt.tuner.PromptTuner` for virtual tokens (the same interface). The method's own work is in
-its ``AdapterModel`` (``PeftModel.base_model``, PEFT's ``LoraModel``, ``IA3Model``...); what this adds is the
-per-call work a ``PeftModel`` does around it: mixed-adapter batches, the methods' ``activate`` hooks around forward
-and generate (LoRA's aLoRA offsets), the ``autocast_adapter_dtype`` cast, PEFT's warnings, and the file keys
-(``PeftModel``'s state-dict keys, so it keeps the ``PeftModel`` it serves). It names no method: what a method adds
-comes from its registry hooks (``loading``, ``activate``, ``add_weighted_adapter``, ``before_save``).
+It names no method: what a method adds (skipping initialisations while loading, aLoRA's offsets around a call,
+combining adapters, slicing tensors before a save) comes from its registry hooks (:mod:`deltatune.registry`).
 """
 
 from __future__ import annotations
@@ -35,8 +30,9 @@ if TYPE_CHECKING:
 class WeightTuner:
     """What ``PeftModel`` does with weight adapters (LoRA and kin): the method's ``AdapterModel`` (PEFT's
     ``LoraModel``, ``IA3Model``..., which is ``peft_model.base_model``) plus the per-call work a ``PeftModel``
-    adds around it: mixed-adapter batches, aLoRA offsets, the ``autocast_adapter_dtype`` cast, PEFT's warnings,
-    and the file keys (which are ``PeftModel``'s state-dict keys, so it keeps the ``PeftModel`` it serves).
+    adds around it: mixed-adapter batches, the methods' ``activate`` hooks (LoRA's aLoRA offsets), the
+    ``autocast_adapter_dtype`` cast, PEFT's warnings, and the file keys (which are ``PeftModel``'s state-dict keys,
+    so it keeps the ``PeftModel`` it serves).
 
     Its interface is :class:`deltatune.prompt.tuner.PromptTuner`'s: ``PeftModel`` calls one of the two and never
     asks which.
