@@ -612,7 +612,7 @@ class PeftModelForFeatureExtraction(PeftModel):
     """An encoder producing embeddings."""
 
 
-# PEFT's table (``peft.mapping.MODEL_TYPE_TO_PEFT_MODEL_MAPPING``, re-exported by ``deltatune.mapping``): the class
+# PEFT's table (``peft.auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING``; ``deltatune.mapping`` re-exports it): the class
 # ``get_peft_model`` and ``PeftModel.from_pretrained`` build for a config's ``task_type``.
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {
     TaskType.CAUSAL_LM: PeftModelForCausalLM,
