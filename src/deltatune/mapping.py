@@ -10,32 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
+from deltatune.config import PeftConfig, PeftType, PeftWarning
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.targeting import modules_named_in
 from deltatune.core.tuner import AdapterModel, tuner_class, validate_adapter_name
 from deltatune.errors import ConfigError
-from deltatune.peft_model import (
-    PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForQuestionAnswering,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
-    _model_name_or_path,
-)
+from deltatune.peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel, _model_name_or_path
 from deltatune.registry import MethodTable, method_for
-
-MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {
-    TaskType.CAUSAL_LM: PeftModelForCausalLM,
-    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
-    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
-    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
-    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
-    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
-}
-
 
 # PEFT's tables, as live views of the registry (deltatune.registry.METHODS): every registered method, no list here.
 PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[PeftType, type[PeftConfig]] = MethodTable(lambda m: m.config_cls)

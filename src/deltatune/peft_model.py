@@ -7,10 +7,12 @@ state-dict keys, and with them the files, are the same in both libraries. Prompt
 
 ``PeftModel`` does no adapter work itself: it delegates every operation (add, switch, delete, disable, merge,
 unload, forward, generate, state dict, load) to one tuner, ``_tuner``, and never asks which kind it holds:
-:class:`WeightTuner` (the method's ``AdapterModel`` in ``base_model``, plus the per-call work around it:
-mixed-adapter batches, aLoRA offsets, embedding layers in files) or
+:class:`deltatune.core.weight_tuner.WeightTuner` (the method's ``AdapterModel`` in ``base_model``, plus the
+per-call work around it: mixed-adapter batches, the methods' ``activate`` hooks, embedding layers in files) or
 :class:`deltatune.prompt.tuner.PromptTuner` (virtual tokens). What is left here is the shared part: files and
-directories, the Hub, the model card, parameter counts.
+directories, the Hub, the model card, parameter counts, and the task subclasses (``PeftModelForCausalLM``...).
+What a method adds to saving and loading (LoRA: PiSSA & co. converted on save, their residual base rebuilt on
+load) comes from its registry hooks; this module names no method.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from deltatune.config import PeftConfig, PeftRuntimeWarning, PeftWarning, TaskType
+from deltatune.config import PeftConfig, PeftWarning, TaskType
 from deltatune.core.io import (
     check_adapter_pair,
     load_adapter_weights,
@@ -36,13 +37,10 @@ from deltatune.core.io import (
     save_adapter_files,
     sweep_stale_temp_files,
 )
-from deltatune.core.layer import AdapterLayer
-from deltatune.core.state_dict import adapter_state_dict, check_and_load, to_model_keys
-from deltatune.core.tuner import AdapterModel, tuner_class, validate_adapter_name
+from deltatune.core.tuner import validate_adapter_name
+from deltatune.core.weight_tuner import WeightTuner
 from deltatune.errors import AdapterNameError, ConfigError
-from deltatune.lora import alora as _alora
-from deltatune.prompt.tuner import PromptTuner
-from deltatune.registry import method_for
+from deltatune.registry import hook_for, method_for
 
 
 def _warn_if_ungathered(state: dict[str, torch.Tensor], adapter_name: str) -> None:
@@ -120,8 +118,8 @@ class PeftModel(nn.Module):
     @property
     def _is_prompt_learning(self) -> bool:
         """PEFT's attribute, which its utilities (and ``deltatune.status``) read: whether the adapters are virtual
-        tokens. ``PeftModel`` itself never asks; its tuner knows."""
-        return isinstance(self._tuner, PromptTuner)
+        tokens (a tuner other than the weight adapters'). ``PeftModel`` itself never asks; its tuner knows."""
+        return not isinstance(self._tuner, WeightTuner)
 
     @property
     def targeted_module_names(self) -> list[str]:
@@ -275,7 +273,8 @@ class PeftModel(nn.Module):
         self._tuner.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
-        """See :meth:`WeightTuner.cast_adapter_dtype` (``PeftMixedModel`` calls it after building its tuner)."""
+        """See :meth:`deltatune.core.weight_tuner.WeightTuner.cast_adapter_dtype` (``PeftMixedModel`` calls it
+        after building its tuner)."""
         self._tuner.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
@@ -371,7 +370,6 @@ class PeftModel(nn.Module):
         works on the *original* base model (:mod:`deltatune.lora.conversion`), not only on the residual one.
         """
         from deltatune.distributed import full_state, is_dtensor
-        from deltatune.lora.conversion import converts_to_plain_lora, to_plain_lora
 
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:  # each becomes a directory name below: nothing may point outside save_directory
@@ -379,22 +377,14 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterNameError(f"cannot save adapters {unknown}: this model has {sorted(self.peft_config)}")
-        initial_dir = path_initial_model_for_weight_conversion
-        if initial_dir is not None:
-            from deltatune.lora.config import LoraConfig
-
-            not_lora = [n for n in names if not isinstance(self.peft_config[n], LoraConfig)]
-            if not_lora:
-                raise ConfigError(f"path_initial_model_for_weight_conversion converts LoRA adapters (PiSSA, OLoRA, "
-                                  f"CorDA, LoRA-GA) to plain LoRA; {not_lora} are not LoRA adapters")
-            # PEFT's recipe sets init_lora_weights=True on the model before saving the initial adapter, so True
-            # converts too (the difference [B, -B0][A; A0] is exact for any LoRA); other inits get PEFT's warning.
-            odd = [n for n in names if not converts_to_plain_lora(self.peft_config[n])
-                   and self.peft_config[n].init_lora_weights is not True]
-            if odd:
-                warnings.warn(f"path_initial_model_for_weight_conversion only works for converting a PiSSA/CorDA/"
-                              f"OLoRA/LoRA-GA adapter to a LoRA adapter; {odd} have init_lora_weights="
-                              f"{self.peft_config[odd[0]].init_lora_weights!r}", stacklevel=2)
+        convert = None
+        if path_initial_model_for_weight_conversion is not None:
+            # The method's convert_on_save hook checks ``names`` (LoRA's refuses other methods' adapters by name)
+            # and returns the converter applied to each adapter's file state below.
+            make = hook_for("convert_on_save", [self.peft_config[n].peft_type for n in names])
+            if make is None:
+                raise ConfigError("path_initial_model_for_weight_conversion: no registered method converts adapters")
+            convert = make(self.peft_config, names, path_initial_model_for_weight_conversion)
         states: dict[str, dict[str, torch.Tensor]] = {}
         if any(is_dtensor(p) for p in self.parameters()):  # FSDP: a collective, so before the rank check
             for name in names:
@@ -409,10 +399,8 @@ class PeftModel(nn.Module):
             if state is None:
                 state = self.get_adapter_state_dict(name, kwargs.get("save_embedding_layers", "auto"))
             config = self.peft_config[name]
-            if initial_dir is not None:
-                sub = os.path.join(initial_dir, name)
-                where = sub if name != "default" and os.path.isdir(sub) else os.fspath(initial_dir)
-                state, config = to_plain_lora(state, load_adapter_weights(where), config, where)
+            if convert is not None:
+                state, config = convert(name, state, config)
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = _model_name_or_path(self.get_base_model())
             if config.task_type is None and config.auto_mapping is None:
@@ -499,8 +487,6 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
-            from deltatune.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
-
             target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type]
         with tuner_cls_for(config).loading(config):
             peft_model = target_cls(model, config, adapter_name,
@@ -509,7 +495,9 @@ class PeftModel(nn.Module):
             peft_model._load_weights(weights, adapter_name)
             if pair:  # after the shape checks, whose messages are more specific; catches what fits but differs
                 check_adapter_pair(directory)
-            _rebuild_residual(peft_model, adapter_name)  # last: it restores the base itself if it fails
+            after_load = method_for(config.peft_type).hooks.after_load  # e.g. LoRA: PiSSA's residual base
+            if after_load is not None:  # last: it restores the base itself if it fails
+                after_load(peft_model, adapter_name)
         except BaseException:
             peft_model._remove_adapter(adapter_name)
             raise
@@ -542,7 +530,9 @@ class PeftModel(nn.Module):
             self._load_weights(weights, adapter_name)
             if pair:
                 check_adapter_pair(directory)
-            _rebuild_residual(self, adapter_name)  # last: it restores the base itself if it fails
+            after_load = method_for(config.peft_type).hooks.after_load  # e.g. LoRA: PiSSA's residual base
+            if after_load is not None:  # last: it restores the base itself if it fails
+                after_load(self, adapter_name)
         except BaseException:
             self._remove_adapter(adapter_name)
             raise
@@ -556,327 +546,10 @@ class PeftModel(nn.Module):
         self._tuner.load_weights(weights, adapter_name)
 
 
-class WeightTuner:
-    """What ``PeftModel`` does with weight adapters (LoRA and kin): the method's ``AdapterModel`` (PEFT's
-    ``LoraModel``, ``IA3Model``..., which is ``peft_model.base_model``) plus the per-call work a ``PeftModel``
-    adds around it: mixed-adapter batches, aLoRA offsets, the ``autocast_adapter_dtype`` cast, PEFT's warnings,
-    and the file keys (which are ``PeftModel``'s state-dict keys, so it keeps the ``PeftModel`` it serves).
-
-    Its interface is :class:`deltatune.prompt.tuner.PromptTuner`'s: ``PeftModel`` calls one of the two and never
-    asks which.
-    """
-
-    def __init__(self, peft_model: PeftModel, adapter_model: AdapterModel) -> None:
-        self.peft_model = peft_model
-        self.adapter_model = adapter_model
-
-    @staticmethod
-    def build(peft_model: PeftModel, model: nn.Module, config: PeftConfig, adapter_name: str,
-              autocast_adapter_dtype: bool = True) -> WeightTuner:
-        """Inject ``config``'s adapter into ``model`` as ``adapter_name`` (active) with PEFT's per-method tuner class
-        (``LoraModel``, ``IA3Model``...: isinstance checks hold), from the registry."""
-        tuner = WeightTuner(peft_model, tuner_class(method_for(config.peft_type))(model, config, adapter_name))
-        tuner.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
-        _warn_unmatched_patterns(tuner.adapter_model, adapter_name, config)
-        return tuner
-
-    def peft_modules(self) -> dict[str, nn.Module]:
-        """The modules ``PeftModel`` shows as attributes: ``base_model``, the ``AdapterModel`` (PEFT's layout)."""
-        return {"base_model": self.adapter_model}
-
-    # ---- what it holds -------------------------------------------------------------------------
-    @property
-    def model(self) -> nn.Module:
-        return self.adapter_model.model
-
-    @property
-    def peft_config(self) -> dict[str, PeftConfig]:
-        return self.adapter_model.peft_config
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self.adapter_model.active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return self.adapter_model.active_adapters
-
-    @property
-    def targeted_module_names(self) -> list[str]:
-        return self.adapter_model.targeted_module_names
-
-    @property
-    def adapters_enabled(self) -> bool:
-        """Whether any adapter layer (or ``modules_to_save`` copy) is on, i.e. not inside ``disable_adapter()``."""
-        return any(not m.disable_adapters for _, m in self.adapter_model._wrappers())
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return self.adapter_model.supports_lora_conversion(adapter_name)
-
-    # ---- adapters ------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
-        """Inject ``adapter_name`` (not made active).
-
-        Raises:
-            ConfigError: a prompt-learning config (PEFT keeps the two families apart too).
-        """
-        if config.is_prompt_learning:
-            raise ConfigError(
-                f"this PeftModel holds weight adapters (e.g. LoRA) and cannot also hold a {config.peft_type} adapter "
-                "(PEFT has the same rule); wrap a fresh base model for it"
-            )
-        # As PEFT: adding an adapter leaves every existing tensor's requires_grad as it was (a base weight the user
-        # unfroze, an adapter tensor they froze); the new, inactive adapter starts frozen.
-        existing = [(p, p.requires_grad) for p in self.peft_model.parameters()]
-        self.adapter_model.inject_adapter(adapter_name, config)
-        self.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
-        _warn_unmatched_patterns(self.adapter_model, adapter_name, config)
-        self.adapter_model.set_adapter(self.active_adapter)
-        for p, flag in existing:
-            p.requires_grad_(flag)
-
-    def cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
-        """With ``autocast_adapter_dtype=False`` put ``adapter_name``'s layer tensors in their base layer's dtype.
-
-        The layers create adapters in float32 over a half-precision base (``AdapterLayer._place_adapter``), which
-        is PEFT's ``True``; PEFT's ``False`` leaves them in the base weight's dtype, so this casts them down.
-        """
-        if autocast_adapter_dtype:
-            return
-        for module in self.adapter_model.model.modules():
-            if not isinstance(module, AdapterLayer) or module.quantized:  # a 4/8-bit base has no float dtype
-                continue
-            weight = getattr(module.base_layer, "weight", None)
-            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-                continue
-            for attr in module.adapter_layer_names:
-                container = getattr(module, attr)
-                if adapter_name not in container:
-                    continue
-                item = container[adapter_name]
-                if isinstance(item, nn.Parameter):
-                    container[adapter_name] = nn.Parameter(item.data.to(weight.dtype), requires_grad=item.requires_grad)
-                else:
-                    item.to(weight.dtype)
-
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        self.adapter_model.set_adapter(adapter_name, inference_mode=inference_mode)
-
-    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
-        self.adapter_model.set_requires_grad(adapter_names, requires_grad)
-
-    def mark_trainable(self, adapter_name: str) -> None:
-        """A loaded (not active) adapter asked to be trainable: its tensors get gradients now."""
-        self.set_requires_grad(adapter_name, True)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self.adapter_model.delete_adapter(adapter_name)
-
-    def _remove_adapter(self, adapter_name: str) -> None:
-        self.adapter_model._remove_adapter(adapter_name)
-
-    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
-        """See ``PeftModel.add_weighted_adapter`` (:mod:`deltatune.lora.arithmetic` does the math)."""
-        from deltatune.lora.arithmetic import add_weighted_adapter
-
-        add_weighted_adapter(self.peft_model, *args, **kwargs)
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Every adapter layer off: the model computes exactly the base model's output."""
-        adapter_model = self.adapter_model
-        # As PEFT: the disabled adapters get no gradients inside the block (an optimizer step there must not move
-        # them, e.g. a reference pass in DPO); each tensor's own flag comes back on exit, so a frozen
-        # (inference-mode) adapter stays frozen.
-        if len({layer.disable_adapters for _, layer in adapter_model.adapter_layers()}) > 1:
-            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
-                          "This is most likely unintentional. After exiting the disable_adapter context, all adapters "
-                          "will be enabled", PeftWarning, stacklevel=5)  # the caller of PeftModel.disable_adapter
-        if not self.adapters_enabled and self.active_adapters:  # nested: the outer block re-enables
-            yield
-            return
-        flags = [(p, p.requires_grad) for p in adapter_model.adapter_parameters()]
-        adapter_model.enable_adapter_layers(False)  # freezes the adapter tensors
-        try:
-            yield
-        finally:
-            adapter_model.enable_adapter_layers(True)
-            for p, flag in flags:
-                p.requires_grad_(flag)
-
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        _warn_already_merged(self.adapter_model, adapter_names)
-        self.adapter_model.merge_adapter(adapter_names, safe_merge=safe_merge)
-
-    def unmerge_adapter(self) -> None:
-        self.adapter_model.unmerge_adapter()
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
-        _warn_already_merged(self.adapter_model, adapter_names)
-        return self.adapter_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
-
-    def unload(self) -> nn.Module:
-        return self.adapter_model.unload()
-
-    def update_and_allocate(self, global_step: int) -> None:
-        self.adapter_model.update_and_allocate(global_step)
-
-    def regularization_loss(self) -> torch.Tensor | None:
-        return self.adapter_model.regularization_loss()
-
-    # ---- running the model --------------------------------------------------------------------
-    def forward(self, args: tuple, kwargs: dict[str, Any], task_ids: torch.Tensor | None = None,
-                adapter_names: list[str] | None = None) -> Any:
-        """The model's forward through its adapter layers; ``task_ids`` are ignored (as PEFT)."""
-        with self._mixed_batch(adapter_names), _alora.activated(self.peft_model, args, kwargs, adapter_names):
-            outputs = self.adapter_model.model(*args, **kwargs)
-        return self.adapter_model.add_regularization(outputs)  # e.g. AdaLoRA's penalty, when a loss is returned
-
-    def generate(self, args: tuple, kwargs: dict[str, Any], adapter_names: list[str] | None = None) -> Any:
-        with self._mixed_batch(adapter_names), _alora.activated(self.peft_model, args, kwargs, adapter_names):
-            return self.adapter_model.model.generate(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
-        if adapter_names is None:
-            yield
-            return
-        if self.peft_model.training:
-            raise ConfigError("Cannot pass `adapter_names` when the model is in training mode. (mixed-adapter "
-                              "batches are for inference: call model.eval() first.)")
-        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
-        if unknown:
-            raise AdapterNameError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. This model "
-                                   f"has {sorted(self.peft_config)}; use '__base__' for rows without an adapter")
-        layers = [m for m in self.peft_model.modules() if hasattr(m, "row_adapters")]
-        for layer in layers:
-            layer.row_adapters = list(adapter_names)
-        try:
-            yield
-        finally:
-            # LoRA layers keep their adapter slots across calls (refilled when an adapter's tensors change, freed
-            # by delete_adapter), so repeated calls -- every decoding step of `deltatune serve` -- do not restack.
-            for layer in layers:
-                layer.row_adapters = None
-
-    # ---- files -----------------------------------------------------------------------------------
-    def adapter_state_dict(self, adapter_name: str, save_embedding_layers: bool | str = "auto"
-                           ) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under PEFT's file keys, with the embedding layers when asked (see
-        ``PeftModel.get_adapter_state_dict``) and the method's ``before_save`` hook applied."""
-        config = self.peft_config[adapter_name]
-        method = method_for(config.peft_type)
-        state = adapter_state_dict(self.peft_model, adapter_name, method.containers, getattr(config, "bias", "none"),
-                                   method.file_suffixes)
-        state.update(self._embedding_state(config, save_embedding_layers))
-        return method.hooks.before_save(self.peft_model, adapter_name, state) if method.hooks.before_save else state
-
-    def _embedding_state(self, config: PeftConfig, save_embedding_layers: bool | str) -> dict[str, torch.Tensor]:
-        targets = getattr(config, "target_modules", None) or ()
-        targeted = any(k in targets for k in ("embed_tokens", "lm_head"))
-        if save_embedding_layers == "auto":
-            # Trainable tokens exist to avoid filing the whole embedding (PEFT's rule too).
-            tokens = config.peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None)
-            save_embedding_layers = targeted and not tokens
-        base = self.model
-        if save_embedding_layers and not hasattr(base, "get_input_embeddings"):  # PEFT's warning, verbatim
-            warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
-                          stacklevel=4)
-        if not save_embedding_layers or not hasattr(base, "get_input_embeddings"):
-            return {}
-        out: dict[str, torch.Tensor] = {}
-        state = self.peft_model.state_dict()
-        layers = [base.get_input_embeddings(), getattr(base, "get_output_embeddings", lambda: None)()]
-        for layer in [m for m in layers if m is not None]:
-            module_name = next((n for n, m in self.peft_model.named_modules() if m is layer), None)
-            if module_name is None:
-                continue
-            # Within an adapted layer, the frozen weight is ``<name>.base_layer.weight``.
-            adapted = isinstance(layer, AdapterLayer) or module_name.endswith(".base_layer")
-            if targeted and not adapted:
-                continue  # with embeddings among the targets, PEFT files only the adapted ones
-            prefix = module_name.removesuffix(".base_layer")
-            out.update({k: v for k, v in state.items() if k.startswith(prefix + ".base_layer.")
-                        or k == prefix + ".weight"})
-        return out
-
-    def load_weights(self, weights: dict[str, torch.Tensor], adapter_name: str) -> None:
-        """Load a file's tensors (PEFT's keys) into ``adapter_name``; every key and shape is checked first."""
-        config = self.peft_config[adapter_name]
-        method = method_for(config.peft_type)
-        containers = method.containers
-        model_state = to_model_keys(self.peft_model, weights, adapter_name, containers, method.file_suffixes)
-        check_and_load(self.peft_model, model_state, adapter_name, containers, config.base_model_name_or_path)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def loading(config: PeftConfig) -> Iterator[None]:
-        """Loading overwrites the adapter's tensors, so skip initialisations while the adapter is built (nothing of
-        the base changes before the file is checked). PiSSA/OLoRA adapters get their residual base afterwards, rebuilt
-        from the base weights as PEFT does (:func:`_rebuild_residual`), and so do LoftQ adapters (their quantised base
-        Q); CorDA/LoRA-GA cannot be rebuilt: a warning says so."""
-        from deltatune.lora.conversion import mutates_base
-        from deltatune.lora.init import init_module, is_data_driven, rewrites_base
-
-        init = getattr(config, "init_lora_weights", True)
-        # EVA/CorDA/LoftQ/LoRA-GA/orthogonal only decide the starting A, B, which loading overwrites (issue 19).
-        if mutates_base(config) or is_data_driven(config) or init == "orthogonal":
-            # a base-rewriting init whose module cannot rebuild that base on load (LoftQ's can: _rebuild_residual)
-            if rewrites_base(config) and getattr(init_module(init), "rebuild_base", None) is None:
-                warnings.warn(
-                    f"adapter was initialised with {init!r}: it expects the residual base model saved at training "
-                    "time, not the original one (save it with path_initial_model_for_weight_conversion to get a plain "
-                    "LoRA for the original base)", stacklevel=3,
-                )
-            config.init_lora_weights = True
-            try:
-                yield
-            finally:
-                config.init_lora_weights = init
-        else:
-            yield
-
-
-def tuner_cls_for(config: PeftConfig) -> type[WeightTuner] | type[PromptTuner]:
-    """The tuner a ``PeftModel`` whose first adapter is ``config`` delegates to: the one choice of kind."""
-    return PromptTuner if config.is_prompt_learning else WeightTuner
-
-
-def _adapted_module_names(adapter_model: AdapterModel, adapter_name: str | None = None) -> list[str]:
-    """Names (within the user's model) of the layers holding ``adapter_name`` (any adapter when ``None``)."""
-    return [name for name, layer in adapter_model.adapter_layers()
-            if adapter_name is None or adapter_name in layer.adapter_names()]
-
-
-def _warn_unmatched_patterns(adapter_model: AdapterModel, adapter_name: str, config: PeftConfig) -> None:
-    """PEFT's warning for ``rank_pattern``/``alpha_pattern`` keys that match none of the adapted layers (a typo
-    there silently trains every layer with the default ``r``/``alpha``). Keys match as PEFT's: the end of a name."""
-    if config.peft_type == "ADALORA":  # its rank_pattern is written by training ({module.lora_E: [bool]})
-        return
-    names = _adapted_module_names(adapter_model, adapter_name)
-    for attr in ("rank_pattern", "alpha_pattern"):
-        patterns = getattr(config, attr, None) or {}
-        unmatched = sorted(k for k in patterns if not any(re.match(rf"(.*\.)?({k})$", n) for n in names))
-        if unmatched:
-            warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
-                          f"{unmatched}.", PeftRuntimeWarning, stacklevel=5)
-
-
-def _warn_already_merged(adapter_model: AdapterModel, adapter_names: list[str] | None) -> None:
-    """PEFT's warning when merging adapters that are already merged (they are skipped, not added twice)."""
-    merged: list[str] = []
-    for _, layer in adapter_model.adapter_layers():
-        merged += [n for n in layer.merged_adapters if n not in merged]
-    if not merged:
-        return
-    wanted = adapter_model.active_adapters if adapter_names is None else list(adapter_names)
-    todo = [n for n in wanted if n not in merged]
-    if todo:
-        warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally "
-                      f"merging {','.join(todo)}.", PeftWarning, stacklevel=4)
-    else:
-        warnings.warn("All adapters are already merged, nothing to do.", PeftWarning, stacklevel=4)
+def tuner_cls_for(config: PeftConfig) -> type:
+    """The tuner a ``PeftModel`` whose first adapter is ``config`` delegates to, the one choice of kind: the method's
+    ``peft_tuner`` hook (the virtual-token methods' ``PromptTuner``), else :class:`WeightTuner`."""
+    return method_for(config.peft_type).hooks.peft_tuner or WeightTuner
 
 
 def _fit_config_to_file(config: PeftConfig, weights: dict[str, torch.Tensor], directory: str) -> None:
@@ -889,18 +562,6 @@ def _fit_config_to_file(config: PeftConfig, weights: dict[str, torch.Tensor], di
     if fit is not None:
         fit(config, weights)
     check_config_fits_file(config, weights, directory)
-
-
-def _rebuild_residual(model: nn.Module, adapter_name: str) -> None:
-    """A PiSSA/OLoRA adapter loaded as saved (not converted): rewrite its layers' base weights into the residual
-    ``W - s B0 A0`` it was trained on, as PEFT's load does (:func:`deltatune.lora.conversion.rebuild_residual`)."""
-    from deltatune.lora.conversion import rebuild_residual
-    from deltatune.lora.init import rebuild_base
-
-    config = model.peft_config[adapter_name]
-    if getattr(config, "init_lora_weights", True) is not True:
-        rebuild_residual(model, adapter_name, config)
-        rebuild_base(model, adapter_name, config)  # LoftQ: its quantised base Q from the weights given
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -949,6 +610,18 @@ class PeftModelForQuestionAnswering(PeftModel):
 
 class PeftModelForFeatureExtraction(PeftModel):
     """An encoder producing embeddings."""
+
+
+# PEFT's table (``peft.auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING``; ``deltatune.mapping`` re-exports it): the class
+# ``get_peft_model`` and ``PeftModel.from_pretrained`` build for a config's ``task_type``.
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
 
 
 def _check_task(task_type: TaskType | None) -> None:

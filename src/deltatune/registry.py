@@ -72,10 +72,17 @@ class Hooks:
     Files:
         before_save: ``(peft_model, adapter_name, file_state) -> file_state``: last change to the tensors before
             they are written (AdaLoRA slices them to the kept ranks).
-        convert_on_save: ``(state, initial_state, config, initial_dir) -> (state, config)``: PEFT's
-            ``path_initial_model_for_weight_conversion`` (LoRA: PiSSA/OLoRA/CorDA/LoRA-GA to a plain LoRA).
+        convert_on_save: ``(configs, names, initial_dir) -> convert``: PEFT's
+            ``path_initial_model_for_weight_conversion`` (LoRA: PiSSA/OLoRA/CorDA/LoRA-GA to a plain LoRA). It checks
+            the adapters ``names`` of ``configs`` (warnings at ``stacklevel=3``: ``save_pretrained``'s caller) and
+            returns ``convert: (name, file_state, config) -> (file_state, config)``, applied to each before writing.
         fit_config_to_file: ``(config, file tensors) -> None``: before an adapter is loaded, correct config
             fields the file contradicts (BOFT files from PEFT without its CUDA kernel).
+        saves_initial: ``(config) -> bool``: whether ``deltatune train`` must also save the adapter as created, so
+            that ``convert_on_save`` can write the trained one for the original base (LoRA's PiSSA/OLoRA/CorDA/LoRA-GA).
+        rewrites_base_on_load: ``(config) -> bool``: whether loading the adapter as saved rewrites the base it is
+            loaded onto (LoRA's PiSSA/OLoRA/CorDA/LoRA-GA residual, LoftQ's ``Q``), so it cannot share that base
+            with other adapters (``deltatune serve`` refuses it).
         loading: ``(config) -> context manager``: held while a saved adapter is built, before its tensors are
             loaded (LoRA: skip initialisations the file overwrites).
         after_load: ``(model, adapter_name) -> None``: once the tensors are loaded (LoRA: rebuild the residual
@@ -88,8 +95,15 @@ class Hooks:
             None``: a new adapter, a weighted combination of existing ones (LoRA's ``add_weighted_adapter``).
         create_with_data: ``(model, config, batches, adapter_name) -> PeftModel``: creation with a data-driven
             initialisation (LoRA's EVA, CorDA, LoRA-GA, LoftQ).
+        data_init: ``(config) -> str | None``: the data-driven initialisation ``config`` asks for, by name (LoRA's
+            ``init_lora_weights``: ``"eva"``, ``"corda"``, ``"lora_ga"``, ``"loftq"``), else ``None``; ``deltatune
+            train`` then creates the adapter with ``create_with_data`` from its first training batches.
         make_prompt_encoder: ``(config, word_embeddings) -> nn.Module``: a virtual-token method's trainable
             encoder.
+        peft_tuner: The class a ``PeftModel`` whose first adapter is of this method delegates to, when it is not
+            the weight adapters' ``deltatune.core.weight_tuner.WeightTuner`` (the virtual-token methods'
+            ``PromptTuner``): ``build(peft_model, model, config, adapter_name, autocast_adapter_dtype)`` and
+            ``WeightTuner``'s interface.
 
     Inspecting and the CLI:
         inspect_size: ``(adapter_config, {file key: shape}) -> text``: the "size" line of ``deltatune inspect``
@@ -114,12 +128,16 @@ class Hooks:
     before_save: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
     convert_on_save: Callable[..., tuple[dict[str, Any], PeftConfig]] | None = None
     fit_config_to_file: Callable[[PeftConfig, dict[str, Any]], None] | None = None
+    saves_initial: Callable[[PeftConfig], bool] | None = None
+    rewrites_base_on_load: Callable[[PeftConfig], bool] | None = None
     loading: Callable[[PeftConfig], Any] | None = None
     after_load: Callable[[nn.Module, str], None] | None = None
     activate: Callable[..., Any] | None = None
     add_weighted_adapter: Callable[..., None] | None = None
     create_with_data: Callable[..., nn.Module] | None = None
+    data_init: Callable[[PeftConfig], str | None] | None = None
     make_prompt_encoder: Callable[[PeftConfig, nn.Module], nn.Module] | None = None
+    peft_tuner: type | None = None
     inspect_size: Callable[[dict[str, Any], dict[str, list[int]]], str] | None = None
     rank_container: str = ""
     cli_shared_skip: tuple[str, ...] = ()

@@ -26,7 +26,7 @@ from deltatune.cli.common import UsageError, human_bytes, human_time
 from deltatune.cli.options import add_train_arguments, learning_rate
 from deltatune.cli.settings import RunSettings
 from deltatune.core.io import atomic_write_text, is_disk_full
-from deltatune.lora.conversion import converts_to_plain_lora
+from deltatune.registry import method_for
 from deltatune.training import plots, runlock
 from deltatune.training.data import SHAPE_BUCKET, collate, describe_columns
 from deltatune.training.trainer import (
@@ -224,10 +224,9 @@ def create_adapter(model: torch.nn.Module, peft_config: Any, train_examples: lis
     the adapter is created from the first ``CALIBRATION_BATCHES`` batches of the training set, collated as the
     trainer collates them (the same batches on every process, so every process gets the same adapter). LoftQ gets
     the float model (``prepare`` leaves it unquantised) and ``quantize`` (NF4) applies to its base ``Q`` after."""
-    from deltatune.lora.init import get_peft_model_with_data, init_module
-
-    init = getattr(peft_config, "init_lora_weights", True)
-    if init_module(init) is None:  # not data-driven, or not built yet (check_creatable refuses with the reason)
+    hooks = method_for(peft_config.peft_type).hooks
+    init = hooks.data_init(peft_config) if hooks.data_init is not None else None
+    if init is None:  # not data-driven, or not built yet (the method's checks refuse with the reason)
         from deltatune import get_peft_model
 
         return get_peft_model(model, peft_config)
@@ -240,7 +239,7 @@ def create_adapter(model: torch.nn.Module, peft_config: Any, train_examples: lis
           f"{init}: initialising the adapter from {len(batches)} training batches ({len(examples)} examples) ...",
           flush=True)
     t0 = time.perf_counter()
-    model = get_peft_model_with_data(model, peft_config, batches)
+    model = hooks.create_with_data(model, peft_config, batches)
     layers = sum(1 for _, m in model.base_model.adapter_layers())
     print(f"{init}: {layers} layers initialised ({human_time(time.perf_counter() - t0)})", flush=True)
     if init == "loftq" and quantize:
@@ -393,7 +392,9 @@ def _keep_initial_adapter(settings: RunSettings, run: Prepared, info: Any) -> st
     Keep the initial adapter, so the one saved at the end is a plain LoRA for the original base (what eval loads).
     Returns its directory, or ``None`` for the other methods."""
     out = settings.output_dir
-    initial_dir = os.path.join(out, INITIAL_ADAPTER_DIR) if converts_to_plain_lora(run.peft_config) else None
+    saves_initial = method_for(run.peft_config.peft_type).hooks.saves_initial
+    keep = saves_initial is not None and saves_initial(run.peft_config)
+    initial_dir = os.path.join(out, INITIAL_ADAPTER_DIR) if keep else None
     if initial_dir and not settings.resume:
         run.model.save_pretrained(initial_dir, is_main_process=info.is_main)
     return initial_dir

@@ -85,6 +85,9 @@ LORA = Method(
         loading=hooks.loading,
         after_load=hooks.after_load,
         create_with_data=hooks.create_with_data,
+        data_init=hooks.data_init,
+        saves_initial=hooks.saves_initial,
+        rewrites_base_on_load=hooks.rewrites_base_on_load,
         rank_container="lora_A",
         nested_containers=("token_adapter.trainable_tokens_delta",),  # trainable_token_indices
     ),

@@ -9,7 +9,11 @@ so generic code asks the registry (``method_for(config.peft_type).hooks.<name>``
   for the original base (:mod:`.conversion`), PEFT's ``path_initial_model_for_weight_conversion``.
 * :func:`loading` (``hooks.loading``): while a saved adapter is built, skip initialisations the file overwrites.
 * :func:`after_load` (``hooks.after_load``): rebuild the residual base PiSSA/OLoRA/LoftQ adapters were trained on.
-* :func:`create_with_data` (``hooks.create_with_data``): data-driven initialisations (EVA, CorDA, LoRA-GA, LoftQ).
+* :func:`create_with_data` (``hooks.create_with_data``): data-driven initialisations (EVA, CorDA, LoRA-GA, LoftQ),
+  and :func:`data_init` (``hooks.data_init``): which of them a config asks for.
+* :func:`saves_initial` (``hooks.saves_initial``): whether training keeps the adapter as created, for
+  :func:`convert_on_save`; :func:`rewrites_base_on_load` (``hooks.rewrites_base_on_load``): whether loading an
+  adapter rewrites the base it is loaded onto (so it cannot share that base).
 """
 
 from __future__ import annotations
@@ -108,4 +112,26 @@ def create_with_data(model: nn.Module, config: PeftConfig, batches: Iterable[Map
     return lora_init.get_peft_model_with_data(model, config, batches, adapter_name)
 
 
-__all__ = ["activate", "add_weighted_adapter", "after_load", "convert_on_save", "create_with_data", "loading"]
+def data_init(config: PeftConfig) -> str | None:
+    """The data-driven ``init_lora_weights`` ``config`` asks for (``"eva"``, ``"corda"``, ``"lora_ga"``, ``"loftq"``:
+    :data:`.init.DATA_DRIVEN_INITS`), which :func:`create_with_data` computes; ``None`` for any other."""
+    init = getattr(config, "init_lora_weights", True)
+    return init if lora_init.init_module(init) is not None else None
+
+
+def saves_initial(config: PeftConfig) -> bool:
+    """Whether ``config``'s initialisation moved ``s B0 A0`` out of the base (PiSSA, OLoRA, CorDA, LoRA-GA), so the
+    adapter as created must be kept for :func:`convert_on_save` to write the trained one as plain LoRA for the
+    original base (:func:`.conversion.converts_to_plain_lora`)."""
+    return conversion.converts_to_plain_lora(config)
+
+
+def rewrites_base_on_load(config: PeftConfig) -> bool:
+    """Whether ``config``'s adapter, saved as created, works only on the base its initialisation rewrote (PiSSA/OLoRA/
+    CorDA/LoRA-GA's residual, LoftQ's ``Q``): loading it rewrites the base it is loaded onto, so that base cannot be
+    shared with other adapters (:func:`.conversion.expects_rewritten_base`)."""
+    return conversion.expects_rewritten_base(getattr(config, "init_lora_weights", True))
+
+
+__all__ = ["activate", "add_weighted_adapter", "after_load", "convert_on_save", "create_with_data", "data_init",
+           "loading", "rewrites_base_on_load", "saves_initial"]

@@ -29,6 +29,7 @@ from deltatune.prompt.encoders import (
     PromptEmbedding,
     PromptEncoder,
 )
+from deltatune.prompt.tuner import PromptTuner
 from deltatune.registry import Hooks, Method
 
 
@@ -36,21 +37,23 @@ def _make_encoder(config: PromptLearningConfig, word_embeddings: nn.Module) -> n
     return ENCODERS[type(config)](config, word_embeddings)
 
 
+_HOOKS = Hooks(make_prompt_encoder=_make_encoder, peft_tuner=PromptTuner)  # PeftModel delegates to PromptTuner
+
 PROMPT_TUNING = Method(
     peft_type=PeftType.PROMPT_TUNING, config_cls=PromptTuningConfig, lr_scale=30.0,
-    hooks=Hooks(make_prompt_encoder=_make_encoder), cli_names={"prompt_tuning": {}},
+    hooks=_HOOKS, cli_names={"prompt_tuning": {}},
 )
 P_TUNING = Method(
     peft_type=PeftType.P_TUNING, config_cls=PromptEncoderConfig, lr_scale=30.0,
-    hooks=Hooks(make_prompt_encoder=_make_encoder), cli_names={"p_tuning": {}},
+    hooks=_HOOKS, cli_names={"p_tuning": {}},
 )
 PREFIX_TUNING = Method(
     peft_type=PeftType.PREFIX_TUNING, config_cls=PrefixTuningConfig, lr_scale=30.0,
-    hooks=Hooks(make_prompt_encoder=_make_encoder), cli_names={"prefix_tuning": {}},
+    hooks=_HOOKS, cli_names={"prefix_tuning": {}},
 )
 MULTITASK_PROMPT_TUNING = Method(
     peft_type=PeftType.MULTITASK_PROMPT_TUNING, config_cls=MultitaskPromptTuningConfig, lr_scale=30.0,
-    hooks=Hooks(make_prompt_encoder=_make_encoder), cli_names={"multitask_prompt_tuning": {}},
+    hooks=_HOOKS, cli_names={"multitask_prompt_tuning": {}},
 )
 
 __all__ = [

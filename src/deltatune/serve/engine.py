@@ -361,9 +361,10 @@ class Engine:
             raise ServeError(f"{where} is {config.peft_type} (prompt learning): it adds virtual tokens rather than "
                              "changing weights, and deltatune serve does not batch those yet; use `deltatune "
                              "generate --adapter` for it", code="adapter_not_servable")
-        from deltatune.lora.conversion import expects_rewritten_base
+        from deltatune.registry import method_for
 
-        if expects_rewritten_base(getattr(config, "init_lora_weights", True)):  # PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ
+        rewrites_base = method_for(config.peft_type).hooks.rewrites_base_on_load  # LoRA: PiSSA, OLoRA, LoftQ...
+        if rewrites_base is not None and rewrites_base(config):
             raise ServeError(f"{where} was initialised with init_lora_weights={config.init_lora_weights!r} and saved "
                              "as created, so it works on its own rewritten base weights only (loading it would "
                              "rewrite the base every other adapter shares); save it with "
