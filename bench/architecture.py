@@ -27,7 +27,7 @@ from pathlib import Path
 
 PREFIX_BRANCH = r"==\s*PeftType\.PREFIX_TUNING"
 WRITES_PEFT_MODEL = r"peft_model\._\w+\s*=[^=]"
-NAMES_DORA = r"(?m)^.*(use_dora|dora|magnitude).*$"
+NAMES_DORA = r"(?m)^.*(use_dora|DoRA|_dora).*$"
 SETTINGS = r"settings\["
 ROW_ADAPTERS = r"self\.row_adapters: list\[str\] \| None = None"
 PROLOGUE = r"if self\._bypass|if self\.merged"
