@@ -2,7 +2,8 @@
 
 Loading never depends on the initialisation: once trained, every LoRA adapter is ``A`` and ``B`` on top of the
 base, so a saved adapter loads whatever ``init_lora_weights`` it names (LoRA's ``hooks.loading``, which the weight
-tuner holds while a saved adapter is built, skips the initialisation the file overwrites). Only creating a new adapter needs the initialisation itself. The data-driven ones each live in their own module
+tuner holds while a saved adapter is built, skips the initialisation the file overwrites). Only creating a new
+adapter needs the initialisation itself. The data-driven ones each live in their own module
 ``deltatune.lora.<init>`` (EVA: activations of a calibration set; CorDA: their covariances; LoRA-GA: gradients;
 LoftQ: quantising the base), which provides
 
