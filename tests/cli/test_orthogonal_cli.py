@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from deltatune.cli import common
+from deltatune.cli import options as cli_options
 
 from .reliability import assert_peft_loads_it_equal, read_json, run
 
@@ -15,11 +15,11 @@ FAST = ["--precision", "fp32", "--no-progress", "--batch-size", "4", "--eval-bat
 
 def test_shared_options_reach_only_the_methods_that_take_them():
     recipe = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "oft_block_size": 16}
-    assert common.shared_options_for("lora", recipe) == {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
-    assert common.shared_options_for("oft", recipe) == {"target_modules": "all-linear", "oft_block_size": 16}
-    assert common.shared_options_for("boft", recipe) == {"target_modules": "all-linear"}
-    assert "use_dora" not in common.shared_options_for("dora", {"use_dora": False, "r": 4})
-    assert common.shared_options_for("loha", recipe) == {"r": 8, "target_modules": "all-linear"}
+    assert cli_options.shared_options_for("lora", recipe) == {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
+    assert cli_options.shared_options_for("oft", recipe) == {"target_modules": "all-linear", "oft_block_size": 16}
+    assert cli_options.shared_options_for("boft", recipe) == {"target_modules": "all-linear"}
+    assert "use_dora" not in cli_options.shared_options_for("dora", {"use_dora": False, "r": 4})
+    assert cli_options.shared_options_for("loha", recipe) == {"r": 8, "target_modules": "all-linear"}
 
 
 @pytest.mark.parametrize("method,flags,expect", [
@@ -63,7 +63,7 @@ def _child_settings(*argv):
 
     args = build_parser().parse_args(["compare", *map(str, argv)])
     methods = vars(args).pop("methods").split(",")
-    names = set(common.method_fields())
+    names = set(cli_options.method_fields())
     return child_settings(methods, settings_from_args(args, names), names)
 
 
@@ -74,12 +74,12 @@ def test_compare_gives_each_method_only_its_options(data_dir, tmp_path):
                           "--r", 4, "--oft-block-size", 16, "--boft-block-size", 8, "--use-dora", "false",
                           "--config", config)
     assert all(s["max_steps"] == 1 and s["lr"] == 0.01 for s in got.values())
-    method_keys = {m: {k for k in s if k in common.method_fields()} for m, s in got.items()}
+    method_keys = {m: {k for k in s if k in cli_options.method_fields()} for m, s in got.items()}
     assert method_keys == {"lora": {"r", "lora_alpha", "use_dora"}, "dora": {"r", "lora_alpha"},
                            "oft": {"oft_block_size", "use_cayley_neumann"}, "boft": {"boft_block_size"}}
     assert got["lora"]["r"] == 4 and got["oft"]["oft_block_size"] == 16 and got["boft"]["boft_block_size"] == 8
     # And a child really accepts what it gets: OFT's config builds from it (r stays 0).
-    oft = common.build_peft_config("oft", {k: got["oft"][k] for k in method_keys["oft"]}, "CAUSAL_LM")
+    oft = cli_options.build_peft_config("oft", {k: got["oft"][k] for k in method_keys["oft"]}, "CAUSAL_LM")
     assert (oft.r, oft.oft_block_size, oft.use_cayley_neumann) == (0, 16, False)
 
 
@@ -100,8 +100,8 @@ def test_a_builtin_recipe_gives_each_method_only_its_options(method, expect):
     from deltatune.cli.train import settings_from_args
 
     args = build_parser().parse_args(["train", "--method", method])
-    settings = settings_from_args(args, set(common.method_fields()))
+    settings = settings_from_args(args, set(cli_options.method_fields()))
     assert settings["method_options"] == {}
-    options = common.shared_options_for(method, settings["recipe_method_options"])
+    options = cli_options.shared_options_for(method, settings["recipe_method_options"])
     assert options == expect
-    common.build_peft_config(method, options, "CAUSAL_LM")  # builds without a conflict
+    cli_options.build_peft_config(method, options, "CAUSAL_LM")  # builds without a conflict

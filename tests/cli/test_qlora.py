@@ -69,7 +69,7 @@ def test_cli_adapter_loads_in_peft_on_the_same_quantized_base(capsys, llama_dir,
 def test_merge_quantized_adapter_dense_and_requantized(capsys, llama_dir, data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from deltatune.cli import common
+    from deltatune.cli import loading
     from deltatune.cli.merge import probe_inputs
 
     out = tmp_path / "run"
@@ -81,7 +81,7 @@ def test_merge_quantized_adapter_dense_and_requantized(capsys, llama_dir, data_d
     assert max_diff < 1e-4  # folding into the dequantised weights is exact
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     assert not any("bitsandbytes" in type(m).__module__ for m in dense.modules())
-    model, tokenizer, *_ = common.load_with_adapter(str(out), None, torch.device("cpu"))
+    model, tokenizer, *_ = loading.load_with_adapter(str(out), None, torch.device("cpu"))
     ids = probe_inputs(tokenizer)
     model.train()
     dense.eval()
@@ -103,7 +103,7 @@ def test_combined_qlora_adapters_fold_into_the_quantized_base(capsys, llama_dir,
     from transformers import AutoModelForCausalLM
 
     from deltatune import PeftModel
-    from deltatune.cli import common
+    from deltatune.cli import loading
     from deltatune.cli.merge import probe_inputs
 
     out = tmp_path / "run"
@@ -114,7 +114,7 @@ def test_combined_qlora_adapters_fold_into_the_quantized_base(capsys, llama_dir,
     assert code == 0, err
     assert "nf4 base, dequantised" in stdout and "merge error vs the unmerged model" in stdout
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
-    model, tokenizer, *_ = common.load_with_adapter(str(out), None, torch.device("cpu"))
+    model, tokenizer, *_ = loading.load_with_adapter(str(out), None, torch.device("cpu"))
     model.train()
     ids = probe_inputs(tokenizer)
     with torch.no_grad():

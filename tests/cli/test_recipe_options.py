@@ -8,10 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from deltatune import get_peft_model
-from deltatune.cli import common
+from deltatune.cli import options as cli_options
+from deltatune.cli import settings as cli_settings
 
-RECIPE = common.RECIPES["bbc-news"]["method_options"]
-METHODS = sorted(common.method_table())
+RECIPE = cli_settings.RECIPES["bbc-news"]["method_options"]
+METHODS = sorted(cli_options.method_table())
 # The kind of module each method must adapt on a Llama, when it gets only the recipe's options.
 OWN_TARGETS = {"ln_tuning": {"input_layernorm", "post_attention_layernorm", "norm"},
                "trainable_tokens": {"embed_tokens", "lm_head"}}  # the tied head follows the embedding
@@ -19,12 +20,12 @@ OWN_TARGETS = {"ln_tuning": {"input_layernorm", "post_attention_layernorm", "nor
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_builds_from_the_bbc_news_recipe(method, llama_dir):
-    config_cls = common.method_table()[method][0]
-    options = common.shared_options_for(method, RECIPE)
+    config_cls = cli_options.method_table()[method][0]
+    options = cli_options.shared_options_for(method, RECIPE)
     examples = [{"input_ids": [5, 6, 7, 5, 9]}, {"input_ids": [5, 11]}]
-    options = common.fill_method_defaults(config_cls, options, total_steps=10, model_path=llama_dir,
+    options = cli_options.fill_method_defaults(config_cls, options, total_steps=10, model_path=llama_dir,
                                           train_examples=examples)
-    config = common.build_peft_config(method, options, "CAUSAL_LM")
+    config = cli_options.build_peft_config(method, options, "CAUSAL_LM")
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
     peft_model = get_peft_model(model, config)
     trainable, _ = peft_model.get_nb_trainable_parameters()
@@ -40,4 +41,4 @@ def test_every_method_builds_from_the_bbc_news_recipe(method, llama_dir):
 
 @pytest.mark.parametrize("method", ["bottleneck", "houlsby", "parallel_adapter", "ln_tuning", "trainable_tokens"])
 def test_recipe_target_modules_do_not_reach_methods_with_other_targets(method):
-    assert "target_modules" not in common.shared_options_for(method, RECIPE)
+    assert "target_modules" not in cli_options.shared_options_for(method, RECIPE)

@@ -218,10 +218,10 @@ def test_the_training_runs_sweep_completes_an_interrupted_save_before_deleting_t
 def test_the_cli_reads_the_finished_pair_of_an_interrupted_save(tmp_path, monkeypatch, pair):
     """``deltatune eval/generate/merge --adapter`` read adapter_config.json before loading: after a save killed between
     its renames they see the new config, the one that goes with the weights the loader will roll forward."""
-    from deltatune.cli import common
+    from deltatune.cli import loading
 
     inputs, out_old, out_new = _save_killed_between_the_pairs_renames(tmp_path, monkeypatch, pair)
-    assert common.check_adapter_dir(str(tmp_path))["lora_alpha"] == 32
+    assert loading.check_adapter_dir(str(tmp_path))["lora_alpha"] == 32
     assert _which(_load(tmp_path, inputs), out_old, out_new) == "new"
 
 

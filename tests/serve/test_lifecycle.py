@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import free_port
+from support.server import free_port
 
 
 def test_more_queued_work_than_max_queue_is_429_with_retry_after(http, server, monkeypatch):

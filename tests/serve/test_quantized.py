@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import API_KEY, Running, free_port
+from support.server import API_KEY, Running, free_port
 from test_server import PROMPTS, generate_cli
 
 pytest.importorskip("bitsandbytes")

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from conftest import API_KEY
+from support.server import API_KEY
 
 from deltatune.cli import main as cli_main
 
@@ -33,7 +33,7 @@ def reference(files):
     tokenisation, seeding and generate() arguments as the CLI, without a model load per comparison."""
     import copy
 
-    from deltatune.cli.common import attach_adapter, load_with_adapter, resolve_model
+    from deltatune.cli.loading import attach_adapter, load_with_adapter, resolve_model
 
     base, _root, adapters, _extra, _ = files
     plain, tokenizer = load_with_adapter(None, base, torch.device("cpu"))[:2]

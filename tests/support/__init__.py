@@ -11,5 +11,6 @@
 - :mod:`support.contract`: the small default config of every registered method, for ``tests/test_contract.py``.
 - :mod:`support.tinymodels`: a tokenizer trained in-process, tiny Llama / BERT saved as model directories,
   and small data files (the CLI, training, distributed and integration tests).
+- :mod:`support.server`: a real server on a free local port (``Running``, ``free_port``, ``API_KEY``).
 - :mod:`support.smollm2`: the real SmolLM2-135M and BBC News for the slow tests (fixtures in tests/conftest.py).
 """

@@ -154,7 +154,7 @@ def test_scoring_and_loss_through_every_kind_of_adapter(model_and_tok, classific
     or the last-positions-only logits: compare with one-example-at-a-time full forwards."""
     import copy
 
-    from deltatune.cli.common import build_peft_config, fill_method_defaults, method_table
+    from deltatune.cli.options import build_peft_config, fill_method_defaults, method_table
 
     model, tok = model_and_tok
     enc, examples = classification

@@ -14,7 +14,8 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 # read_safetensors_header lives in common (which reads heads' sizes too), so common never imports this module
-from deltatune.cli.common import UsageError, check_adapter_dir, human_bytes, read_safetensors_header
+from deltatune.cli.common import UsageError, human_bytes
+from deltatune.cli.loading import check_adapter_dir, read_safetensors_header
 
 if TYPE_CHECKING:
     from deltatune.registry import Method

@@ -347,7 +347,7 @@ class Engine:
 
     def _load(self, entry: AdapterEntry) -> None:
         from deltatune import PeftConfig, PeftModel
-        from deltatune.cli.common import check_adapter_dir, check_adapter_weights
+        from deltatune.cli.loading import check_adapter_dir, check_adapter_weights
         from deltatune.errors import DeltatuneError
 
         where = f"adapter {entry.name!r}"
