@@ -41,6 +41,7 @@ from deltatune.core.tuner import validate_adapter_name
 from deltatune.core.weight_tuner import WeightTuner
 from deltatune.errors import AdapterNameError, ConfigError
 from deltatune.registry import hook_for, method_for
+from deltatune.status import get_layer_status, get_model_status, parameter_counts
 
 
 def _warn_if_ungathered(state: dict[str, torch.Tensor], adapter_name: str) -> None:
@@ -130,14 +131,10 @@ class PeftModel(nn.Module):
 
     def get_layer_status(self) -> list[Any]:
         """PEFT's ``TunerLayerStatus`` of every adapter layer (see :func:`deltatune.status.get_layer_status`)."""
-        from deltatune.status import get_layer_status
-
         return get_layer_status(self)
 
     def get_model_status(self) -> Any:
         """PEFT's ``TunerModelStatus`` of the model (see :func:`deltatune.status.get_model_status`)."""
-        from deltatune.status import get_model_status
-
         return get_model_status(self)
 
     def get_base_model(self) -> nn.Module:
@@ -239,15 +236,9 @@ class PeftModel(nn.Module):
         return self._tuner.regularization_loss()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts; tied parameters are counted once."""
-        trainable = total = 0
-        for p in self.parameters():  # .parameters() already de-duplicates shared tensors
-            n = p.numel()
-            if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
-                n *= 2  # two 4-bit values per stored byte
-            total += n
-            trainable += n if p.requires_grad else 0
-        return trainable, total
+        """``(trainable, total)`` parameter counts; tied parameters are counted once, a 4-bit parameter as two
+        values per stored byte."""
+        return parameter_counts(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
