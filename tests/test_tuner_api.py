@@ -74,6 +74,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "TRAINABLE_TOKENS": ("TrainableTokensConfig", None),
     "BITFIT": ("BitFitConfig", {"target_modules": ["lin0"]}),
     "BOTTLENECK": ("BottleneckConfig", None),
+    "LILY": ("LilyConfig", {"target_modules": ["lin0"], "r": 4}),
 }
 
 

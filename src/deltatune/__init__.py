@@ -29,6 +29,7 @@ from deltatune.errors import (
 from deltatune.export import ExportedLora, export_to_lora
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.ia3 import IA3Config, IA3Model
+from deltatune.lily import LilyConfig, LilyLayer, LilyModel
 from deltatune.ln_tuning import LNTuningConfig, LNTuningModel
 from deltatune.loha import LoHaConfig, LoHaModel
 from deltatune.lokr import LoKrConfig, LoKrModel
@@ -100,6 +101,7 @@ __all__ = [
     "BottleneckModel",
     "IA3Model",
     "LNTuningModel",
+    "LilyModel",
     "LoHaModel",
     "LoKrModel",
     "LoraModel",
@@ -125,6 +127,8 @@ __all__ = [
     "DeltatuneError",
     "EvaConfig",
     "IA3Config",
+    "LilyConfig",
+    "LilyLayer",
     "LoHaConfig",
     "LNTuningConfig",
     "LoKrConfig",

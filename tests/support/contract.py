@@ -45,6 +45,10 @@ CASES: dict[str, ContractCase] = {
     "OFT": ContractCase(),
     "BOFT": ContractCase(),
     "LN_TUNING": ContractCase(),
+    # Lily routes by a mean over the whole batch, so rows of a batch are coupled: a mixed batch can equal the
+    # single-adapter runs only where a layer's input does not depend on earlier adapters. So q/k/v of the first
+    # block alone; one regex target so k_proj and v_proj (same shape) share one A (stride_A=2) and the experts.
+    "LILY": ContractCase({"r": 4, "stride_A": 2, "target_modules": r"model\.layers\.0\.self_attn\.[qkv]_proj"}),
     "BITFIT": ContractCase(),
     # Width 32/4 = 8: at the default 32/16 = 2 both ReLU units can be off for the whole batch (no gradient).
     "BOTTLENECK": ContractCase({"reduction_factor": 4}),
