@@ -260,3 +260,26 @@ def test_gpt2_files_cross_both_ways_with_peft(tmp_path):
         merged = copy.deepcopy(loaded).merge_and_unload()
         torch.testing.assert_close(output(merged, inputs), output(made.merge_and_unload(), inputs), atol=ATOL,
                                    rtol=1e-4)
+
+
+def test_over_a_4bit_base_equals_peft_bnb_layer_and_unloads_exactly():
+    """QLoRA-style: HiRA over bitsandbytes nf4 layers (``W0`` read dequantised) gives peft's ``hira.Linear4bit``
+    logits on the same tensors; ``merge_and_unload`` returns dense ``nn.Linear`` layers with the adapted logits."""
+    pytest.importorskip("bitsandbytes")
+    from deltatune.quantization import quantize
+
+    inputs, targets = make_inputs("llama"), ["q_proj", "down_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = quantize(tiny_llama(), "nf4")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.HiraConfig(r=4, init_weights=False,
+                                                                          target_modules=targets)).eval()
+        ours = get_peft_model(base, HiraConfig(r=4, init_weights=False, target_modules=targets)).eval()
+        layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+        assert repr(layer).startswith("hira.Linear4bit")
+        theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if ".hira_" in k}, strict=False)
+        got = output(ours, inputs)
+        torch.testing.assert_close(got, output(theirs, inputs), atol=ATOL, rtol=0)
+        plain = ours.merge_and_unload()
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(output(plain, inputs), got, atol=ATOL, rtol=1e-4)
