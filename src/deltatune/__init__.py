@@ -27,6 +27,7 @@ from deltatune.errors import (
     TargetModuleError,
 )
 from deltatune.export import ExportedLora, export_to_lora
+from deltatune.hira import HiraConfig, HiraLayer, HiraModel
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.ia3 import IA3Config, IA3Model
 from deltatune.lily import LilyConfig, LilyLayer, LilyModel
@@ -108,6 +109,7 @@ __all__ = [
     "OFTModel",
     "TrainableTokensModel",
     "VeraModel",
+    "HiraConfig", "HiraLayer", "HiraModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -60,6 +60,7 @@ class PeftType(enum.StrEnum):
     LN_TUNING = "LN_TUNING"
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
     LILY = "LILY"
+    HIRA = "HIRA"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

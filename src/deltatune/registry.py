@@ -36,6 +36,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.lokr",
     "deltatune.vera",
     "deltatune.lily",
+    "deltatune.hira",
 )
 
 
