@@ -82,6 +82,7 @@ from deltatune.save_and_load import (
     set_base_model_state_dict,
     set_peft_model_state_dict,
 )
+from deltatune.shira import ShiraConfig, ShiraLayer, ShiraModel
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
@@ -161,6 +162,7 @@ __all__ = [
     "TargetModuleError",
     "TaskType",
     "VeraConfig",
+    "ShiraConfig", "ShiraLayer", "ShiraModel",
     "check_target_module_exists",
     "create_loraplus_optimizer",
     "dequantize",

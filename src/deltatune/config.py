@@ -61,6 +61,7 @@ class PeftType(enum.StrEnum):
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
     LILY = "LILY"
     HIRA = "HIRA"
+    SHIRA = "SHIRA"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

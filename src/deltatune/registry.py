@@ -37,6 +37,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.vera",
     "deltatune.lily",
     "deltatune.hira",
+    "deltatune.shira",
 )
 
 

@@ -42,6 +42,7 @@ CASES: dict[str, ContractCase] = {
     "LOKR": ContractCase({"r": 4}),
     "VERA": ContractCase({"r": 4}),  # the shared projection is (r, 32): the default r=256 would be 8x the model
     "HIRA": ContractCase({"r": 4}),
+    "SHIRA": ContractCase({"r": 4, "random_seed": 0}),  # r=32 (the default) trains more values than 32x32 has
     "IA3": ContractCase(),  # the registry's feedforward_modules for Llama (down_proj scales its input)
     "OFT": ContractCase(),
     "BOFT": ContractCase(),
