@@ -46,6 +46,7 @@ from deltatune.mapping import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from deltatune.miss import MissConfig, MissLayer, MissLinear, MissModel
 from deltatune.mixed_model import PeftMixedModel
 from deltatune.oft import OFTConfig, OFTModel
 from deltatune.optimizers import create_loraplus_optimizer
@@ -132,6 +133,7 @@ __all__ = [
     "LoraConfig",
     "LoraGAConfig",
     "MergeError",
+    "MissConfig", "MissLayer", "MissLinear", "MissModel",
     "MultitaskPromptTuningConfig",
     "OFTConfig",
     "PeftConfig",

@@ -59,6 +59,7 @@ class PeftType(enum.StrEnum):
     BOFT = "BOFT"
     LN_TUNING = "LN_TUNING"
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    MISS = "MISS"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

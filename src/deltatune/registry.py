@@ -35,6 +35,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.loha",
     "deltatune.lokr",
     "deltatune.vera",
+    "deltatune.miss",
 )
 
 

@@ -41,6 +41,7 @@ CASES: dict[str, ContractCase] = {
     "LOHA": ContractCase({"r": 4}),
     "LOKR": ContractCase({"r": 4}),
     "VERA": ContractCase({"r": 4}),  # the shared projection is (r, 32): the default r=256 would be 8x the model
+    "MISS": ContractCase({"r": 4}),  # shards of width 4 of the 32/64-wide inputs (the default r=64 > 32)
     "IA3": ContractCase(),  # the registry's feedforward_modules for Llama (down_proj scales its input)
     "OFT": ContractCase(),
     "BOFT": ContractCase(),
