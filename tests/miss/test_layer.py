@@ -96,12 +96,19 @@ def test_identity_at_init_and_merge(kind, variant):
     assert_merge_round_trip(pm, layer, x, output(pm, {"x": x}), atol=ATOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_equals_peft_layer_on_the_same_tensors(variant):
-    """Same base, same block: peft's MissLinear and ours give the same output and the same merged weight."""
-    pm, layer, x = _adapt("linear", variant)
+def test_equals_peft_layer_on_the_same_tensors(variant, dtype):
+    """Same base, same block: peft's MissLinear and ours give the same output and the same merged weight (over a
+    bf16 base too, where both keep the block in fp32)."""
+    model, x = layer_and_input("linear")
+    pm = get_peft_model(model.to(dtype), MissConfig(target_modules=["layer"], **VARIANTS[variant])).eval()
+    perturb_trainable(pm, std=0.2)
+    layer, x = pm.base_model.model.layer, x.to(dtype)
+    assert layer.miss_block["default"].dtype == torch.float32
     model, _ = layer_and_input("linear")
-    theirs = peft.get_peft_model(model, peft.MissConfig(target_modules=["layer"], **VARIANTS[variant])).eval()
+    theirs = peft.get_peft_model(model.to(dtype), peft.MissConfig(target_modules=["layer"], **VARIANTS[variant]))
+    theirs.eval()
     their_layer = theirs.base_model.model.layer
     with torch.no_grad():
         their_layer.miss_block["default"].copy_(layer.miss_block["default"])
