@@ -235,3 +235,22 @@ def test_model_contract(name, factory, kind, config, tmp_path):
 def test_two_named_adapters(tmp_path):
     check_two_adapters(tiny_llama, "llama", MissConfig(r=4),
                        MissConfig(r=4, init_weights="bat", target_modules=["q_proj", "down_proj"]), tmp_path)
+
+
+@pytest.mark.parametrize("init", [True, "bat"], ids=["balance", "bat"])
+def test_over_a_4bit_base(init):
+    """Over a bitsandbytes nf4 base: identity at init, and ``merge_and_unload`` gives dense layers computing the
+    adapted function (bat reads the dequantised weight; PEFT refuses bat where its backend cannot dequantise)."""
+    pytest.importorskip("bitsandbytes")
+    inputs = make_inputs("llama")
+    model = deltatune.quantize(tiny_llama(), "nf4")
+    ref = output(model, inputs)
+    pm = get_peft_model(model, MissConfig(r=4, init_weights=init, task_type="CAUSAL_LM"))
+    assert type(pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    torch.testing.assert_close(output(pm, inputs), ref, atol=0, rtol=0)
+    perturb_trainable(pm, std=0.2)
+    adapted = output(pm.eval(), inputs)
+    assert (adapted - ref).abs().max() > 1e-3
+    plain = pm.merge_and_unload()
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear  # dense, not Linear4bit
+    torch.testing.assert_close(output(plain, inputs), adapted, atol=ATOL, rtol=1e-4)
