@@ -48,6 +48,7 @@ from deltatune.mapping import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from deltatune.miss import MissConfig, MissLayer, MissLinear, MissModel
 from deltatune.mixed_model import PeftMixedModel
 from deltatune.oft import OFTConfig, OFTModel
 from deltatune.optimizers import create_loraplus_optimizer
@@ -139,6 +140,7 @@ __all__ = [
     "LoraConfig",
     "LoraGAConfig",
     "MergeError",
+    "MissConfig", "MissLayer", "MissLinear", "MissModel",
     "MultitaskPromptTuningConfig",
     "OFTConfig",
     "PeftConfig",

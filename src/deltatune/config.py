@@ -62,6 +62,7 @@ class PeftType(enum.StrEnum):
     LILY = "LILY"
     HIRA = "HIRA"
     SHIRA = "SHIRA"
+    MISS = "MISS"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

@@ -38,6 +38,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.lily",
     "deltatune.hira",
     "deltatune.shira",
+    "deltatune.miss",
 )
 
 
