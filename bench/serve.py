@@ -41,7 +41,7 @@ def log(msg: str) -> None:
 def make_adapters(base: str, n: int, rank: int, targets: list[str], out: str) -> list[str]:
     """``n`` LoRA adapters ``a00``.. on ``base`` (one model load), random A and B, saved under ``out``."""
     from deltatune import LoraConfig, get_peft_model
-    from deltatune.cli.common import load_model, resolve_model
+    from deltatune.cli.loading import load_model, resolve_model
 
     model, _ = load_model(resolve_model(base))
     names = [f"a{i:02d}" for i in range(n)]
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if "c" in args.workloads:
         from deltatune import PeftModel
-        from deltatune.cli.common import load_model, resolve_model
+        from deltatune.cli.loading import load_model, resolve_model
 
         log("(c) naive deltatune generate() per request")
         model, tokenizer = load_model(resolve_model(base))
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         except ImportError:
             log("(d) skipped: peft is not installed")
         else:
-            from deltatune.cli.common import load_model, resolve_model
+            from deltatune.cli.loading import load_model, resolve_model
 
             log("(d) naive peft generate() per request")
             model, tokenizer = load_model(resolve_model(base))
