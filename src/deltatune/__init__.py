@@ -29,6 +29,7 @@ from deltatune.errors import (
 from deltatune.export import ExportedLora, export_to_lora
 from deltatune.hira import HiraConfig, HiraLayer, HiraModel
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from deltatune.hra import HRAConfig, HRAConv2d, HRALayer, HRALinear, HRAModel
 from deltatune.ia3 import IA3Config, IA3Model
 from deltatune.lily import LilyConfig, LilyLayer, LilyModel
 from deltatune.ln_tuning import LNTuningConfig, LNTuningModel
@@ -114,6 +115,7 @@ __all__ = [
     "HiraConfig", "HiraLayer", "HiraModel",
     "LilyConfig", "LilyLayer", "LilyModel",
     "MissConfig", "MissLayer", "MissLinear", "MissModel",
+    "HRAConfig", "HRAConv2d", "HRALayer", "HRALinear", "HRAModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
     "get_peft_config",
     "AdaLoraConfig",

@@ -1,0 +1,56 @@
+"""``HRAConfig``: Hugging Face PEFT's field names, defaults and meaning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deltatune.config import PeftConfig, PeftType
+from deltatune.errors import ConfigError
+
+
+@dataclass
+class HRAConfig(PeftConfig):
+    """Householder reflection adaptation (HRA; Yuan et al., 2024, https://arxiv.org/abs/2405.17484): the weight
+    is multiplied on its input side by ``r`` Householder reflections, ``W' = W · Π_i (I − 2 u_i u_iᵀ / ‖u_i‖²)``.
+
+    Args:
+        r: Number of reflections (columns of ``hra_u``). Best even: the default init pairs equal vectors, whose
+            two reflections cancel, so the adapter starts as the identity; an odd ``r`` cannot (PEFT warns).
+        apply_GS: Orthonormalise the ``u_i`` by Gram-Schmidt first (``Q``), so the product is the single
+            reflection ``I − 2 Q Qᵀ``.
+        target_modules: Names/suffixes, a regex string (full match) or ``"all-linear"``; ``None`` picks
+            the architecture's default (LoRA's table, as PEFT). ``nn.Linear``, ``nn.Conv2d`` (groups 1) and
+            GPT-2's ``Conv1D``.
+        exclude_modules: Same forms as ``target_modules``; matching modules are skipped.
+        init_weights: ``True``: symmetric init in pairs (identity at the start); ``False``: all He-uniform.
+        layers_to_transform, layers_pattern: Keep only these block indices (``<pattern>.<i>.`` in the name).
+        bias: ``"none"``, ``"all"`` (train every bias) or ``"hra_only"`` (biases of adapted layers).
+        modules_to_save: Modules trained in full and saved with the adapter (e.g. a classifier head).
+    """
+
+    r: int = 8
+    apply_GS: bool = False
+    target_modules: list[str] | set[str] | str | None = None
+    exclude_modules: list[str] | set[str] | str | None = None
+    init_weights: bool = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.peft_type = PeftType.HRA
+        super().__post_init__()
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, set(value))
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str. Put the layer "
+                              "indices into the regex, or pass target_modules as a list of names")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str. Put the layer "
+                              "pattern into the regex, or pass target_modules as a list of names")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
+                              "(layers_pattern only names where the layer index is; set both or neither)")
