@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.core.layer import AdapterLayer
+from deltatune.core.layer import AdapterLayer, peft_layer_type
 from deltatune.errors import ConfigError
 
 try:
@@ -71,6 +71,10 @@ class HRALayer(AdapterLayer):
 
     adapter_layer_names = ("hra_u",)
     other_param_names = ("hra_r", "hra_apply_GS")
+
+    @property
+    def peft_class_name(self) -> str:  # PEFT's classes: HRALinear, HRAConv2d (repr "hra.HRALinear(...)")
+        return "HRA" + peft_layer_type(self.get_base_layer())
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
