@@ -8,6 +8,8 @@ The reference builds ``R = Π_i (I − 2 u_i u_iᵀ / ‖u_i‖²)`` as ``(d, d)
 
 from __future__ import annotations
 
+import warnings
+
 import peft
 import pytest
 import torch
@@ -58,7 +60,7 @@ def _reference_extra(layer, names=("default",)) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["linear", "conv1D", "conv2d", "conv2d_1x1"])
 @pytest.mark.parametrize("apply_GS", [False, True], ids=["chain", "gs"])
 def test_matches_reference_and_merges(kind, apply_GS):
-    pm, layer, x = _adapt(kind, apply_GS=apply_GS)
+    pm, layer, x = _adapt(kind, apply_GS=apply_GS, init_weights=not apply_GS)  # GS: see the warning test
     expected = base_output(layer, x, _reference_extra(layer))
     got = output(pm, {"x": x})
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
@@ -83,12 +85,32 @@ def test_odd_r_warns_and_random_init_is_not_the_identity():
     assert (output(pm, {"x": x}) - base_output(layer, x)).abs().max() > 1e-3
 
 
+def test_gram_schmidt_with_the_symmetric_init_warns():
+    """Equal pairs leave Gram-Schmidt only rounding noise (PEFT runs it silently): deltatune says so."""
+    with pytest.warns(UserWarning, match="init_weights=False"):
+        HRAConfig(apply_GS=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HRAConfig(apply_GS=True, init_weights=False)
+        HRAConfig(apply_GS=False)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 @pytest.mark.parametrize("apply_GS", [False, True], ids=["chain", "gs"])
-def test_equals_peft_layer_on_the_same_tensors(kind, apply_GS):
-    pm, layer, x = _adapt(kind, apply_GS=apply_GS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_equals_peft_layer_on_the_same_tensors(kind, apply_GS, dtype):
+    """Same base, same ``hra_u``: equal outputs and merged weights (over a bf16 base too: both keep ``hra_u`` in
+    fp32, compute ``W R`` there and cast the output back)."""
+    model, x = layer_and_input(kind)
+    pm = get_peft_model(model.to(dtype), HRAConfig(target_modules=["layer"], r=4, apply_GS=apply_GS,
+                                                          init_weights=not apply_GS)).eval()
+    perturb_trainable(pm, std=0.2)
+    layer, x = pm.base_model.model.layer, x.to(dtype)
+    assert layer.hra_u["default"].dtype == torch.float32
     model, _ = layer_and_input(kind)
-    theirs = peft.get_peft_model(model, peft.HRAConfig(target_modules=["layer"], r=4, apply_GS=apply_GS)).eval()
+    theirs = peft.get_peft_model(model.to(dtype), peft.HRAConfig(target_modules=["layer"], r=4, apply_GS=apply_GS,
+                                                                              init_weights=not apply_GS))
+    theirs.eval()
     their_layer = theirs.base_model.model.layer
     with torch.no_grad():
         their_layer.hra_u["default"].copy_(layer.hra_u["default"])
@@ -164,5 +186,5 @@ def test_gpt2_model_contract(tmp_path):
 
 
 def test_two_named_adapters(tmp_path):
-    check_two_adapters(tiny_llama, "llama", HRAConfig(r=4),
-                       HRAConfig(r=2, apply_GS=True, target_modules=["q_proj", "down_proj"]), tmp_path)
+    second = HRAConfig(r=2, apply_GS=True, init_weights=False, target_modules=["q_proj", "down_proj"])
+    check_two_adapters(tiny_llama, "llama", HRAConfig(r=4), second, tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from deltatune.config import PeftConfig, PeftType
@@ -17,7 +18,8 @@ class HRAConfig(PeftConfig):
         r: Number of reflections (columns of ``hra_u``). Best even: the default init pairs equal vectors, whose
             two reflections cancel, so the adapter starts as the identity; an odd ``r`` cannot (PEFT warns).
         apply_GS: Orthonormalise the ``u_i`` by Gram-Schmidt first (``Q``), so the product is the single
-            reflection ``I − 2 Q Qᵀ``.
+            reflection ``I − 2 Q Qᵀ``. Use it with ``init_weights=False``: the symmetric init's equal pairs
+            leave Gram-Schmidt only rounding noise to normalise (a warning says so).
         target_modules: Names/suffixes, a regex string (full match) or ``"all-linear"``; ``None`` picks
             the architecture's default (LoRA's table, as PEFT). ``nn.Linear``, ``nn.Conv2d`` (groups 1) and
             GPT-2's ``Conv1D``.
@@ -54,3 +56,10 @@ class HRAConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
                               "(layers_pattern only names where the layer index is; set both or neither)")
+        if self.apply_GS and self.init_weights is True and isinstance(self.r, int) and self.r % 2 == 0:
+            # deltatune's own warning (PEFT runs it silently): the pairs' second vectors are their first, so
+            # Gram-Schmidt normalises rounding noise into random directions, and their gradients can blow up
+            warnings.warn("HRAConfig(apply_GS=True) with the symmetric init (init_weights=True): each pair's second "
+                          "vector equals its first, so Gram-Schmidt turns rounding noise into random reflections (not "
+                          "the identity; training can diverge to NaN). Pass init_weights=False with apply_GS",
+                          UserWarning, stacklevel=3)
