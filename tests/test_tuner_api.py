@@ -71,6 +71,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "HIRA": ("HiraConfig", {"target_modules": ["lin0"]}),
     "SHIRA": ("ShiraConfig", {"target_modules": ["lin0"], "r": 2}),
     "MISS": ("MissConfig", {"target_modules": ["lin0"], "r": 2}),
+    "C3A": ("C3AConfig", {"target_modules": ["lin0"], "block_size": 2}),
     "OFT": ("OFTConfig", {"target_modules": ["lin0"], "r": 2, "oft_block_size": 0}),
     "BOFT": ("BOFTConfig", {"target_modules": ["lin0"], "boft_block_size": 2}),
     "LN_TUNING": ("LNTuningConfig", {"target_modules": ["lin0"]}),

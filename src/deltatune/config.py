@@ -63,6 +63,7 @@ class PeftType(enum.StrEnum):
     HIRA = "HIRA"
     SHIRA = "SHIRA"
     MISS = "MISS"
+    C3A = "C3A"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

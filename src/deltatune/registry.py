@@ -39,6 +39,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.hira",
     "deltatune.shira",
     "deltatune.miss",
+    "deltatune.c3a",
 )
 
 
