@@ -72,6 +72,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "SHIRA": ("ShiraConfig", {"target_modules": ["lin0"], "r": 2}),
     "MISS": ("MissConfig", {"target_modules": ["lin0"], "r": 2}),
     "HRA": ("HRAConfig", {"target_modules": ["lin0"], "r": 2}),
+    "C3A": ("C3AConfig", {"target_modules": ["lin0"], "block_size": 2}),
     "OFT": ("OFTConfig", {"target_modules": ["lin0"], "r": 2, "oft_block_size": 0}),
     "BOFT": ("BOFTConfig", {"target_modules": ["lin0"], "boft_block_size": 2}),
     "LN_TUNING": ("LNTuningConfig", {"target_modules": ["lin0"]}),

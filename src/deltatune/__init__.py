@@ -13,6 +13,7 @@ from deltatune.auto import (
 from deltatune.bitfit import BitFitConfig, BitFitModel
 from deltatune.boft import BOFTConfig, BOFTModel
 from deltatune.bottleneck import BottleneckConfig, BottleneckModel
+from deltatune.c3a import C3AConfig, C3ALayer, C3ALinear, C3AModel
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.targeting import check_target_module_exists
 from deltatune.errors import (
@@ -116,6 +117,7 @@ __all__ = [
     "LilyConfig", "LilyLayer", "LilyModel",
     "MissConfig", "MissLayer", "MissLinear", "MissModel",
     "HRAConfig", "HRAConv2d", "HRALayer", "HRALinear", "HRAModel",
+    "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
     "get_peft_config",
     "AdaLoraConfig",

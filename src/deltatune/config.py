@@ -64,6 +64,7 @@ class PeftType(enum.StrEnum):
     SHIRA = "SHIRA"
     MISS = "MISS"
     HRA = "HRA"
+    C3A = "C3A"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

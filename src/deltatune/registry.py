@@ -40,6 +40,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.shira",
     "deltatune.miss",
     "deltatune.hra",
+    "deltatune.c3a",
 )
 
 

@@ -44,6 +44,7 @@ CASES: dict[str, ContractCase] = {
     "HIRA": ContractCase({"r": 4}),
     "SHIRA": ContractCase({"r": 4, "random_seed": 0}),  # r=32 (the default) trains more values than 32x32 has
     "HRA": ContractCase({"r": 4}),  # 4 reflections (2 equal pairs: the identity at init)
+    "C3A": ContractCase({"block_size": 16}, identity_at_init=False),  # PEFT's default init is xavier, not zeros
     "MISS": ContractCase({"r": 4}),  # shards of width 4 of the 32/64-wide inputs (the default r=64 > 32)
     "IA3": ContractCase(),  # the registry's feedforward_modules for Llama (down_proj scales its input)
     "OFT": ContractCase(),
