@@ -1,5 +1,5 @@
-"""LN tuning, trainable tokens, LoRA + trainable tokens, (IA)³, LoHa, LoKr, VeRA, HiRA, SHiRA, MiSS, Lily, HRA, BitFit
-and bottleneck adapters: one training step.
+"""LN tuning, trainable tokens, LoRA + trainable tokens, (IA)³, LoHa, LoKr, VeRA, HiRA, SHiRA, MiSS, Lily, HRA, C3A,
+BitFit and bottleneck adapters: one training step.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -10,8 +10,9 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``lora_tokens``      -- deltatune vs ``peft`` (LoRA r=16 on q/v + ``trainable_token_indices`` of 64 rows);
 * ``ia3``, ``loha``, ``lokr``, ``vera`` -- deltatune vs ``peft`` ((IA)³ on its default k/v/down_proj; LoHa and
                         LoKr r=16 alpha 32 all-linear; VeRA r=256 on q/v);
-* ``hira``, ``shira``, ``miss``, ``lily``, ``hra`` -- deltatune vs ``peft`` (HiRA r=16 and MiSS r=64 all-linear;
-                        SHiRA r=16 on q/v; Lily r=16, stride_A 2, 4 experts on q/v/down_proj; HRA r=8 on q/v);
+* ``hira``, ``shira``, ``miss``, ``lily``, ``hra``, ``c3a`` -- deltatune vs ``peft`` (HiRA r=16 and MiSS r=64 all-linear;
+                        SHiRA r=16 on q/v; Lily r=16, stride_A 2, 4 experts on q/v/down_proj; HRA r=8 on q/v; C3A
+                        block 64 on q/v);
 * ``bitfit``           -- deltatune vs deltatune LoRA r=16 all-linear (the usual floor; PEFT has no BitFit);
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA.
 
@@ -67,6 +68,8 @@ def configs(lib, case: str):
         return lib.MissConfig(r=64, target_modules="all-linear", task_type="CAUSAL_LM")
     if case == "hra":
         return lib.HRAConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "c3a":
+        return lib.C3AConfig(block_size=64, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "lily":
         return lib.LilyConfig(r=16, stride_A=2, num_B=4, target_modules=["q_proj", "v_proj", "down_proj"],
                               task_type="CAUSAL_LM")
@@ -90,6 +93,7 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "miss": (("deltatune", "dt", "miss"), ("peft", "peft", "miss")),
     "lily": (("deltatune", "dt", "lily"), ("peft", "peft", "lily")),
     "hra": (("deltatune", "dt", "hra"), ("peft", "peft", "hra")),
+    "c3a": (("deltatune", "dt", "c3a"), ("peft", "peft", "c3a")),
     "bitfit": (("deltatune", "dt", "bitfit"), ("deltatune LoRA r16", "dt", "lora")),
     "bottleneck": (("deltatune", "dt", "bottleneck"), ("deltatune LoRA r16", "dt", "lora")),
 }

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from deltatune import get_peft_model
+from deltatune.c3a import C3AConfig
 from deltatune.cli import options as cli_options
 from deltatune.cli import settings as cli_settings
 
@@ -42,3 +43,15 @@ def test_every_method_builds_from_the_bbc_news_recipe(method, llama_dir):
 @pytest.mark.parametrize("method", ["bottleneck", "houlsby", "parallel_adapter", "ln_tuning", "trainable_tokens"])
 def test_recipe_target_modules_do_not_reach_methods_with_other_targets(method):
     assert "target_modules" not in cli_options.shared_options_for(method, RECIPE)
+
+
+def test_c3a_block_size_from_the_cli_divides_every_linear_width(llama_dir):
+    # C3A's default block (256) divides no layer of a small model; the CLI fills the largest divisor of its widths
+    options = cli_options.fill_method_defaults(C3AConfig, {}, total_steps=10, model_path=llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    widths = {w for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head
+              for w in (m.in_features, m.out_features)}
+    assert all(w % options["block_size"] == 0 for w in widths)
+    assert not any(all(w % d == 0 for w in widths) for d in range(options["block_size"] + 1, 257))  # the largest
+    given = cli_options.fill_method_defaults(C3AConfig, {"block_size": 4}, total_steps=10, model_path=llama_dir)
+    assert given["block_size"] == 4  # a block size the user gave stays

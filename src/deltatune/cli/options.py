@@ -293,7 +293,10 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
     * ``total_step`` (AdaLoRA's rank schedule): the run's optimizer steps;
     * ``num_virtual_tokens`` (prompt-learning methods): 20;
     * ``tokenizer_name_or_path`` for a prompt initialised from text: the model's own tokenizer;
-    * ``token_indices`` (trainable tokens): the training data's 64 most frequent token ids.
+    * ``token_indices`` (trainable tokens): the training data's 64 most frequent token ids;
+    * ``block_size`` (C3A's circulant blocks, which must divide every adapted layer's input and output size): the
+      largest divisor of the model's layer widths up to the config's own default (256), when the model's config
+      gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths).
     """
     fields = {f.name for f in dataclasses.fields(config_cls)}
     out = dict(options)
@@ -307,7 +310,37 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
     if "token_indices" in fields and not out.get("token_indices") and train_examples:
         counts = collections.Counter(i for ex in train_examples for i in ex["input_ids"])
         out["token_indices"] = sorted(i for i, _ in counts.most_common(64))
+    if "block_size" in fields and out.get("block_size") is None:
+        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "block_size")
+        size = common_block_size(model_path, cap=default)
+        if size is not None:
+            out["block_size"] = size
     return out
+
+
+def common_block_size(model_path: str, cap: int) -> int | None:
+    """The largest ``d <= cap`` that divides every linear width of the transformer at ``model_path`` (hidden size,
+    feed-forward size, query and key/value projection sizes); ``None`` when its config does not give them."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    if not hidden:
+        return None
+    heads = getattr(text, "num_attention_heads", None)
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    widths = [hidden, getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)]
+    if head_dim and heads:
+        widths += [heads * head_dim, kv_heads * head_dim]
+    g = 0
+    for w in widths:
+        g = math.gcd(g, int(w)) if w else g
+    return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
 
 
 
