@@ -10,9 +10,9 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``lora_tokens``      -- deltatune vs ``peft`` (LoRA r=16 on q/v + ``trainable_token_indices`` of 64 rows);
 * ``ia3``, ``loha``, ``lokr``, ``vera`` -- deltatune vs ``peft`` ((IA)³ on its default k/v/down_proj; LoHa and
                         LoKr r=16 alpha 32 all-linear; VeRA r=256 on q/v);
-* ``hira``, ``shira``, ``miss``, ``lily``, ``hra``, ``c3a`` -- deltatune vs ``peft`` (HiRA r=16 and MiSS r=64 all-linear;
-                        SHiRA r=16 on q/v; Lily r=16, stride_A 2, 4 experts on q/v/down_proj; HRA r=8 on q/v; C3A
-                        block 64 on q/v);
+* ``hira``, ``shira``, ``miss``, ``lily``, ``hra``, ``c3a`` -- deltatune vs ``peft`` (HiRA r=16 and MiSS r=64
+                        all-linear; SHiRA r=16 on q/v; Lily r=16, stride_A 2, 4 experts on q/v/down_proj; HRA r=8
+                        on q/v; C3A block 64 on q/v);
 * ``bitfit``           -- deltatune vs deltatune LoRA r=16 all-linear (the usual floor; PEFT has no BitFit);
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA.
 
