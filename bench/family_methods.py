@@ -69,7 +69,8 @@ def configs(lib, case: str):
     if case == "hra":
         return lib.HRAConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "c3a":
-        return lib.C3AConfig(block_size=64, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        return lib.C3AConfig(block_size=64, init_weights=True, target_modules=["q_proj", "v_proj"],  # zeros: identity
+                             task_type="CAUSAL_LM")
     if case == "lily":
         return lib.LilyConfig(r=16, stride_A=2, num_B=4, target_modules=["q_proj", "v_proj", "down_proj"],
                               task_type="CAUSAL_LM")
