@@ -1,5 +1,6 @@
-"""LN tuning, BitFit, trainable tokens, LoRA + trainable_token_indices and bottleneck adapters on a real model
-(SmolLM2-135M, whose output layer is tied to its input embedding).
+"""LN tuning, BitFit, trainable tokens, LoRA + trainable_token_indices, bottleneck adapters and the weight methods of
+issue 22 (HiRA, SHiRA, MiSS, Lily, HRA, C3A) on a real model (SmolLM2-135M, whose output layer is tied to its input
+embedding).
 
 Per method: a few AdamW steps on short sentences of one pattern lower the loss on *held-out* sentences of the
 same pattern; the adapter reloads with the same logits (in PEFT for the methods PEFT has, else in deltatune).
@@ -15,9 +16,15 @@ import torch
 from deltatune import (
     BitFitConfig,
     BottleneckConfig,
+    C3AConfig,
+    HiraConfig,
+    HRAConfig,
+    LilyConfig,
     LNTuningConfig,
     LoraConfig,
+    MissConfig,
     PeftModel,
+    ShiraConfig,
     TrainableTokensConfig,
     get_peft_model,
 )
@@ -31,6 +38,7 @@ def _tokens(tok, texts):
     return batch, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
+QVD = ["q_proj", "v_proj", "down_proj"]
 CASES = [  # (id, config factory(train token ids), lr, steps, in peft)
     ("ln_tuning", lambda ids: LNTuningConfig(task_type="CAUSAL_LM"), 1e-2, 4, True),
     ("bitfit", lambda ids: BitFitConfig(target_modules=["q_proj", "v_proj", "down_proj"]), 1e-2, 4, False),
@@ -38,6 +46,14 @@ CASES = [  # (id, config factory(train token ids), lr, steps, in peft)
     ("lora_tokens", lambda ids: LoraConfig(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=ids,
                                            task_type="CAUSAL_LM"), 3e-3, 4, True),
     ("bottleneck", lambda ids: BottleneckConfig(reduction_factor=64), 3e-3, 4, False),
+    # issue 22's weight methods, on the layers LoRA's recipes adapt (q/v/down_proj: widths 576, 192, 1536)
+    ("hira", lambda ids: HiraConfig(r=4, target_modules=QVD, task_type="CAUSAL_LM"), 1e-2, 4, True),
+    ("shira", lambda ids: ShiraConfig(r=4, target_modules=QVD, random_seed=0, task_type="CAUSAL_LM"), 1e-3, 4, True),
+    ("miss", lambda ids: MissConfig(r=16, target_modules=QVD, task_type="CAUSAL_LM"), 1e-3, 4, True),
+    ("lily", lambda ids: LilyConfig(r=4, target_modules=QVD, task_type="CAUSAL_LM"), 3e-3, 4, True),
+    ("hra", lambda ids: HRAConfig(r=4, target_modules=QVD, task_type="CAUSAL_LM"), 3e-3, 4, True),
+    ("c3a", lambda ids: C3AConfig(block_size=64, init_weights=True, target_modules=QVD, task_type="CAUSAL_LM"),
+     3e-2, 4, True),
 ]
 
 
