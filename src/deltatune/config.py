@@ -108,6 +108,26 @@ def config_class_for(peft_type: PeftType | str | None) -> type[PeftConfig]:
     return CONFIG_CLASSES[key]
 
 
+def check_layer_selection(config: Any) -> None:
+    """What every weight config with PEFT's targeting fields does after ``__post_init__``: list/tuple
+    ``target_modules``/``exclude_modules`` become sets (PEFT's form), and PEFT's refusals of layer selection with a
+    regex ``target_modules`` (its sentence first, then the fix).
+
+    Raises:
+        ConfigError: ``layers_to_transform`` or ``layers_pattern`` beside a string ``target_modules``.
+    """
+    for name in ("target_modules", "exclude_modules"):
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)):
+            setattr(config, name, set(value))
+    if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
+        raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str. Put the layer "
+                          "indices into the regex, or pass target_modules as a list of names")
+    if isinstance(config.target_modules, str) and config.layers_pattern is not None:
+        raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str. Put the layer "
+                          "pattern into the regex, or pass target_modules as a list of names")
+
+
 def _enum_value(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:
     if value is None or isinstance(value, enum_cls):
         return value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from deltatune.config import PeftConfig, PeftType
+from deltatune.config import PeftConfig, PeftType, check_layer_selection
 from deltatune.errors import ConfigError
 
 INIT_CHOICES = ("gaussian", "kaiming_uniform", "xavier_uniform")
@@ -44,15 +44,7 @@ class C3AConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.C3A
         super().__post_init__()
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
-        # PEFT's two sentences first (code written for PEFT matches them)
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str. Put the layer "
-                              "indices into the regex, or pass target_modules as a list of names")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str. Pass target_modules "
-                              "as a list of names")
+        check_layer_selection(self)
         if not (isinstance(self.init_weights, bool) or self.init_weights in INIT_CHOICES):
             raise ConfigError(f"Unknown init_weights: {self.init_weights}. Use True (zeros), False, "
                               f"{', '.join(repr(c) for c in INIT_CHOICES)}")

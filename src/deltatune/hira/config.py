@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from deltatune.config import PeftConfig, PeftType
+from deltatune.config import PeftConfig, PeftType, check_layer_selection
 from deltatune.errors import ConfigError
 from deltatune.lora.config import pattern_value
 
@@ -45,17 +45,7 @@ class HiraConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.HIRA
         super().__post_init__()
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                setattr(self, name, set(value))
-        # PEFT's two sentences first (code written for PEFT matches them)
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str. Put the layer "
-                              "indices into the regex, or pass target_modules as a list of names")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str. Pass target_modules "
-                              "as a list of names")
+        check_layer_selection(self)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ConfigError(f"HiraConfig.r must be a positive integer, got {self.r!r}; try r=32")
         for key, value in self.rank_pattern.items():

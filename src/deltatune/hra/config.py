@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from deltatune.config import PeftConfig, PeftType
+from deltatune.config import PeftConfig, PeftType, check_layer_selection
 from deltatune.errors import ConfigError
 
 
@@ -43,16 +43,7 @@ class HRAConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.HRA
         super().__post_init__()
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                setattr(self, name, set(value))
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str. Put the layer "
-                              "indices into the regex, or pass target_modules as a list of names")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str. Put the layer "
-                              "pattern into the regex, or pass target_modules as a list of names")
+        check_layer_selection(self)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
                               "(layers_pattern only names where the layer index is; set both or neither)")

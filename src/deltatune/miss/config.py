@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from deltatune.config import PeftConfig, PeftType
+from deltatune.config import PeftConfig, PeftType, check_layer_selection
 from deltatune.errors import ConfigError
 
 # The values ``init_weights`` may take, each a MiSS variant (see ``deltatune.miss.layer``).
@@ -50,16 +50,7 @@ class MissConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.MISS
         super().__post_init__()
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                setattr(self, name, set(value))
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str. Put the layer "
-                              "indices into the regex, or pass target_modules as a list of names")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str. Put the layer "
-                              "pattern into the regex, or pass target_modules as a list of names")
+        check_layer_selection(self)
         if not any(self.init_weights is v or (isinstance(v, str) and self.init_weights == v) for v in MISS_VARIANTS):
             raise ConfigError(f"MissConfig.init_weights must be True, False, 'bat' or 'mini', got "
                               f"{self.init_weights!r}")
