@@ -12,7 +12,7 @@ import peft
 import pytest
 import torch
 from support.family_checks import check_model_contract, check_two_adapters
-from support.layers import assert_merge_round_trip, base_output, layer_and_input
+from support.layers import assert_merge_round_trip, assert_same_as_peft_layer, base_output, layer_and_input
 from support.models import make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -112,13 +112,7 @@ def test_equals_peft_layer_on_the_same_tensors(variant, dtype):
     their_layer = theirs.base_model.model.layer
     with torch.no_grad():
         their_layer.miss_block["default"].copy_(layer.miss_block["default"])
-    torch.testing.assert_close(output(pm, {"x": x}), output(theirs, {"x": x}), atol=ATOL, rtol=1e-5)
-    pm.merge_adapter()
-    theirs.merge_adapter()
-    torch.testing.assert_close(layer.base_layer.weight, their_layer.base_layer.weight, atol=ATOL, rtol=1e-5)
-    pm.unmerge_adapter()
-    theirs.unmerge_adapter()
-    torch.testing.assert_close(layer.base_layer.weight, their_layer.base_layer.weight, atol=1e-5, rtol=1e-5)
+    assert_same_as_peft_layer(pm, layer, theirs, their_layer, x, atol=ATOL, unmerge_atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["bat", "mini", "random"])

@@ -116,3 +116,19 @@ def assert_merge_round_trip(pm: nn.Module, layer: nn.Module, x: torch.Tensor, ex
     torch.testing.assert_close(output(pm, {"x": x}), expected, atol=atol, rtol=1e-5)
     pm.unmerge_adapter()
     torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=1e-6)
+
+
+def assert_same_as_peft_layer(pm: nn.Module, layer: nn.Module, theirs: nn.Module, their_layer: nn.Module,
+                              x: torch.Tensor, atol: float, unmerge_atol: float | None = None) -> None:
+    """deltatune's adapted ``layer`` (in ``pm``) and peft's ``their_layer`` (in ``theirs``), holding the same
+    adapter tensors, give the same output, the same merged weight and the same weight after unmerging."""
+    from .models import output
+
+    torch.testing.assert_close(output(pm, {"x": x}), output(theirs, {"x": x}), atol=atol, rtol=1e-5)
+    pm.merge_adapter()
+    theirs.merge_adapter()
+    torch.testing.assert_close(layer.base_layer.weight, their_layer.base_layer.weight, atol=atol, rtol=1e-5)
+    pm.unmerge_adapter()
+    theirs.unmerge_adapter()
+    unmerge_atol = atol if unmerge_atol is None else unmerge_atol
+    torch.testing.assert_close(layer.base_layer.weight, their_layer.base_layer.weight, atol=unmerge_atol, rtol=1e-5)
