@@ -112,7 +112,8 @@ def test_mixed_with_oft_and_adalora_merges_consistently() -> None:
 
 def test_mixed_refuses_what_it_cannot_hold() -> None:
     with pytest.raises(dt.ConfigError, match="^The provided `peft_type` 'IA3' is not compatible with the "
-                                             "`PeftMixedModel`. A mixed model .* holds LORA, LOHA, LOKR, ADALORA, OFT"):
+                                             "`PeftMixedModel`. A mixed model .* holds "
+                                             "LORA, ADALORA, OFT, LOHA, LOKR, SHIRA"):
         dt.get_peft_model(tiny_llama(), dt.IA3Config(target_modules=["q_proj"]), mixed=True)
     model = _build(dt)
     with pytest.raises(dt.ConfigError, match="'PROMPT_TUNING' is not compatible"):
@@ -138,3 +139,36 @@ def test_mixed_lora_and_adalora_on_one_layer_save_and_load(tmp_path) -> None:
     back.load_adapter(tmp_path / "ada", "ada")
     back.set_adapter(["default", "ada"])
     torch.testing.assert_close(_logits(back), _logits(model))
+
+
+def test_mixed_shira_with_lora_matches_peft() -> None:
+    """SHiRA's sparse update shares layers with LoRA (PEFT's mixed model holds SHiRA too, added first: its SHiRA
+    layer refuses to wrap another adapter layer; deltatune's chains take either order)."""
+
+    def build(lib, lora_first: bool = False):
+        shira = lib.ShiraConfig(target_modules=["q_proj", "o_proj"], r=2, random_seed=0)
+        lora = lib.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        first, second = (lora, shira) if lora_first else (shira, lora)
+        model = lib.get_peft_model(tiny_llama(), first, mixed=True)
+        model.add_adapter("other", second)
+        return model
+
+    theirs = build(peft)
+    with torch.no_grad():
+        for key, value in theirs.state_dict().items():
+            if "shira_weight" in key:
+                value.normal_(std=0.5)  # SHiRA starts at zero; give it an update
+    their_state = {_unchained(k): v for k, v in theirs.state_dict().items()}
+    theirs.set_adapter(["default", "other"])
+    expected = _logits(theirs.eval())
+    assert (expected - _logits(tiny_llama())).abs().max() > 1e-3
+    for lora_first in (False, True):
+        ours = build(dt, lora_first)
+        renamed = {"default": "other", "other": "default"} if lora_first else {}
+        with torch.no_grad():
+            for key, value in ours.state_dict().items():
+                if "shira_indices" not in key:  # PEFT keeps the positions outside its state dict (same seed here)
+                    value.copy_(their_state[".".join(renamed.get(p, p) for p in _unchained(key).split("."))])
+        ours.set_adapter(["default", "other"])
+        torch.testing.assert_close(_logits(ours.eval()), expected)
+        torch.testing.assert_close(_logits(ours.merge_and_unload()), expected, atol=1e-5, rtol=1e-4)

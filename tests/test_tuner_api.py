@@ -87,7 +87,7 @@ def test_every_weight_method_has_a_tuner_class_with_peft_name_in_the_tables():
     weight = {t for t, m in METHODS.items() if m.family == "weight"}
     assert set(deltatune.PEFT_TYPE_TO_TUNER_MAPPING) == weight
     assert set(deltatune.PEFT_TYPE_TO_CONFIG_MAPPING) == set(METHODS)  # virtual-token methods too
-    assert set(deltatune.PEFT_TYPE_TO_MIXED_MODEL_MAPPING) == {"LORA", "LOHA", "LOKR", "ADALORA", "OFT"}
+    assert set(deltatune.PEFT_TYPE_TO_MIXED_MODEL_MAPPING) == {"LORA", "LOHA", "LOKR", "ADALORA", "OFT", "SHIRA"}
     assert set(WEIGHT_CASES) == {str(t) for t in weight}, "a new method needs a row in WEIGHT_CASES"
     for peft_type in weight:
         ours = deltatune.PEFT_TYPE_TO_TUNER_MAPPING[peft_type]

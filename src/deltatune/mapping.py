@@ -23,13 +23,7 @@ PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[PeftType, type[PeftConfig]] = MethodTable(l
 PEFT_TYPE_TO_TUNER_MAPPING: Mapping[PeftType, type[nn.Module]] = MethodTable(
     tuner_class, include=lambda m: m.layer_cls is not None)
 PEFT_TYPE_TO_MIXED_MODEL_MAPPING: Mapping[PeftType, type[nn.Module]] = MethodTable(
-    tuner_class, include=lambda m: _mixable(m.peft_type))
-
-
-def _mixable(peft_type: PeftType) -> bool:
-    from deltatune.mixed_model import COMPATIBLE_PEFT_TYPES  # mixed_model imports the PeftModel this module does
-
-    return str(peft_type) in COMPATIBLE_PEFT_TYPES
+    tuner_class, include=lambda m: m.mixed)
 
 
 def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:

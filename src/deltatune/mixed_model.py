@@ -7,10 +7,10 @@ came first). Every layer runs ``base_layer(x)`` and adds its own update, so the 
 at once. Merging folds the innermost layer's adapters in first (a layer's update is defined on top of the ones
 below it) and ``unload``/``merge_and_unload`` take the chain apart from the inside out.
 
-As PEFT: the methods are LoRA, LoHa, LoKr, AdaLoRA and OFT (the ones whose layers compose this way); no
-prompt-learning adapters. Beyond PEFT, which refuses to save a mixed model: ``save_pretrained`` writes each
-adapter as a normal directory (the chain's ``base_layer`` steps are not part of the file keys), which
-``PeftModel.from_pretrained`` or ``PeftMixedModel.load_adapter`` reads back.
+As PEFT: the methods are LoRA, LoHa, LoKr, AdaLoRA, OFT and SHiRA (``Method.mixed``: the ones whose layers
+compose this way); no prompt-learning adapters. Beyond PEFT, which refuses to save a mixed model:
+``save_pretrained`` writes each adapter as a normal directory (the chain's ``base_layer`` steps are not part of
+the file keys), which ``PeftModel.from_pretrained`` or ``PeftMixedModel.load_adapter`` reads back.
 """
 
 from __future__ import annotations
@@ -28,18 +28,21 @@ from deltatune.core.state_dict import check_and_load, to_model_keys
 from deltatune.core.tuner import AdapterModel, _matches_name, replace_module, validate_adapter_name
 from deltatune.errors import AdapterNameError, ConfigError, TargetModuleError
 from deltatune.peft_model import PeftModel
-from deltatune.registry import Method, method_for
+from deltatune.registry import METHODS, Method, method_for
 
-COMPATIBLE_PEFT_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA", "OFT")
+
+def compatible_peft_types() -> list[str]:
+    """The methods a mixed model holds (``Method.mixed``), in registration order."""
+    return [str(m.peft_type) for m in METHODS.values() if m.mixed]
 
 
 def check_mixed_config(config: PeftConfig) -> None:
     """Refuse a config a mixed model cannot hold, naming the methods it can."""
     if not isinstance(config, PeftConfig):
         raise ConfigError(f"peft_config must be a deltatune config (e.g. LoraConfig), got {type(config).__name__}")
-    if str(config.peft_type) not in COMPATIBLE_PEFT_TYPES:
+    if str(config.peft_type) not in compatible_peft_types():
         raise ConfigError(f"The provided `peft_type` '{config.peft_type}' is not compatible with the "
-                          f"`PeftMixedModel`. A mixed model (mixed=True) holds {', '.join(COMPATIBLE_PEFT_TYPES)} "
+                          f"`PeftMixedModel`. A mixed model (mixed=True) holds {', '.join(compatible_peft_types())} "
                           "adapters: use get_peft_model without mixed=True for it")
     if getattr(config, "use_dora", False):
         # DoRA rescales by the norm of the layer's own base weight, which in a chain leaves out the other

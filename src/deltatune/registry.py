@@ -170,6 +170,8 @@ class Method:
         cli_names: Names the CLI accepts for ``--method``, with fixed config overrides.
         mergeable: ``False`` for methods whose update cannot be folded into the weights (bottleneck adapters add a
             non-linear path); ``merge_adapter``/``merge_and_unload`` then refuse before changing anything.
+        mixed: Whether its adapters may share a layer with other methods' in a ``PeftMixedModel`` chain (its layer
+            adds its update to whatever its ``base_layer`` returns; PEFT's ``COMPATIBLE_TUNER_TYPES``).
         lr_scale: The CLI multiplies its default learning rate by this when the user sets none: methods that
             move a few vectors want a larger step than weight adapters (PEFT's examples: 3e-2 for prompt tuning,
             1e-3 for LoRA).
@@ -186,6 +188,7 @@ class Method:
     file_suffixes: dict[str, str] = field(default_factory=dict)
     cli_names: dict[str, dict] = field(default_factory=dict)
     mergeable: bool = True
+    mixed: bool = False
     lr_scale: float = 1.0
     hooks: Hooks = NO_HOOKS
 

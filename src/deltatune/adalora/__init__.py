@@ -207,6 +207,7 @@ ADALORA = Method(
         restore_training_state=restore_training_state,
         rank_container="lora_A",
     ),
+    mixed=True,  # may share layers with other methods in a PeftMixedModel
 )
 AdaLoraModel = tuner_class(ADALORA)  # PEFT's tuner class (isinstance of base_model)
 

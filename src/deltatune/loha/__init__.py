@@ -39,6 +39,7 @@ LOHA = Method(
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for LoHa
     cli_names={"loha": {}},
     lr_scale=10.0,  # a product of two factors, one zero at init: small early gradients (measured, see README)
+    mixed=True,  # may share layers with other methods in a PeftMixedModel
 )
 LoHaModel = tuner_class(LOHA)  # PEFT's tuner class (isinstance of base_model)
 

@@ -47,6 +47,7 @@ LOKR = Method(
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for LoKr
     cli_names={"lokr": {}},
     lr_scale=10.0,  # as LoHa: one Kronecker factor starts at zero (measured, see README)
+    mixed=True,  # may share layers with other methods in a PeftMixedModel
 )
 LoKrModel = tuner_class(LOKR)  # PEFT's tuner class (isinstance of base_model)
 

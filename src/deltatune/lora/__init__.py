@@ -91,6 +91,7 @@ LORA = Method(
         rank_container="lora_A",
         nested_containers=("token_adapter.trainable_tokens_delta",),  # trainable_token_indices
     ),
+    mixed=True,  # may share layers with other methods in a PeftMixedModel
 )
 LoraModel = tuner_class(LORA)  # PEFT's tuner class (isinstance of base_model)
 

@@ -78,6 +78,7 @@ OFT = Method(
         cli_shared_skip=("r",),
         inspect_size=inspect_size,
     ),
+    mixed=True,  # may share layers with other methods in a PeftMixedModel
 )
 OFTModel = tuner_class(OFT)  # PEFT's tuner class (isinstance of base_model)
 

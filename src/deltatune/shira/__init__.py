@@ -58,6 +58,7 @@ SHIRA = Method(
     # The positions are per-adapter buffers saved beside the values (PEFT's file key <module>.shira_indices), not
     # trained: listed here so files carry them, and not among the layer's trainable containers.
     hooks=Hooks(extra_containers=("shira_indices",)),
+    mixed=True,  # may share layers with other methods in a PeftMixedModel
 )
 ShiraModel = tuner_class(SHIRA)  # PEFT's tuner class (isinstance of base_model)
 

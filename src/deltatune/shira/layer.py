@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.core.delta_layer import DeltaWeightLayer, dense_supported_types
+from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError
 from deltatune.shira.mask_functions import num_shira_weights
 
@@ -139,12 +140,13 @@ class ShiraLayer(DeltaWeightLayer):
     def forward_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``y = (W + Σ ΔW) x + b`` over the active adapters, one matmul with the updated weight (PEFT's way, so
         logits agree). Over a quantised base, or a base with hooks (the fused path would skip them), the base runs
-        itself: ``y = base(x) + Σ ΔW x``."""
+        itself: ``y = base(x) + Σ ΔW x``; so does another method's layer below this one in a ``PeftMixedModel``
+        chain (its ``weight`` is the original one: the fused path would drop that method's update)."""
         names = [n for n in self.active_adapters if self._has(n)]
         if not names:
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
-        if self.quantized or base._forward_hooks or base._forward_pre_hooks:
+        if self.quantized or isinstance(base, AdapterLayer) or base._forward_hooks or base._forward_pre_hooks:
             result = base(x, *args, **kwargs)
             for name in names:
                 delta = self._delta_weight(name)
