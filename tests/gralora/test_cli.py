@@ -26,3 +26,12 @@ def test_train_with_method_gralora_writes_peft_files(capsys, tmp_path):
     with open(out / "summary.json") as fh:
         assert json.load(fh)["trainable_params"] > 0
     assert isinstance(deltatune.PeftConfig.from_pretrained(out), deltatune.GraloraConfig)
+
+
+def test_inspect_size_line_names_blocks_hybrid_rank_and_scale():
+    from deltatune.gralora import inspect_size
+
+    assert inspect_size({"r": 4, "gralora_k": 2, "hybrid_r": 2, "alpha": 12}, {}) == \
+        "r=4 as 2x2 blocks of rank 2, hybrid_r=2, scaling alpha/(r+hybrid_r)=2"
+    assert inspect_size({"r": 32, "gralora_k": 4, "hybrid_r": 0, "alpha": 64}, {}) == \
+        "r=32 as 4x4 blocks of rank 8, scaling alpha/(r+hybrid_r)=2"

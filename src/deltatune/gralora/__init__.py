@@ -11,7 +11,7 @@ from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.core.tuner import tuner_class
 from deltatune.gralora.config import GraloraConfig
 from deltatune.gralora.layer import GraloraLayer, make_gralora_layer, supported_types
-from deltatune.registry import Method
+from deltatune.registry import Hooks, Method
 
 
 def create_or_update(target: nn.Module, adapter_name: str, config: GraloraConfig,
@@ -39,6 +39,18 @@ def create_or_update(target: nn.Module, adapter_name: str, config: GraloraConfig
     return layer
 
 
+def inspect_size(config: dict, shapes: dict[str, list[int]]) -> str:
+    """``deltatune inspect``'s size line: the rank, how it is split into blocks, the hybrid rank and the scale."""
+    r, k, hybrid = config.get("r"), config.get("gralora_k"), config.get("hybrid_r") or 0
+    alpha = config.get("alpha")
+    text = f"r={r} as {k}x{k} blocks of rank {r // k}" if isinstance(r, int) and isinstance(k, int) and k else f"r={r}"
+    if hybrid:
+        text += f", hybrid_r={hybrid}"
+    if isinstance(alpha, (int, float)) and isinstance(r, int):
+        text += f", scaling alpha/(r+hybrid_r)={alpha / (r + hybrid):g}"
+    return text
+
+
 GRALORA = Method(
     peft_type=PeftType.GRALORA,
     config_cls=GraloraConfig,
@@ -48,6 +60,7 @@ GRALORA = Method(
     supported_types=supported_types,
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT's GraLoRA table is a copy of LoRA's
     cli_names={"gralora": {}},
+    hooks=Hooks(inspect_size=inspect_size),
 )
 GraloraModel = tuner_class(GRALORA)  # PEFT's tuner class (isinstance of base_model)
 
