@@ -69,6 +69,7 @@ class PeftType(enum.StrEnum):
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"
     GRALORA = "GRALORA"  # PEFT's
+    FOURIERFT = "FOURIERFT"  # PEFT's
 
     def __str__(self) -> str:
         return self.value
