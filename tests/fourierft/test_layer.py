@@ -179,3 +179,21 @@ def test_two_named_adapters(tmp_path):
     check_two_adapters(tiny_llama, "llama", FourierFTConfig(n_frequency=16, init_weights=True, task_type="CAUSAL_LM"),
                        FourierFTConfig(n_frequency=8, random_loc_seed=1, init_weights=True, task_type="CAUSAL_LM"),
                        tmp_path)
+
+
+def test_over_a_4bit_base():
+    """Over a bitsandbytes nf4 base (beyond PEFT): identity at init (zeros), and ``merge_and_unload`` gives dense
+    layers computing the adapted function."""
+    pytest.importorskip("bitsandbytes")
+    inputs = make_inputs("llama")
+    model = deltatune.quantize(tiny_llama(), "nf4")
+    ref = output(model, inputs)
+    pm = get_peft_model(model, FourierFTConfig(n_frequency=64, init_weights=True, task_type="CAUSAL_LM"))
+    assert type(pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    torch.testing.assert_close(output(pm, inputs), ref, atol=0, rtol=0)
+    perturb_trainable(pm, std=0.2)
+    adapted = output(pm.eval(), inputs)
+    assert (adapted - ref).abs().max() > 1e-3
+    plain = pm.merge_and_unload()
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear  # dense, not Linear4bit
+    torch.testing.assert_close(output(plain, inputs), adapted, atol=ATOL, rtol=1e-4)

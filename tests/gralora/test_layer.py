@@ -189,3 +189,23 @@ def test_gpt2_conv1d_model_contract(tmp_path):
 def test_two_named_adapters(tmp_path):
     check_two_adapters(tiny_llama, "llama", GraloraConfig(r=4, task_type="CAUSAL_LM"),
                        GraloraConfig(r=8, gralora_k=4, hybrid_r=2, task_type="CAUSAL_LM"), tmp_path)
+
+
+def test_over_a_4bit_base():
+    """Over a bitsandbytes nf4 base (beyond PEFT): identity at init, and ``merge_and_unload`` gives dense layers
+    computing the adapted function."""
+    pytest.importorskip("bitsandbytes")
+    import deltatune
+
+    inputs = make_inputs("llama")
+    model = deltatune.quantize(tiny_llama(), "nf4")
+    ref = output(model, inputs)
+    pm = get_peft_model(model, GraloraConfig(r=4, hybrid_r=2, task_type="CAUSAL_LM"))
+    assert type(pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    torch.testing.assert_close(output(pm, inputs), ref, atol=0, rtol=0)
+    perturb_trainable(pm, std=0.2)
+    adapted = output(pm.eval(), inputs)
+    assert (adapted - ref).abs().max() > 1e-3
+    plain = pm.merge_and_unload()
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear  # dense, not Linear4bit
+    torch.testing.assert_close(output(plain, inputs), adapted, atol=ATOL, rtol=1e-4)
