@@ -80,6 +80,8 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "BITFIT": ("BitFitConfig", {"target_modules": ["lin0"]}),
     "BOTTLENECK": ("BottleneckConfig", None),
     "LILY": ("LilyConfig", {"target_modules": ["lin0"], "r": 4}),
+    "GRALORA": ("GraloraConfig", {"target_modules": ["lin0"], "r": 2}),
+    "FOURIERFT": ("FourierFTConfig", {"target_modules": ["lin0"], "n_frequency": 20}),
 }
 
 

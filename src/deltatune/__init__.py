@@ -28,6 +28,8 @@ from deltatune.errors import (
     TargetModuleError,
 )
 from deltatune.export import ExportedLora, export_to_lora
+from deltatune.fourierft import FourierFTConfig, FourierFTLayer, FourierFTLinear, FourierFTModel
+from deltatune.gralora import GraloraConfig, GraloraLayer, GraloraModel
 from deltatune.hira import HiraConfig, HiraLayer, HiraModel
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.hra import HRAConfig, HRAConv2d, HRALayer, HRALinear, HRAModel
@@ -119,6 +121,8 @@ __all__ = [
     "HRAConfig", "HRAConv2d", "HRALayer", "HRALinear", "HRAModel",
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
+    "GraloraConfig", "GraloraLayer", "GraloraModel",
+    "FourierFTConfig", "FourierFTLayer", "FourierFTLinear", "FourierFTModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -41,6 +41,8 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.miss",
     "deltatune.hra",
     "deltatune.c3a",
+    "deltatune.gralora",
+    "deltatune.fourierft",
 )
 
 

@@ -63,6 +63,9 @@ CASES: dict[str, ContractCase] = {
     "P_TUNING": ContractCase({"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
+    "GRALORA": ContractCase({"r": 4, "hybrid_r": 2}),  # 2x2 blocks of rank 2, plus the hybrid LoRA of rank 2
+    # n_frequency <= 32 x 16 (v_proj); PEFT's default init draws the spectrum N(0, 1): not the identity
+    "FOURIERFT": ContractCase({"n_frequency": 64}, identity_at_init=False),
 }
 
 

@@ -296,7 +296,9 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
     * ``token_indices`` (trainable tokens): the training data's 64 most frequent token ids;
     * ``block_size`` (C3A's circulant blocks, which must divide every adapted layer's input and output size): the
       largest divisor of the model's layer widths up to the config's own default (256), when the model's config
-      gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths).
+      gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths);
+    * ``n_frequency`` (FourierFT's learned spectral entries, at most ``in · out`` of every adapted layer): the
+      config's own default (1000) or, on a model whose smallest projection holds fewer weights, that many.
     """
     fields = {f.name for f in dataclasses.fields(config_cls)}
     out = dict(options)
@@ -315,7 +317,34 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
         size = common_block_size(model_path, cap=default)
         if size is not None:
             out["block_size"] = size
+    if "n_frequency" in fields and out.get("n_frequency") is None:
+        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "n_frequency")
+        smallest = smallest_projection_size(model_path)
+        if smallest is not None and smallest < default:
+            out["n_frequency"] = smallest
     return out
+
+
+def smallest_projection_size(model_path: str) -> int | None:
+    """The fewest weights ``in · out`` of a linear projection in a block of the transformer at ``model_path``
+    (query, key/value, feed-forward; the tiny test Llama's: 32 x 16 = 512); ``None`` when its config does not say."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    if not hidden:
+        return None
+    heads = getattr(text, "num_attention_heads", None)
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    widths = [hidden, getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)]
+    if head_dim and heads:
+        widths += [heads * head_dim, kv_heads * head_dim]
+    return hidden * min(int(w) for w in widths if w)
 
 
 def common_block_size(model_path: str, cap: int) -> int | None:
