@@ -60,6 +60,9 @@ class Hooks:
     Where tensors live besides the layers' own containers (saved, loaded and deleted with the adapter):
         shared_containers: Per-adapter containers held once per model (on the ``AdapterModel``, so their keys
             read ``base_model.<name>.<adapter>``), e.g. VeRA's frozen shared projections.
+        uses_shared_state: PEFT's ``uses_shared_state`` of the tuner class where it is not "has
+            ``shared_containers``" (RandLoRA: ``False``, PEFT's layers also own their references to the bases, so
+            ``inject_adapter_in_model`` works); ``None``: read from ``shared_containers``.
         extra_containers: Containers of companion layers a config may add beside the method's own layers (LoRA's
             ``trainable_tokens_delta``).
         nested_containers: Dotted paths below an adapted module that hold such companion tensors (LoRA's
@@ -125,6 +128,7 @@ class Hooks:
     init_shared: Callable[..., dict[str, Any]] | None = None
     after_inject: Callable[[nn.Module, str, PeftConfig], None] | None = None
     shared_containers: tuple[str, ...] = ()
+    uses_shared_state: bool | None = None
     extra_containers: tuple[str, ...] = ()
     nested_containers: tuple[str, ...] = ()
     regulariser: Callable[[nn.Module], Any] | None = None
@@ -194,6 +198,13 @@ class Method:
         """``"weight"`` (wraps layers; ``core/tuner.py``) or ``"prompt"`` (virtual tokens; ``deltatune/prompt``),
         read off ``layer_cls``."""
         return "weight" if self.layer_cls is not None else "prompt"
+
+    @property
+    def uses_shared_state(self) -> bool:
+        """PEFT's ``uses_shared_state`` of this method's tuner (``inject_adapter_in_model`` refuses such methods)."""
+        if self.hooks.uses_shared_state is not None:
+            return self.hooks.uses_shared_state
+        return bool(self.hooks.shared_containers)
 
     @property
     def containers(self) -> tuple[str, ...]:
