@@ -63,6 +63,9 @@ CASES: dict[str, ContractCase] = {
     "P_TUNING": ContractCase({"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
+    # 8 bases of rank 4 for the 32-wide q/v_proj (the default r=32: one); alpha = r: the default 640/r (160 here)
+    # on perturbed λ, γ makes ΔW ~1e3 times W, beyond fp32's exact unmerge
+    "RANDLORA": ContractCase({"r": 4, "randlora_alpha": 4}),
 }
 
 
