@@ -76,6 +76,7 @@ from deltatune.prompt import (
     PromptTuningConfig,
     PromptTuningInit,
 )
+from deltatune.pvera import PveraConfig, PveraLayer, PveraModel
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
 from deltatune.randlora import RandLoraConfig, RandLoraLayer, RandLoraModel
 from deltatune.registry import load_builtins
@@ -121,6 +122,7 @@ __all__ = [
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
     "RandLoraConfig", "RandLoraLayer", "RandLoraModel",
+    "PveraConfig", "PveraLayer", "PveraModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -56,12 +56,14 @@ class SharedNames:
         peft_save: PEFT's word opening its ``save_projection``-mismatch message (``"VeRA"``, ``"RandLora"``).
         method: The method's name in deltatune's hints (``"VeRA"``, ``"RandLoRA"``).
         tensors: What the shared tensors are called (``"projections"``, ``"random bases"``).
+        values_as_set: PEFT's ``save_projection`` message prints the values as a set (PVeRA's), not a sorted list.
     """
 
     peft_seed: str
     peft_save: str
     method: str
     tensors: str
+    values_as_set: bool = False
 
 
 def first_sharer(adapter_model: nn.Module, adapter_name: str, config: PeftConfig) -> tuple[str, PeftConfig] | None:
@@ -94,7 +96,8 @@ def check_shared_settings(adapter_model: nn.Module, adapter_name: str, config: P
             f"projection_prng_key={first_key}"
         )
     if first_config.save_projection != config.save_projection:
-        values = sorted({config.save_projection, first_config.save_projection})
+        both = {config.save_projection, first_config.save_projection}
+        values = both if names.values_as_set else sorted(both)
         raise ConfigError(
             f"{names.peft_save} projection weights must be saved for all adapters or none, but got multiple different "
             f"values: {values}. {names.method} adapter {adapter_name!r} has save_projection={config.save_projection} "
