@@ -89,6 +89,9 @@ class Hooks:
             returns ``convert: (name, file_state, config) -> (file_state, config)``, applied to each before writing.
         fit_config_to_file: ``(config, file tensors) -> None``: before an adapter is loaded, correct config
             fields the file contradicts (BOFT files from PEFT without its CUDA kernel).
+        from_file: ``(config, file tensors) -> file tensors``: the inverse of ``before_save``, applied to every
+            state dict with file keys before it is checked and loaded (files, ``load_adapter``,
+            ``set_peft_model_state_dict``): RandLoRA drops PEFT's per-layer copies of its shared bases.
         saves_initial: ``(config) -> bool``: whether ``deltatune train`` must also save the adapter as created, so
             that ``convert_on_save`` can write the trained one for the original base (LoRA's PiSSA/OLoRA/CorDA/LoRA-GA).
         rewrites_base_on_load: ``(config) -> bool``: whether loading the adapter as saved rewrites the base it is
@@ -140,6 +143,7 @@ class Hooks:
     before_save: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
     convert_on_save: Callable[..., tuple[dict[str, Any], PeftConfig]] | None = None
     fit_config_to_file: Callable[[PeftConfig, dict[str, Any]], None] | None = None
+    from_file: Callable[[PeftConfig, dict[str, Any]], dict[str, Any]] | None = None
     saves_initial: Callable[[PeftConfig], bool] | None = None
     rewrites_base_on_load: Callable[[PeftConfig], bool] | None = None
     loading: Callable[[PeftConfig], Any] | None = None

@@ -215,6 +215,23 @@ def test_files_cross_both_ways_with_peft(save_projection, tmp_path):
     torch.testing.assert_close(output(loaded, {"x": x}), output(theirs, {"x": x}), atol=1e-6, rtol=1e-5)
 
 
+def test_state_dicts_with_layer_copies_load_both_ways():
+    """``get_peft_model_state_dict`` returns PEFT's layout (per-layer copies of the bases included), and
+    ``set_peft_model_state_dict`` takes it, deltatune's or peft's, into either library."""
+    theirs = peft.get_peft_model(Two(), _config(peft))
+    perturb_trainable(theirs, std=0.2)
+    ours = get_peft_model(Two(), _config())
+    perturb_trainable(ours, seed=2, std=0.2)
+    x = torch.randn(3, 16)
+    for source, target_lib in ((theirs, deltatune), (ours, peft)):
+        state = (peft if source is theirs else deltatune).get_peft_model_state_dict(source)
+        assert "base_model.model.a.randlora_A" in state and "base_model.randlora_B" in state
+        target = target_lib.get_peft_model(Two(), _config(target_lib, projection_prng_key=0))
+        target_lib.set_peft_model_state_dict(target, state)
+        torch.testing.assert_close(output(target.eval(), {"x": x}), output(source.eval(), {"x": x}), atol=1e-6,
+                                   rtol=1e-5)
+
+
 def test_file_bases_are_what_loads(tmp_path):
     """With ``save_projection`` the file's bases are used, not a redraw from the seed."""
     pm = get_peft_model(Two(), _config())

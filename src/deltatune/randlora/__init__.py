@@ -133,11 +133,11 @@ def add_layer_copies(peft_model: nn.Module, adapter_name: str, file_state: dict[
     return file_state
 
 
-def drop_layer_copies(config: RandLoraConfig, weights: dict[str, torch.Tensor]) -> None:
-    """Before loading a file: drop the per-layer copies of the bases PEFT writes (see :func:`add_layer_copies`);
-    the model-level ``base_model.randlora_A/B`` are the ones loaded."""
-    for key in [k for k in weights if k.rsplit(".", 1)[-1] in BASES and not k.startswith("base_model.randlora_")]:
-        del weights[key]
+def drop_layer_copies(config: RandLoraConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Before loading a state dict with file keys: without the per-layer copies of the bases PEFT writes (see
+    :func:`add_layer_copies`); the model-level ``base_model.randlora_A/B`` are the ones loaded."""
+    return {k: v for k, v in weights.items()
+            if k.rsplit(".", 1)[-1] not in BASES or k.startswith("base_model.randlora_")}
 
 
 RANDLORA = Method(
@@ -155,7 +155,7 @@ RANDLORA = Method(
         uses_shared_state=False,  # PEFT's RandLoraModel says False: its layers hold the bases too
         init_shared=init_shared,
         before_save=add_layer_copies,
-        fit_config_to_file=drop_layer_copies,
+        from_file=drop_layer_copies,
     ),
 )
 RandLoraModel = tuner_class(RANDLORA)  # PEFT's tuner class (isinstance of base_model)
