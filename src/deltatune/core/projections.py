@@ -11,6 +11,7 @@ objects, which is PEFT's rule too: hence one seed and one ``save_projection`` fo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -45,6 +46,15 @@ class ProjectionDict(nn.Module):
 
     def __len__(self) -> int:
         return len(self._buffers)
+
+
+def kaiming_uniform_projection(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """``U(-bound, bound)`` with ``bound = sqrt(3) · sqrt(2) / sqrt(fan_in)`` (He init for ReLU), ``fan_in =
+    shape[1]``, drawn from ``generator`` so the same seed gives the same projection (as PEFT draws it)."""
+    std = math.sqrt(2.0) / math.sqrt(shape[1])
+    bound = math.sqrt(3.0) * std
+    with torch.no_grad():
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer
-from deltatune.core.projections import ProjectionDict
+from deltatune.core.projections import ProjectionDict, kaiming_uniform_projection
 from deltatune.errors import ConfigError
-from deltatune.vera.layer import kaiming_uniform_projection
 
 try:
     from transformers.pytorch_utils import Conv1D

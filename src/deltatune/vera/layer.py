@@ -15,13 +15,11 @@ unregistered reference to them, so they are neither duplicated in the state dict
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer
-from deltatune.core.projections import ProjectionDict
+from deltatune.core.projections import ProjectionDict, kaiming_uniform_projection
 from deltatune.errors import ConfigError
 from deltatune.quantization import dense_weight_shape
 
@@ -29,15 +27,6 @@ try:
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # transformers is a dependency; guard anyway so plain-torch models still work
     Conv1D = None
-
-
-def kaiming_uniform_projection(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """``U(-bound, bound)`` with ``bound = sqrt(3) · sqrt(2) / sqrt(fan_in)`` (He init for ReLU), ``fan_in =
-    shape[1]``, drawn from ``generator`` so the same seed gives the same projection (as PEFT draws it)."""
-    std = math.sqrt(2.0) / math.sqrt(shape[1])
-    bound = math.sqrt(3.0) * std
-    with torch.no_grad():
-        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
 def make_projections(r: int, in_max: int, out_max: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
