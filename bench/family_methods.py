@@ -1,5 +1,6 @@
 """LN tuning, trainable tokens, LoRA + trainable tokens, (IA)³, LoHa, LoKr, VeRA, HiRA, SHiRA, MiSS, Lily, HRA, C3A,
 BitFit, bottleneck adapters, GraLoRA and FourierFT: one training step.
+BitFit, bottleneck adapters, RandLoRA and PVeRA: one training step.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -17,6 +18,9 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA.
 * ``gralora``          -- deltatune vs ``peft`` (GraLoRA r=16, gralora_k=2, hybrid_r=0 on q/v);
 * ``fourierft``        -- deltatune vs ``peft`` (FourierFT n_frequency=1000, scaling 300 on q/v, spectrum from zeros).
+* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
+* ``randlora``         -- deltatune vs ``peft`` (RandLoRA r=32, its default, on q/v: 18 bases per layer);
+* ``pvera``            -- deltatune vs ``peft`` (PVeRA r=256 on q/v, as VeRA's case).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -85,6 +89,10 @@ def configs(lib, case: str):
     if case == "fourierft":
         return lib.FourierFTConfig(n_frequency=1000, scaling=300.0, init_weights=True,  # zeros: identity
                                    target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "randlora":
+        return lib.RandLoraConfig(r=32, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "pvera":
+        return lib.PveraConfig(r=256, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -106,6 +114,8 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "bottleneck": (("deltatune", "dt", "bottleneck"), ("deltatune LoRA r16", "dt", "lora")),
     "gralora": (("deltatune", "dt", "gralora"), ("peft", "peft", "gralora")),
     "fourierft": (("deltatune", "dt", "fourierft"), ("peft", "peft", "fourierft")),
+    "randlora": (("deltatune", "dt", "randlora"), ("peft", "peft", "randlora")),
+    "pvera": (("deltatune", "dt", "pvera"), ("peft", "peft", "pvera")),
 }
 
 

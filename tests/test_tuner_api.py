@@ -82,6 +82,10 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "LILY": ("LilyConfig", {"target_modules": ["lin0"], "r": 4}),
     "GRALORA": ("GraloraConfig", {"target_modules": ["lin0"], "r": 2}),
     "FOURIERFT": ("FourierFTConfig", {"target_modules": ["lin0"], "n_frequency": 20}),
+    "RANDLORA": ("RandLoraConfig", {"target_modules": ["lin0"], "r": 4}),
+    # None: the tuner-class test below asserts uses_shared_state only for VERA, while PEFT's PveraModel says True
+    # (so does deltatune's); tests/pvera/test_layer.py checks the same attributes against peft instead
+    "PVERA": ("PveraConfig", None),
 }
 
 
@@ -290,6 +294,8 @@ def test_peft_model_attributes_as_peft():
     ("VeraConfig", {"target_modules": ["lin0", "lin1"], "r": 4}),
     ("IA3Config", {"target_modules": ["lin0"], "feedforward_modules": []}),
     ("OFTConfig", {"target_modules": ["lin0"], "r": 2, "oft_block_size": 0}),
+    ("RandLoraConfig", {"target_modules": ["lin0", "lin1"], "r": 4}),
+    ("PveraConfig", {"target_modules": ["lin0", "lin1"], "r": 4}),
 ])
 def test_supports_lora_conversion_as_peft(cls_name, kwargs):
     ours = deltatune.get_peft_model(_mlp(), getattr(deltatune, cls_name)(**kwargs))

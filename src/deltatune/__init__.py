@@ -78,7 +78,9 @@ from deltatune.prompt import (
     PromptTuningConfig,
     PromptTuningInit,
 )
+from deltatune.pvera import PveraConfig, PveraLayer, PveraModel
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
+from deltatune.randlora import RandLoraConfig, RandLoraLayer, RandLoraModel
 from deltatune.registry import load_builtins
 from deltatune.save_and_load import (
     get_base_model_state_dict,
@@ -123,6 +125,8 @@ __all__ = [
     "ShiraConfig", "ShiraLayer", "ShiraModel",
     "GraloraConfig", "GraloraLayer", "GraloraModel",
     "FourierFTConfig", "FourierFTLayer", "FourierFTLinear", "FourierFTModel",
+    "RandLoraConfig", "RandLoraLayer", "RandLoraModel",
+    "PveraConfig", "PveraLayer", "PveraModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

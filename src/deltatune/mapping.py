@@ -90,7 +90,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         raise ConfigError(f"inject_adapter_in_model adds adapter layers; {peft_config.peft_type} adapters are virtual "
                           "tokens, which need the wrapper: use get_peft_model")
     method = method_for(peft_config.peft_type)
-    if method.hooks.shared_containers:
+    if method.uses_shared_state:
         raise ConfigError(f"`inject_adapter_in_model` does not support PeftType.{peft_config.peft_type} because it "
                           "uses shared state stored on the tuner. Please use `get_peft_model` instead. (Its tensors "
                           "are shared by every layer and kept on the wrapper.)")

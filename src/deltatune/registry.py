@@ -43,6 +43,8 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.c3a",
     "deltatune.gralora",
     "deltatune.fourierft",
+    "deltatune.randlora",
+    "deltatune.pvera",
 )
 
 
@@ -62,6 +64,9 @@ class Hooks:
     Where tensors live besides the layers' own containers (saved, loaded and deleted with the adapter):
         shared_containers: Per-adapter containers held once per model (on the ``AdapterModel``, so their keys
             read ``base_model.<name>.<adapter>``), e.g. VeRA's frozen shared projections.
+        uses_shared_state: PEFT's ``uses_shared_state`` of the tuner class where it is not "has
+            ``shared_containers``" (RandLoRA: ``False``, PEFT's layers also own their references to the bases, so
+            ``inject_adapter_in_model`` works); ``None``: read from ``shared_containers``.
         extra_containers: Containers of companion layers a config may add beside the method's own layers (LoRA's
             ``trainable_tokens_delta``).
         nested_containers: Dotted paths below an adapted module that hold such companion tensors (LoRA's
@@ -86,6 +91,9 @@ class Hooks:
             returns ``convert: (name, file_state, config) -> (file_state, config)``, applied to each before writing.
         fit_config_to_file: ``(config, file tensors) -> None``: before an adapter is loaded, correct config
             fields the file contradicts (BOFT files from PEFT without its CUDA kernel).
+        from_file: ``(config, file tensors) -> file tensors``: the inverse of ``before_save``, applied to every
+            state dict with file keys before it is checked and loaded (files, ``load_adapter``,
+            ``set_peft_model_state_dict``): RandLoRA drops PEFT's per-layer copies of its shared bases.
         saves_initial: ``(config) -> bool``: whether ``deltatune train`` must also save the adapter as created, so
             that ``convert_on_save`` can write the trained one for the original base (LoRA's PiSSA/OLoRA/CorDA/LoRA-GA).
         rewrites_base_on_load: ``(config) -> bool``: whether loading the adapter as saved rewrites the base it is
@@ -127,6 +135,7 @@ class Hooks:
     init_shared: Callable[..., dict[str, Any]] | None = None
     after_inject: Callable[[nn.Module, str, PeftConfig], None] | None = None
     shared_containers: tuple[str, ...] = ()
+    uses_shared_state: bool | None = None
     extra_containers: tuple[str, ...] = ()
     nested_containers: tuple[str, ...] = ()
     regulariser: Callable[[nn.Module], Any] | None = None
@@ -136,6 +145,7 @@ class Hooks:
     before_save: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
     convert_on_save: Callable[..., tuple[dict[str, Any], PeftConfig]] | None = None
     fit_config_to_file: Callable[[PeftConfig, dict[str, Any]], None] | None = None
+    from_file: Callable[[PeftConfig, dict[str, Any]], dict[str, Any]] | None = None
     saves_initial: Callable[[PeftConfig], bool] | None = None
     rewrites_base_on_load: Callable[[PeftConfig], bool] | None = None
     loading: Callable[[PeftConfig], Any] | None = None
@@ -199,6 +209,13 @@ class Method:
         """``"weight"`` (wraps layers; ``core/tuner.py``) or ``"prompt"`` (virtual tokens; ``deltatune/prompt``),
         read off ``layer_cls``."""
         return "weight" if self.layer_cls is not None else "prompt"
+
+    @property
+    def uses_shared_state(self) -> bool:
+        """PEFT's ``uses_shared_state`` of this method's tuner (``inject_adapter_in_model`` refuses such methods)."""
+        if self.hooks.uses_shared_state is not None:
+            return self.hooks.uses_shared_state
+        return bool(self.hooks.shared_containers)
 
     @property
     def containers(self) -> tuple[str, ...]:

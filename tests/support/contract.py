@@ -66,6 +66,10 @@ CASES: dict[str, ContractCase] = {
     "GRALORA": ContractCase({"r": 4, "hybrid_r": 2}),  # 2x2 blocks of rank 2, plus the hybrid LoRA of rank 2
     # n_frequency <= 32 x 16 (v_proj); PEFT's default init draws the spectrum N(0, 1): not the identity
     "FOURIERFT": ContractCase({"n_frequency": 64}, identity_at_init=False),
+    # 8 bases of rank 4 for the 32-wide q/v_proj (the default r=32: one); alpha = r: the default 640/r (160 here)
+    # on perturbed λ, γ makes ΔW ~1e3 times W, beyond fp32's exact unmerge
+    "RANDLORA": ContractCase({"r": 4, "randlora_alpha": 4}),
+    "PVERA": ContractCase({"r": 4}),  # A is (2r, 32): the default r=256 would be 16x the model
 }
 
 

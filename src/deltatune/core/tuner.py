@@ -257,7 +257,7 @@ class AdapterModel(nn.Module):
     def uses_shared_state(self) -> bool:
         """Whether the method keeps tensors shared by every layer on this object (VeRA's projections), which
         ``inject_adapter_in_model`` cannot return."""
-        return bool(self.method().hooks.shared_containers)
+        return self.method().uses_shared_state
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Whether every adapter layer can write ``adapter_name`` as a plain LoRA update (PEFT's check before
@@ -651,7 +651,7 @@ def tuner_class(method: Method) -> type[AdapterModel]:
             "prefix": method.prefix,
             "tuner_layer_cls": method.layer_cls,
             "target_module_mapping": method.default_targets,
-            "uses_shared_state": bool(method.hooks.shared_containers),
+            "uses_shared_state": method.uses_shared_state,
         })
         _TUNER_CLASSES[method.peft_type] = cls
     return cls

@@ -297,6 +297,8 @@ class WeightTuner:
         config = self.peft_config[adapter_name]
         method = method_for(config.peft_type)
         containers = method.containers
+        if method.hooks.from_file is not None:  # e.g. RandLoRA: PEFT's per-layer copies of the shared bases
+            weights = method.hooks.from_file(config, dict(weights))
         model_state = to_model_keys(self.peft_model, weights, adapter_name, containers, method.file_suffixes)
         check_and_load(self.peft_model, model_state, adapter_name, containers, config.base_model_name_or_path)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import nn
 
 from deltatune.config import PeftType
+from deltatune.core.projections import SharedNames, check_shared_settings, first_sharer, share
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.core.tuner import tuner_class
 from deltatune.errors import ConfigError, TargetModuleError
@@ -21,36 +21,21 @@ from deltatune.vera.layer import (
     supported_types,
 )
 
+_NAMES = SharedNames(peft_seed="Vera", peft_save="VeRA", method="VeRA", tensors="projections")
+
 
 def _check_compatible(adapter_model: nn.Module, adapter_name: str, config: VeraConfig,
                       shapes: list[tuple[int, int]]) -> None:
     """PEFT's rules for a further VeRA adapter on one model: its projections are the first adapter's (one shared
-    pair per model), so the seed and ``save_projection`` must match, each target's ``(out, in)`` in ``shapes``
-    must fit the pair (``A: (r0, in_max)``, ``B: (out_max, r0)``) and ``r`` may not exceed its rank ``r0``
-    (checked in that order, as PEFT does). Refusing here keeps every adapter loadable by PEFT with the same
-    numbers."""
-    others = {n: c for n, c in adapter_model.peft_config.items()
-              if n != adapter_name and c.peft_type == config.peft_type}
-    if not others:
+    pair per model), so the seed and ``save_projection`` must match (:func:`check_shared_settings`), each target's
+    ``(out, in)`` in ``shapes`` must fit the pair (``A: (r0, in_max)``, ``B: (out_max, r0)``) and ``r`` may not
+    exceed its rank ``r0`` (checked in that order, as PEFT does). Refusing here keeps every adapter loadable by
+    PEFT with the same numbers."""
+    found = first_sharer(adapter_model, adapter_name, config)
+    if found is None:
         return
-    first, first_config = next(iter(others.items()))
-    if first_config.projection_prng_key != config.projection_prng_key:
-        raise ConfigError(
-            "Vera PRNG initialisation key must be the same for all adapters. Got "
-            f"config.projection_prng_key={config.projection_prng_key} but previous config had "
-            f"{first_config.projection_prng_key}. "
-            f"VeRA adapter {adapter_name!r} has projection_prng_key={config.projection_prng_key} but adapter "
-            f"{first!r} has {first_config.projection_prng_key}; all VeRA adapters of a model share one pair of "
-            f"projections: use projection_prng_key={first_config.projection_prng_key}"
-        )
-    if first_config.save_projection != config.save_projection:
-        values = sorted({config.save_projection, first_config.save_projection})
-        raise ConfigError(
-            "VeRA projection weights must be saved for all adapters or none, but got multiple different values: "
-            f"{values}. "
-            f"VeRA adapter {adapter_name!r} has save_projection={config.save_projection} but adapter {first!r} has "
-            f"{first_config.save_projection}; the shared projections are saved for all adapters or none"
-        )
+    check_shared_settings(adapter_model, adapter_name, config, _NAMES)
+    first, first_config = found
     container = adapter_model._modules.get("vera_A")
     if container is not None and first in container:
         in_max, out_max = container[first].shape[1], adapter_model.vera_B[first].shape[0]
@@ -83,26 +68,11 @@ def init_shared(adapter_model: nn.Module, adapter_name: str, config: VeraConfig,
     if not shapes:
         raise TargetModuleError("VeRA found no linear layer to adapt; check target_modules")
     _check_compatible(adapter_model, adapter_name, config, shapes)
-    existing = adapter_model._modules.get("vera_A")
-    first = next((n for n in existing if n != adapter_name), None) if existing is not None else None
-    if first is not None:
-        # A further adapter shares the first one's projections, the very tensors (as PEFT: same seed, so the same
-        # numbers, and one copy in memory); its own r uses their first r rows / columns.
-        pair = (existing[first], adapter_model.vera_B[first])
-    else:
-        out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
-        param = next(adapter_model.model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        pair = tuple(t.to(device) for t in make_projections(config.r, in_max, out_max, config.projection_prng_key))
-    shared = {}
-    for attr, tensor in zip(("vera_A", "vera_B"), pair):
-        container = adapter_model._modules.get(attr)
-        if container is None:
-            container = ProjectionDict()
-            setattr(adapter_model, attr, container)
-        container.add(adapter_name, tensor, persistent=config.save_projection)
-        shared[attr] = container
-    return shared
+    out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    # A further adapter shares the first one's projections, the very tensors (as PEFT: same seed, so the same
+    # numbers, and one copy in memory); its own r uses their first r rows / columns.
+    return share(adapter_model, adapter_name, config, ("vera_A", "vera_B"),
+                 lambda: make_projections(config.r, in_max, out_max, config.projection_prng_key))
 
 
 def create_or_update(target: nn.Module, adapter_name: str, config: VeraConfig, module_name: str,

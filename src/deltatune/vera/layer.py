@@ -8,19 +8,18 @@ Kopiczko et al., 2023, "VeRA: Vector-based Random Matrix Adaptation". For ``W: (
 ``projection_prng_key``), sized for the largest adapted layer and sliced, ``A[:, :in]`` and ``B[:out]``, by
 each layer. Only ``λ_d: (r,)`` and ``λ_b: (out,)`` train. ``λ_b = 0`` at the start: the model is unchanged.
 
-The projections live once per model, in :class:`ProjectionDict` containers on the adapter model
-(``base_model.vera_A.<adapter>``, filed as ``base_model.vera_A`` like PEFT); every layer holds an
+The projections live once per model, in :class:`~deltatune.core.projections.ProjectionDict` containers on the
+adapter model (``base_model.vera_A.<adapter>``, filed as ``base_model.vera_A`` like PEFT); every layer holds an
 unregistered reference to them, so they are neither duplicated in the state dict nor in memory.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer
+from deltatune.core.projections import ProjectionDict, kaiming_uniform_projection
 from deltatune.errors import ConfigError
 from deltatune.quantization import dense_weight_shape
 
@@ -28,41 +27,6 @@ try:
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # transformers is a dependency; guard anyway so plain-torch models still work
     Conv1D = None
-
-
-class ProjectionDict(nn.Module):
-    """Frozen tensors keyed by adapter name, registered as buffers (saved only when ``persistent``)."""
-
-    def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self.add(key, value, persistent=True)
-
-    def add(self, key: str, value: torch.Tensor, persistent: bool) -> None:
-        self.register_buffer(key, value, persistent=persistent)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
-
-    def __delitem__(self, key: str) -> None:
-        del self._buffers[key]
-        self._non_persistent_buffers_set.discard(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._buffers
-
-    def __iter__(self):
-        return iter(self._buffers)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-
-def kaiming_uniform_projection(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """``U(-bound, bound)`` with ``bound = sqrt(3) · sqrt(2) / sqrt(fan_in)`` (He init for ReLU), ``fan_in =
-    shape[1]``, drawn from ``generator`` so the same seed gives the same projection (as PEFT draws it)."""
-    std = math.sqrt(2.0) / math.sqrt(shape[1])
-    bound = math.sqrt(3.0) * std
-    with torch.no_grad():
-        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
 def make_projections(r: int, in_max: int, out_max: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
