@@ -83,9 +83,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "GRALORA": ("GraloraConfig", {"target_modules": ["lin0"], "r": 2}),
     "FOURIERFT": ("FourierFTConfig", {"target_modules": ["lin0"], "n_frequency": 20}),
     "RANDLORA": ("RandLoraConfig", {"target_modules": ["lin0"], "r": 4}),
-    # None: the tuner-class test below asserts uses_shared_state only for VERA, while PEFT's PveraModel says True
-    # (so does deltatune's); tests/pvera/test_layer.py checks the same attributes against peft instead
-    "PVERA": ("PveraConfig", None),
+    "PVERA": ("PveraConfig", {"target_modules": ["lin0", "lin1"], "r": 4}),
 }
 
 
@@ -122,8 +120,9 @@ def test_base_model_is_an_instance_of_its_method_tuner_class(peft_type):
     assert model.get_model_status().adapter_model_type == tuner.__name__
     assert model.base_model.prefix == METHODS[peft_type].prefix
     assert model.base_model.tuner_layer_cls is METHODS[peft_type].layer_cls
-    assert model.base_model.uses_shared_state is (peft_type == "VERA")
-    if peft_type in peft.PEFT_TYPE_TO_TUNER_MAPPING:
+    if peft_type not in peft.PEFT_TYPE_TO_TUNER_MAPPING:
+        assert model.base_model.uses_shared_state is False  # deltatune's own methods share nothing across layers
+    else:
         their_tuner = peft.PEFT_TYPE_TO_TUNER_MAPPING[peft_type]
         assert model.base_model.uses_shared_state is their_tuner.uses_shared_state
         their_defaults = getattr(their_tuner, "target_module_mapping", None) or {}  # IA3Model has none
