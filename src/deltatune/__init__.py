@@ -54,6 +54,7 @@ from deltatune.miss import MissConfig, MissLayer, MissLinear, MissModel
 from deltatune.mixed_model import PeftMixedModel
 from deltatune.oft import OFTConfig, OFTModel
 from deltatune.optimizers import create_loraplus_optimizer
+from deltatune.peanut import PeanutConfig, PeanutLayer, PeanutModel
 from deltatune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -119,6 +120,7 @@ __all__ = [
     "HRAConfig", "HRAConv2d", "HRALayer", "HRALinear", "HRAModel",
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
+    "PeanutConfig", "PeanutLayer", "PeanutModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -63,6 +63,7 @@ CASES: dict[str, ContractCase] = {
     "P_TUNING": ContractCase({"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
+    "PEANUT": ContractCase({"r": 4, "depth": 1}),  # one encoder/decoder pair: the residual path runs too
 }
 
 
