@@ -23,6 +23,7 @@ from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from deltatune import PeanutConfig, PeanutLayer, PeanutModel, PeftModel, get_peft_model
+from deltatune.cli.inspect import describe
 from deltatune.errors import ConfigError, MergeError
 
 ATOL = 1e-5
@@ -190,6 +191,8 @@ def test_files_cross_both_ways_with_peft(tmp_path):
     ours = get_peft_model(tiny_llama(), PeanutConfig(**config))
     perturb_trainable(ours, seed=5, std=0.2)
     ours.eval().save_pretrained(tmp_path / "ours")
+    info = describe(str(tmp_path / "ours"))
+    assert info["ranks_in_file"] == {4: 4} and info["adapted_modules"] == 4  # q_proj, v_proj of 2 blocks
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
     torch.testing.assert_close(output(theirs, inputs), output(ours, inputs), atol=ATOL, rtol=0)
 

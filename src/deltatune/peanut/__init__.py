@@ -9,7 +9,7 @@ from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.core.tuner import tuner_class
 from deltatune.peanut.config import PeanutConfig
 from deltatune.peanut.layer import PeanutLayer, make_peanut_layer, supported_types
-from deltatune.registry import Method
+from deltatune.registry import Hooks, Method
 
 
 def create_or_update(target: nn.Module, adapter_name: str, config: PeanutConfig,
@@ -32,6 +32,7 @@ PEANUT = Method(
     supported_types=supported_types,
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for PEANuT
     cli_names={"peanut": {}},
+    hooks=Hooks(rank_container="peanut_A"),  # A: (r, out): `deltatune inspect` counts the ranks in a file
 )
 PeanutModel = tuner_class(PEANUT)  # PEFT's tuner class (isinstance of base_model)
 
