@@ -81,6 +81,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "BOTTLENECK": ("BottleneckConfig", None),
     "LILY": ("LilyConfig", {"target_modules": ["lin0"], "r": 4}),
     "PEANUT": ("PeanutConfig", {"target_modules": ["lin0"], "r": 4}),
+    "GLORA": ("GloraConfig", {"target_modules": ["lin0"], "r": 2}),
 }
 
 

@@ -28,6 +28,7 @@ from deltatune.errors import (
     TargetModuleError,
 )
 from deltatune.export import ExportedLora, export_to_lora
+from deltatune.glora import GloraConfig, GloraLayer, GloraLinear, GloraModel
 from deltatune.hira import HiraConfig, HiraLayer, HiraModel
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.hra import HRAConfig, HRAConv2d, HRALayer, HRALinear, HRAModel
@@ -121,6 +122,7 @@ __all__ = [
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
     "PeanutConfig", "PeanutLayer", "PeanutModel",
+    "GloraConfig", "GloraLayer", "GloraLinear", "GloraModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -69,6 +69,7 @@ class PeftType(enum.StrEnum):
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"
     PEANUT = "PEANUT"  # PEFT's
+    GLORA = "GLORA"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

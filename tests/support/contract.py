@@ -64,6 +64,7 @@ CASES: dict[str, ContractCase] = {
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
     "PEANUT": ContractCase({"r": 4, "depth": 1}),  # one encoder/decoder pair: the residual path runs too
+    "GLORA": ContractCase({"r": 4}),  # the tiny Llama has no biases: C, D, E are zeros (GPT-2/BERT in tests/glora)
 }
 
 
