@@ -9,7 +9,7 @@ from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.core.tuner import tuner_class
 from deltatune.glora.config import GloraConfig
 from deltatune.glora.layer import GloraLayer, make_glora_layer, supported_types
-from deltatune.registry import Hooks, Method
+from deltatune.registry import Method
 
 GloraLinear = GloraLayer  # PEFT's name of the Linear layer (isinstance checks written for PEFT)
 
@@ -33,8 +33,7 @@ GLORA = Method(
     create_or_update=create_or_update,
     supported_types=supported_types,
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT uses LoRA's table for GLoRA
-    cli_names={"glora": {}},
-    hooks=Hooks(rank_container="glora_A"),
+    cli_names={"glora": {}},  # no rank_container: glora_A's "lora" pair is Xd (out, r), Xu (r, in)
 )
 GloraModel = tuner_class(GLORA)  # PEFT's tuner class (isinstance of base_model)
 
