@@ -1,6 +1,7 @@
 """LN tuning, trainable tokens, LoRA + trainable tokens, (IA)³, LoHa, LoKr, VeRA, HiRA, SHiRA, MiSS, Lily, HRA, C3A,
 BitFit, bottleneck adapters, GraLoRA and FourierFT: one training step.
 BitFit, bottleneck adapters, RandLoRA and PVeRA: one training step.
+BitFit, bottleneck adapters, PEANuT and GLoRA: one training step.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -21,6 +22,9 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``randlora``         -- deltatune vs ``peft`` (RandLoRA r=32, its default, on q/v: 18 bases per layer);
 * ``pvera``            -- deltatune vs ``peft`` (PVeRA r=256 on q/v, as VeRA's case).
+* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
+* ``peanut``, ``glora`` -- deltatune vs ``peft`` (PEANuT r=16, depth 1 on q/v; GLoRA r=16, PEFT's default
+                        parametrisations, on q/v).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -93,6 +97,10 @@ def configs(lib, case: str):
         return lib.RandLoraConfig(r=32, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "pvera":
         return lib.PveraConfig(r=256, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "peanut":
+        return lib.PeanutConfig(r=16, depth=1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "glora":
+        return lib.GloraConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -116,6 +124,8 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "fourierft": (("deltatune", "dt", "fourierft"), ("peft", "peft", "fourierft")),
     "randlora": (("deltatune", "dt", "randlora"), ("peft", "peft", "randlora")),
     "pvera": (("deltatune", "dt", "pvera"), ("peft", "peft", "pvera")),
+    "peanut": (("deltatune", "dt", "peanut"), ("peft", "peft", "peanut")),
+    "glora": (("deltatune", "dt", "glora"), ("peft", "peft", "glora")),
 }
 
 

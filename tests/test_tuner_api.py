@@ -84,6 +84,8 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "FOURIERFT": ("FourierFTConfig", {"target_modules": ["lin0"], "n_frequency": 20}),
     "RANDLORA": ("RandLoraConfig", {"target_modules": ["lin0"], "r": 4}),
     "PVERA": ("PveraConfig", {"target_modules": ["lin0", "lin1"], "r": 4}),
+    "PEANUT": ("PeanutConfig", {"target_modules": ["lin0"], "r": 4}),
+    "GLORA": ("GloraConfig", {"target_modules": ["lin0"], "r": 2}),
 }
 
 

@@ -30,6 +30,7 @@ from deltatune.errors import (
 from deltatune.export import ExportedLora, export_to_lora
 from deltatune.fourierft import FourierFTConfig, FourierFTLayer, FourierFTLinear, FourierFTModel
 from deltatune.gralora import GraloraConfig, GraloraLayer, GraloraModel
+from deltatune.glora import GloraConfig, GloraLayer, GloraLinear, GloraModel
 from deltatune.hira import HiraConfig, HiraLayer, HiraModel
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.hra import HRAConfig, HRAConv2d, HRALayer, HRALinear, HRAModel
@@ -56,6 +57,7 @@ from deltatune.miss import MissConfig, MissLayer, MissLinear, MissModel
 from deltatune.mixed_model import PeftMixedModel
 from deltatune.oft import OFTConfig, OFTModel
 from deltatune.optimizers import create_loraplus_optimizer
+from deltatune.peanut import PeanutConfig, PeanutLayer, PeanutModel
 from deltatune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -127,6 +129,8 @@ __all__ = [
     "FourierFTConfig", "FourierFTLayer", "FourierFTLinear", "FourierFTModel",
     "RandLoraConfig", "RandLoraLayer", "RandLoraModel",
     "PveraConfig", "PveraLayer", "PveraModel",
+    "PeanutConfig", "PeanutLayer", "PeanutModel",
+    "GloraConfig", "GloraLayer", "GloraLinear", "GloraModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -72,6 +72,8 @@ class PeftType(enum.StrEnum):
     BOTTLENECK = "BOTTLENECK"
     GRALORA = "GRALORA"  # PEFT's
     FOURIERFT = "FOURIERFT"  # PEFT's
+    PEANUT = "PEANUT"  # PEFT's
+    GLORA = "GLORA"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

@@ -45,6 +45,8 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.fourierft",
     "deltatune.randlora",
     "deltatune.pvera",
+    "deltatune.peanut",
+    "deltatune.glora",
 )
 
 
