@@ -296,7 +296,9 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
     * ``token_indices`` (trainable tokens): the training data's 64 most frequent token ids;
     * ``block_size`` (C3A's circulant blocks, which must divide every adapted layer's input and output size): the
       largest divisor of the model's layer widths up to the config's own default (256), when the model's config
-      gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths).
+      gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths);
+    * ``n_frequency`` (WaveFT's coefficients per layer, at most ``in · out`` of every adapted layer): the config's
+      default (2592) or the model's smallest linear weight size if that is smaller.
     """
     fields = {f.name for f in dataclasses.fields(config_cls)}
     out = dict(options)
@@ -315,31 +317,46 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
         size = common_block_size(model_path, cap=default)
         if size is not None:
             out["block_size"] = size
+    if "n_frequency" in fields and out.get("n_frequency") is None:
+        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "n_frequency")
+        widths = linear_widths(model_path)
+        if widths:
+            out["n_frequency"] = min(default, widths[0] * min(widths))  # widths[0]: the hidden size
     return out
 
 
-def common_block_size(model_path: str, cap: int) -> int | None:
-    """The largest ``d <= cap`` that divides every linear width of the transformer at ``model_path`` (hidden size,
-    feed-forward size, query and key/value projection sizes); ``None`` when its config does not give them."""
+def linear_widths(model_path: str) -> list[int]:
+    """The linear widths of the transformer at ``model_path``, hidden size first (feed-forward size, query and
+    key/value projection sizes); ``[]`` when its config does not give them. Every linear layer but the head maps
+    the hidden size to one of them, or back."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError):
-        return None
+        return []
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None)
     if not hidden:
-        return None
+        return []
     heads = getattr(text, "num_attention_heads", None)
     head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else None)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     widths = [hidden, getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)]
     if head_dim and heads:
         widths += [heads * head_dim, kv_heads * head_dim]
+    return [int(w) for w in widths if w]
+
+
+def common_block_size(model_path: str, cap: int) -> int | None:
+    """The largest ``d <= cap`` that divides every linear width of the transformer at ``model_path`` (hidden size,
+    feed-forward size, query and key/value projection sizes); ``None`` when its config does not give them."""
+    widths = linear_widths(model_path)
+    if not widths:
+        return None
     g = 0
     for w in widths:
-        g = math.gcd(g, int(w)) if w else g
+        g = math.gcd(g, w)
     return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
 
 
