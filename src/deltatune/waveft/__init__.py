@@ -33,6 +33,18 @@ WAVEFT_TARGETS: dict[str, list[str] | str] = {
 }
 
 
+def inspect_size(config: dict, shapes: dict[str, list[int]]) -> str:
+    """``deltatune inspect``'s size line: coefficients per layer and the transform (WaveFT has no rank)."""
+    transform = (f"inverse {config.get('wavelet_family', 'db1')} wavelet transform" if config.get("use_idwt", True)
+                 else "no transform (a sparse ΔW)")
+    text = f"n_frequency={config.get('n_frequency')} coefficients per layer, {transform}, " \
+           f"scaling {config.get('scaling')}"
+    counts = sorted({shape[0] for key, shape in shapes.items() if key.endswith(".waveft_spectrum") and shape})
+    if counts:
+        text += f"; in the file: {', '.join(map(str, counts))} per layer"
+    return text
+
+
 def proportional_n_frequency(adapter_model: nn.Module, adapter_name: str, config: WaveFTConfig,
                              target_names: list[str]) -> dict[str, Any]:
     """``proportional_parameters``: each target's share of ``n_frequency · len(targets)``, in proportion to its
@@ -82,7 +94,7 @@ WAVEFT = Method(
     supported_types=supported_types,
     default_targets=WAVEFT_TARGETS,
     cli_names={"waveft": {}},
-    hooks=Hooks(init_shared=proportional_n_frequency),
+    hooks=Hooks(init_shared=proportional_n_frequency, inspect_size=inspect_size),
 )
 WaveFTModel = tuner_class(WAVEFT)  # PEFT's tuner class (isinstance of base_model)
 
