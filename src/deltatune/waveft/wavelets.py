@@ -168,11 +168,6 @@ def reconstruction_filters(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, sign * lo.flip(0)
 
 
-def filter_length(name: str) -> int:
-    """``L`` of wavelet ``name``: the inverse transform of ``(2a, 2b)`` coefficients is ``(2a-L+2, 2b-L+2)``."""
-    return len(reconstruction_filters(name)[0])
-
-
 def idwt2(approx: torch.Tensor, horizontal: torch.Tensor, vertical: torch.Tensor, diagonal: torch.Tensor,
           name: str) -> torch.Tensor:
     """One level of the 2-D inverse discrete wavelet transform (PyWavelets' ``waverec2`` on one level).
