@@ -89,6 +89,7 @@ from deltatune.shira import ShiraConfig, ShiraLayer, ShiraModel
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
+from deltatune.vblora import VBLoRAConfig, VBLoRALayer, VBLoRAModel
 from deltatune.vera import VeraConfig, VeraModel
 from deltatune.waveft import WaveFTConfig, WaveFTLayer, WaveFTLinear, WaveFTModel
 
@@ -121,6 +122,7 @@ __all__ = [
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
     "WaveFTConfig", "WaveFTLayer", "WaveFTLinear", "WaveFTModel",
+    "VBLoRAConfig", "VBLoRALayer", "VBLoRAModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

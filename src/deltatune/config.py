@@ -69,6 +69,7 @@ class PeftType(enum.StrEnum):
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"
     WAVEFT = "WAVEFT"
+    VBLORA = "VBLORA"
 
     def __str__(self) -> str:
         return self.value

@@ -64,6 +64,8 @@ CASES: dict[str, ContractCase] = {
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
     "WAVEFT": ContractCase({"n_frequency": 64}),  # v_proj is 16x32: the default 2592 exceeds its 512 entries
+    # vector_length must divide 32 and 16 (the default 256 divides neither); PEFT's init is not the identity
+    "VBLORA": ContractCase({"r": 4, "num_vectors": 16, "vector_length": 8}, identity_at_init=False),
 }
 
 

@@ -298,7 +298,8 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
       largest divisor of the model's layer widths up to the config's own default (256), when the model's config
       gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths);
     * ``n_frequency`` (WaveFT's coefficients per layer, at most ``in · out`` of every adapted layer): the config's
-      default (2592) or the model's smallest linear weight size if that is smaller.
+      default (2592) or the model's smallest linear weight size if that is smaller;
+    * ``vector_length`` (VB-LoRA's bank vectors, which must divide every adapted layer's sizes): as ``block_size``.
     """
     fields = {f.name for f in dataclasses.fields(config_cls)}
     out = dict(options)
@@ -322,6 +323,11 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
         widths = linear_widths(model_path)
         if widths:
             out["n_frequency"] = min(default, widths[0] * min(widths))  # widths[0]: the hidden size
+    if "vector_length" in fields and out.get("vector_length") is None:
+        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "vector_length")
+        size = common_block_size(model_path, cap=default)
+        if size is not None:
+            out["vector_length"] = size
     return out
 
 
