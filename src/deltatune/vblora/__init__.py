@@ -127,6 +127,7 @@ VBLORA = Method(
         init_shared=init_shared,
         before_save=save_topk,
         fit_config_to_file=load_topk,  # the file's top-k form back to logits before the checked load
+        rank_container="vblora_logits_A",  # (r, in/ℓ, N): deltatune inspect counts the ranks
     ),
 )
 VBLoRAModel = tuner_class(VBLORA)  # PEFT's tuner class (isinstance of base_model)
