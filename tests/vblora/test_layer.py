@@ -172,5 +172,18 @@ def test_two_named_adapters(tmp_path):
                        VBLoRAConfig(r=2, num_vectors=8, vector_length=16, topk=3, task_type="CAUSAL_LM"), tmp_path)
 
 
+@pytest.mark.parametrize("num_vectors,topk_only", [(16, False), (16, True), (300, True)])
+def test_savable_parameter_counts_are_peft_s(num_vectors, topk_only, capsys):
+    config = {"r": 4, "num_vectors": num_vectors, "vector_length": 8, "save_only_topk_weights": topk_only,
+              "task_type": "CAUSAL_LM"}
+    ours = get_peft_model(tiny_llama(), VBLoRAConfig(**config))
+    theirs = peft.get_peft_model(tiny_llama(), peft.VBLoRAConfig(**config))
+    assert ours.get_nb_savable_parameters() == theirs.get_nb_savable_parameters()
+    ours.print_savable_parameters()
+    theirs.print_savable_parameters()
+    mine, peft_line = capsys.readouterr().out.splitlines()
+    assert mine == peft_line
+
+
 def test_exported():
     assert deltatune.VBLoRALayer is VBLoRALayer and "VBLoRAConfig" in deltatune.__all__

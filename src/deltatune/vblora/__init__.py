@@ -132,4 +132,35 @@ VBLORA = Method(
 )
 VBLoRAModel = tuner_class(VBLORA)  # PEFT's tuner class (isinstance of base_model)
 
+
+def get_nb_savable_parameters(self: nn.Module, adapter: str = "default") -> tuple[int, int]:
+    """PEFT's count of what a save writes, in float32 equivalents: ``(VB-LoRA values, other trainable values)``.
+    With ``save_only_topk_weights`` each sub-vector's ``N`` logits count as ``k - 1`` weights plus ``k`` indices at
+    their integer size (uint8 a quarter of a float32, int16 a half, ...)."""
+    logits = bank = other = 0
+    for name, param in self.named_parameters():
+        if "vblora_logits" in name:
+            logits += param.numel()
+        elif "vblora_vector_bank" in name:
+            bank += param.numel()
+        elif param.requires_grad:
+            other += param.numel()
+    config = self.peft_config[adapter]
+    if not config.save_only_topk_weights:
+        return bank + logits, other
+    index_bytes = torch.empty(0, dtype=_index_dtype(config.num_vectors)).element_size()
+    sub_vectors = logits / config.num_vectors
+    return int(bank + sub_vectors * (config.topk - 1) + sub_vectors * config.topk * index_bytes / 4), other
+
+
+def print_savable_parameters(self: nn.Module) -> None:
+    """PEFT's line: the VB-LoRA values a save writes (float32 equivalents) and the total."""
+    vblora, other = self.get_nb_savable_parameters()
+    print(f"VB-LoRA params to-be-saved (float32-equivalent): {vblora:,d} || total params to-be-saved: "
+          f"{(vblora + other):,d}")
+
+
+VBLoRAModel.get_nb_savable_parameters = get_nb_savable_parameters  # PEFT's VBLoRAModel methods
+VBLoRAModel.print_savable_parameters = print_savable_parameters
+
 __all__ = ["VBLORA", "Linear", "VBLoRAConfig", "VBLoRALayer", "VBLoRAModel"]
