@@ -9,6 +9,7 @@ by the softmax of those logits; it does not use the layer's ``topk``/``einsum``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import peft
@@ -187,3 +188,11 @@ def test_savable_parameter_counts_are_peft_s(num_vectors, topk_only, capsys):
 
 def test_exported():
     assert deltatune.VBLoRALayer is VBLoRALayer and "VBLoRAConfig" in deltatune.__all__
+
+
+def test_config_fields_and_defaults_are_peft_s():
+    def fields(cls):
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+
+    assert fields(VBLoRAConfig) == fields(peft.VBLoRAConfig)

@@ -7,6 +7,7 @@ ways with peft, the model-level contract on GPT-2's ``Conv1D``, and two named ad
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import peft
@@ -253,3 +254,11 @@ def test_two_named_adapters(tmp_path):
                        WaveFTConfig(n_frequency=32, wavelet_family="db2", random_loc_seed=1, task_type="CAUSAL_LM"),
                        tmp_path)
 
+
+
+def test_config_fields_and_defaults_are_peft_s():
+    def fields(cls):
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+
+    assert fields(WaveFTConfig) == fields(peft.WaveFTConfig)
