@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from deltatune.config import PeftConfig, PeftType, check_layer_selection
 from deltatune.errors import ConfigError
-from deltatune.lora.config import pattern_value
 from deltatune.waveft.wavelets import SUPPORTED_FAMILIES
 
 # The families PEFT's config accepts: Daubechies 1-38, symlets 2-20, coiflets 1-17 (its filters cover db1-10,
@@ -76,10 +76,11 @@ class WaveFTConfig(PeftConfig):
     def n_frequency_for(self, module_name: str) -> int:
         """PEFT's rule: the first key ``k`` of ``n_frequency_pattern`` with ``module_name`` matching
         ``(.*\\.)?k$``; else ``n_frequency``."""
-        value = pattern_value(self.n_frequency_pattern, module_name, None)
-        if value is None:  # PEFT then looks the full name up as a key, which the regex may not match literally
-            value = self.n_frequency_pattern.get(module_name, self.n_frequency)
-        return value
+        for key, value in self.n_frequency_pattern.items():
+            if re.match(rf"(.*\.)?({key})$", module_name):
+                return value
+        # PEFT then looks the full name up as a key, which the regex may not match literally
+        return self.n_frequency_pattern.get(module_name, self.n_frequency)
 
 
 __all__ = ["PEFT_FAMILIES", "WaveFTConfig"]
