@@ -2,6 +2,7 @@
 BitFit, bottleneck adapters, GraLoRA and FourierFT: one training step.
 BitFit, bottleneck adapters, RandLoRA and PVeRA: one training step.
 BitFit, bottleneck adapters, PEANuT and GLoRA: one training step.
+BitFit, bottleneck adapters, WaveFT and VB-LoRA: one training step.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -25,6 +26,9 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``peanut``, ``glora`` -- deltatune vs ``peft`` (PEANuT r=16, depth 1 on q/v; GLoRA r=16, PEFT's default
                         parametrisations, on q/v).
+* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
+* ``waveft``           -- deltatune vs ``peft`` (WaveFT with PEFT's defaults: 2592 Haar coefficients on q/v);
+* ``vblora``           -- deltatune vs ``peft`` (VB-LoRA r=4, 256 vectors of length 64, top-2, on q/v).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -101,6 +105,11 @@ def configs(lib, case: str):
         return lib.PeanutConfig(r=16, depth=1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "glora":
         return lib.GloraConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "waveft":
+        return lib.WaveFTConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "vblora":  # a zero bank: the identity (PEFT's random init would differ between the two libraries)
+        return lib.VBLoRAConfig(r=4, num_vectors=256, vector_length=64, init_vector_bank_bound=0.0,
+                                target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -126,6 +135,8 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "pvera": (("deltatune", "dt", "pvera"), ("peft", "peft", "pvera")),
     "peanut": (("deltatune", "dt", "peanut"), ("peft", "peft", "peanut")),
     "glora": (("deltatune", "dt", "glora"), ("peft", "peft", "glora")),
+    "waveft": (("deltatune", "dt", "waveft"), ("peft", "peft", "waveft")),
+    "vblora": (("deltatune", "dt", "vblora"), ("peft", "peft", "vblora")),
 }
 
 

@@ -95,7 +95,9 @@ from deltatune.shira import ShiraConfig, ShiraLayer, ShiraModel
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
+from deltatune.vblora import VBLoRAConfig, VBLoRALayer, VBLoRAModel
 from deltatune.vera import VeraConfig, VeraModel
+from deltatune.waveft import WaveFTConfig, WaveFTLayer, WaveFTLinear, WaveFTModel
 
 load_builtins()  # the methods of registry.BUILTIN, registered in that order
 
@@ -131,6 +133,8 @@ __all__ = [
     "PveraConfig", "PveraLayer", "PveraModel",
     "PeanutConfig", "PeanutLayer", "PeanutModel",
     "GloraConfig", "GloraLayer", "GloraLinear", "GloraModel",
+    "WaveFTConfig", "WaveFTLayer", "WaveFTLinear", "WaveFTModel",
+    "VBLoRAConfig", "VBLoRALayer", "VBLoRAModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -74,6 +74,8 @@ class PeftType(enum.StrEnum):
     FOURIERFT = "FOURIERFT"  # PEFT's
     PEANUT = "PEANUT"  # PEFT's
     GLORA = "GLORA"  # PEFT's
+    WAVEFT = "WAVEFT"
+    VBLORA = "VBLORA"
 
     def __str__(self) -> str:
         return self.value

@@ -47,6 +47,8 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.pvera",
     "deltatune.peanut",
     "deltatune.glora",
+    "deltatune.waveft",
+    "deltatune.vblora",
 )
 
 

@@ -72,6 +72,9 @@ CASES: dict[str, ContractCase] = {
     "PVERA": ContractCase({"r": 4}),  # A is (2r, 32): the default r=256 would be 16x the model
     "PEANUT": ContractCase({"r": 4, "depth": 1}),  # one encoder/decoder pair: the residual path runs too
     "GLORA": ContractCase({"r": 4}),  # the tiny Llama has no biases: C, D, E are zeros (GPT-2/BERT in tests/glora)
+    "WAVEFT": ContractCase({"n_frequency": 64}),  # v_proj is 16x32: the default 2592 exceeds its 512 entries
+    # vector_length must divide 32 and 16 (the default 256 divides neither); PEFT's init is not the identity
+    "VBLORA": ContractCase({"r": 4, "num_vectors": 16, "vector_length": 8}, identity_at_init=False),
 }
 
 

@@ -299,6 +299,9 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
       gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths);
     * ``n_frequency`` (FourierFT's learned spectral entries, at most ``in · out`` of every adapted layer): the
       config's own default (1000) or, on a model whose smallest projection holds fewer weights, that many.
+    * ``n_frequency`` (WaveFT's coefficients per layer, at most ``in · out`` of every adapted layer): the config's
+      default (2592) or the model's smallest linear weight size if that is smaller;
+    * ``vector_length`` (VB-LoRA's bank vectors, which must divide every adapted layer's sizes): as ``block_size``.
     """
     fields = {f.name for f in dataclasses.fields(config_cls)}
     out = dict(options)
@@ -350,25 +353,49 @@ def smallest_projection_size(model_path: str) -> int | None:
 def common_block_size(model_path: str, cap: int) -> int | None:
     """The largest ``d <= cap`` that divides every linear width of the transformer at ``model_path`` (hidden size,
     feed-forward size, query and key/value projection sizes); ``None`` when its config does not give them."""
+        widths = linear_widths(model_path)
+        if widths:
+            out["n_frequency"] = min(default, widths[0] * min(widths))  # widths[0]: the hidden size
+    if "vector_length" in fields and out.get("vector_length") is None:
+        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "vector_length")
+        size = common_block_size(model_path, cap=default)
+        if size is not None:
+            out["vector_length"] = size
+    return out
+
+
+def linear_widths(model_path: str) -> list[int]:
+    """The linear widths of the transformer at ``model_path``, hidden size first (feed-forward size, query and
+    key/value projection sizes); ``[]`` when its config does not give them. Every linear layer but the head maps
+    the hidden size to one of them, or back."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError):
-        return None
+        return []
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None)
     if not hidden:
-        return None
+        return []
     heads = getattr(text, "num_attention_heads", None)
     head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else None)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     widths = [hidden, getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)]
     if head_dim and heads:
         widths += [heads * head_dim, kv_heads * head_dim]
+    return [int(w) for w in widths if w]
+
+
+def common_block_size(model_path: str, cap: int) -> int | None:
+    """The largest ``d <= cap`` that divides every linear width of the transformer at ``model_path`` (hidden size,
+    feed-forward size, query and key/value projection sizes); ``None`` when its config does not give them."""
+    widths = linear_widths(model_path)
+    if not widths:
+        return None
     g = 0
     for w in widths:
-        g = math.gcd(g, int(w)) if w else g
+        g = math.gcd(g, w)
     return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
 
 
