@@ -87,9 +87,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "PEANUT": ("PeanutConfig", {"target_modules": ["lin0"], "r": 4}),
     "GLORA": ("GloraConfig", {"target_modules": ["lin0"], "r": 2}),
     "WAVEFT": ("WaveFTConfig", {"target_modules": ["lin0"], "n_frequency": 8}),
-    # None: the instance test below asserts uses_shared_state only for VERA, but VB-LoRA's bank is shared state too
-    # (PEFT's VBLoRAModel.uses_shared_state is True); tests/vblora checks the tuner class instead
-    "VBLORA": ("VBLoRAConfig", None),
+    "VBLORA": ("VBLoRAConfig", {"target_modules": ["lin0"], "r": 2, "num_vectors": 8, "vector_length": 2}),
 }
 
 
