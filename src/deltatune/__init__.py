@@ -90,6 +90,7 @@ from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_statu
 from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
 from deltatune.vera import VeraConfig, VeraModel
+from deltatune.xlora import XLoraConfig, XLoraModel
 
 load_builtins()  # the methods of registry.BUILTIN, registered in that order
 
@@ -119,6 +120,7 @@ __all__ = [
     "HRAConfig", "HRAConv2d", "HRALayer", "HRALinear", "HRAModel",
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
+    "XLoraConfig", "XLoraModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -68,6 +68,7 @@ class PeftType(enum.StrEnum):
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"
+    XLORA = "XLORA"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

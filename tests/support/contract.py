@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from xlora.experts import contract_experts
 
 import deltatune
 from deltatune.registry import method_for
@@ -28,11 +29,15 @@ class ContractCase:
             as lists with one entry per row of :func:`support.models.make_inputs`'s batch of 2.
         identity_at_init: Whether a fresh adapter leaves the logits as they were; ``None``: the family's rule
             (weight adapters start as the identity, virtual tokens change the input and do not).
+        peft_interop: Why peft cannot run the method on the tiny Llama as the contract builds it (the generic
+            interop checks are skipped with this reason; the method's own tests check interop instead); empty:
+            they run.
     """
 
     config: dict = field(default_factory=dict)
     forward: dict = field(default_factory=dict)
     identity_at_init: bool | None = None
+    peft_interop: str = ""
 
 
 CASES: dict[str, ContractCase] = {
@@ -63,6 +68,10 @@ CASES: dict[str, ContractCase] = {
     "P_TUNING": ContractCase({"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
+    # Two random LoRA experts (q/v and the embedding) written once per process; they are not zero: no identity.
+    "XLORA": ContractCase({"hidden_size": 32, "adapters": contract_experts()}, identity_at_init=False,
+                          peft_interop="peft's XLoraModel refuses a model with config.use_cache=True (the tiny Llama's "
+                                       "default); tests/xlora/test_layer.py checks interop with use_cache=False"),
 }
 
 
