@@ -120,6 +120,11 @@ class Hooks:
         cli_shared_skip: Config fields that settings meant for every method (a built-in data set's recipe,
             ``deltatune compare``'s options) do not pass to this method, because the name means something else
             here (OFT's ``r`` counts blocks). Set on the command line for this method alone they still apply.
+        cli_refusal: Why ``--method <name>`` cannot build this method from a recipe's options (X-LoRA needs trained
+            LoRA experts), and what to do instead: the method is left out of the CLI's method table and
+            ``--method <name>`` is a ``UsageError`` with this text. Empty: the CLI offers it.
+        inspect_targets: ``(adapter_config) -> text``: the "targets" line of ``deltatune inspect`` for an adapter
+            whose file names no adapted layer and that is not virtual tokens (X-LoRA's classifier).
     """
 
     prepare_config: Callable[[nn.Module, PeftConfig], None] | None = None
@@ -148,6 +153,8 @@ class Hooks:
     inspect_size: Callable[[dict[str, Any], dict[str, list[int]]], str] | None = None
     rank_container: str = ""
     cli_shared_skip: tuple[str, ...] = ()
+    cli_refusal: str = ""
+    inspect_targets: Callable[[dict[str, Any]], str] | None = None
 
 
 NO_HOOKS = Hooks()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from deltatune.config import PeftType
 from deltatune.registry import Hooks, Method
 from deltatune.xlora.classifier import XLoraClassifier
@@ -10,6 +12,26 @@ from deltatune.xlora.layer import XLoraGate
 from deltatune.xlora.model import XLoraModel
 from deltatune.xlora.tuner import XLoraTuner
 
+
+def _inspect_targets(config: dict[str, Any]) -> str:
+    """``deltatune inspect``'s targets line: what the file holds instead of layers, and where the experts are."""
+    experts = config.get("adapters") or {}
+    where = ", ".join(f"{k}: {v}" for k, v in experts.items())
+    return (f"no layer of its own (and no virtual tokens): a classifier weighing {len(experts)} LoRA experts per "
+            f"token, loaded from their folders ({where})")
+
+
+def _inspect_size(config: dict[str, Any], shapes: dict[str, list[int]]) -> str:
+    depth, size = config.get("xlora_depth", 1), config.get("xlora_size")
+    width = f", width {size}" if depth > 1 else ""
+    return f"{len(config.get('adapters') or {})} experts; classifier depth {depth}{width}"
+
+
+_CLI_REFUSAL = ("X-LoRA mixes LoRA experts that are already trained, and a recipe cannot name them. Train each expert "
+                "with `deltatune train --method lora`, then build the mixture in Python: get_peft_model(model, "
+                "XLoraConfig(hidden_size=<the model's>, adapters={'0': '<run>/adapter', '1': ...})) and train its "
+                "classifier with deltatune.integrations.transformers.AdapterTrainer or your own loop")
+
 XLORA = Method(
     peft_type=PeftType.XLORA,
     config_cls=XLoraConfig,
@@ -17,7 +39,8 @@ XLORA = Method(
     # layers are LoRA's (the experts), so PeftModel delegates to X-LoRA's tuner (the peft_tuner hook) instead.
     prefix="internal_xlora_classifier",
     mergeable=False,  # the experts' weights depend on the input
-    hooks=Hooks(peft_tuner=XLoraTuner),
+    hooks=Hooks(peft_tuner=XLoraTuner, cli_refusal=_CLI_REFUSAL, inspect_targets=_inspect_targets,
+                inspect_size=_inspect_size),
 )
 
 __all__ = ["XLORA", "XLoraClassifier", "XLoraConfig", "XLoraGate", "XLoraModel", "XLoraTuner"]
