@@ -83,6 +83,9 @@ class Hooks:
             ``path_initial_model_for_weight_conversion`` (LoRA: PiSSA/OLoRA/CorDA/LoRA-GA to a plain LoRA). It checks
             the adapters ``names`` of ``configs`` (warnings at ``stacklevel=3``: ``save_pretrained``'s caller) and
             returns ``convert: (name, file_state, config) -> (file_state, config)``, applied to each before writing.
+        save_beside: ``(peft_model, adapter_name, adapter_dir, safe_serialization) -> None``: what a method files
+            beside an adapter's own pair, after it is written (X-LoRA: its LoRA experts in ``<adapter_dir>/<i>``,
+            PEFT's layout).
         fit_config_to_file: ``(config, file tensors) -> None``: before an adapter is loaded, correct config
             fields the file contradicts (BOFT files from PEFT without its CUDA kernel).
         saves_initial: ``(config) -> bool``: whether ``deltatune train`` must also save the adapter as created, so
@@ -139,6 +142,7 @@ class Hooks:
     restore_training_state: Callable[[nn.Module, dict[str, Any]], None] | None = None
     before_save: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
     convert_on_save: Callable[..., tuple[dict[str, Any], PeftConfig]] | None = None
+    save_beside: Callable[[nn.Module, str, str, bool], None] | None = None
     fit_config_to_file: Callable[[PeftConfig, dict[str, Any]], None] | None = None
     saves_initial: Callable[[PeftConfig], bool] | None = None
     rewrites_base_on_load: Callable[[PeftConfig], bool] | None = None

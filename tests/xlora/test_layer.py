@@ -171,6 +171,24 @@ def test_peft_loads_deltatune_files_with_equal_logits(experts, tmp_path):
     assert not any(p.requires_grad for p in again.parameters())
 
 
+def test_experts_are_filed_beside_in_peft_layout_with_what_training_changed(experts, tmp_path):
+    """PEFT files the experts as the adapters "0", "1" (sub-folders); so does deltatune, with trained experts
+    (``use_trainable_adapters``) as trained: pointing ``adapters`` at the copies reloads the same model."""
+    model = _ours(experts["deltatune"], use_trainable_adapters=True)
+    _train(model, steps=1)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path / "0")) == ["adapter_config.json", "adapter_model.safetensors"]
+    original = load_file(os.path.join(experts["deltatune"]["0"], "adapter_model.safetensors"))
+    copy = load_file(tmp_path / "0" / "adapter_model.safetensors")
+    lora_keys = sorted(k for k in original if EXPERT_TENSOR.search(k + "."))  # the original also has the embedding
+    assert sorted(copy) == lora_keys and not torch.equal(copy[lora_keys[0]], original[lora_keys[0]])
+    config = deltatune.PeftConfig.from_pretrained(tmp_path)
+    config.adapters = {k: str(tmp_path / k) for k in config.adapters}
+    loaded = deltatune.PeftModel.from_pretrained(tiny_llama(), tmp_path, config=config).eval()
+    torch.testing.assert_close(output(loaded, INPUTS), output(model, INPUTS), atol=0, rtol=0)
+
+
 def test_deltatune_loads_peft_files_warning_about_what_peft_leaves_out(experts, tmp_path):
     """peft 0.21.2 leaves out of its file every classifier key with an expert's name as a part (``layers.0.``):
     deltatune loads what is there, keeps the rest as created (as peft does) and names it in a warning."""

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from torch import nn
+
 from deltatune.config import PeftType
+from deltatune.core.io import save_adapter_files
+from deltatune.core.state_dict import adapter_state_dict
+from deltatune.lora import LORA
 from deltatune.registry import Hooks, Method
 from deltatune.xlora.classifier import XLoraClassifier
 from deltatune.xlora.config import XLoraConfig
@@ -27,6 +33,23 @@ def _inspect_size(config: dict[str, Any], shapes: dict[str, list[int]]) -> str:
     return f"{len(config.get('adapters') or {})} experts; classifier depth {depth}{width}"
 
 
+def _save_experts(peft_model: nn.Module, adapter_name: str, adapter_dir: str, safe_serialization: bool) -> None:
+    """Each expert of ``adapter_name`` as a LoRA adapter folder ``<adapter_dir>/<i>`` (PEFT's layout: it files its
+    experts as the adapters ``"0"``, ``"1"``, ...). Loading reads the experts from ``adapters``, as PEFT does for a
+    local directory; these copies keep what ``use_trainable_adapters`` trained, and make the folder portable (point
+    ``adapters`` at them)."""
+    xlora = peft_model.base_model
+    lora = xlora.lora_model
+    for index, name in enumerate(xlora.experts[adapter_name]):
+        state = {f"base_model.{k}": v for k, v in
+                 adapter_state_dict(lora, name, LORA.containers, "none", LORA.file_suffixes).items()}
+        data = lora.peft_config[name].to_dict()
+        data["inference_mode"] = True
+        expert_dir = os.path.join(adapter_dir, str(index))
+        os.makedirs(expert_dir, exist_ok=True)
+        save_adapter_files(expert_dir, state, data, safe_serialization=safe_serialization)
+
+
 _CLI_REFUSAL = ("X-LoRA mixes LoRA experts that are already trained, and a recipe cannot name them. Train each expert "
                 "with `deltatune train --method lora`, then build the mixture in Python: get_peft_model(model, "
                 "XLoraConfig(hidden_size=<the model's>, adapters={'0': '<run>/adapter', '1': ...})) and train its "
@@ -40,7 +63,7 @@ XLORA = Method(
     prefix="internal_xlora_classifier",
     mergeable=False,  # the experts' weights depend on the input
     hooks=Hooks(peft_tuner=XLoraTuner, cli_refusal=_CLI_REFUSAL, inspect_targets=_inspect_targets,
-                inspect_size=_inspect_size),
+                inspect_size=_inspect_size, save_beside=_save_experts),
 )
 
 __all__ = ["XLORA", "XLoraClassifier", "XLoraConfig", "XLoraGate", "XLoraModel", "XLoraTuner"]
