@@ -1,5 +1,5 @@
 """LN tuning, trainable tokens, LoRA + trainable tokens, (IA)³, LoHa, LoKr, VeRA, HiRA, SHiRA, MiSS, Lily, HRA, C3A,
-BitFit and bottleneck adapters: one training step.
+BitFit, bottleneck adapters and X-LoRA: one training step.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -14,7 +14,9 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
                         all-linear; SHiRA r=16 on q/v; Lily r=16, stride_A 2, 4 experts on q/v/down_proj; HRA r=8
                         on q/v; C3A block 64 on q/v);
 * ``bitfit``           -- deltatune vs deltatune LoRA r=16 all-linear (the usual floor; PEFT has no BitFit);
-* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA.
+* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
+* ``xlora``            -- deltatune vs ``peft`` (two LoRA r=16 q/v experts, copies of one random expert, so the
+                        mixture starts at the same loss whatever each library's classifier init; the cache off).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -78,7 +80,31 @@ def configs(lib, case: str):
         return dt.BitFitConfig(task_type="CAUSAL_LM")
     if case == "bottleneck":
         return dt.BottleneckConfig(reduction_factor=16, task_type="CAUSAL_LM")
+    if case == "xlora":
+        expert = _xlora_expert()
+        return lib.XLoraConfig(hidden_size=576, adapters={"0": expert, "1": expert}, task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
+
+
+_EXPERT: list[str] = []
+
+
+def _xlora_expert() -> str:
+    """One random LoRA r=16 q/v expert for SmolLM2, written once to a temporary folder (X-LoRA mixes two copies)."""
+    if not _EXPERT:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix="xlora-bench-")
+        atexit.register(shutil.rmtree, root, True)
+        torch.manual_seed(0)
+        expert = dt.get_peft_model(load_builtin_model("smollm2-135m")[0],
+                                   dt.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False, task_type="CAUSAL_LM"))
+        expert.save_pretrained(root)
+        _EXPERT.append(root)
+    return _EXPERT[0]
 
 
 PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config case))
@@ -97,6 +123,7 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "c3a": (("deltatune", "dt", "c3a"), ("peft", "peft", "c3a")),
     "bitfit": (("deltatune", "dt", "bitfit"), ("deltatune LoRA r16", "dt", "lora")),
     "bottleneck": (("deltatune", "dt", "bottleneck"), ("deltatune LoRA r16", "dt", "lora")),
+    "xlora": (("deltatune", "dt", "xlora"), ("peft", "peft", "xlora")),
 }
 
 
@@ -162,7 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     for case in args.cases.split(","):
         variants = []
         for label, lib, cfg_case in PAIRS[case]:
-            model = libs[lib].get_peft_model(copy.deepcopy(base), configs(libs[lib], cfg_case))
+            model = copy.deepcopy(base)
+            if case == "xlora":  # peft's XLoraModel refuses a model with the cache on
+                model.config.use_cache = False
+            model = libs[lib].get_peft_model(model, configs(libs[lib], cfg_case))
             variants.append(Variant(label, model, batch, device))
         a, b = variants
         if b.label == "peft":

@@ -249,6 +249,19 @@ def test_only_the_classifier_trains(experts):
             assert torch.equal(p, experts_before[n]), n
 
 
+def test_gradient_checkpointing_recomputes_with_the_same_mixture(experts):
+    grads = []
+    for checkpointing in (False, True):
+        model = _ours(experts["deltatune"])
+        _same_classifier(model, model)
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        model(**INPUTS, labels=INPUTS["input_ids"]).loss.backward()
+        grads.append(_classifier(model).layers[0].weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
 def test_use_trainable_adapters_trains_the_experts_too(experts):
     model = _ours(experts["deltatune"], use_trainable_adapters=True)
     lora = {n for n, p in model.named_parameters() if p.requires_grad and EXPERT_TENSOR.search(n)}

@@ -46,8 +46,9 @@ class Mixture:
 
     Attributes:
         config: The adapter's config (``global_scaling_weight`` is read at each call, so PEFT's setters act at once).
-        gates: ``(batch, seq, n_layers, n_experts)`` during a forward (the scaling pass's constant, then the
-            classifier's weights), ``None`` otherwise.
+        gates: ``(batch, seq, n_layers, n_experts)``: set by each forward (the scaling pass's constant, then the
+            classifier's weights) and kept until the next one (checkpointed layers recompute in backward); ``None``
+            before the first.
     """
 
     def __init__(self, config: XLoraConfig) -> None:
@@ -76,7 +77,7 @@ class XLoraGate(LoraVariant):
         self.expert = expert
 
     def _gate(self) -> tuple[torch.Tensor | None, float]:
-        """``(g[..., l, e, None]: (batch, seq, 1), w)``, or ``(None, 1)`` outside a mixture (plain LoRA)."""
+        """``(g[..., l, e, None]: (batch, seq, 1), w)``, or ``(None, 1)`` before any mixture (plain LoRA)."""
         gates = self.mixture.gates
         if gates is None:
             return None, 1.0

@@ -308,9 +308,14 @@ class XLoraModel(nn.Module):
         try:
             yield
         finally:
+            # The weights stay set until the next call: activation checkpointing recomputes the experts' layers
+            # during backward, after this returns, and must see the same mixture (PEFT's recompute sees none).
             handle.remove()
-            for mixture in self.mixtures.values():
-                mixture.gates = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """PEFT's ``XLoraModel.forward``: the user's model through both passes."""
+        with self.mixing():
+            return self.model(*args, **kwargs)
 
     def _scaling_pass(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         """The forward pre-hook: run the scaling pass, set the experts' weights, return the real pass's arguments
