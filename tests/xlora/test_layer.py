@@ -291,16 +291,19 @@ def test_disable_merge_and_mixed_batch(experts):
     torch.testing.assert_close(output(plain, INPUTS), output(tiny_llama(), INPUTS), atol=0, rtol=0)
 
 
-def test_second_adapter_has_its_own_experts_and_classifier(experts):
+def test_second_adapter_has_its_own_experts_and_classifier(experts, tmp_path):
     model = _ours(experts["deltatune"]).eval()
-    alone = _ours(experts["peft"]).eval()
-    _same_classifier(alone, alone, seed=9)
     first = output(model, INPUTS)
-    config = deltatune.XLoraConfig(task_type="CAUSAL_LM", hidden_size=32, adapters=experts["peft"])
+    other_experts = write_experts(str(tmp_path), library="peft", targets=("k_proj", "v_proj"))  # k: new layers
+    alone = _ours(other_experts).eval()
+    _same_classifier(alone, alone, seed=9)
+    config = deltatune.XLoraConfig(task_type="CAUSAL_LM", hidden_size=32, adapters=other_experts)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     model.add_adapter("other", config)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # the new one is frozen
     assert model.base_model.experts == {"default": ["0", "1"], "other": ["2", "3"]}
     with torch.no_grad():
-        _classifier(model)  # still the default's
+        assert _classifier(model) is model.base_model.internal_xlora_classifier["default"]  # still active
         model.base_model.internal_xlora_classifier["other"].load_state_dict(_classifier(alone).state_dict())
     torch.testing.assert_close(output(model, INPUTS), first, atol=0, rtol=0)
     model.set_adapter("other")

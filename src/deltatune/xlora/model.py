@@ -121,7 +121,7 @@ class XLoraModel(nn.Module):
     # ---- adapters -------------------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: XLoraConfig) -> None:
         """Load ``config.adapters`` as LoRA experts and create the classifier of X-LoRA adapter ``adapter_name`` (not
-        made active). On any error nothing of it is left.
+        made active, frozen). On any error nothing of it is left.
 
         Raises:
             ConfigError: see the class; AdapterNameError: the name is taken.
@@ -163,7 +163,10 @@ class XLoraModel(nn.Module):
             self.internal_xlora_classifier[adapter_name] = classifier.to(weight.device, weight.dtype)
         except BaseException:
             self._remove_adapter(adapter_name)
+            self.refresh()
             raise
+        # The LoRA layers made the new experts active where they were alone: only the active adapter's run.
+        self.refresh()
 
     def _load_expert(self, name: str, path: str) -> None:
         """LoRA adapter ``name`` from the folder ``path``, into ``lora_model`` (created with the first expert)."""
