@@ -34,6 +34,7 @@ from deltatune.core.state_dict import check_and_load, to_model_keys
 from deltatune.errors import AdapterNameError, ConfigError, MergeError
 from deltatune.lora import LORA, LoraEmbedding, LoraLinear, LoraModel
 from deltatune.lora.config import LoraConfig
+from deltatune.lora.variants import variants_of
 from deltatune.xlora.classifier import XLoraClassifier
 from deltatune.xlora.config import XLoraConfig
 from deltatune.xlora.layer import _MERGE_REFUSAL, Mixture, XLoraGate, select
@@ -48,11 +49,12 @@ def _check_expert(config: PeftConfig, directory: str) -> LoraConfig:
     if config.peft_type != PeftType.LORA:
         raise ConfigError(f"X-LoRA mixes LoRA adapters; {directory} holds a {config.peft_type} adapter")
     assert isinstance(config, LoraConfig)
-    if config.use_dora:  # PEFT's words (it raises at the first forward), then what to do
-        raise ConfigError(f"X-LoRA currently does not support LoRA layers with DoRA ({directory}: use_dora=True); "
+    variants = variants_of(config)  # a variant's own forward would replace the gate (one variant per adapter)
+    if variants:  # PEFT's words for DoRA (it raises at the first forward), then what to do
+        raise ConfigError(f"X-LoRA currently does not support LoRA layers with {variants[0].label} ({directory}); "
                           "use plain LoRA experts")
-    if config.alora_invocation_tokens or config.lora_bias:
-        raise ConfigError(f"X-LoRA mixes plain LoRA experts; {directory} is an aLoRA adapter or has lora_bias=True")
+    if config.lora_bias:  # the bias would be added whatever the token's weight
+        raise ConfigError(f"X-LoRA mixes plain LoRA experts; {directory} has lora_bias=True")
     if LORA.hooks.rewrites_base_on_load(config):
         raise ConfigError(f"{directory} was initialised with {config.init_lora_weights!r}, which rewrites the base "
                           "weights it is loaded onto, so it cannot share them with other experts; convert it to plain "
