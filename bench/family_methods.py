@@ -3,6 +3,7 @@ BitFit, bottleneck adapters, GraLoRA and FourierFT: one training step.
 BitFit, bottleneck adapters, RandLoRA and PVeRA: one training step.
 BitFit, bottleneck adapters, PEANuT and GLoRA: one training step.
 BitFit, bottleneck adapters, WaveFT and VB-LoRA: one training step.
+BitFit, bottleneck adapters and X-LoRA: one training step.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -29,6 +30,9 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``waveft``           -- deltatune vs ``peft`` (WaveFT with PEFT's defaults: 2592 Haar coefficients on q/v);
 * ``vblora``           -- deltatune vs ``peft`` (VB-LoRA r=4, 256 vectors of length 64, top-2, on q/v).
+* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
+* ``xlora``            -- deltatune vs ``peft`` (two LoRA r=16 q/v experts, copies of one random expert, so the
+                        mixture starts at the same loss whatever each library's classifier init; the cache off).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -110,7 +114,31 @@ def configs(lib, case: str):
     if case == "vblora":  # a zero bank: the identity (PEFT's random init would differ between the two libraries)
         return lib.VBLoRAConfig(r=4, num_vectors=256, vector_length=64, init_vector_bank_bound=0.0,
                                 target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "xlora":
+        expert = _xlora_expert()
+        return lib.XLoraConfig(hidden_size=576, adapters={"0": expert, "1": expert}, task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
+
+
+_EXPERT: list[str] = []
+
+
+def _xlora_expert() -> str:
+    """One random LoRA r=16 q/v expert for SmolLM2, written once to a temporary folder (X-LoRA mixes two copies)."""
+    if not _EXPERT:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix="xlora-bench-")
+        atexit.register(shutil.rmtree, root, True)
+        torch.manual_seed(0)
+        expert = dt.get_peft_model(load_builtin_model("smollm2-135m")[0],
+                                   dt.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False, task_type="CAUSAL_LM"))
+        expert.save_pretrained(root)
+        _EXPERT.append(root)
+    return _EXPERT[0]
 
 
 PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config case))
@@ -137,6 +165,7 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "glora": (("deltatune", "dt", "glora"), ("peft", "peft", "glora")),
     "waveft": (("deltatune", "dt", "waveft"), ("peft", "peft", "waveft")),
     "vblora": (("deltatune", "dt", "vblora"), ("peft", "peft", "vblora")),
+    "xlora": (("deltatune", "dt", "xlora"), ("peft", "peft", "xlora")),
 }
 
 
@@ -202,7 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     for case in args.cases.split(","):
         variants = []
         for label, lib, cfg_case in PAIRS[case]:
-            model = libs[lib].get_peft_model(copy.deepcopy(base), configs(libs[lib], cfg_case))
+            model = copy.deepcopy(base)
+            if case == "xlora":  # peft's XLoraModel refuses a model with the cache on
+                model.config.use_cache = False
+            model = libs[lib].get_peft_model(model, configs(libs[lib], cfg_case))
             variants.append(Variant(label, model, batch, device))
         a, b = variants
         if b.label == "peft":

@@ -98,6 +98,7 @@ from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
 from deltatune.vblora import VBLoRAConfig, VBLoRALayer, VBLoRAModel
 from deltatune.vera import VeraConfig, VeraModel
 from deltatune.waveft import WaveFTConfig, WaveFTLayer, WaveFTLinear, WaveFTModel
+from deltatune.xlora import XLoraConfig, XLoraModel
 
 load_builtins()  # the methods of registry.BUILTIN, registered in that order
 
@@ -135,6 +136,7 @@ __all__ = [
     "GloraConfig", "GloraLayer", "GloraLinear", "GloraModel",
     "WaveFTConfig", "WaveFTLayer", "WaveFTLinear", "WaveFTModel",
     "VBLoRAConfig", "VBLoRALayer", "VBLoRAModel",
+    "XLoraConfig", "XLoraModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

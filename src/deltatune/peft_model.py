@@ -404,6 +404,9 @@ class PeftModel(nn.Module):
             # Weights and config replaced as one pair (a reader never sees one file of each save).
             save_adapter_files(out_dir, state, data, safe_serialization=safe_serialization)
             sweep_stale_temp_files(out_dir)  # leftovers of saves killed over an hour ago
+            save_beside = method_for(config.peft_type).hooks.save_beside  # e.g. X-LoRA's experts, PEFT's layout
+            if save_beside is not None:
+                save_beside(self, name, out_dir, safe_serialization)
         # PEFT writes README.md too; after the adapters, so that a crash or a full disk here costs the card only.
         os.makedirs(save_directory, exist_ok=True)
         self.create_or_update_model_card(save_directory)

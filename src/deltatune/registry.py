@@ -49,6 +49,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.glora",
     "deltatune.waveft",
     "deltatune.vblora",
+    "deltatune.xlora",
 )
 
 
@@ -93,6 +94,9 @@ class Hooks:
             ``path_initial_model_for_weight_conversion`` (LoRA: PiSSA/OLoRA/CorDA/LoRA-GA to a plain LoRA). It checks
             the adapters ``names`` of ``configs`` (warnings at ``stacklevel=3``: ``save_pretrained``'s caller) and
             returns ``convert: (name, file_state, config) -> (file_state, config)``, applied to each before writing.
+        save_beside: ``(peft_model, adapter_name, adapter_dir, safe_serialization) -> None``: what a method files
+            beside an adapter's own pair, after it is written (X-LoRA: its LoRA experts in ``<adapter_dir>/<i>``,
+            PEFT's layout).
         fit_config_to_file: ``(config, file tensors) -> None``: before an adapter is loaded, correct config
             fields the file contradicts (BOFT files from PEFT without its CUDA kernel).
         from_file: ``(config, file tensors) -> file tensors``: the inverse of ``before_save``, applied to every
@@ -133,6 +137,11 @@ class Hooks:
         cli_shared_skip: Config fields that settings meant for every method (a built-in data set's recipe,
             ``deltatune compare``'s options) do not pass to this method, because the name means something else
             here (OFT's ``r`` counts blocks). Set on the command line for this method alone they still apply.
+        cli_refusal: Why ``--method <name>`` cannot build this method from a recipe's options (X-LoRA needs trained
+            LoRA experts), and what to do instead: the method is left out of the CLI's method table and
+            ``--method <name>`` is a ``UsageError`` with this text. Empty: the CLI offers it.
+        inspect_targets: ``(adapter_config) -> text``: the "targets" line of ``deltatune inspect`` for an adapter
+            whose file names no adapted layer and that is not virtual tokens (X-LoRA's classifier).
     """
 
     prepare_config: Callable[[nn.Module, PeftConfig], None] | None = None
@@ -148,6 +157,7 @@ class Hooks:
     restore_training_state: Callable[[nn.Module, dict[str, Any]], None] | None = None
     before_save: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
     convert_on_save: Callable[..., tuple[dict[str, Any], PeftConfig]] | None = None
+    save_beside: Callable[[nn.Module, str, str, bool], None] | None = None
     fit_config_to_file: Callable[[PeftConfig, dict[str, Any]], None] | None = None
     from_file: Callable[[PeftConfig, dict[str, Any]], dict[str, Any]] | None = None
     saves_initial: Callable[[PeftConfig], bool] | None = None
@@ -163,6 +173,8 @@ class Hooks:
     inspect_size: Callable[[dict[str, Any], dict[str, list[int]]], str] | None = None
     rank_container: str = ""
     cli_shared_skip: tuple[str, ...] = ()
+    cli_refusal: str = ""
+    inspect_targets: Callable[[dict[str, Any]], str] | None = None
 
 
 NO_HOOKS = Hooks()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from xlora.experts import contract_experts
 
 import deltatune
 from deltatune.registry import method_for
@@ -28,11 +29,15 @@ class ContractCase:
             as lists with one entry per row of :func:`support.models.make_inputs`'s batch of 2.
         identity_at_init: Whether a fresh adapter leaves the logits as they were; ``None``: the family's rule
             (weight adapters start as the identity, virtual tokens change the input and do not).
+        peft_interop: Why peft cannot run the method on the tiny Llama as the contract builds it (the generic
+            interop checks are skipped with this reason; the method's own tests check interop instead); empty:
+            they run.
     """
 
     config: dict = field(default_factory=dict)
     forward: dict = field(default_factory=dict)
     identity_at_init: bool | None = None
+    peft_interop: str = ""
 
 
 CASES: dict[str, ContractCase] = {
@@ -75,6 +80,10 @@ CASES: dict[str, ContractCase] = {
     "WAVEFT": ContractCase({"n_frequency": 64}),  # v_proj is 16x32: the default 2592 exceeds its 512 entries
     # vector_length must divide 32 and 16 (the default 256 divides neither); PEFT's init is not the identity
     "VBLORA": ContractCase({"r": 4, "num_vectors": 16, "vector_length": 8}, identity_at_init=False),
+    # Two random LoRA experts (q/v and the embedding) written once per process; they are not zero: no identity.
+    "XLORA": ContractCase({"hidden_size": 32, "adapters": contract_experts()}, identity_at_init=False,
+                          peft_interop="peft's XLoraModel refuses a model with config.use_cache=True (the tiny Llama's "
+                                       "default); tests/xlora/test_layer.py checks interop with use_cache=False"),
 }
 
 

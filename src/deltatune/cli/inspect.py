@@ -90,6 +90,8 @@ def describe(directory: str) -> dict[str, Any]:
     }
     shapes = {k: v["shape"] for k, v in tensors.items()}
     info["size"] = method.hooks.inspect_size(config, shapes) if method.hooks.inspect_size is not None else None
+    if method.hooks.inspect_targets is not None:  # no layer in the file, no virtual tokens (X-LoRA's classifier)
+        info["targets_note"] = method.hooks.inspect_targets(config)
     others = sorted(d for d in os.listdir(directory)
                     if os.path.isfile(os.path.join(directory, d, "adapter_config.json")))
     if others:
@@ -155,6 +157,8 @@ def main(args: argparse.Namespace) -> int:
                    f"{', '.join(info['module_suffixes'])})")
     elif info["num_virtual_tokens"]:
         targets = "no layer: the adapter is virtual tokens fed to the model"
+    elif info.get("targets_note"):
+        targets = info["targets_note"]
     rank = f"r={info['r']}" if info["r"] is not None else ""
     if info["lora_alpha"] is not None:
         rank += f", lora_alpha={info['lora_alpha']}"

@@ -53,11 +53,24 @@ def method_table() -> dict[str, tuple[type, dict[str, Any]]]:
 
     table: dict[str, tuple[type, dict[str, Any]]] = {}
     for method in METHODS.values():
+        if method.hooks.cli_refusal:  # not buildable from options (X-LoRA needs trained experts): unknown_method
+            continue
         names = cli_facts(method).names
         for name, fixed in names.items():
             table[name] = (method.config_cls, dict(fixed))
     return table
 
+
+
+def unknown_method(method: str, table: dict[str, Any]) -> UsageError:
+    """The error for a ``--method`` name not in ``table``: the method's ``cli_refusal`` when the registry has it
+    (it says what to do instead), else the list of names to choose from."""
+    from deltatune.registry import METHODS
+
+    refused = next((m for m in METHODS.values() if m.hooks.cli_refusal and method in cli_facts(m).names), None)
+    if refused is not None:
+        return UsageError(f"--method {method}: {refused.hooks.cli_refusal}")
+    return UsageError(f"unknown method {method!r}; choose one of: {', '.join(sorted(table))}")
 
 
 def method_entry(method: str):
@@ -266,7 +279,7 @@ def build_peft_config(method: str, options: dict[str, Any], task_type: str | Non
     """
     table = method_table()
     if method not in table:
-        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(sorted(table))}")
+        raise unknown_method(method, table)
     config_cls, fixed = table[method]
     fields = {f.name for f in dataclasses.fields(config_cls) if f.init} - _base_fields()
     unknown = sorted(set(options) - fields)

@@ -169,7 +169,7 @@ def _check_method(settings: RunSettings) -> type:
     """
     table = options_mod.method_table()
     if settings.method not in table:
-        raise UsageError(f"unknown method {settings.method!r}; choose one of: {', '.join(sorted(table))}")
+        raise options_mod.unknown_method(settings.method, table)
     if not settings.resume:  # a built-in recipe's options, for the methods that take them
         recipe = options_mod.shared_options_for(settings.method, settings.recipe_method_options)
         settings.method_options = {**recipe, **(settings.method_options or {})}

@@ -1,0 +1,74 @@
+"""The composition and routing methods of issue 22 (X-LoRA) on a real model (SmolLM2-135M).
+
+X-LoRA: two frozen LoRA experts on q/v, one that changes nothing (``B = 0``) and one that hurts (random ``A``, ``B``);
+the classifier starts near an even mix, and a few AdamW steps on short sentences of one pattern teach it to weigh
+the harmless expert, which lowers the loss on *held-out* sentences of the same pattern. The adapter then reloads
+with the same logits (in deltatune: peft 0.21.2 leaves the classifier's ``layers.0`` out of its files).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from deltatune import LoraConfig, PeftModel, XLoraConfig, get_peft_model
+
+TRAIN = [f"Order {n}: {n} red apples, shipped on Monday." for n in (3, 8, 15, 21)]
+HELD_OUT = [f"Order {n}: {n} red apples, shipped on Monday." for n in (5, 12)]
+
+
+def _tokens(tok, texts):
+    batch = tok(texts, return_tensors="pt", padding=True)
+    return batch, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+
+@pytest.mark.slow
+def test_xlora_classifier_learns_to_weigh_the_better_expert_and_reloads(tmp_path):
+    models = pytest.importorskip("deltatune.builtin.models")
+    torch.manual_seed(0)
+    base, tok = models.load_builtin_model("smollm2-135m")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    train, train_labels = _tokens(tok, TRAIN)
+    held, held_labels = _tokens(tok, HELD_OUT)
+    adapters = {}
+    for i, harmful in enumerate((False, True)):
+        expert = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        if harmful:
+            with torch.no_grad():
+                for name, p in expert.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(std=0.3)
+        adapters[str(i)] = str(tmp_path / f"expert{i}")
+        expert.save_pretrained(adapters[str(i)])
+        base = expert.unload()
+    model = get_peft_model(base, XLoraConfig(hidden_size=base.config.hidden_size, adapters=adapters,
+                                             task_type="CAUSAL_LM"))
+
+    def held_out_loss(model) -> float:
+        model.eval()
+        with torch.no_grad():
+            return model(**held, labels=held_labels).loss.item()
+
+    start = held_out_loss(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    model.train()
+    for _ in range(4):
+        opt.zero_grad()
+        model(**train, labels=train_labels).loss.backward()
+        opt.step()
+    end = held_out_loss(model)
+    assert end < start - 0.05, f"xlora: held-out loss went {start:.4f} -> {end:.4f}"
+    weights = model.base_model.get_latest_scalings()  # (batch, seq, layers, experts) of the last held-out pass
+    assert weights[..., 0].mean() > 0.5 > weights[..., 1].mean()
+
+    with torch.no_grad():
+        expected = model(**held).logits
+    model.save_pretrained(tmp_path / "xlora")
+    del model, base, opt
+    gc.collect()
+    loaded = PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path / "xlora")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**held).logits, expected, atol=1e-5, rtol=1e-5)
