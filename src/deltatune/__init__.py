@@ -1,6 +1,7 @@
 """deltatune: parameter-efficient fine-tuning with Hugging Face PEFT's API and file format."""
 
 from deltatune.adalora import AdaLoraConfig, AdaLoraModel
+from deltatune.adaption_prompt import AdaptedAttention, AdaptionPromptConfig, AdaptionPromptModel
 from deltatune.auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -119,6 +120,7 @@ __all__ = [
     "HRAConfig", "HRAConv2d", "HRALayer", "HRALinear", "HRAModel",
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
+    "AdaptionPromptConfig", "AdaptedAttention", "AdaptionPromptModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

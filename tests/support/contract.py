@@ -63,6 +63,7 @@ CASES: dict[str, ContractCase] = {
     "P_TUNING": ContractCase({"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
+    "ADAPTION_PROMPT": ContractCase({"adapter_len": 4, "adapter_layers": 2}),  # both blocks of the tiny Llama
 }
 
 
