@@ -296,7 +296,9 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
     * ``token_indices`` (trainable tokens): the training data's 64 most frequent token ids;
     * ``block_size`` (C3A's circulant blocks, which must divide every adapted layer's input and output size): the
       largest divisor of the model's layer widths up to the config's own default (256), when the model's config
-      gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths).
+      gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths);
+    * ``adapter_len`` / ``adapter_layers`` (adaption prompts, which PEFT leaves unset): 10 prompt vectors (the paper's)
+      in every layer of the model.
     """
     fields = {f.name for f in dataclasses.fields(config_cls)}
     out = dict(options)
@@ -315,7 +317,25 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
         size = common_block_size(model_path, cap=default)
         if size is not None:
             out["block_size"] = size
+    if "adapter_len" in fields and out.get("adapter_len") is None:
+        out["adapter_len"] = 10
+    if "adapter_layers" in fields and out.get("adapter_layers") is None:
+        out["adapter_layers"] = model_layer_count(model_path) or 1
     return out
+
+
+def model_layer_count(model_path: str) -> int | None:
+    """The number of transformer blocks of the model at ``model_path`` (``num_hidden_layers``), ``None`` when its
+    config does not say."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    return layers if isinstance(layers, int) and layers > 0 else None
 
 
 def common_block_size(model_path: str, cap: int) -> int | None:
