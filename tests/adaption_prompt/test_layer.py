@@ -264,3 +264,38 @@ def test_refusals_say_what_peft_says():
     with pytest.raises(ConfigError, match="adapter_len must be a positive integer"):
         AdaptionPromptConfig(adapter_len=0, adapter_layers=1)
     assert AdaptionPromptConfig().is_adaption_prompt and not AdaptionPromptConfig().is_prompt_learning
+
+
+def test_queries_and_output_projection_run_once_per_call():
+    # the prompt's heads join the module's own o_proj input, and its queries are the module's q_proj output
+    model = _adapted("llama", adapter_layers=1)
+    attn = model.base_model.model.model.layers[1].self_attn.base_layer
+    calls = {"q_proj": 0, "o_proj": 0}
+    for name in calls:
+        getattr(attn, name).register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    output(model, make_inputs("llama"))
+    assert calls == {"q_proj": 1, "o_proj": 1}
+
+
+def test_o_proj_bias_is_added_once_unlike_peft():
+    # A Llama with attention_bias=True: PEFT calls o_proj on the prompt's heads, bias included, so even a zero gate
+    # shifts every output by o_proj's bias; deltatune adds the heads to o_proj's input and starts as the identity.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def biased():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             attention_bias=True)).eval()
+        for layer in model.model.layers:  # transformers initialises biases to zero
+            layer.self_attn.o_proj.bias.data.normal_(std=0.1)
+        return model
+
+    inputs = make_inputs("llama")
+    base = output(biased(), inputs)
+    ours = get_peft_model(biased(), AdaptionPromptConfig(adapter_len=3, adapter_layers=1, task_type="CAUSAL_LM"))
+    torch.testing.assert_close(output(ours.eval(), inputs), base, atol=0, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(biased(), peft.AdaptionPromptConfig(adapter_len=3, adapter_layers=1))
+    assert (output(theirs.eval(), inputs) - base).abs().max() > 1e-4

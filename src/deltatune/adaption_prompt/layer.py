@@ -10,11 +10,13 @@ For a block's attention with ``H`` query heads, ``H_kv`` key/value heads of widt
     out = Attn(x) + W_o · concat_heads(g · S Vₚ)  (B, T, d)
 
 ``norm_q``/``norm_k`` are Qwen3's per-head RMS norms (the identity elsewhere); the key/value heads are repeated to
-``H`` as the module's own attention does (grouped-query attention). ``W_o`` is applied without its bias, so a
-zero gate leaves the output exactly the base's (PEFT calls ``o_proj`` with its bias: the same for every model it
-supports, whose ``o_proj`` has none). GPT-2 (PEFT's ``AdaptedAttentionGPT``): ``Q, Kₚ, Vₚ`` come from the packed
-``c_attn``, there is no norm or RoPE, ``H_kv = H``, and the prompt's output is added without ``c_proj``, as PEFT
-computes it (its files mean exactly that).
+``H`` as the module's own attention does (grouped-query attention). ``W_o`` adds no second bias: the prompt's heads
+join the module's own input of ``o_proj``, so a zero gate leaves the output exactly the base's (PEFT calls
+``o_proj`` on them separately, bias included: the same wherever ``o_proj`` has no bias, as in Mistral and Llama's
+default; a Llama with ``attention_bias=True`` gets ``o_proj``'s bias twice in PEFT, even at init).
+GPT-2 (PEFT's ``AdaptedAttentionGPT``): ``Q, Kₚ, Vₚ`` come from the packed ``c_attn``, there is no norm or RoPE,
+``H_kv = H``, and the prompt's heads are added after ``c_proj``, without it, as PEFT computes them (its files mean
+exactly that).
 
 The base attention runs unchanged (the cache, masks and attention kernel are transformers' own); the prompt term
 depends on each row's own hidden states only, so a mixed-adapter batch runs the base once and adds each row's
@@ -87,35 +89,68 @@ class AdaptedAttention(AdapterLayer):
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The attention module's output (``(attn_output, attn_weights)``) with the active adapters' prompt terms
-        added to ``attn_output``; in a mixed-adapter batch each row gets its own adapter's term (or none)."""
-        out = self.base_layer(*args, **kwargs)
+        added; in a mixed-adapter batch each row gets its own adapter's term (or none).
+
+        The module runs as it is, with two hooks for the duration of the call: one keeps the output of its query
+        projection (so the queries are not computed twice), the other adds the prompt's heads to the input of
+        ``o_proj`` (so ``W_o`` is applied once, to the sum: ``W_o (a + h) = W_o a + W_o h``). Where a hook does not
+        fire (GPT-2 has no ``o_proj``: its term is added after ``c_proj``), the term is computed here instead.
+        """
         if self.disable_adapters:
-            return out
-        attn_out = out[0] if isinstance(out, tuple) else out
-        batch = attn_out.shape[0]
+            return self.base_layer(*args, **kwargs)
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if self.row_adapters is not None:
-            names = self._row_names(batch)
+            names = self._row_names(hidden.shape[0])
             groups = [n for n in dict.fromkeys(names) if n in self.adaption_prompt]
         else:
             names, groups = None, [a for a in self.active_adapters if a in self.adaption_prompt]
         if not groups:
-            return out
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        query = self.query_states(hidden, kwargs.get("position_embeddings"))
-        if names is None:
-            delta = sum(self.prompt_output(a, query) for a in groups)
+            return self.base_layer(*args, **kwargs)
+        attn, position = self.base_layer, kwargs.get("position_embeddings")
+        seen: dict[str, Any] = {}
+
+        def keep_query(module: nn.Module, inputs: tuple, projected: torch.Tensor) -> None:
+            seen.setdefault("q", projected)
+
+        def add_heads(module: nn.Module, inputs: tuple) -> tuple:
+            heads = self.prompt_heads(names, groups, self.query_states(hidden, position, seen.get("q")))
+            seen["added"] = True
+            return (inputs[0] + heads.to(inputs[0].dtype), *inputs[1:])
+
+        if self.layout == "gpt2":
+            handles = [attn.c_attn.register_forward_hook(keep_query)]
         else:
-            delta = torch.zeros_like(attn_out, dtype=query.dtype)
-            for name in groups:
-                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=attn_out.device)
-                delta = delta.index_copy(0, rows, self.prompt_output(name, query.index_select(0, rows)))
+            handles = [attn.q_proj.register_forward_hook(keep_query), attn.o_proj.register_forward_pre_hook(add_heads)]
+        try:
+            out = self.base_layer(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if seen.get("added"):
+            return out
+        heads = self.prompt_heads(names, groups, self.query_states(hidden, position, seen.get("q")))
+        delta = heads if self.layout == "gpt2" else F.linear(heads, attn.o_proj.weight)
+        attn_out = out[0] if isinstance(out, tuple) else out
         adapted = attn_out + delta.to(attn_out.dtype)
         return (adapted, *out[1:]) if isinstance(out, tuple) else adapted
 
-    def query_states(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
-                     ) -> torch.Tensor:
-        """The module's queries ``Q: (B, H, T, d_h)`` for ``hidden: (B, T, d)`` (recomputed: the module does not
-        return them), with its query norm and the rotary embedding ``(cos, sin): (B or 1, T, d_h)`` it was given.
+    def prompt_heads(self, names: list[str] | None, groups: list[str], query: torch.Tensor) -> torch.Tensor:
+        """The adapters' heads ``(B, T, H d_h)`` before ``W_o``: the sum over the active adapters ``groups``, or per
+        row its own adapter's (``names``: one per row, a mixed-adapter batch; rows of no adapter get zeros)."""
+        if names is None:
+            return sum(self.prompt_attention(a, query) for a in groups)
+        b, heads, t, d_h = query.shape
+        out = query.new_zeros(b, t, heads * d_h)
+        for name in groups:
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=query.device)
+            out = out.index_copy(0, rows, self.prompt_attention(name, query.index_select(0, rows)))
+        return out
+
+    def query_states(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+                     projected: torch.Tensor | None = None) -> torch.Tensor:
+        """The module's queries ``Q: (B, H, T, d_h)`` for ``hidden: (B, T, d)``: its query projection's output
+        (``projected``, kept from the module's own call, else computed here), its query norm, and the rotary
+        embedding ``(cos, sin): (B or 1, T, d_h)`` it was given.
 
         Raises:
             ConfigError: a RoPE model's attention called without ``position_embeddings``.
@@ -123,9 +158,9 @@ class AdaptedAttention(AdapterLayer):
         attn = self.base_layer
         b, t, _ = hidden.shape
         if self.layout == "gpt2":
-            q = attn.c_attn(hidden)[..., : self.hidden_size]
-            return q.view(b, t, -1, self.head_dim).transpose(1, 2)
-        q = attn.q_proj(hidden).view(b, t, -1, self.head_dim)
+            packed = projected if projected is not None else attn.c_attn(hidden)
+            return packed[..., : self.hidden_size].view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = (projected if projected is not None else attn.q_proj(hidden)).view(b, t, -1, self.head_dim)
         norm = getattr(attn, "q_norm", None)
         q = (norm(q) if norm is not None else q).transpose(1, 2)
         if position_embeddings is None:
@@ -149,9 +184,9 @@ class AdaptedAttention(AdapterLayer):
             k = norm(k)
         return k.transpose(1, 2), v.view(1, length, -1, self.head_dim).transpose(1, 2)
 
-    def prompt_output(self, adapter_name: str, query: torch.Tensor) -> torch.Tensor:
-        """One adapter's term ``W_o · concat_heads(g · softmax(Q Kₚᵀ / √d_h) Vₚ): (B, T, d)`` for
-        ``query: (B, H, T, d_h)`` (GPT-2: without ``W_o``)."""
+    def prompt_attention(self, adapter_name: str, query: torch.Tensor) -> torch.Tensor:
+        """One adapter's heads ``concat_heads(g · softmax(Q Kₚᵀ / √d_h) Vₚ): (B, T, H d_h)`` for
+        ``query: (B, H, T, d_h)``; ``W_o`` is applied by the caller (GPT-2: not at all, as PEFT)."""
         b, heads, t, _ = query.shape
         k, v = self.prompt_keys_values(adapter_name, query.dtype)
         if k.shape[1] != heads:  # grouped-query attention: each key/value head serves H / H_kv query heads
@@ -160,10 +195,7 @@ class AdaptedAttention(AdapterLayer):
         scores = query @ k.transpose(2, 3) / math.sqrt(self.head_dim)                      # (B, H, T, L)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         gate = self.adaption_gate[adapter_name].to(query.dtype)
-        heads_out = ((gate * probs) @ v).transpose(1, 2).reshape(b, t, -1)                # (B, T, H d_h)
-        if self.layout == "gpt2":
-            return heads_out
-        return F.linear(heads_out, self.base_layer.o_proj.weight)
+        return ((gate * probs) @ v).transpose(1, 2).reshape(b, t, -1)                      # (B, T, H d_h)
 
     # ---- merging: nothing to merge --------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
