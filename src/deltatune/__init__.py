@@ -15,6 +15,14 @@ from deltatune.bitfit import BitFitConfig, BitFitModel
 from deltatune.boft import BOFTConfig, BOFTModel
 from deltatune.bottleneck import BottleneckConfig, BottleneckModel
 from deltatune.c3a import C3AConfig, C3ALayer, C3ALinear, C3AModel
+from deltatune.cartridge import (
+    CartridgeConfig,
+    CartridgeEncoder,
+    compose_cartridge_adapters,
+    initialize_kv_prefix_from_past_key_values,
+    initialize_kv_prefix_from_text,
+    prompt_embeddings_from_past_key_values,
+)
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.targeting import check_target_module_exists
 from deltatune.errors import (
@@ -121,6 +129,8 @@ __all__ = [
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
     "AdaptionPromptConfig", "AdaptedAttention", "AdaptionPromptModel",
+    "CartridgeConfig", "CartridgeEncoder", "compose_cartridge_adapters", "initialize_kv_prefix_from_past_key_values",
+    "initialize_kv_prefix_from_text", "prompt_embeddings_from_past_key_values",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

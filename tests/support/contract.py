@@ -64,6 +64,8 @@ CASES: dict[str, ContractCase] = {
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
     "ADAPTION_PROMPT": ContractCase({"adapter_len": 4, "adapter_layers": 2}),  # both blocks of the tiny Llama
+    # every entry trained (the contract wants gradients on each prompt_encoder tensor); frozen ones: tests/cartridge
+    "CARTRIDGE": ContractCase({"num_virtual_tokens": 4, "num_frozen_tokens": 0}),
 }
 
 
