@@ -1,4 +1,4 @@
-"""The prompt/context methods of issue 22 (adaption prompts) on a real model (SmolLM2-135M, a Llama).
+"""The prompt/context methods of issue 22 (adaption prompts, cartridges) on a real model (SmolLM2-135M, a Llama).
 
 Per method: a few AdamW steps on short sentences of one pattern lower the loss on *held-out* sentences of the
 same pattern; the adapter reloads in PEFT with the same logits.
@@ -11,7 +11,7 @@ import gc
 import pytest
 import torch
 
-from deltatune import AdaptionPromptConfig, get_peft_model
+from deltatune import AdaptionPromptConfig, CartridgeConfig, get_peft_model, initialize_kv_prefix_from_text
 
 TRAIN = [f"Order {n}: {n} red apples, shipped on Monday." for n in (3, 8, 15, 21)]
 HELD_OUT = [f"Order {n}: {n} red apples, shipped on Monday." for n in (5, 12)]
@@ -22,16 +22,22 @@ def _tokens(tok, texts):
     return batch, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
-CASES = [  # (id, config factory, lr, steps)
+def _from_text(model, tok) -> None:
+    # the paper's recommended start: the cache of a prefill on text of the task (not the training sentences)
+    initialize_kv_prefix_from_text(model, tok, text="Order 1: 1 red apple, shipped on Friday. Order 2: 2 red apples.")
+
+
+CASES = [  # (id, config factory, initialisation after get_peft_model or None, lr, steps)
     # LLaMA-Adapter in the top 10 of the 30 blocks; the gates start at 0, so the first step opens them
     ("adaption_prompt", lambda: AdaptionPromptConfig(adapter_len=10, adapter_layers=10, task_type="CAUSAL_LM"),
-     3e-2, 4),
+     None, 3e-2, 4),
+    ("cartridge", lambda: CartridgeConfig(num_virtual_tokens=16, task_type="CAUSAL_LM"), _from_text, 1e-2, 4),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case_id, make_config, lr, steps", CASES, ids=[c[0] for c in CASES])
-def test_method_lowers_held_out_loss_and_peft_reloads(case_id, make_config, lr, steps, tmp_path):
+@pytest.mark.parametrize("case_id, make_config, init, lr, steps", CASES, ids=[c[0] for c in CASES])
+def test_method_lowers_held_out_loss_and_peft_reloads(case_id, make_config, init, lr, steps, tmp_path):
     models = pytest.importorskip("deltatune.builtin.models")
     torch.manual_seed(0)
     base, tok = models.load_builtin_model("smollm2-135m")
@@ -40,6 +46,8 @@ def test_method_lowers_held_out_loss_and_peft_reloads(case_id, make_config, lr, 
     train, train_labels = _tokens(tok, TRAIN)
     held, held_labels = _tokens(tok, HELD_OUT)
     model = get_peft_model(base, make_config())
+    if init is not None:
+        init(model, tok)
 
     def held_out_loss(model) -> float:
         model.eval()
