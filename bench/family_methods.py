@@ -4,6 +4,7 @@ BitFit, bottleneck adapters, RandLoRA and PVeRA: one training step.
 BitFit, bottleneck adapters, PEANuT and GLoRA: one training step.
 BitFit, bottleneck adapters, WaveFT and VB-LoRA: one training step.
 BitFit, bottleneck adapters and X-LoRA: one training step.
+BitFit, bottleneck adapters, adaption prompts and cartridges: one training step.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -33,6 +34,11 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``xlora``            -- deltatune vs ``peft`` (two LoRA r=16 q/v experts, copies of one random expert, so the
                         mixture starts at the same loss whatever each library's classifier init; the cache off).
+* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
+* ``adaption_prompt``  -- deltatune vs ``peft`` (LLaMA-Adapter: 10 prompt vectors and a gate in all 30 attention
+                        layers);
+* ``cartridge``        -- deltatune vs ``peft`` (a 20-entry key/value cache prefix, 1 frozen; peft's copies
+                        deltatune's random table, so both start from the same loss).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -117,6 +123,10 @@ def configs(lib, case: str):
     if case == "xlora":
         expert = _xlora_expert()
         return lib.XLoraConfig(hidden_size=576, adapters={"0": expert, "1": expert}, task_type="CAUSAL_LM")
+    if case == "adaption_prompt":
+        return lib.AdaptionPromptConfig(adapter_len=10, adapter_layers=30, task_type="CAUSAL_LM")
+    if case == "cartridge":
+        return lib.CartridgeConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -166,7 +176,10 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "waveft": (("deltatune", "dt", "waveft"), ("peft", "peft", "waveft")),
     "vblora": (("deltatune", "dt", "vblora"), ("peft", "peft", "vblora")),
     "xlora": (("deltatune", "dt", "xlora"), ("peft", "peft", "xlora")),
+    "adaption_prompt": (("deltatune", "dt", "adaption_prompt"), ("peft", "peft", "adaption_prompt")),
+    "cartridge": (("deltatune", "dt", "cartridge"), ("peft", "peft", "cartridge")),
 }
+COPY_TABLE = {"cartridge"}  # random key/value tables (no identity at init): peft's starts from deltatune's
 
 
 class Variant:
@@ -237,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
             model = libs[lib].get_peft_model(model, configs(libs[lib], cfg_case))
             variants.append(Variant(label, model, batch, device))
         a, b = variants
+        if case in COPY_TABLE:
+            b.model.prompt_encoder["default"].load_prompt_embeddings(a.model.prompt_encoder["default"].prompt_embeddings())
         if b.label == "peft":
             assert len(a.params) and sum(p.numel() for p in a.params) == sum(p.numel() for p in b.params), case
         la, lb = a.loss(), b.loss()

@@ -88,6 +88,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "GLORA": ("GloraConfig", {"target_modules": ["lin0"], "r": 2}),
     "WAVEFT": ("WaveFTConfig", {"target_modules": ["lin0"], "n_frequency": 8}),
     "VBLORA": ("VBLoRAConfig", {"target_modules": ["lin0"], "r": 2, "num_vectors": 8, "vector_length": 2}),
+    "ADAPTION_PROMPT": ("AdaptionPromptConfig", None),  # wraps attention modules: the MLP has none
 }
 
 
@@ -108,7 +109,8 @@ def test_every_weight_method_has_a_tuner_class_with_peft_name_in_the_tables():
             assert ours.__name__ == peft.PEFT_TYPE_TO_TUNER_MAPPING[peft_type].__name__
             assert deltatune.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].__name__ == \
                 peft.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].__name__
-            assert ours.prefix == peft.PEFT_TYPE_TO_TUNER_MAPPING[peft_type].prefix
+            if hasattr(peft.PEFT_TYPE_TO_TUNER_MAPPING[peft_type], "prefix"):  # PEFT's AdaptionPromptModel has none
+                assert ours.prefix == peft.PEFT_TYPE_TO_TUNER_MAPPING[peft_type].prefix
     with pytest.raises(KeyError):
         deltatune.PEFT_TYPE_TO_TUNER_MAPPING["PROMPT_TUNING"]  # virtual tokens: no tuner, as in PEFT
 

@@ -1,6 +1,7 @@
 """deltatune: parameter-efficient fine-tuning with Hugging Face PEFT's API and file format."""
 
 from deltatune.adalora import AdaLoraConfig, AdaLoraModel
+from deltatune.adaption_prompt import AdaptedAttention, AdaptionPromptConfig, AdaptionPromptModel
 from deltatune.auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -14,6 +15,14 @@ from deltatune.bitfit import BitFitConfig, BitFitModel
 from deltatune.boft import BOFTConfig, BOFTModel
 from deltatune.bottleneck import BottleneckConfig, BottleneckModel
 from deltatune.c3a import C3AConfig, C3ALayer, C3ALinear, C3AModel
+from deltatune.cartridge import (
+    CartridgeConfig,
+    CartridgeEncoder,
+    compose_cartridge_adapters,
+    initialize_kv_prefix_from_past_key_values,
+    initialize_kv_prefix_from_text,
+    prompt_embeddings_from_past_key_values,
+)
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.targeting import check_target_module_exists
 from deltatune.errors import (
@@ -137,6 +146,9 @@ __all__ = [
     "WaveFTConfig", "WaveFTLayer", "WaveFTLinear", "WaveFTModel",
     "VBLoRAConfig", "VBLoRALayer", "VBLoRAModel",
     "XLoraConfig", "XLoraModel",
+    "AdaptionPromptConfig", "AdaptedAttention", "AdaptionPromptModel",
+    "CartridgeConfig", "CartridgeEncoder", "compose_cartridge_adapters", "initialize_kv_prefix_from_past_key_values",
+    "initialize_kv_prefix_from_text", "prompt_embeddings_from_past_key_values",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -67,6 +67,8 @@ class PeftType(enum.StrEnum):
     C3A = "C3A"
     RANDLORA = "RANDLORA"
     PVERA = "PVERA"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    CARTRIDGE = "CARTRIDGE"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

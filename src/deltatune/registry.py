@@ -50,6 +50,8 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.waveft",
     "deltatune.vblora",
     "deltatune.xlora",
+    "deltatune.adaption_prompt",
+    "deltatune.cartridge",
 )
 
 
@@ -60,6 +62,9 @@ class Hooks:
     Building an adapter (``AdapterModel.inject_adapter``, in this order):
         prepare_config: ``(model, config) -> None``: fill config defaults that depend on the model (run before
             targeting), e.g. IA3's ``feedforward_modules`` per architecture.
+        find_targets: ``(model, config) -> [module name]``: the modules to adapt, for a method whose
+            ``target_modules`` does not follow the shared rules (adaption prompts: the top ``adapter_layers``
+            attention modules); replaces ``core.targeting.find_targets`` for it.
         init_shared: ``(adapter_model, adapter_name, config, target_names) -> kwargs``: create the adapter's
             entries in ``shared_containers`` before any layer is wrapped; the returned keyword arguments are
             passed on to every ``create_or_update`` call of that injection.
@@ -145,6 +150,7 @@ class Hooks:
     """
 
     prepare_config: Callable[[nn.Module, PeftConfig], None] | None = None
+    find_targets: Callable[[nn.Module, PeftConfig], list[str]] | None = None
     init_shared: Callable[..., dict[str, Any]] | None = None
     after_inject: Callable[[nn.Module, str, PeftConfig], None] | None = None
     shared_containers: tuple[str, ...] = ()

@@ -84,6 +84,9 @@ CASES: dict[str, ContractCase] = {
     "XLORA": ContractCase({"hidden_size": 32, "adapters": contract_experts()}, identity_at_init=False,
                           peft_interop="peft's XLoraModel refuses a model with config.use_cache=True (the tiny Llama's "
                                        "default); tests/xlora/test_layer.py checks interop with use_cache=False"),
+    "ADAPTION_PROMPT": ContractCase({"adapter_len": 4, "adapter_layers": 2}),  # both blocks of the tiny Llama
+    # every entry trained (the contract wants gradients on each prompt_encoder tensor); frozen ones: tests/cartridge
+    "CARTRIDGE": ContractCase({"num_virtual_tokens": 4, "num_frozen_tokens": 0}),
 }
 
 

@@ -315,6 +315,8 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
     * ``n_frequency`` (WaveFT's coefficients per layer, at most ``in · out`` of every adapted layer): the config's
       default (2592) or the model's smallest linear weight size if that is smaller;
     * ``vector_length`` (VB-LoRA's bank vectors, which must divide every adapted layer's sizes): as ``block_size``.
+    * ``adapter_len`` / ``adapter_layers`` (adaption prompts, which PEFT leaves unset): 10 prompt vectors (the paper's)
+      in every layer of the model.
     """
     fields = {f.name for f in dataclasses.fields(config_cls)}
     out = dict(options)
@@ -344,6 +346,30 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
 def smallest_projection_size(model_path: str) -> int | None:
     """The fewest weights ``in · out`` of a linear projection in a block of the transformer at ``model_path``
     (query, key/value, feed-forward; the tiny test Llama's: 32 x 16 = 512); ``None`` when its config does not say."""
+    if "adapter_len" in fields and out.get("adapter_len") is None:
+        out["adapter_len"] = 10
+    if "adapter_layers" in fields and out.get("adapter_layers") is None:
+        out["adapter_layers"] = model_layer_count(model_path) or 1
+    return out
+
+
+def model_layer_count(model_path: str) -> int | None:
+    """The number of transformer blocks of the model at ``model_path`` (``num_hidden_layers``), ``None`` when its
+    config does not say."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    return layers if isinstance(layers, int) and layers > 0 else None
+
+
+def common_block_size(model_path: str, cap: int) -> int | None:
+    """The largest ``d <= cap`` that divides every linear width of the transformer at ``model_path`` (hidden size,
+    feed-forward size, query and key/value projection sizes); ``None`` when its config does not give them."""
     from transformers import AutoConfig
 
     try:

@@ -345,9 +345,12 @@ class AdapterModel(nn.Module):
         # both, either one may match nothing (PEFT warns then, below), but not both.
         target_parameters = getattr(config, "target_parameters", None) or []
         params_only = bool(target_parameters) and not config.target_modules
-        found = [] if params_only else targeting.find_targets(self.model, config,
-                                                              (*method.supported_types(), method.layer_cls),
-                                                              allow_none=bool(target_parameters))
+        if method.hooks.find_targets is not None:  # the method's own rule (adaption prompts' top layers)
+            found = method.hooks.find_targets(self.model, config)
+        else:
+            found = [] if params_only else targeting.find_targets(self.model, config,
+                                                                  (*method.supported_types(), method.layer_cls),
+                                                                  allow_none=bool(target_parameters))
         found = [n for n in found if not _matches_name(n, saved)]
         if not found and not target_parameters:
             raise _nothing_to_adapt(saved)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from deltatune.config import PeftConfig, PeftType, TaskType, _enum_value
 from deltatune.errors import ConfigError
@@ -71,6 +71,10 @@ class PromptLearningConfig(PeftConfig):
     num_attention_heads: int | None = None
     num_layers: int | None = None
     modules_to_save: list[str] | None = None
+
+    # Where the virtual tokens go: False, in front of the input embeddings (prompt/soft.py); True, into every
+    # attention layer's key/value cache (prompt/prefix.py: prefix tuning, cartridges). Not a field: never saved.
+    feeds_kv_cache: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -179,6 +183,8 @@ class PrefixTuningConfig(PromptLearningConfig):
     prefix_projection: bool = False
     init_weights: Literal["zero"] | None = None
 
+    feeds_kv_cache: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         self.peft_type = PeftType.PREFIX_TUNING
         super().__post_init__()
@@ -263,7 +269,7 @@ def fill_from_model(config: PromptLearningConfig, model_config: Any,
         "token_dim": _first(cfg, ("hidden_size", "n_embd", "d_model")),
         "num_attention_heads": _first(cfg, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")),
     }
-    prefix = config.peft_type == PeftType.PREFIX_TUNING
+    prefix = config.feeds_kv_cache
     if prefix and cfg.get("num_key_value_heads") is not None and None not in derived.values():
         # Grouped-query attention: the cache holds num_key_value_heads heads, not num_attention_heads.
         head_dim = cfg.get("head_dim") or derived["token_dim"] // derived["num_attention_heads"]

@@ -32,7 +32,7 @@ from deltatune.core.state_dict import adapter_state_dict as _aux_state_dict
 from deltatune.core.state_dict import check_and_load, to_model_keys
 from deltatune.core.tuner import validate_adapter_name
 from deltatune.errors import AdapterLoadError, AdapterNameError, ConfigError, MergeError
-from deltatune.prompt.config import PrefixTuningConfig, PromptLearningConfig, fill_from_model
+from deltatune.prompt.config import PromptLearningConfig, fill_from_model
 from deltatune.prompt.encoders import MultitaskPromptEmbedding, PromptTable
 from deltatune.prompt.inputs import (
     as_kwargs,
@@ -49,9 +49,9 @@ _SOFT_PROMPT, _PREFIX = SoftPrompt(), Prefix()
 
 
 def feed_for(config: PromptLearningConfig) -> SoftPrompt | Prefix:
-    """How ``config``'s virtual tokens enter the model: the key/value cache (prefix tuning) or the input
-    embeddings (every other prompt method)."""
-    return _PREFIX if isinstance(config, PrefixTuningConfig) else _SOFT_PROMPT
+    """How ``config``'s virtual tokens enter the model: the key/value cache (prefix tuning, cartridges:
+    ``feeds_kv_cache``) or the input embeddings (every other prompt method)."""
+    return _PREFIX if config.feeds_kv_cache else _SOFT_PROMPT
 
 
 class PromptTuner(nn.Module):
