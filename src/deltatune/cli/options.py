@@ -307,113 +307,70 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
     * ``num_virtual_tokens`` (prompt-learning methods): 20;
     * ``tokenizer_name_or_path`` for a prompt initialised from text: the model's own tokenizer;
     * ``token_indices`` (trainable tokens): the training data's 64 most frequent token ids;
-    * ``block_size`` (C3A's circulant blocks, which must divide every adapted layer's input and output size): the
-      largest divisor of the model's layer widths up to the config's own default (256), when the model's config
-      gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths);
-    * ``n_frequency`` (FourierFT's learned spectral entries, at most ``in · out`` of every adapted layer): the
-      config's own default (1000) or, on a model whose smallest projection holds fewer weights, that many.
-    * ``n_frequency`` (WaveFT's coefficients per layer, at most ``in · out`` of every adapted layer): the config's
-      default (2592) or the model's smallest linear weight size if that is smaller;
-    * ``vector_length`` (VB-LoRA's bank vectors, which must divide every adapted layer's sizes): as ``block_size``.
-    * ``adapter_len`` / ``adapter_layers`` (adaption prompts, which PEFT leaves unset): 10 prompt vectors (the paper's)
-      in every layer of the model.
+    * ``block_size`` (C3A's circulant blocks) and ``vector_length`` (VB-LoRA's bank vectors), which must divide
+      every adapted layer's input and output size: the largest divisor of the model's layer widths up to the
+      config's own default (256), when the model's config gives its widths (SmolLM2-135M: 192, as 576, 192 and
+      1536 are its widths);
+    * ``n_frequency`` (FourierFT's spectral entries, WaveFT's wavelet coefficients: at most ``in · out`` of every
+      adapted layer): the config's own default (1000, 2592) or, on a model whose smallest projection holds fewer
+      weights, that many;
+    * ``adapter_len`` / ``adapter_layers`` (adaption prompts, which PEFT leaves unset): 10 prompt vectors (the
+      paper's) in every layer of the model.
     """
-    fields = {f.name for f in dataclasses.fields(config_cls)}
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
     out = dict(options)
-    if "total_step" in fields and out.get("total_step") is None:
+
+    def unset(name: str) -> bool:
+        return name in fields and out.get(name) is None
+
+    if unset("total_step"):
         out["total_step"] = total_steps
-    if "num_virtual_tokens" in fields and out.get("num_virtual_tokens") is None:
+    if unset("num_virtual_tokens"):
         out["num_virtual_tokens"] = 20
-    if "tokenizer_name_or_path" in fields and out.get("tokenizer_name_or_path") is None \
-            and str(out.get("prompt_tuning_init", "")).upper() == "TEXT":
+    if unset("tokenizer_name_or_path") and str(out.get("prompt_tuning_init", "")).upper() == "TEXT":
         out["tokenizer_name_or_path"] = model_path
     if "token_indices" in fields and not out.get("token_indices") and train_examples:
         counts = collections.Counter(i for ex in train_examples for i in ex["input_ids"])
         out["token_indices"] = sorted(i for i, _ in counts.most_common(64))
-    if "block_size" in fields and out.get("block_size") is None:
-        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "block_size")
-        size = common_block_size(model_path, cap=default)
-        if size is not None:
-            out["block_size"] = size
-    if "n_frequency" in fields and out.get("n_frequency") is None:
-        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "n_frequency")
+    for name in ("block_size", "vector_length"):
+        if unset(name):
+            size = common_block_size(model_path, cap=fields[name].default)
+            if size is not None:
+                out[name] = size
+    if unset("n_frequency"):
         smallest = smallest_projection_size(model_path)
-        if smallest is not None and smallest < default:
+        if smallest is not None and smallest < fields["n_frequency"].default:
             out["n_frequency"] = smallest
-    return out
-
-
-def smallest_projection_size(model_path: str) -> int | None:
-    """The fewest weights ``in · out`` of a linear projection in a block of the transformer at ``model_path``
-    (query, key/value, feed-forward; the tiny test Llama's: 32 x 16 = 512); ``None`` when its config does not say."""
-    if "adapter_len" in fields and out.get("adapter_len") is None:
+    if unset("adapter_len"):
         out["adapter_len"] = 10
-    if "adapter_layers" in fields and out.get("adapter_layers") is None:
+    if unset("adapter_layers"):
         out["adapter_layers"] = model_layer_count(model_path) or 1
     return out
+
+
+def _text_config(model_path: str) -> Any | None:
+    """The (text) config of the transformer at ``model_path``, ``None`` when there is none to read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def model_layer_count(model_path: str) -> int | None:
     """The number of transformer blocks of the model at ``model_path`` (``num_hidden_layers``), ``None`` when its
     config does not say."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError):
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(text, "num_hidden_layers", None)
+    layers = getattr(_text_config(model_path), "num_hidden_layers", None)
     return layers if isinstance(layers, int) and layers > 0 else None
-
-
-def common_block_size(model_path: str, cap: int) -> int | None:
-    """The largest ``d <= cap`` that divides every linear width of the transformer at ``model_path`` (hidden size,
-    feed-forward size, query and key/value projection sizes); ``None`` when its config does not give them."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError):
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(text, "hidden_size", None)
-    if not hidden:
-        return None
-    heads = getattr(text, "num_attention_heads", None)
-    head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else None)
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    widths = [hidden, getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)]
-    if head_dim and heads:
-        widths += [heads * head_dim, kv_heads * head_dim]
-    return hidden * min(int(w) for w in widths if w)
-
-
-def common_block_size(model_path: str, cap: int) -> int | None:
-    """The largest ``d <= cap`` that divides every linear width of the transformer at ``model_path`` (hidden size,
-    feed-forward size, query and key/value projection sizes); ``None`` when its config does not give them."""
-        widths = linear_widths(model_path)
-        if widths:
-            out["n_frequency"] = min(default, widths[0] * min(widths))  # widths[0]: the hidden size
-    if "vector_length" in fields and out.get("vector_length") is None:
-        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "vector_length")
-        size = common_block_size(model_path, cap=default)
-        if size is not None:
-            out["vector_length"] = size
-    return out
 
 
 def linear_widths(model_path: str) -> list[int]:
     """The linear widths of the transformer at ``model_path``, hidden size first (feed-forward size, query and
     key/value projection sizes); ``[]`` when its config does not give them. Every linear layer but the head maps
     the hidden size to one of them, or back."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError):
-        return []
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(model_path)
     hidden = getattr(text, "hidden_size", None)
     if not hidden:
         return []
@@ -426,6 +383,13 @@ def linear_widths(model_path: str) -> list[int]:
     return [int(w) for w in widths if w]
 
 
+def smallest_projection_size(model_path: str) -> int | None:
+    """The fewest weights ``in · out`` of a linear projection in a block of the transformer at ``model_path``
+    (query, key/value, feed-forward; the tiny test Llama's: 32 x 16 = 512); ``None`` when its config does not say."""
+    widths = linear_widths(model_path)
+    return widths[0] * min(widths) if widths else None
+
+
 def common_block_size(model_path: str, cap: int) -> int | None:
     """The largest ``d <= cap`` that divides every linear width of the transformer at ``model_path`` (hidden size,
     feed-forward size, query and key/value projection sizes); ``None`` when its config does not give them."""
@@ -436,7 +400,6 @@ def common_block_size(model_path: str, cap: int) -> int | None:
     for w in widths:
         g = math.gcd(g, w)
     return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
-
 
 
 # ---- train's flags --------------------------------------------------------------------------------------
