@@ -106,7 +106,8 @@ class Hooks:
             fields the file contradicts (BOFT files from PEFT without its CUDA kernel).
         from_file: ``(config, file tensors) -> file tensors``: the inverse of ``before_save``, applied to every
             state dict with file keys before it is checked and loaded (files, ``load_adapter``,
-            ``set_peft_model_state_dict``): RandLoRA drops PEFT's per-layer copies of its shared bases.
+            ``set_peft_model_state_dict``): RandLoRA drops PEFT's per-layer copies of its shared bases; VB-LoRA turns
+            ``save_only_topk_weights`` files back into logits.
         saves_initial: ``(config) -> bool``: whether ``deltatune train`` must also save the adapter as created, so
             that ``convert_on_save`` can write the trained one for the original base (LoRA's PiSSA/OLoRA/CorDA/LoRA-GA).
         rewrites_base_on_load: ``(config) -> bool``: whether loading the adapter as saved rewrites the base it is

@@ -100,10 +100,11 @@ def save_topk(peft_model: nn.Module, adapter_name: str, file_state: dict[str, to
     return out
 
 
-def load_topk(config: VBLoRAConfig, weights: dict[str, torch.Tensor]) -> None:
-    """The inverse of :func:`save_topk`, in place, before the file is loaded: the logits become ``log w`` at the
+def load_topk(config: VBLoRAConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`save_topk`, before a file or state dict is loaded: the logits become ``log w`` at the
     kept indices and ``-inf`` elsewhere (so ``topk`` and the softmax give the saved mix back exactly; training such
     an adapter is refused, as PEFT)."""
+    weights = dict(weights)
     for key in [k for k in weights if k.endswith(tuple(name + "_topk_indices" for name in LOGITS))]:
         stem = key.removesuffix("_topk_indices")
         index = weights.pop(key).to(torch.long)
@@ -111,6 +112,7 @@ def load_topk(config: VBLoRAConfig, weights: dict[str, torch.Tensor]) -> None:
         mix = torch.cat([kept, 1 - kept.sum(-1, keepdim=True)], dim=-1)
         logits = torch.full((*mix.shape[:-1], config.num_vectors), float("-inf"), dtype=mix.dtype, device=mix.device)
         weights[stem] = logits.scatter(-1, index, torch.log(mix))
+    return weights
 
 
 VBLORA = Method(
@@ -126,7 +128,7 @@ VBLORA = Method(
         shared_containers=("vblora_vector_bank",),
         init_shared=init_shared,
         before_save=save_topk,
-        fit_config_to_file=load_topk,  # the file's top-k form back to logits before the checked load
+        from_file=load_topk,  # the top-k form back to logits before the checked load (files, state dicts)
         rank_container="vblora_logits_A",  # (r, in/ℓ, N): deltatune inspect counts the ranks
     ),
 )
