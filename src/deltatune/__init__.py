@@ -78,6 +78,7 @@ from deltatune.prompt import (
 )
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
 from deltatune.registry import load_builtins
+from deltatune.road import RoadConfig, RoadLayer, RoadModel
 from deltatune.save_and_load import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -119,6 +120,7 @@ __all__ = [
     "HRAConfig", "HRAConv2d", "HRALayer", "HRALinear", "HRAModel",
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
+    "RoadConfig", "RoadLayer", "RoadModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -63,6 +63,7 @@ CASES: dict[str, ContractCase] = {
     "P_TUNING": ContractCase({"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
+    "ROAD": ContractCase({"group_size": 16}),  # must divide q_proj's 32 and v_proj's 16 outputs (default 64)
 }
 
 

@@ -296,7 +296,9 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
     * ``token_indices`` (trainable tokens): the training data's 64 most frequent token ids;
     * ``block_size`` (C3A's circulant blocks, which must divide every adapted layer's input and output size): the
       largest divisor of the model's layer widths up to the config's own default (256), when the model's config
-      gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths).
+      gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths);
+    * ``group_size`` (RoAd's groups of paired output features, which must be even and divide every adapted layer's
+      output size): the largest even divisor of those widths up to the config's default (64), likewise.
     """
     fields = {f.name for f in dataclasses.fields(config_cls)}
     out = dict(options)
@@ -315,6 +317,12 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
         size = common_block_size(model_path, cap=default)
         if size is not None:
             out["block_size"] = size
+    if "group_size" in fields and out.get("group_size") is None:
+        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "group_size")
+        widths = common_block_size(model_path, cap=math.inf)  # the gcd of the widths itself
+        even = [d for d in range(2, min(widths or 0, default) + 1, 2) if widths % d == 0]
+        if even:
+            out["group_size"] = even[-1]
     return out
 
 
