@@ -9,7 +9,9 @@ The reference builds ``R: (out, out)`` entry by entry from ``road_theta``/``road
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 
 import peft
 import pytest
@@ -17,6 +19,7 @@ import torch
 from support.family_checks import check_model_contract, check_two_adapters
 from support.layers import assert_merge_round_trip, assert_same_as_peft_layer, base_output, layer_and_input
 from support.models import make_inputs, output, perturb_trainable, tiny_gpt2, tiny_llama
+from torch import nn
 
 import deltatune
 from deltatune import RoadConfig, get_peft_model
@@ -144,20 +147,22 @@ def test_mixed_batch_matches_peft():
 
 
 def test_files_cross_both_ways_with_peft(tmp_path):
-    """road_2 and road_4 on the tiny Llama (the contract's row covers the default road_1)."""
+    """road_2 from deltatune to peft, road_4 from peft to deltatune (the contract's row covers the default road_1
+    both ways; the variants' math against peft's layer is checked above)."""
     inputs = make_inputs("llama")
-    for variant in ("road_2", "road_4"):
-        config = {"variant": variant, "group_size": 8, "init_weights": False, "target_modules": ["q_proj", "o_proj"]}
-        ours = get_peft_model(tiny_llama(), RoadConfig(task_type="CAUSAL_LM", **config))
-        ours.save_pretrained(tmp_path / f"ours_{variant}")
-        theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / f"ours_{variant}").eval()
-        torch.testing.assert_close(output(theirs, inputs), output(ours.eval(), inputs), atol=ATOL, rtol=0)
+    config = {"variant": "road_2", "group_size": 8, "init_weights": False, "target_modules": ["q_proj", "o_proj"]}
+    ours = get_peft_model(tiny_llama(), RoadConfig(task_type="CAUSAL_LM", **config))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+    assert theirs.peft_config["default"].variant == "road_2"
+    torch.testing.assert_close(output(theirs, inputs), output(ours.eval(), inputs), atol=ATOL, rtol=0)
 
-        theirs = peft.get_peft_model(tiny_llama(), peft.RoadConfig(task_type="CAUSAL_LM", **config))
-        theirs.save_pretrained(tmp_path / f"theirs_{variant}")
-        loaded = deltatune.PeftModel.from_pretrained(tiny_llama(), tmp_path / f"theirs_{variant}").eval()
-        assert loaded.peft_config["default"].variant == variant
-        torch.testing.assert_close(output(loaded, inputs), output(theirs.eval(), inputs), atol=ATOL, rtol=0)
+    config["variant"] = "road_4"
+    theirs = peft.get_peft_model(tiny_llama(), peft.RoadConfig(task_type="CAUSAL_LM", **config))
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = deltatune.PeftModel.from_pretrained(tiny_llama(), tmp_path / "theirs").eval()
+    assert loaded.peft_config["default"].variant == "road_4"
+    torch.testing.assert_close(output(loaded, inputs), output(theirs.eval(), inputs), atol=ATOL, rtol=0)
 
 
 def test_two_active_adapters_apply_in_turn():
@@ -227,3 +232,27 @@ def test_gpt2_model_contract(tmp_path):
 def test_two_named_adapters(tmp_path):
     second = RoadConfig(variant="road_4", group_size=8, init_weights=False, target_modules=["q_proj", "down_proj"])
     check_two_adapters(tiny_llama, "llama", RoadConfig(group_size=16), second, tmp_path)
+
+
+def test_over_a_4bit_base_equals_peft_bnb_layer_and_unloads_exactly():
+    """QLoRA-style: RoAd over a bitsandbytes nf4 layer gives peft's ``road.Linear4bit`` output on the same tensors
+    (the base runs quantised, its output is transformed); ``merge_and_unload`` returns a dense ``nn.Linear``
+    (``R W`` of the dequantised weight, ``R b``) with the adapted output."""
+    pytest.importorskip("bitsandbytes")
+    from deltatune.quantization import quantize
+
+    model, x = layer_and_input("linear", dims=(64, 32))
+    config = {"variant": "road_2", "group_size": 16, "init_weights": False, "target_modules": ["layer"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = quantize(model, "nf4")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.RoadConfig(**config)).eval()
+        ours = get_peft_model(base, RoadConfig(**config)).eval()
+        layer = ours.base_model.model.layer
+        assert repr(layer).startswith("road.Linear4bit")
+        theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if ".road_" in k}, strict=False)
+        got = output(ours, {"x": x})
+        torch.testing.assert_close(got, output(theirs, {"x": x}), atol=ATOL, rtol=0)
+        plain = ours.merge_and_unload()
+    assert type(plain.layer) is nn.Linear
+    torch.testing.assert_close(output(plain, {"x": x}), got, atol=1e-4, rtol=1e-4)
