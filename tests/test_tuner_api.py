@@ -81,6 +81,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "BOTTLENECK": ("BottleneckConfig", None),
     "LILY": ("LilyConfig", {"target_modules": ["lin0"], "r": 4}),
     "ROAD": ("RoadConfig", {"target_modules": ["lin0"], "group_size": 4}),
+    "BEFT": ("BeftConfig", {"target_modules": ["lin0"]}),
 }
 
 

@@ -10,6 +10,7 @@ from deltatune.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
+from deltatune.beft import BeftConfig, BeftLayer, BeftModel
 from deltatune.bitfit import BitFitConfig, BitFitModel
 from deltatune.boft import BOFTConfig, BOFTModel
 from deltatune.bottleneck import BottleneckConfig, BottleneckModel
@@ -121,6 +122,7 @@ __all__ = [
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
     "RoadConfig", "RoadLayer", "RoadModel",
+    "BeftConfig", "BeftLayer", "BeftModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -64,6 +64,7 @@ CASES: dict[str, ContractCase] = {
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
     "ROAD": ContractCase({"group_size": 16}),  # must divide q_proj's 32 and v_proj's 16 outputs (default 64)
+    "BEFT": ContractCase(),  # PEFT's default target, v_proj (bias-free in Llama: merging gives it one)
 }
 
 
