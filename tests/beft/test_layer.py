@@ -146,6 +146,8 @@ def test_config_defaults_targets_and_refusals_match_peft():
     model, _ = layer_and_input("embedding")
     with pytest.raises(ValueError):
         get_peft_model(model, BeftConfig(target_modules=["layer"]))
+    with pytest.raises(ValueError, match="^Target modules {'nope'} not found in the base model"):
+        get_peft_model(tiny_llama(), BeftConfig(target_modules=["nope"]))
     # PEFT 0.21.2's mixed model refuses BEFT (though its registry lists it as mixed-compatible): so does deltatune
     with pytest.raises(ValueError) as theirs:
         peft.get_peft_model(tiny_llama(), peft.BeftConfig(), mixed=True)

@@ -200,6 +200,9 @@ def test_refusals_begin_with_peft_s_sentence():
     model, _ = layer_and_input("conv2d")
     with pytest.raises(ValueError):
         get_peft_model(model, RoadConfig(target_modules=["layer"], group_size=2))
+    with pytest.raises(ValueError, match="^Target modules {'nope'} not found in the base model"):
+        get_peft_model(tiny_llama(), RoadConfig(target_modules=["nope"], group_size=16))  # a config without
+        # layers_to_transform (PEFT's fields) still gets the message naming the closest modules
     # PEFT 0.21.2's mixed model refuses RoAd (though its registry lists it as mixed-compatible): so does deltatune
     with pytest.raises(ValueError) as theirs:
         peft.get_peft_model(tiny_llama(), peft.RoadConfig(target_modules=["q_proj"], group_size=16), mixed=True)
