@@ -5,6 +5,7 @@ BitFit, bottleneck adapters, PEANuT and GLoRA: one training step.
 BitFit, bottleneck adapters, WaveFT and VB-LoRA: one training step.
 BitFit, bottleneck adapters and X-LoRA: one training step.
 BitFit, bottleneck adapters, adaption prompts and cartridges: one training step.
+BitFit, bottleneck adapters, RoAd and BEFT: one training step.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -39,6 +40,9 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
                         layers);
 * ``cartridge``        -- deltatune vs ``peft`` (a 20-entry key/value cache prefix, 1 frozen; peft's copies
                         deltatune's random table, so both start from the same loss).
+* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
+* ``road``             -- deltatune vs ``peft`` (RoAd road_1, group 64, on q/v);
+* ``beft``             -- deltatune vs ``peft`` (BEFT on its default v_proj).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -127,6 +131,10 @@ def configs(lib, case: str):
         return lib.AdaptionPromptConfig(adapter_len=10, adapter_layers=30, task_type="CAUSAL_LM")
     if case == "cartridge":
         return lib.CartridgeConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")
+    if case == "road":
+        return lib.RoadConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "beft":
+        return lib.BeftConfig(task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -178,6 +186,8 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "xlora": (("deltatune", "dt", "xlora"), ("peft", "peft", "xlora")),
     "adaption_prompt": (("deltatune", "dt", "adaption_prompt"), ("peft", "peft", "adaption_prompt")),
     "cartridge": (("deltatune", "dt", "cartridge"), ("peft", "peft", "cartridge")),
+    "road": (("deltatune", "dt", "road"), ("peft", "peft", "road")),
+    "beft": (("deltatune", "dt", "beft"), ("peft", "peft", "beft")),
 }
 COPY_TABLE = {"cartridge"}  # random key/value tables (no identity at init): peft's starts from deltatune's
 

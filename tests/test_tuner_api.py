@@ -89,6 +89,8 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "WAVEFT": ("WaveFTConfig", {"target_modules": ["lin0"], "n_frequency": 8}),
     "VBLORA": ("VBLoRAConfig", {"target_modules": ["lin0"], "r": 2, "num_vectors": 8, "vector_length": 2}),
     "ADAPTION_PROMPT": ("AdaptionPromptConfig", None),  # wraps attention modules: the MLP has none
+    "ROAD": ("RoadConfig", {"target_modules": ["lin0"], "group_size": 4}),
+    "BEFT": ("BeftConfig", {"target_modules": ["lin0"]}),
 }
 
 

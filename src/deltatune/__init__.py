@@ -11,6 +11,7 @@ from deltatune.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
+from deltatune.beft import BeftConfig, BeftLayer, BeftModel
 from deltatune.bitfit import BitFitConfig, BitFitModel
 from deltatune.boft import BOFTConfig, BOFTModel
 from deltatune.bottleneck import BottleneckConfig, BottleneckModel
@@ -93,6 +94,7 @@ from deltatune.pvera import PveraConfig, PveraLayer, PveraModel
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
 from deltatune.randlora import RandLoraConfig, RandLoraLayer, RandLoraModel
 from deltatune.registry import load_builtins
+from deltatune.road import RoadConfig, RoadLayer, RoadModel
 from deltatune.save_and_load import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -149,6 +151,8 @@ __all__ = [
     "AdaptionPromptConfig", "AdaptedAttention", "AdaptionPromptModel",
     "CartridgeConfig", "CartridgeEncoder", "compose_cartridge_adapters", "initialize_kv_prefix_from_past_key_values",
     "initialize_kv_prefix_from_text", "prompt_embeddings_from_past_key_values",
+    "RoadConfig", "RoadLayer", "RoadModel",
+    "BeftConfig", "BeftLayer", "BeftModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -69,6 +69,8 @@ class PeftType(enum.StrEnum):
     PVERA = "PVERA"
     ADAPTION_PROMPT = "ADAPTION_PROMPT"
     CARTRIDGE = "CARTRIDGE"
+    ROAD = "ROAD"
+    BEFT = "BEFT"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

@@ -52,6 +52,8 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.xlora",
     "deltatune.adaption_prompt",
     "deltatune.cartridge",
+    "deltatune.road",
+    "deltatune.beft",
 )
 
 

@@ -87,6 +87,8 @@ CASES: dict[str, ContractCase] = {
     "ADAPTION_PROMPT": ContractCase({"adapter_len": 4, "adapter_layers": 2}),  # both blocks of the tiny Llama
     # every entry trained (the contract wants gradients on each prompt_encoder tensor); frozen ones: tests/cartridge
     "CARTRIDGE": ContractCase({"num_virtual_tokens": 4, "num_frozen_tokens": 0}),
+    "ROAD": ContractCase({"group_size": 16}),  # must divide q_proj's 32 and v_proj's 16 outputs (default 64)
+    "BEFT": ContractCase(),  # PEFT's default target, v_proj (bias-free in Llama: merging gives it one)
 }
 
 

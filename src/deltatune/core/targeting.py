@@ -272,8 +272,9 @@ def _no_match_message(names: list[str], config) -> str:
         close += difflib.get_close_matches(t.rsplit(".", 1)[-1], suffixes, n=3, cutoff=0.5)
     close = sorted(set(close))
     extra = ""
-    if config.layers_to_transform is not None:
-        extra = f" with layers_to_transform={config.layers_to_transform} (layers_pattern={config.layers_pattern})"
+    layers = getattr(config, "layers_to_transform", None)  # configs without the field: RoAd's, BEFT's (as PEFT's)
+    if layers is not None:
+        extra = f" with layers_to_transform={layers} (layers_pattern={getattr(config, 'layers_pattern', None)})"
     hint = f"closest module names: {close}" if close else f"module names in this model: {suffixes[:30]}"
     shown = wanted if len(wanted) <= 8 else [*wanted[:5], f"... {len(wanted)} names in all"]
     return f"{peft} target_modules={shown}{extra} matched no module in the model; {hint}"
