@@ -315,10 +315,7 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
       adapted layer): the config's own default (1000, 2592) or, on a model whose smallest projection holds fewer
       weights, that many;
     * ``adapter_len`` / ``adapter_layers`` (adaption prompts, which PEFT leaves unset): 10 prompt vectors (the
-      paper's) in every layer of the model.
-    * ``block_size`` (C3A's circulant blocks, which must divide every adapted layer's input and output size): the
-      largest divisor of the model's layer widths up to the config's own default (256), when the model's config
-      gives its widths (SmolLM2-135M: 192, as 576, 192 and 1536 are its widths);
+      paper's) in every layer of the model;
     * ``group_size`` (RoAd's groups of paired output features, which must be even and divide every adapted layer's
       output size): the largest even divisor of those widths up to the config's default (64), likewise.
     """
@@ -350,15 +347,9 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
         out["adapter_len"] = 10
     if unset("adapter_layers"):
         out["adapter_layers"] = model_layer_count(model_path) or 1
-    if "block_size" in fields and out.get("block_size") is None:
-        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "block_size")
-        size = common_block_size(model_path, cap=default)
-        if size is not None:
-            out["block_size"] = size
-    if "group_size" in fields and out.get("group_size") is None:
-        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == "group_size")
-        widths = common_block_size(model_path, cap=math.inf)  # the gcd of the widths itself
-        even = [d for d in range(2, min(widths or 0, default) + 1, 2) if widths % d == 0]
+    if unset("group_size"):
+        gcd = common_block_size(model_path, cap=math.inf)  # the gcd of the widths itself
+        even = [d for d in range(2, min(gcd or 0, fields["group_size"].default) + 1, 2) if gcd % d == 0]
         if even:
             out["group_size"] = even[-1]
     return out
