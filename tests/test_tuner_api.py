@@ -80,6 +80,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "BITFIT": ("BitFitConfig", {"target_modules": ["lin0"]}),
     "BOTTLENECK": ("BottleneckConfig", None),
     "LILY": ("LilyConfig", {"target_modules": ["lin0"], "r": 4}),
+    "PSOFT": ("PsoftConfig", {"target_modules": ["lin0"], "r": 2}),
 }
 
 

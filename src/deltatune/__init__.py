@@ -76,6 +76,7 @@ from deltatune.prompt import (
     PromptTuningConfig,
     PromptTuningInit,
 )
+from deltatune.psoft import PsoftConfig, PsoftLayer, PsoftModel
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
 from deltatune.registry import load_builtins
 from deltatune.save_and_load import (
@@ -119,6 +120,7 @@ __all__ = [
     "HRAConfig", "HRAConv2d", "HRALayer", "HRALinear", "HRAModel",
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
+    "PsoftConfig", "PsoftLayer", "PsoftModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

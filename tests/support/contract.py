@@ -63,6 +63,7 @@ CASES: dict[str, ContractCase] = {
     "P_TUNING": ContractCase({"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
+    "PSOFT": ContractCase({"r": 4}),  # the default r=32 is the full width of the tiny Llama's attention
 }
 
 
