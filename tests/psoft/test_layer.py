@@ -284,3 +284,34 @@ def test_files_cross_both_ways_with_peft_for_every_option(tmp_path):
         torch.testing.assert_close(output(loaded, inputs), output(made, inputs), atol=ATOL, rtol=0)
         torch.testing.assert_close(output(loaded.merge_and_unload(), inputs), output(made.merge_and_unload(), inputs),
                                    atol=ATOL, rtol=1e-4)
+
+
+def test_over_a_4bit_base_reads_the_dequantised_weight_and_unloads_exactly():
+    """Beyond PEFT (whose PSOFT refuses a quantised weight): the SVD is of the dequantised nf4 weight, and
+    ``merge_and_unload`` returns dense ``nn.Linear`` layers with the adapted logits."""
+    pytest.importorskip("bitsandbytes")
+    from deltatune.quantization import dequantize_weight, quantize
+
+    inputs = make_inputs("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = get_peft_model(quantize(tiny_llama(), "nf4"), PsoftConfig(r=4, init_weights=False,
+                                                                         target_modules=["q_proj"])).eval()
+        layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+        assert repr(layer).startswith("psoft.Linear4bit")
+        u, sv, vh = torch.linalg.svd(dequantize_weight(layer.base_layer).double())
+        sub = layer.psoft_subspace["default"]
+        torch.testing.assert_close(layer.scaling["default"] * sub.B.double() @ sub.A.double(),
+                                   u[:, :4] @ torch.diag(sv[:4]) @ vh[:4], atol=1e-5, rtol=0)
+        got = output(ours, inputs)
+        plain = ours.merge_and_unload()
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(output(plain, inputs), got, atol=ATOL, rtol=1e-4)
+
+
+def test_export_to_lora_is_exact_at_rank_r():
+    """``ΔW = s B (R − I) A`` has rank ≤ r, so a rank-r LoRA holds it (PEFT's ``supports_lora_conversion``)."""
+    from deltatune import export_to_lora
+
+    model = get_peft_model(tiny_llama(), PsoftConfig(r=4, init_weights=False, task_type="CAUSAL_LM")).eval()
+    assert export_to_lora(model, rank=4).report["max_rel_error"] < 1e-5
