@@ -81,6 +81,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "BOTTLENECK": ("BottleneckConfig", None),
     "LILY": ("LilyConfig", {"target_modules": ["lin0"], "r": 4}),
     "PSOFT": ("PsoftConfig", {"target_modules": ["lin0"], "r": 2}),
+    "OSF": ("OSFConfig", {"target_modules": ["lin0"]}),
 }
 
 

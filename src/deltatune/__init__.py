@@ -54,6 +54,7 @@ from deltatune.miss import MissConfig, MissLayer, MissLinear, MissModel
 from deltatune.mixed_model import PeftMixedModel
 from deltatune.oft import OFTConfig, OFTModel
 from deltatune.optimizers import create_loraplus_optimizer
+from deltatune.osf import OSFConfig, OSFLayer, OSFModel
 from deltatune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -121,6 +122,7 @@ __all__ = [
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
     "PsoftConfig", "PsoftLayer", "PsoftModel",
+    "OSFConfig", "OSFLayer", "OSFModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

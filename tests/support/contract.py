@@ -64,6 +64,7 @@ CASES: dict[str, ContractCase] = {
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
     "PSOFT": ContractCase({"r": 4}),  # the default r=32 is the full width of the tiny Llama's attention
+    "OSF": ContractCase({"effective_rank": 0.75}),  # a quarter of each projection trains (k_proj is 16 wide)
 }
 
 
