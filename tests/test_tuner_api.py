@@ -91,6 +91,8 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "ADAPTION_PROMPT": ("AdaptionPromptConfig", None),  # wraps attention modules: the MLP has none
     "ROAD": ("RoadConfig", {"target_modules": ["lin0"], "group_size": 4}),
     "BEFT": ("BeftConfig", {"target_modules": ["lin0"]}),
+    "PSOFT": ("PsoftConfig", {"target_modules": ["lin0"], "r": 2}),
+    "OSF": ("OSFConfig", {"target_modules": ["lin0"]}),
 }
 
 

@@ -68,6 +68,7 @@ from deltatune.mixed_model import PeftMixedModel
 from deltatune.oft import OFTConfig, OFTModel
 from deltatune.optimizers import create_loraplus_optimizer
 from deltatune.peanut import PeanutConfig, PeanutLayer, PeanutModel
+from deltatune.osf import OSFConfig, OSFLayer, OSFModel
 from deltatune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -91,6 +92,7 @@ from deltatune.prompt import (
     PromptTuningInit,
 )
 from deltatune.pvera import PveraConfig, PveraLayer, PveraModel
+from deltatune.psoft import PsoftConfig, PsoftLayer, PsoftModel
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
 from deltatune.randlora import RandLoraConfig, RandLoraLayer, RandLoraModel
 from deltatune.registry import load_builtins
@@ -153,6 +155,8 @@ __all__ = [
     "initialize_kv_prefix_from_text", "prompt_embeddings_from_past_key_values",
     "RoadConfig", "RoadLayer", "RoadModel",
     "BeftConfig", "BeftLayer", "BeftModel",
+    "PsoftConfig", "PsoftLayer", "PsoftModel",
+    "OSFConfig", "OSFLayer", "OSFModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

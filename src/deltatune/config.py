@@ -71,6 +71,8 @@ class PeftType(enum.StrEnum):
     CARTRIDGE = "CARTRIDGE"
     ROAD = "ROAD"
     BEFT = "BEFT"
+    PSOFT = "PSOFT"
+    OSF = "OSF"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

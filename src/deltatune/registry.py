@@ -54,6 +54,8 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.cartridge",
     "deltatune.road",
     "deltatune.beft",
+    "deltatune.psoft",
+    "deltatune.osf",
 )
 
 

@@ -89,6 +89,8 @@ CASES: dict[str, ContractCase] = {
     "CARTRIDGE": ContractCase({"num_virtual_tokens": 4, "num_frozen_tokens": 0}),
     "ROAD": ContractCase({"group_size": 16}),  # must divide q_proj's 32 and v_proj's 16 outputs (default 64)
     "BEFT": ContractCase(),  # PEFT's default target, v_proj (bias-free in Llama: merging gives it one)
+    "PSOFT": ContractCase({"r": 4}),  # the default r=32 is the full width of the tiny Llama's attention
+    "OSF": ContractCase({"effective_rank": 0.75}),  # a quarter of each projection trains (k_proj is 16 wide)
 }
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer
+from deltatune.core.orthogonal import cayley, cayley_neumann, skew_symmetric
 from deltatune.errors import ConfigError
 from deltatune.quantization import dense_weight_shape
 
@@ -97,9 +98,7 @@ class OFTRotation(nn.Module):
 
     def _skew(self, vec: torch.Tensor) -> torch.Tensor:
         """``(n, b(b-1)/2) -> (n, b, b)``: ``Q`` with ``vec`` above the diagonal and ``-vec`` below."""
-        q = vec.new_zeros(vec.shape[0], self.block_size, self.block_size)
-        q[:, self.rows, self.cols] = vec
-        return q - q.transpose(-1, -2)
+        return skew_symmetric(vec, self.rows, self.cols, self.block_size)
 
     @torch.no_grad()
     def _project(self) -> None:
@@ -115,25 +114,11 @@ class OFTRotation(nn.Module):
         if self.coft:
             self._project()
         q = self._skew(self.weight)
-        eye = torch.eye(self.block_size, device=q.device, dtype=q.dtype).expand_as(q)
-        if not self.use_cayley_neumann:
-            # (I + Q)⁻¹(I - Q) = (I - Q)(I + Q)⁻¹: they commute. The LU solve runs in fp32 at least, as PEFT's:
-            # torch has no half-precision LU on CPU, and fp16 would lose the orthogonality anyway.
-            wide = torch.promote_types(q.dtype, torch.float32)
-            qw, ew = q.to(wide), eye.to(wide)
-            return torch.linalg.solve(ew + qw, ew - qw).to(q.dtype)
-        n = self.num_terms
-        if n == 1:
-            return eye.clone()
-        r = eye + 2 * q
-        if n == 2:
-            return r
-        last = max(3, n - 1)  # PEFT's series: doubled powers 1 .. last-1, then Q^last once
-        power = q
-        for _ in range(2, last):
-            power = power @ q
-            r = r + 2 * power
-        return r + power @ q
+        if self.use_cayley_neumann:
+            return cayley_neumann(q, self.num_terms)
+        # (I - Q)(I + Q)⁻¹ = cayley(-Q), PEFT's exact form for OFT (its series approximates cayley(Q): the two
+        # differ by a transpose, and both are kept as PEFT has them so that files give the same rotation)
+        return cayley(-q)
 
 
 class OFTLayer(AdapterLayer):
