@@ -39,8 +39,8 @@ from deltatune.errors import (
 )
 from deltatune.export import ExportedLora, export_to_lora
 from deltatune.fourierft import FourierFTConfig, FourierFTLayer, FourierFTLinear, FourierFTModel
-from deltatune.gralora import GraloraConfig, GraloraLayer, GraloraModel
 from deltatune.glora import GloraConfig, GloraLayer, GloraLinear, GloraModel
+from deltatune.gralora import GraloraConfig, GraloraLayer, GraloraModel
 from deltatune.hira import HiraConfig, HiraLayer, HiraModel
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.hra import HRAConfig, HRAConv2d, HRALayer, HRALinear, HRAModel
@@ -67,8 +67,8 @@ from deltatune.miss import MissConfig, MissLayer, MissLinear, MissModel
 from deltatune.mixed_model import PeftMixedModel
 from deltatune.oft import OFTConfig, OFTModel
 from deltatune.optimizers import create_loraplus_optimizer
-from deltatune.peanut import PeanutConfig, PeanutLayer, PeanutModel
 from deltatune.osf import OSFConfig, OSFLayer, OSFModel
+from deltatune.peanut import PeanutConfig, PeanutLayer, PeanutModel
 from deltatune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -91,8 +91,8 @@ from deltatune.prompt import (
     PromptTuningConfig,
     PromptTuningInit,
 )
-from deltatune.pvera import PveraConfig, PveraLayer, PveraModel
 from deltatune.psoft import PsoftConfig, PsoftLayer, PsoftModel
+from deltatune.pvera import PveraConfig, PveraLayer, PveraModel
 from deltatune.quantization import dequantize, merge_and_report, prepare_model_for_kbit_training, quantize
 from deltatune.randlora import RandLoraConfig, RandLoraLayer, RandLoraModel
 from deltatune.registry import load_builtins
