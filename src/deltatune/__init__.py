@@ -28,6 +28,7 @@ from deltatune.errors import (
     TargetModuleError,
 )
 from deltatune.export import ExportedLora, export_to_lora
+from deltatune.frod import FrodConfig, FrodLayer, FrodModel
 from deltatune.hira import HiraConfig, HiraLayer, HiraModel
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.hra import HRAConfig, HRAConv2d, HRALayer, HRALinear, HRAModel
@@ -119,6 +120,7 @@ __all__ = [
     "HRAConfig", "HRAConv2d", "HRALayer", "HRALinear", "HRAModel",
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
+    "FrodConfig", "FrodLayer", "FrodModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -65,6 +65,7 @@ class PeftType(enum.StrEnum):
     MISS = "MISS"
     HRA = "HRA"
     C3A = "C3A"
+    FROD = "FROD"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

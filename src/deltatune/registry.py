@@ -41,6 +41,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.miss",
     "deltatune.hra",
     "deltatune.c3a",
+    "deltatune.frod",
 )
 
 
