@@ -319,3 +319,15 @@ def test_runtime_offload_flag_keeps_the_outputs():
     offload.merge_adapter()
     plain.merge_adapter()
     torch.testing.assert_close(output(offload, inputs), output(plain, inputs), atol=0, rtol=0)
+
+
+def test_tuner_class_as_peft():
+    """``tests/test_tuner_api.py``'s tuner-class checks for FRoD, whose state is shared (``uses_shared_state``)."""
+    pm = _blocks()
+    their_tuner = peft.PEFT_TYPE_TO_TUNER_MAPPING["FROD"]
+    assert type(pm.base_model) is FrodModel and FrodModel.__name__ == their_tuner.__name__
+    assert pm.get_model_status().adapter_model_type == "FrodModel"
+    assert pm.base_model.prefix == their_tuner.prefix == "frod_" and pm.base_model.tuner_layer_cls is FrodLayer
+    assert pm.base_model.uses_shared_state is their_tuner.uses_shared_state is True
+    for model_type in ("llama", "gpt2", "phi", "vit", "bert", "t5"):  # PEFT's table is VeRA's plus ViT
+        assert FrodModel.target_module_mapping[model_type] == their_tuner.target_module_mapping[model_type]
