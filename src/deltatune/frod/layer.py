@@ -258,17 +258,21 @@ class FrodLayer(AdapterLayer):
     def _adapted(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
         """``W' h = ((z ⊙ λ) + z Sᵀ) Uᵀ`` with ``z = h V``; ``h: (..., in) -> (..., out)``, in ``λ``'s dtype.
 
-        ``z Sᵀ`` is gathered and scattered over ``S``'s ``nnz`` positions: ``(z Sᵀ)[..., i] = Σ_k [rows_k = i]
-        s_k z[..., cols_k]``."""
+        ``z Sᵀ`` is a sparse product (``S`` as a COO tensor of its ``nnz`` values: the fastest of gather/scatter,
+        dense ``S`` and this on the CPU); half precision densifies ``S``, which CUDA's sparse kernels lack."""
         lam, values = self.frod_lambda_l[adapter_name], self.frod_lambda_s_values[adapter_name]
         basis = self._basis(adapter_name).to(lam.device, lam.dtype)
         u = self.frod_U[adapter_name].to(lam.device, lam.dtype)
-        z = h.to(lam.dtype) @ basis
+        z = h.reshape(-1, self.in_features).to(lam.dtype) @ basis  # (tokens, in)
         coords = z * lam
         if values.numel():
-            rows, cols = self._positions(adapter_name, z.device)
-            coords = coords.index_add(-1, rows, z[..., cols] * values)
-        return F.linear(coords, u)
+            indices = self.frod_s_indices[adapter_name][self.category].to(z.device)
+            s = torch.sparse_coo_tensor(indices, values, (self.in_features,) * 2, check_invariants=False).coalesce()
+            if z.dtype in (torch.float16, torch.bfloat16):
+                coords = coords + z @ s.to_dense().T
+            else:
+                coords = coords + torch.sparse.mm(s, z.T).T
+        return F.linear(coords, u).reshape(*h.shape[:-1], self.out_features)
 
     def adapted_weight(self, adapter_name: str) -> torch.Tensor:
         """``W' = U (diag(λ) + S) Vᵀ: (out, in)``, in ``λ``'s dtype."""
