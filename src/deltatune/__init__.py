@@ -16,6 +16,7 @@ from deltatune.bottleneck import BottleneckConfig, BottleneckModel
 from deltatune.c3a import C3AConfig, C3ALayer, C3ALinear, C3AModel
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.targeting import check_target_module_exists
+from deltatune.delora import DeloraConfig, DeloraLayer, DeloraModel
 from deltatune.errors import (
     AdapterLoadError,
     AdapterNameError,
@@ -121,6 +122,7 @@ __all__ = [
     "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel",
     "ShiraConfig", "ShiraLayer", "ShiraModel",
     "FrodConfig", "FrodLayer", "FrodModel",
+    "DeloraConfig", "DeloraLayer", "DeloraModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -66,6 +66,7 @@ class PeftType(enum.StrEnum):
     HRA = "HRA"
     C3A = "C3A"
     FROD = "FROD"
+    DELORA = "DELORA"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

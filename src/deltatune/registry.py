@@ -42,6 +42,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.hra",
     "deltatune.c3a",
     "deltatune.frod",
+    "deltatune.delora",
 )
 
 

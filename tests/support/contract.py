@@ -64,6 +64,7 @@ CASES: dict[str, ContractCase] = {
     "PREFIX_TUNING": ContractCase({"num_virtual_tokens": 4}),
     "MULTITASK_PROMPT_TUNING": ContractCase({"num_virtual_tokens": 4, "num_tasks": 2}, forward={"task_ids": [0, 1]}),
     "FROD": ContractCase(),  # q/v (PEFT's table); S has ⌊32² · 0.01⌋ = 10 trained entries per role
+    "DELORA": ContractCase({"r": 4}),
 }
 
 
