@@ -1,5 +1,5 @@
 """LN tuning, trainable tokens, LoRA + trainable tokens, (IA)³, LoHa, LoKr, VeRA, HiRA, SHiRA, MiSS, Lily, HRA, C3A,
-BitFit, bottleneck adapters and FRoD: one training step.
+BitFit, bottleneck adapters, FRoD and DeLoRA: one training step.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -15,7 +15,8 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
                         on q/v; C3A block 64 on q/v);
 * ``bitfit``           -- deltatune vs deltatune LoRA r=16 all-linear (the usual floor; PEFT has no BitFit);
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
-* ``frod``             -- deltatune vs ``peft`` (FRoD on q/v, sparse_rate 0.01: 576 + 3317 values per layer).
+* ``frod``             -- deltatune vs ``peft`` (FRoD on q/v, sparse_rate 0.01: 576 + 3317 values per layer);
+* ``delora``           -- deltatune vs ``peft`` (DeLoRA r=16 on q/v).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -81,6 +82,8 @@ def configs(lib, case: str):
         return dt.BottleneckConfig(reduction_factor=16, task_type="CAUSAL_LM")
     if case == "frod":
         return lib.FrodConfig(target_modules=["q_proj", "v_proj"], progressbar=False, task_type="CAUSAL_LM")
+    if case == "delora":
+        return lib.DeloraConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -101,6 +104,7 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "bitfit": (("deltatune", "dt", "bitfit"), ("deltatune LoRA r16", "dt", "lora")),
     "bottleneck": (("deltatune", "dt", "bottleneck"), ("deltatune LoRA r16", "dt", "lora")),
     "frod": (("deltatune", "dt", "frod"), ("peft", "peft", "frod")),
+    "delora": (("deltatune", "dt", "delora"), ("peft", "peft", "delora")),
 }
 
 
