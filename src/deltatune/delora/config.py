@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from deltatune.config import PeftConfig, PeftType, check_layer_selection
 from deltatune.errors import ConfigError
-from deltatune.lora.config import pattern_value
+
+
+def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """Value of the first key of ``patterns`` that matches the end of ``module_name`` (PEFT's rule; LoRA's
+    ``rank_pattern`` reads the same way, written here too so DeLoRA's room imports no other method)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return patterns[key]
+    return default
 
 
 @dataclass
