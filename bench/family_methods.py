@@ -7,6 +7,7 @@ BitFit, bottleneck adapters and X-LoRA: one training step.
 BitFit, bottleneck adapters, adaption prompts and cartridges: one training step.
 BitFit, bottleneck adapters, RoAd and BEFT: one training step.
 BitFit, bottleneck adapters, PSOFT and OSF: one training step.
+BitFit, bottleneck adapters, FRoD and DeLoRA: one training step.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -47,6 +48,9 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``psoft``            -- deltatune vs ``peft`` (PSOFT r=32 on q/v: Cayley solve, both magnitude vectors);
 * ``osf``              -- deltatune vs ``peft`` (OSF on q/v, the top 3/4 of the singular directions frozen).
+* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
+* ``frod``             -- deltatune vs ``peft`` (FRoD on q/v, sparse_rate 0.01: 576 + 3317 values per layer);
+* ``delora``           -- deltatune vs ``peft`` (DeLoRA r=16 on q/v).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -143,6 +147,10 @@ def configs(lib, case: str):
         return lib.PsoftConfig(r=32, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "osf":
         return lib.OSFConfig(effective_rank=0.75, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "frod":
+        return lib.FrodConfig(target_modules=["q_proj", "v_proj"], progressbar=False, task_type="CAUSAL_LM")
+    if case == "delora":
+        return lib.DeloraConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -198,6 +206,8 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "beft": (("deltatune", "dt", "beft"), ("peft", "peft", "beft")),
     "psoft": (("deltatune", "dt", "psoft"), ("peft", "peft", "psoft")),
     "osf": (("deltatune", "dt", "osf"), ("peft", "peft", "osf")),
+    "frod": (("deltatune", "dt", "frod"), ("peft", "peft", "frod")),
+    "delora": (("deltatune", "dt", "delora"), ("peft", "peft", "delora")),
 }
 COPY_TABLE = {"cartridge"}  # random key/value tables (no identity at init): peft's starts from deltatune's
 

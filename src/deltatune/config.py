@@ -73,6 +73,8 @@ class PeftType(enum.StrEnum):
     BEFT = "BEFT"
     PSOFT = "PSOFT"
     OSF = "OSF"
+    FROD = "FROD"
+    DELORA = "DELORA"
     # deltatune's own methods (PEFT has none of these; only deltatune reads their files)
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"

@@ -56,6 +56,8 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.beft",
     "deltatune.psoft",
     "deltatune.osf",
+    "deltatune.frod",
+    "deltatune.delora",
 )
 
 

@@ -91,6 +91,8 @@ CASES: dict[str, ContractCase] = {
     "BEFT": ContractCase(),  # PEFT's default target, v_proj (bias-free in Llama: merging gives it one)
     "PSOFT": ContractCase({"r": 4}),  # the default r=32 is the full width of the tiny Llama's attention
     "OSF": ContractCase({"effective_rank": 0.75}),  # a quarter of each projection trains (k_proj is 16 wide)
+    "FROD": ContractCase(),  # q/v (PEFT's table); S has ⌊32² · 0.01⌋ = 10 trained entries per role
+    "DELORA": ContractCase({"r": 4}),
 }
 
 
