@@ -93,9 +93,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "BEFT": ("BeftConfig", {"target_modules": ["lin0"]}),
     "PSOFT": ("PsoftConfig", {"target_modules": ["lin0"], "r": 2}),
     "OSF": ("OSFConfig", {"target_modules": ["lin0"]}),
-    # None: the test below asserts uses_shared_state for VeRA alone, and FRoD shares state too (as PEFT's FrodModel);
-    # tests/frod/test_layer.py::test_tuner_class_as_peft runs the same checks for FRoD
-    "FROD": ("FrodConfig", None),
+    "FROD": ("FrodConfig", {"target_modules": ["lin0"]}),
     "DELORA": ("DeloraConfig", {"target_modules": ["lin0"], "r": 2}),
 }
 
