@@ -86,6 +86,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "PVERA": ("PveraConfig", {"target_modules": ["lin0", "lin1"], "r": 4}),
     "PEANUT": ("PeanutConfig", {"target_modules": ["lin0"], "r": 4}),
     "GLORA": ("GloraConfig", {"target_modules": ["lin0"], "r": 2}),
+    "DEFT": ("DeftConfig", {"target_modules": ["lin0"], "r": 2}),
 }
 
 

@@ -16,6 +16,7 @@ from deltatune.bottleneck import BottleneckConfig, BottleneckModel
 from deltatune.c3a import C3AConfig, C3ALayer, C3ALinear, C3AModel
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.targeting import check_target_module_exists
+from deltatune.deft import DeftConfig, DeftLayer, DeftLinear, DeftModel
 from deltatune.errors import (
     AdapterLoadError,
     AdapterNameError,
@@ -131,6 +132,7 @@ __all__ = [
     "PveraConfig", "PveraLayer", "PveraModel",
     "PeanutConfig", "PeanutLayer", "PeanutModel",
     "GloraConfig", "GloraLayer", "GloraLinear", "GloraModel",
+    "DeftConfig", "DeftLayer", "DeftLinear", "DeftModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -74,6 +74,7 @@ class PeftType(enum.StrEnum):
     FOURIERFT = "FOURIERFT"  # PEFT's
     PEANUT = "PEANUT"  # PEFT's
     GLORA = "GLORA"  # PEFT's
+    DEFT = "DEFT"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

@@ -47,6 +47,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.pvera",
     "deltatune.peanut",
     "deltatune.glora",
+    "deltatune.deft",
 )
 
 

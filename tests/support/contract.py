@@ -72,6 +72,7 @@ CASES: dict[str, ContractCase] = {
     "PVERA": ContractCase({"r": 4}),  # A is (2r, 32): the default r=256 would be 16x the model
     "PEANUT": ContractCase({"r": 4, "depth": 1}),  # one encoder/decoder pair: the residual path runs too
     "GLORA": ContractCase({"r": 4}),  # the tiny Llama has no biases: C, D, E are zeros (GPT-2/BERT in tests/glora)
+    "DEFT": ContractCase({"r": 4}),
 }
 
 
