@@ -87,6 +87,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "PEANUT": ("PeanutConfig", {"target_modules": ["lin0"], "r": 4}),
     "GLORA": ("GloraConfig", {"target_modules": ["lin0"], "r": 2}),
     "DEFT": ("DeftConfig", {"target_modules": ["lin0"], "r": 2}),
+    "SUPERTUNING": ("SupertuningConfig", {"target_modules": ["lin0"], "sparsity": 0.5}),
 }
 
 

@@ -94,6 +94,7 @@ from deltatune.save_and_load import (
 )
 from deltatune.shira import ShiraConfig, ShiraLayer, ShiraModel
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from deltatune.supertuning import SupertuningConfig, SupertuningLayer, SupertuningLinear, SupertuningModel
 from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
 from deltatune.vera import VeraConfig, VeraModel
@@ -133,6 +134,7 @@ __all__ = [
     "PeanutConfig", "PeanutLayer", "PeanutModel",
     "GloraConfig", "GloraLayer", "GloraLinear", "GloraModel",
     "DeftConfig", "DeftLayer", "DeftLinear", "DeftModel",
+    "SupertuningConfig", "SupertuningLayer", "SupertuningLinear", "SupertuningModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -75,6 +75,7 @@ class PeftType(enum.StrEnum):
     PEANUT = "PEANUT"  # PEFT's
     GLORA = "GLORA"  # PEFT's
     DEFT = "DEFT"  # PEFT's
+    SUPERTUNING = "SUPERTUNING"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

@@ -48,6 +48,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.peanut",
     "deltatune.glora",
     "deltatune.deft",
+    "deltatune.supertuning",
 )
 
 

@@ -73,6 +73,7 @@ CASES: dict[str, ContractCase] = {
     "PEANUT": ContractCase({"r": 4, "depth": 1}),  # one encoder/decoder pair: the residual path runs too
     "GLORA": ContractCase({"r": 4}),  # the tiny Llama has no biases: C, D, E are zeros (GPT-2/BERT in tests/glora)
     "DEFT": ContractCase({"r": 4}),
+    "SUPERTUNING": ContractCase({"sparsity": 0.9, "r": 2}),  # 10% of each weight, plus the Supra LoRA
 }
 
 
