@@ -25,6 +25,8 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``peanut``, ``glora`` -- deltatune vs ``peft`` (PEANuT r=16, depth 1 on q/v; GLoRA r=16, PEFT's default
                         parametrisations, on q/v).
+* ``deft``             -- deltatune vs ``peft`` (DEFT r=16 on q/v, relu decomposition, identity init);
+* ``supertuning``      -- deltatune vs ``peft`` (Super-Tuning, PEFT's default sparsity 0.99, no LoRA, on q/v).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -101,6 +103,10 @@ def configs(lib, case: str):
         return lib.PeanutConfig(r=16, depth=1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "glora":
         return lib.GloraConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "deft":
+        return lib.DeftConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "supertuning":
+        return lib.SupertuningConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -126,6 +132,8 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "pvera": (("deltatune", "dt", "pvera"), ("peft", "peft", "pvera")),
     "peanut": (("deltatune", "dt", "peanut"), ("peft", "peft", "peanut")),
     "glora": (("deltatune", "dt", "glora"), ("peft", "peft", "glora")),
+    "deft": (("deltatune", "dt", "deft"), ("peft", "peft", "deft")),
+    "supertuning": (("deltatune", "dt", "supertuning"), ("peft", "peft", "supertuning")),
 }
 
 
