@@ -51,6 +51,8 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``frod``             -- deltatune vs ``peft`` (FRoD on q/v, sparse_rate 0.01: 576 + 3317 values per layer);
 * ``delora``           -- deltatune vs ``peft`` (DeLoRA r=16 on q/v).
+* ``deft``             -- deltatune vs ``peft`` (DEFT r=16 on q/v, relu decomposition, identity init);
+* ``supertuning``      -- deltatune vs ``peft`` (Super-Tuning, PEFT's default sparsity 0.99, no LoRA, on q/v).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -151,6 +153,10 @@ def configs(lib, case: str):
         return lib.FrodConfig(target_modules=["q_proj", "v_proj"], progressbar=False, task_type="CAUSAL_LM")
     if case == "delora":
         return lib.DeloraConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "deft":
+        return lib.DeftConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "supertuning":
+        return lib.SupertuningConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -208,6 +214,8 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "osf": (("deltatune", "dt", "osf"), ("peft", "peft", "osf")),
     "frod": (("deltatune", "dt", "frod"), ("peft", "peft", "frod")),
     "delora": (("deltatune", "dt", "delora"), ("peft", "peft", "delora")),
+    "deft": (("deltatune", "dt", "deft"), ("peft", "peft", "deft")),
+    "supertuning": (("deltatune", "dt", "supertuning"), ("peft", "peft", "supertuning")),
 }
 COPY_TABLE = {"cartridge"}  # random key/value tables (no identity at init): peft's starts from deltatune's
 

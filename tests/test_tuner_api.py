@@ -95,6 +95,8 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "OSF": ("OSFConfig", {"target_modules": ["lin0"]}),
     "FROD": ("FrodConfig", {"target_modules": ["lin0"]}),
     "DELORA": ("DeloraConfig", {"target_modules": ["lin0"], "r": 2}),
+    "DEFT": ("DeftConfig", {"target_modules": ["lin0"], "r": 2}),
+    "SUPERTUNING": ("SupertuningConfig", {"target_modules": ["lin0"], "sparsity": 0.5}),
 }
 
 

@@ -27,6 +27,7 @@ from deltatune.cartridge import (
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.targeting import check_target_module_exists
 from deltatune.delora import DeloraConfig, DeloraLayer, DeloraModel
+from deltatune.deft import DeftConfig, DeftLayer, DeftLinear, DeftModel
 from deltatune.errors import (
     AdapterLoadError,
     AdapterNameError,
@@ -108,6 +109,7 @@ from deltatune.save_and_load import (
 )
 from deltatune.shira import ShiraConfig, ShiraLayer, ShiraModel
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from deltatune.supertuning import SupertuningConfig, SupertuningLayer, SupertuningLinear, SupertuningModel
 from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
 from deltatune.vblora import VBLoRAConfig, VBLoRALayer, VBLoRAModel
@@ -161,6 +163,8 @@ __all__ = [
     "OSFConfig", "OSFLayer", "OSFModel",
     "FrodConfig", "FrodLayer", "FrodModel",
     "DeloraConfig", "DeloraLayer", "DeloraModel",
+    "DeftConfig", "DeftLayer", "DeftLinear", "DeftModel",
+    "SupertuningConfig", "SupertuningLayer", "SupertuningLinear", "SupertuningModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

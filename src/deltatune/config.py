@@ -85,6 +85,8 @@ class PeftType(enum.StrEnum):
     WAVEFT = "WAVEFT"
     VBLORA = "VBLORA"
     XLORA = "XLORA"  # PEFT's
+    DEFT = "DEFT"  # PEFT's
+    SUPERTUNING = "SUPERTUNING"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

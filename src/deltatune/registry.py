@@ -58,6 +58,8 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.osf",
     "deltatune.frod",
     "deltatune.delora",
+    "deltatune.deft",
+    "deltatune.supertuning",
 )
 
 

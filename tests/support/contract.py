@@ -93,6 +93,8 @@ CASES: dict[str, ContractCase] = {
     "OSF": ContractCase({"effective_rank": 0.75}),  # a quarter of each projection trains (k_proj is 16 wide)
     "FROD": ContractCase(),  # q/v (PEFT's table); S has ⌊32² · 0.01⌋ = 10 trained entries per role
     "DELORA": ContractCase({"r": 4}),
+    "DEFT": ContractCase({"r": 4}),
+    "SUPERTUNING": ContractCase({"sparsity": 0.9, "r": 2}),  # 10% of each weight, plus the Supra LoRA
 }
 
 
