@@ -26,8 +26,8 @@ from deltatune.cartridge import (
 )
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.targeting import check_target_module_exists
-from deltatune.delora import DeloraConfig, DeloraLayer, DeloraModel
 from deltatune.deft import DeftConfig, DeftLayer, DeftLinear, DeftModel
+from deltatune.delora import DeloraConfig, DeloraLayer, DeloraModel
 from deltatune.errors import (
     AdapterLoadError,
     AdapterNameError,
@@ -41,9 +41,9 @@ from deltatune.errors import (
 )
 from deltatune.export import ExportedLora, export_to_lora
 from deltatune.fourierft import FourierFTConfig, FourierFTLayer, FourierFTLinear, FourierFTModel
+from deltatune.frod import FrodConfig, FrodLayer, FrodModel
 from deltatune.glora import GloraConfig, GloraLayer, GloraLinear, GloraModel
 from deltatune.gralora import GraloraConfig, GraloraLayer, GraloraModel
-from deltatune.frod import FrodConfig, FrodLayer, FrodModel
 from deltatune.hira import HiraConfig, HiraLayer, HiraModel
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.hra import HRAConfig, HRAConv2d, HRALayer, HRALinear, HRAModel
