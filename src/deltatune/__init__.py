@@ -16,6 +16,7 @@ from deltatune.bottleneck import BottleneckConfig, BottleneckModel
 from deltatune.c3a import C3AConfig, C3ALayer, C3ALinear, C3AModel
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.targeting import check_target_module_exists
+from deltatune.cpt import CPTConfig, CPTEmbedding
 from deltatune.errors import (
     AdapterLoadError,
     AdapterNameError,
@@ -135,6 +136,7 @@ __all__ = [
     "GloraConfig", "GloraLayer", "GloraLinear", "GloraModel",
     "WaveFTConfig", "WaveFTLayer", "WaveFTLinear", "WaveFTModel",
     "VBLoRAConfig", "VBLoRALayer", "VBLoRAModel",
+    "CPTConfig", "CPTEmbedding",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

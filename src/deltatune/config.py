@@ -76,6 +76,7 @@ class PeftType(enum.StrEnum):
     GLORA = "GLORA"  # PEFT's
     WAVEFT = "WAVEFT"
     VBLORA = "VBLORA"
+    CPT = "CPT"
 
     def __str__(self) -> str:
         return self.value

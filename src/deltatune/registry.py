@@ -49,6 +49,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.glora",
     "deltatune.waveft",
     "deltatune.vblora",
+    "deltatune.cpt",
 )
 
 

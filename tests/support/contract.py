@@ -75,6 +75,7 @@ CASES: dict[str, ContractCase] = {
     "WAVEFT": ContractCase({"n_frequency": 64}),  # v_proj is 16x32: the default 2592 exceeds its 512 entries
     # vector_length must divide 32 and 16 (the default 256 divides neither); PEFT's init is not the identity
     "VBLORA": ContractCase({"r": 4, "num_vectors": 16, "vector_length": 8}, identity_at_init=False),
+    "CPT": ContractCase({"cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4]}),
 }
 
 
