@@ -1,7 +1,8 @@
 """CPT's prompt: the context's embeddings plus a bounded trained delta (PEFT's ``CPTEmbedding``).
 
 ``P = E(cpt_token_ids) + Π(Δ): (n, d)``. ``embedding.weight = E(cpt_token_ids)`` is frozen (a buffer);
-``delta_embedding.weight = Δ`` starts at zero and is trained. ``Π`` projects each row onto the ball of its token type's radius ``ε_t``:
+``delta_embedding.weight = Δ`` starts at zero and is trained. ``Π`` projects each row onto the ball of its token
+type's radius ``ε_t``:
 
     Π(Δ)_i = Δ_i · ε_i / max(‖Δ_i‖₂, ε_i),   ε_i = ε_type(i) · sqrt(d / 2048)
 

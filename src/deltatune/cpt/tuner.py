@@ -75,6 +75,12 @@ class CPTTuner(PromptTuner):
     """:class:`PromptTuner` whose forward, for an active CPT adapter, takes ``input_type_mask`` and computes
     CPT's loss from ``labels`` (module docstring); every other path is the prompt tuner's."""
 
+    @staticmethod
+    def build(peft_model: nn.Module, model: nn.Module, config: CPTConfig, adapter_name: str,
+              autocast_adapter_dtype: bool = True) -> CPTTuner:
+        """The tuner of a new ``PeftModel`` whose first adapter is CPT (``PromptTuner.build``'s signature)."""
+        return CPTTuner(model, config, adapter_name)
+
     def _cpt_active(self) -> bool:
         return not self.disabled and self.active_adapter is not None and isinstance(
             self.peft_config[self.active_adapter], CPTConfig)
