@@ -29,6 +29,7 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``waveft``           -- deltatune vs ``peft`` (WaveFT with PEFT's defaults: 2592 Haar coefficients on q/v);
 * ``vblora``           -- deltatune vs ``peft`` (VB-LoRA r=4, 256 vectors of length 64, top-2, on q/v).
+* ``cpt``              -- deltatune vs ``peft`` (CPT: a 64-token context of 8 examples, decayed loss).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -110,6 +111,10 @@ def configs(lib, case: str):
     if case == "vblora":  # a zero bank: the identity (PEFT's random init would differ between the two libraries)
         return lib.VBLoRAConfig(r=4, num_vectors=256, vector_length=64, init_vector_bank_bound=0.0,
                                 target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "cpt":  # a 64-token context (8 examples of input template, input, output template, label)
+        return lib.CPTConfig(cpt_token_ids=list(range(2000, 2064)), cpt_tokens_type_mask=[
+            4 * (i // 8) + k for i in range(64) for k in [(1, 2, 2, 2, 2, 3, 4, 4)[i % 8]]], task_type="CAUSAL_LM",
+            opt_weighted_loss_type="decay", opt_loss_decay_factor=0.95)
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -137,6 +142,7 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "glora": (("deltatune", "dt", "glora"), ("peft", "peft", "glora")),
     "waveft": (("deltatune", "dt", "waveft"), ("peft", "peft", "waveft")),
     "vblora": (("deltatune", "dt", "vblora"), ("peft", "peft", "vblora")),
+    "cpt": (("deltatune", "dt", "cpt"), ("peft", "peft", "cpt")),
 }
 
 
