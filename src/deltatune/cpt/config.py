@@ -30,8 +30,8 @@ class CPTConfig(PromptLearningConfig):
         cpt_tokens_type_mask: Each context token's type (``None``: all 1, input template): modulo 4, ``1``/``3``
             input/output template (bound ``opt_projection_format_epsilon``), ``2`` input (bound
             ``opt_projection_epsilon``), ``0`` a label (its row is never trained, as are padding rows, type 0).
-        opt_weighted_loss_type: ``"none"`` (every label token weighs 1) or ``"decay"`` (the last example weighs
-            1, the one before ``opt_loss_decay_factor``, then its square, ...).
+        opt_weighted_loss_type: ``"none"`` (or ``None``: every label token weighs 1) or ``"decay"`` (the last
+            example weighs 1, the one before ``opt_loss_decay_factor``, then its square, ...).
         opt_loss_decay_factor: The decay factor ``γ`` of ``"decay"``.
         opt_projection_epsilon: ``ε`` of input tokens, scaled by ``sqrt(token_dim / 2048)``.
         opt_projection_format_epsilon: ``ε`` of template tokens, scaled the same way.
@@ -68,5 +68,5 @@ class CPTConfig(PromptLearningConfig):
             self.cpt_tokens_type_mask = [1] * len(self.cpt_token_ids)
         if not len(self.cpt_token_ids) == len(self.cpt_mask) == len(self.cpt_tokens_type_mask):
             raise ConfigError("cpt_token_ids, cpt_mask and cpt_tokens_type_mask must have the same length.")
-        if self.opt_weighted_loss_type not in ("none", "decay"):
+        if self.opt_weighted_loss_type not in (None, "none", "decay"):
             raise ConfigError(f"opt_weighted_loss_type must be 'none' or 'decay', got {self.opt_weighted_loss_type!r}")
