@@ -53,6 +53,7 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``delora``           -- deltatune vs ``peft`` (DeLoRA r=16 on q/v).
 * ``deft``             -- deltatune vs ``peft`` (DEFT r=16 on q/v, relu decomposition, identity init);
 * ``supertuning``      -- deltatune vs ``peft`` (Super-Tuning, PEFT's default sparsity 0.99, no LoRA, on q/v).
+* ``cpt``              -- deltatune vs ``peft`` (CPT: a 64-token context of 8 examples, decayed loss).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -157,6 +158,10 @@ def configs(lib, case: str):
         return lib.DeftConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "supertuning":
         return lib.SupertuningConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "cpt":  # a 64-token context (8 examples of input template, input, output template, label)
+        return lib.CPTConfig(cpt_token_ids=list(range(2000, 2064)), cpt_tokens_type_mask=[
+            4 * (i // 8) + k for i in range(64) for k in [(1, 2, 2, 2, 2, 3, 4, 4)[i % 8]]], task_type="CAUSAL_LM",
+            opt_weighted_loss_type="decay", opt_loss_decay_factor=0.95)
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -216,6 +221,7 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "delora": (("deltatune", "dt", "delora"), ("peft", "peft", "delora")),
     "deft": (("deltatune", "dt", "deft"), ("peft", "peft", "deft")),
     "supertuning": (("deltatune", "dt", "supertuning"), ("peft", "peft", "supertuning")),
+    "cpt": (("deltatune", "dt", "cpt"), ("peft", "peft", "cpt")),
 }
 COPY_TABLE = {"cartridge"}  # random key/value tables (no identity at init): peft's starts from deltatune's
 

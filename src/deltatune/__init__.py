@@ -28,6 +28,7 @@ from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.targeting import check_target_module_exists
 from deltatune.deft import DeftConfig, DeftLayer, DeftLinear, DeftModel
 from deltatune.delora import DeloraConfig, DeloraLayer, DeloraModel
+from deltatune.cpt import CPTConfig, CPTEmbedding
 from deltatune.errors import (
     AdapterLoadError,
     AdapterNameError,
@@ -165,6 +166,7 @@ __all__ = [
     "DeloraConfig", "DeloraLayer", "DeloraModel",
     "DeftConfig", "DeftLayer", "DeftLinear", "DeftModel",
     "SupertuningConfig", "SupertuningLayer", "SupertuningLinear", "SupertuningModel",
+    "CPTConfig", "CPTEmbedding",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

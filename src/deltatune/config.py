@@ -87,6 +87,7 @@ class PeftType(enum.StrEnum):
     XLORA = "XLORA"  # PEFT's
     DEFT = "DEFT"  # PEFT's
     SUPERTUNING = "SUPERTUNING"  # PEFT's
+    CPT = "CPT"
 
     def __str__(self) -> str:
         return self.value

@@ -60,6 +60,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.delora",
     "deltatune.deft",
     "deltatune.supertuning",
+    "deltatune.cpt",
 )
 
 

@@ -95,6 +95,7 @@ CASES: dict[str, ContractCase] = {
     "DELORA": ContractCase({"r": 4}),
     "DEFT": ContractCase({"r": 4}),
     "SUPERTUNING": ContractCase({"sparsity": 0.9, "r": 2}),  # 10% of each weight, plus the Supra LoRA
+    "CPT": ContractCase({"cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4]}),
 }
 
 
