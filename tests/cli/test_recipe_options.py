@@ -55,3 +55,21 @@ def test_c3a_block_size_from_the_cli_divides_every_linear_width(llama_dir):
     assert not any(all(w % d == 0 for w in widths) for d in range(options["block_size"] + 1, 257))  # the largest
     given = cli_options.fill_method_defaults(C3AConfig, {"block_size": 4}, total_steps=10, model_path=llama_dir)
     assert given["block_size"] == 4  # a block size the user gave stays
+
+
+def test_cpt_context_from_the_cli_is_the_first_training_examples(llama_dir):
+    from deltatune import CPTConfig
+
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, -100, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    options = cli_options.fill_method_defaults(CPTConfig, {}, total_steps=10, model_path=llama_dir,
+                                               train_examples=examples)
+    assert options["cpt_token_ids"] == [5, 6, 7, 8, 9]
+    assert options["cpt_tokens_type_mask"] == [2, 2, 4, 6, 8]  # example j: input 4j+2, label 4j+4 (PEFT's types)
+    assert options["cpt_mask"] == [1] * 5
+    long = [{"input_ids": list(range(300)), "labels": [-100] * 299 + [299]}]
+    options = cli_options.fill_method_defaults(CPTConfig, {}, total_steps=10, model_path=llama_dir,
+                                               train_examples=long)
+    assert options["cpt_token_ids"] == list(range(300 - cli_options.CPT_CONTEXT_TOKENS, 300))  # the end: the answer
+    given = cli_options.fill_method_defaults(CPTConfig, {"cpt_token_ids": [3]}, total_steps=10, model_path=llama_dir,
+                                             train_examples=examples)
+    assert given["cpt_token_ids"] == [3] and "cpt_tokens_type_mask" not in given

@@ -20,6 +20,7 @@ import typing
 from typing import Any, NamedTuple
 
 from deltatune.cli.common import UsageError
+from deltatune.training.data import IGNORE_INDEX
 
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 
@@ -316,6 +317,10 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
       weights, that many;
     * ``adapter_len`` / ``adapter_layers`` (adaption prompts, which PEFT leaves unset): 10 prompt vectors (the
       paper's) in every layer of the model;
+    * ``cpt_token_ids`` / ``cpt_tokens_type_mask`` / ``cpt_mask`` (CPT's context, which PEFT leaves to the user):
+      the first training examples, up to ``CPT_CONTEXT_TOKENS`` tokens (an example longer than what is left
+      keeps its end, where the answer is), example ``j``'s prompt tokens typed ``4j + 2`` (input) and its answer
+      tokens ``4j + 4`` (label), PEFT's type numbering;
     * ``group_size`` (RoAd's groups of paired output features, which must be even and divide every adapted layer's
       output size): the largest even divisor of those widths up to the config's default (64), likewise.
     """
@@ -347,12 +352,33 @@ def fill_method_defaults(config_cls: type, options: dict[str, Any], *, total_ste
         out["adapter_len"] = 10
     if unset("adapter_layers"):
         out["adapter_layers"] = model_layer_count(model_path) or 1
+    if unset("cpt_token_ids") and "cpt_tokens_type_mask" in fields and train_examples:
+        out.update(cpt_context(train_examples))
     if unset("group_size"):
         gcd = common_block_size(model_path, cap=math.inf)  # the gcd of the widths itself
         even = [d for d in range(2, min(gcd or 0, fields["group_size"].default) + 1, 2) if gcd % d == 0]
         if even:
             out["group_size"] = even[-1]
     return out
+
+
+CPT_CONTEXT_TOKENS = 128  # the few-shot context CPT trains from the CLI: a few short examples or one long one's end
+
+
+def cpt_context(examples: list[dict]) -> dict[str, list[int]]:
+    """CPT's context from the first ``examples`` (see :func:`fill_method_defaults`): ``cpt_token_ids``,
+    ``cpt_tokens_type_mask`` and ``cpt_mask`` of at most ``CPT_CONTEXT_TOKENS`` tokens."""
+    ids: list[int] = []
+    kinds: list[int] = []
+    for j, example in enumerate(examples):
+        room = CPT_CONTEXT_TOKENS - len(ids)
+        if room <= 0:
+            break
+        labels = example.get("labels") or [IGNORE_INDEX] * len(example["input_ids"])
+        pairs = list(zip(example["input_ids"], labels))[-room:]
+        ids += [token for token, _ in pairs]
+        kinds += [4 * j + (2 if label == IGNORE_INDEX else 4) for _, label in pairs]
+    return {"cpt_token_ids": ids, "cpt_tokens_type_mask": kinds, "cpt_mask": [1] * len(ids)}
 
 
 def _text_config(model_path: str) -> Any | None:
