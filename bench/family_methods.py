@@ -1,13 +1,5 @@
-"""LN tuning, trainable tokens, LoRA + trainable tokens, (IA)³, LoHa, LoKr, VeRA, HiRA, SHiRA, MiSS, Lily, HRA, C3A,
-BitFit, bottleneck adapters, GraLoRA and FourierFT: one training step.
-BitFit, bottleneck adapters, RandLoRA and PVeRA: one training step.
-BitFit, bottleneck adapters, PEANuT and GLoRA: one training step.
-BitFit, bottleneck adapters, WaveFT and VB-LoRA: one training step.
-BitFit, bottleneck adapters and X-LoRA: one training step.
-BitFit, bottleneck adapters, adaption prompts and cartridges: one training step.
-BitFit, bottleneck adapters, RoAd and BEFT: one training step.
-BitFit, bottleneck adapters, PSOFT and OSF: one training step.
-BitFit, bottleneck adapters, FRoD and DeLoRA: one training step.
+"""LN tuning, trainable tokens, LoRA + trainable tokens, (IA)³, LoHa, LoKr, VeRA, BitFit, bottleneck adapters and
+the methods of issue 22 (HiRA ... CPT): one training step each, against peft.
 
 On SmolLM2-135M (fp32, CPU unless CUDA is there), one fixed batch of ``--batch-size`` x ``--seq-len`` random
 token ids, causal-LM loss, ``AdamW`` step. Each case interleaves two variants in one process (alternating
@@ -22,33 +14,25 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
                         all-linear; SHiRA r=16 on q/v; Lily r=16, stride_A 2, 4 experts on q/v/down_proj; HRA r=8
                         on q/v; C3A block 64 on q/v);
 * ``bitfit``           -- deltatune vs deltatune LoRA r=16 all-linear (the usual floor; PEFT has no BitFit);
-* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA.
+* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``gralora``          -- deltatune vs ``peft`` (GraLoRA r=16, gralora_k=2, hybrid_r=0 on q/v);
 * ``fourierft``        -- deltatune vs ``peft`` (FourierFT n_frequency=1000, scaling 300 on q/v, spectrum from zeros).
-* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``randlora``         -- deltatune vs ``peft`` (RandLoRA r=32, its default, on q/v: 18 bases per layer);
 * ``pvera``            -- deltatune vs ``peft`` (PVeRA r=256 on q/v, as VeRA's case).
-* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``peanut``, ``glora`` -- deltatune vs ``peft`` (PEANuT r=16, depth 1 on q/v; GLoRA r=16, PEFT's default
                         parametrisations, on q/v).
-* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``waveft``           -- deltatune vs ``peft`` (WaveFT with PEFT's defaults: 2592 Haar coefficients on q/v);
 * ``vblora``           -- deltatune vs ``peft`` (VB-LoRA r=4, 256 vectors of length 64, top-2, on q/v).
-* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``xlora``            -- deltatune vs ``peft`` (two LoRA r=16 q/v experts, copies of one random expert, so the
                         mixture starts at the same loss whatever each library's classifier init; the cache off).
-* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``adaption_prompt``  -- deltatune vs ``peft`` (LLaMA-Adapter: 10 prompt vectors and a gate in all 30 attention
                         layers);
 * ``cartridge``        -- deltatune vs ``peft`` (a 20-entry key/value cache prefix, 1 frozen; peft's copies
                         deltatune's random table, so both start from the same loss).
-* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``road``             -- deltatune vs ``peft`` (RoAd road_1, group 64, on q/v);
 * ``beft``             -- deltatune vs ``peft`` (BEFT on its default v_proj).
-* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``psoft``            -- deltatune vs ``peft`` (PSOFT r=32 on q/v: Cayley solve, both magnitude vectors);
 * ``osf``              -- deltatune vs ``peft`` (OSF on q/v, the top 3/4 of the singular directions frozen).
-* ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``frod``             -- deltatune vs ``peft`` (FRoD on q/v, sparse_rate 0.01: 576 + 3317 values per layer);
 * ``delora``           -- deltatune vs ``peft`` (DeLoRA r=16 on q/v).
 * ``deft``             -- deltatune vs ``peft`` (DEFT r=16 on q/v, relu decomposition, identity init);
