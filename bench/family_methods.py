@@ -170,42 +170,15 @@ def _xlora_expert() -> str:
     return _EXPERT[0]
 
 
+AGAINST_PEFT = (  # the cases run against peft's same method
+    "ln_tuning", "trainable_tokens", "lora_tokens", "ia3", "loha", "lokr", "vera", "hira", "shira", "miss", "lily",
+    "hra", "c3a", "gralora", "fourierft", "randlora", "pvera", "peanut", "glora", "waveft", "vblora", "xlora",
+    "adaption_prompt", "cartridge", "road", "beft", "psoft", "osf", "frod", "delora", "deft", "supertuning", "cpt",
+)
 PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config case))
-    "ln_tuning": (("deltatune", "dt", "ln_tuning"), ("peft", "peft", "ln_tuning")),
-    "trainable_tokens": (("deltatune", "dt", "trainable_tokens"), ("peft", "peft", "trainable_tokens")),
-    "lora_tokens": (("deltatune", "dt", "lora_tokens"), ("peft", "peft", "lora_tokens")),
-    "ia3": (("deltatune", "dt", "ia3"), ("peft", "peft", "ia3")),
-    "loha": (("deltatune", "dt", "loha"), ("peft", "peft", "loha")),
-    "lokr": (("deltatune", "dt", "lokr"), ("peft", "peft", "lokr")),
-    "vera": (("deltatune", "dt", "vera"), ("peft", "peft", "vera")),
-    "hira": (("deltatune", "dt", "hira"), ("peft", "peft", "hira")),
-    "shira": (("deltatune", "dt", "shira"), ("peft", "peft", "shira")),
-    "miss": (("deltatune", "dt", "miss"), ("peft", "peft", "miss")),
-    "lily": (("deltatune", "dt", "lily"), ("peft", "peft", "lily")),
-    "hra": (("deltatune", "dt", "hra"), ("peft", "peft", "hra")),
-    "c3a": (("deltatune", "dt", "c3a"), ("peft", "peft", "c3a")),
+    **{case: (("deltatune", "dt", case), ("peft", "peft", case)) for case in AGAINST_PEFT},
     "bitfit": (("deltatune", "dt", "bitfit"), ("deltatune LoRA r16", "dt", "lora")),
     "bottleneck": (("deltatune", "dt", "bottleneck"), ("deltatune LoRA r16", "dt", "lora")),
-    "gralora": (("deltatune", "dt", "gralora"), ("peft", "peft", "gralora")),
-    "fourierft": (("deltatune", "dt", "fourierft"), ("peft", "peft", "fourierft")),
-    "randlora": (("deltatune", "dt", "randlora"), ("peft", "peft", "randlora")),
-    "pvera": (("deltatune", "dt", "pvera"), ("peft", "peft", "pvera")),
-    "peanut": (("deltatune", "dt", "peanut"), ("peft", "peft", "peanut")),
-    "glora": (("deltatune", "dt", "glora"), ("peft", "peft", "glora")),
-    "waveft": (("deltatune", "dt", "waveft"), ("peft", "peft", "waveft")),
-    "vblora": (("deltatune", "dt", "vblora"), ("peft", "peft", "vblora")),
-    "xlora": (("deltatune", "dt", "xlora"), ("peft", "peft", "xlora")),
-    "adaption_prompt": (("deltatune", "dt", "adaption_prompt"), ("peft", "peft", "adaption_prompt")),
-    "cartridge": (("deltatune", "dt", "cartridge"), ("peft", "peft", "cartridge")),
-    "road": (("deltatune", "dt", "road"), ("peft", "peft", "road")),
-    "beft": (("deltatune", "dt", "beft"), ("peft", "peft", "beft")),
-    "psoft": (("deltatune", "dt", "psoft"), ("peft", "peft", "psoft")),
-    "osf": (("deltatune", "dt", "osf"), ("peft", "peft", "osf")),
-    "frod": (("deltatune", "dt", "frod"), ("peft", "peft", "frod")),
-    "delora": (("deltatune", "dt", "delora"), ("peft", "peft", "delora")),
-    "deft": (("deltatune", "dt", "deft"), ("peft", "peft", "deft")),
-    "supertuning": (("deltatune", "dt", "supertuning"), ("peft", "peft", "supertuning")),
-    "cpt": (("deltatune", "dt", "cpt"), ("peft", "peft", "cpt")),
 }
 COPY_TABLE = {"cartridge"}  # random key/value tables (no identity at init): peft's starts from deltatune's
 
