@@ -84,6 +84,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "FOURIERFT": ("FourierFTConfig", {"target_modules": ["lin0"], "n_frequency": 20}),
     "RANDLORA": ("RandLoraConfig", {"target_modules": ["lin0"], "r": 4}),
     "PVERA": ("PveraConfig", {"target_modules": ["lin0", "lin1"], "r": 4}),
+    "TINYLORA": ("TinyLoraConfig", {"target_modules": ["lin0", "lin1"], "u": 4}),
 }
 
 

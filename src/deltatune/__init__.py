@@ -91,6 +91,7 @@ from deltatune.save_and_load import (
 )
 from deltatune.shira import ShiraConfig, ShiraLayer, ShiraModel
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from deltatune.tinylora import TinyLoraConfig, TinyLoraLayer, TinyLoraModel
 from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
 from deltatune.vera import VeraConfig, VeraModel
@@ -127,6 +128,7 @@ __all__ = [
     "FourierFTConfig", "FourierFTLayer", "FourierFTLinear", "FourierFTModel",
     "RandLoraConfig", "RandLoraLayer", "RandLoraModel",
     "PveraConfig", "PveraLayer", "PveraModel",
+    "TinyLoraConfig", "TinyLoraLayer", "TinyLoraModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

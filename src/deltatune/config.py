@@ -72,6 +72,7 @@ class PeftType(enum.StrEnum):
     BOTTLENECK = "BOTTLENECK"
     GRALORA = "GRALORA"  # PEFT's
     FOURIERFT = "FOURIERFT"  # PEFT's
+    TINYLORA = "TINYLORA"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

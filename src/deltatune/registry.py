@@ -45,6 +45,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.fourierft",
     "deltatune.randlora",
     "deltatune.pvera",
+    "deltatune.tinylora",
 )
 
 

@@ -70,6 +70,7 @@ CASES: dict[str, ContractCase] = {
     # on perturbed λ, γ makes ΔW ~1e3 times W, beyond fp32's exact unmerge
     "RANDLORA": ContractCase({"r": 4, "randlora_alpha": 4}),
     "PVERA": ContractCase({"r": 4}),  # A is (2r, 32): the default r=256 would be 16x the model
+    "TINYLORA": ContractCase(),  # PEFT's defaults fit: r=2 SVD factors of the 32-wide q/v_proj, u=64
 }
 
 
