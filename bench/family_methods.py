@@ -20,7 +20,8 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``fourierft``        -- deltatune vs ``peft`` (FourierFT n_frequency=1000, scaling 300 on q/v, spectrum from zeros).
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``randlora``         -- deltatune vs ``peft`` (RandLoRA r=32, its default, on q/v: 18 bases per layer);
-* ``pvera``            -- deltatune vs ``peft`` (PVeRA r=256 on q/v, as VeRA's case).
+* ``pvera``            -- deltatune vs ``peft`` (PVeRA r=256 on q/v, as VeRA's case);
+* ``tinylora``         -- deltatune vs ``peft`` (TinyLoRA's defaults r=2, u=64 on q/v: a vector per layer).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -93,6 +94,8 @@ def configs(lib, case: str):
         return lib.RandLoraConfig(r=32, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "pvera":
         return lib.PveraConfig(r=256, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "tinylora":
+        return lib.TinyLoraConfig(r=2, u=64, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -116,6 +119,7 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "fourierft": (("deltatune", "dt", "fourierft"), ("peft", "peft", "fourierft")),
     "randlora": (("deltatune", "dt", "randlora"), ("peft", "peft", "randlora")),
     "pvera": (("deltatune", "dt", "pvera"), ("peft", "peft", "pvera")),
+    "tinylora": (("deltatune", "dt", "tinylora"), ("peft", "peft", "tinylora")),
 }
 
 
