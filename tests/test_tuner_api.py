@@ -85,6 +85,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "RANDLORA": ("RandLoraConfig", {"target_modules": ["lin0"], "r": 4}),
     "PVERA": ("PveraConfig", {"target_modules": ["lin0", "lin1"], "r": 4}),
     "TINYLORA": ("TinyLoraConfig", {"target_modules": ["lin0", "lin1"], "u": 4}),
+    "UNILORA": ("UniLoraConfig", {"target_modules": ["lin0", "lin1"], "theta_d_length": 16}),
 }
 
 

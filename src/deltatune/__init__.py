@@ -93,6 +93,7 @@ from deltatune.shira import ShiraConfig, ShiraLayer, ShiraModel
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from deltatune.tinylora import TinyLoraConfig, TinyLoraLayer, TinyLoraModel
 from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
+from deltatune.unilora import UniLoraConfig, UniLoraLayer, UniLoraModel
 from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
 from deltatune.vera import VeraConfig, VeraModel
 
@@ -129,6 +130,7 @@ __all__ = [
     "RandLoraConfig", "RandLoraLayer", "RandLoraModel",
     "PveraConfig", "PveraLayer", "PveraModel",
     "TinyLoraConfig", "TinyLoraLayer", "TinyLoraModel",
+    "UniLoraConfig", "UniLoraLayer", "UniLoraModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

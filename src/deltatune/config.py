@@ -73,6 +73,7 @@ class PeftType(enum.StrEnum):
     GRALORA = "GRALORA"  # PEFT's
     FOURIERFT = "FOURIERFT"  # PEFT's
     TINYLORA = "TINYLORA"  # PEFT's
+    UNILORA = "UNILORA"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

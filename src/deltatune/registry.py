@@ -46,6 +46,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.randlora",
     "deltatune.pvera",
     "deltatune.tinylora",
+    "deltatune.unilora",
 )
 
 

@@ -71,6 +71,9 @@ CASES: dict[str, ContractCase] = {
     "RANDLORA": ContractCase({"r": 4, "randlora_alpha": 4}),
     "PVERA": ContractCase({"r": 4}),  # A is (2r, 32): the default r=256 would be 16x the model
     "TINYLORA": ContractCase(),  # PEFT's defaults fit: r=2 SVD factors of the 32-wide q/v_proj, u=64
+    # θ starts uniform, not zero (A and B both read it): bound 0.5 so the fresh adapter visibly moves the logits;
+    # save_indices so the file names the adapted layers (deltatune inspect reads them there)
+    "UNILORA": ContractCase({"init_theta_d_bound": 0.5, "save_indices": True}, identity_at_init=False),
 }
 
 
