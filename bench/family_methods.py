@@ -21,7 +21,8 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``bottleneck``       -- deltatune (after each MLP, reduction 16) vs the same LoRA;
 * ``randlora``         -- deltatune vs ``peft`` (RandLoRA r=32, its default, on q/v: 18 bases per layer);
 * ``pvera``            -- deltatune vs ``peft`` (PVeRA r=256 on q/v, as VeRA's case);
-* ``tinylora``         -- deltatune vs ``peft`` (TinyLoRA's defaults r=2, u=64 on q/v: a vector per layer).
+* ``tinylora``         -- deltatune vs ``peft`` (TinyLoRA's defaults r=2, u=64 on q/v: a vector per layer);
+* ``unilora``          -- deltatune vs ``peft`` (Uni-LoRA's defaults r=4, theta_d_length=256 on q/v).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -96,6 +97,8 @@ def configs(lib, case: str):
         return lib.PveraConfig(r=256, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "tinylora":
         return lib.TinyLoraConfig(r=2, u=64, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "unilora":
+        return lib.UniLoraConfig(r=4, theta_d_length=256, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -120,6 +123,7 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "randlora": (("deltatune", "dt", "randlora"), ("peft", "peft", "randlora")),
     "pvera": (("deltatune", "dt", "pvera"), ("peft", "peft", "pvera")),
     "tinylora": (("deltatune", "dt", "tinylora"), ("peft", "peft", "tinylora")),
+    "unilora": (("deltatune", "dt", "unilora"), ("peft", "peft", "unilora")),
 }
 
 
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in args.cases.split(","):
         variants = []
         for label, lib, cfg_case in PAIRS[case]:
+            torch.manual_seed(0)  # the same random init in both (Uni-LoRA's θ is not zero at the start)
             model = libs[lib].get_peft_model(copy.deepcopy(base), configs(libs[lib], cfg_case))
             variants.append(Variant(label, model, batch, device))
         a, b = variants
