@@ -117,12 +117,10 @@ def create_or_update(target: nn.Module, adapter_name: str, config: TinyLoraConfi
 def projections_from_file(config: TinyLoraConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Before a state dict with file keys is loaded: PEFT's warnings about ``P`` and ``save_projection``; with
     ``save_projection=False`` a file's ``P`` are not loaded (the layers' redrawn ones stay, as PEFT's non-persistent
-    buffers ignore them)."""
+    buffers ignore them). With ``save_projection=True`` a state dict without ``P`` is refused by the checked load
+    (``AdapterLoadError`` naming them), where PEFT warns and keeps the redrawn ones."""
     has_projection = any(k.endswith(".tinylora_P") for k in weights)
-    if config.save_projection and not has_projection:
-        warnings.warn("Specified to load tinylora_P from state dictionary however it was not present! "
-                      "Projection tensors will be regenerated from the projection_seed.", stacklevel=4)
-    elif not config.save_projection and has_projection:
+    if not config.save_projection and has_projection:
         warnings.warn("Specified to not load tinylora_P from state dictionary however they are present in state"
                       " dictionary! Consider using them to ensure checkpoint loading is correct on all platforms using"
                       " `peft_config.save_projection = True`", stacklevel=4)
