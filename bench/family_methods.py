@@ -38,6 +38,9 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``deft``             -- deltatune vs ``peft`` (DEFT r=16 on q/v, relu decomposition, identity init);
 * ``supertuning``      -- deltatune vs ``peft`` (Super-Tuning, PEFT's default sparsity 0.99, no LoRA, on q/v).
 * ``cpt``              -- deltatune vs ``peft`` (CPT: a 64-token context of 8 examples, decayed loss).
+* ``pvera``            -- deltatune vs ``peft`` (PVeRA r=256 on q/v, as VeRA's case);
+* ``tinylora``         -- deltatune vs ``peft`` (TinyLoRA's defaults r=2, u=64 on q/v: a vector per layer);
+* ``unilora``          -- deltatune vs ``peft`` (Uni-LoRA's defaults r=4, theta_d_length=256 on q/v).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -146,6 +149,10 @@ def configs(lib, case: str):
         return lib.CPTConfig(cpt_token_ids=list(range(2000, 2064)), cpt_tokens_type_mask=[
             4 * (i // 8) + k for i in range(64) for k in [(1, 2, 2, 2, 2, 3, 4, 4)[i % 8]]], task_type="CAUSAL_LM",
             opt_weighted_loss_type="decay", opt_loss_decay_factor=0.95)
+    if case == "tinylora":
+        return lib.TinyLoraConfig(r=2, u=64, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "unilora":
+        return lib.UniLoraConfig(r=4, theta_d_length=256, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -179,6 +186,12 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     **{case: (("deltatune", "dt", case), ("peft", "peft", case)) for case in AGAINST_PEFT},
     "bitfit": (("deltatune", "dt", "bitfit"), ("deltatune LoRA r16", "dt", "lora")),
     "bottleneck": (("deltatune", "dt", "bottleneck"), ("deltatune LoRA r16", "dt", "lora")),
+    "gralora": (("deltatune", "dt", "gralora"), ("peft", "peft", "gralora")),
+    "fourierft": (("deltatune", "dt", "fourierft"), ("peft", "peft", "fourierft")),
+    "randlora": (("deltatune", "dt", "randlora"), ("peft", "peft", "randlora")),
+    "pvera": (("deltatune", "dt", "pvera"), ("peft", "peft", "pvera")),
+    "tinylora": (("deltatune", "dt", "tinylora"), ("peft", "peft", "tinylora")),
+    "unilora": (("deltatune", "dt", "unilora"), ("peft", "peft", "unilora")),
 }
 COPY_TABLE = {"cartridge"}  # random key/value tables (no identity at init): peft's starts from deltatune's
 
@@ -249,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
             if case == "xlora":  # peft's XLoraModel refuses a model with the cache on
                 model.config.use_cache = False
             model = libs[lib].get_peft_model(model, configs(libs[lib], cfg_case))
+            torch.manual_seed(0)  # the same random init in both (Uni-LoRA's θ is not zero at the start)
+            model = libs[lib].get_peft_model(copy.deepcopy(base), configs(libs[lib], cfg_case))
             variants.append(Variant(label, model, batch, device))
         a, b = variants
         if case in COPY_TABLE:

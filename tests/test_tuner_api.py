@@ -97,6 +97,8 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "DELORA": ("DeloraConfig", {"target_modules": ["lin0"], "r": 2}),
     "DEFT": ("DeftConfig", {"target_modules": ["lin0"], "r": 2}),
     "SUPERTUNING": ("SupertuningConfig", {"target_modules": ["lin0"], "sparsity": 0.5}),
+    "TINYLORA": ("TinyLoraConfig", {"target_modules": ["lin0", "lin1"], "u": 4}),
+    "UNILORA": ("UniLoraConfig", {"target_modules": ["lin0", "lin1"], "theta_d_length": 16}),
 }
 
 

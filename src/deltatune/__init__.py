@@ -111,7 +111,9 @@ from deltatune.save_and_load import (
 from deltatune.shira import ShiraConfig, ShiraLayer, ShiraModel
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from deltatune.supertuning import SupertuningConfig, SupertuningLayer, SupertuningLinear, SupertuningModel
+from deltatune.tinylora import TinyLoraConfig, TinyLoraLayer, TinyLoraModel
 from deltatune.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
+from deltatune.unilora import UniLoraConfig, UniLoraLayer, UniLoraModel
 from deltatune.utils import cast_mixed_precision_params, shift_tokens_right
 from deltatune.vblora import VBLoRAConfig, VBLoRALayer, VBLoRAModel
 from deltatune.vera import VeraConfig, VeraModel
@@ -167,6 +169,8 @@ __all__ = [
     "DeftConfig", "DeftLayer", "DeftLinear", "DeftModel",
     "SupertuningConfig", "SupertuningLayer", "SupertuningLinear", "SupertuningModel",
     "CPTConfig", "CPTEmbedding",
+    "TinyLoraConfig", "TinyLoraLayer", "TinyLoraModel",
+    "UniLoraConfig", "UniLoraLayer", "UniLoraModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -88,6 +88,8 @@ class PeftType(enum.StrEnum):
     DEFT = "DEFT"  # PEFT's
     SUPERTUNING = "SUPERTUNING"  # PEFT's
     CPT = "CPT"
+    TINYLORA = "TINYLORA"  # PEFT's
+    UNILORA = "UNILORA"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

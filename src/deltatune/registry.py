@@ -61,6 +61,8 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.deft",
     "deltatune.supertuning",
     "deltatune.cpt",
+    "deltatune.tinylora",
+    "deltatune.unilora",
 )
 
 

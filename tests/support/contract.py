@@ -96,6 +96,10 @@ CASES: dict[str, ContractCase] = {
     "DEFT": ContractCase({"r": 4}),
     "SUPERTUNING": ContractCase({"sparsity": 0.9, "r": 2}),  # 10% of each weight, plus the Supra LoRA
     "CPT": ContractCase({"cpt_token_ids": [5, 6, 7, 8], "cpt_tokens_type_mask": [1, 2, 3, 4]}),
+    "TINYLORA": ContractCase(),  # PEFT's defaults fit: r=2 SVD factors of the 32-wide q/v_proj, u=64
+    # θ starts uniform, not zero (A and B both read it): bound 0.5 so the fresh adapter visibly moves the logits;
+    # save_indices so the file names the adapted layers (deltatune inspect reads them there)
+    "UNILORA": ContractCase({"init_theta_d_bound": 0.5, "save_indices": True}, identity_at_init=False),
 }
 
 
