@@ -26,9 +26,9 @@ from deltatune.cartridge import (
 )
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.core.targeting import check_target_module_exists
+from deltatune.cpt import CPTConfig, CPTEmbedding
 from deltatune.deft import DeftConfig, DeftLayer, DeftLinear, DeftModel
 from deltatune.delora import DeloraConfig, DeloraLayer, DeloraModel
-from deltatune.cpt import CPTConfig, CPTEmbedding
 from deltatune.errors import (
     AdapterLoadError,
     AdapterNameError,
