@@ -12,40 +12,19 @@ objects, which is PEFT's rule too: hence one seed and one ``save_projection`` fo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from deltatune.config import PeftConfig
+from deltatune.core.buffers import BufferDict
 from deltatune.errors import ConfigError
 
 
-class ProjectionDict(nn.Module):
-    """Frozen tensors keyed by adapter name, registered as buffers (saved only when ``persistent``)."""
-
-    def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self.add(key, value, persistent=True)
-
-    def add(self, key: str, value: torch.Tensor, persistent: bool) -> None:
-        self.register_buffer(key, value, persistent=persistent)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
-
-    def __delitem__(self, key: str) -> None:
-        del self._buffers[key]
-        self._non_persistent_buffers_set.discard(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._buffers
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
+class ProjectionDict(BufferDict):
+    """Frozen tensors keyed by adapter name (a :class:`BufferDict`; saved only when ``persistent``)."""
 
 
 def kaiming_uniform_projection(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.core.buffers import BufferDict
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError
 
@@ -30,31 +31,6 @@ except ImportError:  # transformers is a dependency; guard anyway so plain-torch
     Conv1D = None
 
 NORM_FLOOR = 1e-4  # PEFT's clamp of ‖a_i‖ and ‖b_i‖
-
-
-class FrozenTensors(nn.Module):
-    """Frozen tensors keyed by adapter name, registered as persistent buffers (saved, and they follow ``.to()``)."""
-
-    def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self.register_buffer(key, value, persistent=True)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
-
-    def __delitem__(self, key: str) -> None:
-        del self._buffers[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._buffers
-
-    def __iter__(self):
-        return iter(self._buffers)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def keys(self):
-        return self._buffers.keys()
 
 
 class DeloraLayer(AdapterLayer):
@@ -76,7 +52,7 @@ class DeloraLayer(AdapterLayer):
         self.delora_A = nn.ParameterDict()
         self.delora_B = nn.ParameterDict()
         self.delora_lambda = nn.ParameterDict()
-        self.delora_w_norm = FrozenTensors()
+        self.delora_w_norm = BufferDict()
         self.delora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)

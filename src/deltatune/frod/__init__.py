@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftType
+from deltatune.core.buffers import BufferDict
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.core.tuner import tuner_class
 from deltatune.errors import AdapterLoadError, ConfigError, TargetModuleError
 from deltatune.frod.config import FrodConfig
 from deltatune.frod.layer import (
     FrodLayer,
-    FrozenTensors,
     category_from_key,
     layer_index_from_key,
     shared_basis,
@@ -86,7 +86,7 @@ def init_shared(adapter_model: nn.Module, adapter_name: str, config: FrodConfig,
     generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
     categories = sorted({c for per_block in weights.values() for c in per_block})
     example = next(iter(next(iter(weights.values())).values()))
-    tensors = {attr: FrozenTensors() for attr in SHARED}
+    tensors = {attr: BufferDict() for attr in SHARED}
     for category in _progress(categories, config.progressbar):
         matrices = [per_block[category].detach().to(torch.float32).cpu()
                     for _, per_block in sorted(weights.items()) if category in per_block]

@@ -31,39 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.core.buffers import BufferDict
 from deltatune.core.layer import AdapterLayer
 
 try:
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # transformers is a dependency; guard anyway so plain-torch models still work
     Conv1D = None
-
-
-class FrozenTensors(nn.Module):
-    """Frozen tensors keyed by name, registered as buffers (so they follow ``.to()``); saved only when
-    ``persistent``."""
-
-    def add(self, key: str, value: torch.Tensor, persistent: bool) -> None:
-        self.register_buffer(key, value, persistent=persistent)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
-
-    def __delitem__(self, key: str) -> None:
-        del self._buffers[key]
-        self._non_persistent_buffers_set.discard(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._buffers
-
-    def __iter__(self):
-        return iter(self._buffers)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def keys(self):
-        return self._buffers.keys()
 
 
 # ---- the shared projections (one per role, built by the model before any layer) ----------------------------
@@ -174,7 +148,7 @@ class FrodLayer(AdapterLayer):
         super().__init__(base_layer)
         self.frod_lambda_l = nn.ParameterDict()
         self.frod_lambda_s_values = nn.ParameterDict()
-        self.frod_U = FrozenTensors()
+        self.frod_U = BufferDict()
         self.frod_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.runtime_offload_base_weight: dict[str, bool] = {}

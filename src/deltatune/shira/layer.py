@@ -18,39 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.core.buffers import BufferDict
 from deltatune.core.delta_layer import DeltaWeightLayer, dense_supported_types
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError
 from deltatune.shira.mask_functions import num_shira_weights
-
-
-class IndexDict(nn.Module):
-    """Per-adapter index tensors, registered as buffers (saved in ``state_dict``, moved by ``.to(device)``, never
-    cast by ``.to(dtype)``: they are integers), keyed by adapter name."""
-
-    def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self.register_buffer(key, value)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
-
-    def __delitem__(self, key: str) -> None:
-        del self._buffers[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._buffers
-
-    def __iter__(self):
-        return iter(self._buffers)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def keys(self):
-        return self._buffers.keys()
-
-    def items(self):
-        return self._buffers.items()
 
 
 class ShiraLayer(DeltaWeightLayer):
@@ -70,7 +42,7 @@ class ShiraLayer(DeltaWeightLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.shira_weight = nn.ParameterDict()
-        self.shira_indices = IndexDict()
+        self.shira_indices = BufferDict()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """``False``, as PEFT says: a sparse ``ΔW`` is generally of high rank, which a LoRA cannot hold."""

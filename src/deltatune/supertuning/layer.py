@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.core.buffers import BufferDict
 from deltatune.core.layer import AdapterLayer
 from deltatune.errors import ConfigError
 
@@ -32,40 +33,6 @@ try:
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # transformers is a dependency; guard anyway so plain-torch models still work
     Conv1D = None
-
-
-class IndexDict(nn.Module):
-    """Per-adapter int32 index buffers keyed by adapter name (saved in ``state_dict`` when ``persistent``, moved by
-    ``.to(device)``, never cast by ``.to(dtype)``)."""
-
-    def __init__(self, persistent: bool = True) -> None:
-        super().__init__()
-        self.persistent = persistent
-
-    def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self.register_buffer(key, value, persistent=self.persistent)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
-
-    def __delitem__(self, key: str) -> None:
-        del self._buffers[key]
-        self._non_persistent_buffers_set.discard(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._buffers
-
-    def __iter__(self):
-        return iter(self._buffers)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def keys(self):
-        return self._buffers.keys()
-
-    def items(self):
-        return self._buffers.items()
 
 
 class SupertuningLayer(AdapterLayer):
@@ -88,7 +55,7 @@ class SupertuningLayer(AdapterLayer):
         super().__init__(base_layer)
         self.supertuning_values = nn.ParameterDict()
         # persistence fixed by the first adapter: PEFT refuses adapters that disagree (see create_or_update)
-        self.supertuning_indices = IndexDict(persistent=save_precomputed_indices)
+        self.supertuning_indices = BufferDict(persistent=save_precomputed_indices)
         self.supertuning_lora_A = nn.ModuleDict()
         self.supertuning_lora_B = nn.ModuleDict()
         self.supertuning_lora_dropout = nn.ModuleDict()
