@@ -9,6 +9,8 @@ without a notion of features (``LayerNorm``) reports ``(None, None)``.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 try:
@@ -34,3 +36,18 @@ def in_out_features(module: nn.Module) -> tuple[int | None, int | None]:
     if isinstance(inf, int) and isinstance(outf, int):  # quantised linears and user layers
         return inf, outf
     return None, None
+
+
+def follow_fan_in_fan_out(layer, config, module_name: str) -> None:
+    """PEFT's rule for ``fan_in_fan_out``: it follows the layer's type (``Conv1D`` stores ``(in, out)``). Where
+    ``config`` says otherwise, PEFT's warning is given and the config is corrected, so the saved
+    adapter_config.json says what the file holds."""
+    if layer.fan_in_fan_out == config.fan_in_fan_out:
+        return
+    if layer.fan_in_fan_out:
+        message = "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
+    else:
+        message = ("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting "
+                   "fan_in_fan_out to False.")
+    warnings.warn(f"{message} ({module_name})", stacklevel=5)  # create_or_update's caller's caller, as before
+    config.fan_in_fan_out = layer.fan_in_fan_out

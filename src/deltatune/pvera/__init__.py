@@ -7,12 +7,10 @@ layer's sampling.
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
 from deltatune.config import PeftType
-from deltatune.core.features import in_out_features
+from deltatune.core.features import follow_fan_in_fan_out, in_out_features
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.projections import ProjectionDict, SharedNames, check_shared_settings, first_sharer, share
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
@@ -97,16 +95,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: PveraConfig, 
         layer = PveraLayer(target, pvera_A, pvera_B)
     else:
         return None
-    if layer.fan_in_fan_out != config.fan_in_fan_out:
-        # PEFT's warnings: the flag follows the layer type, so the saved adapter_config.json says what the file holds
-        if layer.fan_in_fan_out:
-            message = ("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to "
-                       "True.")
-        else:
-            message = ("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting "
-                       "fan_in_fan_out to False.")
-        warnings.warn(f"{message} ({module_name})", stacklevel=4)
-        config.fan_in_fan_out = layer.fan_in_fan_out
+    follow_fan_in_fan_out(layer, config, module_name)
     layer.update_layer(adapter_name, r=config.r, pvera_dropout=config.pvera_dropout, init_weights=config.init_weights,
                        d_initial=config.d_initial, sample_at_inference=config.sample_at_inference,
                        generator_seed=config.generator_seed)
