@@ -104,7 +104,15 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
 
 def test_every_weight_method_has_a_tuner_class_with_peft_name_in_the_tables():
     weight = {t for t, m in METHODS.items() if m.family == "weight"}
-    assert set(deltatune.PEFT_TYPE_TO_TUNER_MAPPING) == weight
+    table = deltatune.PEFT_TYPE_TO_TUNER_MAPPING
+    # PEFT's table also lists the virtual-token methods (their prompt encoders) and X-LoRA (its model class):
+    # the same keys as PEFT's for every method both have, and the same class names.
+    ours_in_peft = {str(t) for t in METHODS if t in peft.PEFT_TYPE_TO_TUNER_MAPPING}
+    assert {str(t) for t in table if t in peft.PEFT_TYPE_TO_TUNER_MAPPING} == ours_in_peft
+    assert {str(t) for t in table} == {str(t) for t in weight} | ours_in_peft
+    for peft_type in ours_in_peft:
+        assert table[peft_type].__name__ == peft.PEFT_TYPE_TO_TUNER_MAPPING[peft_type].__name__, peft_type
+    assert table["PROMPT_TUNING"] is deltatune.PromptEmbedding and table["XLORA"] is deltatune.XLoraModel
     assert set(deltatune.PEFT_TYPE_TO_CONFIG_MAPPING) == set(METHODS)  # virtual-token methods too
     assert set(deltatune.PEFT_TYPE_TO_MIXED_MODEL_MAPPING) == {"LORA", "LOHA", "LOKR", "ADALORA", "OFT", "SHIRA"}
     assert set(WEIGHT_CASES) == {str(t) for t in weight}, "a new method needs a row in WEIGHT_CASES"
@@ -122,7 +130,7 @@ def test_every_weight_method_has_a_tuner_class_with_peft_name_in_the_tables():
             if hasattr(peft.PEFT_TYPE_TO_TUNER_MAPPING[peft_type], "prefix"):  # PEFT's AdaptionPromptModel has none
                 assert ours.prefix == peft.PEFT_TYPE_TO_TUNER_MAPPING[peft_type].prefix
     with pytest.raises(KeyError):
-        deltatune.PEFT_TYPE_TO_TUNER_MAPPING["PROMPT_TUNING"]  # virtual tokens: no tuner, as in PEFT
+        deltatune.PEFT_TYPE_TO_TUNER_MAPPING["NO_SUCH_METHOD"]
 
 
 @pytest.mark.parametrize("peft_type", [t for t, (_, kw) in WEIGHT_CASES.items() if kw is not None])

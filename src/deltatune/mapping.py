@@ -21,7 +21,8 @@ from deltatune.registry import MethodTable, method_for
 # PEFT's tables, as live views of the registry (deltatune.registry.METHODS): every registered method, no list here.
 PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[PeftType, type[PeftConfig]] = MethodTable(lambda m: m.config_cls)
 PEFT_TYPE_TO_TUNER_MAPPING: Mapping[PeftType, type[nn.Module]] = MethodTable(
-    tuner_class, include=lambda m: m.layer_cls is not None)
+    lambda m: m.hooks.peft_table_cls or tuner_class(m),
+    include=lambda m: m.layer_cls is not None or m.hooks.peft_table_cls is not None)
 PEFT_TYPE_TO_MIXED_MODEL_MAPPING: Mapping[PeftType, type[nn.Module]] = MethodTable(
     tuner_class, include=lambda m: m.mixed)
 

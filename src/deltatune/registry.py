@@ -159,6 +159,8 @@ class Hooks:
             ``--method <name>`` is a ``UsageError`` with this text. Empty: the CLI offers it.
         inspect_targets: ``(adapter_config) -> text``: the "targets" line of ``deltatune inspect`` for an adapter
             whose file names no adapted layer and that is not virtual tokens (X-LoRA's classifier).
+        peft_table_cls: The class PEFT's ``PEFT_TYPE_TO_TUNER_MAPPING`` gives for this method where it is not the
+            tuner class made from ``layer_cls`` (a virtual-token method's prompt encoder, X-LoRA's model).
     """
 
     prepare_config: Callable[[nn.Module, PeftConfig], None] | None = None
@@ -193,6 +195,7 @@ class Hooks:
     cli_shared_skip: tuple[str, ...] = ()
     cli_refusal: str = ""
     inspect_targets: Callable[[dict[str, Any]], str] | None = None
+    peft_table_cls: type | None = None
 
 
 NO_HOOKS = Hooks()

@@ -213,7 +213,7 @@ def test_missing_feedforward_for_unknown_architecture_is_a_clear_error():
 
 
 def test_gpt2_sets_fan_in_fan_out():
-    with pytest.warns(UserWarning, match="fan_in_fan_out=True"):
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
         pm = get_peft_model(tiny_gpt2(), IA3Config())
     assert pm.peft_config["default"].fan_in_fan_out is True
 

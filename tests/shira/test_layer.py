@@ -241,7 +241,7 @@ MODELS = [
 
 @pytest.mark.parametrize("name,factory,kind,config", MODELS, ids=[m[0] for m in MODELS])
 def test_model_contract(name, factory, kind, config, tmp_path):
-    with pytest.warns(UserWarning, match="fan_in_fan_out=True") if name == "gpt2" else nullcontext():
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True") if name == "gpt2" else nullcontext():
         check_model_contract(factory, kind, config, "shira_", tmp_path)
 
 

@@ -111,7 +111,7 @@ def test_weight_tying_groups_and_draws_are_peft(weight_tying):
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, TinyLoraLayer)}
     their_layers = dict(theirs.named_modules())
     for name, layer in layers.items():
-        assert layer.tinylora_v.groups["default"] == their_layers[name]._tinylora_v_key["default"], name
+        assert layer.tinylora_v.keys_of["default"] == their_layers[name]._tinylora_v_key["default"], name
     vectors = ours.base_model.tinylora_v["default"]
     assert len(vectors) == {0.0: 7, 0.4: 4, 1.0: 1}[weight_tying]  # 7 targets: round(7 * 0.6) = 4 groups
     for group, v in vectors.items():

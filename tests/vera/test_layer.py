@@ -73,7 +73,7 @@ def test_conv1D_matches_reference():
     torch.manual_seed(1)
     conv = Conv1D(20, 12)
     nn.init.normal_(conv.weight, std=0.2)
-    with pytest.warns(UserWarning, match="fan_in_fan_out=True"):
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
         pm, model = _adapt(conv)
     x = torch.randn(3, 5, 16)
     A, B = pm.base_model.vera_A["default"], pm.base_model.vera_B["default"]

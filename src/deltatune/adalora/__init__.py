@@ -7,7 +7,6 @@ Training drives the allocation: call ``model.update_and_allocate(step)`` after e
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from deltatune.adalora.allocator import (
 from deltatune.adalora.config import AdaLoraConfig
 from deltatune.adalora.layer import AdaLoraLayer, make_adalora_layer, supported_types
 from deltatune.config import PeftType
+from deltatune.core.features import follow_fan_in_fan_out
 from deltatune.core.tuner import tuner_class
 from deltatune.errors import ConfigError
 from deltatune.registry import Hooks, Method
@@ -87,12 +87,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: AdaLoraConfig
     layer = target if isinstance(target, AdaLoraLayer) else make_adalora_layer(target)
     if layer is None:
         return None
-    if layer.fan_in_fan_out and not config.fan_in_fan_out:
-        warnings.warn(f"{module_name} is a Conv1D: setting fan_in_fan_out=True", stacklevel=4)
-        config.fan_in_fan_out = True
-    elif not layer.fan_in_fan_out and config.fan_in_fan_out:
-        warnings.warn(f"{module_name} is not a Conv1D: setting fan_in_fan_out=False", stacklevel=4)
-        config.fan_in_fan_out = False
+    follow_fan_in_fan_out(layer, config, module_name)
     layer.update_layer(
         adapter_name,
         init_r=config.init_r,

@@ -18,7 +18,8 @@ from deltatune.registry import Hooks, Method
 
 CARTRIDGE = Method(
     peft_type=PeftType.CARTRIDGE, config_cls=CartridgeConfig, lr_scale=30.0,  # as prefix tuning
-    hooks=Hooks(make_prompt_encoder=CartridgeEncoder, peft_tuner=PromptTuner), cli_names={"cartridge": {}},
+    hooks=Hooks(make_prompt_encoder=CartridgeEncoder, peft_tuner=PromptTuner, peft_table_cls=CartridgeEncoder),
+    cli_names={"cartridge": {}},
 )
 
 __all__ = ["CARTRIDGE", "CartridgeConfig", "CartridgeEncoder", "compose_cartridge_adapters",

@@ -38,7 +38,7 @@ def in_out_features(module: nn.Module) -> tuple[int | None, int | None]:
     return None, None
 
 
-def follow_fan_in_fan_out(layer, config, module_name: str) -> None:
+def follow_fan_in_fan_out(layer, config, module_name: str, stacklevel: int = 5) -> None:
     """PEFT's rule for ``fan_in_fan_out``: it follows the layer's type (``Conv1D`` stores ``(in, out)``). Where
     ``config`` says otherwise, PEFT's warning is given and the config is corrected, so the saved
     adapter_config.json says what the file holds."""
@@ -49,5 +49,5 @@ def follow_fan_in_fan_out(layer, config, module_name: str) -> None:
     else:
         message = ("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting "
                    "fan_in_fan_out to False.")
-    warnings.warn(f"{message} ({module_name})", stacklevel=5)  # create_or_update's caller's caller, as before
+    warnings.warn(f"{message} ({module_name})", stacklevel=stacklevel)  # create_or_update's caller's caller
     config.fan_in_fan_out = layer.fan_in_fan_out

@@ -21,7 +21,8 @@ def _make_encoder(config: CPTConfig, word_embeddings: nn.Module) -> CPTEmbedding
 
 CPT = Method(
     peft_type=PeftType.CPT, config_cls=CPTConfig, lr_scale=30.0,
-    hooks=Hooks(make_prompt_encoder=_make_encoder, peft_tuner=CPTTuner), cli_names={"cpt": {}},
+    hooks=Hooks(make_prompt_encoder=_make_encoder, peft_tuner=CPTTuner, peft_table_cls=CPTEmbedding),
+    cli_names={"cpt": {}},
 )
 
 __all__ = ["CPTConfig", "CPTEmbedding", "CPTTuner"]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
 from deltatune.config import PeftType
+from deltatune.core.features import follow_fan_in_fan_out
 from deltatune.core.tuner import tuner_class
 from deltatune.errors import ConfigError
 from deltatune.ia3.config import DEFAULT_IA3_FEEDFORWARD, DEFAULT_IA3_TARGETS, IA3Config
@@ -33,11 +32,8 @@ def create_or_update(target: nn.Module, adapter_name: str, config: IA3Config, mo
     layer = target if isinstance(target, IA3Layer) else make_ia3_layer(target)
     if layer is None:
         return None
-    if layer.fan_in_fan_out != config.fan_in_fan_out and not layer.is_conv:
-        # As PEFT: the flag follows the layer type, so the saved adapter_config.json says what the file holds.
-        warnings.warn(f"{module_name} is a {type(layer.base_layer).__name__}: setting "
-                      f"fan_in_fan_out={layer.fan_in_fan_out}", stacklevel=4)
-        config.fan_in_fan_out = layer.fan_in_fan_out
+    if not layer.is_conv:  # convolutions have no flag
+        follow_fan_in_fan_out(layer, config, module_name)
     layer.update_layer(adapter_name, is_feedforward=config.is_feedforward(module_name),
                        init_ia3_weights=config.init_ia3_weights)
     return layer

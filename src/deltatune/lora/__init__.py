@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
 from deltatune.config import PeftType
+from deltatune.core.features import follow_fan_in_fan_out
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.core.tuner import tuner_class
 from deltatune.lora import hooks
@@ -31,11 +30,8 @@ def create_or_update(target: nn.Module, adapter_name: str, config: LoraConfig, m
     layer = target if isinstance(target, LoraLayer) else make_lora_layer(target, config.fan_in_fan_out)
     if layer is None:
         return None
-    if isinstance(layer, LoraLinear) and layer.fan_in_fan_out and not config.fan_in_fan_out:
-        # GPT-2's Conv1D stores W as (in, out). PEFT flips the flag in the config too; so do we, so the
-        # saved adapter_config.json says what the file holds.
-        warnings.warn(f"{module_name} is a Conv1D: setting fan_in_fan_out=True", stacklevel=4)
-        config.fan_in_fan_out = True
+    if isinstance(layer, LoraLinear):  # GPT-2's Conv1D stores W as (in, out); embeddings and convs have no flag
+        follow_fan_in_fan_out(layer, config, module_name)
     for variant in variants_of(config):  # a variant may refuse the module by name before the layer changes
         variant.check_target(layer, module_name)
     layer.update_layer(

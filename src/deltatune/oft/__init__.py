@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections import Counter
 
 from torch import nn
 
 from deltatune.config import PeftType
+from deltatune.core.features import follow_fan_in_fan_out
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.core.tuner import tuner_class
 from deltatune.oft.config import OFTConfig
@@ -19,11 +19,8 @@ from deltatune.registry import Hooks, Method
 
 def sync_fan_in_fan_out(layer: nn.Module, config, module_name: str) -> None:
     """As PEFT: the flag follows the layer type, so the saved adapter_config.json says what the file holds."""
-    if not layer.is_conv and not getattr(layer, "is_embedding", False) \
-            and layer.fan_in_fan_out != config.fan_in_fan_out:
-        warnings.warn(f"{module_name} is a {type(layer.base_layer).__name__}: setting "
-                      f"fan_in_fan_out={layer.fan_in_fan_out}", stacklevel=5)
-        config.fan_in_fan_out = layer.fan_in_fan_out
+    if not layer.is_conv and not getattr(layer, "is_embedding", False):  # convolutions and embeddings have no flag
+        follow_fan_in_fan_out(layer, config, module_name, stacklevel=6)
 
 
 def create_or_update(target: nn.Module, adapter_name: str, config: OFTConfig, module_name: str) -> OFTLayer | None:

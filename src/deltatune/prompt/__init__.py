@@ -37,23 +37,26 @@ def _make_encoder(config: PromptLearningConfig, word_embeddings: nn.Module) -> n
     return ENCODERS[type(config)](config, word_embeddings)
 
 
-_HOOKS = Hooks(make_prompt_encoder=_make_encoder, peft_tuner=PromptTuner)  # PeftModel delegates to PromptTuner
+def _hooks(encoder: type[nn.Module]) -> Hooks:
+    """PeftModel delegates to PromptTuner; ``encoder`` is the method's entry in PEFT's tuner table."""
+    return Hooks(make_prompt_encoder=_make_encoder, peft_tuner=PromptTuner, peft_table_cls=encoder)
+
 
 PROMPT_TUNING = Method(
     peft_type=PeftType.PROMPT_TUNING, config_cls=PromptTuningConfig, lr_scale=30.0,
-    hooks=_HOOKS, cli_names={"prompt_tuning": {}},
+    hooks=_hooks(PromptEmbedding), cli_names={"prompt_tuning": {}},
 )
 P_TUNING = Method(
     peft_type=PeftType.P_TUNING, config_cls=PromptEncoderConfig, lr_scale=30.0,
-    hooks=_HOOKS, cli_names={"p_tuning": {}},
+    hooks=_hooks(PromptEncoder), cli_names={"p_tuning": {}},
 )
 PREFIX_TUNING = Method(
     peft_type=PeftType.PREFIX_TUNING, config_cls=PrefixTuningConfig, lr_scale=30.0,
-    hooks=_HOOKS, cli_names={"prefix_tuning": {}},
+    hooks=_hooks(PrefixEncoder), cli_names={"prefix_tuning": {}},
 )
 MULTITASK_PROMPT_TUNING = Method(
     peft_type=PeftType.MULTITASK_PROMPT_TUNING, config_cls=MultitaskPromptTuningConfig, lr_scale=30.0,
-    hooks=_HOOKS, cli_names={"multitask_prompt_tuning": {}},
+    hooks=_hooks(MultitaskPromptEmbedding), cli_names={"multitask_prompt_tuning": {}},
 )
 
 __all__ = [

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
 from deltatune.config import PeftType
+from deltatune.core.features import follow_fan_in_fan_out
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.core.tuner import tuner_class
 from deltatune.registry import Hooks, Method
@@ -33,15 +32,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: ShiraConfig, 
     layer = target if isinstance(target, ShiraLayer) else make_shira_layer(target)
     if layer is None:
         return None
-    if layer.fan_in_fan_out != config.fan_in_fan_out:
-        # As PEFT (and VeRA here): the flag follows the layer type, so adapter_config.json says what the file holds.
-        if config.fan_in_fan_out:  # PEFT's warning first
-            message = ("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting "
-                       f"fan_in_fan_out to False. ({module_name})")
-        else:
-            message = f"{module_name} is a {type(layer.base_layer).__name__}: setting fan_in_fan_out=True"
-        warnings.warn(message, stacklevel=4)
-        config.fan_in_fan_out = layer.fan_in_fan_out
+    follow_fan_in_fan_out(layer, config, module_name)
     layer.update_layer(adapter_name, r=config.r, indices=_indices(layer, config), init_weights=config.init_weights)
     return layer
 

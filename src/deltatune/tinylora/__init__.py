@@ -21,7 +21,7 @@ from deltatune.core.tuner import tuner_class
 from deltatune.errors import ConfigTypeError, TargetModuleError
 from deltatune.registry import Hooks, Method
 from deltatune.tinylora.config import TinyLoraConfig
-from deltatune.tinylora.layer import GroupVectors, TinyLoraLayer, supported_types
+from deltatune.tinylora.layer import TinyLoraLayer, supported_types
 
 VECTORS = "tinylora_v"
 FROZEN = ("tinylora_A", "tinylora_B", "tinylora_P")
@@ -154,4 +154,4 @@ TINYLORA = Method(
 )
 TinyLoraModel = tuner_class(TINYLORA)  # PEFT's tuner class (isinstance of base_model)
 
-__all__ = ["TINYLORA", "GroupVectors", "TinyLoraConfig", "TinyLoraLayer", "TinyLoraModel"]
+__all__ = ["TINYLORA", "TinyLoraConfig", "TinyLoraLayer", "TinyLoraModel"]

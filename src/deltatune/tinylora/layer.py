@@ -17,13 +17,11 @@ start, so a fresh adapter is the identity; merging adds ``ΔW``.
 Where the tensors live (PEFT's names, so files cross): ``tinylora_A``, ``tinylora_B`` and ``tinylora_P`` are the
 layer's frozen buffers (``P`` in files only with ``save_projection``; else redrawn from the seed on loading). The
 trained vectors are the model's, ``base_model.tinylora_v.<adapter>.<group>`` (filed as ``base_model.tinylora_v.<g>``);
-each layer sees its group's vector through :class:`GroupVectors`, a view that looks it up on every access and
+each layer sees its group's vector through a :class:`SharedParameterView`, a view that looks it up on every access and
 registers nothing, so it exists once in the state dict and in ``named_parameters``.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,64 +29,13 @@ from torch import nn
 
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.projections import ProjectionDict
+from deltatune.core.shared import SharedParameterView
 from deltatune.errors import ConfigError
 
 try:
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # transformers is a dependency; guard anyway so plain-torch models still work
     Conv1D = None
-
-
-class GroupVectors(nn.ModuleDict):
-    """One layer's view of the model's trained vectors: ``adapter -> v: (u,)`` of the layer's weight-tying group.
-
-    The vectors are registered once, in the model's ``tinylora_v`` (``adapter -> ParameterDict(group -> v)``);
-    this view holds that container unregistered and each adapter's group key, and looks the vector up on every
-    access, so a vector replaced there (a dtype cast, a load onto the meta device) is what every layer of the
-    group sees. A ``ModuleDict`` only so generic code that walks adapter containers (status, trainability)
-    treats it as one; it has no submodules, parameters or buffers of its own.
-    """
-
-    def __init__(self, vectors: nn.ModuleDict) -> None:
-        super().__init__()
-        self.__dict__["vectors"] = vectors  # the model's container (not a submodule of this layer)
-        self.groups: dict[str, str] = {}
-
-    def bind(self, adapter_name: str, group: str) -> None:
-        self.groups[adapter_name] = group
-
-    def __getitem__(self, adapter_name: str) -> nn.Parameter:
-        return self.vectors[adapter_name][self.groups[adapter_name]]
-
-    def __setitem__(self, adapter_name: str, value: nn.Parameter) -> None:
-        self.vectors[adapter_name][self.groups[adapter_name]] = value
-
-    def __delitem__(self, adapter_name: str) -> None:
-        del self.groups[adapter_name]  # the model deletes the vector itself (its shared container)
-
-    def __contains__(self, adapter_name: object) -> bool:
-        return adapter_name in self.groups
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self.groups))
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def keys(self):
-        return list(self.groups)
-
-    def items(self):
-        return [(name, self[name]) for name in self.groups]
-
-    def values(self):
-        return [self[name] for name in self.groups]
-
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        yield from self.values()
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{name}: group {group}" for name, group in self.groups.items())
 
 
 def projection(u: int, r: int, seed: int) -> torch.Tensor:
@@ -116,7 +63,7 @@ class TinyLoraLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, vectors: nn.ModuleDict, layer_index: int) -> None:
         super().__init__(base_layer)
-        self.tinylora_v = GroupVectors(vectors)
+        self.tinylora_v = SharedParameterView(vectors)
         self.tinylora_A = ProjectionDict()
         self.tinylora_B = ProjectionDict()
         self.tinylora_P = ProjectionDict()
@@ -140,7 +87,7 @@ class TinyLoraLayer(AdapterLayer):
             raise ConfigError(f"`r` should be a positive integer value but the value passed is {r}")
         if u <= 0:
             raise ConfigError(f"`u` should be a positive integer value but the value passed is {u}")
-        vectors = self.tinylora_v.vectors
+        vectors = self.tinylora_v.container
         if adapter_name not in vectors or group not in vectors[adapter_name]:
             raise ConfigError(f"TinyLoRA adapter {adapter_name!r} has no trained vector for group {group}; add it "
                               "through the model")

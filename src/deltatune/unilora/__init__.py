@@ -20,7 +20,7 @@ from deltatune.core.tuner import tuner_class
 from deltatune.errors import TargetModuleError
 from deltatune.registry import Hooks, Method
 from deltatune.unilora.config import UniLoraConfig
-from deltatune.unilora.layer import SharedTheta, UniLoraLayer, generate_index, inverse_sqrt_counts, supported_types
+from deltatune.unilora.layer import UniLoraLayer, generate_index, inverse_sqrt_counts, supported_types
 
 THETA = "unilora_theta_d"
 INDICES = ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B")
@@ -101,4 +101,4 @@ UNILORA = Method(
 )
 UniLoraModel = tuner_class(UNILORA)  # PEFT's tuner class (isinstance of base_model)
 
-__all__ = ["UNILORA", "SharedTheta", "UniLoraConfig", "UniLoraLayer", "UniLoraModel"]
+__all__ = ["UNILORA", "UniLoraConfig", "UniLoraLayer", "UniLoraModel"]

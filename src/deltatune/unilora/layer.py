@@ -14,14 +14,12 @@ used ``⌊D/d⌋`` or ``⌈D/d⌉`` times, ``D = Σ r (in + out)``; numpy's gene
 non-zero, so a fresh adapter is not the identity (as PEFT's); merging adds ``ΔW``.
 
 Tensors and names are PEFT's, so files cross: ``θ`` is the model's, ``base_model.unilora_theta_d.<adapter>``
-(filed as ``base_model.unilora_theta_d``), seen by each layer through :class:`SharedTheta`, a view that registers
+(filed as ``base_model.unilora_theta_d``), seen by each layer through a :class:`SharedParameterView`, which registers
 nothing; the indices and scales are the layer's buffers ``unilora_indices_A/B`` and ``unilora_scales_A/B``, in
 files only with ``save_indices`` (else regenerated from the seed when loading).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +28,7 @@ from torch import nn
 
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.projections import ProjectionDict
+from deltatune.core.shared import SharedParameterView
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -58,57 +57,6 @@ def inverse_sqrt_counts(indices: torch.Tensor, length: int) -> torch.Tensor:
     return out
 
 
-class SharedTheta(nn.ModuleDict):
-    """One layer's view of the model's ``θ`` per adapter: looked up in the model's ``unilora_theta_d`` on every
-    access, so it is registered (in ``state_dict`` and ``named_parameters``) once, and a ``θ`` replaced there is what
-    every layer sees. A ``ModuleDict`` only so generic code that walks adapter containers treats it as one; it has
-    no submodules, parameters or buffers of its own."""
-
-    def __init__(self, thetas: nn.ParameterDict) -> None:
-        super().__init__()
-        self.__dict__["thetas"] = thetas  # the model's container (not a submodule of this layer)
-        self.names: list[str] = []
-
-    def bind(self, adapter_name: str) -> None:
-        if adapter_name not in self.names:
-            self.names.append(adapter_name)
-
-    def __getitem__(self, adapter_name: str) -> nn.Parameter:
-        if adapter_name not in self.names:
-            raise KeyError(adapter_name)
-        return self.thetas[adapter_name]
-
-    def __setitem__(self, adapter_name: str, value: nn.Parameter) -> None:
-        self.thetas[adapter_name] = value
-
-    def __delitem__(self, adapter_name: str) -> None:
-        self.names.remove(adapter_name)  # the model deletes θ itself (its shared container)
-
-    def __contains__(self, adapter_name: object) -> bool:
-        return adapter_name in self.names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self.names))
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def keys(self):
-        return list(self.names)
-
-    def items(self):
-        return [(name, self[name]) for name in self.names]
-
-    def values(self):
-        return [self[name] for name in self.names]
-
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        yield from self.values()
-
-    def extra_repr(self) -> str:
-        return ", ".join(self.names)
-
-
 class UniLoraLayer(AdapterLayer):
     """Uni-LoRA on ``nn.Linear`` or ``transformers``' ``Conv1D``.
 
@@ -125,7 +73,7 @@ class UniLoraLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, thetas: nn.ParameterDict) -> None:
         super().__init__(base_layer)
-        self.unilora_theta_d = SharedTheta(thetas)
+        self.unilora_theta_d = SharedParameterView(thetas)
         self.unilora_indices_A = ProjectionDict()
         self.unilora_indices_B = ProjectionDict()
         self.unilora_scales_A = ProjectionDict()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
 from deltatune.config import PeftType
+from deltatune.core.features import follow_fan_in_fan_out
 from deltatune.core.projections import SharedNames, check_shared_settings, first_sharer, share
 from deltatune.core.targeting import DEFAULT_LORA_TARGETS
 from deltatune.core.tuner import tuner_class
@@ -84,11 +83,7 @@ def create_or_update(target: nn.Module, adapter_name: str, config: VeraConfig, m
         layer = VeraLayer(target, vera_A, vera_B)
     else:
         return None
-    if layer.fan_in_fan_out != config.fan_in_fan_out:
-        # As PEFT: the flag follows the layer type, so the saved adapter_config.json says what the file holds.
-        warnings.warn(f"{module_name} is a {type(layer.base_layer).__name__}: setting "
-                      f"fan_in_fan_out={layer.fan_in_fan_out}", stacklevel=4)
-        config.fan_in_fan_out = layer.fan_in_fan_out
+    follow_fan_in_fan_out(layer, config, module_name)
     layer.update_layer(adapter_name, r=config.r, vera_dropout=config.vera_dropout, init_weights=config.init_weights,
                        d_initial=config.d_initial)
     return layer

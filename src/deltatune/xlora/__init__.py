@@ -62,8 +62,8 @@ XLORA = Method(
     # layers are LoRA's (the experts), so PeftModel delegates to X-LoRA's tuner (the peft_tuner hook) instead.
     prefix="internal_xlora_classifier",
     mergeable=False,  # the experts' weights depend on the input
-    hooks=Hooks(peft_tuner=XLoraTuner, cli_refusal=_CLI_REFUSAL, inspect_targets=_inspect_targets,
-                inspect_size=_inspect_size, save_beside=_save_experts),
+    hooks=Hooks(peft_tuner=XLoraTuner, peft_table_cls=XLoraModel, cli_refusal=_CLI_REFUSAL,
+                inspect_targets=_inspect_targets, inspect_size=_inspect_size, save_beside=_save_experts),
 )
 
 __all__ = ["XLORA", "XLoraClassifier", "XLoraConfig", "XLoraGate", "XLoraModel", "XLoraTuner"]
