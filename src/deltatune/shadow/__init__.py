@@ -99,6 +99,9 @@ def create_or_update(target: nn.Module, adapter_name: str, config: ShadowConfig,
 def after_inject(adapter_model: nn.Module, adapter_name: str, config: ShadowConfig) -> None:
     """Hook the model (once): the runtime seeds the shadow state before each forward and packs the caches after."""
     runtime = runtime_of(adapter_model)
+    blocks = [layer for layer in runtime.layers() if adapter_name in layer.shadow_down]
+    if blocks:
+        blocks[-1].make_final(adapter_name)
     runtime.freeze_pretrained_embeddings()
     runtime.attach()
 

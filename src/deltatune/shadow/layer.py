@@ -94,6 +94,8 @@ class ShadowLayer(AdapterLayer):
         for name in SHARED_CONTAINERS:
             self.__dict__[name] = shared[name]
         self.__dict__["runtime"] = runtime
+        # adapters whose last adapted block this is: their s⁽ᴸ⁾ reaches nothing, so T and G are filed, not trained
+        self.final_adapters: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:
         # The decoder's loop reads attributes of the block it calls (Qwen3: `decoder_layer.attention_type`): what the
@@ -139,6 +141,18 @@ class ShadowLayer(AdapterLayer):
             getattr(self, attr)[adapter_name].to(weight.device, dtype)
         self.set_adapter(self.active_adapters or [adapter_name])
 
+    def make_final(self, adapter_name: str) -> None:
+        """Mark this block as ``adapter_name``'s last adapted one: the state it would leave (``s⁽ᴸ⁾``) is read by no
+        later block, and the auxiliary loss reads ``s⁽⁰⁾``, so ``T`` and ``G`` here can never get a gradient (in PEFT
+        neither; it keeps them as parameters that never move). They stay in the files (PEFT's keys), as buffers
+        that keep their values; the update is skipped."""
+        self.final_adapters.add(adapter_name)
+        for attr in ("shadow_update_transform", "shadow_update_gate"):
+            for module in getattr(self, attr)[adapter_name].modules():
+                for name, param in list(module.named_parameters(recurse=False)):
+                    delattr(module, name)
+                    module.register_buffer(name, param.detach())
+
     # ---- the equations -----------------------------------------------------------------------
     def shadow_inject(self, hidden_states: torch.Tensor, shadow_states: torch.Tensor, adapter_name: str
                       ) -> torch.Tensor:
@@ -172,7 +186,8 @@ class ShadowLayer(AdapterLayer):
         if groups[0][1] is None:  # one adapter for the whole batch
             name = groups[0][0]
             out = self.base_layer(self.shadow_inject(hidden_states, shadow, name), *args, **kwargs)
-            self.runtime.shadow = self.shadow_update(block_hidden_states(out), shadow, name)
+            if name not in self.final_adapters:
+                self.runtime.shadow = self.shadow_update(block_hidden_states(out), shadow, name)
             return out
         injected = hidden_states
         for name, rows in groups:
@@ -180,6 +195,8 @@ class ShadowLayer(AdapterLayer):
         out = self.base_layer(injected, *args, **kwargs)
         hidden_out, new_shadow = block_hidden_states(out), shadow
         for name, rows in groups:
+            if name in self.final_adapters:
+                continue
             new_shadow = new_shadow.index_copy(0, rows, self.shadow_update(hidden_out[rows], shadow[rows], name))
         self.runtime.shadow = new_shadow
         return out
@@ -216,6 +233,7 @@ class ShadowLayer(AdapterLayer):
             container = getattr(self, attr)
             if adapter_name in container:
                 del container[adapter_name]
+        self.final_adapters.discard(adapter_name)
         if adapter_name in self.active_adapters:
             self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
         if not self.adapter_names():
