@@ -84,5 +84,12 @@ class ShadowConfig(PeftConfig):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ConfigError(f"`r` should be a positive integer value but the value passed is {self.r}; try r=8")
 
+    @property
+    def merge_refusal(self) -> str:
+        """Why the adapter cannot be merged (PEFT's sentence; ``merge_adapter``/``merge_and_unload`` give it)."""
+        return ("ShadowPEFT cannot be merged into the base model: the adaptation is an input-dependent, layer-space "
+                "trajectory, not a static weight-space delta. Use `unload()` to recover the plain base model, or "
+                "`unload_shadow()` for a standalone shadow model")
+
 
 __all__ = ["ShadowConfig"]

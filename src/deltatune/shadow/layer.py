@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from deltatune.core.layer import AdapterLayer
-from deltatune.errors import MergeError
+from deltatune.errors import ConfigError, MergeError
 
 OWN_CONTAINERS = ("shadow_down", "shadow_up", "shadow_update_transform", "shadow_update_gate", "shadow_dropout")
 SHARED_CONTAINERS = ("shadow_backbone", "shadow_projection", "shadow_head")
@@ -121,8 +121,6 @@ class ShadowLayer(AdapterLayer):
                      update_hidden_size: int | None, init_weights: bool) -> None:
         """Create ``adapter_name``'s tensors in PEFT's order (same draws under one seed): ``W_down``, ``W_up``
         (zeroed with ``init_weights``), then ``T`` and ``G``, each ``nn.Linear``'s default init."""
-        from deltatune.errors import ConfigError
-
         if r <= 0:
             raise ConfigError(f"`r` should be a positive integer value but the value passed is {r}")
         d, u = self.hidden_size, update_hidden_size or r
@@ -152,6 +150,19 @@ class ShadowLayer(AdapterLayer):
                 for name, param in list(module.named_parameters(recurse=False)):
                     delattr(module, name)
                     module.register_buffer(name, param.detach())
+
+    def set_adapter(self, adapter_names: str | list[str], trainable: bool = True) -> None:
+        """Make one adapter active (the shadow state follows one backbone).
+
+        Raises:
+            ConfigError: several adapters (PEFT's sentence).
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if len(names) > 1:
+            raise ConfigError(f"ShadowPEFT requires exactly one active adapter, but got {len(names)} adapters. "
+                              "(Switch with set_adapter(name); a mixed batch takes adapter_names per row.)")
+        super().set_adapter(names, trainable)
+        self.runtime.freeze_pretrained_embeddings()
 
     # ---- the equations -----------------------------------------------------------------------
     def shadow_inject(self, hidden_states: torch.Tensor, shadow_states: torch.Tensor, adapter_name: str
