@@ -272,3 +272,21 @@ def test_diffusers_models_are_refused_naming_what_works():
 
     with pytest.raises(ConfigError, match="diffusers.*transformers decoder-only model"):
         deltatune.get_peft_model(FluxLike(), deltatune.ShadowConfig())
+
+
+def test_unload_shadow_is_peft_standalone_shadow_network(tmp_path):
+    theirs = _peft_model(tiny_llama, r=4)
+    perturb_trainable(theirs, seed=4, std=0.3)
+    ours = _ours(tiny_llama, r=4)
+    ours.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        want = theirs.base_model.unload_shadow()(input_ids=IDS, labels=IDS)
+        alone = ours.unload_shadow()
+        got = alone(input_ids=IDS, labels=IDS)
+        torch.testing.assert_close(got.logits, want.logits)
+        torch.testing.assert_close(got.loss, want.loss)
+        # the shadow loss of the adapted model is this standalone model's loss (Eq. 8 reads s⁽⁰⁾)
+        torch.testing.assert_close(ours.eval()(input_ids=IDS, labels=IDS).shadow_loss, got.loss)
+        copied = ours.unload_shadow(copy=True)
+        assert torch.equal(copied.generate(input_ids=IDS, max_new_tokens=4, do_sample=False),
+                           alone.generate(input_ids=IDS, max_new_tokens=4, do_sample=False))

@@ -24,6 +24,7 @@ from deltatune.errors import ConfigError
 from deltatune.registry import Hooks, Method
 from deltatune.shadow.cache import ShadowCache
 from deltatune.shadow.config import ShadowConfig
+from deltatune.shadow.detached import DetachedShadowModel, unload_shadow
 from deltatune.shadow.layer import MERGE_REFUSAL, OWN_CONTAINERS, SHARED_CONTAINERS, ShadowLayer
 from deltatune.shadow.model import (
     ShadowRuntime,
@@ -158,5 +159,8 @@ def _last_shadow_loss(self: nn.Module) -> torch.Tensor | None:
 
 
 ShadowModel.last_shadow_loss = property(_last_shadow_loss)
+ShadowModel.shadow_runtime = property(runtime_of)
+ShadowModel.unload_shadow = unload_shadow  # PEFT's ShadowModel.unload_shadow(adapter_name=None, copy=False)
 
-__all__ = ["MERGE_REFUSAL", "SHADOW", "ShadowCache", "ShadowConfig", "ShadowLayer", "ShadowModel"]
+__all__ = ["MERGE_REFUSAL", "SHADOW", "DetachedShadowModel", "ShadowCache", "ShadowConfig", "ShadowLayer",
+           "ShadowModel"]
