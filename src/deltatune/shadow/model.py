@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import os
 from copy import deepcopy
 from typing import Any
 
@@ -181,9 +180,6 @@ def build_shadow(model: nn.Module, config: ShadowConfig) -> tuple[nn.Module, nn.
     if config.shadow_model == "mirror":
         backbone = mirror_backbone(model, config)
     else:
-        if not os.path.isdir(config.shadow_model) and os.path.sep in config.shadow_model.strip("/"):
-            raise ConfigError(f"shadow_model={config.shadow_model!r} is neither 'mirror' nor an existing directory "
-                              "of a transformers checkpoint (config.json and weights)")
         backbone, loaded_projection = pretrained_backbone(config.shadow_model)
     base_width, shadow_width = hidden_size_of(model.config), hidden_size_of(backbone.config)
     if loaded_projection is not None:
@@ -279,6 +275,7 @@ class ShadowRuntime:
         self.pretrained: dict[str, list[nn.Parameter]] = {}  # adapter -> frozen embeddings of a loaded backbone
         self._pending: Any = None              # the backbone caches to pack after the forward
         self._pack = False
+        self._mixed = False                    # this forward is a mixed-adapter batch
         self._handles: list[Any] = []
 
     # ---- hooks -----------------------------------------------------------------------------------------------
@@ -307,29 +304,28 @@ class ShadowRuntime:
             for p in params:
                 p.requires_grad_(False)
 
-    def _plan(self) -> list[str] | None:
-        """``None`` when the shadow path is off for this call; else one adapter name per row of the batch (mixed
-        batch) or ``[name]`` for the whole batch."""
+    def _entry(self) -> ShadowLayer | None:
+        """The first shadow layer when the shadow path is on for this call (adapters enabled, and a mixed batch or an
+        active adapter with a backbone), else ``None``."""
         layers = self.layers()
         if not layers or layers[0].disable_adapters:
             return None
-        backbones = self.adapter_model.shadow_backbone
-        if layers[0].row_adapters is not None:
-            return list(layers[0].row_adapters)
         active = self.adapter_model.active_adapters
-        return [active[0]] if active and active[0] in backbones else None
+        if layers[0].row_adapters is not None or (active and active[0] in self.adapter_model.shadow_backbone):
+            return layers[0]
+        return None
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         """Seed ``s⁽⁰⁾`` from the raw inputs; hand the base model its own half of a ``ShadowCache``."""
         self.shadow = self.seed = None
-        self._pending, self._pack = None, False
+        self._pending, self._pack, self._mixed = None, False, False
         key = next((k for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
         past, shadow_past = (kwargs[key] if key else None), None
         if isinstance(past, ShadowCache):
             past, shadow_past = past.base, past.shadow
             kwargs = {**kwargs, key: past}
-        plan = self._plan()
-        if plan is None:
+        entry = self._entry()
+        if entry is None:
             return args, kwargs
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -344,10 +340,14 @@ class ShadowRuntime:
                               "ShadowCache the model returned (as generate() does), not its base half")
         inputs = {"input_ids": input_ids, "inputs_embeds": inputs_embeds,
                   "attention_mask": kwargs.get("attention_mask"), "position_ids": kwargs.get("position_ids")}
-        if len(plan) == 1:
-            self.seed, self._pending = self._seed(plan[0], inputs, shadow_past, use_cache)
+        self._mixed = entry.row_adapters is not None
+        if not self._mixed:
+            self.seed, self._pending = self._seed(self.adapter_model.active_adapters[0], inputs, shadow_past,
+                                                  use_cache)
         else:
-            self.seed, self._pending = self._seed_rows(plan, inputs, shadow_past, use_cache)
+            batch = next(v for v in (input_ids, inputs_embeds) if v is not None).shape[0]
+            # one name per row (generate() may have repeated each input row)
+            self.seed, self._pending = self._seed_rows(entry._row_names(batch), inputs, shadow_past, use_cache)
         self.shadow, self._pack = self.seed, bool(use_cache)
         return args, kwargs
 
@@ -379,8 +379,6 @@ class ShadowRuntime:
         read); the caches per adapter (each holds its rows only)."""
         first = next(v for v in (inputs["input_ids"], inputs["inputs_embeds"]) if v is not None)
         batch = first.shape[0]
-        layers = self.layers()
-        names = layers[0]._row_names(batch) if layers else names
         past = past or {}
         state, caches = None, {}
         for name in dict.fromkeys(names):
@@ -407,10 +405,8 @@ class ShadowRuntime:
             if key is not None:
                 setattr(output, key, ShadowCache(base=getattr(output, key), shadow=pending))
         labels = kwargs.get("labels")
-        if labels is None or getattr(output, "loss", None) is None or isinstance(pending, dict):
-            return output
-        if any(layer.row_adapters is not None for layer in self.layers()[:1]):
-            return output  # a mixed batch (eval only): no single shadow head to score
+        if labels is None or getattr(output, "loss", None) is None or self._mixed:
+            return output  # (a mixed batch, eval only, has no single shadow head to score)
         loss = self.auxiliary_loss(seed, labels, kwargs.get("attention_mask"))
         if loss is None:
             return output
