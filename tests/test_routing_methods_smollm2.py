@@ -4,6 +4,9 @@ X-LoRA: two frozen LoRA experts on q/v, one that changes nothing (``B = 0``) and
 the classifier starts near an even mix, and a few AdamW steps on short sentences of one pattern teach it to weigh
 the harmless expert, which lowers the loss on *held-out* sentences of the same pattern. The adapter then reloads
 with the same logits (in deltatune: peft 0.21.2 leaves the classifier's ``layers.0`` out of its files).
+
+ShadowPEFT: a parallel shadow network routes a learned correction into every decoder block; a few steps lower the
+held-out loss, cached decoding equals full passes, and peft loads the file with the same logits.
 """
 
 from __future__ import annotations

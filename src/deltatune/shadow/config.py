@@ -20,7 +20,7 @@ class ShadowConfig(PeftConfig):
     shadow state is injected into the input (Eq. 2-4) and the shadow state follows the block's output through a gated
     update (Eq. 5-7)::
 
-        h̃ = h + α · W_up Dropout(W_down (h - s⁽ˡ⁻¹⁾))           (the block reads h̃ instead of h)
+        h̃ = h + α · W_up W_down Dropout(h - s⁽ˡ⁻¹⁾)           (the block reads h̃ instead of h)
         s⁽ˡ⁾ = (1 - σ(G(h_out))) ⊙ s⁽ˡ⁻¹⁾ + σ(G(h_out)) ⊙ T(h_out)
 
     With ``labels`` the shadow path's own task loss on ``s⁽⁰⁾`` (through the frozen output head) is added to the

@@ -7,7 +7,7 @@ two MLPs ``T, G: d -> u -> d`` (``shadow_update_transform``/``shadow_update_gate
 update_hidden_size or r``)::
 
     δ      = h - s⁽ˡ⁻¹⁾                                   (Eq. 2)
-    δ̃      = W_up Dropout(W_down δ)                        (Eq. 3)
+    δ̃      = W_up W_down Dropout(δ)                        (Eq. 3)
     h̃      = h + α δ̃                                       (Eq. 4)   the block runs on h̃
     t      = T(h_out),  g = σ(G(h_out))                    (Eq. 5, 6)
     s⁽ˡ⁾   = (1 - g) ⊙ s⁽ˡ⁻¹⁾ + g ⊙ t                      (Eq. 7)
@@ -167,7 +167,7 @@ class ShadowLayer(AdapterLayer):
     # ---- the equations -----------------------------------------------------------------------
     def shadow_inject(self, hidden_states: torch.Tensor, shadow_states: torch.Tensor, adapter_name: str
                       ) -> torch.Tensor:
-        """Eq. 2-4: ``h̃ = h + α W_up Dropout(W_down (h - s))``, all ``(B, T, d)``; in ``h``'s dtype."""
+        """Eq. 2-4: ``h̃ = h + α W_up W_down Dropout(h - s)``, all ``(B, T, d)``; in ``h``'s dtype."""
         down = self.shadow_down[adapter_name]
         delta = (hidden_states - shadow_states).to(down.weight.dtype)                  # Eq. 2
         delta = self.shadow_up[adapter_name](down(self.shadow_dropout[adapter_name](delta)))  # Eq. 3
