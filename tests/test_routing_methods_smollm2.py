@@ -1,9 +1,12 @@
-"""The composition and routing methods of issue 22 (X-LoRA) on a real model (SmolLM2-135M).
+"""The composition and routing methods of issue 22 (X-LoRA, ShadowPEFT) on a real model (SmolLM2-135M).
 
 X-LoRA: two frozen LoRA experts on q/v, one that changes nothing (``B = 0``) and one that hurts (random ``A``, ``B``);
 the classifier starts near an even mix, and a few AdamW steps on short sentences of one pattern teach it to weigh
 the harmless expert, which lowers the loss on *held-out* sentences of the same pattern. The adapter then reloads
 with the same logits (in deltatune: peft 0.21.2 leaves the classifier's ``layers.0`` out of its files).
+
+ShadowPEFT: a parallel shadow network routes a learned correction into every decoder block; a few steps lower the
+held-out loss, cached decoding equals full passes, and peft loads the file with the same logits.
 """
 
 from __future__ import annotations
@@ -72,3 +75,55 @@ def test_xlora_classifier_learns_to_weigh_the_better_expert_and_reloads(tmp_path
     loaded = PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path / "xlora")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**held).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_shadow_lowers_held_out_loss_and_reloads_in_peft(tmp_path):
+    """ShadowPEFT with PEFT's defaults (r=8 in every block, a 1-layer mirror backbone on the shared embeddings, the
+    auxiliary loss): a few AdamW steps lower the task loss on held-out sentences; peft loads the file with the same
+    logits, and deltatune's cached greedy decoding equals decoding by full forward passes."""
+    peft = pytest.importorskip("peft")
+    models = pytest.importorskip("deltatune.builtin.models")
+    from deltatune import ShadowConfig
+
+    torch.manual_seed(0)
+    base, tok = models.load_builtin_model("smollm2-135m")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    train, train_labels = _tokens(tok, TRAIN)
+    held, held_labels = _tokens(tok, HELD_OUT)
+    model = get_peft_model(base, ShadowConfig(task_type="CAUSAL_LM"))
+
+    def held_out_loss(model) -> float:  # the task loss alone (the output's loss adds λ · the shadow loss)
+        model.eval()
+        with torch.no_grad():
+            logits = model(**held).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 held_labels[:, 1:].reshape(-1), ignore_index=-100).item()
+
+    start = held_out_loss(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    for _ in range(5):
+        opt.zero_grad()
+        out = model(**train, labels=train_labels)
+        assert out.shadow_loss is not None
+        out.loss.backward()
+        opt.step()
+    end = held_out_loss(model)
+    assert end < start - 0.05, f"shadow: held-out loss went {start:.4f} -> {end:.4f}"
+
+    prompt = tok(["Order 7: 7 red"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**held).logits
+        generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+        ids = prompt["input_ids"]
+        for _ in range(6):
+            ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, ids)
+    model.save_pretrained(tmp_path / "shadow")
+    del model, base, opt
+    gc.collect()
+    loaded = peft.PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path / "shadow").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**held).logits, expected, atol=1e-4, rtol=1e-4)

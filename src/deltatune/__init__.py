@@ -108,6 +108,7 @@ from deltatune.save_and_load import (
     set_base_model_state_dict,
     set_peft_model_state_dict,
 )
+from deltatune.shadow import DetachedShadowModel, ShadowCache, ShadowConfig, ShadowLayer, ShadowModel
 from deltatune.shira import ShiraConfig, ShiraLayer, ShiraModel
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from deltatune.supertuning import SupertuningConfig, SupertuningLayer, SupertuningLinear, SupertuningModel
@@ -171,6 +172,7 @@ __all__ = [
     "CPTConfig", "CPTEmbedding",
     "TinyLoraConfig", "TinyLoraLayer", "TinyLoraModel",
     "UniLoraConfig", "UniLoraLayer", "UniLoraModel",
+    "DetachedShadowModel", "ShadowCache", "ShadowConfig", "ShadowLayer", "ShadowModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

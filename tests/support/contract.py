@@ -100,6 +100,8 @@ CASES: dict[str, ContractCase] = {
     # θ starts uniform, not zero (A and B both read it): bound 0.5 so the fresh adapter visibly moves the logits;
     # save_indices so the file names the adapted layers (deltatune inspect reads them there)
     "UNILORA": ContractCase({"init_theta_d_bound": 0.5, "save_indices": True}, identity_at_init=False),
+    # r=4 bottleneck; the 1-layer mirror backbone reads the base embeddings (W_up = 0: the identity at init)
+    "SHADOW": ContractCase({"r": 4}),
 }
 
 
