@@ -82,6 +82,7 @@ from deltatune.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from deltatune.poly import PolyConfig, PolyLayer, PolyModel
 from deltatune.prompt import (
     MultitaskPromptTuningConfig,
     MultitaskPromptTuningInit,
@@ -171,6 +172,7 @@ __all__ = [
     "CPTConfig", "CPTEmbedding",
     "TinyLoraConfig", "TinyLoraLayer", "TinyLoraModel",
     "UniLoraConfig", "UniLoraLayer", "UniLoraModel",
+    "PolyConfig", "PolyLayer", "PolyModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

@@ -100,6 +100,8 @@ CASES: dict[str, ContractCase] = {
     # θ starts uniform, not zero (A and B both read it): bound 0.5 so the fresh adapter visibly moves the logits;
     # save_indices so the file names the adapted layers (deltatune inspect reads them there)
     "UNILORA": ContractCase({"init_theta_d_bound": 0.5, "save_indices": True}, identity_at_init=False),
+    # 2 tasks, one per row; 2 splits (Multi-Head Routing) of the 32/16-wide q/v_proj
+    "POLY": ContractCase({"r": 4, "n_tasks": 2, "n_splits": 2}, forward={"task_ids": [0, 1]}),
 }
 
 
