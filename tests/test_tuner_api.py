@@ -99,6 +99,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "SUPERTUNING": ("SupertuningConfig", {"target_modules": ["lin0"], "sparsity": 0.5}),
     "TINYLORA": ("TinyLoraConfig", {"target_modules": ["lin0", "lin1"], "u": 4}),
     "UNILORA": ("UniLoraConfig", {"target_modules": ["lin0", "lin1"], "theta_d_length": 16}),
+    "POLY": ("PolyConfig", {"target_modules": ["lin0"], "n_tasks": 2}),
 }
 
 
