@@ -41,6 +41,7 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``pvera``            -- deltatune vs ``peft`` (PVeRA r=256 on q/v, as VeRA's case);
 * ``tinylora``         -- deltatune vs ``peft`` (TinyLoRA's defaults r=2, u=64 on q/v: a vector per layer);
 * ``unilora``          -- deltatune vs ``peft`` (Uni-LoRA's defaults r=4, theta_d_length=256 on q/v).
+* ``poly``             -- deltatune vs ``peft`` (Poly/MHR r=8, 4 skills, 2 splits, 2 tasks on q/v; task 0 rows).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -63,6 +64,7 @@ import torch
 
 import deltatune as dt
 from deltatune.builtin.models import load_builtin_model
+from deltatune.registry import task_count
 
 TOKENS = list(range(1000, 1064))
 
@@ -153,6 +155,9 @@ def configs(lib, case: str):
         return lib.TinyLoraConfig(r=2, u=64, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "unilora":
         return lib.UniLoraConfig(r=4, theta_d_length=256, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "poly":
+        return lib.PolyConfig(r=8, n_tasks=2, n_skills=4, n_splits=2, target_modules=["q_proj", "v_proj"],
+                              task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -192,6 +197,7 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "pvera": (("deltatune", "dt", "pvera"), ("peft", "peft", "pvera")),
     "tinylora": (("deltatune", "dt", "tinylora"), ("peft", "peft", "tinylora")),
     "unilora": (("deltatune", "dt", "unilora"), ("peft", "peft", "unilora")),
+    "poly": (("deltatune", "dt", "poly"), ("peft", "peft", "poly")),
 }
 COPY_TABLE = {"cartridge"}  # random key/value tables (no identity at init): peft's starts from deltatune's
 
@@ -266,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
             model = libs[lib].get_peft_model(copy.deepcopy(base), configs(libs[lib], cfg_case))
             variants.append(Variant(label, model, batch, device))
         a, b = variants
+        if task_count(a.model.peft_config.values()):  # Poly routes by task: every row is task 0
+            for v in variants:
+                v.batch = {**batch, "task_ids": torch.zeros(len(ids), dtype=torch.long, device=device)}
         if case in COPY_TABLE:
             b.model.prompt_encoder["default"].load_prompt_embeddings(a.model.prompt_encoder["default"].prompt_embeddings())
         if b.label == "peft":
