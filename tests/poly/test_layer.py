@@ -228,6 +228,21 @@ def test_files_both_ways_with_peft_give_equal_logits_and_generations(tmp_path):
     assert torch.equal(ours.generate(**greedy), theirs.generate(**greedy))
 
 
+def test_poly_model_takes_task_ids_as_peft_poly_model():
+    """``PolyModel(model, config, name)`` (PEFT's tuner constructed directly): its forward and generate take
+    ``task_ids`` as PEFT's do."""
+    config = {"r": 2, "n_tasks": 2, "init_weights": False, "target_modules": ["q_proj", "v_proj"]}
+    torch.manual_seed(0)
+    ours = PolyModel(tiny_llama(), PolyConfig(**config), "default").eval()
+    torch.manual_seed(0)
+    theirs = peft.PolyModel(tiny_llama(), peft.PolyConfig(**config), "default").eval()
+    inputs, task_ids = make_inputs("llama"), torch.tensor([1, 0])
+    torch.testing.assert_close(output(ours, {**inputs, "task_ids": task_ids}),
+                               output(theirs, {**inputs, "task_ids": task_ids}), atol=1e-6, rtol=0)
+    greedy = {"input_ids": inputs["input_ids"], "max_new_tokens": 3, "do_sample": False, "task_ids": task_ids}
+    assert torch.equal(ours.generate(**greedy), theirs.generate(**greedy))
+
+
 def test_generate_repeats_task_ids_for_expanded_rows():
     """Beam search expands each input row; the row's task id follows it (PEFT's generate fails there)."""
     model = get_peft_model(tiny_gpt2(), PolyConfig(task_type="CAUSAL_LM", r=2, n_tasks=2, init_weights=False)).eval()

@@ -209,8 +209,8 @@ class WeightTuner:
     def forward(self, args: tuple, kwargs: dict[str, Any], task_ids: torch.Tensor | None = None,
                 adapter_names: list[str] | None = None) -> Any:
         """The model's forward through its adapter layers. ``task_ids`` (one per row) reach every adapter layer for
-        this call (:meth:`_row_inputs`); methods that do not route by task ignore them (as PEFT)."""
-        with self._mixed_batch(adapter_names), self._row_inputs(task_ids), \
+        this call (``AdapterModel.row_inputs``); methods that do not route by task ignore them (as PEFT)."""
+        with self._mixed_batch(adapter_names), self.adapter_model.row_inputs(task_ids), \
                 self._activated(args, kwargs, adapter_names):
             outputs = self.adapter_model.model(*args, **kwargs)
         return self.adapter_model.add_regularization(outputs)  # e.g. AdaLoRA's penalty, when a loss is returned
@@ -218,28 +218,9 @@ class WeightTuner:
     def generate(self, args: tuple, kwargs: dict[str, Any], adapter_names: list[str] | None = None) -> Any:
         """The model's ``generate``; ``task_ids`` in ``kwargs`` (one per input row) go to the adapter layers, as in
         :meth:`forward`, not to ``generate``."""
-        with self._mixed_batch(adapter_names), self._row_inputs(kwargs.pop("task_ids", None)), \
+        with self._mixed_batch(adapter_names), self.adapter_model.row_inputs(kwargs.pop("task_ids", None)), \
                 self._activated(args, kwargs, adapter_names):
             return self.adapter_model.model.generate(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _row_inputs(self, task_ids: Any) -> Iterator[None]:
-        """Give every adapter layer the call's per-row inputs for one call, as :meth:`_mixed_batch` gives them
-        ``adapter_names``: ``task_ids`` (one per input row) become ``layer.row_inputs["task_ids"]``, read by the
-        layers whose method routes by task (Poly: ``AdapterLayer.row_input``) and sliced with the rows of a mixed
-        batch. Nothing is set when the call gives none."""
-        if task_ids is None:
-            yield
-            return
-        ids = torch.as_tensor(task_ids).long().reshape(-1)  # PEFT takes a tensor; a list of ints works too
-        layers = [m for m in self.peft_model.modules() if isinstance(m, AdapterLayer)]
-        for layer in layers:
-            layer.row_inputs = {"task_ids": ids}
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.row_inputs = {}
 
     @contextlib.contextmanager
     def _activated(self, args: tuple, kwargs: dict[str, Any], adapter_names: list[str] | None) -> Iterator[None]:
