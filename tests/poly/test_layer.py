@@ -276,3 +276,5 @@ def test_cli_trains_task_zero_and_generates_any_task(capsys, tmp_path):
     capsys.readouterr()
     assert main([str(a) for a in ("generate", "--adapter", out, "--max-new-tokens", 2, "--task-id", 2, "hi")]) == 2
     assert "Only 2 tasks available. Found task id = 2" in capsys.readouterr().err
+    assert main(["inspect", str(out)]) == 0
+    assert "r=2, n_skills=4, n_splits=2 per layer; n_tasks=2" in capsys.readouterr().out

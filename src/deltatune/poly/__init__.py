@@ -26,6 +26,12 @@ def create_or_update(target: nn.Module, adapter_name: str, config: PolyConfig, m
     return layer
 
 
+def inspect_size(config: dict, shapes: dict[str, list[int]]) -> str:
+    """``deltatune inspect``'s size line: the skill inventory per layer and the tasks routed over it."""
+    return (f"r={config.get('r')}, n_skills={config.get('n_skills')}, n_splits={config.get('n_splits')} per layer; "
+            f"n_tasks={config.get('n_tasks')} (calls need task_ids)")
+
+
 POLY = Method(
     peft_type=PeftType.POLY,
     config_cls=PolyConfig,
@@ -36,7 +42,7 @@ POLY = Method(
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT's Poly table is a copy of LoRA's
     cli_names={"poly": {}},
     mergeable=False,  # the skills' mixture depends on each row's task: no fixed ΔW (PEFT cannot merge it either)
-    hooks=Hooks(task_count=lambda config: config.n_tasks),  # every call needs task_ids
+    hooks=Hooks(task_count=lambda config: config.n_tasks, inspect_size=inspect_size),  # every call needs task_ids
 )
 PolyModel = tuner_class(POLY)  # PEFT's tuner class (isinstance of base_model)
 Linear = PolyLayer  # PEFT's layer class name (peft.tuners.poly.Linear)
