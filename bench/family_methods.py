@@ -44,6 +44,7 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``shadow``           -- deltatune vs ``peft`` (ShadowPEFT's defaults: r=8 in all 30 blocks, a 1-layer mirror
                         backbone on the shared embeddings, the auxiliary loss). deltatune trains 19,600 fewer values:
                         the last block's T and G, which no gradient reaches (it files them as buffers).
+* ``poly``             -- deltatune vs ``peft`` (Poly/MHR r=8, 4 skills, 2 splits, 2 tasks on q/v; task 0 rows).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -66,6 +67,7 @@ import torch
 
 import deltatune as dt
 from deltatune.builtin.models import load_builtin_model
+from deltatune.registry import task_count
 
 TOKENS = list(range(1000, 1064))
 
@@ -158,6 +160,9 @@ def configs(lib, case: str):
         return lib.UniLoraConfig(r=4, theta_d_length=256, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "shadow":
         return lib.ShadowConfig(task_type="CAUSAL_LM")
+    if case == "poly":
+        return lib.PolyConfig(r=8, n_tasks=2, n_skills=4, n_splits=2, target_modules=["q_proj", "v_proj"],
+                              task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -198,6 +203,7 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "tinylora": (("deltatune", "dt", "tinylora"), ("peft", "peft", "tinylora")),
     "unilora": (("deltatune", "dt", "unilora"), ("peft", "peft", "unilora")),
     "shadow": (("deltatune", "dt", "shadow"), ("peft", "peft", "shadow")),
+    "poly": (("deltatune", "dt", "poly"), ("peft", "peft", "poly")),
 }
 COPY_TABLE = {"cartridge"}  # random key/value tables (no identity at init): peft's starts from deltatune's
 # cases whose trainable count is not peft's, and why
@@ -274,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
             model = libs[lib].get_peft_model(copy.deepcopy(base), configs(libs[lib], cfg_case))
             variants.append(Variant(label, model, batch, device))
         a, b = variants
+        if task_count(a.model.peft_config.values()):  # Poly routes by task: every row is task 0
+            for v in variants:
+                v.batch = {**batch, "task_ids": torch.zeros(len(ids), dtype=torch.long, device=device)}
         if case in COPY_TABLE:
             b.model.prompt_encoder["default"].load_prompt_embeddings(a.model.prompt_encoder["default"].prompt_embeddings())
         if b.label == "peft" and case not in TRAINABLE_DIFFERS:

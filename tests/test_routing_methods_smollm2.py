@@ -86,6 +86,24 @@ def test_shadow_lowers_held_out_loss_and_reloads_in_peft(tmp_path):
     models = pytest.importorskip("deltatune.builtin.models")
     from deltatune import ShadowConfig
 
+POLY_TASKS = {  # task id -> (training sentences, held-out sentences): two patterns, one per task
+    0: ([f"Order {n}: {n} red apples, shipped on Monday." for n in (3, 8, 15, 21)],
+        [f"Order {n}: {n} red apples, shipped on Monday." for n in (5, 12)]),
+    1: ([f"Ticket {n} closed: the printer on floor {n} works again." for n in (2, 7, 14, 30)],
+        [f"Ticket {n} closed: the printer on floor {n} works again." for n in (4, 11)]),
+}
+
+
+@pytest.mark.slow
+def test_poly_learns_two_tasks_and_reloads_in_peft(tmp_path):
+    """Poly (2 tasks, 4 skills, 2 splits, r=4 on q/v): a few AdamW steps on rows of both tasks, each row with its
+    task id, lower the held-out loss of each task; peft 0.21.2 loads the files with equal logits for the same
+    task_ids."""
+    import peft
+
+    from deltatune import PolyConfig
+
+    models = pytest.importorskip("deltatune.builtin.models")
     torch.manual_seed(0)
     base, tok = models.load_builtin_model("smollm2-135m")
     if tok.pad_token is None:
@@ -127,3 +145,41 @@ def test_shadow_lowers_held_out_loss_and_reloads_in_peft(tmp_path):
     loaded = peft.PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path / "shadow").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**held).logits, expected, atol=1e-4, rtol=1e-4)
+
+    def rows(part: int):
+        texts = [t for task in (0, 1) for t in POLY_TASKS[task][part]]
+        ids = torch.tensor([task for task in (0, 1) for _ in POLY_TASKS[task][part]])
+        batch, labels = _tokens(tok, texts)
+        return batch, labels, ids
+
+    (train, train_labels, train_ids), (held, held_labels, held_ids) = rows(0), rows(1)
+    model = get_peft_model(base, PolyConfig(r=4, n_tasks=2, n_skills=4, n_splits=2, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+
+    def held_out_losses(model) -> list[float]:
+        model.eval()
+        with torch.no_grad():
+            logits = model(**held, task_ids=held_ids).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), held_labels[:, 1:], reduction="none")
+            per_row = loss.sum(1) / (held_labels[:, 1:] != -100).sum(1)
+        return [per_row[held_ids == task].mean().item() for task in (0, 1)]
+
+    start = held_out_losses(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(4):
+        opt.zero_grad()
+        model(**train, labels=train_labels, task_ids=train_ids).loss.backward()
+        opt.step()
+    end = held_out_losses(model)
+    for task in (0, 1):
+        assert end[task] < start[task] - 0.05, f"task {task}: held-out loss {start[task]:.4f} -> {end[task]:.4f}"
+
+    with torch.no_grad():
+        expected = model(**held, task_ids=held_ids).logits
+    model.save_pretrained(tmp_path / "poly")
+    del model, base, opt
+    gc.collect()
+    theirs = peft.PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path / "poly").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**held, task_ids=held_ids).logits, expected, atol=1e-5, rtol=1e-5)

@@ -82,6 +82,7 @@ from deltatune.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from deltatune.poly import PolyConfig, PolyLayer, PolyModel
 from deltatune.prompt import (
     MultitaskPromptTuningConfig,
     MultitaskPromptTuningInit,
@@ -173,6 +174,7 @@ __all__ = [
     "TinyLoraConfig", "TinyLoraLayer", "TinyLoraModel",
     "UniLoraConfig", "UniLoraLayer", "UniLoraModel",
     "DetachedShadowModel", "ShadowCache", "ShadowConfig", "ShadowLayer", "ShadowModel",
+    "PolyConfig", "PolyLayer", "PolyModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

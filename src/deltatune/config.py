@@ -91,6 +91,7 @@ class PeftType(enum.StrEnum):
     TINYLORA = "TINYLORA"  # PEFT's
     UNILORA = "UNILORA"  # PEFT's
     SHADOW = "SHADOW"  # PEFT's
+    POLY = "POLY"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

@@ -209,9 +209,10 @@ class PeftModel(nn.Module):
         """The wrapped model's forward, with the same arguments (``input_ids``, ``attention_mask``, ``labels``,
         ...; positional ones pass through in the model's own order).
 
-        ``task_ids`` (one per row) picks multitask prompt-tuning prompts; weight adapters ignore them (as PEFT),
-        so one training loop can feed every method the same batch. ``adapter_names`` (one per batch row,
-        ``"__base__"`` for none) runs each row through its own adapter in one batched pass (inference only).
+        ``task_ids`` (one per row) picks multitask prompt-tuning prompts and Poly's mixtures; other methods ignore
+        them (as PEFT), so one training loop can feed every method the same batch (``generate`` takes them too).
+        ``adapter_names`` (one per batch row, ``"__base__"`` for none) runs each row through its own adapter in one
+        batched pass (inference only).
         """
         return self._tuner.forward(args, kwargs, task_ids=task_ids, adapter_names=adapter_names)
 

@@ -64,6 +64,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.tinylora",
     "deltatune.unilora",
     "deltatune.shadow",
+    "deltatune.poly",
 )
 
 
@@ -133,6 +134,9 @@ class Hooks:
     Running and combining:
         activate: ``(peft_model, args, kwargs, adapter_names) -> context manager``: held around each forward and
             generate call (LoRA's aLoRA: where each row's invocation sequence starts).
+        task_count: ``(config) -> int``: how many tasks an adapter of this config serves, for a method whose
+            forward and generate need ``task_ids`` (one task id per batch row: multitask prompt tuning, Poly); the
+            CLI then trains task 0 and ``deltatune generate --task-id`` picks one (:func:`task_count`).
         add_weighted_adapter: ``(peft_model, adapters, weights, adapter_name, combination_type, **kwargs) ->
             None``: a new adapter, a weighted combination of existing ones (LoRA's ``add_weighted_adapter``).
         create_with_data: ``(model, config, batches, adapter_name) -> PeftModel``: creation with a data-driven
@@ -186,6 +190,7 @@ class Hooks:
     loading: Callable[[PeftConfig], Any] | None = None
     after_load: Callable[[nn.Module, str], None] | None = None
     activate: Callable[..., Any] | None = None
+    task_count: Callable[[PeftConfig], int] | None = None
     add_weighted_adapter: Callable[..., None] | None = None
     create_with_data: Callable[..., nn.Module] | None = None
     data_init: Callable[[PeftConfig], str | None] | None = None
@@ -316,6 +321,15 @@ def hook_for(name: str, peft_types: Iterable[PeftType | str]) -> Callable[..., A
     return next((getattr(m.hooks, name) for m in METHODS.values() if getattr(m.hooks, name) is not None), None)
 
 
+def task_count(configs: Iterable[PeftConfig]) -> int:
+    """The most tasks any of ``configs`` serves (its method's ``Hooks.task_count``); 0 when none of them routes by
+    task, i.e. no call needs ``task_ids``."""
+    load_builtins()
+    counts = [hook(c) for c in configs
+              if (m := METHODS.get(c.peft_type)) is not None and (hook := m.hooks.task_count) is not None]
+    return max(counts, default=0)
+
+
 class MethodTable(Mapping):
     """A read-only ``{PeftType: value}`` view of the registered methods (PEFT's ``PEFT_TYPE_TO_*_MAPPING``
     tables), read from :data:`METHODS` at each access, so it lists every method registered so far.
@@ -353,4 +367,4 @@ class MethodTable(Mapping):
 
 
 __all__ = ["BUILTIN", "METHODS", "Hooks", "Method", "MethodTable", "config_class_for", "hook_for", "load_builtins",
-           "method_for", "register"]
+           "method_for", "register", "task_count"]

@@ -102,6 +102,8 @@ CASES: dict[str, ContractCase] = {
     "UNILORA": ContractCase({"init_theta_d_bound": 0.5, "save_indices": True}, identity_at_init=False),
     # r=4 bottleneck; the 1-layer mirror backbone reads the base embeddings (W_up = 0: the identity at init)
     "SHADOW": ContractCase({"r": 4}),
+    # 2 tasks, one per row; 2 splits (Multi-Head Routing) of the 32/16-wide q/v_proj
+    "POLY": ContractCase({"r": 4, "n_tasks": 2, "n_splits": 2}, forward={"task_ids": [0, 1]}),
 }
 
 

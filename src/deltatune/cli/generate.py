@@ -10,6 +10,7 @@ import torch
 from deltatune.cli import loading
 from deltatune.cli import options as options_mod
 from deltatune.cli.common import UsageError
+from deltatune.registry import task_count
 
 
 def register(subparsers) -> None:
@@ -32,7 +33,8 @@ def register(subparsers) -> None:
                    help="use the prompt as it is, not in the prompt template the adapter was trained with")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task-id", type=int, default=None,
-                   help="multitask prompt tuning: which task's prompt to use (default 0, the one `train` trains)")
+                   help="adapters with tasks (multitask prompt tuning, Poly): which task to run (default 0, the "
+                        "one `train` trains)")
     p.add_argument("--quantize", choices=[*options_mod.QUANTIZE_CHOICES, "none"],
                    help="hold the base in nf4/fp4/int8 via bitsandbytes (default: as the adapter was trained)")
     p.add_argument("--device", default="auto")
@@ -89,10 +91,11 @@ def main(args: argparse.Namespace) -> int:
     else:  # greedy or beam search: silence the sampling defaults some generation configs carry
         kwargs.update(temperature=None, top_p=None, top_k=None)
     configs = getattr(model, "peft_config", {}) or {}
-    if any(getattr(c, "num_tasks", None) for c in configs.values()):
+    if task_count(configs.values()):
         kwargs["task_ids"] = torch.tensor([args.task_id or 0], device=device)
     elif args.task_id is not None:
-        raise UsageError("--task-id is for multitask prompt-tuning adapters; this adapter has no tasks")
+        raise UsageError("--task-id is for adapters that route by task (multitask prompt tuning, Poly); this "
+                         "adapter has no tasks")
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     texts = [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]

@@ -61,6 +61,9 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.row_adapters: list[str] | None = None  # set by PeftModel for one mixed-adapter batch
+        # per-row inputs of one call (``task_ids``: one entry per input row), set by PeftModel for the call as
+        # row_adapters is; read through row_input by the methods that need them (Poly's router)
+        self.row_inputs: dict[str, torch.Tensor] = {}
         self.quantized = is_quantized_layer(base_layer)
         # adapter -> names in adapter_layer_names that stay frozen even when it trains (MiCA's B; PEFT's
         # frozen_peft_weight_names)
@@ -257,19 +260,21 @@ class AdapterLayer(nn.Module):
         A generic path for layers without a batched kernel of their own; one forward per distinct name.
         """
         given, names = self.row_adapters, self._row_names(x.shape[0])
-        active = self.active_adapters
+        active, inputs = self.active_adapters, self.row_inputs
+        per_row = {key: self.row_input(key, x.shape[0]) for key in inputs}  # the rows' own inputs go with them
         self.row_adapters = None
         out = None
         try:
             for name in dict.fromkeys(names):
                 rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
                 self.active_adapters = [] if name == "__base__" else [name]
+                self.row_inputs = {key: value[rows.to(value.device)] for key, value in per_row.items()}
                 y = self.forward(x.index_select(0, rows), *args, **kwargs)
                 if out is None:
                     out = y.new_empty((x.shape[0], *y.shape[1:]))
                 out[rows] = y
         finally:
-            self.active_adapters, self.row_adapters = active, given
+            self.active_adapters, self.row_adapters, self.row_inputs = active, given, inputs
         return out
 
     def _row_names(self, batch: int) -> list[str]:
@@ -282,6 +287,22 @@ class AdapterLayer(nn.Module):
                               "each input row: give one adapter name per input row.)")
         repeat = batch // len(names)
         return [n for n in names for _ in range(repeat)]
+
+    def row_input(self, key: str, batch: int) -> torch.Tensor | None:
+        """The call's per-row input ``key`` (``task_ids``: one entry per input row, given to ``PeftModel``'s
+        forward or generate) for a batch of ``batch`` rows, each entry repeated where ``generate()`` expanded
+        every input row, as :meth:`_row_names` does; ``None`` when the call gave none.
+
+        Raises:
+            ConfigError: its length does not divide ``batch``.
+        """
+        values = self.row_inputs.get(key)
+        if values is None:
+            return None
+        if values.shape[0] == 0 or batch % values.shape[0]:
+            raise ConfigError(f"{key} has {values.shape[0]} entries for a batch of {batch} rows; give one per row "
+                              "(or one per input row of generate())")
+        return values.repeat_interleave(batch // values.shape[0], dim=0)
 
     # ---- merging -----------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

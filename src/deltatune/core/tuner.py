@@ -7,6 +7,7 @@ Everything method-specific comes from the :class:`~deltatune.registry.Method` en
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -191,8 +192,35 @@ class AdapterModel(nn.Module):
         self.inject_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
-    def forward(self, *args, **kwargs):
-        return self.add_regularization(self.model(*args, **kwargs))
+    def forward(self, *args, task_ids: Any = None, **kwargs):
+        """The model's forward; ``task_ids`` (one per row) go to the adapter layers (:meth:`row_inputs`), not to the
+        model (PEFT's ``PolyModel.forward``)."""
+        with self.row_inputs(task_ids):
+            return self.add_regularization(self.model(*args, **kwargs))
+
+    def generate(self, *args, task_ids: Any = None, **kwargs):
+        """The model's ``generate``, ``task_ids`` as in :meth:`forward` (PEFT's ``PolyModel.generate``)."""
+        with self.row_inputs(task_ids):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def row_inputs(self, task_ids: Any) -> Iterator[None]:
+        """Give every adapter layer the call's per-row inputs for one call, as a mixed-adapter batch gives them
+        ``adapter_names``: ``task_ids`` (one per input row) become ``layer.row_inputs["task_ids"]``, read by the
+        layers whose method routes by task (Poly, through ``AdapterLayer.row_input``) and sliced with the rows of a
+        mixed batch; other methods ignore them. Nothing is set when the call gives none."""
+        if task_ids is None:
+            yield
+            return
+        ids = torch.as_tensor(task_ids).long().reshape(-1)  # PEFT takes a tensor; a list of ints works too
+        layers = [layer for _, layer in self.adapter_layers()]
+        for layer in layers:
+            layer.row_inputs = {"task_ids": ids}
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.row_inputs = {}
 
     def __getattr__(self, name: str):
         try:

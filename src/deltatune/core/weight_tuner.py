@@ -208,13 +208,18 @@ class WeightTuner:
     # ---- running the model --------------------------------------------------------------------
     def forward(self, args: tuple, kwargs: dict[str, Any], task_ids: torch.Tensor | None = None,
                 adapter_names: list[str] | None = None) -> Any:
-        """The model's forward through its adapter layers; ``task_ids`` are ignored (as PEFT)."""
-        with self._mixed_batch(adapter_names), self._activated(args, kwargs, adapter_names):
+        """The model's forward through its adapter layers. ``task_ids`` (one per row) reach every adapter layer for
+        this call (``AdapterModel.row_inputs``); methods that do not route by task ignore them (as PEFT)."""
+        with self._mixed_batch(adapter_names), self.adapter_model.row_inputs(task_ids), \
+                self._activated(args, kwargs, adapter_names):
             outputs = self.adapter_model.model(*args, **kwargs)
         return self.adapter_model.add_regularization(outputs)  # e.g. AdaLoRA's penalty, when a loss is returned
 
     def generate(self, args: tuple, kwargs: dict[str, Any], adapter_names: list[str] | None = None) -> Any:
-        with self._mixed_batch(adapter_names), self._activated(args, kwargs, adapter_names):
+        """The model's ``generate``; ``task_ids`` in ``kwargs`` (one per input row) go to the adapter layers, as in
+        :meth:`forward`, not to ``generate``."""
+        with self._mixed_batch(adapter_names), self.adapter_model.row_inputs(kwargs.pop("task_ids", None)), \
+                self._activated(args, kwargs, adapter_names):
             return self.adapter_model.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager

@@ -9,6 +9,8 @@ key/value cache), with ``inputs.py`` the bookkeeping both share.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from deltatune.config import PeftType
@@ -57,6 +59,7 @@ PREFIX_TUNING = Method(
 MULTITASK_PROMPT_TUNING = Method(
     peft_type=PeftType.MULTITASK_PROMPT_TUNING, config_cls=MultitaskPromptTuningConfig, lr_scale=30.0,
     hooks=_hooks(MultitaskPromptEmbedding), cli_names={"multitask_prompt_tuning": {}},
+    hooks=replace(_HOOKS, task_count=lambda config: config.num_tasks), cli_names={"multitask_prompt_tuning": {}},
 )
 
 __all__ = [

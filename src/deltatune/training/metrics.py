@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.registry import task_count
 from deltatune.training.data import IGNORE_INDEX, SHAPE_BUCKET, collate
 from deltatune.training.loss import chunkable_head, head_returns_hidden, linear_cross_entropy
 
@@ -57,16 +58,19 @@ def causal_forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int |
         kwargs["logits_to_keep"] = keep
     if _accepts(type(inner), "position_ids"):
         kwargs["position_ids"] = batch["position_ids"]
-    if _needs_task_ids(model):  # multitask prompt tuning: the CLI trains one task, index 0
-        kwargs["task_ids"] = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long,
-                                         device=batch["input_ids"].device)
+    kwargs.update(task_kwargs(model, batch))
     return (model if run is None else run)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                            **kwargs)
 
 
-def _needs_task_ids(model: nn.Module) -> bool:
+def task_kwargs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"task_ids": zeros}`` for a model whose adapters route by task (multitask prompt tuning, Poly: the
+    registry's ``task_count``): the CLI trains one task, index 0; else nothing."""
     configs = getattr(model, "peft_config", None)
-    return isinstance(configs, dict) and any(getattr(c, "num_tasks", None) for c in configs.values())
+    if not isinstance(configs, dict) or not task_count(configs.values()):
+        return {}
+    ids = batch["input_ids"]
+    return {"task_ids": torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)}
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], sequence_classifier: bool = False,
@@ -90,7 +94,8 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], sequence_classifi
     labels = batch["labels"]
     run = model if forward_model is None else forward_model
     if sequence_classifier:
-        logits = run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, C)
+        logits = run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     **task_kwargs(model, batch)).logits  # (B, C)
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
     targets = labels[:, 1:]                                   # (B, T-1): token t+1 is predicted at t
     # A left-padded row's first token would be "predicted" from a pad position: no loss there.
@@ -205,8 +210,8 @@ def classifier_logits(model: nn.Module, examples: Sequence[dict], *, batch_size:
             batch = _to(collate(list(examples[start:start + batch_size]), pad_id, left_pad=False,
                                 multiple_of=SHAPE_BUCKET), device)
             with autocast(device, amp):
-                out.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-                           .cpu())
+                out.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 **task_kwargs(model, batch)).logits.float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)
