@@ -1,4 +1,4 @@
-"""The composition and routing methods of issue 22 (X-LoRA, ShadowPEFT) on a real model (SmolLM2-135M).
+"""The composition and routing methods of issue 22 (X-LoRA, ShadowPEFT, Poly) on a real model (SmolLM2-135M).
 
 X-LoRA: two frozen LoRA experts on q/v, one that changes nothing (``B = 0``) and one that hurts (random ``A``, ``B``);
 the classifier starts near an even mix, and a few AdamW steps on short sentences of one pattern teach it to weigh
@@ -86,24 +86,6 @@ def test_shadow_lowers_held_out_loss_and_reloads_in_peft(tmp_path):
     models = pytest.importorskip("deltatune.builtin.models")
     from deltatune import ShadowConfig
 
-POLY_TASKS = {  # task id -> (training sentences, held-out sentences): two patterns, one per task
-    0: ([f"Order {n}: {n} red apples, shipped on Monday." for n in (3, 8, 15, 21)],
-        [f"Order {n}: {n} red apples, shipped on Monday." for n in (5, 12)]),
-    1: ([f"Ticket {n} closed: the printer on floor {n} works again." for n in (2, 7, 14, 30)],
-        [f"Ticket {n} closed: the printer on floor {n} works again." for n in (4, 11)]),
-}
-
-
-@pytest.mark.slow
-def test_poly_learns_two_tasks_and_reloads_in_peft(tmp_path):
-    """Poly (2 tasks, 4 skills, 2 splits, r=4 on q/v): a few AdamW steps on rows of both tasks, each row with its
-    task id, lower the held-out loss of each task; peft 0.21.2 loads the files with equal logits for the same
-    task_ids."""
-    import peft
-
-    from deltatune import PolyConfig
-
-    models = pytest.importorskip("deltatune.builtin.models")
     torch.manual_seed(0)
     base, tok = models.load_builtin_model("smollm2-135m")
     if tok.pad_token is None:
@@ -145,6 +127,30 @@ def test_poly_learns_two_tasks_and_reloads_in_peft(tmp_path):
     loaded = peft.PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path / "shadow").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**held).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+POLY_TASKS = {  # task id -> (training sentences, held-out sentences): two patterns, one per task
+    0: ([f"Order {n}: {n} red apples, shipped on Monday." for n in (3, 8, 15, 21)],
+        [f"Order {n}: {n} red apples, shipped on Monday." for n in (5, 12)]),
+    1: ([f"Ticket {n} closed: the printer on floor {n} works again." for n in (2, 7, 14, 30)],
+        [f"Ticket {n} closed: the printer on floor {n} works again." for n in (4, 11)]),
+}
+
+
+@pytest.mark.slow
+def test_poly_learns_two_tasks_and_reloads_in_peft(tmp_path):
+    """Poly (2 tasks, 4 skills, 2 splits, r=4 on q/v): a few AdamW steps on rows of both tasks, each row with its
+    task id, lower the held-out loss of each task; peft 0.21.2 loads the files with equal logits for the same
+    task_ids."""
+    import peft
+
+    from deltatune import PolyConfig
+
+    models = pytest.importorskip("deltatune.builtin.models")
+    torch.manual_seed(0)
+    base, tok = models.load_builtin_model("smollm2-135m")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
 
     def rows(part: int):
         texts = [t for task in (0, 1) for t in POLY_TASKS[task][part]]

@@ -58,8 +58,8 @@ PREFIX_TUNING = Method(
 )
 MULTITASK_PROMPT_TUNING = Method(
     peft_type=PeftType.MULTITASK_PROMPT_TUNING, config_cls=MultitaskPromptTuningConfig, lr_scale=30.0,
-    hooks=_hooks(MultitaskPromptEmbedding), cli_names={"multitask_prompt_tuning": {}},
-    hooks=replace(_HOOKS, task_count=lambda config: config.num_tasks), cli_names={"multitask_prompt_tuning": {}},
+    hooks=replace(_hooks(MultitaskPromptEmbedding), task_count=lambda config: config.num_tasks),
+    cli_names={"multitask_prompt_tuning": {}},
 )
 
 __all__ = [
