@@ -99,6 +99,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "SUPERTUNING": ("SupertuningConfig", {"target_modules": ["lin0"], "sparsity": 0.5}),
     "TINYLORA": ("TinyLoraConfig", {"target_modules": ["lin0", "lin1"], "u": 4}),
     "UNILORA": ("UniLoraConfig", {"target_modules": ["lin0", "lin1"], "theta_d_length": 16}),
+    "ADAMSS": ("AdamssConfig", {"target_modules": ["lin0"], "r": 4, "num_subspaces": 2}),
 }
 
 

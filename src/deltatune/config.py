@@ -90,6 +90,7 @@ class PeftType(enum.StrEnum):
     CPT = "CPT"
     TINYLORA = "TINYLORA"  # PEFT's
     UNILORA = "UNILORA"  # PEFT's
+    ADAMSS = "ADAMSS"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

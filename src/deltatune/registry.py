@@ -63,6 +63,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.cpt",
     "deltatune.tinylora",
     "deltatune.unilora",
+    "deltatune.adamss",
 )
 
 

@@ -100,6 +100,9 @@ CASES: dict[str, ContractCase] = {
     # θ starts uniform, not zero (A and B both read it): bound 0.5 so the fresh adapter visibly moves the logits;
     # save_indices so the file names the adapted layers (deltatune inspect reads them there)
     "UNILORA": ContractCase({"init_theta_d_bound": 0.5, "save_indices": True}, identity_at_init=False),
+    # PEFT's defaults fit (R = min(100, out, in), 5 clusters of output rows); peft's AdaMSS imports scikit-learn
+    "ADAMSS": ContractCase(peft_interop="peft's AdaMSS needs scikit-learn, not installed here: tests/adamss/"
+                                        "test_interop.py checks both ways with deltatune's K-means standing in"),
 }
 
 

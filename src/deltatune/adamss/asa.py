@@ -1,0 +1,114 @@
+"""ASA, AdaMSS's adaptive subspace allocation: which subspaces keep training (PEFT's
+``AdamssModel.update_and_allocate``, step for step).
+
+Called once per optimizer step after ``optimizer.step()`` and before ``zero_grad()`` with ``global_step`` ``t``.
+For an adapter with ``use_asa`` (``t0 = init_warmup``, ``t1 = final_warmup``, ``T`` = its subspaces over all layers,
+``N = asa_target_subspaces``), while ``t0 <= t <= t1``:
+
+1. every step, for each subspace ``k`` whose ``A_k``/``B_k`` has a gradient (element-wise, ``p`` the parameter)::
+
+       I = |p ⊙ ∇p|,   Ū ← β_u Ū + (1 - β_u) |I - Ī|,   Ī ← β_i Ī + (1 - β_i) I     (Ī, Ū start at 0)
+
+2. when ``t % mask_interval == 0``: the budget ``n(t) = ⌊N + (T - N) · (1 - (t - t0) / (t1 - t0))^e⌋``
+   (``e = asa_schedule_exponent``); each subspace with statistics scores ``s_k = mean(Ī_A Ū_A) + mean(Ī_B Ū_B)``,
+   the ``n(t)``-th largest score over all layers is the threshold, and only subspaces scoring strictly above it stay
+   trainable (PEFT's ``>``: ``n(t) - 1`` subspaces when the scores are distinct); the others are frozen (their
+   gradients dropped). Then every statistic is reset.
+
+A frozen subspace gets no gradient, so no statistics and no score: it is never revived (as PEFT).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltatune.adamss.config import AdamssConfig
+from deltatune.adamss.layer import AdamssLayer
+
+
+def update_importance(layer: AdamssLayer, adapter_name: str, importance_beta: float,
+                      uncertainty_beta: float) -> None:
+    """Step 1 on one layer: the EMAs of ``|p ⊙ ∇p|`` and of its deviation, for the subspaces with gradients."""
+    for params, ipt, unc in ((layer.adamss_A[adapter_name], layer.exp_avg_ipt_A[adapter_name],
+                              layer.exp_avg_unc_A[adapter_name]),
+                             (layer.adamss_B[adapter_name], layer.exp_avg_ipt_B[adapter_name],
+                              layer.exp_avg_unc_B[adapter_name])):
+        for i in range(layer.num_subspaces[adapter_name]):
+            p = params[i]
+            if p.grad is None:
+                continue
+            if ipt[i] is None:
+                ipt[i], unc[i] = torch.zeros_like(p, requires_grad=False), torch.zeros_like(p, requires_grad=False)
+            with torch.no_grad():
+                current = (p * p.grad).abs()
+                unc[i].mul_(uncertainty_beta).add_((current - ipt[i]).abs(), alpha=1 - uncertainty_beta)  # Ī before
+                ipt[i].mul_(importance_beta).add_(current, alpha=1 - importance_beta)
+
+
+def reset_importance(layer: AdamssLayer, adapter_name: str) -> None:
+    """Forget the statistics (after each pruning: the next window starts afresh)."""
+    n = len(layer.exp_avg_ipt_A[adapter_name])
+    for stats in (layer.exp_avg_ipt_A, layer.exp_avg_ipt_B, layer.exp_avg_unc_A, layer.exp_avg_unc_B):
+        stats[adapter_name] = [None] * n
+
+
+def budget(step: int, config: AdamssConfig, total: int) -> int | None:
+    """``n(t)``: subspaces to keep at ``step`` (``None`` before ``init_warmup``), PEFT's ``_schedule_threshold``."""
+    if total == 0 or step < config.init_warmup:
+        return None
+    if step > config.final_warmup:
+        return config.asa_target_subspaces
+    progress = 1.0 - (step - config.init_warmup) / (config.final_warmup - config.init_warmup)
+    progress = max(0.0, min(1.0, progress))
+    return int(config.asa_target_subspaces
+               + (total - config.asa_target_subspaces) * (progress ** config.asa_schedule_exponent))
+
+
+def subspace_scores(layers: list[AdamssLayer], adapter_name: str) -> list[tuple[AdamssLayer, int, torch.Tensor]]:
+    """``(layer, k, s_k)`` for every subspace with statistics, in module order."""
+    scores = []
+    for layer in layers:
+        ipt_a, ipt_b = layer.exp_avg_ipt_A[adapter_name], layer.exp_avg_ipt_B[adapter_name]
+        unc_a, unc_b = layer.exp_avg_unc_A[adapter_name], layer.exp_avg_unc_B[adapter_name]
+        for i in range(layer.num_subspaces[adapter_name]):
+            if ipt_a[i] is None or ipt_b[i] is None:
+                continue
+            scores.append((layer, i, (ipt_a[i] * unc_a[i]).mean() + (ipt_b[i] * unc_b[i]).mean()))
+    return scores
+
+
+def mask_to_budget(layers: list[AdamssLayer], adapter_name: str, keep: int) -> None:
+    """Step 2's pruning: only subspaces scoring above the ``keep``-th largest score stay trainable."""
+    scores = subspace_scores(layers, adapter_name)
+    if not scores:
+        return
+    values = torch.stack([s for _, _, s in scores])
+    threshold = float("-inf") if keep >= len(scores) else -torch.kthvalue(-values, keep)[0].item()
+    for layer, i, score in scores:
+        active = float(score) > threshold
+        layer.asa_active[adapter_name][i] = active
+        for p in (layer.adamss_A[adapter_name][i], layer.adamss_B[adapter_name][i]):
+            p.requires_grad_(active)
+            if not active:
+                p.grad = None
+
+
+def allocate(layers: list[AdamssLayer], adapter_name: str, config: AdamssConfig, global_step: int) -> None:
+    """One ASA step (steps 1 and 2 of the module docstring) for ``adapter_name`` over ``layers``."""
+    if not layers or not config.init_warmup <= global_step <= config.final_warmup:
+        return
+    for layer in layers:
+        update_importance(layer, adapter_name, config.asa_importance_beta, config.asa_uncertainty_beta)
+    if global_step % config.mask_interval != 0:
+        return
+    keep = budget(global_step, config, sum(layer.num_subspaces[adapter_name] for layer in layers))
+    if keep is not None:
+        mask_to_budget(layers, adapter_name, keep)
+    for layer in layers:
+        reset_importance(layer, adapter_name)
+
+
+def active_subspaces(layers: list[AdamssLayer], adapter_name: str) -> int:
+    """How many subspaces of ``adapter_name`` still train."""
+    return sum(sum(layer.asa_active.get(adapter_name, [True] * layer.num_subspaces[adapter_name]))
+               for layer in layers)
