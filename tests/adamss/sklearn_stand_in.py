@@ -18,8 +18,9 @@ import types
 from deltatune.adamss.kmeans import KMeans
 
 
-def install() -> None:
-    """Make ``import sklearn`` and ``from sklearn.cluster import KMeans`` work (a no-op with the real package)."""
+def install(monkeypatch) -> None:
+    """Make ``import sklearn`` and ``from sklearn.cluster import KMeans`` work for one test (``monkeypatch`` takes
+    the modules out again); a no-op where the real package is installed."""
     if "sklearn" in sys.modules or importlib.util.find_spec("sklearn") is not None:
         return
     sklearn = types.ModuleType("sklearn")
@@ -28,4 +29,5 @@ def install() -> None:
         module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
     cluster.KMeans = KMeans
     sklearn.cluster = cluster
-    sys.modules["sklearn"], sys.modules["sklearn.cluster"] = sklearn, cluster
+    monkeypatch.setitem(sys.modules, "sklearn", sklearn)
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", cluster)
