@@ -21,6 +21,7 @@ A frozen subspace gets no gradient, so no statistics and no score: it is never r
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from deltatune.adamss.config import AdamssConfig
 from deltatune.adamss.layer import AdamssLayer
@@ -112,3 +113,17 @@ def active_subspaces(layers: list[AdamssLayer], adapter_name: str) -> int:
     """How many subspaces of ``adapter_name`` still train."""
     return sum(sum(layer.asa_active.get(adapter_name, [True] * layer.num_subspaces[adapter_name]))
                for layer in layers)
+
+
+def allocate_in(model: nn.Module, global_step: int) -> None:
+    """One ASA step for every active, trainable ``use_asa`` adapter found in ``model``'s AdaMSS layers, with the
+    config each layer holds: for a caller that has the adapted model but not the ``PeftModel`` (a ``Trainer``
+    callback under ``AdapterTrainer``)."""
+    by_adapter: dict[str, list[AdamssLayer]] = {}
+    for layer in model.modules():
+        if isinstance(layer, AdamssLayer):
+            for name, config in layer.asa_config.items():
+                if name in layer.active_adapters and not config.inference_mode:
+                    by_adapter.setdefault(name, []).append(layer)
+    for name, layers in by_adapter.items():
+        allocate(layers, name, layers[0].asa_config[name], global_step)

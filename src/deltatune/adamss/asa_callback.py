@@ -16,13 +16,20 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
+from deltatune.adamss.asa import allocate_in
+
 
 class AdamssAsaCallback(TrainerCallback):
-    """Calls ``model.update_and_allocate(state.global_step)`` after every optimizer step (nothing to configure: the
-    schedule is the adapter's ``AdamssConfig``)."""
+    """Runs ASA after every optimizer step (nothing to configure: the schedule is the adapter's ``AdamssConfig``):
+    ``model.update_and_allocate(state.global_step)`` when the ``Trainer`` holds the ``PeftModel``; when it holds the
+    adapted base model (``AdapterTrainer`` trains the base model in place), the same step on its AdaMSS layers."""
 
     def on_optimizer_step(self, args, state, control, model: nn.Module | None = None, **kwargs: Any) -> None:
         while model is not None and not hasattr(model, "update_and_allocate") and hasattr(model, "module"):
             model = model.module  # DDP-style wrappers
-        if model is not None and hasattr(model, "update_and_allocate"):
+        if model is None:
+            return
+        if hasattr(model, "update_and_allocate"):
             model.update_and_allocate(state.global_step)
+        else:
+            allocate_in(model, state.global_step)

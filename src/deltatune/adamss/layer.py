@@ -80,11 +80,13 @@ class AdamssLayer(AdapterLayer):
             output row of each entry of ``[B_1 A_1 V x̃; ...; B_K A_K V x̃]``.
         exp_avg_ipt_A/B, exp_avg_unc_A/B: ``adapter -> [K tensors or None]``, ASA's EMAs (``use_asa`` only).
         asa_active: ``adapter -> [K bools]``: subspaces ASA keeps trainable (``use_asa`` only).
+        asa_config: ``adapter -> AdamssConfig`` (``use_asa`` only): the schedule, for a callback that holds the
+            base model rather than the ``PeftModel`` (``AdapterTrainer`` trains the base model).
     """
 
     adapter_layer_names = ("adamss_A", "adamss_B")
     other_param_names = ("num_subspaces", "train_subspace_index", "seg_result", "scatter_index", "exp_avg_ipt_A",
-                         "exp_avg_ipt_B", "exp_avg_unc_A", "exp_avg_unc_B", "adamss_newB", "asa_active")
+                         "exp_avg_ipt_B", "exp_avg_unc_A", "exp_avg_unc_B", "adamss_newB", "asa_active", "asa_config")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -100,6 +102,7 @@ class AdamssLayer(AdapterLayer):
         self.exp_avg_unc_A: dict[str, list[torch.Tensor | None]] = {}
         self.exp_avg_unc_B: dict[str, list[torch.Tensor | None]] = {}
         self.asa_active: dict[str, list[bool]] = {}
+        self.asa_config: dict[str, AdamssConfig] = {}
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -157,6 +160,7 @@ class AdamssLayer(AdapterLayer):
             for stats in (self.exp_avg_ipt_A, self.exp_avg_ipt_B, self.exp_avg_unc_A, self.exp_avg_unc_B):
                 stats[adapter_name] = [None] * k
             self.asa_active[adapter_name] = [True] * k
+            self.asa_config[adapter_name] = config
         self._place_adapter(adapter_name)
         self.set_adapter(self.active_adapters or [adapter_name])
 
