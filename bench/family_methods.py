@@ -41,6 +41,8 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
 * ``pvera``            -- deltatune vs ``peft`` (PVeRA r=256 on q/v, as VeRA's case);
 * ``tinylora``         -- deltatune vs ``peft`` (TinyLoRA's defaults r=2, u=64 on q/v: a vector per layer);
 * ``unilora``          -- deltatune vs ``peft`` (Uni-LoRA's defaults r=4, theta_d_length=256 on q/v).
+* ``adamss``           -- deltatune vs ``peft`` (AdaMSS's defaults r=100, 5 subspaces of rank 1 on q/v; peft's
+                        scikit-learn K-means lent by deltatune where scikit-learn is not installed).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -153,7 +155,28 @@ def configs(lib, case: str):
         return lib.TinyLoraConfig(r=2, u=64, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if case == "unilora":
         return lib.UniLoraConfig(r=4, theta_d_length=256, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if case == "adamss":
+        _sklearn_for_peft()
+        return lib.AdamssConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
+
+
+def _sklearn_for_peft() -> None:
+    """peft's AdaMSS imports scikit-learn for one K-means; where it is missing, lend deltatune's (the same
+    algorithm) as ``sklearn.cluster.KMeans`` so the peft side can be built."""
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    if "sklearn" in sys.modules or importlib.util.find_spec("sklearn") is not None:
+        return
+    from deltatune.adamss.kmeans import KMeans
+
+    sklearn, cluster = types.ModuleType("sklearn"), types.ModuleType("sklearn.cluster")
+    for module in (sklearn, cluster):
+        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
+    cluster.KMeans, sklearn.cluster = KMeans, cluster
+    sys.modules["sklearn"], sys.modules["sklearn.cluster"] = sklearn, cluster
 
 
 _EXPERT: list[str] = []
@@ -192,6 +215,7 @@ PAIRS = {  # case -> ((label, lib name, config case), (label, lib name, config c
     "pvera": (("deltatune", "dt", "pvera"), ("peft", "peft", "pvera")),
     "tinylora": (("deltatune", "dt", "tinylora"), ("peft", "peft", "tinylora")),
     "unilora": (("deltatune", "dt", "unilora"), ("peft", "peft", "unilora")),
+    "adamss": (("deltatune", "dt", "adamss"), ("peft", "peft", "adamss")),
 }
 COPY_TABLE = {"cartridge"}  # random key/value tables (no identity at init): peft's starts from deltatune's
 

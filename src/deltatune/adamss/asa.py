@@ -27,32 +27,6 @@ from deltatune.adamss.config import AdamssConfig
 from deltatune.adamss.layer import AdamssLayer
 
 
-def update_importance(layer: AdamssLayer, adapter_name: str, importance_beta: float,
-                      uncertainty_beta: float) -> None:
-    """Step 1 on one layer: the EMAs of ``|p ⊙ ∇p|`` and of its deviation, for the subspaces with gradients."""
-    for params, ipt, unc in ((layer.adamss_A[adapter_name], layer.exp_avg_ipt_A[adapter_name],
-                              layer.exp_avg_unc_A[adapter_name]),
-                             (layer.adamss_B[adapter_name], layer.exp_avg_ipt_B[adapter_name],
-                              layer.exp_avg_unc_B[adapter_name])):
-        for i in range(layer.num_subspaces[adapter_name]):
-            p = params[i]
-            if p.grad is None:
-                continue
-            if ipt[i] is None:
-                ipt[i], unc[i] = torch.zeros_like(p, requires_grad=False), torch.zeros_like(p, requires_grad=False)
-            with torch.no_grad():
-                current = (p * p.grad).abs()
-                unc[i].mul_(uncertainty_beta).add_((current - ipt[i]).abs(), alpha=1 - uncertainty_beta)  # Ī before
-                ipt[i].mul_(importance_beta).add_(current, alpha=1 - importance_beta)
-
-
-def reset_importance(layer: AdamssLayer, adapter_name: str) -> None:
-    """Forget the statistics (after each pruning: the next window starts afresh)."""
-    n = len(layer.exp_avg_ipt_A[adapter_name])
-    for stats in (layer.exp_avg_ipt_A, layer.exp_avg_ipt_B, layer.exp_avg_unc_A, layer.exp_avg_unc_B):
-        stats[adapter_name] = [None] * n
-
-
 def budget(step: int, config: AdamssConfig, total: int) -> int | None:
     """``n(t)``: subspaces to keep at ``step`` (``None`` before ``init_warmup``), PEFT's ``_schedule_threshold``."""
     if total == 0 or step < config.init_warmup:
@@ -99,14 +73,14 @@ def allocate(layers: list[AdamssLayer], adapter_name: str, config: AdamssConfig,
     if not layers or not config.init_warmup <= global_step <= config.final_warmup:
         return
     for layer in layers:
-        update_importance(layer, adapter_name, config.asa_importance_beta, config.asa_uncertainty_beta)
+        layer.update_importance(adapter_name, config.asa_importance_beta, config.asa_uncertainty_beta)
     if global_step % config.mask_interval != 0:
         return
     keep = budget(global_step, config, sum(layer.num_subspaces[adapter_name] for layer in layers))
     if keep is not None:
         mask_to_budget(layers, adapter_name, keep)
     for layer in layers:
-        reset_importance(layer, adapter_name)
+        layer.reset_importance(adapter_name)
 
 
 def active_subspaces(layers: list[AdamssLayer], adapter_name: str) -> int:

@@ -106,8 +106,44 @@ class AdamssLayer(AdapterLayer):
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """The update is additive (``W' = W + ΔW``), so plain LoRA can hold it."""
+        """The update is additive (``W' = W + ΔW``, ``b' = b + Δb``), so plain LoRA (with ``lora_bias``) holds it."""
         return True
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The base weight's dtype, or its compute dtype (float32 if none) for a quantised base."""
+        weight = self.base_layer.weight
+        return weight.dtype if weight.is_floating_point() else getattr(self.base_layer, "compute_dtype", None) \
+            or torch.float32
+
+    # ---- ASA's statistics (PEFT's layer methods; the schedule and the masks: deltatune.adamss.asa) ---------------
+    def update_importance(self, adapter_name: str, importance_beta: float = 0.85,
+                          uncertainty_beta: float = 0.85) -> None:
+        """The EMAs of ``I = |p ⊙ ∇p|`` and of ``|I - Ī|`` (the uncertainty first, against the previous ``Ī``) for
+        every ``A_k``/``B_k`` of ``adapter_name`` that has a gradient; statistics start at zero."""
+        if adapter_name not in self.exp_avg_ipt_A or adapter_name not in self.adamss_A:
+            return
+        for params, ipt, unc in ((self.adamss_A[adapter_name], self.exp_avg_ipt_A[adapter_name],
+                                  self.exp_avg_unc_A[adapter_name]),
+                                 (self.adamss_B[adapter_name], self.exp_avg_ipt_B[adapter_name],
+                                  self.exp_avg_unc_B[adapter_name])):
+            for i in range(self.num_subspaces[adapter_name]):
+                p = params[i]
+                if p.grad is None:
+                    continue
+                if ipt[i] is None:
+                    ipt[i], unc[i] = torch.zeros_like(p, requires_grad=False), torch.zeros_like(p, requires_grad=False)
+                with torch.no_grad():
+                    current = (p * p.grad).abs()
+                    unc[i].mul_(uncertainty_beta).add_((current - ipt[i]).abs(), alpha=1 - uncertainty_beta)
+                    ipt[i].mul_(importance_beta).add_(current, alpha=1 - importance_beta)
+
+    def reset_importance(self, adapter_name: str) -> None:
+        """Forget the statistics (after each pruning: the next window starts afresh)."""
+        if adapter_name in self.exp_avg_ipt_A:
+            n = len(self.exp_avg_ipt_A[adapter_name])
+            for stats in (self.exp_avg_ipt_A, self.exp_avg_ipt_B, self.exp_avg_unc_A, self.exp_avg_unc_B):
+                stats[adapter_name] = [None] * n
 
     # ---- creating an adapter -----------------------------------------------------------------
     def _weight_with_bias(self) -> torch.Tensor:
@@ -124,7 +160,7 @@ class AdamssLayer(AdapterLayer):
         ``update_layer``, the random draws in its order: one ``svd_lowrank`` per subspace (two with
         ``use_dynamic_rank``), then ``B_k``'s draw when ``init_weights`` is ``None``)."""
         weight = self._weight_with_bias()
-        dtype, device = self.base_layer.weight.dtype, weight.device
+        dtype, device = self.float_dtype, weight.device
         rank = min(config.r, *weight.shape)
         u, v = seeded_svd(weight, rank, config.random_seed)
         k = min(config.num_subspaces, u.shape[0])
@@ -199,7 +235,7 @@ class AdamssLayer(AdapterLayer):
     def _delta_with_bias(self, adapter_name: str) -> torch.Tensor:
         """``ΔW̃ = B A V: (out, n)``: the update of ``[W | b]`` (float32 for a half-precision base on the CPU, as
         PEFT merges)."""
-        dtype = self.base_layer.weight.dtype
+        dtype = self.float_dtype
         if self.base_layer.weight.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
         b, a, v = self._factors(adapter_name, dtype)
@@ -209,14 +245,13 @@ class AdamssLayer(AdapterLayer):
         """``ΔW``: the weight columns of ``ΔW̃``, shaped like ``base_layer.weight`` (``(in, out)`` for ``Conv1D``)."""
         delta = self._delta_with_bias(adapter_name)[:, : self.in_features]
         delta = delta.T if self.fan_in_fan_out else delta
-        return delta.to(self.base_layer.weight.dtype)
+        return delta.to(self.float_dtype)
 
     def get_delta_bias(self, adapter_name: str) -> torch.Tensor:
         """``Δb``: the last column of ``ΔW̃`` (zeros without a bias), PEFT's ``get_delta_bias``."""
         if self.bias is None:
-            return torch.zeros(self.out_features, dtype=self.base_layer.weight.dtype,
-                               device=self.base_layer.weight.device)
-        return self._delta_with_bias(adapter_name)[:, self.in_features].to(self.base_layer.weight.dtype)
+            return torch.zeros(self.out_features, dtype=self.float_dtype, device=self.base_layer.weight.device)
+        return self._delta_with_bias(adapter_name)[:, self.in_features].to(self.float_dtype)
 
     def merged_bias(self, bias: torch.Tensor | None, adapter_name: str) -> torch.Tensor | None:
         return None if bias is None else bias + self.get_delta_bias(adapter_name).to(bias.dtype)
@@ -230,8 +265,7 @@ class AdamssLayer(AdapterLayer):
         """``base(x) + Σ_active B A V x̃``; ``V x̃ = V[:, :in] x + V[:, in]`` (no concatenation of a ones column).
         Computed in the base weight's dtype, as PEFT. ``x: (..., in)`` -> ``(..., out)``."""
         previous = x.dtype
-        dtype = self.base_layer.weight.dtype
-        x = x.to(dtype) if self.cast_input_dtype_enabled else x
+        x = x.to(self.float_dtype) if self.cast_input_dtype_enabled else x
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.adamss_A:
