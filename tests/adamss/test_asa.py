@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 
 import peft
+import pytest
 import torch
 from support.models import tiny_llama
 
@@ -156,3 +157,31 @@ def test_deltatune_trainer_drives_asa(tmp_path, monkeypatch):
                          precision="fp32", progress=False, save_steps=0)
     Trainer(ours, examples, config, pad_id=0).train()
     assert _active(ours) == 4
+
+
+def test_resume_is_exact_with_asa(tmp_path, monkeypatch):
+    """The trainer's checkpoint keeps ASA's statistics and masks (the ``training_state`` hook): a run stopped
+    after step 3 and resumed ends where the uninterrupted run ends (masks at steps 2 and 4)."""
+    from deltatune.training.trainer import TrainConfig, Trainer, TrainingInterrupted
+
+    g = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": ids, "labels": list(ids)} for ids in torch.randint(3, 100, (12, 9), generator=g).tolist()]
+
+    def config(out):
+        return TrainConfig(output_dir=str(out), max_steps=6, batch_size=2, grad_accum=1, lr=1e-2, seed=0,
+                           precision="fp32", progress=False, save_steps=0)
+
+    ref, _ = _both(monkeypatch)
+    Trainer(ref, examples, config(tmp_path / "ref"), pad_id=0).train()
+    first, _ = _both(monkeypatch)
+    trainer = Trainer(first, examples, config(tmp_path / "run"), pad_id=0)
+    trainer.on_step_end = lambda step: trainer.request_stop() if step == 3 else None
+    with pytest.raises(TrainingInterrupted):
+        trainer.train()
+    resumed, _ = _both(monkeypatch)
+    Trainer(resumed, examples, config(tmp_path / "run"), pad_id=0).train(resume=True)
+    assert _trainable(resumed) == _trainable(ref) and _active(ref) == 4
+    params = dict(resumed.named_parameters())
+    for name, p in ref.named_parameters():
+        if "adamss_" in name:
+            assert torch.equal(p, params[name]), name
