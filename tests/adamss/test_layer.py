@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune import AdamssConfig, AdamssLayer, AdamssModel, get_peft_model
 from deltatune.adamss.kmeans import _lloyd_step, kmeans_labels
-from deltatune.errors import ConfigError, TargetModuleError
+from deltatune.errors import ConfigError, MergeError, TargetModuleError
 
 ATOL = 1e-5
 KINDS = ["linear", "linear_nobias", "conv1D"]
@@ -242,3 +242,20 @@ def test_f_linear_with_bias_column_equals_concatenated_input():
     v = layer.adamss_newB["default"]
     torch.testing.assert_close(F.linear(x, v[:, :16], v[:, 16]), torch.cat([x, torch.ones(3, 5, 1)], -1) @ v.T,
                                atol=1e-6, rtol=0)
+
+
+def test_safe_merge_refuses_non_finite_bias_and_weight():
+    """PEFT's sentence first; nothing is merged. A NaN in a subspace's ``B_k`` reaches weight and bias rows."""
+    pm, layer, x = _adapt("linear")
+    expected = output(pm, {"x": x})
+    with torch.no_grad():
+        layer.adamss_B["default"][0][0, 0] = float("nan")
+    with pytest.raises(MergeError, match="^NaNs detected in the merged weights. The adapter default seems to be"):
+        pm.merge_adapter(safe_merge=True)
+    assert not layer.merged
+    with torch.no_grad():
+        layer.adamss_B["default"][0][0, 0] = 0.0
+    pm.merge_adapter(safe_merge=True)
+    assert layer.merged
+    pm.unmerge_adapter()
+    assert torch.isfinite(output(pm, {"x": x})).all() and output(pm, {"x": x}).shape == expected.shape
