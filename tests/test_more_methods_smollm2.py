@@ -99,3 +99,55 @@ def test_method_lowers_held_out_loss_and_reloads(case_id, make_config, lr, steps
         loaded, atol = PeftModel.from_pretrained(fresh, tmp_path), 1e-5
     with torch.no_grad():
         torch.testing.assert_close(loaded(**held).logits, expected, atol=atol, rtol=atol)
+
+
+@pytest.mark.slow
+def test_adamss_with_asa_lowers_held_out_loss_and_reloads_in_peft(tmp_path, monkeypatch):
+    """AdaMSS (R=32, PEFT's 5 subspaces of rank 1) on q/v_proj with ASA pruning during the steps:
+    the held-out loss falls, subspaces are frozen, and peft reloads the adapter with the same logits (peft's
+    scikit-learn K-means lent by deltatune where scikit-learn is missing: tests/adamss/sklearn_stand_in.py)."""
+    from adamss import sklearn_stand_in
+
+    from deltatune import AdamssConfig
+    from deltatune.adamss import asa, asa_layers
+
+    models = pytest.importorskip("deltatune.builtin.models")
+    sklearn_stand_in.install(monkeypatch)
+    torch.manual_seed(0)
+    base, tok = models.load_builtin_model("smollm2-135m")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    train, train_labels = _tokens(tok, TRAIN)
+    held, held_labels = _tokens(tok, HELD_OUT)
+    config = AdamssConfig(r=32, target_modules=["q_proj", "v_proj"], use_asa=True, asa_target_subspaces=100,
+                          init_warmup=1, final_warmup=3, mask_interval=1, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+
+    def held_out_loss(model) -> float:
+        model.eval()
+        with torch.no_grad():
+            return model(**held, labels=held_labels).loss.item()
+
+    start = held_out_loss(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(4):
+        model(**train, labels=train_labels).loss.backward()
+        opt.step()
+        model.update_and_allocate(step)  # PEFT's step index, as its AdamssAsaCallback passes it
+        opt.zero_grad()
+    end = held_out_loss(model)
+    assert end < start - 0.05, f"adamss: held-out loss went {start:.4f} -> {end:.4f}"
+    layers = asa_layers(model.base_model, "default")
+    assert asa.active_subspaces(layers, "default") < 5 * len(layers)  # 300 subspaces, 99 left trainable
+
+    with torch.no_grad():
+        expected = model(**held).logits
+    model.save_pretrained(tmp_path)
+    del model, base, opt, layers
+    gc.collect()
+    import peft
+
+    loaded = peft.PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**held).logits, expected, atol=1e-4, rtol=1e-4)

@@ -101,6 +101,7 @@ WEIGHT_CASES = {  # a config per registered weight method for the tiny MLP
     "UNILORA": ("UniLoraConfig", {"target_modules": ["lin0", "lin1"], "theta_d_length": 16}),
     "SHADOW": ("ShadowConfig", None),  # wraps the decoder blocks of a transformers model: the MLP has none
     "POLY": ("PolyConfig", {"target_modules": ["lin0"], "n_tasks": 2}),
+    "ADAMSS": ("AdamssConfig", {"target_modules": ["lin0"], "r": 4, "num_subspaces": 2}),
 }
 
 

@@ -1,6 +1,7 @@
 """deltatune: parameter-efficient fine-tuning with Hugging Face PEFT's API and file format."""
 
 from deltatune.adalora import AdaLoraConfig, AdaLoraModel
+from deltatune.adamss import AdamssConfig, AdamssLayer, AdamssModel
 from deltatune.adaption_prompt import AdaptedAttention, AdaptionPromptConfig, AdaptionPromptModel
 from deltatune.auto import (
     AutoPeftModel,
@@ -175,6 +176,7 @@ __all__ = [
     "UniLoraConfig", "UniLoraLayer", "UniLoraModel",
     "DetachedShadowModel", "ShadowCache", "ShadowConfig", "ShadowLayer", "ShadowModel",
     "PolyConfig", "PolyLayer", "PolyModel",
+    "AdamssConfig", "AdamssLayer", "AdamssModel",
     "get_peft_config",
     "AdaLoraConfig",
     "AdapterLoadError",

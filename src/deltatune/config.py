@@ -92,6 +92,7 @@ class PeftType(enum.StrEnum):
     UNILORA = "UNILORA"  # PEFT's
     SHADOW = "SHADOW"  # PEFT's
     POLY = "POLY"  # PEFT's
+    ADAMSS = "ADAMSS"  # PEFT's
 
     def __str__(self) -> str:
         return self.value

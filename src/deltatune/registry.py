@@ -65,6 +65,7 @@ BUILTIN: tuple[str, ...] = (
     "deltatune.unilora",
     "deltatune.shadow",
     "deltatune.poly",
+    "deltatune.adamss",
 )
 
 
