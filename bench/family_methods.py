@@ -45,8 +45,7 @@ order, median of ``--rounds`` timed steps after one warm-up step), each on its o
                         backbone on the shared embeddings, the auxiliary loss). deltatune trains 19,600 fewer values:
                         the last block's T and G, which no gradient reaches (it files them as buffers).
 * ``poly``             -- deltatune vs ``peft`` (Poly/MHR r=8, 4 skills, 2 splits, 2 tasks on q/v; task 0 rows).
-* ``adamss``           -- deltatune vs ``peft`` (AdaMSS's defaults r=100, 5 subspaces of rank 1 on q/v; peft's
-                        scikit-learn K-means lent by deltatune where scikit-learn is not installed).
+* ``adamss``           -- deltatune vs ``peft`` (AdaMSS's defaults r=100, 5 subspaces of rank 1 on q/v).
 
 Memory: with CUDA the peak allocated bytes of a step; on CPU the bytes autograd saves for the backward pass
 (counted with ``saved_tensors_hooks``) plus gradients and AdamW state of the trainable tensors. Before timing,
@@ -166,27 +165,8 @@ def configs(lib, case: str):
         return lib.PolyConfig(r=8, n_tasks=2, n_skills=4, n_splits=2, target_modules=["q_proj", "v_proj"],
                               task_type="CAUSAL_LM")
     if case == "adamss":
-        _sklearn_for_peft()
         return lib.AdamssConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     raise SystemExit(f"unknown case {case!r}")
-
-
-def _sklearn_for_peft() -> None:
-    """peft's AdaMSS imports scikit-learn for one K-means; where it is missing, lend deltatune's (the same
-    algorithm) as ``sklearn.cluster.KMeans`` so the peft side can be built."""
-    import importlib.machinery
-    import importlib.util
-    import types
-
-    if "sklearn" in sys.modules or importlib.util.find_spec("sklearn") is not None:
-        return
-    from deltatune.adamss.kmeans import KMeans
-
-    sklearn, cluster = types.ModuleType("sklearn"), types.ModuleType("sklearn.cluster")
-    for module in (sklearn, cluster):
-        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
-    cluster.KMeans, sklearn.cluster = KMeans, cluster
-    sys.modules["sklearn"], sys.modules["sklearn.cluster"] = sklearn, cluster
 
 
 _EXPERT: list[str] = []

@@ -102,17 +102,13 @@ def test_method_lowers_held_out_loss_and_reloads(case_id, make_config, lr, steps
 
 
 @pytest.mark.slow
-def test_adamss_with_asa_lowers_held_out_loss_and_reloads_in_peft(tmp_path, monkeypatch):
+def test_adamss_with_asa_lowers_held_out_loss_and_reloads_in_peft(tmp_path):
     """AdaMSS (R=32, PEFT's 5 subspaces of rank 1) on q/v_proj with ASA pruning during the steps:
-    the held-out loss falls, subspaces are frozen, and peft reloads the adapter with the same logits (peft's
-    scikit-learn K-means lent by deltatune where scikit-learn is missing: tests/adamss/sklearn_stand_in.py)."""
-    from adamss import sklearn_stand_in
-
+    the held-out loss falls, subspaces are frozen, and peft reloads the adapter with the same logits."""
     from deltatune import AdamssConfig
     from deltatune.adamss import asa, asa_layers
 
     models = pytest.importorskip("deltatune.builtin.models")
-    sklearn_stand_in.install(monkeypatch)
     torch.manual_seed(0)
     base, tok = models.load_builtin_model("smollm2-135m")
     if tok.pad_token is None:

@@ -17,8 +17,6 @@ import deltatune
 from deltatune.adamss import asa, asa_layers
 from deltatune.adamss import training_state as asa_training_state
 
-from . import sklearn_stand_in
-
 ASA = {"r": 12, "num_subspaces": 3, "subspace_rank": 2, "target_modules": ["q_proj", "v_proj"], "use_asa": True,
        "asa_target_subspaces": 4, "init_warmup": 1, "final_warmup": 7, "mask_interval": 2, "task_type": "CAUSAL_LM"}
 TOTAL = 12  # 2 blocks x (q, v) x 3 subspaces
@@ -33,8 +31,7 @@ def _batches(n: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _both(monkeypatch, **extra):
-    sklearn_stand_in.install(monkeypatch)
+def _both(**extra):
     config = {**ASA, **extra}
     torch.manual_seed(1)
     ours = deltatune.get_peft_model(tiny_llama(), deltatune.AdamssConfig(**config))
@@ -53,18 +50,18 @@ def _active(model) -> int:
     return asa.active_subspaces(asa_layers(model.base_model, "default"), "default")
 
 
-def test_budget_is_peft_schedule(monkeypatch):
-    ours, theirs = _both(monkeypatch, asa_schedule_exponent=2.0, final_warmup=20)
+def test_budget_is_peft_schedule():
+    ours, theirs = _both(asa_schedule_exponent=2.0, final_warmup=20)
     config = ours.peft_config["default"]
     for step in [0, 1, 2, 5, 10, 19, 20, 21, 100]:
         assert asa.budget(step, config, TOTAL) == theirs.base_model._schedule_threshold(step, config), step
     assert asa.budget(1, config, TOTAL) == TOTAL and asa.budget(20, config, TOTAL) == 4
 
 
-def test_masks_equal_peft_on_the_same_importance(monkeypatch):
+def test_masks_equal_peft_on_the_same_importance():
     """Random statistics, copied into both libraries' layers: the global top-k keeps the same subspaces (those
     strictly above the k-th score, PEFT's rule: k - 1 of them)."""
-    ours, theirs = _both(monkeypatch)
+    ours, theirs = _both()
     g = torch.Generator().manual_seed(0)
     ours_layers = asa_layers(ours.base_model, "default")
     theirs_layers = [m for m in theirs.modules() if isinstance(m, peft.tuners.adamss.AdamssLayer)]
@@ -80,10 +77,10 @@ def test_masks_equal_peft_on_the_same_importance(monkeypatch):
     assert _active(ours) == 4
 
 
-def test_training_with_asa_equals_peft(monkeypatch):
+def test_training_with_asa_equals_peft():
     """10 AdamW steps on both, ``update_and_allocate(step)`` after each ``optimizer.step()`` with PEFT's step index:
     the same subspaces are frozen at the same steps and the weights end equal."""
-    ours, theirs = _both(monkeypatch)
+    ours, theirs = _both()
     models = {"ours": ours.train(), "theirs": theirs.train()}
     optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
                   for k, m in models.items()}
@@ -104,8 +101,8 @@ def test_training_with_asa_equals_peft(monkeypatch):
             torch.testing.assert_close(p, theirs_params[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_masks_survive_disable_and_set_adapter(monkeypatch):
-    ours, _ = _both(monkeypatch)
+def test_masks_survive_disable_and_set_adapter():
+    ours, _ = _both()
     layers = asa_layers(ours.base_model, "default")
     layers[0].asa_active["default"][1] = False
     layers[0]._apply_asa_masks()
@@ -114,7 +111,7 @@ def test_masks_survive_disable_and_set_adapter(monkeypatch):
     ours.set_adapter("default")
     assert not layers[0].adamss_A["default"][1].requires_grad and layers[0].adamss_A["default"][0].requires_grad
     state = asa_training_state(ours)
-    fresh, _ = _both(monkeypatch)
+    fresh, _ = _both()
     deltatune.adamss.restore_training_state(fresh, state)
     assert _trainable(fresh) == _trainable(ours)
 
@@ -137,7 +134,7 @@ def test_callback_drives_asa_in_transformers_trainer(tmp_path, monkeypatch):
     from deltatune.integrations.transformers import AdapterTrainer
 
     assert deltatune.adamss.AdamssAsaCallback is AdamssAsaCallback
-    ours, _ = _both(monkeypatch)
+    ours, _ = _both()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2,
                              report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
                              seed=0, data_seed=0, remove_unused_columns=False)
@@ -150,7 +147,7 @@ def test_deltatune_trainer_drives_asa(tmp_path, monkeypatch):
     fall at its steps 2 and 4."""
     from deltatune.training.trainer import TrainConfig, Trainer
 
-    ours, _ = _both(monkeypatch)
+    ours, _ = _both()
     g = torch.Generator().manual_seed(0)
     examples = [{"input_ids": ids, "labels": list(ids)} for ids in torch.randint(3, 100, (10, 9), generator=g).tolist()]
     config = TrainConfig(output_dir=str(tmp_path), max_steps=5, batch_size=2, grad_accum=1, lr=1e-2, seed=0,
@@ -171,14 +168,14 @@ def test_resume_is_exact_with_asa(tmp_path, monkeypatch):
         return TrainConfig(output_dir=str(out), max_steps=6, batch_size=2, grad_accum=1, lr=1e-2, seed=0,
                            precision="fp32", progress=False, save_steps=0)
 
-    ref, _ = _both(monkeypatch)
+    ref, _ = _both()
     Trainer(ref, examples, config(tmp_path / "ref"), pad_id=0).train()
-    first, _ = _both(monkeypatch)
+    first, _ = _both()
     trainer = Trainer(first, examples, config(tmp_path / "run"), pad_id=0)
     trainer.on_step_end = lambda step: trainer.request_stop() if step == 3 else None
     with pytest.raises(TrainingInterrupted):
         trainer.train()
-    resumed, _ = _both(monkeypatch)
+    resumed, _ = _both()
     Trainer(resumed, examples, config(tmp_path / "run"), pad_id=0).train(resume=True)
     assert _trainable(resumed) == _trainable(ref) and _active(ref) == 4
     params = dict(resumed.named_parameters())

@@ -2,8 +2,8 @@
 forward and merge on the same tensors, and adapter files both ways with equal logits (tiny Llama; a biased
 ``nn.Linear`` for the bias column).
 
-peft's AdaMSS needs scikit-learn, which this environment lacks: :mod:`sklearn_stand_in` lends it deltatune's
-K-means for each test, so the clusters are computed by the same code on both sides.
+peft's AdaMSS clusters with scikit-learn's K-means and deltatune with its own (:mod:`deltatune.adamss.kmeans`),
+so these tests also check that both compute the same clusters.
 """
 
 from __future__ import annotations
@@ -17,14 +17,6 @@ from support.layers import layer_and_input
 from support.models import make_inputs, output, perturb_trainable, tiny_llama
 
 import deltatune
-
-from . import sklearn_stand_in
-
-
-@pytest.fixture(autouse=True)
-def _sklearn(monkeypatch):
-    sklearn_stand_in.install(monkeypatch)
-
 
 LLAMA = {"r": 12, "num_subspaces": 3, "subspace_rank": 2, "target_modules": ["q_proj", "v_proj"],
          "task_type": "CAUSAL_LM"}

@@ -259,3 +259,35 @@ def test_safe_merge_refuses_non_finite_bias_and_weight():
     assert layer.merged
     pm.unmerge_adapter()
     assert torch.isfinite(output(pm, {"x": x})).all() and output(pm, {"x": x}).shape == expected.shape
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_kmeans_equals_scikit_learn(seed):
+    """What PEFT's AdaMSS calls, ``KMeans(init="random", n_init=1, random_state=...).fit_predict`` of scikit-learn,
+    gives the same labels: on random data and on an adapted layer's left singular vectors (PEFT's input)."""
+    from sklearn.cluster import KMeans
+
+    data = np.random.RandomState(seed).randn(64, 8).astype(np.float32)
+    theirs = KMeans(n_clusters=5, init="random", n_init=1, max_iter=10, random_state=123456789 + seed)
+    assert np.array_equal(kmeans_labels(data, 5, 10, 123456789 + seed), theirs.fit_predict(data))
+    u = layer_u(_adapt("linear")[1]).numpy()
+    theirs = KMeans(n_clusters=3, init="random", n_init=1, max_iter=10, random_state=seed)
+    assert np.array_equal(kmeans_labels(u, 3, 10, seed), theirs.fit_predict(u))
+
+
+def test_square_u_clusters_as_peft_with_scikit_learn_and_without_it(monkeypatch):
+    """``r >= out`` makes ``U`` square: its orthonormal rows are all equally far apart, so K-means labels are decided
+    by rounding. ``cluster_rows`` then calls scikit-learn itself (PEFT's labels exactly); without scikit-learn it
+    falls back to deltatune's port, which still gives a valid clustering of every row."""
+    import sys
+
+    from sklearn.cluster import KMeans
+
+    from deltatune.adamss.kmeans import cluster_rows
+
+    u = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(0)))[0].numpy()
+    theirs = KMeans(n_clusters=5, init="random", n_init=1, max_iter=10, random_state=123456789).fit_predict(u)
+    assert np.array_equal(cluster_rows(u, 5, 10, 123456789), theirs)
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)  # `from sklearn.cluster import KMeans` fails
+    assert np.array_equal(cluster_rows(u, 5, 10, 123456789), kmeans_labels(u, 5, 10, 123456789))
+    assert sorted(set(cluster_rows(u, 5, 10, 123456789))) == [0, 1, 2, 3, 4]

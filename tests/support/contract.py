@@ -104,9 +104,8 @@ CASES: dict[str, ContractCase] = {
     "SHADOW": ContractCase({"r": 4}),
     # 2 tasks, one per row; 2 splits (Multi-Head Routing) of the 32/16-wide q/v_proj
     "POLY": ContractCase({"r": 4, "n_tasks": 2, "n_splits": 2}, forward={"task_ids": [0, 1]}),
-    # PEFT's defaults fit (R = min(100, out, in), 5 clusters of output rows); peft's AdaMSS imports scikit-learn
-    "ADAMSS": ContractCase(peft_interop="peft's AdaMSS needs scikit-learn, not installed here: tests/adamss/"
-                                        "test_interop.py checks both ways with deltatune's K-means standing in"),
+    # PEFT's defaults fit (R = min(100, out, in), 5 clusters of output rows); peft clusters with scikit-learn
+    "ADAMSS": ContractCase({}),
 }
 
 

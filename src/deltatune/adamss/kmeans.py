@@ -2,8 +2,10 @@
 
 AdaMSS clusters the rows of the left singular vectors with scikit-learn (PEFT imports it). The clustering is not in
 the adapter's file: it is recomputed from the base weight whenever an adapter is built, so a file crosses between
-PEFT and deltatune only if both compute the same clusters. deltatune does not depend on scikit-learn; this module
-follows its algorithm step for step (scikit-learn >= 1.3, float32 data):
+PEFT and deltatune only if both compute the same clusters. :func:`cluster_rows` therefore calls scikit-learn's
+``KMeans`` itself where scikit-learn is installed (PEFT cannot build an AdaMSS adapter without it, so any file PEFT
+made came from it). deltatune does not depend on scikit-learn: without it, :func:`kmeans_labels` follows the
+algorithm step for step (scikit-learn >= 1.3, float32 data):
 
 1. ``tol = mean_j var(X[:, j]) · 1e-4``; ``X ← X - mean(X)`` (rows centred, for accurate distances);
 2. initial centres: ``k`` distinct rows drawn by ``RandomState(seed).choice(n, k, replace=False, p=1/n)`` (the
@@ -14,7 +16,8 @@ follows its algorithm step for step (scikit-learn >= 1.3, float32 data):
    ``Σ_j ‖c_j' - c_j‖² <= tol`` (then the rows are labelled once more against the final centres).
 
 Float32 sums may differ from scikit-learn's threaded BLAS in the last bits; the labels differ only where a row is
-equidistant from two centres to within that rounding.
+equidistant from two centres to within that rounding. That happens when ``U`` is square (``r >= out``, e.g. a
+layer with fewer than 100 outputs under PEFT's default ``r=100``): its rows are orthonormal, all equally far apart.
 """
 
 from __future__ import annotations
@@ -89,19 +92,12 @@ def kmeans_labels(data: np.ndarray, n_clusters: int, max_iter: int, random_state
     return labels.astype(np.int64)
 
 
-class KMeans:
-    """The part of scikit-learn's ``KMeans`` that PEFT's AdaMSS calls (``fit_predict``), on :func:`kmeans_labels`.
-
-    Tests and the bench put it in ``sys.modules["sklearn.cluster"]`` where scikit-learn is not installed, so that
-    PEFT's AdaMSS can run beside deltatune's.
-    """
-
-    def __init__(self, n_clusters: int = 8, init: str = "random", n_init: int = 1, max_iter: int = 300,
-                 random_state: int | None = None, **_: object) -> None:
-        if init != "random" or n_init != 1:
-            raise NotImplementedError("only init='random', n_init=1 (what PEFT's AdaMSS uses)")
-        self.n_clusters, self.max_iter, self.random_state = n_clusters, max_iter, random_state
-
-    def fit_predict(self, data: np.ndarray) -> np.ndarray:
-        self.labels_ = kmeans_labels(data, self.n_clusters, self.max_iter, self.random_state)
-        return self.labels_
+def cluster_rows(data: np.ndarray, n_clusters: int, max_iter: int, random_state: int) -> np.ndarray:
+    """PEFT's clustering of ``data: (n, d)`` into ``n_clusters``: scikit-learn's ``KMeans(init="random", n_init=1)``
+    where it is installed (PEFT's own call, bit for bit), else :func:`kmeans_labels`. Returns ``(n,)`` int64."""
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        return kmeans_labels(data, n_clusters, max_iter, random_state)
+    kmeans = KMeans(n_clusters=n_clusters, init="random", n_init=1, max_iter=max_iter, random_state=random_state)
+    return kmeans.fit_predict(np.asarray(data, dtype=np.float32)).astype(np.int64)

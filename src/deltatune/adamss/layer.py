@@ -23,7 +23,7 @@ matmuls: ``A = [A_1; ...; A_K]: (Σ r_k, R)`` and ``B: (out, Σ r_k)``, ``B[S_k]
 
 Tensor names are PEFT's, so files cross: ``adamss_A.<k>: (r_k, R)`` and ``adamss_B.<k>: (|S_k|, r_k)`` (trained),
 ``adamss_newB: (R, n)`` (= ``V``, a saved buffer). The clusters are not in the file: they are rebuilt from ``W``
-(seeded SVD, :mod:`deltatune.adamss.kmeans` = scikit-learn's K-means), as PEFT rebuilds them.
+(seeded SVD, :func:`deltatune.adamss.kmeans.cluster_rows` = scikit-learn's K-means), as PEFT rebuilds them.
 
 Merging adds ``ΔW̃[:, :in]`` to ``W`` and ``ΔW̃[:, in]`` to ``b`` (PEFT's). Besides PEFT's ``nn.Linear``,
 transformers' ``Conv1D`` (GPT-2; ``W`` stored ``(in, out)``) is adapted too, with the same tensors: such a file
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.adamss.config import AdamssConfig
-from deltatune.adamss.kmeans import kmeans_labels
+from deltatune.adamss.kmeans import cluster_rows
 from deltatune.core.buffers import BufferDict
 from deltatune.core.layer import AdapterLayer
 
@@ -164,7 +164,7 @@ class AdamssLayer(AdapterLayer):
         rank = min(config.r, *weight.shape)
         u, v = seeded_svd(weight, rank, config.random_seed)
         k = min(config.num_subspaces, u.shape[0])
-        labels = torch.from_numpy(kmeans_labels(u.detach().cpu().numpy(), k, KMEANS_ITERATIONS, KMEANS_SEED))
+        labels = torch.from_numpy(cluster_rows(u.detach().cpu().numpy(), k, KMEANS_ITERATIONS, KMEANS_SEED))
         seg = {i: torch.where(labels == i)[0] for i in range(int(labels.max()) + 1)}
         a_list, b_list = [], []
         for i in range(k):
