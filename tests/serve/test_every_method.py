@@ -72,10 +72,10 @@ def _routes_by_task(config) -> bool:
 
 @pytest.fixture(scope="module")
 def every_method(tmp_path_factory):
-    """``(dirs, configs, responses, plain, tokenizer, running)``: one adapter per registered method (and the
-    :data:`EXTRA` ones) saved on the tiny serve base (``dirs``, ``configs``), one server over them, and two requests
-    per adapter (``responses[(name, prompt)]``), all sent at once, so rows of many lanes and adapters run together
-    and a failure in one lane must stay there."""
+    """``(dirs, configs, responses, plain, tokenizer, running, client)``: one adapter per registered method (and
+    the :data:`EXTRA` ones) saved on the tiny serve base (``dirs``, ``configs``), one server over them, and two
+    requests per adapter (``responses[(name, prompt)]``), all sent at once through one HTTP ``client``, so rows of
+    many lanes and adapters run together and a failure in one lane must stay there."""
     import httpx
     from support.server import Running, free_port
     from transformers import AutoModelForCausalLM
@@ -103,20 +103,22 @@ def every_method(tmp_path_factory):
                                          max_batch=len(dirs) * len(PROMPTS), max_tokens=16, device="cpu")
     running = Running(app, engine, registry, free_port())
     responses: dict[tuple[str, str], httpx.Response] = {}
+    limits = httpx.Limits(max_connections=len(dirs) * len(PROMPTS))
+    client = httpx.Client(base_url=running.url, timeout=60, limits=limits)  # one client: thread-safe, no TLS setup
 
     def ask(name: str, prompt: str) -> None:
         body = {"model": name.lower(), "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
         if _routes_by_task(configs[name]):
             body["task_id"] = TASK_ID
-        with httpx.Client(base_url=running.url, timeout=60) as c:
-            responses[name, prompt] = c.post("/v1/completions", json=body)
+        responses[name, prompt] = client.post("/v1/completions", json=body)
 
     threads = [threading.Thread(target=ask, args=(t, p)) for t in dirs for p in PROMPTS]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    yield dirs, configs, responses, plain, engine.tokenizer, running
+    yield dirs, configs, responses, plain, engine.tokenizer, running, client
+    client.close()
     running.stop()
 
 
@@ -142,7 +144,7 @@ def greedy(plain, tokenizer, adapter_dir: str) -> dict[str, str]:
 def test_every_method_is_served_exactly_or_refused_cleanly(every_method, name):
     """Served: both completions equal greedy generation alone. Refused: exactly the adapters the registry declares
     (prompt learning, ``Hooks.serve_refusal``), with a 4xx ``adapter_not_servable`` saying why and what to use."""
-    dirs, configs, responses, plain, tokenizer, _running = every_method
+    dirs, configs, responses, plain, tokenizer, _running, _client = every_method
     refusal = declared_refusal(configs[name])
     expected = greedy(plain, tokenizer, dirs[name]) if not refusal else {}
     for prompt in PROMPTS:
@@ -163,9 +165,7 @@ def test_a_failing_lane_fails_only_its_own_requests(every_method, failing):
     """An exception while running one lane's rows (here IA3's model raising in the prefill, or in a decoding step
     after its rows joined the batch) becomes a 500 for those requests only: a LoRA request running at the same time
     completes as before, and the failing adapter serves again once its model works."""
-    import httpx
-
-    _dirs, _configs, responses, _plain, _tokenizer, running = every_method
+    _dirs, _configs, responses, _plain, _tokenizer, running, client = every_method
     prompt = PROMPTS[1]
     model = running.engine.lanes["IA3"].model
     forward = model.forward
@@ -175,12 +175,11 @@ def test_a_failing_lane_fails_only_its_own_requests(every_method, failing):
             raise RuntimeError("injected failure")
         return forward(*args, **kwargs)
 
-    results: dict[str, httpx.Response] = {}
+    results = {}
 
     def ask(name: str) -> None:
-        with httpx.Client(base_url=running.url, timeout=60) as c:
-            results[name] = c.post("/v1/completions", json={"model": name, "prompt": prompt,
-                                                            "max_tokens": MAX_TOKENS, "temperature": 0})
+        results[name] = client.post("/v1/completions", json={"model": name, "prompt": prompt,
+                                                             "max_tokens": MAX_TOKENS, "temperature": 0})
 
     model.forward = broken
     try:
@@ -205,7 +204,7 @@ def test_task_id_picks_the_task_of_an_adapter_that_routes_by_task(every_method):
     without tasks, is a 400 naming ``task_id``."""
     import openai
 
-    _dirs, _configs, responses, _plain, _tokenizer, running = every_method
+    _dirs, _configs, responses, _plain, _tokenizer, running, _client = every_method
     client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     out = client.completions.create(model="poly", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
                                     extra_body={"task_id": TASK_ID})
