@@ -163,6 +163,12 @@ class Hooks:
         cli_refusal: Why ``--method <name>`` cannot build this method from a recipe's options (X-LoRA needs trained
             LoRA experts), and what to do instead: the method is left out of the CLI's method table and
             ``--method <name>`` is a ``UsageError`` with this text. Empty: the CLI offers it.
+        serve_refusal: ``(config) -> text``: why ``deltatune serve`` cannot batch an adapter of this config with
+            other requests, and what to use instead (``deltatune generate --adapter``); the server refuses it at
+            load with a 4xx ``adapter_not_servable`` error carrying this text and keeps serving the others (X-LoRA,
+            ShadowPEFT, Lily; LoRA's aLoRA). Empty text, or no hook: served (one forward per step for all rows of
+            the method, ``adapter_names``, over the engine's own key/value cache). Prompt learning is refused
+            without it; ``tests/serve/test_every_method.py`` checks every registered method is served or refused.
         inspect_targets: ``(adapter_config) -> text``: the "targets" line of ``deltatune inspect`` for an adapter
             whose file names no adapted layer and that is not virtual tokens (X-LoRA's classifier).
         peft_table_cls: The class PEFT's ``PEFT_TYPE_TO_TUNER_MAPPING`` gives for this method where it is not the
@@ -201,6 +207,7 @@ class Hooks:
     rank_container: str = ""
     cli_shared_skip: tuple[str, ...] = ()
     cli_refusal: str = ""
+    serve_refusal: Callable[[PeftConfig], str] | None = None
     inspect_targets: Callable[[dict[str, Any]], str] | None = None
     peft_table_cls: type | None = None
 

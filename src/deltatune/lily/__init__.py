@@ -44,6 +44,10 @@ LILY = Method(
     hooks=Hooks(
         after_inject=after_inject,
         rank_container="lily_A",  # A: (r, in)
+        # The router averages over every token of the batch: a served row would depend on the requests beside it.
+        serve_refusal=lambda config: ("its router averages over every token of the batch, so a completion would "
+                                      "depend on the other requests batched with it (and on their padding); use "
+                                      "`deltatune generate --adapter` for it"),
     ),
 )
 LilyModel = tuner_class(LILY)  # PEFT's tuner class (isinstance of base_model)

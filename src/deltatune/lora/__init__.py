@@ -84,6 +84,7 @@ LORA = Method(
         data_init=hooks.data_init,
         saves_initial=hooks.saves_initial,
         rewrites_base_on_load=hooks.rewrites_base_on_load,
+        serve_refusal=hooks.serve_refusal,  # aLoRA, target_parameters: no mixed-adapter batches yet
         rank_container="lora_A",
         nested_containers=("token_adapter.trainable_tokens_delta",),  # trainable_token_indices
     ),

@@ -14,6 +14,7 @@ so generic code asks the registry (``method_for(config.peft_type).hooks.<name>``
 * :func:`saves_initial` (``hooks.saves_initial``): whether training keeps the adapter as created, for
   :func:`convert_on_save`; :func:`rewrites_base_on_load` (``hooks.rewrites_base_on_load``): whether loading an
   adapter rewrites the base it is loaded onto (so it cannot share that base).
+* :func:`serve_refusal` (``hooks.serve_refusal``): the LoRA adapters ``deltatune serve`` cannot batch.
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ from deltatune.lora.config import LoraConfig
 
 activate = alora.activated
 add_weighted_adapter = arithmetic.add_weighted_adapter
+
+
+def serve_refusal(config: PeftConfig) -> str:
+    """Why ``deltatune serve`` cannot run this LoRA adapter in a mixed-adapter batch (``adapter_names``), and
+    what to use instead; empty: it can. aLoRA finds each row's invocation in the call's whole input, and LoRA on
+    ``target_parameters`` has no per-row path: both refuse ``adapter_names`` (see ``alora.activated``,
+    ``param.py``)."""
+    if getattr(config, "alora_invocation_tokens", None):
+        return ("it is an aLoRA adapter (alora_invocation_tokens), and mixed-adapter batches with aLoRA are not "
+                "implemented yet; use `deltatune generate --adapter` for it")
+    if getattr(config, "target_parameters", None):
+        return ("it adapts parameters (target_parameters), which mixed-adapter batches do not support yet; use "
+                "`deltatune generate --adapter` for it")
+    return ""
 
 
 def convert_on_save(configs: Mapping[str, PeftConfig], names: list[str], initial_dir: str | os.PathLike

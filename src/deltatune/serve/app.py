@@ -168,9 +168,14 @@ class Handlers:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ServeError("stream must be true or false", param="stream")
+        # Not OpenAI's: the task of an adapter that routes by task (Poly), as `deltatune generate --task-id`; the
+        # openai client sends it with extra_body={"task_id": k}. Left out: task 0.
+        task_id = body.get("task_id")
+        if task_id is not None:
+            task_id = _number(body, "task_id", 0, int, 0, None)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        request = Request(adapter=adapter, prompt_ids=prompt_ids, params=params, n=n, stream=stream,
+        request = Request(adapter=adapter, prompt_ids=prompt_ids, params=params, n=n, stream=stream, task_id=task_id,
                           emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         self.engine.submit(request)  # raises 429 when the queue is full
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

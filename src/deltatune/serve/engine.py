@@ -12,7 +12,13 @@ memory), with one forward per lane per step. Rows without an adapter ride in a l
 plain base model's lane.
 
 The cache is transformers' ``DynamicCache`` per lane, rebuilt when rows join (left-padding the shorter side) and
-sliced when they leave; positions come from the attention mask, as in ``generate`` with left padding.
+sliced when they leave; positions come from the attention mask, as in ``generate`` with left padding. A lane whose
+adapters route by task (Poly) also passes each row's ``task_ids``.
+
+Which methods are served is the registry's word: prompt learning and methods with ``Hooks.serve_refusal`` are
+refused at load (a 4xx naming why). An unexpected exception while loading an adapter refuses that adapter; one
+while running a lane's prefill or decoding step fails only the rows it ran (and the lane's batch once they joined
+it) with a 500: the other lanes and the waiting requests are served on.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class Request:
     n: int
     emit: Callable[[tuple], None]
     stream: bool = False
+    task_id: int | None = None  # adapters that route by task (Poly): which task; None: task 0, as `generate`
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
 
@@ -71,6 +78,7 @@ class Row:
         self.request = request
         self.index = index
         self.internal = internal  # the adapter's name inside the lane's model, or BASE
+        self.task_id = request.task_id or 0  # ignored by every adapter that does not route by task
         self.tokens: list[int] = []
         self.sent = 0  # characters of text already emitted (streaming)
         self.eos = eos
@@ -111,6 +119,7 @@ class Lane:
     def __init__(self, key: str, model: nn.Module) -> None:
         self.key = key  # the method (peft_type), or "" for the plain base model
         self.model = model
+        self.by_task = False  # its adapters route by task (Poly): every forward passes the rows' task_ids
         # transformers 5.x renames `past_key_values` to `cache` (the old name warns); 4.x knows only the old one.
         forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
         self.cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
@@ -123,11 +132,18 @@ class Lane:
     def is_peft(self) -> bool:
         return self.key != ""
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, names: list[str]) -> Any:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, rows: list[Row]) -> Any:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        kwargs: dict[str, Any] = {"adapter_names": names} if self.is_peft else {}
+        kwargs: dict[str, Any] = {"adapter_names": [r.internal for r in rows]} if self.is_peft else {}
+        if self.by_task:  # one task id per row, as `deltatune generate --task-id` passes its row's
+            kwargs["task_ids"] = torch.tensor([r.task_id for r in rows], device=ids.device)
         kwargs[self.cache_arg] = cache
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+
+
+def _internal(exc: Exception) -> ServeError:
+    return ServeError(f"internal error while generating: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}",
+                      status=500, code="internal_error")
 
 
 def _kv_of(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -196,6 +212,7 @@ class Engine:
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.lanes: dict[str, Lane] = {"": Lane("", self.base)}
         self.loaded: OrderedDict[str, tuple[str, str]] = OrderedDict()  # served -> (lane key, internal name)
+        self.tasks: dict[str, int] = {}  # served name -> its number of tasks (Poly), for those that route by task
         self.failed: dict[str, ServeError] = {}  # served name -> why it cannot load (until unloaded)
         self.waiting: deque[Request] = deque()
         self.unload_requests: set[str] = set()  # served names to evict as soon as no row uses them
@@ -277,16 +294,32 @@ class Engine:
                 self._process_unloads()
                 self._drop_finished()
                 joiners = self._admit()
-                with torch.no_grad():
-                    for lane in list(self.lanes.values()):
-                        if lane.rows:
-                            self._decode(lane)
-                        rows = [r for r in joiners if r[0] is lane]
-                        if rows:
-                            self._prefill(lane, [r[1] for r in rows])
             except Exception as exc:  # never leave clients hanging: fail what is running, keep serving
-                self._fail_all(ServeError(f"internal error while generating: {type(exc).__name__}: {exc}",
-                                          status=500, code="internal_error"))
+                self._fail_all(_internal(exc))
+                continue
+            with torch.no_grad():
+                for lane in list(self.lanes.values()):
+                    if lane.rows:
+                        self._guarded(lane, list(lane.rows), self._decode, lane)
+                    rows = [r[1] for r in joiners if r[0] is lane]
+                    if rows:
+                        self._guarded(lane, rows, self._prefill, lane, rows)
+
+    def _guarded(self, lane: Lane, rows: list[Row], step: Callable[..., None], *args: Any) -> None:
+        """Run one lane's ``step`` (a prefill of joining ``rows``, or a decoding step of the lane's rows). An
+        exception fails ``rows`` with a 500 naming it, and the lane's whole batch too once ``rows`` are part of it
+        (its cache may be half-written); the other lanes, and the requests still waiting, are served on."""
+        try:
+            step(*args)
+        except Exception as exc:
+            error = _internal(exc)
+            batch = lane.rows if any(r in lane.rows for r in rows) else []
+            for row in [*rows, *batch]:
+                if not row.done:
+                    row.done = True
+                    row.request.emit(("error", error))
+            if batch:
+                lane.rows, lane.kv, lane.mask, lane.cache = [], None, None, None
 
     def _fail_all(self, error: ServeError) -> None:
         for lane in self.lanes.values():
@@ -319,6 +352,7 @@ class Engine:
         if name not in self.loaded:
             return
         key, internal = self.loaded.pop(name)
+        self.tasks.pop(name, None)
         self.lanes[key].model.delete_adapter(internal)
         with self.metrics.lock:
             self.metrics.adapter_evictions += 1
@@ -361,9 +395,13 @@ class Engine:
             raise ServeError(f"{where} is {config.peft_type} (prompt learning): it adds virtual tokens rather than "
                              "changing weights, and deltatune serve does not batch those yet; use `deltatune "
                              "generate --adapter` for it", code="adapter_not_servable")
-        from deltatune.registry import method_for
+        from deltatune.registry import method_for, task_count
 
-        rewrites_base = method_for(config.peft_type).hooks.rewrites_base_on_load  # LoRA: PiSSA, OLoRA, LoftQ...
+        method = method_for(config.peft_type)
+        refusal = method.hooks.serve_refusal(config) if method.hooks.serve_refusal else ""
+        if refusal:  # the registry knows which adapters cannot share a batch, and why
+            raise ServeError(f"{where} is {config.peft_type}: {refusal}", code="adapter_not_servable")
+        rewrites_base = method.hooks.rewrites_base_on_load  # LoRA: PiSSA, OLoRA, LoftQ...
         if rewrites_base is not None and rewrites_base(config):
             raise ServeError(f"{where} was initialised with init_lora_weights={config.init_lora_weights!r} and saved "
                              "as created, so it works on its own rewritten base weights only (loading it would "
@@ -384,11 +422,28 @@ class Engine:
                 lane.model.load_adapter(entry.path, internal)
                 lane.model.eval()
         except DeltatuneError as exc:
+            self._discard(lane, internal)
             raise ServeError(f"{where} does not fit the base model: {' '.join(str(exc).split())}",
                              code="adapter_load_failed") from None
+        except Exception as exc:  # a bug, not the adapter's fault: refuse this adapter, keep serving the others
+            self._discard(lane, internal)
+            raise ServeError(f"{where} could not be loaded: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}",
+                             status=500, code="adapter_load_failed") from None
         self.loaded[entry.name] = (key, internal)
+        tasks = task_count([config])
+        if tasks:
+            self.tasks[entry.name] = tasks
+            lane.by_task = True
         with self.metrics.lock:
             self.metrics.adapter_loads += 1
+
+    @staticmethod
+    def _discard(lane: Lane | None, internal: str) -> None:
+        """Remove what a failed load left of adapter ``internal`` in an existing lane (nothing if it got no
+        further than its config)."""
+        if lane is not None and internal in getattr(lane.model, "peft_config", {}):
+            with contextlib.suppress(Exception):
+                lane.model.delete_adapter(internal)
 
     def _admit(self) -> list[tuple[Lane, Row]]:
         joiners: list[tuple[Lane, Row]] = []
@@ -416,8 +471,18 @@ class Engine:
                     taken.append(request)
                     request.emit(("error", state))
                     continue
+                refusal = self._task_refusal(request)
+                if refusal is not None:
+                    taken.append(request)
+                    request.emit(("error", refusal))
+                    continue
                 lane_key, internal = self.loaded[request.adapter]
                 in_use[request.adapter] = in_use.get(request.adapter, 0) + request.n
+            elif request.task_id is not None:
+                taken.append(request)
+                request.emit(("error", ServeError("task_id is for adapters that route by task (Poly); the base "
+                                                  "model has no tasks", param="task_id")))
+                continue
             else:  # no adapter: join the busiest lane (one forward fewer per step), else the plain base
                 busiest = max(self.lanes.values(), key=lambda ln: len(ln.rows))
                 lane_key = busiest.key if busiest.rows else ""
@@ -436,6 +501,18 @@ class Engine:
                     self.waiting.remove(request)
         return joiners
 
+    def _task_refusal(self, request: Request) -> ServeError | None:
+        """Why ``request``'s ``task_id`` does not fit its (loaded) adapter, as `deltatune generate --task-id`
+        refuses it; ``None``: it fits (no ``task_id`` means task 0)."""
+        tasks = self.tasks.get(request.adapter or "", 0)
+        if request.task_id is None or (request.task_id < tasks):
+            return None
+        if not tasks:
+            return ServeError(f"task_id is for adapters that route by task (Poly); the adapter {request.adapter!r} "
+                              "has no tasks: leave task_id out", param="task_id")
+        return ServeError(f"task_id {request.task_id} is out of range: the adapter {request.adapter!r} has {tasks} "
+                          f"tasks (0 to {tasks - 1})", param="task_id")
+
     def _prefill(self, lane: Lane, rows: list[Row]) -> None:
         from transformers import DynamicCache
 
@@ -448,7 +525,7 @@ class Engine:
             mask[i, length - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
-        out = lane.forward(ids, mask, cache, [r.internal for r in rows])
+        out = lane.forward(ids, mask, cache, rows)
         self.metrics.observe_batch(len(rows))
         kv = _kv_of(cache)
         lane.cache = None
@@ -470,7 +547,7 @@ class Engine:
         lane.mask = torch.cat([lane.mask, lane.mask.new_ones((len(lane.rows), 1))], dim=1)
         if lane.cache is None:  # rebuilt after rows joined or left; otherwise the step appends to it in place
             lane.cache = DynamicCache(ddp_cache_data=lane.kv)
-        out = lane.forward(ids, lane.mask, lane.cache, [r.internal for r in lane.rows])
+        out = lane.forward(ids, lane.mask, lane.cache, lane.rows)
         self.metrics.observe_batch(len(lane.rows))
         lane.kv = _kv_of(lane.cache)
         self._take(lane.rows, out.logits[:, -1, :])

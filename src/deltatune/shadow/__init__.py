@@ -145,6 +145,11 @@ SHADOW = Method(
         after_inject=after_inject,
         shared_containers=SHARED_CONTAINERS,
         uses_shared_state=False,  # PEFT's ShadowModel does not declare shared state
+        # The shadow backbone keeps its own key/value cache (ShadowCache) beside the base's, which the server's
+        # batched cache (rows joining, leaving, left-padded merges) does not carry.
+        serve_refusal=lambda config: ("its shadow backbone runs beside the base with a key/value cache of its own "
+                                      "(ShadowCache), which deltatune serve's batched cache does not carry; use "
+                                      "`deltatune generate --adapter` for it"),
         before_save=_with_default_slot,
         from_file=_without_default_slot,
         cli_shared_skip=("target_modules",),  # the recipes' "all-linear" names linear layers, not decoder blocks

@@ -55,6 +55,11 @@ _CLI_REFUSAL = ("X-LoRA mixes LoRA experts that are already trained, and a recip
                 "XLoraConfig(hidden_size=<the model's>, adapters={'0': '<run>/adapter', '1': ...})) and train its "
                 "classifier with deltatune.integrations.transformers.AdapterTrainer or your own loop")
 
+# The classifier weighs the experts of one adapter from a first pass over the whole model: no per-row adapters.
+_SERVE_REFUSAL = ("its classifier runs the model a first time to weigh the LoRA experts of one adapter, so its rows "
+                  "cannot share a batch with other adapters' (no adapter_names); use `deltatune generate --adapter` "
+                  "for it, or serve its experts as LoRA adapters")
+
 XLORA = Method(
     peft_type=PeftType.XLORA,
     config_cls=XLoraConfig,
@@ -63,7 +68,8 @@ XLORA = Method(
     prefix="internal_xlora_classifier",
     mergeable=False,  # the experts' weights depend on the input
     hooks=Hooks(peft_tuner=XLoraTuner, peft_table_cls=XLoraModel, cli_refusal=_CLI_REFUSAL,
-                inspect_targets=_inspect_targets, inspect_size=_inspect_size, save_beside=_save_experts),
+                inspect_targets=_inspect_targets, inspect_size=_inspect_size, save_beside=_save_experts,
+                serve_refusal=lambda config: _SERVE_REFUSAL),
 )
 
 __all__ = ["XLORA", "XLoraClassifier", "XLoraConfig", "XLoraGate", "XLoraModel", "XLoraTuner"]
