@@ -111,7 +111,11 @@ PVERA = Method(
     supported_types=supported_types,
     default_targets={**DEFAULT_LORA_TARGETS, "dinov2": ["query", "value"]},  # PEFT's: VeRA's table plus DINOv2
     cli_names={"pvera": {}},
-    lr_scale=30.0,  # only per-layer scaling vectors train, as VeRA's
+    # only per-layer scaling vectors train, as VeRA's; PEFT's MetaMathQA run also trains PVeRA at 30x its LoRA rate.
+    # Measured (README, issue 22's table): 12 bbc-news steps learn nothing at 3e-2 (0.375 -> 0.275) nor at 1e-1
+    # (0.375, +0.38 nats forgetting). A likely reason, not a learning rate's: training reads z = μ + σ ⊙ ε, with
+    # σ = exp(λ_d ⊙ A x / 2) ≈ 1 at init against μ = λ_d ⊙ A x (λ_d = 0.1), so the noise outweighs the mean
+    lr_scale=30.0,
     hooks=Hooks(
         cli_shared_skip=("r",),  # the recipes' r=8 is a LoRA rank; PVeRA's r sizes the shared projections (256)
         shared_containers=("pvera_A", "pvera_B"),
