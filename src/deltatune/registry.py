@@ -235,9 +235,9 @@ class Method:
             non-linear path); ``merge_adapter``/``merge_and_unload`` then refuse before changing anything.
         mixed: Whether its adapters may share a layer with other methods' in a ``PeftMixedModel`` chain (its layer
             adds its update to whatever its ``base_layer`` returns; PEFT's ``COMPATIBLE_TUNER_TYPES``).
-        lr_scale: The CLI multiplies its default learning rate by this when the user sets none: methods that
-            move a few vectors want a larger step than weight adapters (PEFT's examples: 3e-2 for prompt tuning,
-            1e-3 for LoRA).
+        lr_scale: The CLI multiplies its default learning rate by this when the user sets none, measured per
+            method: methods that move a few vectors want a larger step than weight adapters (PEFT's examples: 3e-2
+            for prompt tuning, 1e-3 for LoRA); some want a smaller one (FRoD and OSF train whole spectra: 0.1).
         hooks: The optional extension points (:class:`Hooks`).
     """
 
