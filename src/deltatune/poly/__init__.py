@@ -42,8 +42,8 @@ POLY = Method(
     default_targets=DEFAULT_LORA_TARGETS,  # PEFT's Poly table is a copy of LoRA's
     cli_names={"poly": {}},
     # measured (deltatune compare, bbc-news / SmolLM2-135M, 12 steps, 2026-12-07): accuracy 0.375 -> 0.275 at 1e-3,
-    # 0.625 at 3e-3, 0.775 at 1e-2 (+0.05 nats forgetting): each skill's update is scaled by 1/r and by its router
-    # weight, which starts near 0.5
+    # 0.625 at 3e-3, 0.775 at 1e-2 (+0.05 nats forgetting): the skills start mixed in equal parts, so each one's
+    # step moves the output by about 1/n_skills of a LoRA's
     lr_scale=10.0,
     mergeable=False,  # the skills' mixture depends on each row's task: no fixed ΔW (PEFT cannot merge it either)
     hooks=Hooks(task_count=lambda config: config.n_tasks, inspect_size=inspect_size),  # every call needs task_ids
