@@ -270,9 +270,8 @@ def main(argv: list[str] | None = None) -> None:
             model = copy.deepcopy(base)
             if case == "xlora":  # peft's XLoraModel refuses a model with the cache on
                 model.config.use_cache = False
-            model = libs[lib].get_peft_model(model, configs(libs[lib], cfg_case))
             torch.manual_seed(0)  # the same random init in both (Uni-LoRA's θ is not zero at the start)
-            model = libs[lib].get_peft_model(copy.deepcopy(base), configs(libs[lib], cfg_case))
+            model = libs[lib].get_peft_model(model, configs(libs[lib], cfg_case))
             variants.append(Variant(label, model, batch, device))
         a, b = variants
         if task_count(a.model.peft_config.values()):  # Poly routes by task: every row is task 0
