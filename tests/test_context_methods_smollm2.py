@@ -10,16 +10,12 @@ import gc
 
 import pytest
 import torch
+from support.smollm2 import load_smollm2, smollm2_with_texts
 
 from deltatune import AdaptionPromptConfig, CartridgeConfig, get_peft_model, initialize_kv_prefix_from_text
 
 TRAIN = [f"Order {n}: {n} red apples, shipped on Monday." for n in (3, 8, 15, 21)]
 HELD_OUT = [f"Order {n}: {n} red apples, shipped on Monday." for n in (5, 12)]
-
-
-def _tokens(tok, texts):
-    batch = tok(texts, return_tensors="pt", padding=True)
-    return batch, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
 def _from_text(model, tok) -> None:
@@ -38,13 +34,7 @@ CASES = [  # (id, config factory, initialisation after get_peft_model or None, l
 @pytest.mark.slow
 @pytest.mark.parametrize("case_id, make_config, init, lr, steps", CASES, ids=[c[0] for c in CASES])
 def test_method_lowers_held_out_loss_and_peft_reloads(case_id, make_config, init, lr, steps, tmp_path):
-    models = pytest.importorskip("deltatune.builtin.models")
-    torch.manual_seed(0)
-    base, tok = models.load_builtin_model("smollm2-135m")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    train, train_labels = _tokens(tok, TRAIN)
-    held, held_labels = _tokens(tok, HELD_OUT)
+    base, tok, (train, train_labels), (held, held_labels) = smollm2_with_texts(TRAIN, HELD_OUT)
     model = get_peft_model(base, make_config())
     if init is not None:
         init(model, tok)
@@ -71,6 +61,6 @@ def test_method_lowers_held_out_loss_and_peft_reloads(case_id, make_config, init
     gc.collect()
     import peft
 
-    loaded = peft.PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path).eval()
+    loaded = peft.PeftModel.from_pretrained(load_smollm2()[0], tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**held).logits, expected, atol=1e-4, rtol=1e-4)

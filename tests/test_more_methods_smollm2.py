@@ -12,6 +12,7 @@ import gc
 
 import pytest
 import torch
+from support.smollm2 import load_smollm2, smollm2_with_texts
 
 from deltatune import (
     BitFitConfig,
@@ -31,11 +32,6 @@ from deltatune import (
 
 TRAIN = [f"Order {n}: {n} red apples, shipped on Monday." for n in (3, 8, 15, 21)]
 HELD_OUT = [f"Order {n}: {n} red apples, shipped on Monday." for n in (5, 12)]
-
-
-def _tokens(tok, texts):
-    batch = tok(texts, return_tensors="pt", padding=True)
-    return batch, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
 QVD = ["q_proj", "v_proj", "down_proj"]
@@ -60,13 +56,7 @@ CASES = [  # (id, config factory(train token ids), lr, steps, in peft)
 @pytest.mark.slow
 @pytest.mark.parametrize("case_id, make_config, lr, steps, in_peft", CASES, ids=[c[0] for c in CASES])
 def test_method_lowers_held_out_loss_and_reloads(case_id, make_config, lr, steps, in_peft, tmp_path):
-    models = pytest.importorskip("deltatune.builtin.models")
-    torch.manual_seed(0)
-    base, tok = models.load_builtin_model("smollm2-135m")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    train, train_labels = _tokens(tok, TRAIN)
-    held, held_labels = _tokens(tok, HELD_OUT)
+    base, tok, (train, train_labels), (held, held_labels) = smollm2_with_texts(TRAIN, HELD_OUT)
     ids = sorted(set(train["input_ids"].flatten().tolist()))
     model = get_peft_model(base, make_config(ids))
 
@@ -90,7 +80,7 @@ def test_method_lowers_held_out_loss_and_reloads(case_id, make_config, lr, steps
     model.save_pretrained(tmp_path)
     del model, base, opt
     gc.collect()
-    fresh = models.load_builtin_model("smollm2-135m")[0]
+    fresh = load_smollm2()[0]
     if in_peft:  # one reload per test (each load costs seconds): in PEFT where it has the method
         import peft
 
@@ -108,13 +98,7 @@ def test_adamss_with_asa_lowers_held_out_loss_and_reloads_in_peft(tmp_path):
     from deltatune import AdamssConfig
     from deltatune.adamss import asa, asa_layers
 
-    models = pytest.importorskip("deltatune.builtin.models")
-    torch.manual_seed(0)
-    base, tok = models.load_builtin_model("smollm2-135m")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    train, train_labels = _tokens(tok, TRAIN)
-    held, held_labels = _tokens(tok, HELD_OUT)
+    base, tok, (train, train_labels), (held, held_labels) = smollm2_with_texts(TRAIN, HELD_OUT)
     config = AdamssConfig(r=32, target_modules=["q_proj", "v_proj"], use_asa=True, asa_target_subspaces=100,
                           init_warmup=1, final_warmup=3, mask_interval=1, task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
@@ -144,6 +128,6 @@ def test_adamss_with_asa_lowers_held_out_loss_and_reloads_in_peft(tmp_path):
     gc.collect()
     import peft
 
-    loaded = peft.PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path).eval()
+    loaded = peft.PeftModel.from_pretrained(load_smollm2()[0], tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**held).logits, expected, atol=1e-4, rtol=1e-4)

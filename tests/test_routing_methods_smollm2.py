@@ -15,6 +15,7 @@ import gc
 
 import pytest
 import torch
+from support.smollm2 import load_smollm2, sentence_batch, smollm2_with_texts
 
 from deltatune import LoraConfig, PeftModel, XLoraConfig, get_peft_model
 
@@ -22,20 +23,9 @@ TRAIN = [f"Order {n}: {n} red apples, shipped on Monday." for n in (3, 8, 15, 21
 HELD_OUT = [f"Order {n}: {n} red apples, shipped on Monday." for n in (5, 12)]
 
 
-def _tokens(tok, texts):
-    batch = tok(texts, return_tensors="pt", padding=True)
-    return batch, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-
-
 @pytest.mark.slow
 def test_xlora_classifier_learns_to_weigh_the_better_expert_and_reloads(tmp_path):
-    models = pytest.importorskip("deltatune.builtin.models")
-    torch.manual_seed(0)
-    base, tok = models.load_builtin_model("smollm2-135m")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    train, train_labels = _tokens(tok, TRAIN)
-    held, held_labels = _tokens(tok, HELD_OUT)
+    base, tok, (train, train_labels), (held, held_labels) = smollm2_with_texts(TRAIN, HELD_OUT)
     adapters = {}
     for i, harmful in enumerate((False, True)):
         expert = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -72,7 +62,7 @@ def test_xlora_classifier_learns_to_weigh_the_better_expert_and_reloads(tmp_path
     model.save_pretrained(tmp_path / "xlora")
     del model, base, opt
     gc.collect()
-    loaded = PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path / "xlora")
+    loaded = PeftModel.from_pretrained(load_smollm2()[0], tmp_path / "xlora")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**held).logits, expected, atol=1e-5, rtol=1e-5)
 
@@ -83,15 +73,9 @@ def test_shadow_lowers_held_out_loss_and_reloads_in_peft(tmp_path):
     auxiliary loss): a few AdamW steps lower the task loss on held-out sentences; peft loads the file with the same
     logits, and deltatune's cached greedy decoding equals decoding by full forward passes."""
     peft = pytest.importorskip("peft")
-    models = pytest.importorskip("deltatune.builtin.models")
     from deltatune import ShadowConfig
 
-    torch.manual_seed(0)
-    base, tok = models.load_builtin_model("smollm2-135m")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    train, train_labels = _tokens(tok, TRAIN)
-    held, held_labels = _tokens(tok, HELD_OUT)
+    base, tok, (train, train_labels), (held, held_labels) = smollm2_with_texts(TRAIN, HELD_OUT)
     model = get_peft_model(base, ShadowConfig(task_type="CAUSAL_LM"))
 
     def held_out_loss(model) -> float:  # the task loss alone (the output's loss adds λ · the shadow loss)
@@ -124,7 +108,7 @@ def test_shadow_lowers_held_out_loss_and_reloads_in_peft(tmp_path):
     model.save_pretrained(tmp_path / "shadow")
     del model, base, opt
     gc.collect()
-    loaded = peft.PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path / "shadow").eval()
+    loaded = peft.PeftModel.from_pretrained(load_smollm2()[0], tmp_path / "shadow").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**held).logits, expected, atol=1e-4, rtol=1e-4)
 
@@ -146,16 +130,12 @@ def test_poly_learns_two_tasks_and_reloads_in_peft(tmp_path):
 
     from deltatune import PolyConfig
 
-    models = pytest.importorskip("deltatune.builtin.models")
-    torch.manual_seed(0)
-    base, tok = models.load_builtin_model("smollm2-135m")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    base, tok = smollm2_with_texts()
 
     def rows(part: int):
         texts = [t for task in (0, 1) for t in POLY_TASKS[task][part]]
         ids = torch.tensor([task for task in (0, 1) for _ in POLY_TASKS[task][part]])
-        batch, labels = _tokens(tok, texts)
+        batch, labels = sentence_batch(tok, texts)
         return batch, labels, ids
 
     (train, train_labels, train_ids), (held, held_labels, held_ids) = rows(0), rows(1)
@@ -186,6 +166,6 @@ def test_poly_learns_two_tasks_and_reloads_in_peft(tmp_path):
     model.save_pretrained(tmp_path / "poly")
     del model, base, opt
     gc.collect()
-    theirs = peft.PeftModel.from_pretrained(models.load_builtin_model("smollm2-135m")[0], tmp_path / "poly").eval()
+    theirs = peft.PeftModel.from_pretrained(load_smollm2()[0], tmp_path / "poly").eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(**held, task_ids=held_ids).logits, expected, atol=1e-5, rtol=1e-5)

@@ -53,3 +53,22 @@ def headline_topic_batch(tokenizer, examples: list[dict]) -> dict[str, torch.Ten
         "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
         "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
     }
+
+
+def sentence_batch(tokenizer, texts: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``texts`` right-padded as one batch, and its causal-LM ``labels`` ``(B, T)``: the ids, -100 on padding."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    return batch, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+
+def smollm2_with_texts(*texts: list[str]):
+    """``(model, tokenizer, *batches)``: SmolLM2-135M (loaded after ``torch.manual_seed(0)``, or the test is
+    skipped; the tokenizer pads with its end-of-text token) and one :func:`sentence_batch` ``(batch, labels)`` per
+    list of ``texts``."""
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return (model, tokenizer, *(sentence_batch(tokenizer, t) for t in texts))
