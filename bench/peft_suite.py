@@ -110,8 +110,10 @@ MODULES: dict[str, list[str]] = {
     "peft.tuners.ln_tuning": ["deltatune.ln_tuning", "deltatune.ln_tuning.config", "deltatune.ln_tuning.layer"],
     "peft.tuners.trainable_tokens": ["deltatune.trainable_tokens", "deltatune.trainable_tokens.layer"],
     "peft.tuners.trainable_tokens.layer": ["deltatune.trainable_tokens.layer"],
-    "peft.tuners.lily.layer": [],
-    "peft.tuners.delora.model": [],
+    "peft.tuners.lily": ["deltatune.lily"],
+    "peft.tuners.lily.layer": ["deltatune.lily.layer"],
+    "peft.tuners.delora": ["deltatune.delora"],
+    "peft.tuners.delora.model": ["deltatune.delora"],
     "peft.utils": ["deltatune.utils", "deltatune.save_and_load", "deltatune.core.modules_to_save", "deltatune.config"],
     "peft.utils.other": ["deltatune.utils", "deltatune.core.modules_to_save", "deltatune.quantization"],
     "peft.utils.constants": ["deltatune.utils"],
@@ -155,6 +157,17 @@ HAS_CONFIGS = {
     # LoRA initialisations (issue 19): their sub-configs are LoRA's
     "EvaConfig": "LoRA", "CordaConfig": "LoRA", "LoftQConfig": "LoRA", "LoraGAConfig": "LoRA",
 }
+
+
+def _registered_configs() -> dict[str, str]:
+    """Every method on deltatune's registry (all of PEFT's since issue 22): config class name -> label."""
+    from deltatune.registry import METHODS, load_builtins
+
+    load_builtins()
+    return {m.config_cls.__name__: m.config_cls.__name__.removesuffix("Config") for m in METHODS.values()}
+
+
+HAS_CONFIGS = {**_registered_configs(), **HAS_CONFIGS}  # the labels above win where both name a config
 NEUTRAL_CONFIGS = {"PeftConfig", "PromptLearningConfig", "PretrainedConfig", "AutoConfig", "GenerationConfig",
                    "BitsAndBytesConfig", "LlamaConfig", "BertConfig", "GPT2Config", "OPTConfig", "T5Config"}
 # LoRA variants / features deltatune lacks, recognised in test ids and names (case-insensitive).
@@ -348,6 +361,15 @@ def resolve(module, name):
     sub = f"{{module}}.{{name}}"
     if sub in MODULES or any(k.startswith(sub + ".") for k in MODULES):
         return importlib.import_module(sub)
+    parts = module.split(".")
+    if module not in MODULES and len(parts) >= 3 and parts[1] == "tuners":  # peft.tuners.<m>[.<x>]: deltatune.<m>
+        for mod in dict.fromkeys([f"deltatune.{{'.'.join(parts[2:])}}", f"deltatune.{{parts[2]}}"]):
+            try:
+                m = importlib.import_module(mod)
+            except ImportError:
+                continue
+            if hasattr(m, name):
+                return getattr(m, name)
     return missing(module, name)
 '''
 
