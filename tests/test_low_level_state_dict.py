@@ -168,3 +168,65 @@ def test_get_submodules_returns_parent_target_and_name_as_peft():
     model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
     ours, theirs = _get_submodules(model, "0.1"), peft_get(model, "0.1")
     assert ours[0] is theirs[0] is model[0] and ours[1] is theirs[1] is model[0][1] and ours[2] == theirs[2] == "1"
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(8, 8)
+
+
+class _OldVLM(nn.Module):
+    """The old layout of a vision-language model: ``visual`` and ``model`` at the top."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.visual = nn.ModuleDict({"blocks": nn.ModuleList([_Block()])})
+        self.model = nn.ModuleDict({"layers": nn.ModuleList([_Block()])})
+
+    def forward(self, x):
+        return self.model["layers"][0].attn(self.visual["blocks"][0].attn(x))
+
+
+class _NewVLM(nn.Module):
+    """transformers' new layout of the same model (both under ``model``), with the renames it declares."""
+
+    _checkpoint_conversion_mapping = {"^visual": "model.visual", r"^model(?!\.(language_model|visual))":
+                                      "model.language_model"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.ModuleDict({"visual": nn.ModuleDict({"blocks": nn.ModuleList([_Block()])}),
+                                    "language_model": nn.ModuleDict({"layers": nn.ModuleList([_Block()])})})
+
+    def forward(self, x):
+        return self.model["language_model"]["layers"][0].attn(self.model["visual"]["blocks"][0].attn(x))
+
+
+@pytest.mark.parametrize("config", [dt.LoraConfig(target_modules=["attn"], init_lora_weights=False),
+                                    dt.VBLoRAConfig(target_modules=["attn"], vector_length=2, num_vectors=4)],
+                         ids=["lora", "vblora"])
+def test_an_old_layout_checkpoint_loads_into_the_renamed_model_as_peft_does(config, tmp_path):
+    """The model's ``_checkpoint_conversion_mapping`` renames the file's keys in ``from_pretrained`` (PEFT's rule):
+    an adapter saved on the old layout gives the renamed model the same outputs in both libraries; without the
+    renames (``key_mapping={}``) the file is refused, naming the modules the model lacks."""
+    torch.manual_seed(0)
+    saved = dt.get_peft_model(_OldVLM(), config)
+    with torch.no_grad():
+        for p in saved.parameters():
+            if p.requires_grad:
+                p.uniform_(-1, 1)
+    saved.save_pretrained(tmp_path)
+
+    def new_model() -> nn.Module:
+        torch.manual_seed(1)  # the same base weights for every copy
+        return _NewVLM()
+
+    x = torch.randn(3, 8)
+    ours = dt.PeftModel.from_pretrained(new_model(), str(tmp_path)).eval()
+    theirs = peft.PeftModel.from_pretrained(new_model(), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+        assert not torch.allclose(ours(x), new_model()(x))  # the adapter arrived
+    with pytest.raises(AdapterLoadError, match="modules this model does not have"):
+        dt.PeftModel.from_pretrained(new_model(), str(tmp_path), key_mapping={})

@@ -37,6 +37,7 @@ from deltatune.core.io import (
     save_adapter_files,
     sweep_stale_temp_files,
 )
+from deltatune.core.state_dict import remap_keys
 from deltatune.core.tuner import validate_adapter_name
 from deltatune.core.weight_tuner import WeightTuner
 from deltatune.errors import AdapterNameError, ConfigError
@@ -477,7 +478,10 @@ class PeftModel(nn.Module):
         directory = resolve_adapter_dir(model_id, kwargs.get("subfolder"))
         pair = config is None  # the directory's own config: it must be the one the weights were saved with
         config = config or PeftConfig.from_pretrained(directory)
-        weights = load_adapter_weights(directory, device=_device_of(model))
+        key_mapping = kwargs.get("key_mapping")
+        if key_mapping is None and not config.is_prompt_learning:  # as PEFT: the model's own renames, if any
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
+        weights = remap_keys(load_adapter_weights(directory, device=_device_of(model)), key_mapping)
         _fit_config_to_file(config, weights, directory)
         config.inference_mode = not is_trainable
         target_cls = cls
@@ -515,7 +519,7 @@ class PeftModel(nn.Module):
         directory = resolve_adapter_dir(model_id, kwargs.get("subfolder"))
         pair = config is None
         config = config or PeftConfig.from_pretrained(directory)
-        weights = load_adapter_weights(directory, device=_device_of(self))
+        weights = remap_keys(load_adapter_weights(directory, device=_device_of(self)), kwargs.get("key_mapping"))
         _fit_config_to_file(config, weights, directory)
         config.inference_mode = not is_trainable
         with tuner_cls_for(config).loading(config):

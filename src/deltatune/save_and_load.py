@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +29,7 @@ from deltatune.config import PeftConfig
 from deltatune.core.io import infer_device, load_adapter_weights, resolve_adapter_dir
 from deltatune.core.layer import AdapterLayer
 from deltatune.core.modules_to_save import ModulesToSaveWrapper
-from deltatune.core.state_dict import adapter_state_dict, check_and_load, to_model_keys
+from deltatune.core.state_dict import adapter_state_dict, check_and_load, remap_keys, to_model_keys
 from deltatune.errors import AdapterNameError, ConfigError
 from deltatune.peft_model import PeftModel
 from deltatune.registry import METHODS, Method, method_for
@@ -296,20 +295,7 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | torch.device | 
         AdapterLoadError: a corrupt file.
     """
     directory = resolve_adapter_dir(model_id, hf_hub_download_kwargs.get("subfolder"))
-    weights = load_adapter_weights(directory, device or infer_device())
-    if not key_mapping:
-        return weights
-    out: dict[str, torch.Tensor] = {}
-    for key, value in weights.items():
-        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
-        rest = key[len(prefix):]
-        for pattern, replacement in key_mapping.items():
-            renamed, hits = re.subn(pattern, replacement, rest)
-            if hits:
-                rest = renamed
-                break
-        out[prefix + rest] = value
-    return out
+    return remap_keys(load_adapter_weights(directory, device or infer_device()), key_mapping)
 
 
 __all__ = ["get_base_model_state_dict", "get_peft_model_state_dict", "load_peft_weights", "set_base_model_state_dict",

@@ -7,6 +7,8 @@ in files the name is dropped (``<m>.lora_A.weight``), the adapter's folder says 
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -143,3 +145,23 @@ def _assign(model: nn.Module, key: str, old: torch.Tensor, value: torch.Tensor) 
         module._buffers[attr] = value
     else:
         setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+
+
+def remap_keys(weights: dict[str, torch.Tensor], key_mapping: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """A file's tensors with ``key_mapping`` (``{regex: replacement}``, PEFT's ``key_mapping`` and transformers'
+    ``_checkpoint_conversion_mapping``) applied to each key without its ``base_model.model.`` / ``base_model.``
+    prefix, the first pattern that matches winning; the prefix is put back. For checkpoints saved before a model's
+    modules were renamed (transformers moved vision-language models' language model under ``model.``)."""
+    if not key_mapping:
+        return weights
+    out: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
+        rest = key[len(prefix):]
+        for pattern, replacement in key_mapping.items():
+            renamed, hits = re.subn(pattern, replacement, rest)
+            if hits:
+                rest = renamed
+                break
+        out[prefix + rest] = value
+    return out
