@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support.family_checks import check_model_contract, check_two_adapters
-from support.layers import layer_and_input
+from support.layers import built_like_peft, layer_and_input
 from support.models import Holder, make_inputs, output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -99,16 +99,8 @@ def test_equals_peft_layer_for_each_setting():
         config = {"target_modules": ["layer"], "r": 2, "config_A_B": a_b, "config_C": c, "config_D_E": d_e,
                   "init_weights": False}
         torch.manual_seed(0)
-        ours_base = Holder(nn.Linear(6, 4, bias=bias))
-        theirs_base = copy.deepcopy(ours_base)
-        torch.manual_seed(1)
-        ours = get_peft_model(ours_base, GloraConfig(**config)).eval()
-        torch.manual_seed(1)
-        theirs = peft.get_peft_model(theirs_base, peft.GloraConfig(**config)).eval()
-        layer, their_layer = ours.base_model.model.layer, theirs.base_model.model.layer
-        mine, their_state = layer.state_dict(), their_layer.state_dict()
-        assert mine.keys() == their_state.keys(), settings
-        assert all(torch.equal(mine[k], v) for k, v in their_state.items()), settings
+        ours, theirs, layer, their_layer = built_like_peft(
+            Holder(nn.Linear(6, 4, bias=bias)), GloraConfig(**config), peft.GloraConfig(**config), settings)
         torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=1e-5, msg=str(settings))
         ours.merge_adapter()
         theirs.merge_adapter()

@@ -6,15 +6,13 @@ files both ways with peft (with and without the positions in the file), PEFT's r
 
 from __future__ import annotations
 
-import copy
-
 import peft
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 from support.family_checks import check_model_contract, check_two_adapters
-from support.layers import assert_merge_round_trip, layer_and_input
+from support.layers import assert_merge_round_trip, built_like_peft, layer_and_input
 from support.models import Holder, make_inputs, output, perturb_trainable, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -74,16 +72,8 @@ def test_equals_peft_layer_for_each_setting():
     for r, top, init in SETTINGS:
         config = {"target_modules": ["layer"], "sparsity": 0.7, "r": r, "select_top": top, "init_weights": init}
         torch.manual_seed(0)
-        ours_base = Holder(nn.Linear(6, 5))
-        theirs_base = copy.deepcopy(ours_base)
-        torch.manual_seed(1)
-        ours = get_peft_model(ours_base, SupertuningConfig(**config)).eval()
-        torch.manual_seed(1)
-        theirs = peft.get_peft_model(theirs_base, peft.SupertuningConfig(**config)).eval()
-        layer, their_layer = ours.base_model.model.layer, theirs.base_model.model.layer
-        mine, their_state = layer.state_dict(), their_layer.state_dict()
-        assert mine.keys() == their_state.keys(), config
-        assert all(torch.equal(mine[k], v) for k, v in their_state.items()), config
+        ours, theirs, layer, their_layer = built_like_peft(
+            Holder(nn.Linear(6, 5)), SupertuningConfig(**config), peft.SupertuningConfig(**config), config)
         if init:
             perturb_trainable(ours, seed=3, std=0.2)
             their_layer.load_state_dict(layer.state_dict())

@@ -132,3 +132,25 @@ def assert_same_as_peft_layer(pm: nn.Module, layer: nn.Module, theirs: nn.Module
     theirs.unmerge_adapter()
     unmerge_atol = atol if unmerge_atol is None else unmerge_atol
     torch.testing.assert_close(layer.base_layer.weight, their_layer.base_layer.weight, atol=unmerge_atol, rtol=1e-5)
+
+
+def built_like_peft(base: nn.Module, ours_config, theirs_config, msg: object = None):
+    """``(ours, theirs, layer, their_layer)``: ``base`` adapted by deltatune and a deep copy by peft, each
+    ``get_peft_model`` after ``torch.manual_seed(1)`` (the same draws), both in eval mode; asserts their adapted
+    ``layer`` holds the same tensors under the same names as peft's."""
+    import copy
+
+    import peft
+
+    import deltatune
+
+    theirs_base = copy.deepcopy(base)
+    torch.manual_seed(1)
+    ours = deltatune.get_peft_model(base, ours_config).eval()
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(theirs_base, theirs_config).eval()
+    layer, their_layer = ours.base_model.model.layer, theirs.base_model.model.layer
+    mine, their_state = layer.state_dict(), their_layer.state_dict()
+    assert mine.keys() == their_state.keys(), msg
+    assert all(torch.equal(mine[k], v) for k, v in their_state.items()), msg
+    return ours, theirs, layer, their_layer
