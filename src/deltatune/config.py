@@ -133,13 +133,15 @@ def config_class_for(peft_type: PeftType | str | None) -> type[PeftConfig]:
     return CONFIG_CLASSES[key]
 
 
-def check_layer_selection(config: Any) -> None:
+def check_layer_selection(config: Any, pattern_needs_layers: bool = False) -> None:
     """What every weight config with PEFT's targeting fields does after ``__post_init__``: list/tuple
     ``target_modules``/``exclude_modules`` become sets (PEFT's form), and PEFT's refusals of layer selection with a
-    regex ``target_modules`` (its sentence first, then the fix).
+    regex ``target_modules`` (its sentence first, then the fix). ``pattern_needs_layers``: also refuse
+    ``layers_pattern`` without ``layers_to_transform``, as PEFT's configs of those methods do.
 
     Raises:
-        ConfigError: ``layers_to_transform`` or ``layers_pattern`` beside a string ``target_modules``.
+        ConfigError: ``layers_to_transform`` or ``layers_pattern`` beside a string ``target_modules``; with
+            ``pattern_needs_layers``, ``layers_pattern`` alone.
     """
     for name in ("target_modules", "exclude_modules"):
         value = getattr(config, name, None)
@@ -151,6 +153,9 @@ def check_layer_selection(config: Any) -> None:
     if isinstance(config.target_modules, str) and config.layers_pattern is not None:
         raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str. Put the layer "
                           "pattern into the regex, or pass target_modules as a list of names")
+    if pattern_needs_layers and config.layers_pattern and config.layers_to_transform is None:
+        raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
+                          "(layers_pattern only names where the layer index is; set both or neither)")
 
 
 def _enum_value(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:

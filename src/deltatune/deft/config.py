@@ -56,10 +56,8 @@ class DeftConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.DEFT
         super().__post_init__()
-        check_layer_selection(self)  # target/exclude lists become sets; PEFT's refusals of a regex with layers
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
-                              "(layers_pattern only names where the layer index is; set both or neither)")
+        # target/exclude lists become sets; PEFT's refusals of a regex with layers, and of a pattern without them
+        check_layer_selection(self, pattern_needs_layers=True)
         if self.decomposition_method not in DECOMPOSITION_METHODS:  # PEFT's sentence
             raise ConfigError(f"Unknown decomposition_method '{self.decomposition_method}', must be one of "
                               f"{list(DECOMPOSITION_METHODS)}.")

@@ -62,10 +62,7 @@ class FrodConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.FROD
         super().__post_init__()
-        check_layer_selection(self)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
-                              "(layers_pattern only names where the layer index is; set both or neither)")
+        check_layer_selection(self, pattern_needs_layers=True)
         if self.sparse_rate < 0 or self.sparse_rate > 1:
             raise ConfigError(f"`sparse_rate` should be between 0 and 1, got {self.sparse_rate}. It is the "
                               "fraction of S's entries that train, e.g. 0.01")

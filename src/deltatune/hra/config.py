@@ -6,7 +6,6 @@ import warnings
 from dataclasses import dataclass
 
 from deltatune.config import PeftConfig, PeftType, check_layer_selection
-from deltatune.errors import ConfigError
 
 
 @dataclass
@@ -43,10 +42,7 @@ class HRAConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.HRA
         super().__post_init__()
-        check_layer_selection(self)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
-                              "(layers_pattern only names where the layer index is; set both or neither)")
+        check_layer_selection(self, pattern_needs_layers=True)
         if self.apply_GS and self.init_weights is True and isinstance(self.r, int) and self.r % 2 == 0:
             # deltatune's own warning (PEFT runs it silently): the pairs' second vectors are their first, so
             # Gram-Schmidt normalises rounding noise into random directions, and their gradients can blow up

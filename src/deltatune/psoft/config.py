@@ -73,10 +73,7 @@ class PsoftConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.PSOFT
         super().__post_init__()
-        check_layer_selection(self)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
-                              "(layers_pattern only names where the layer index is; set both or neither)")
+        check_layer_selection(self, pattern_needs_layers=True)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ConfigError(f"`r` must be a positive integer; got {self.r}.")
         if self.ab_svd_init not in ("psoft_init", "pissa_init"):
